@@ -1,0 +1,3 @@
+from meshwg.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,3 @@
+"""Placeholder: the owning issue fills this module's COMMANDS."""
+
+COMMANDS: dict = {}

@@ -1,0 +1,3 @@
+from signal_server.cli import main
+
+raise SystemExit(main())
