@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-REAL_COMPONENTS = ["wireguard-go", "wg", "wg-quick", "ip", "nft", "conntrack", "iperf3", "turnserver", "stunclient"]
+REAL_COMPONENTS = ["wireguard-go", "wg", "wg-quick", "ip", "nft", "conntrack", "iperf3", "turnserver", "stun"]
 
 
 def require_real_components(*names: str) -> None:
