@@ -1,0 +1,523 @@
+"""Per-peer path state machine: which candidates to probe, when, and which path carries traffic.
+
+Pure: time is `now`, randomness comes from the owner, outputs are action objects the node turns into
+sealed datagrams. Policy in short:
+- Traffic uses the relay from the first packet; a pong from a direct candidate makes it the path.
+- The chosen direct path is pinged every HEARTBEAT_INTERVAL while the peer is active; when no pong
+  arrived for TRUST_DURATION the peer falls back to the relay (within ~4.5 s of a cut).
+- While relayed and active, all candidates are probed in rounds backing off 5 s -> 60 s; while direct,
+  other candidates are re-probed every UPGRADE_INTERVAL (a better path may appear).
+- Idle (no traffic for SESSION_ACTIVE_TIMEOUT): no probing at all; traffic resumes probing at once.
+- Probes are bounded: at most MAX_CANDIDATES candidates per peer, invalid ones dropped, a per-peer token
+  bucket, plus the node's global bucket passed in as `budget`.
+- Birthday-paradox mode when exactly one side's NAT maps per destination (see BirthdayPlan).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from dataclasses import dataclass
+
+from meshwg.disco import paths as P
+
+MAX_CANDIDATES = 16
+MAX_PENDING_PINGS = 64
+PEER_PING_RATE = 20.0        # pings per second per peer (token bucket)
+PEER_PING_BURST = 20.0
+PONG_RATE = 20.0             # pongs per second per peer: a chatty peer cannot make us a reflector
+PONG_BURST = 20.0
+MAX_PEER_REFLEXIVE = 4       # candidates learned from the source of authenticated pings
+
+# Candidate sources, best first when the list must be truncated.
+SOURCE_RANK = {"observed": 0, "stun": 1, "directory": 2, "ping": 3, "cmm": 4, "local": 5}
+
+# Birthday-paradox parameters (Tailscale's numbers: 256 ports x 1024 probes ~ 98 %).
+BIRTHDAY_SOCKETS = 256
+BIRTHDAY_PROBES = 1024
+BIRTHDAY_PROBE_RATE = 200.0   # probes per second from the easy side
+BIRTHDAY_HARD_ROUNDS = 8      # pings per extra socket (one per second) from the hard side
+BIRTHDAY_DELAY = 2.0          # start after a normal round had this long to succeed
+BIRTHDAY_MIN_INTERVAL = 60.0  # at most one attempt per minute per peer
+
+EIM = "endpoint-independent"
+EDM = "endpoint-dependent"
+
+
+@dataclass(frozen=True)
+class SendPing:
+    addr: tuple
+    txid: bytes
+    via: int | None = None        # extra socket index (birthday mode), None = main socket
+
+
+@dataclass(frozen=True)
+class SendPong:
+    addr: tuple
+    txid: bytes
+    observed: tuple
+    via: int | None = None
+
+
+@dataclass(frozen=True)
+class SendCallMeMaybe:
+    pass
+
+
+@dataclass(frozen=True)
+class OpenSockets:
+    """Birthday mode, hard side: open `count` extra UDP sockets (any port) for this peer, feed what
+    they receive to node.receive_datagram(..., via=i) with i in 1..count, and send the node's
+    SocketEndpoint(i, addr) datagrams from socket i. Close them on CloseSockets."""
+    count: int
+
+
+@dataclass(frozen=True)
+class CloseSockets:
+    keep: tuple = ()               # socket indexes that carry traffic with the peer (keep them open)
+
+
+@dataclass(frozen=True)
+class BirthdayPlan:
+    """What a birthday-paradox attempt does (for status/tests; the actions are emitted over time).
+
+    role "hard": we map per destination. Open `sockets` extra sockets, each pings the peer's observed
+    address `rounds` times (1/s): this creates `sockets` random mappings on our NAT.
+    role "easy": our mapping is stable. Ping the peer's public IP on `probes` distinct random ports at
+    `rate`/s from the main socket; each hit lands on one of the hard side's mappings, which the easy
+    side's own probe has just opened in its filter, so the pong comes back.
+    """
+    role: str
+    target_ip: str
+    sockets: int = 0
+    probes: int = 0
+    rate: float = 0.0
+    rounds: int = 0
+
+
+@dataclass
+class Candidate:
+    addr: tuple
+    source: str
+    via: int | None = None
+    last_ping: float = -math.inf
+    last_pong: float | None = None
+    latency: float | None = None
+
+
+def valid_candidate(addr: object) -> bool:
+    """Drop candidates no honest peer would advertise; private ranges stay (LAN peers need them)."""
+    if not (isinstance(addr, tuple) and len(addr) == 2):
+        return False
+    ip_s, port = addr
+    if not isinstance(port, int) or not 0 < port < 65536 or not isinstance(ip_s, str):
+        return False
+    try:
+        ip = ipaddress.ip_address(ip_s)
+    except ValueError:
+        return False
+    if ip.is_unspecified or ip.is_multicast or ip.is_reserved:
+        return False
+    if ip.version == 4 and ip_s == "255.255.255.255":
+        return False
+    if ip.version == 6 and (ip.is_link_local or ip.ipv4_mapped is not None):
+        return False  # link-local needs a scope we do not carry; mapped forms are written as IPv4
+    return True
+
+
+class _Bucket:
+    def __init__(self, rate: float, burst: float):
+        self.rate, self.burst, self.tokens, self.t = rate, burst, burst, None
+
+    def take(self, now: float, n: float = 1.0) -> bool:
+        if self.t is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+        self.t = now
+        if self.tokens >= n:
+            self.tokens -= n
+            return True
+        return False
+
+
+def _hhmmss(wall: float) -> str:
+    # Status text only; wall is an input (UTC, the shell may localise).
+    s = int(wall) % 86400
+    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class PeerPaths:
+    def __init__(self, peer_key: bytes, random_bytes, *, local_nat: str | None = None,
+                 peer_nat: str | None = None):
+        self.peer_key = peer_key
+        self._random = random_bytes
+        self.candidates: dict[tuple, Candidate] = {}
+        self._pending: dict[bytes, tuple[tuple, float, int | None]] = {}
+        self.best: P.ScoredPath | None = None
+        self.best_via: int | None = None
+        self.trust_until = -math.inf
+        self.last_activity = -math.inf
+        self.next_probe_at = math.inf
+        self.probe_attempt = 0
+        self.next_heartbeat_at = math.inf
+        self.last_upgrade_probe = -math.inf
+        self.last_cmm_sent = -math.inf
+        self.want_cmm = False
+        self._answer_cmm = False
+        self.unanswered_since: float | None = None   # wall time of the first unanswered round
+        self.local_nat, self.peer_nat = local_nat, peer_nat
+        self.last_observed_by_peer: tuple | None = None   # our address as the peer's pong saw it
+        self._ping_bucket = _Bucket(PEER_PING_RATE, PEER_PING_BURST)
+        self._pong_bucket = _Bucket(PONG_RATE, PONG_BURST)
+        self._outbox: list = []
+        self.counters = {"pings_sent": 0, "pongs_received": 0, "pings_rate_limited": 0,
+                         "pongs_unmatched": 0, "path_changes": 0, "birthday_attempts": 0}
+        # birthday mode
+        self.birthday: BirthdayPlan | None = None
+        self._bd_next = math.inf
+        self._bd_sent = 0
+        self._bd_ports: list[int] = []
+        self._bd_last_attempt = -math.inf
+        self._bd_start_at = math.inf
+        self._bd_end = math.inf
+        self._live_vias: set[int] = set()
+
+    # --- inputs -----------------------------------------------------------------------------
+    def set_candidates(self, source: str, addrs, now: float) -> bool:
+        """Replace the candidates of one source; returns True when the set changed."""
+        new = []
+        for a in addrs:
+            if isinstance(a, list):
+                a = tuple(a)
+            if valid_candidate(a) and a not in new:
+                new.append(a)
+        old = {a for a, c in self.candidates.items() if c.source == source}
+        changed = False
+        for a in old - set(new):
+            if self.best is None or self.best.addr != a:
+                del self.candidates[a]
+                changed = True
+        for a in new:
+            if a not in self.candidates:
+                self.candidates[a] = Candidate(a, source)
+                changed = True
+            elif SOURCE_RANK.get(source, 9) < SOURCE_RANK.get(self.candidates[a].source, 9):
+                self.candidates[a].source = source
+        self._trim()
+        if changed:
+            self.probe_attempt = 0
+            if self.active(now):
+                self.next_probe_at = min(self.next_probe_at, now)
+            return True
+        return False
+
+    def _trim(self) -> None:
+        if len(self.candidates) <= MAX_CANDIDATES:
+            return
+        keep_best = self.best.addr if self.best else None
+        ranked = sorted(self.candidates.values(),
+                        key=lambda c: (c.addr != keep_best, c.last_pong is None, SOURCE_RANK.get(c.source, 9)))
+        self.candidates = {c.addr: c for c in ranked[:MAX_CANDIDATES]}
+
+    def note_activity(self, now: float) -> None:
+        was_idle = not self.active(now)
+        self.last_activity = now
+        if was_idle:
+            # Resume instantly: probe now, tell the peer to probe us too.
+            self.probe_attempt = 0
+            self.next_probe_at = now
+            self.want_cmm = True
+            if self.best is not None:
+                self.next_heartbeat_at = now
+
+    def on_punch(self, now: float) -> None:
+        """The server says both sides want to talk: probe every candidate now."""
+        self.last_activity = max(self.last_activity, now)
+        self.probe_attempt = 0
+        self.next_probe_at = now
+        self.want_cmm = True
+        self._maybe_arm_birthday(now)
+
+    def on_call_me_maybe(self, endpoints, now: float) -> None:
+        self.set_candidates("cmm", endpoints, now)
+        # The peer is pinging us right now: ping back at once so both NATs open. This neither marks
+        # us active nor sends a call-me-maybe back (two idle peers must not keep each other awake).
+        self._answer_cmm = True
+        if self.active(now):
+            self._maybe_arm_birthday(now)
+
+    def on_ping(self, txid: bytes, src: tuple, via: int | None, now: float) -> None:
+        if not self._pong_bucket.take(now):
+            self.counters["pings_rate_limited"] += 1
+            return
+        self._outbox.append(SendPong(src, txid, src, via))
+        if not valid_candidate(src):
+            return
+        cand = self.candidates.get(src)
+        if cand is None:
+            n_ping = sum(1 for c in self.candidates.values() if c.source == "ping")
+            # Birthday hits (via set) are always kept: they are the whole point of the attempt.
+            if via is not None or n_ping < MAX_PEER_REFLEXIVE:
+                self.candidates[src] = Candidate(src, "ping", via=via)
+                self._trim()
+                cand = self.candidates.get(src)
+        elif via is not None:
+            cand.via = via
+        if via is not None:
+            self._live_vias.add(via)   # the peer reaches us on this socket: it must stay open
+        # Ping back unconfirmed sources so our NAT opens and we measure the path ourselves.
+        if cand is not None and cand.last_pong is None and now - cand.last_ping >= 1.0:
+            self._ping(cand, now, None)
+
+    def on_pong(self, txid: bytes, src: tuple, now: float, via: int | None = None) -> bool:
+        entry = self._pending.pop(txid, None)
+        if entry is None:
+            self.counters["pongs_unmatched"] += 1
+            return False
+        addr, sent_at, pvia = entry
+        if pvia != via:
+            self.counters["pongs_unmatched"] += 1
+            return False
+        self.counters["pongs_received"] += 1
+        latency = max(0.0, now - sent_at)
+        cand = self.candidates.get(addr)
+        if cand is None:
+            cand = self.candidates[addr] = Candidate(addr, "ping", via=pvia)
+        cand.last_pong, cand.latency = now, latency
+        if pvia is not None:
+            cand.via = pvia
+            self._live_vias.add(pvia)
+        scored = P.ScoredPath(addr, latency)
+        if self.best is not None and self.best.addr == addr:
+            self.best = scored
+            self.trust_until = now + P.TRUST_DURATION
+        elif self.best is None or now >= self.trust_until or P.better_path(scored, self.best):
+            self.best, self.best_via = scored, cand.via
+            self.trust_until = now + P.TRUST_DURATION
+            self.counters["path_changes"] += 1
+            self.next_heartbeat_at = now + P.HEARTBEAT_INTERVAL
+            if self.birthday is not None:
+                self._end_birthday()
+        self.unanswered_since = None
+        self.probe_attempt = 0
+        return True
+
+    def set_nat(self, local_nat: str | None, peer_nat: str | None) -> None:
+        self.local_nat, self.peer_nat = local_nat, peer_nat
+
+    # --- decisions ----------------------------------------------------------------------------
+    def active(self, now: float) -> bool:
+        return now - self.last_activity < P.SESSION_ACTIVE_TIMEOUT
+
+    def direct(self, now: float) -> bool:
+        return self.best is not None and now < self.trust_until
+
+    def endpoint(self, now: float):
+        """(addr, via) of the direct path when trusted, else None (use the relay)."""
+        if self.direct(now):
+            return self.best.addr, self.best_via
+        return None
+
+    def relay_reason(self, now: float, wall: float) -> str:
+        if self.direct(now):
+            return ""
+        if self.local_nat == EDM and self.peer_nat == EDM:
+            return "symmetric NAT on both sides"
+        if not self.candidates:
+            return "no direct candidates known"
+        if not self.active(now) and self.best is None:
+            return "idle (not probing)"
+        if self.unanswered_since is not None:
+            return "probes unanswered since " + _hhmmss(self.unanswered_since)
+        if self.best is not None and now >= self.trust_until:
+            return "direct path stopped answering"
+        return "probing direct candidates"
+
+    # --- timers -------------------------------------------------------------------------------
+    def poll(self, now: float, wall: float, budget) -> list:
+        """Run due timers; return actions. `budget(n)` -> bool takes n probes from the node's
+        global rate limit."""
+        active = self.active(now)
+        if self.best is not None and now >= self.trust_until and self.unanswered_since is None:
+            self.unanswered_since = wall - (now - (self.trust_until - P.TRUST_DURATION))
+        if self._answer_cmm:
+            self._answer_cmm = False
+            for cand in list(self.candidates.values()):
+                self._ping(cand, now, budget)
+        if active:
+            if self.best is not None and now >= self.next_heartbeat_at:
+                self.next_heartbeat_at = now + P.HEARTBEAT_INTERVAL
+                cand = self.candidates.get(self.best.addr)
+                if cand is not None:
+                    self._ping(cand, now, budget)
+            if now >= self.next_probe_at:
+                self._probe_round(now, wall, budget)
+            elif self.direct(now) and now >= self.last_upgrade_probe + P.UPGRADE_INTERVAL:
+                self.last_upgrade_probe = now
+                if self.best.latency > P.GOOD_ENOUGH_LATENCY:
+                    self._probe_round(now, wall, budget, skip_best=True)
+            if now >= self._bd_start_at:
+                self._start_birthday(now)
+            self._birthday_step(now, budget)
+        elif self.birthday is not None:
+            self._end_birthday()
+        if self.want_cmm and active and now >= self.last_cmm_sent + P.CALL_ME_MAYBE_MIN_INTERVAL:
+            self.want_cmm = False
+            self.last_cmm_sent = now
+            self._outbox.append(SendCallMeMaybe())
+        # forget stale pings
+        if self._pending:
+            for txid in [t for t, (_, sent, _) in self._pending.items() if now - sent > P.PING_TIMEOUT]:
+                del self._pending[txid]
+        out, self._outbox = self._outbox, []
+        return out
+
+    def _probe_round(self, now: float, wall: float, budget, skip_best: bool = False) -> None:
+        if self.direct(now):
+            self.next_probe_at = now + P.UPGRADE_INTERVAL
+            self.last_upgrade_probe = now
+        else:
+            if self.candidates and self.unanswered_since is None and self.probe_attempt > 0:
+                # the previous round got nothing back
+                self.unanswered_since = wall - P.probe_interval(self.probe_attempt - 1)
+            self.next_probe_at = now + P.probe_interval(self.probe_attempt)
+            self.probe_attempt += 1
+            self.want_cmm = True
+            self._maybe_arm_birthday(now)
+        for cand in list(self.candidates.values()):
+            if skip_best and self.best is not None and cand.addr == self.best.addr:
+                continue
+            self._ping(cand, now, budget)
+
+    def _ping(self, cand: Candidate, now: float, budget) -> bool:
+        if not self._ping_bucket.take(now) or (budget is not None and not budget(1)):
+            self.counters["pings_rate_limited"] += 1
+            return False
+        txid = self._random(12)
+        if len(self._pending) >= MAX_PENDING_PINGS:
+            self._pending.pop(next(iter(self._pending)))
+        self._pending[txid] = (cand.addr, now, cand.via)
+        cand.last_ping = now
+        self.counters["pings_sent"] += 1
+        self._outbox.append(SendPing(cand.addr, txid, cand.via))
+        return True
+
+    # --- birthday paradox ---------------------------------------------------------------------
+    def _observed_ip(self) -> str | None:
+        for c in self.candidates.values():
+            if c.source == "observed":
+                return c.addr[0]
+        return None
+
+    def birthday_role(self) -> str | None:
+        if self.local_nat == EDM and self.peer_nat == EIM:
+            return "hard"
+        if self.local_nat == EIM and self.peer_nat == EDM:
+            return "easy"
+        return None
+
+    def _maybe_arm_birthday(self, now: float) -> None:
+        if (self.birthday is None and self.birthday_role() and not self.direct(now)
+                and now - self._bd_last_attempt >= BIRTHDAY_MIN_INTERVAL and self._observed_ip()):
+            self._bd_start_at = now + BIRTHDAY_DELAY
+
+    def _start_birthday(self, now: float) -> None:
+        self._bd_start_at = math.inf
+        role, ip = self.birthday_role(), self._observed_ip()
+        if self.direct(now) or role is None or ip is None:
+            return
+        self._bd_last_attempt = now
+        self.counters["birthday_attempts"] += 1
+        self._bd_sent = 0
+        self._bd_next = now
+        if role == "hard":
+            self._live_vias = set()
+            self.birthday = BirthdayPlan("hard", ip, sockets=BIRTHDAY_SOCKETS, rounds=BIRTHDAY_HARD_ROUNDS)
+            self._outbox.append(OpenSockets(BIRTHDAY_SOCKETS))
+            self._bd_next = now + 0.05   # the shell opens the sockets before their first ping
+            self._bd_end = now + BIRTHDAY_HARD_ROUNDS + 2.0
+        else:
+            self.birthday = BirthdayPlan("easy", ip, probes=BIRTHDAY_PROBES, rate=BIRTHDAY_PROBE_RATE)
+            self._bd_ports = self._random_ports(BIRTHDAY_PROBES)
+            self._bd_end = now + BIRTHDAY_PROBES / BIRTHDAY_PROBE_RATE + 3.0
+
+    def _random_ports(self, n: int) -> list[int]:
+        # Distinct ports in 1024..65535 drawn from the injected randomness.
+        seen: set[int] = set()
+        out: list[int] = []
+        while len(out) < n:
+            raw = self._random(2 * (n - len(out)) + 8)
+            for i in range(0, len(raw) - 1, 2):
+                p = 1024 + int.from_bytes(raw[i:i + 2], "big") % (65536 - 1024)
+                if p not in seen:
+                    seen.add(p)
+                    out.append(p)
+                    if len(out) == n:
+                        break
+        return out
+
+    def _birthday_step(self, now: float, budget) -> None:
+        plan = self.birthday
+        if plan is None:
+            return
+        if now >= self._bd_end or self.direct(now):
+            self._end_birthday()
+            return
+        if now < self._bd_next:
+            return
+        target = next((c.addr for c in self.candidates.values() if c.source == "observed"), None)
+        if plan.role == "hard":
+            if target is None or self._bd_sent >= plan.rounds:
+                self._bd_next = math.inf
+                return
+            for i in range(1, plan.sockets + 1):
+                if budget is not None and not budget(1):
+                    break
+                txid = self._random(12)
+                self._remember(txid, target, now, i)
+                self._outbox.append(SendPing(target, txid, i))
+            self._bd_sent += 1
+            self._bd_next = now + 1.0
+            return
+        # easy side: a paced batch every 50 ms
+        due = int(min(len(self._bd_ports), max(1, BIRTHDAY_PROBE_RATE * 0.05)))
+        for _ in range(due):
+            if not self._bd_ports or (budget is not None and not budget(1)):
+                break
+            addr = (plan.target_ip, self._bd_ports.pop())
+            txid = self._random(12)
+            self._remember(txid, addr, now, None)
+            self._outbox.append(SendPing(addr, txid, None))
+        self._bd_next = now + 0.05 if self._bd_ports else math.inf
+
+    def _remember(self, txid: bytes, addr: tuple, now: float, via: int | None) -> None:
+        # Birthday probes get their own accounting: many outstanding txids are expected.
+        if len(self._pending) >= MAX_PENDING_PINGS + BIRTHDAY_PROBES:
+            self._pending.pop(next(iter(self._pending)))
+        self._pending[txid] = (addr, now, via)
+        self.counters["pings_sent"] += 1
+
+    def _end_birthday(self) -> None:
+        if self.birthday is not None and self.birthday.role == "hard":
+            self._outbox.append(CloseSockets(tuple(sorted(self._live_vias))))
+        self.birthday = None
+        self._bd_ports = []
+        self._bd_next = self._bd_end = math.inf
+
+    # --- scheduling ---------------------------------------------------------------------------
+    def get_timer(self, now_hint: float | None = None) -> float:
+        t = [self.trust_until if self.best is not None and self.trust_until > (now_hint or -math.inf) else math.inf]
+        if self.last_activity > -math.inf:
+            idle_at = self.last_activity + P.SESSION_ACTIVE_TIMEOUT
+            if now_hint is None or now_hint < idle_at:
+                t += [self.next_probe_at, self._bd_start_at, self._bd_next,
+                      self._bd_end if self.birthday else math.inf]
+                if self.best is not None:
+                    t.append(self.next_heartbeat_at)
+                    if now_hint is not None and self.direct(now_hint):
+                        t.append(self.last_upgrade_probe + P.UPGRADE_INTERVAL)
+                if self.want_cmm:
+                    t.append(self.last_cmm_sent + P.CALL_ME_MAYBE_MIN_INTERVAL)
+                t.append(idle_at)
+        if self._outbox or self._answer_cmm:
+            return -math.inf
+        return min(t)

@@ -1,0 +1,42 @@
+"""Tell apart the protocols sharing the node's UDP socket. Hot path: a few byte comparisons.
+
+WireGuard: type 1-4 then three zero bytes, with the type's size rule (1: 148 B, 2: 92 B, 3: 64 B,
+4: >= 32 B). STUN: top two bits zero and the magic cookie 0x2112A442 at offset 4. Discovery: our
+b"MWDsco" prefix. Relay frames: b"MWR" prefix.
+"""
+
+from __future__ import annotations
+
+WIREGUARD = "wireguard"
+STUN = "stun"
+DISCO = "disco"
+RELAY = "relay"
+UNKNOWN = "unknown"
+
+_STUN_COOKIE = b"\x21\x12\xa4\x42"
+_DISCO_MAGIC = b"MWDsco"  # = meshwg.disco.messages.MAGIC (kept literal: no import on the hot path)
+_RELAY_MAGIC = b"MWR"
+_ZERO3 = b"\0\0\0"
+_WG_EXACT = {1: 148, 2: 92, 3: 64}
+
+
+def classify(data: bytes) -> str:
+    n = len(data)
+    if n < 4:
+        return UNKNOWN
+    t = data[0]
+    if 0 < t <= 4 and data[1:4] == _ZERO3:
+        if t == 4:
+            return WIREGUARD if n >= 32 else UNKNOWN
+        return WIREGUARD if n == _WG_EXACT[t] else UNKNOWN
+    if t < 0x40:
+        # STUN: top two bits of the message type zero, cookie at offset 4, 20 B header + 4 B-aligned body.
+        if n >= 20 and data[4:8] == _STUN_COOKIE and (n - 20) % 4 == 0:
+            return STUN
+        return UNKNOWN
+    if t == 0x4D:  # "M"
+        if data[:6] == _DISCO_MAGIC:
+            return DISCO
+        if data[:3] == _RELAY_MAGIC:
+            return RELAY
+    return UNKNOWN

@@ -1,0 +1,496 @@
+"""MeshNode: the WireGuard core plus discovery on one shared UDP socket. Sans-IO.
+
+Inputs:  receive_datagram(data, addr, now, via=None)   every datagram from the shared UDP socket
+                                                        (via=i: it came on birthday extra socket i)
+         receive_relay(src_key, data, now)              a datagram the relay delivered from src_key
+         send_ip_packet(pkt, now)                       from the TUN
+         apply_netmap(desired, now), punch(key, now), set_local_endpoints(addrs, now),
+         set_stun_servers(addrs, now), handle_timer(now)
+Outputs: datagrams_to_send() -> [(bytes, dest)]  dest: (ip, port) | RelayEndpoint | SocketEndpoint
+         tun_packets_to_write(), pop_events(), relay_frames() (b"MWR" datagrams for the relay shell),
+         get_timer(), status(now)
+
+Each mesh peer's WireGuard endpoint is chosen here (peer.roaming = False): RelayEndpoint(key) until a
+disco pong confirms a direct path, the direct address while it stays trusted, back to the relay when
+it stops answering. The WireGuard session is untouched by these moves; only the destination changes.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+
+from meshwg.disco import netcheck as NC
+from meshwg.disco import paths as P
+from meshwg.disco import stun
+from meshwg.disco.messages import CallMeMaybe, DiscoCodec, Ping, Pong, endpoints_bounded
+from meshwg.disco.peer_paths import (CloseSockets, OpenSockets, PeerPaths, SendCallMeMaybe, SendPing,
+                                     SendPong, _Bucket)
+from meshwg.mesh import demux
+from meshwg.mesh.netmap import AddPeer, ChangePeer, PeerSpec, RemovePeer, diff, route_changes
+
+GLOBAL_PROBE_RATE = 300.0     # disco pings per second, all peers together
+GLOBAL_PROBE_BURST = 600.0
+STUN_INTERVAL = (20.0, 26.0)  # re-STUN period, jittered
+STUN_TIMEOUT = 3.0
+MAX_LOCAL_ENDPOINTS = 16
+
+
+@dataclass(frozen=True)
+class RelayEndpoint:
+    """Send through the relay to this peer (the relay shell frames it)."""
+    peer_key: bytes
+
+    def __repr__(self) -> str:
+        return f"RelayEndpoint({self.peer_key[:4].hex()})"
+
+
+@dataclass(frozen=True)
+class SocketEndpoint:
+    """Send from birthday extra socket `socket` (1-based) to `addr`."""
+    socket: int
+    addr: tuple
+
+
+# --- events ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PathChanged:
+    peer_key: bytes
+    endpoint: object
+    latency: float | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class RoutesChanged:
+    add: tuple
+    remove: tuple
+
+
+@dataclass(frozen=True)
+class PeersChanged:
+    ops: tuple
+
+
+@dataclass(frozen=True)
+class LocalEndpointsChanged:
+    endpoints: tuple
+    nat: str | None
+
+
+@dataclass(frozen=True)
+class NetcheckDone:
+    report: NC.NetcheckReport
+
+
+@dataclass(frozen=True)
+class OpenBirthdaySockets:
+    peer_key: bytes
+    count: int
+
+
+@dataclass(frozen=True)
+class CloseBirthdaySockets:
+    peer_key: bytes
+    keep: tuple              # socket indexes still carrying traffic with the peer
+
+
+def _is_keepalive(data: bytes) -> bool:
+    return len(data) == 32 and data[0] == 4
+
+
+class MeshNode:
+    def __init__(self, core, private_key: bytes, random_bytes, *, wall_offset: float = 0.0,
+                 global_probe_rate: float = GLOBAL_PROBE_RATE, global_probe_burst: float = GLOBAL_PROBE_BURST):
+        self.core = core
+        self.codec = DiscoCodec(private_key, random_bytes)
+        self.public_key = self.codec.public_key
+        self._random = random_bytes
+        self.wall_offset = wall_offset
+        self.specs: dict[bytes, PeerSpec] = {}
+        self.paths: dict[bytes, PeerPaths] = {}
+        self._endpoint: dict[bytes, object] = {}
+        self._ep_to_key: dict[object, bytes] = {}
+        self._out: list = []
+        self._events: list = []
+        self._relay_frames: list = []
+        self.counters: collections.Counter = collections.Counter()
+        self._budget = _Bucket(global_probe_rate, global_probe_burst)
+        self._now = 0.0
+        # our own endpoints
+        self.iface_endpoints: tuple = ()
+        self.reflexive: tuple = ()
+        self.local_nat: str | None = None
+        self.last_report: NC.NetcheckReport | None = None
+        # STUN
+        self.stun_servers: tuple = ()
+        self._stun_pending: dict[bytes, tuple] = {}
+        self._stun_results: list = []
+        self._stun_round_end = math.inf
+        self._next_stun = math.inf
+
+    # --- helpers ----------------------------------------------------------------------------
+    def _wall(self, now: float) -> float:
+        return now + self.wall_offset
+
+    def _take_budget(self, n: int) -> bool:
+        return self._budget.take(self._now, n)
+
+    @property
+    def endpoints(self) -> tuple:
+        """Our candidates for peers: reflexive first (they work across NATs), then interfaces."""
+        return endpoints_bounded(list(self.reflexive) + list(self.iface_endpoints))
+
+    def endpoint_of(self, key: bytes):
+        return self._endpoint.get(key)
+
+    # --- directory --------------------------------------------------------------------------
+    def apply_netmap(self, desired: dict[bytes, PeerSpec], now: float) -> list:
+        self._now = now
+        desired = {k: v for k, v in desired.items() if k != self.public_key}
+        ops = diff(self.specs, desired)
+        if not ops:
+            return ops
+        rc = route_changes(self.specs, desired)
+        for op in ops:
+            if isinstance(op, RemovePeer):
+                self._remove_peer(op.key)
+        for op in ops:
+            if isinstance(op, ChangePeer):
+                self._change_peer(op.old, op.new, op.fields, now)
+            elif isinstance(op, AddPeer):
+                self._add_peer(op.spec, now)
+        self.specs = dict(desired)
+        if rc:
+            self._events.append(RoutesChanged(tuple(rc.add), tuple(rc.remove)))
+        self._events.append(PeersChanged(tuple(ops)))
+        self._flush_core(now, activity=False)
+        return ops
+
+    def _add_peer(self, spec: PeerSpec, now: float) -> None:
+        peer = self.core.add_peer(spec.key)
+        peer.roaming = False  # the mesh layer moves endpoints, not the source of the last packet
+        self.core.set_allowed_ips(peer, list(spec.addresses))
+        self.codec.add_peer(spec.key)
+        pp = PeerPaths(spec.key, self._random, local_nat=self.local_nat, peer_nat=spec.nat)
+        pp.set_candidates("directory", spec.candidates, now)
+        pp.set_candidates("observed", spec.observed, now)
+        self.paths[spec.key] = pp
+        self._set_endpoint(spec.key, RelayEndpoint(spec.key), None, "relay until a direct path answers")
+
+    def _remove_peer(self, key: bytes) -> None:
+        self.core.remove_peer(key)
+        self.codec.remove_peer(key)
+        pp = self.paths.pop(key, None)
+        if pp is not None and pp.birthday is not None and pp.birthday.role == "hard":
+            self._events.append(CloseBirthdaySockets(key, ()))
+        ep = self._endpoint.pop(key, None)
+        if ep is not None and self._ep_to_key.get(ep) == key:
+            del self._ep_to_key[ep]
+
+    def _change_peer(self, old: PeerSpec, new: PeerSpec, fields, now: float) -> None:
+        peer = self.core.peers[new.key]
+        pp = self.paths[new.key]
+        if "addresses" in fields:
+            self.core.set_allowed_ips(peer, list(new.addresses))
+        if "candidates" in fields:
+            pp.set_candidates("directory", new.candidates, now)
+        if "observed" in fields:
+            pp.set_candidates("observed", new.observed, now)
+        if "nat" in fields:
+            pp.set_nat(self.local_nat, new.nat)
+
+    def punch(self, peer_key: bytes, now: float) -> None:
+        """The signaling server says peer_key wants to talk to us now (and tells it the same)."""
+        self._now = now
+        pp = self.paths.get(peer_key)
+        if pp is None:
+            self.counters["punch_unknown_peer"] += 1
+            return
+        pp.on_punch(now)
+        self._service(peer_key, now)
+
+    def set_local_endpoints(self, addrs, now: float) -> None:
+        """Our interface addresses with the shared socket's port (LAN peers use these)."""
+        self._now = now
+        new = endpoints_bounded(tuple(a) for a in addrs)[:MAX_LOCAL_ENDPOINTS]
+        if new != self.iface_endpoints:
+            self.iface_endpoints = new
+            self._local_changed()
+
+    def _local_changed(self) -> None:
+        self._events.append(LocalEndpointsChanged(self.endpoints, self.local_nat))
+        for pp in self.paths.values():
+            pp.want_cmm = pp.active(self._now)
+
+    def set_stun_servers(self, servers, now: float) -> None:
+        self.stun_servers = tuple(tuple(s) for s in servers)
+        self._next_stun = now if self.stun_servers else math.inf
+
+    def restun(self, now: float) -> None:
+        """Network changed: STUN again right away."""
+        if self.stun_servers:
+            self._next_stun = now
+
+    # --- inputs -----------------------------------------------------------------------------
+    def receive_datagram(self, data: bytes, addr, now: float, via: int | None = None) -> None:
+        self._now = now
+        kind = demux.classify(data)
+        if kind == demux.WIREGUARD:
+            self.core.receive_datagram(data, addr if via is None else SocketEndpoint(via, addr), now)
+            self._flush_core(now, activity=False)
+        elif kind == demux.DISCO:
+            self._receive_disco(data, addr, via, None, now)
+        elif kind == demux.STUN:
+            self._receive_stun(data, addr, now)
+        elif kind == demux.RELAY:
+            self._relay_frames.append((data, addr))
+        else:
+            self.counters["drop_unknown_datagram"] += 1
+
+    def receive_relay(self, src_key: bytes, data: bytes, now: float) -> None:
+        """A datagram the relay delivered, claimed to come from src_key (the relay authenticated it)."""
+        self._now = now
+        kind = demux.classify(data)
+        if kind == demux.WIREGUARD:
+            self.core.receive_datagram(data, RelayEndpoint(src_key), now)
+            self._flush_core(now, activity=False)
+        elif kind == demux.DISCO:
+            self._receive_disco(data, RelayEndpoint(src_key), None, src_key, now)
+        else:
+            self.counters["drop_relay_unknown"] += 1
+
+    def send_ip_packet(self, pkt: bytes, now: float) -> None:
+        self._now = now
+        self.core.send_ip_packet(pkt, now)
+        self._flush_core(now, activity=True)
+
+    def handle_timer(self, now: float) -> None:
+        self._now = now
+        self.core.handle_timer(now)
+        self._flush_core(now, activity=False)
+        for key, pp in list(self.paths.items()):
+            if pp.get_timer(now) <= now or self._endpoint_stale(key, now):
+                self._service(key, now)
+        self._stun_timer(now)
+
+    # --- disco ------------------------------------------------------------------------------
+    def _receive_disco(self, data: bytes, addr, via, relay_src: bytes | None, now: float) -> None:
+        opened = self.codec.open_untrusted(data, self._wall(now))
+        if opened is None:
+            self.counters["drop_disco"] += 1
+            return
+        sender, msg = opened
+        if relay_src is not None and sender != relay_src:
+            self.counters["drop_disco_relay_sender_mismatch"] += 1
+            return
+        pp = self.paths.get(sender)
+        if pp is None:  # the codec knows exactly our peers; a race with removal only
+            self.counters["drop_disco_unknown_peer"] += 1
+            return
+        if isinstance(msg, Ping):
+            if relay_src is not None:
+                self.counters["disco_ping_via_relay_ignored"] += 1
+                return
+            self.counters["disco_ping_rx"] += 1
+            pp.on_ping(msg.txid, addr, via, now)
+        elif isinstance(msg, Pong):
+            if relay_src is not None:
+                self.counters["disco_pong_via_relay_ignored"] += 1
+                return
+            if pp.on_pong(msg.txid, addr, now, via):
+                self.counters["disco_pong_rx"] += 1
+                pp.last_observed_by_peer = msg.src  # free STUN, as this peer sees us
+            else:
+                self.counters["drop_disco_pong_unmatched"] += 1
+        elif isinstance(msg, CallMeMaybe):
+            self.counters["disco_cmm_rx"] += 1
+            pp.on_call_me_maybe(msg.endpoints, now)
+        self._service(sender, now)
+
+    def _service(self, key: bytes, now: float) -> None:
+        pp = self.paths.get(key)
+        if pp is None:
+            return
+        wall = self._wall(now)
+        for act in pp.poll(now, wall, self._take_budget):
+            if isinstance(act, SendPing):
+                data = self.codec.seal(key, Ping(act.txid, self.public_key), wall)
+                self._out.append((data, act.addr if act.via is None else SocketEndpoint(act.via, act.addr)))
+                self.counters["disco_ping_tx"] += 1
+            elif isinstance(act, SendPong):
+                data = self.codec.seal(key, Pong(act.txid, act.observed), wall)
+                self._out.append((data, act.addr if act.via is None else SocketEndpoint(act.via, act.addr)))
+                self.counters["disco_pong_tx"] += 1
+            elif isinstance(act, SendCallMeMaybe):
+                data = self.codec.seal(key, CallMeMaybe(self.endpoints), wall)
+                self._out.append((data, RelayEndpoint(key)))
+                self.counters["disco_cmm_tx"] += 1
+            elif isinstance(act, OpenSockets):
+                self._events.append(OpenBirthdaySockets(key, act.count))
+            elif isinstance(act, CloseSockets):
+                self._events.append(CloseBirthdaySockets(key, act.keep))
+        self._update_endpoint(key, now)
+
+    def _endpoint_stale(self, key: bytes, now: float) -> bool:
+        return self._endpoint.get(key) != self._wanted_endpoint(key, now)
+
+    def _wanted_endpoint(self, key: bytes, now: float):
+        pp = self.paths[key]
+        d = pp.endpoint(now)
+        if d is None:
+            return RelayEndpoint(key)
+        addr, via = d
+        return addr if via is None else SocketEndpoint(via, addr)
+
+    def _update_endpoint(self, key: bytes, now: float) -> None:
+        want = self._wanted_endpoint(key, now)
+        if want != self._endpoint.get(key):
+            pp = self.paths[key]
+            direct = not isinstance(want, RelayEndpoint)
+            reason = "direct path confirmed by pong" if direct else pp.relay_reason(now, self._wall(now))
+            self._set_endpoint(key, want, pp.best.latency if direct else None, reason)
+
+    def _set_endpoint(self, key: bytes, ep, latency, reason: str) -> None:
+        old = self._endpoint.get(key)
+        if old is not None and self._ep_to_key.get(old) == key:
+            del self._ep_to_key[old]
+        self._endpoint[key] = ep
+        self._ep_to_key[ep] = key
+        self.core.set_endpoint(self.core.peers[key], ep)
+        self.counters["path_switches"] += 1
+        self._events.append(PathChanged(key, ep, latency, reason))
+
+    # --- core output ------------------------------------------------------------------------
+    def _flush_core(self, now: float, activity: bool) -> None:
+        touched = None
+        for data, ep in self.core.datagrams_to_send():
+            self._out.append((data, ep))
+            if activity and not _is_keepalive(data):
+                key = self._ep_to_key.get(ep)
+                if key is not None:
+                    pp = self.paths[key]
+                    if pp.active(now):
+                        pp.last_activity = now
+                    else:
+                        pp.note_activity(now)
+                        touched = touched or []
+                        touched.append(key)
+        if touched:
+            for key in touched:
+                self._service(key, now)
+
+    # --- STUN -------------------------------------------------------------------------------
+    def _stun_timer(self, now: float) -> None:
+        if now >= self._stun_round_end:
+            self._finish_stun_round()
+        if now >= self._next_stun and self.stun_servers:
+            self._stun_pending.clear()
+            self._stun_results = []
+            for server in self.stun_servers:
+                txid = self._random(12)
+                self._stun_pending[txid] = server
+                self._out.append((stun.build_binding_request(txid), server))
+                self.counters["stun_tx"] += 1
+            self._stun_round_end = now + STUN_TIMEOUT
+            jitter = int.from_bytes(self._random(2), "big") / 65535.0
+            self._next_stun = now + STUN_INTERVAL[0] + jitter * (STUN_INTERVAL[1] - STUN_INTERVAL[0])
+
+    def _receive_stun(self, data: bytes, addr, now: float) -> None:
+        parsed = stun.parse_binding_response_untrusted(data)
+        if parsed is None:
+            self.counters["drop_stun"] += 1
+            return
+        txid, mapped = parsed
+        server = self._stun_pending.pop(txid, None)
+        if server is None:
+            self.counters["drop_stun_unmatched"] += 1
+            return
+        self.counters["stun_rx"] += 1
+        self._stun_results.append(NC.StunResult(server, tuple(mapped)))
+        if not self._stun_pending:
+            self._finish_stun_round()
+
+    def _finish_stun_round(self) -> None:
+        self._stun_round_end = math.inf
+        if not self._stun_results and not self._stun_pending:
+            return
+        results = self._stun_results + [NC.StunResult(s, None) for s in self._stun_pending.values()]
+        self._stun_pending.clear()
+        self._stun_results = []
+        report = NC.classify(results)
+        self.last_report = report
+        self._events.append(NetcheckDone(report))
+        nat = report.mapping_kind or self.local_nat
+        # Under a symmetric NAT a reflexive address is only valid toward that STUN server: still
+        # advertise the first one (the observed address is what peers hole-punch toward).
+        refl = tuple(report.reflexive[:1] if report.hard else report.reflexive)
+        if refl != self.reflexive or nat != self.local_nat:
+            self.reflexive, self.local_nat = refl, nat
+            for pp in self.paths.values():
+                pp.set_nat(nat, pp.peer_nat)
+            self._local_changed()
+
+    def set_local_nat(self, nat: str | None) -> None:
+        """Set our NAT mapping kind from an external netcheck."""
+        self.local_nat = nat
+        for pp in self.paths.values():
+            pp.set_nat(nat, pp.peer_nat)
+
+    # --- outputs ----------------------------------------------------------------------------
+    def datagrams_to_send(self) -> list:
+        out, self._out = self._out, []
+        return out
+
+    def tun_packets_to_write(self) -> list:
+        return self.core.tun_packets_to_write()
+
+    def pop_events(self) -> list:
+        ev = self._events
+        self._events = []
+        core_ev = self.core.pop_events()
+        return ev + list(core_ev) if core_ev else ev
+
+    def relay_frames(self) -> list:
+        out, self._relay_frames = self._relay_frames, []
+        return out
+
+    def get_timer(self) -> float:
+        t = self.core.get_timer()
+        now = self._now
+        for key, pp in self.paths.items():
+            t = min(t, pp.get_timer(now))
+        t = min(t, self._next_stun, self._stun_round_end)
+        return t
+
+    @property
+    def drops(self) -> collections.Counter:
+        c = collections.Counter(self.codec.drops)
+        c.update({k: v for k, v in self.counters.items() if k.startswith("drop_")})
+        return c
+
+    def status(self, now: float) -> list[dict]:
+        wall = self._wall(now)
+        out = []
+        for key, spec in self.specs.items():
+            pp = self.paths[key]
+            peer = self.core.peers.get(key)
+            ep = self._endpoint.get(key)
+            direct = not isinstance(ep, RelayEndpoint)
+            out.append({
+                "public_key": key,
+                "name": spec.name,
+                "addresses": [str(a) for a in spec.addresses],
+                "path": ("direct" if direct else "relay"),
+                "endpoint": (ep.addr if isinstance(ep, SocketEndpoint) else ep) if direct else None,
+                "latency": pp.best.latency if direct and pp.best else None,
+                "reason": "" if direct else pp.relay_reason(now, wall),
+                "active": pp.active(now),
+                "candidates": [c.addr for c in pp.candidates.values()],
+                "last_handshake": getattr(peer, "last_handshake_wall", None),
+                "rx_bytes": getattr(peer, "rx_bytes", 0),
+                "tx_bytes": getattr(peer, "tx_bytes", 0),
+                "birthday": pp.birthday.role if pp.birthday else None,
+            })
+        return out
