@@ -1,0 +1,73 @@
+"""Per-peer timers as deadlines (wireguard-protocol.md §6; wireguard-go timers.go hook names).
+
+Each attribute is an absolute deadline in monotonic seconds, math.inf when not armed. The hooks only move
+deadlines; the device acts when handle_timer(now) finds one due. The device's hot path inlines the few
+data_sent/received checks rather than calling these methods.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from .constants import (
+    KEEPALIVE_TIMEOUT, NEW_HANDSHAKE_TIMEOUT, REKEY_TIMEOUT, ZERO_KEYS_AFTER,
+)
+
+INF = math.inf
+
+
+class PeerTimers:
+    __slots__ = ("retransmit_handshake", "send_keepalive", "new_handshake", "zero_keys", "persistent_keepalive",
+                 "handshake_attempts", "need_another_keepalive", "sent_lastminute_handshake")
+
+    def __init__(self) -> None:
+        self.retransmit_handshake = INF
+        self.send_keepalive = INF
+        self.new_handshake = INF
+        self.zero_keys = INF
+        self.persistent_keepalive = INF
+        self.handshake_attempts = 0
+        self.need_another_keepalive = False
+        self.sent_lastminute_handshake = False
+
+    def next_deadline(self) -> float:
+        return min(self.retransmit_handshake, self.send_keepalive, self.new_handshake, self.zero_keys,
+                   self.persistent_keepalive)
+
+    def stop(self) -> None:
+        self.retransmit_handshake = self.send_keepalive = self.new_handshake = INF
+        self.zero_keys = self.persistent_keepalive = INF
+
+    # Hooks (rule numbers refer to wireguard-protocol.md §6).
+
+    def data_sent(self, now: float, jitter: Callable[[], float]) -> None:  # rule 6
+        if self.new_handshake == INF:
+            self.new_handshake = now + NEW_HANDSHAKE_TIMEOUT + jitter()
+
+    def data_received(self, now: float) -> None:  # rule 5
+        if self.send_keepalive == INF:
+            self.send_keepalive = now + KEEPALIVE_TIMEOUT
+        else:
+            self.need_another_keepalive = True
+
+    def any_authenticated_packet_sent(self) -> None:  # rule 5
+        self.send_keepalive = INF
+
+    def any_authenticated_packet_received(self) -> None:  # rule 6
+        self.new_handshake = INF
+
+    def any_authenticated_packet_traversal(self, now: float, persistent_interval: int) -> None:  # rule 7
+        if persistent_interval:
+            self.persistent_keepalive = now + persistent_interval
+
+    def handshake_initiated(self, now: float, jitter: Callable[[], float]) -> None:  # rule 1
+        self.retransmit_handshake = now + REKEY_TIMEOUT + jitter()
+
+    def handshake_complete(self) -> None:  # rule 3
+        self.retransmit_handshake = INF
+        self.handshake_attempts = 0
+        self.sent_lastminute_handshake = False
+
+    def session_derived(self, now: float) -> None:  # rule 4
+        self.zero_keys = now + ZERO_KEYS_AFTER
