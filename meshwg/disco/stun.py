@@ -1,0 +1,200 @@
+"""STUN Binding codec (RFC 5389, with RFC 3489 "classic" compatibility). Pure: no I/O.
+
+Shared by the signal server's responder and the node's endpoint discovery. Parsers of network bytes
+say `_untrusted` in their name: they return None on anything malformed and never raise.
+Addresses are (ip_text, port) tuples; IPv6 text is compressed (ipaddress form).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+import zlib
+
+MAGIC_COOKIE = 0x2112A442
+_COOKIE_BYTES = struct.pack("!I", MAGIC_COOKIE)
+HEADER_LEN = 20
+
+BINDING_REQUEST = 0x0001
+BINDING_SUCCESS = 0x0101
+BINDING_ERROR = 0x0111
+
+ATTR_MAPPED_ADDRESS = 0x0001
+ATTR_CHANGE_REQUEST = 0x0003
+ATTR_SOURCE_ADDRESS = 0x0004  # RFC 3489 only
+ATTR_CHANGED_ADDRESS = 0x0005  # RFC 3489 only
+ATTR_XOR_MAPPED_ADDRESS = 0x0020
+ATTR_XOR_MAPPED_ADDRESS_OLD = 0x8020  # pre-RFC drafts; some servers still send it
+ATTR_SOFTWARE = 0x8022
+ATTR_FINGERPRINT = 0x8028
+_FINGERPRINT_XOR = 0x5354554E
+
+SOFTWARE = b"meshwg-signal"
+MAX_STUN_LEN = 1500  # a Binding message never needs more; bigger is junk
+
+
+def is_stun_untrusted(data: bytes) -> bool:
+    """True when data looks like an RFC 5389 STUN message (top two bits zero, magic cookie at 4)."""
+    return (
+        len(data) >= HEADER_LEN
+        and data[0] & 0xC0 == 0
+        and data[4:8] == _COOKIE_BYTES
+        and len(data) % 4 == 0
+    )
+
+
+def build_binding_request(txid: bytes, *, software: bool = False, fingerprint: bool = False) -> bytes:
+    if len(txid) != 12:
+        raise ValueError("STUN transaction id is 12 bytes")
+    attrs = _attr(ATTR_SOFTWARE, SOFTWARE) if software else b""
+    return _finish(BINDING_REQUEST, txid, attrs, fingerprint)
+
+
+def _attr(atype: int, value: bytes) -> bytes:
+    pad = (-len(value)) % 4
+    return struct.pack("!HH", atype, len(value)) + value + b"\x00" * pad
+
+
+def _finish(mtype: int, txid: bytes, attrs: bytes, fingerprint: bool) -> bytes:
+    if fingerprint:
+        # FINGERPRINT covers the header with the length already counting the fingerprint attribute.
+        head = struct.pack("!HHI", mtype, len(attrs) + 8, MAGIC_COOKIE) + txid
+        crc = (zlib.crc32(head + attrs) & 0xFFFFFFFF) ^ _FINGERPRINT_XOR
+        attrs += struct.pack("!HHI", ATTR_FINGERPRINT, 4, crc)
+    return struct.pack("!HHI", mtype, len(attrs), MAGIC_COOKIE) + txid + attrs
+
+
+def _iter_attrs_untrusted(body: bytes):
+    """Yield (type, value) of a STUN attribute block; stops silently at a truncated attribute."""
+    off = 0
+    while off + 4 <= len(body):
+        atype, alen = struct.unpack_from("!HH", body, off)
+        off += 4
+        if off + alen > len(body):
+            return
+        yield atype, body[off : off + alen]
+        off += alen + ((-alen) % 4)
+
+
+def _header_untrusted(data: bytes):
+    """(type, txid, attrs) of a well-formed RFC 5389 message, else None."""
+    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) > MAX_STUN_LEN:
+        return None
+    data = bytes(data)
+    if not is_stun_untrusted(data):
+        return None
+    mtype, mlen = struct.unpack_from("!HH", data, 0)
+    if mlen % 4 or HEADER_LEN + mlen != len(data):
+        return None
+    return mtype, data[8:20], data[20:]
+
+
+def parse_binding_request_untrusted(data: bytes) -> bytes | None:
+    """Transaction id (12 bytes) of an RFC 5389 Binding request, else None."""
+    head = _header_untrusted(data)
+    if head is None or head[0] != BINDING_REQUEST:
+        return None
+    return head[1]
+
+
+def _pack_addr(atype: int, addr, xor_key: bytes | None) -> bytes:
+    ip = ipaddress.ip_address(addr[0])
+    port = int(addr[1])
+    raw = ip.packed
+    family = 0x01 if ip.version == 4 else 0x02
+    if xor_key is not None:
+        port ^= MAGIC_COOKIE >> 16
+        raw = bytes(a ^ b for a, b in zip(raw, xor_key))
+    return _attr(atype, struct.pack("!BBH", 0, family, port) + raw)
+
+
+def _unpack_addr_untrusted(value: bytes, xor_key: bytes | None):
+    if len(value) < 4:
+        return None
+    _, family, port = struct.unpack_from("!BBH", value, 0)
+    raw = value[4:]
+    if family == 0x01 and len(raw) == 4:
+        pass
+    elif family == 0x02 and len(raw) == 16:
+        pass
+    else:
+        return None
+    if xor_key is not None:
+        port ^= MAGIC_COOKIE >> 16
+        raw = bytes(a ^ b for a, b in zip(raw, xor_key))
+    return (str(ipaddress.ip_address(raw)), port)
+
+
+def build_binding_response(txid: bytes, addr, *, software: bool = True, fingerprint: bool = True) -> bytes:
+    """Binding success response carrying XOR-MAPPED-ADDRESS and MAPPED-ADDRESS for addr=(ip, port)."""
+    if len(txid) != 12:
+        raise ValueError("STUN transaction id is 12 bytes")
+    xor_key = _COOKIE_BYTES + txid
+    attrs = _pack_addr(ATTR_XOR_MAPPED_ADDRESS, addr, xor_key) + _pack_addr(ATTR_MAPPED_ADDRESS, addr, None)
+    if software:
+        attrs += _attr(ATTR_SOFTWARE, SOFTWARE)
+    return _finish(BINDING_SUCCESS, txid, attrs, fingerprint)
+
+
+def parse_binding_response_untrusted(data: bytes):
+    """(txid, (ip, port)) of a Binding success response, else None.
+
+    XOR-MAPPED-ADDRESS wins over MAPPED-ADDRESS (NATs that rewrite payload addresses cannot touch the
+    XORed form). A bad FINGERPRINT, when present, rejects the message.
+    """
+    head = _header_untrusted(data)
+    if head is None or head[0] != BINDING_SUCCESS:
+        return None
+    _, txid, body = head
+    xor_key = _COOKIE_BYTES + txid
+    mapped = xmapped = None
+    off = 0
+    for atype, value in _iter_attrs_untrusted(body):
+        if atype in (ATTR_XOR_MAPPED_ADDRESS, ATTR_XOR_MAPPED_ADDRESS_OLD) and xmapped is None:
+            xmapped = _unpack_addr_untrusted(value, xor_key)
+        elif atype == ATTR_MAPPED_ADDRESS and mapped is None:
+            mapped = _unpack_addr_untrusted(value, None)
+        elif atype == ATTR_FINGERPRINT:
+            if len(value) != 4:
+                return None
+            covered = bytes(data[: HEADER_LEN + off])
+            crc = (zlib.crc32(covered) & 0xFFFFFFFF) ^ _FINGERPRINT_XOR
+            if struct.unpack("!I", value)[0] != crc:
+                return None
+        off += 4 + len(value) + ((-len(value)) % 4)
+    found = xmapped or mapped
+    if found is None:
+        return None
+    return txid, found
+
+
+# --- RFC 3489 ("classic") Binding: 16-byte transaction id, no cookie; old clients such as stun-client use it.
+
+
+def parse_classic_binding_request_untrusted(data: bytes):
+    """(txid16, change_flags) of an RFC 3489 Binding request (no magic cookie), else None."""
+    if not isinstance(data, (bytes, bytearray)) or not HEADER_LEN <= len(data) <= MAX_STUN_LEN:
+        return None
+    data = bytes(data)
+    if data[0] & 0xC0 or data[4:8] == _COOKIE_BYTES:
+        return None
+    mtype, mlen = struct.unpack_from("!HH", data, 0)
+    if mtype != BINDING_REQUEST or mlen % 4 or HEADER_LEN + mlen != len(data):
+        return None
+    flags = 0
+    for atype, value in _iter_attrs_untrusted(data[20:]):
+        if atype == ATTR_CHANGE_REQUEST and len(value) == 4:
+            flags = struct.unpack("!I", value)[0] & 0x6
+    return data[4:20], flags
+
+
+def build_classic_binding_response(txid16: bytes, addr, server_addr) -> bytes:
+    """RFC 3489 Binding response: MAPPED-ADDRESS, SOURCE-ADDRESS and CHANGED-ADDRESS (IPv4 only in 3489)."""
+    if len(txid16) != 16:
+        raise ValueError("classic STUN transaction id is 16 bytes")
+    attrs = (
+        _pack_addr(ATTR_MAPPED_ADDRESS, addr, None)
+        + _pack_addr(ATTR_SOURCE_ADDRESS, server_addr, None)
+        + _pack_addr(ATTR_CHANGED_ADDRESS, server_addr, None)
+    )
+    return struct.pack("!HH", BINDING_SUCCESS, len(attrs)) + txid16 + attrs
