@@ -1,0 +1,1 @@
+"""Keys, wg-quick config files and the UAPI text codec (pure modules, no I/O)."""

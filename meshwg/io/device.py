@@ -1,0 +1,151 @@
+"""One userspace WireGuard device: the core plus its TUN, UDP, driver and UAPI shells.
+
+The Device is the UAPI handler: it turns a parsed `set` request (meshwg.config.uapi) into core
+calls, and a snapshot of the core into a `get` reply. The mesh layer can reach the driver hooks
+through `device.driver` (see meshwg.io.driver).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+
+import trio
+
+from meshwg.config import uapi
+from meshwg.config.keys import nonzero
+from meshwg.io import uapi_server
+from meshwg.io.driver import Driver
+from meshwg.io.tun import Tun
+from meshwg.io.udp import UdpBind
+from meshwg.wg.device import WireGuardCore
+
+log = logging.getLogger(__name__)
+
+
+class Device:
+    def __init__(self, tun: Tun, listener: uapi_server.UapiListener | None, *, listen_port: int = 0,
+                 core: WireGuardCore | None = None):
+        self.tun = tun
+        self.listener = listener
+        try:
+            mtu = tun.get_mtu()
+        except OSError:
+            mtu = 1420
+        self.core = core or WireGuardCore(random_bytes=os.urandom, wall_offset=time.time() - time.monotonic(), mtu=mtu)
+        self.udp = UdpBind()
+        self.udp.open(listen_port)
+        self.driver = Driver(self.core, tun, self.udp, clock=time.monotonic)
+        self.stopped = trio.Event()
+        self.stop_reason: str | None = None
+        self._cancel = trio.CancelScope()
+
+    @property
+    def name(self) -> str:
+        return self.tun.name
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with self._cancel:
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.driver.run)
+                    if self.listener is not None:
+                        await nursery.start(uapi_server.serve, self.listener, self)
+                    task_status.started()
+                    await self._watch_driver()
+                    nursery.cancel_scope.cancel()
+            finally:
+                self.stop(self.driver.stopped_reason or "stopped")
+
+    async def _watch_driver(self) -> None:
+        # The driver stops on its own only when the TUN goes away (`ip link del`).
+        while self.driver.stopped_reason is None:
+            await trio.sleep(0.2)
+        log.info("%s: %s", self.name, self.driver.stopped_reason)
+
+    def stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self._cancel.cancel()
+        self.stopped.set()
+
+    def close(self) -> None:
+        """Remove everything: UAPI socket file, UDP sockets, the TUN (closing it deletes the interface)."""
+        if self.listener is not None:
+            self.listener.close()
+        self.udp.close()
+        self.tun.close()
+
+    # ---- UAPI handler ----------------------------------------------------------------------
+    def uapi_get(self) -> str:
+        return uapi.format_get_response(self.snapshot())
+
+    def snapshot(self) -> uapi.DeviceSnapshot:
+        peers = []
+        for peer in self.core.peers.values():
+            sec, nsec = uapi.handshake_time(peer.last_handshake_wall)
+            endpoint = peer.endpoint if isinstance(peer.endpoint, tuple) else None
+            peers.append(uapi.PeerSnapshot(
+                public_key=peer.public_key, preshared_key=peer.preshared_key, endpoint=endpoint,
+                last_handshake_time_sec=sec, last_handshake_time_nsec=nsec,
+                tx_bytes=peer.tx_bytes, rx_bytes=peer.rx_bytes,
+                persistent_keepalive_interval=peer.persistent_keepalive, allowed_ips=peer.allowed_ips))
+        return uapi.DeviceSnapshot(private_key=self.core.private_key, listen_port=self.udp.port,
+                                   fwmark=self.udp.fwmark, peers=peers)
+
+    async def uapi_set(self, lines) -> int:
+        """Apply a `set` request; 0 or a negative errno. A request that does not parse changes nothing."""
+        try:
+            request = uapi.parse_set_request_untrusted(lines, own_public_key=self.core.public_key)
+        except uapi.UapiError as err:
+            log.warning("uapi set: %s", err)
+            return err.errno
+        try:
+            await self.apply(request)
+        except OSError as err:
+            log.warning("uapi set: %s", err)
+            return -(err.errno or errno.EIO)
+        except ValueError as err:
+            log.warning("uapi set: %s", err)
+            return uapi.EINVAL
+        finally:
+            await self.driver.flush()
+        return 0
+
+    async def apply(self, request: uapi.SetRequest) -> None:
+        core = self.core
+        now = time.monotonic()
+        if request.private_key is not None:
+            key = nonzero(request.private_key)
+            # Re-setting the same key must not drop sessions (wg setconf re-sends it every time).
+            if key is None or core.private_key is None or key != core.private_key:
+                core.set_private_key(key)
+        if request.listen_port is not None or request.fwmark is not None:
+            port = self.udp.port if request.listen_port is None else request.listen_port
+            await self.driver.rebind(port, request.fwmark)
+        if request.replace_peers:
+            for public_key in list(core.peers):
+                core.remove_peer(public_key)
+        for update in request.peers:
+            if update.remove:
+                core.remove_peer(update.public_key)
+                continue
+            if update.update_only and update.public_key not in core.peers:
+                continue
+            peer = core.add_peer(update.public_key)
+            if update.preshared_key is not None:
+                core.set_preshared_key(peer, update.preshared_key)
+            if update.endpoint is not None:
+                core.set_endpoint(peer, update.endpoint)
+            if update.replace_allowed_ips:
+                core.set_allowed_ips(peer, [])
+            for change in update.allowed_ips:
+                if change.remove:
+                    core.remove_allowed_ip(peer, change.network)
+                else:
+                    core.add_allowed_ip(peer, change.network)
+            if update.persistent_keepalive_interval is not None:
+                # Last, like wg-go: turning keepalive on sends one at once, to the endpoint just set.
+                core.set_persistent_keepalive(peer, update.persistent_keepalive_interval, now)

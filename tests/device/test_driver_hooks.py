@@ -1,0 +1,129 @@
+"""The driver with a fake core, a socketpair as the TUN and loopback UDP: batching, hooks, timer, rebind."""
+
+from __future__ import annotations
+
+import math
+import socket
+
+import trio
+
+from meshwg.io.driver import Driver
+from meshwg.io.tun import Tun
+from meshwg.io.udp import UdpBind
+
+
+class FakeCore:
+    """Echo core: a TUN packet goes to `peer_addr` prefixed with a type-4 header; a type-4 datagram
+    comes out of the TUN without it. One timer deadline that sends b"tick" when due."""
+
+    def __init__(self, peer_addr):
+        self.peer_addr = peer_addr
+        self.out, self.tun, self.events = [], [], []
+        self.received = []
+        self.timer = math.inf
+        self.ticks = 0
+
+    def send_ip_packet(self, pkt, now):
+        self.out.append((b"\x04\0\0\0" + pkt, self.peer_addr))
+
+    def receive_datagram(self, data, addr, now):
+        self.received.append((data, addr))
+        self.tun.append(data[4:])
+
+    def handle_timer(self, now):
+        if now >= self.timer:
+            self.timer = math.inf
+            self.ticks += 1
+            self.out.append((b"\x04\0\0\0tick", self.peer_addr))
+
+    def datagrams_to_send(self):
+        out, self.out = self.out, []
+        return out
+
+    def tun_packets_to_write(self):
+        out, self.tun = self.tun, []
+        return out
+
+    def pop_events(self):
+        out, self.events = self.events, []
+        return out
+
+    def get_timer(self):
+        return self.timer
+
+
+async def test_driver_moves_packets_and_calls_hooks():
+    far = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    far.bind(("127.0.0.1", 0))
+    far.settimeout(5)
+    tun_side, test_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    udp = UdpBind()
+    udp.open(0)
+    core = FakeCore(far.getsockname())
+    driver = Driver(core, Tun.from_fd(tun_side.fileno(), "fake0"), udp, clock=trio.current_time, batch=8)
+    others, relayed = [], []
+    driver.on_other_datagram = lambda data, addr: others.append((data, addr))
+    driver.endpoint_sender = lambda data, ep: relayed.append((data, ep))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(driver.run)
+            # TUN -> core -> UDP, more packets than one batch.
+            for i in range(20):
+                test_side.send(b"pkt%02d" % i)
+            got = [await trio.to_thread.run_sync(far.recvfrom, 100) for _ in range(20)]
+            assert [d for d, _ in got] == [b"\x04\0\0\0pkt%02d" % i for i in range(20)]
+            assert got[0][1][1] == udp.port
+            # UDP -> core -> TUN; non-WireGuard bytes go to the hook instead of the core.
+            far.sendto(b"\x04\0\0\0hello", ("127.0.0.1", udp.port))
+            far.sendto(b"\x00\x01STUN-ish", ("127.0.0.1", udp.port))
+            with trio.fail_after(5):
+                while True:
+                    try:
+                        assert test_side.recv(100, socket.MSG_DONTWAIT) == b"hello"
+                        break
+                    except BlockingIOError:
+                        await trio.sleep(0.01)
+                while not others:
+                    await trio.sleep(0.01)
+            assert others[0][0] == b"\x00\x01STUN-ish" and others[0][1] == far.getsockname()
+            assert len(core.received) == 1
+            # Raw datagrams share the socket; non-tuple endpoints use the pluggable sender.
+            assert driver.send_raw(b"raw", far.getsockname())
+            assert far.recvfrom(100) == (b"raw", ("127.0.0.1", udp.port))
+            core.out.append((b"\x04\0\0\0via-relay", "relay:peer1"))
+            await driver.flush()
+            assert relayed == [(b"\x04\0\0\0via-relay", "relay:peer1")]
+            # A timer set by control code is re-armed by flush() and fires.
+            core.timer = trio.current_time() + 0.05
+            await driver.flush()
+            assert (await trio.to_thread.run_sync(far.recvfrom, 100))[0] == b"\x04\0\0\0tick"
+            assert core.ticks == 1
+            # Rebinding moves the socket; traffic continues from the new port.
+            old = udp.port
+            await driver.rebind(0)
+            assert udp.port != old
+            test_side.send(b"after")
+            data, addr = await trio.to_thread.run_sync(far.recvfrom, 100)
+            assert data == b"\x04\0\0\0after" and addr[1] == udp.port
+            nursery.cancel_scope.cancel()
+    finally:
+        udp.close()
+        far.close()
+        tun_side.close()
+        test_side.close()
+
+
+async def test_driver_stops_when_tun_disappears():
+    tun_side, test_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    udp = UdpBind()
+    udp.open(0)
+    driver = Driver(FakeCore(("127.0.0.1", 9)), Tun.from_fd(tun_side.fileno(), "fake1"), udp, clock=trio.current_time)
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(driver.run)
+                test_side.close()  # reads now hit end of file: the driver stops by itself
+        assert driver.stopped_reason == "tun closed"
+    finally:
+        udp.close()
+        tun_side.close()
