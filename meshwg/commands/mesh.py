@@ -1,3 +1,203 @@
-"""Placeholder: the owning issue fills this module's COMMANDS."""
+"""`meshwg join INVITE`, `meshwg status [--json]`, `meshwg netcheck [--json]`.
 
-COMMANDS: dict = {}
+`join` runs the node agent in the foreground until SIGTERM/SIGINT (then removes the interface);
+`status` and `netcheck` ask the running agent over its local socket (meshwg.io.status_server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+
+from meshwg.errors import UserError
+
+DEFAULT_STATE_DIR = "/var/lib/meshwg"
+DEFAULT_IFACE = "meshwg0"
+_IFACE_RE = re.compile(r"[a-zA-Z0-9_=+.-]{1,15}")
+
+log = logging.getLogger("meshwg.join")
+
+
+def _iface(text: str) -> str:
+    if not _IFACE_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"bad interface name {text!r} (1-15 of a-z A-Z 0-9 _=+.-)")
+    return text
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--interface", "-i", type=_iface, default=DEFAULT_IFACE, help=f"interface (default {DEFAULT_IFACE})")
+    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help=f"state directory (default {DEFAULT_STATE_DIR})")
+
+
+def _join_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("invite", help="invite string from `meshwg-signal invite create` (mwg1_...)")
+    p.add_argument("--name", help="node name shown to other nodes (default: chosen by the server)")
+    p.add_argument("--listen-port", type=int, default=0, help="UDP port (default: the last one used, else random)")
+    _common(p)
+
+
+def run_join(args) -> int:
+    import trio
+
+    from meshwg.control import InviteFormatError, parse_invite
+    from meshwg.io.agent import Agent, AgentError
+
+    try:
+        invite = parse_invite(args.invite)
+    except InviteFormatError as err:
+        raise UserError(f"join: {err}") from None
+    if logging.getLogger().level > logging.INFO:
+        # A daemon should say what it does; the global default is quieter for one-shot commands.
+        logging.getLogger("meshwg").setLevel(logging.INFO)
+    agent = Agent(invite, name=args.name, state_dir=args.state_dir, iface=args.interface,
+                  listen_port=args.listen_port)
+    try:
+        trio.run(agent.run)
+    except AgentError as err:
+        raise UserError(f"join: {err}") from None
+    except OSError as err:
+        raise UserError(f"join: {err}") from None
+    return 0
+
+
+def _query(args, request: dict) -> dict:
+    from meshwg.io import status_server
+
+    try:
+        return status_server.query(args.interface, request)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise UserError(f"no meshwg agent is running on {args.interface} (start one with `meshwg join`)") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot query the agent on {args.interface}: {err}") from None
+
+
+def _ago(seconds) -> str:
+    if seconds is None:
+        return "never"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s ago"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s ago"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m ago"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_status(st: dict) -> str:
+    lines = [f"{st['interface']}: {st['name']}  {', '.join(st['addresses']) or '(no address yet)'}  "
+             f"port {st['listen_port']}",
+             f"  control: {'connected' if st['control']['connected'] else 'DISCONNECTED (tunnels keep running)'}"
+             f"  relay: {st['relay']['mode']}"
+             + (f" ({st['relay']['latency_ms']} ms)" if st['relay'].get('latency_ms') is not None else ""),
+             f"  NAT: {st['nat']['mapping'] or 'unknown'}; reflexive {', '.join(st['nat']['reflexive']) or '-'}"]
+    if not st["peers"]:
+        lines.append("  no peers")
+    for p in st["peers"]:
+        if p["path"] == "direct":
+            path = f"direct {p['endpoint']}" + (f", {p['latency_ms']:.2f} ms" if p["latency_ms"] is not None else "")
+        else:
+            path = f"relay ({p['relay_reason']})" if p.get("relay_reason") else "relay"
+        lines.append(f"  peer {p['name']}  {', '.join(p['addresses'])}{'' if p.get('online') else '  (offline)'}")
+        lines.append(f"    path: {path}")
+        lines.append(f"    handshake: {_ago(p['last_handshake_ago'])}  transfer: {_bytes(p['rx_bytes'])} received, "
+                     f"{_bytes(p['tx_bytes'])} sent")
+    return "\n".join(lines)
+
+
+def run_status(args) -> int:
+    st = _query(args, {"op": "status"})
+    if "error" in st:
+        raise UserError(f"status: {st['error']}")
+    print(json.dumps(st, indent=1) if args.json else format_status(st))
+    return 0
+
+
+def _status_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(p)
+
+
+# pystun3's RFC 3489 verdicts -> (mapping, filtering) in RFC 4787 terms.
+_CLASSIC = {"Open Internet": ("none (public address)", "none"),
+            "Full Cone": ("endpoint-independent", "endpoint-independent"),
+            "Restric NAT": ("endpoint-independent", "address-dependent"),
+            "Restric Port NAT": ("endpoint-independent", "address-and-port-dependent"),
+            "Symmetric NAT": ("address-and-port-dependent", "address-and-port-dependent")}
+
+
+def classic_stun_test(server: str) -> dict:
+    """RFC 3489 CHANGE-REQUEST tests (pystun3) against a server that supports them (e.g. coturn with
+    two addresses): they tell the NAT's filtering, which a single-address server cannot."""
+    import stun as pystun  # pystun3
+
+    from meshwg.control.invite import split_hostport
+
+    host, port = split_hostport(server)
+    verdict, ip, ext_port = pystun.get_ip_info(source_ip="0.0.0.0", source_port=0, stun_host=host, stun_port=port)
+    mapping, filtering = _CLASSIC.get(verdict, ("unknown", "unknown"))
+    return {"server": server, "verdict": verdict, "mapping": mapping, "filtering": filtering,
+            "reflexive": f"{ip}:{ext_port}" if ip else None}
+
+
+def _netcheck_args(p: argparse.ArgumentParser) -> None:
+    _status_args(p)
+    p.add_argument("--stun", metavar="HOST:PORT", help="also run RFC 3489 filtering tests against this STUN "
+                   "server (one with CHANGE-REQUEST support, e.g. coturn on two addresses)")
+
+
+def run_netcheck(args) -> int:
+    t0 = time.monotonic()
+    classic = None
+    if args.stun:
+        try:
+            classic = classic_stun_test(args.stun)
+        except (OSError, ValueError) as err:
+            raise UserError(f"netcheck: STUN test against {args.stun} failed: {err}") from None
+    try:
+        rep = _query(args, {"op": "netcheck"})
+    except UserError:
+        if classic is None:
+            raise
+        rep = {"udp": classic["verdict"] != "Blocked", "mapping": classic["mapping"], "hard": False,
+               "reflexive": [classic["reflexive"]] if classic["reflexive"] else [], "stun_servers": [args.stun],
+               "relay": {"mode": "none", "udp": [], "latency_ms": None}, "relay_latency_ms": None,
+               "summary": "no agent running: classic STUN test only"}
+    if "error" in rep:
+        raise UserError(f"netcheck: {rep['error']}")
+    if classic is not None:
+        rep["classic"] = classic
+        rep["filtering"] = classic["filtering"]
+    if args.json:
+        print(json.dumps(rep, indent=1))
+        return 0
+    print("Report:")
+    print(f"  UDP: {'yes' if rep['udp'] else 'no (relay over TCP only)'}")
+    print(f"  mapping: {rep['mapping']}{' (hard NAT: direct paths need help)' if rep['hard'] else ''}")
+    print(f"  filtering: {rep.get('filtering', 'unknown')}"
+          + (f" (classic STUN via {rep['classic']['server']}: {rep['classic']['verdict']})" if rep.get("classic") else ""))
+    print(f"  reflexive: {', '.join(rep['reflexive']) or '-'}  (STUN servers: {', '.join(rep['stun_servers']) or '-'})")
+    r = rep["relay"]
+    print(f"  relay: {r['mode']}, UDP {', '.join(r['udp']) or '-'}: "
+          + (f"{r['latency_ms']} ms" if r["latency_ms"] is not None else "no answer")
+          + (f"; TCP {r['tcp_latency_ms']} ms" if r.get("tcp_latency_ms") is not None else ""))
+    print(f"  ({time.monotonic() - t0:.1f} s)", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {
+    "join": ("Join a mesh with an invite and run the node agent (foreground).", _join_args, run_join),
+    "status": ("Show the mesh peers of the running agent: path, latency, handshake, transfer.", _status_args,
+               run_status),
+    "netcheck": ("Report NAT mapping/filtering, reflexive addresses and relay latency.", _netcheck_args, run_netcheck),
+}

@@ -1,0 +1,403 @@
+"""`meshwg join`: the node agent. One trio nursery owns everything; closing it removes everything.
+
+Tasks: the mesh device (driver drain loops, UAPI, routes, birthday sockets, relay), the control
+client (registration, directory, punch notices; reconnects with backoff by itself), the directory ->
+netmap task, a punch watcher (asks the server to coordinate a punch when traffic to a relayed peer
+starts, and when a peer's candidates appear or change), a local-address watcher (re-STUN on network
+change), the candidate reporter, the netmap cache writer and the status socket.
+
+Outage tolerance: the data plane never waits on the control channel. While the server is down the
+tunnels keep their paths; a restart with the server down brings up the cached netmap.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import logging
+import math
+import signal
+import time
+
+import trio
+
+from meshwg.control import ControlClient, JoinRefusedError, ServerKeyMismatch, events as CE
+from meshwg.control.invite import Invite
+from meshwg.disco import netcheck as NC
+from meshwg.io import agent_state as S
+from meshwg.io import status_server
+from meshwg.io.mesh_shell import MeshDevice, interface_addresses
+from meshwg.mesh import node as N
+from meshwg.mesh.netmap import PeerSpec
+
+log = logging.getLogger("meshwg.agent")
+
+LOCAL_WATCH_INTERVAL = 10.0     # how often interface addresses are re-read (network change -> re-STUN)
+PUNCH_WATCH_INTERVAL = 0.1
+PUNCH_MIN_INTERVAL = 1.0        # per peer, between punch requests we make
+PUNCH_RELAYED_INTERVAL = 30.0   # while a peer is active and still relayed, ask again this often
+PUNCH_GLOBAL_RATE = 20.0        # punch requests per second, all peers
+CACHE_MIN_INTERVAL = 2.0
+RECONNECT_BACKOFF_MAX = 8.0     # a returning server sees its nodes back within seconds
+EIM, EDM = "endpoint-independent", "endpoint-dependent"
+NAT_KIND = {EIM: "stun-eim", EDM: "stun-edm"}  # our NAT kind rides on the STUN candidate's kind
+
+
+class AgentError(Exception):
+    pass
+
+
+def _host_cidr(addr: str, bits_v4: int = 32, bits_v6: int = 128) -> str | None:
+    if not addr:
+        return None
+    ip = ipaddress.ip_address(addr.split("/")[0])
+    return f"{ip}/{bits_v4 if ip.version == 4 else bits_v6}"
+
+
+def peer_spec(p) -> PeerSpec:
+    """Directory entry (PeerInfo) -> PeerSpec for the MeshNode."""
+    addrs = [a for a in (_host_cidr(p.ipv4), _host_cidr(p.ipv6)) if a]
+    cands, observed, nat = [], [], None
+    for c in p.candidates:
+        ip, port, kind = (tuple(c) + ("local",))[:3]
+        # Server-observed and STUN-reflexive addresses are both the peer's public mapping (the
+        # server dedups equal ones): the path logic needs them as "observed" for birthday punching.
+        if kind == "observed" or kind.startswith("stun"):
+            observed.append((ip, port))
+        else:
+            cands.append((ip, port))
+        if kind == "stun-edm":
+            nat = EDM
+        elif kind == "stun-eim" and nat is None:
+            nat = EIM
+    return PeerSpec.make(p.key, p.name, addrs, cands, observed, nat)
+
+
+def _peer_to_json(p) -> dict:
+    return {"key": base64.b64encode(p.key).decode(), "id": p.node_id, "name": p.name, "ipv4": p.ipv4,
+            "ipv6": p.ipv6, "candidates": [list(c) for c in p.candidates], "online": p.online}
+
+
+def _peer_from_json(d: dict):
+    return CE.PeerInfo(base64.b64decode(d["key"]), int(d.get("id", 0)), str(d["name"]), str(d["ipv4"]),
+                       str(d["ipv6"]), tuple(tuple(c) for c in d.get("candidates", [])), bool(d.get("online")))
+
+
+def _welcome_to_json(w) -> dict:
+    return {"node_id": w.node_id, "name": w.name, "ipv4": w.ipv4, "ipv6": w.ipv6, "prefix4": w.prefix4,
+            "prefix6": w.prefix6, "stun": [list(a) for a in w.stun], "relay_udp": [list(a) for a in w.relay_udp],
+            "relay_tcp": [list(a) for a in w.relay_tcp], "heartbeat": w.heartbeat,
+            "server_key": base64.b64encode(w.server_key).decode()}
+
+
+def _welcome_from_json(d: dict):
+    return CE.Welcome(int(d["node_id"]), str(d["name"]), str(d["ipv4"]), str(d["ipv6"]), str(d.get("prefix4", "")),
+                      str(d.get("prefix6", "")), tuple(tuple(a) for a in d.get("stun", [])),
+                      tuple(tuple(a) for a in d.get("relay_udp", [])), tuple(tuple(a) for a in d.get("relay_tcp", [])),
+                      float(d.get("heartbeat", 10.0)), base64.b64decode(d["server_key"]))
+
+
+def _fmt_addr(a) -> str | None:
+    if isinstance(a, tuple) and len(a) == 2:
+        return f"[{a[0]}]:{a[1]}" if ":" in str(a[0]) else f"{a[0]}:{a[1]}"
+    return None
+
+
+class Agent:
+    def __init__(self, invite: Invite, *, name: str | None, state_dir: str, iface: str, listen_port: int = 0,
+                 status_dir: str = status_server.RUN_DIR, uapi_dir: str | None = None):
+        self.invite = invite
+        self.name = name
+        self.state_dir = state_dir
+        self.iface = iface
+        self.listen_port = listen_port
+        self.status_dir = status_dir
+        self.uapi_dir = uapi_dir or status_dir
+        self.dev: MeshDevice | None = None
+        self.client: ControlClient | None = None
+        self.welcome = None
+        self.directory: dict[bytes, object] = {}
+        self.connected = False
+        self.fatal: str | None = None
+        self.started_wall = time.time()
+        self._cand_dirty = trio.Event()
+        self._cache_dirty = trio.Event()
+        self._last_punch: dict[bytes, float] = {}
+        self._was_active: dict[bytes, bool] = {}
+        self._punch_tokens = PUNCH_GLOBAL_RATE
+        self._punch_t = time.monotonic()
+        self._pending_punch: set[bytes] = set()
+        self._cancel: trio.CancelScope | None = None
+
+    # ---- main --------------------------------------------------------------------------------
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        key = S.load_or_create_key(self.state_dir)
+        cache = S.load_cache(self.state_dir)
+        port = self.listen_port or int((cache or {}).get("listen_port", 0) or 0)
+        self.dev = MeshDevice(self.iface, key, listen_port=port, uapi_dir=self.uapi_dir,
+                              on_local_endpoints=lambda ev: self._cand_dirty.set())
+        status = None
+        try:
+            status = status_server.StatusListener(self.dev.name, self.status_dir)
+            with trio.CancelScope() as self._cancel:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.dev.run)
+                    await nursery.start(status_server.serve, status, self.handle_query)
+                    await self._refresh_local()
+                    self.client = ControlClient(self.invite, key, name=self.name, candidates=self._candidates(),
+                                                backoff_max=RECONNECT_BACKOFF_MAX)
+                    nursery.start_soon(self._control_task)
+                    if cache is not None:
+                        log.info("bringing up %d cached peers while the server answers", len(cache["peers"]))
+                        await self._apply_welcome(_welcome_from_json(cache["welcome"]), from_cache=True)
+                        self.directory = {p.key: p for p in map(_peer_from_json, cache["peers"])}
+                        await self._apply_directory()
+                    nursery.start_soon(self._events_task)
+                    nursery.start_soon(self._punch_watch)
+                    nursery.start_soon(self._local_watch)
+                    nursery.start_soon(self._candidate_reporter)
+                    nursery.start_soon(self._cache_writer)
+                    nursery.start_soon(self._signals)
+                    nursery.start_soon(self._watch_device)
+                    task_status.started(self)
+        finally:
+            if status is not None:
+                status.close()
+            self.dev.close()
+        if self.fatal:
+            raise AgentError(self.fatal)
+
+    def stop(self, reason: str | None = None) -> None:
+        if reason and not self.fatal:
+            self.fatal = reason
+        if self._cancel is not None:
+            self._cancel.cancel()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for signum in sigs:
+                log.info("signal %d: shutting down", signum)
+                self.stop()
+                return
+
+    async def _watch_device(self) -> None:
+        await self.dev.device.stopped.wait()
+        self.stop(f"interface {self.iface} went away ({self.dev.device.stop_reason})")
+
+    async def _control_task(self) -> None:
+        try:
+            await self.client.run()
+        except (JoinRefusedError, ServerKeyMismatch) as exc:
+            self.stop(f"the signaling server refused this node: {exc}")
+            return
+        if self.fatal is None:
+            self.stop("this node was removed from the mesh by the administrator")
+
+    # ---- control events ----------------------------------------------------------------------
+    async def _events_task(self) -> None:
+        async for ev in self.client.events:
+            if isinstance(ev, CE.Connected):
+                self.connected = True
+                await self._apply_welcome(ev.welcome)
+                self._cand_dirty.set()
+            elif isinstance(ev, CE.Disconnected):
+                self.connected = False
+                log.warning("control connection lost (%s); tunnels keep running, reconnecting", ev.reason)
+            elif isinstance(ev, CE.DirectoryReset):
+                self.directory = dict(ev.peers)
+                await self._apply_directory()
+            elif isinstance(ev, CE.PeerChanged):
+                old = self.directory.get(ev.peer.key)
+                self.directory[ev.peer.key] = ev.peer
+                await self._apply_directory()
+                if ev.peer.online and ev.peer.candidates and (old is None or old.candidates != ev.peer.candidates):
+                    self._pending_punch.add(ev.peer.key)
+            elif isinstance(ev, CE.PeerRemoved):
+                self.directory.pop(ev.key, None)
+                await self._apply_directory()
+            elif isinstance(ev, CE.PunchNotice):
+                self.directory[ev.peer.key] = ev.peer  # the freshest candidates the server has
+                await self._apply_directory()
+                self.dev.node.punch(ev.peer.key, time.monotonic())
+                self._last_punch[ev.peer.key] = time.monotonic()
+                await self.dev.driver.flush()
+            elif isinstance(ev, CE.PunchFailed):
+                log.debug("punch to %s failed: %s", ev.key[:4].hex(), ev.reason)
+            elif isinstance(ev, CE.Removed):
+                self.stop(f"this node was removed from the mesh ({ev.reason})")
+
+    async def _apply_welcome(self, w, from_cache: bool = False) -> None:
+        changed = self.welcome is None or w != self.welcome
+        self.welcome = w
+        if not changed:
+            return
+        addrs = [a for a in (_host_cidr(w.ipv4), _host_cidr(w.ipv6)) if a]
+        await self.dev.set_addresses(addrs)
+        now = time.monotonic()
+        if tuple(w.stun) != self.dev.node.stun_servers:
+            self.dev.node.set_stun_servers(w.stun, now)
+        self.dev.relay.configure(w.server_key, w.relay_udp, w.relay_tcp)
+        await self.dev.driver.flush()
+        if not from_cache:
+            log.info("joined as %s: %s", w.name, ", ".join(addrs))
+            self._cache_dirty.set()
+
+    async def _apply_directory(self) -> None:
+        desired = {k: peer_spec(p) for k, p in self.directory.items()}
+        self.dev.node.apply_netmap(desired, time.monotonic())
+        await self.dev.driver.flush()
+        self._cache_dirty.set()
+
+    # ---- background duties -------------------------------------------------------------------
+    def _take_punch_token(self, now: float) -> bool:
+        self._punch_tokens = min(PUNCH_GLOBAL_RATE, self._punch_tokens + (now - self._punch_t) * PUNCH_GLOBAL_RATE)
+        self._punch_t = now
+        if self._punch_tokens >= 1:
+            self._punch_tokens -= 1
+            return True
+        return False
+
+    async def _punch_watch(self) -> None:
+        """Ask the server to coordinate a punch when a relayed peer gets traffic or new candidates."""
+        while True:
+            await trio.sleep(PUNCH_WATCH_INTERVAL)
+            if not self.connected:
+                continue
+            now = time.monotonic()
+            node = self.dev.node
+            want = set(self._pending_punch)
+            self._pending_punch.clear()
+            for key, pp in node.paths.items():
+                active = pp.active(now)
+                if active and not pp.direct(now):
+                    became = not self._was_active.get(key, False)
+                    if became or now - self._last_punch.get(key, -math.inf) >= PUNCH_RELAYED_INTERVAL:
+                        want.add(key)
+                self._was_active[key] = active
+            for key in want:
+                if key not in node.paths or now - self._last_punch.get(key, -math.inf) < PUNCH_MIN_INTERVAL:
+                    continue
+                peer = self.directory.get(key)
+                if peer is None or not peer.online or node.paths[key].direct(now):
+                    continue
+                if not self._take_punch_token(now):
+                    self._pending_punch.add(key)
+                    continue
+                self._last_punch[key] = now
+                await self.client.request_punch(key)
+
+    async def _refresh_local(self) -> bool:
+        ips = await trio.to_thread.run_sync(interface_addresses, {self.dev.name})
+        before = self.dev.node.iface_endpoints
+        self.dev.node.set_local_endpoints([(ip, self.dev.port) for ip in ips], time.monotonic())
+        return self.dev.node.iface_endpoints != before
+
+    async def _local_watch(self) -> None:
+        while True:
+            await trio.sleep(LOCAL_WATCH_INTERVAL)
+            if await self._refresh_local():
+                log.info("local addresses changed: re-STUN")
+                self.dev.node.restun(time.monotonic())
+                await self.dev.driver.flush()
+
+    def _candidates(self) -> list:
+        node = self.dev.node
+        kind = NAT_KIND.get(node.local_nat, "stun")
+        out = [(ip, port, kind) for ip, port in node.reflexive]
+        out += [(ip, port, "local") for ip, port in node.iface_endpoints if (ip, port) not in node.reflexive]
+        return out[:16]
+
+    async def _candidate_reporter(self) -> None:
+        last = None
+        while True:
+            await self._cand_dirty.wait()
+            self._cand_dirty = trio.Event()
+            cands = self._candidates()
+            self.client.candidates = list(cands)  # re-sent at every reconnect
+            if cands != last and self.connected:
+                if await self.client.report_candidates(cands):
+                    last = cands
+            await trio.sleep(0.05)
+
+    async def _cache_writer(self) -> None:
+        while True:
+            await self._cache_dirty.wait()
+            self._cache_dirty = trio.Event()
+            if self.welcome is not None:
+                data = ([_peer_to_json(p) for p in self.directory.values()], _welcome_to_json(self.welcome))
+                try:
+                    await trio.to_thread.run_sync(self._write_cache, *data)
+                except OSError as exc:
+                    log.warning("cannot write the netmap cache: %s", exc)
+            await trio.sleep(CACHE_MIN_INTERVAL)
+
+    def _write_cache(self, peers, welcome) -> None:
+        # The port too: peers' cached candidates stay right across a restart.
+        S.save_cache(self.state_dir, welcome, peers, listen_port=self.dev.port)
+
+    # ---- queries -----------------------------------------------------------------------------
+    async def handle_query(self, req: dict) -> dict:
+        op = req.get("op", "status")
+        if op == "status":
+            return self.status()
+        if op == "netcheck":
+            return await self.netcheck()
+        return {"error": f"unknown op {op!r}"}
+
+    def status(self) -> dict:
+        now, wall = time.monotonic(), time.time()
+        dev, node = self.dev, self.dev.node
+        online = {k: p.online for k, p in self.directory.items()}
+        peers = []
+        for st in dev.peer_status(now):
+            lh = st.get("last_handshake")
+            peers.append({
+                "name": st["name"], "public_key": base64.b64encode(st["public_key"]).decode(),
+                "addresses": st["addresses"], "online": online.get(st["public_key"]),
+                "path": st["path"], "endpoint": _fmt_addr(st["endpoint"]) if st["path"] == "direct" else None,
+                "latency_ms": None if st["latency"] is None else round(st["latency"] * 1000, 3),
+                "relay_reason": st["reason"] or None, "active": st["active"],
+                "last_handshake": lh, "last_handshake_ago": None if not lh else round(wall - lh, 1),
+                "rx_bytes": st["rx_bytes"], "tx_bytes": st["tx_bytes"],
+                "relay_tx_packets": dev.relay.tx_by_peer.get(st["public_key"], 0),
+                "candidates": [_fmt_addr(c) for c in st["candidates"]], "birthday": st["birthday"],
+            })
+        rep = node.last_report
+        w = self.welcome
+        return {
+            "interface": dev.name, "name": w.name if w else self.name,
+            "public_key": base64.b64encode(node.public_key).decode(),
+            "addresses": list(dev.addresses), "listen_port": dev.port,
+            "control": {"connected": self.connected, "servers": list(self.invite.addrs),
+                        "reconnects": self.client.reconnects if self.client else 0},
+            "nat": {"mapping": rep.mapping if rep else None, "kind": node.local_nat,
+                    "reflexive": [_fmt_addr(a) for a in node.reflexive]},
+            "relay": dev.relay.status(),
+            "local_endpoints": [_fmt_addr(a) for a in node.iface_endpoints],
+            "drops": dict(node.drops),
+            "peers": sorted(peers, key=lambda p: p["name"]),
+        }
+
+    async def netcheck(self) -> dict:
+        """Re-STUN now on the shared socket and report the NAT's behaviour and the relay latency."""
+        node = self.dev.node
+        before = node.last_report
+        node.restun(time.monotonic())
+        await self.dev.driver.flush()
+        with trio.move_on_after(N.STUN_TIMEOUT + 0.5):
+            while node.last_report is before:
+                await trio.sleep(0.05)
+        rep = node.last_report
+        relay = self.dev.relay.status()
+        out = {"udp": bool(rep and rep.udp), "mapping": rep.mapping if rep else NC.UNKNOWN,
+               "filtering": rep.filtering if rep else NC.UNKNOWN, "hard": bool(rep and rep.hard),
+               "reflexive": [_fmt_addr(a) for a in (rep.reflexive if rep else [])],
+               "stun_servers": [_fmt_addr(s) for s in node.stun_servers],
+               "summary": rep.summary() if rep else "no STUN answer yet",
+               "relay": relay, "relay_latency_ms": relay["latency_ms"]}
+        return out
+
+
+async def run_agent(invite: Invite, **kwargs) -> None:
+    agent = Agent(invite, **kwargs)
+    await agent.run()

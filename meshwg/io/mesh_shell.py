@@ -1,0 +1,292 @@
+"""The mesh device: a MeshNode driven by the device shells (TUN, shared UDP socket, UAPI, driver).
+
+The MeshNode has the core's shape (receive_datagram, send_ip_packet, handle_timer, get_timer and
+the three outputs), so the stock Driver drives it: the drain loops, batching and timer stay the
+device's. This module adds what only the mesh needs:
+  * relay frames on the shared socket go to the relay shell, everything else to the MeshNode;
+  * datagrams whose endpoint is a RelayEndpoint go through the relay, SocketEndpoint ones out of
+    the birthday sockets (one epoll fd for all of them, so 256 sockets cost one trio wait);
+  * node events: OS routes in step with RoutesChanged (`ip -batch`, off the event loop), birthday
+    sockets opened/closed, local endpoint changes handed to the agent.
+The WireGuardCore stays the UAPI handler's core, so `wg show` sees the real peers and counters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import socket
+import subprocess
+import time
+
+import trio
+
+from meshwg.control import relay_wire as W
+from meshwg.io import uapi_server
+from meshwg.io.device import Device
+from meshwg.io.driver import Driver
+from meshwg.io.relay_shell import RelayShell
+from meshwg.io.tun import Tun
+from meshwg.io.udp import recv_batch
+from meshwg.mesh import node as N
+from meshwg.wg.device import WireGuardCore
+
+log = logging.getLogger("meshwg.mesh")
+
+BIRTHDAY_MAX_SOCKETS = 256
+ROUTE_QUEUE = 256
+
+
+def ip_batch(lines: list[str]) -> str:
+    """Run `ip -force -batch -` (one process for many changes; -force: go on after an error)."""
+    if not lines:
+        return ""
+    proc = subprocess.run(["ip", "-force", "-batch", "-"], input="\n".join(lines) + "\n",
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        log.warning("ip -batch: %s", proc.stderr.strip())
+    return proc.stderr
+
+
+def interface_addresses(exclude: set[str]) -> list[str]:
+    """Global unicast addresses of the host's interfaces (loopback and `exclude` left out)."""
+    proc = subprocess.run(["ip", "-j", "address", "show"], capture_output=True, text=True)
+    try:
+        links = json.loads(proc.stdout or "[]")
+    except ValueError:
+        return []
+    out = []
+    for link in links:
+        if link.get("ifname") in exclude or "LOOPBACK" in link.get("flags", []) or link.get("operstate") == "DOWN":
+            continue
+        for a in link.get("addr_info", []):
+            if a.get("scope") != "global" or a.get("tentative") or a.get("dadfailed"):
+                continue
+            out.append(a["local"])
+    return out
+
+
+class BirthdaySockets:
+    """Extra UDP sockets for birthday-paradox punching, indexed 1..n as the MeshNode numbers them."""
+
+    def __init__(self):
+        self.socks: dict[int, socket.socket] = {}
+        self.owners: dict[int, set] = {}
+        self.ep = select.epoll()
+        self._by_fd: dict[int, int] = {}
+        self.counters = {"opened": 0, "closed": 0, "send_errors": 0}
+
+    def open(self, owner: bytes, count: int) -> None:
+        for i in range(1, min(count, BIRTHDAY_MAX_SOCKETS) + 1):
+            if i not in self.socks:
+                try:
+                    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+                    s.bind(("0.0.0.0", 0))
+                except OSError as exc:
+                    log.warning("birthday: cannot open socket %d: %s", i, exc)
+                    break
+                self.socks[i] = s
+                self._by_fd[s.fileno()] = i
+                self.ep.register(s.fileno(), select.EPOLLIN)
+                self.counters["opened"] += 1
+            self.owners.setdefault(i, set()).add(owner)
+
+    def close_for(self, owner: bytes, keep: tuple) -> None:
+        for i in list(self.socks):
+            if i in keep:
+                continue
+            users = self.owners.get(i, set())
+            users.discard(owner)
+            if not users:
+                self._close(i)
+
+    def _close(self, i: int) -> None:
+        s = self.socks.pop(i)
+        self.owners.pop(i, None)
+        fd = s.fileno()
+        self._by_fd.pop(fd, None)
+        try:
+            self.ep.unregister(fd)
+        except OSError:
+            pass
+        s.close()
+        self.counters["closed"] += 1
+
+    def send(self, i: int, data: bytes, addr) -> None:
+        s = self.socks.get(i)
+        if s is None:
+            self.counters["send_errors"] += 1
+            return
+        try:
+            s.sendto(data, addr)
+        except OSError:
+            self.counters["send_errors"] += 1
+
+    def ready(self) -> list[tuple[int, socket.socket]]:
+        out = []
+        for fd, _ in self.ep.poll(0):
+            i = self._by_fd.get(fd)
+            if i is not None:
+                out.append((i, self.socks[i]))
+        return out
+
+    def close(self) -> None:
+        for i in list(self.socks):
+            self._close(i)
+        self.ep.close()
+
+
+class MeshDevice:
+    """Owns the TUN, the shared UDP socket(s), the UAPI socket, the MeshNode and the relay shell."""
+
+    def __init__(self, iface: str, private_key: bytes, *, listen_port: int = 0, uapi_dir: str = uapi_server.RUN_DIR,
+                 on_local_endpoints=None):
+        self.iface = iface
+        self.tun = Tun.open(iface)
+        try:
+            self.listener = uapi_server.UapiListener(self.tun.name, uapi_dir)
+        except BaseException:
+            self.tun.close()
+            raise
+        wall_offset = time.time() - time.monotonic()
+        try:
+            mtu = self.tun.get_mtu()
+        except OSError:
+            mtu = 1420
+        self.core = WireGuardCore(private_key=private_key, random_bytes=os.urandom, wall_offset=wall_offset, mtu=mtu)
+        try:
+            try:
+                self.device = Device(self.tun, self.listener, listen_port=listen_port, core=self.core)
+            except OSError:
+                if not listen_port:
+                    raise
+                self.device = Device(self.tun, self.listener, listen_port=0, core=self.core)
+        except BaseException:
+            self.listener.close()
+            self.tun.close()
+            raise
+        self.node = N.MeshNode(self.core, private_key, os.urandom, wall_offset=wall_offset)
+        self.driver = Driver(self.node, self.tun, self.device.udp, clock=time.monotonic)
+        self.device.driver = self.driver  # the Device serves UAPI on the core; its driver runs the node
+        self.driver.on_other_datagram = self._on_other_datagram
+        self.driver.endpoint_sender = self._send_to_endpoint
+        self.driver.on_event = self._on_event
+        self.relay = RelayShell(private_key, udp_send=self.driver.send_raw, deliver=self._deliver_relayed,
+                                after_rx=self.driver.flush)
+        self.birthday = BirthdaySockets()
+        self.on_local_endpoints = on_local_endpoints
+        self._routes_send, self._routes_recv = trio.open_memory_channel(ROUTE_QUEUE)
+        self._routes: set[str] = set()
+        self.path_log: list = []   # recent PathChanged (for status), bounded
+        self.addresses: list[str] = []
+        self._closed = False
+
+    @property
+    def name(self) -> str:
+        return self.tun.name
+
+    @property
+    def port(self) -> int:
+        return self.device.udp.port
+
+    # ---- driver hooks (sync, hot path) ---------------------------------------------------------
+    def _on_other_datagram(self, data: bytes, addr) -> None:
+        if data[:4] == W.MAGIC:
+            self.relay.handle_udp(data, addr, time.monotonic())
+        else:
+            self.node.receive_datagram(data, addr, time.monotonic())
+
+    def _deliver_relayed(self, src: bytes, packet: bytes) -> None:
+        self.node.receive_relay(src, packet, time.monotonic())
+
+    def _send_to_endpoint(self, data: bytes, ep) -> None:
+        if isinstance(ep, N.RelayEndpoint):
+            self.relay.send(ep.peer_key, data)
+        elif isinstance(ep, N.SocketEndpoint):
+            self.birthday.send(ep.socket, data, ep.addr)
+
+    def _on_event(self, ev) -> None:
+        if isinstance(ev, N.RoutesChanged):
+            try:
+                self._routes_send.send_nowait(ev)
+            except trio.WouldBlock:
+                log.error("route queue full: routes may lag until the next change")
+        elif isinstance(ev, N.OpenBirthdaySockets):
+            self.birthday.open(ev.peer_key, ev.count)
+        elif isinstance(ev, N.CloseBirthdaySockets):
+            self.birthday.close_for(ev.peer_key, ev.keep)
+        elif isinstance(ev, N.PathChanged):
+            log.info("peer %s: path -> %s (%s)", ev.peer_key[:4].hex(), ev.endpoint, ev.reason)
+            self.path_log.append((time.time(), ev))
+            del self.path_log[:-64]
+        elif isinstance(ev, N.LocalEndpointsChanged):
+            if self.on_local_endpoints is not None:
+                self.on_local_endpoints(ev)
+
+    # ---- OS configuration ---------------------------------------------------------------------
+    async def set_addresses(self, addresses: list[str]) -> None:
+        """Put the node's mesh addresses (CIDR) on the interface and bring it up."""
+        old, new = set(self.addresses), set(addresses)
+        lines = [f"address del {a} dev {self.name}" for a in old - new]
+        lines += [f"address replace {a} dev {self.name}{' nodad' if ':' in a else ''}"
+                  for a in sorted(new - old)]
+        lines.append(f"link set dev {self.name} up")
+        await trio.to_thread.run_sync(ip_batch, lines)
+        self.addresses = list(addresses)
+
+    async def _route_task(self) -> None:
+        while True:
+            ev = await self._routes_recv.receive()
+            adds, removes = set(str(n) for n in ev.add), set(str(n) for n in ev.remove)
+            # Coalesce whatever else is queued into one `ip` run.
+            while True:
+                try:
+                    more = self._routes_recv.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                a, r = {str(n) for n in more.add}, {str(n) for n in more.remove}
+                adds = (adds - r) | a
+                removes = (removes - a) | r
+            # In batch mode the family follows from the prefix (a "-4"/"-6" word is not accepted).
+            lines = [f"route del {p} dev {self.name}" for p in sorted(removes) if p in self._routes]
+            lines += [f"route replace {p} dev {self.name}" for p in sorted(adds)]
+            await trio.to_thread.run_sync(ip_batch, lines)
+            self._routes = (self._routes - removes) | adds
+
+    async def _birthday_task(self) -> None:
+        node, flush = self.node, self.driver.flush
+        while True:
+            await trio.lowlevel.wait_readable(self.birthday.ep.fileno())
+            for i, sock in self.birthday.ready():
+                try:
+                    datagrams = recv_batch(sock, 64)
+                except OSError:
+                    continue
+                now = time.monotonic()
+                for data, addr in datagrams:
+                    node.receive_datagram(data, addr, now, via=i)
+            await flush()
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.device.run)
+            nursery.start_soon(self._route_task)
+            nursery.start_soon(self._birthday_task)
+            nursery.start_soon(self.relay.run)
+            task_status.started()
+            await self.device.stopped.wait()
+            nursery.cancel_scope.cancel()
+
+    def close(self) -> None:
+        """Remove the interface, the sockets and the UAPI socket (closing the TUN deletes its routes)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.birthday.close()
+        self.device.close()
+
+    def peer_status(self, now: float) -> list[dict]:
+        return self.node.status(now)

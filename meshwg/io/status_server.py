@@ -1,0 +1,113 @@
+"""The agent's local query socket: one JSON request line in, one JSON reply out, then close.
+
+It lives next to the UAPI socket (/var/run/wireguard/<iface>.meshwg), which the NAT lab gives every
+host privately, so nodes in different namespaces of one machine never clash. It is not a `.sock`
+file, so `wg show all` does not mistake it for a WireGuard interface. Mode 0600: root only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+
+import trio
+
+log = logging.getLogger("meshwg.status")
+
+RUN_DIR = "/var/run/wireguard"
+MAX_REQUEST = 4096
+
+
+def socket_path(iface: str, run_dir: str = RUN_DIR) -> str:
+    return os.path.join(run_dir, f"{iface}.meshwg")
+
+
+class StatusListener:
+    def __init__(self, iface: str, run_dir: str = RUN_DIR):
+        os.makedirs(run_dir, mode=0o755, exist_ok=True)
+        self.path = socket_path(iface, run_dir)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(self.path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            try:
+                os.unlink(self.path)  # stale: nobody listens
+            except FileNotFoundError:
+                pass
+        else:
+            raise OSError(f"{self.path} is in use: another meshwg agent runs on {iface}")
+        finally:
+            probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o077)
+        try:
+            sock.bind(self.path)
+        finally:
+            os.umask(old)
+        sock.listen(8)
+        self.sock = sock
+        self._ino = os.stat(self.path).st_ino
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            if os.stat(self.path).st_ino == self._ino:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+async def serve(listener: StatusListener, handler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """handler(request: dict) -> awaitable dict."""
+    lsock = trio.socket.from_stdlib_socket(listener.sock)
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            conn, _ = await lsock.accept()
+            nursery.start_soon(_answer, conn, handler)
+
+
+async def _answer(conn, handler) -> None:
+    stream = trio.SocketStream(conn)
+    try:
+        with trio.move_on_after(30):
+            buf = b""
+            while b"\n" not in buf and len(buf) < MAX_REQUEST:
+                chunk = await stream.receive_some(MAX_REQUEST)
+                if not chunk:
+                    break
+                buf += chunk
+            try:
+                request = json.loads(buf.split(b"\n", 1)[0] or b"{}")
+                if not isinstance(request, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                reply = {"error": "bad request"}
+            else:
+                try:
+                    reply = await handler(request)
+                except Exception as exc:  # a bug in one query must not take the agent down
+                    log.exception("status query failed")
+                    reply = {"error": f"internal error: {exc}"}
+            await stream.send_all(json.dumps(reply).encode() + b"\n")
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        await stream.aclose()
+
+
+def query(iface: str, request: dict, run_dir: str = RUN_DIR, timeout: float = 20.0) -> dict:
+    """Client side (blocking): send one request to the agent on `iface` and return its reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(socket_path(iface, run_dir))
+        s.sendall(json.dumps(request).encode() + b"\n")
+        buf = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    return json.loads(buf)
