@@ -7,7 +7,7 @@ Wire format (all on the node's shared UDP socket, or carried through the relay):
 
 MAGIC starts with b"MWD": byte 0 is 0x4D, so it is never a WireGuard type 1-4 and never a STUN
 message (STUN's two top bits are zero); byte 4 is not 0x21 (the STUN cookie's first byte); the relay
-uses b"MWR". Boxes use the nodes' WireGuard X25519 keys, so a valid box proves the sender holds its key.
+uses b"\xffMWR". Boxes use the nodes' WireGuard X25519 keys, so a valid box proves the sender holds its key.
 
 Payloads:
     Ping        0x01  txid (12) | sender key (32) | zero padding (path MTU probing)

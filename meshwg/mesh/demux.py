@@ -2,10 +2,13 @@
 
 WireGuard: type 1-4 then three zero bytes, with the type's size rule (1: 148 B, 2: 92 B, 3: 64 B,
 4: >= 32 B). STUN: top two bits zero and the magic cookie 0x2112A442 at offset 4. Discovery: our
-b"MWDsco" prefix. Relay frames: b"MWR" prefix.
+b"MWDsco" prefix. Relay frames: b"\xffMWR" prefix (meshwg.control.relay_wire.MAGIC).
 """
 
 from __future__ import annotations
+
+from meshwg.control.relay_wire import MAGIC as _RELAY_MAGIC
+from meshwg.disco.messages import MAGIC as _DISCO_MAGIC
 
 WIREGUARD = "wireguard"
 STUN = "stun"
@@ -14,8 +17,6 @@ RELAY = "relay"
 UNKNOWN = "unknown"
 
 _STUN_COOKIE = b"\x21\x12\xa4\x42"
-_DISCO_MAGIC = b"MWDsco"  # = meshwg.disco.messages.MAGIC (kept literal: no import on the hot path)
-_RELAY_MAGIC = b"MWR"
 _ZERO3 = b"\0\0\0"
 _WG_EXACT = {1: 148, 2: 92, 3: 64}
 
@@ -34,9 +35,8 @@ def classify(data: bytes) -> str:
         if n >= 20 and data[4:8] == _STUN_COOKIE and (n - 20) % 4 == 0:
             return STUN
         return UNKNOWN
-    if t == 0x4D:  # "M"
-        if data[:6] == _DISCO_MAGIC:
-            return DISCO
-        if data[:3] == _RELAY_MAGIC:
-            return RELAY
+    if t == 0x4D and data[:6] == _DISCO_MAGIC:  # "M"
+        return DISCO
+    if t == 0xFF and data[:4] == _RELAY_MAGIC:
+        return RELAY
     return UNKNOWN

@@ -7,7 +7,7 @@ Inputs:  receive_datagram(data, addr, now, via=None)   every datagram from the s
          apply_netmap(desired, now), punch(key, now), set_local_endpoints(addrs, now),
          set_stun_servers(addrs, now), handle_timer(now)
 Outputs: datagrams_to_send() -> [(bytes, dest)]  dest: (ip, port) | RelayEndpoint | SocketEndpoint
-         tun_packets_to_write(), pop_events(), relay_frames() (b"MWR" datagrams for the relay shell),
+         tun_packets_to_write(), pop_events(), relay_frames() (b"\xffMWR" datagrams for the relay shell),
          get_timer(), status(now)
 
 Each mesh peer's WireGuard endpoint is chosen here (peer.roaming = False): RelayEndpoint(key) until a

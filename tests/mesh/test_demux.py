@@ -17,7 +17,8 @@ def test_classify_each_protocol():
     assert classify(stun.build_binding_request(b"q" * 12)) == STUN
     assert classify(stun.build_binding_response(b"q" * 12, ("192.0.2.1", 5))) == STUN
     assert classify(MAGIC + b"\0" * 100) == DISCO
-    assert classify(b"MWR" + b"\0" * 10) == RELAY
+    assert classify(b"\xffMWR" + b"\0" * 10) == RELAY
+    assert classify(b"MWR" + b"\0" * 10) == UNKNOWN
     assert classify(b"") == UNKNOWN
     assert classify(b"\x05\0\0\0" + b"\0" * 40) == UNKNOWN
 
