@@ -1,0 +1,338 @@
+"""Run a scenario: build its lab, start the signal server and a node on every host, check every pair.
+
+For each pair the runner measures, from the moment the last node was started: the time to the first
+ping over the mesh, the time until both sides report a direct path, the RTT, and a short TCP transfer;
+it then checks the path against the scenario's expectation and prints a table (and a matrix for the
+matrix scenario). The node command lines live in scenarios/node_commands.py.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from scenarios import node_commands as nc
+from scenarios.definitions import NodeSpec, Scenario
+from scenarios.services import PROBES, listening
+from scenarios.topology import Host, Lab, Router
+
+MESH_IF = "mesh0"          # same name on every host: each host has its own netns and /run/wireguard
+TCP_ECHO_PORT = 4100
+TCP_BYTES = 256 * 1024
+
+
+class NodeSoftwareError(RuntimeError):
+    """The signal server or a node failed to start or exited (the message says which and shows its log)."""
+
+
+@dataclass
+class PairResult:
+    a: str
+    b: str
+    nat_a: str
+    nat_b: str
+    expected: str
+    path: str | None = None
+    first_ping_s: float | None = None
+    direct_s: float | None = None
+    rtt_ms: float | None = None
+    tcp_ok: bool = False
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        path_ok = self.expected == "either" and self.path in ("direct", "relay") or self.path == self.expected
+        return self.first_ping_s is not None and self.tcp_ok and path_ok
+
+
+@dataclass
+class Timings:
+    connect_timeout: float = 30.0     # per pair: until the first ping gets through
+    direct_wait: float = 10.0         # how long to wait for a direct path where one is expected
+    either_wait: float = 5.0          # ... where direct is possible but not required
+
+
+# -- building ----------------------------------------------------------------------------------
+
+def build(scenario: Scenario, lab: Lab) -> tuple[Host, dict[str, Host]]:
+    """The scenario's topology in `lab`: a public "signal" host, its routers, one host per node."""
+    signal_host = lab.public_host("signal", extra_addrs=1)
+    routers: dict[str, Router] = {}
+    for spec in scenario.routers:
+        upstream = routers[spec.behind] if spec.behind else None
+        routers[spec.name] = lab.router(spec.name, spec.nat, upstream=upstream, cgn=spec.cgn, hairpin=spec.hairpin)
+    nodes = {n.name: lab.host(n.name, routers[n.behind] if n.behind else None) for n in scenario.nodes}
+    return signal_host, nodes
+
+
+def _log_tail(path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join("    " + line for line in text[-lines:]) or "    (empty log)"
+
+
+def start_signal(host: Host) -> tuple[subprocess.Popen, str]:
+    """Start `meshwg-signal serve` on the signal host and create a reusable invite; return (proc, invite)."""
+    values = dict(db=host.dir / "signal.db", signal_ip=host.addr, signal_ip2=host.extra_addrs[0], signal_port=nc.SIGNAL_PORT, stun_port=nc.STUN_PORT,
+                  relay_tcp_port=nc.RELAY_TCP_PORT)
+    log_path = host.dir / "signal.log"
+    with open(log_path, "wb") as log:
+        proc = host.popen(*nc.command("signal_serve", **values), stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 15
+    while not listening(host, nc.SIGNAL_PORT, "tcp") and not listening(host, nc.SIGNAL_PORT, "udp"):
+        if proc.poll() is not None:
+            raise NodeSoftwareError(f"`meshwg-signal serve` exited with status {proc.returncode} on the signal host "
+                                    f"before listening on port {nc.SIGNAL_PORT}. Its output:\n{_log_tail(log_path)}")
+        if time.monotonic() > deadline:
+            raise NodeSoftwareError(f"`meshwg-signal serve` did not listen on port {nc.SIGNAL_PORT} within 15 s. "
+                                    f"Its output:\n{_log_tail(log_path)}")
+        time.sleep(0.1)
+    res = host.run_proc(*nc.command("invite_create", **values))
+    lines = res.stdout.decode(errors="replace").strip().splitlines()
+    if res.returncode != 0 or not lines:
+        raise NodeSoftwareError(f"`meshwg-signal invite create --reusable` failed ({res.returncode}): "
+                                f"{res.stderr.decode(errors='replace').strip()}")
+    return proc, lines[-1].strip()
+
+
+def start_node(host: Host, invite: str) -> subprocess.Popen:
+    log_path = host.dir / "join.log"
+    with open(log_path, "wb") as log:
+        return host.popen(*nc.command("join", **_node_values(host, invite)), stdout=log, stderr=subprocess.STDOUT)
+
+
+def _node_values(host: Host, invite: str = "") -> dict:
+    return dict(invite=invite, name=host.name, state_dir=host.dir / "state", interface=MESH_IF)
+
+
+# -- watching ----------------------------------------------------------------------------------
+
+class StatusPoller:
+    """Polls `meshwg status --json` on every node in the background; remembers when paths went direct."""
+
+    def __init__(self, nodes: dict[str, Host], procs: dict[str, subprocess.Popen], t0: float, interval: float = 0.3):
+        self.nodes, self.procs, self.t0, self.interval = nodes, procs, t0, interval
+        self.latest: dict[str, nc.NodeStatus] = {}
+        self.direct_since: dict[tuple[str, str], float] = {}
+        self.failure: str | None = None
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._poll, args=(name,), daemon=True) for name in nodes]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(10)
+
+    def _poll(self, name: str) -> None:
+        host = self.nodes[name]
+        while not self._stop.is_set():
+            if self.procs[name].poll() is not None:
+                self.failure = (f"`meshwg join` exited with status {self.procs[name].returncode} on node {name!r}. "
+                                f"Its output:\n{_log_tail(host.dir / 'join.log')}")
+                return
+            res = host.run_proc(*nc.command("status", **_node_values(host)), timeout=10)
+            if res.returncode == 0:
+                try:
+                    status = nc.parse_status(res.stdout.decode())
+                except (ValueError, KeyError, TypeError):
+                    status = None
+                if status is not None:
+                    self.latest[name] = status
+                    now = time.monotonic() - self.t0
+                    for peer, ps in status.peers.items():
+                        if ps.path == "direct":
+                            self.direct_since.setdefault((name, peer), now)
+                        else:
+                            self.direct_since.pop((name, peer), None)
+            self._stop.wait(self.interval)
+
+    def peer(self, node: str, peer: str) -> nc.PeerStatus | None:
+        status = self.latest.get(node)
+        return status.peers.get(peer) if status else None
+
+    def mesh_ip(self, node: str) -> str | None:
+        status = self.latest.get(node)
+        return nc.bare_ipv4(status.addresses) if status else None
+
+
+def _ping_once(host: Host, ip: str) -> bool:
+    # A short wait keeps the first-ping time fine-grained (a lost ping costs 0.3 s, not 1 s).
+    return host.run_proc("ping", "-c", "1", "-W", "0.3", ip, timeout=5).returncode == 0
+
+
+def _rtt_ms(host: Host, ip: str) -> float | None:
+    out = host.run_proc("ping", "-q", "-c", "5", "-i", "0.2", "-W", "1", ip, timeout=10).stdout.decode()
+    match = re.search(r"= [\d.]+/([\d.]+)/", out)
+    return float(match.group(1)) if match else None
+
+
+def check_pair(scenario: Scenario, a: NodeSpec, b: NodeSpec, nodes: dict[str, Host], poller: StatusPoller,
+               timings: Timings) -> PairResult:
+    ha, hb = nodes[a.name], nodes[b.name]
+    result = PairResult(a.name, b.name, ha.nat_label, hb.nat_label, scenario.expected(a, b))
+    deadline = poller.t0 + timings.connect_timeout
+    b_ip = None
+    while time.monotonic() < deadline and poller.failure is None:
+        b_ip = b_ip or poller.mesh_ip(b.name)
+        if b_ip and _ping_once(ha, b_ip):
+            result.first_ping_s = time.monotonic() - poller.t0
+            break
+        time.sleep(0.05 if b_ip else 0.2)
+    if result.first_ping_s is None:
+        result.note = poller.failure and "node failed" or ("no mesh address for " + b.name if not b_ip else "no ping")
+        return result
+
+    wait = {"direct": timings.direct_wait, "either": timings.either_wait}.get(result.expected, 0.0)
+    until = time.monotonic() + wait
+
+    def both_direct() -> float | None:
+        ab, ba = poller.direct_since.get((a.name, b.name)), poller.direct_since.get((b.name, a.name))
+        return max(ab, ba) if ab is not None and ba is not None else None
+
+    while both_direct() is None and time.monotonic() < until:
+        time.sleep(0.1)
+    result.direct_s = both_direct()
+    pa, pb = poller.peer(a.name, b.name), poller.peer(b.name, a.name)
+    paths = {p.path for p in (pa, pb) if p is not None}
+    result.path = paths.pop() if len(paths) == 1 else "/".join(sorted(str(p) for p in paths)) or None
+    result.rtt_ms = _rtt_ms(ha, b_ip)
+    tcp = ha.run_proc(sys.executable, PROBES, "tcp", "--to", f"{b_ip}:{TCP_ECHO_PORT}", "--size", str(TCP_BYTES),
+                      timeout=30)
+    result.tcp_ok = b'"ok": true' in tcp.stdout
+    if not result.tcp_ok:
+        result.note = "TCP transfer failed"
+    elif not result.ok:
+        result.note = f"expected {result.expected}"
+    return result
+
+
+# -- running -----------------------------------------------------------------------------------
+
+@dataclass
+class RunOutcome:
+    scenario: Scenario
+    results: list[PairResult] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.results) and all(r.ok for r in self.results)
+
+
+def run(scenario: Scenario, *, keep: bool = False, timings: Timings | None = None,
+        say: Callable[[str], None] = print) -> RunOutcome:
+    timings = timings or Timings()
+    outcome = RunOutcome(scenario)
+    lab = Lab()
+    try:
+        say(f"Building the lab for {scenario.name!r}: {scenario.description}")
+        signal_host, nodes = build(scenario, lab)
+        for spec in scenario.nodes:
+            host = nodes[spec.name]
+            say(f"  {spec.name:<14} {host.addr:<15} behind {host.nat_label}"
+                + (f"  ({spec.role})" if spec.role else ""))
+            host.popen(sys.executable, PROBES, "echo", "--tcp", f"0.0.0.0:{TCP_ECHO_PORT}",
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        say(f"Starting the signal server on {signal_host.addr} ...")
+        _, invite = start_signal(signal_host)
+        say(f"Starting {len(nodes)} nodes ...")
+        procs = {name: start_node(host, invite) for name, host in nodes.items()}
+        t0 = time.monotonic()
+        poller = StatusPoller(nodes, procs, t0)
+        poller.start()
+        try:
+            threads, results = [], {}
+
+            def work(a: NodeSpec, b: NodeSpec) -> None:
+                results[(a.name, b.name)] = check_pair(scenario, a, b, nodes, poller, timings)
+
+            for a, b in scenario.pairs():
+                threads.append(threading.Thread(target=work, args=(a, b), daemon=True))
+                threads[-1].start()
+            for t in threads:
+                t.join()
+        finally:
+            poller.stop()
+        if poller.failure:
+            raise NodeSoftwareError(poller.failure)
+        outcome.results = [results[(a.name, b.name)] for a, b in scenario.pairs()]
+        say("")
+        say(format_table(outcome.results))
+        if scenario.matrix:
+            say("")
+            say(format_matrix(scenario, outcome.results))
+        say("")
+        say("All pairs connected as expected." if outcome.ok else "Some pairs did NOT connect as expected.")
+    except NodeSoftwareError as err:
+        outcome.error = str(err)
+        say(f"\nscenario {scenario.name!r} failed: {err}")
+    except KeyboardInterrupt:
+        keep = False          # Ctrl-C / SIGTERM always tears the lab down, --keep or not
+        raise
+    finally:
+        if keep:
+            manifest = lab.write_manifest()
+            lab.detach()
+            say(f"\nThe lab is still up (--keep). Hosts (run a shell on one with the command shown):")
+            for host in lab.hosts.values():
+                say(f"  {host.name:<14} {host.shell_command()}")
+            say(f"Tear it down with: python -m scenarios down {manifest}")
+        else:
+            lab.close()
+    return outcome
+
+
+# -- printing ----------------------------------------------------------------------------------
+
+LEGEND = """\
+pair        the two nodes
+NAT types   what each node sits behind (a+b: behind a, which is behind b)
+path        how their WireGuard traffic flows: direct (hole punched or LAN) or relay (via the signal server)
+first ping  seconds from starting the nodes until a ping over the mesh got an answer
+direct      seconds until both sides used a direct path ('-': never, in the time allowed)
+RTT         average ping round trip over the mesh, in milliseconds"""
+
+
+def _secs(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f} s"
+
+
+def format_table(results: list[PairResult], legend: bool = True) -> str:
+    rows = [("pair", "NAT types", "path", "first ping", "direct", "RTT", "")]
+    for r in results:
+        rows.append((f"{r.a} <-> {r.b}", f"{r.nat_a} / {r.nat_b}", r.path or "none", _secs(r.first_ping_s),
+                     _secs(r.direct_s), "-" if r.rtt_ms is None else f"{r.rtt_ms:.2f} ms",
+                     "ok" if r.ok else f"FAIL {r.note}".strip()))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths).rstrip())
+    return "\n".join(lines) + ("\n\n" + LEGEND if legend else "")
+
+
+def format_matrix(scenario: Scenario, results: list[PairResult]) -> str:
+    """Connectivity matrix: direct/relay/fail and the time to the first ping, per pair of nodes."""
+    by_pair = {frozenset((r.a, r.b)): r for r in results}
+    names = [n.name for n in scenario.nodes]
+
+    def cell(x: str, y: str) -> str:
+        if x == y:
+            return "."
+        r = by_pair.get(frozenset((x, y)))
+        if r is None or r.first_ping_s is None:
+            return "fail"
+        return f"{r.path or '?'} {r.first_ping_s:.1f}s"
+
+    rows = [[""] + names] + [[x] + [cell(x, y) for y in names] for x in names]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
