@@ -43,6 +43,8 @@ _TABLE_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 # wg-quick's own test for "is this DNS entry an IP?" (linux.bash parse_options)
 _DNS_IP_RE = re.compile(r"[0-9.]+|.*:.*")
 
+_WS = " \t\n\v\f\r"  # C isspace(): what wg(8) and wg-quick treat as blank; other characters are content
+
 INTERFACE = "[Interface]"
 PEER = "[Peer]"
 
@@ -155,8 +157,8 @@ def _parse_key(value: str) -> bytes:
 
 
 def _split_list(value: str) -> list[str]:
-    # wg-quick turns commas into spaces and word-splits; wg(8) drops all whitespace. Both accept "a, b".
-    return [item for item in re.split(r"[,\s]+", value) if item]
+    # wg-quick (Address, DNS) turns commas into spaces and word-splits: "a, b" and "a b" both work.
+    return [item for item in re.split(r"[, \t\n\v\f\r]+", value) if item]
 
 
 def _check_prefix_text(text: str, max_len: int) -> None:
@@ -235,13 +237,12 @@ def _parse_table(value: str) -> str:
 
 
 def _parse_fwmark(value: str) -> int:
-    low = value.lower()
-    if low == "off":
+    if value.lower() == "off":
         return 0
-    if low.startswith("0x"):
-        if not re.fullmatch(r"[0-9a-f]+", low[2:]):
+    if value.startswith("0x"):  # lowercase x only, as wg(8) parses it
+        if not re.fullmatch(r"[0-9a-fA-F]+", value[2:]):
             raise ValueError(f"bad fwmark: {value!r}")
-        number = int(low[2:], 16)
+        number = int(value[2:], 16)
         if number > 2**32 - 1:
             raise ValueError(f"fwmark out of range ({value}, want 32 bits)")
         return number
@@ -310,8 +311,8 @@ def parse(
 
     for lineno, raw in enumerate(text.split("\n"), start=1):
         body, hash_, comment = raw.partition("#")
-        body = body.strip()
-        comment = (hash_ + comment).strip()
+        body = body.strip(_WS)
+        comment = (hash_ + comment).strip(_WS)
         if not body:
             if comment:
                 pending.append(comment)
@@ -329,7 +330,7 @@ def parse(
             sections.append(current)
             continue
         key_text, eq, value = body.partition("=")
-        key_text, value = key_text.strip(), value.strip()
+        key_text, value = key_text.strip(_WS), value.strip(_WS)
         if not eq:
             raise ConfigError("expected `Key = value`", filename=filename, line=lineno, key=_shown(key_text))
         if current is None:
@@ -376,7 +377,10 @@ def _apply(obj, canon: str, attr: str, kind: str, value: str) -> None:
     elif canon == "DNS":
         _parse_dns(value, obj)
     elif canon == "AllowedIPs":
-        obj.allowed_ips.extend(parse_allowed_ip(item) for item in _split_list(value))
+        # wg(8) wants a comma list with no empty items (whitespace around commas is fine)
+        if not value:
+            raise ValueError("missing value")
+        obj.allowed_ips.extend(parse_allowed_ip(item.strip(_WS)) for item in value.split(","))
     elif not value:
         raise ValueError("missing value")
     elif canon in ("PrivateKey", "PublicKey", "PresharedKey"):
@@ -550,16 +554,23 @@ def to_set_request(
 ) -> uapi.SetRequest:
     """The UAPI SetRequest equivalent to `wg setconf` of this config (apply it in-process, or format it).
 
+    replace_peers=True is setconf (absent private key / port / fwmark are sent as zero, peers replaced);
+    False is addconf (only what the file sets).
+
     Endpoint hostnames are passed to resolve(host, port) -> (ip, port); without a resolver a
     hostname endpoint raises ConfigError (this module does no DNS).
     """
     request = uapi.SetRequest(replace_peers=replace_peers)
-    iface = config.interface
-    if iface is not None:
-        # As written, like wg: the device clamps on load, and all zeros must stay "no key".
-        request.private_key = iface.private_key
-        request.listen_port = iface.listen_port
-        request.fwmark = iface.fwmark
+    iface = config.interface or InterfaceConfig()
+    # The private key goes as written, like wg: the device clamps on load, and zeros mean "no key".
+    request.private_key = iface.private_key
+    request.listen_port = iface.listen_port
+    request.fwmark = iface.fwmark
+    if replace_peers:
+        # setconf replaces the whole device, so wg sends unset values as "none" (verified with wg 1.0.20210914)
+        request.private_key = keys.ZERO_KEY if request.private_key is None else request.private_key
+        request.listen_port = request.listen_port or 0
+        request.fwmark = request.fwmark or 0
     for peer in config.peers:
         request.peers.append(
             uapi.PeerUpdate(

@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from config_strategies import configs  # tests/config/config_strategies.py
 from conftest import require_real_components  # tests/conftest.py (a site-packages "tests" package shadows tests.conftest)
 from meshwg.config import keys, uapi, wgquick
+from meshwg.errors import ConfigError
+from test_wgquick import _structured as structured_config_text  # tests/config/test_wgquick.py
 from meshwg.config.uapi import (
     EINVAL,
     EPROTO,
@@ -409,4 +411,18 @@ def test_real_wg_parses_our_formatted_configs_like_we_do(fake_device, tmp_path, 
     """Differential: wg's config parser (setconf) and ours (to_uapi_set) configure the same device."""
     name, device = fake_device
     text = wgquick.format_config(config)
+    assert _wg_setconf_state(name, device, tmp_path, text) == _our_state(device, text)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=structured_config_text)
+def test_whatever_we_accept_real_wg_accepts_the_same_way(fake_device, tmp_path, text):
+    """Noisy, mostly valid files: if our parser accepts one, wg's setconf does too, with the same result."""
+    name, device = fake_device
+    try:
+        wgquick.parse(text, require_private_key=False)
+    except ConfigError:
+        return
+    if "\x00" in text or "host.example" in text:  # bash cannot hold NUL; wg would try DNS for the hostname
+        return
     assert _wg_setconf_state(name, device, tmp_path, text) == _our_state(device, text)

@@ -161,6 +161,10 @@ def test_keys_and_sections_are_case_insensitive_and_values_normalised():
         (f"[Interface]\nPrivateKey = {SK}\nMTU = 1\n", 3, "MTU", "MTU out of range"),
         (f"[Interface]\nPrivateKey = {SK}\nFwMark = 0x1ffffffff\n", 3, "FwMark", "fwmark out of range"),
         (f"[Interface]\nPrivateKey = {SK}\nFwMark = 0xzz\n", 3, "FwMark", "bad fwmark"),
+        (f"[Interface]\nPrivateKey = {SK}\nFwMark = 0X10\n", 3, "FwMark", "not a number"),  # wg: lowercase 0x only
+        (f"[Interface]\nPrivateKey = {SK}\n[Peer]\nPublicKey = {PK1}\nAllowedIPs =\n", 5, "AllowedIPs", "missing value"),
+        (f"[Interface]\nPrivateKey = {SK}\n[Peer]\nPublicKey = {PK1}\nAllowedIPs = 10.0.0.0/8,\n", 5, "AllowedIPs", "bad CIDR"),
+        (f"[Interface]\nPrivateKey = {SK}\n[Peer]\nPublicKey = {PK1}\nAllowedIPs = 10.0.0.0/8 10.1.0.0/16\n", 5, "AllowedIPs", "bad CIDR"),
         (f"[Interface]\nPrivateKey = {SK}\nTable = a b\n", 3, "Table", "bad table"),
         (f"[Interface]\nPrivateKey = {SK}\nSaveConfig = yes\n", 3, "SaveConfig", "want true or false"),
         (f"[Interface]\nPrivateKey = {SK}\nDNS = 1.1.1.300\n", 3, "DNS", "bad DNS server"),
@@ -238,7 +242,7 @@ _FRAGMENTS = [
     "[Interface]", "[Peer]", "[interface]", "[Nope]", f"PrivateKey = {SK}", f"PublicKey = {PK1}",
     f"PublicKey = {PK2}", f"PublicKey = {PK_OF_SK}", f"PresharedKey = {PSK}", "Address = 10.0.0.1/24, fd00::1",
     "Address =", "DNS = 1.1.1.1, example.com", "ListenPort = 51820", "FwMark = 0x10", "Table = off", "MTU = 1420",
-    "PostUp = echo %i # hi", "PreDown = x", "SaveConfig = true", "AllowedIPs = 0.0.0.0/0, ::/0", "AllowedIPs =",
+    "PostUp = echo %i # hi", "PreDown = x", "SaveConfig = true", "AllowedIPs = 0.0.0.0/0, ::/0", "AllowedIPs = 10.1.2.3/8",
     "Endpoint = [::1]:5", "Endpoint = host.example:51820", "PersistentKeepalive = off", "# comment", "", "  # indented",
 ]
 _line = st.one_of(
@@ -250,15 +254,19 @@ _line = st.one_of(
 
 _IFACE_LINES = [f for f in _FRAGMENTS if not f.startswith(("[", "PublicKey", "PresharedKey", "AllowedIPs", "Endpoint", "Persistent"))]
 _PEER_LINES = [f for f in _FRAGMENTS if f.startswith(("PresharedKey", "AllowedIPs", "Endpoint", "Persistent", "#", " ")) or not f]
-_section = st.one_of(
-    st.tuples(st.sampled_from(["[Interface]", "[interface]"]), st.lists(st.sampled_from(_IFACE_LINES), max_size=8, unique=True)),
-    st.tuples(st.sampled_from([f"[Peer]\nPublicKey = {k}" for k in (PK1, PK2, PK_OF_SK)]),
-              st.lists(st.sampled_from(_PEER_LINES), max_size=5, unique=True)),
-).map(lambda sec: "\n".join([sec[0], *sec[1]]))
-# Mostly-valid files (so the format fixed point is exercised), plus a little noise.
-_structured = st.tuples(st.lists(_section, max_size=4).map("\n".join), st.lists(_line, max_size=2)).map(
-    lambda t: "\n".join([t[0], *t[1]])
+_iface_section = st.tuples(
+    st.sampled_from(["[Interface]", "[interface]"]), st.lists(st.sampled_from(_IFACE_LINES), max_size=8, unique=True)
 )
+_peer_sections = st.lists(
+    st.tuples(st.sampled_from([f"[Peer]\nPublicKey = {k}" for k in (PK1, PK2, PK_OF_SK)]),
+              st.lists(st.sampled_from(_PEER_LINES), max_size=5, unique_by=lambda f: f.partition("=")[0] or f)),
+    max_size=3, unique_by=lambda sec: sec[0],
+)
+_join_section = lambda sec: "\n".join([sec[0], *sec[1]])  # noqa: E731
+# Mostly-valid files (so the format fixed point is exercised), plus occasional noise.
+_structured = st.tuples(
+    st.none() | _iface_section, _peer_sections, st.just([]) | st.lists(_line, max_size=1)
+).map(lambda t: "\n".join([*([_join_section(t[0])] if t[0] else []), *map(_join_section, t[1]), *t[2]]))
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
