@@ -1,6 +1,245 @@
-"""Placeholder: the signal_server issue fills this in."""
+"""meshwg-signal: serve | relay | invite create/list/revoke | nodes [list/rename/expire/remove] | status | pubkey.
+
+Admin commands open the SQLite file directly (safe while the server runs: WAL + busy timeout); the running
+server notices their commits within --db-poll (0.1 s) and pushes removals/renames to every peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import os
+import sys
+import time
+import urllib.request
+
+DEFAULT_DB = os.environ.get("MESHWG_SIGNAL_DB", "meshwg-signal.db")
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    from meshwg.control.invite import split_hostport
+
+    return split_hostport(text)
+
+
+def _listen_list(values, default):
+    if values is None:
+        return default
+    if values == ["none"]:
+        return []
+    return [_hostport(v) for v in values]
+
+
+def _fmt_time(t):
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: nested subcommands share these options without resetting what an outer level parsed.
+    common.add_argument("--db", default=argparse.SUPPRESS, help=f"SQLite state file (default {DEFAULT_DB})")
+    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
+
+    p = argparse.ArgumentParser(prog="meshwg-signal", description="meshwg self-hosted signaling, STUN and relay server")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def server_opts(sp, control: bool):
+        if control:
+            sp.add_argument("--listen", action="append", metavar="HOST:PORT", help="control TCP (default 0.0.0.0:7300)")
+            sp.add_argument("--advertise", help="host name/IP to put in invites and welcomes when listening on 0.0.0.0")
+            sp.add_argument("--prefix4", help="IPv4 prefix for node addresses (default 100.64.0.0/10, kept once chosen)")
+            sp.add_argument("--prefix6", help="IPv6 prefix (default: a random fd00::/48 ULA, kept once chosen)")
+            sp.add_argument("--heartbeat", type=float, default=10.0, help="node heartbeat interval, seconds")
+            sp.add_argument("--sync", choices=["normal", "full"], default="normal",
+                            help="SQLite durability: normal survives a killed server, full also a power loss")
+        sp.add_argument("--udp", action="append", metavar="HOST:PORT", help="STUN + UDP relay (default 0.0.0.0:3478; 'none')")
+        sp.add_argument("--relay-tcp", action="append", metavar="HOST:PORT", help="TCP relay fallback (default 0.0.0.0:7301; 'none')")
+        sp.add_argument("--metrics", action="append", metavar="HOST:PORT", help="Prometheus /metrics listener (e.g. 127.0.0.1:9300)")
+
+    server_opts(sub.add_parser("serve", parents=[common], help="run the control server, STUN and relay"), True)
+    server_opts(sub.add_parser("relay", parents=[common], help="run only STUN + relay (shares the server's DB file)"), False)
+
+    inv = sub.add_parser("invite", help="create, list or revoke invites").add_subparsers(dest="action", required=True)
+    c = inv.add_parser("create", parents=[common])
+    c.add_argument("--reusable", action="store_true")
+    c.add_argument("--expires", default="24h", help="lifetime, e.g. 30m, 24h, 7d, or 'never' (default 24h)")
+    c.add_argument("--tag", default="")
+    c.add_argument("--addr", action="append", metavar="HOST:PORT", help="control address(es) to embed (default: the server's)")
+    inv.add_parser("list", parents=[common])
+    r = inv.add_parser("revoke", parents=[common])
+    r.add_argument("invite_id")
+
+    nodes = sub.add_parser("nodes", parents=[common], help="list/rename/expire/remove nodes")
+    na = nodes.add_subparsers(dest="action")
+    na.add_parser("list", parents=[common])
+    rn = na.add_parser("rename", parents=[common])
+    rn.add_argument("node")
+    rn.add_argument("name")
+    ex = na.add_parser("expire", parents=[common])
+    ex.add_argument("node")
+    ex.add_argument("--in", dest="after", default="0s", help="expire after this duration (default: now)")
+    rm = na.add_parser("remove", parents=[common])
+    rm.add_argument("node")
+
+    sub.add_parser("status", parents=[common], help="connected nodes, relay throughput and errors")
+    sub.add_parser("pubkey", parents=[common], help="print the server's public key")
+    return p
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _store(args):
+    from signal_server.store import Store
+
+    return Store(args.db)
+
+
+def cmd_serve(args, control: bool) -> int:
+    import trio
+
+    from signal_server.server import ServerConfig, SignalServer
+
+    cfg = ServerConfig(db=args.db)
+    cfg.control_enabled = control
+    if control:
+        cfg.control = _listen_list(args.listen, cfg.control)
+        cfg.advertise = args.advertise
+        cfg.prefix4, cfg.prefix6 = args.prefix4, args.prefix6
+        cfg.heartbeat = args.heartbeat
+        cfg.synchronous = args.sync.upper()
+        cfg.idle_timeout = max(3.5 * args.heartbeat, 5.0)
+    cfg.udp = _listen_list(args.udp, cfg.udp)
+    cfg.relay_tcp = _listen_list(args.relay_tcp, cfg.relay_tcp)
+    cfg.metrics = _listen_list(args.metrics, [])
+    server = SignalServer(cfg)
+
+    async def main():
+        await server.run()
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        logging.getLogger("signal").info("interrupted; state is on disk")
+    return 0
+
+
+def cmd_invite(args) -> int:
+    from signal_server.admin import create_invite
+    from signal_server.invites import parse_duration
+
+    st = _store(args)
+    if args.action == "create":
+        wall = time.time()
+        expires = None if args.expires == "never" else wall + parse_duration(args.expires)
+        inv = create_invite(st, wall=wall, reusable=args.reusable, expires=expires, tag=args.tag, addrs=args.addr)
+        print(inv.encode())
+        print(f"invite {inv.invite_id}: {'reusable' if args.reusable else 'one-time'}, expires {_fmt_time(expires)}"
+              + (f", tag {args.tag}" if args.tag else ""), file=sys.stderr)
+        return 0
+    if args.action == "list":
+        wall = time.time()
+        print(f"{'ID':10} {'KIND':9} {'STATE':8} {'USES':>4} {'EXPIRES':19} TAG")
+        for i in st.list_invites():
+            state = ("revoked" if i.revoked else "expired" if i.expires and i.expires <= wall
+                     else "used" if not i.reusable and i.uses else "valid")
+            print(f"{i.invite_id:10} {'reusable' if i.reusable else 'one-time':9} {state:8} {i.uses:>4} {_fmt_time(i.expires):19} {i.tag}")
+        return 0
+    if args.action == "revoke":
+        if not st.revoke_invite(args.invite_id):
+            print(f"error: no invite {args.invite_id}", file=sys.stderr)
+            return 1
+        print(f"revoked {args.invite_id}")
+        return 0
+    return 2
+
+
+def cmd_nodes(args) -> int:
+    from signal_server.invites import parse_duration
+
+    st = _store(args)
+    action = args.action or "list"
+    if action == "list":
+        wall = time.time()
+        print(f"{'ID':>4} {'NAME':20} {'IPV4':15} {'IPV6':24} {'STATE':8} {'LAST SEEN':19} KEY")
+        for n in st.list_nodes():
+            state = "expired" if n.expires and n.expires <= wall else "active"
+            print(f"{n.node_id:>4} {n.name:20} {n.ipv4:15} {n.ipv6:24} {state:8} {_fmt_time(n.last_seen):19} "
+                  f"{base64.b64encode(n.key).decode()}")
+        return 0
+    node = st.find_node(args.node)
+    if node is None:
+        print(f"error: no node {args.node!r} (use an id, a name or a public key)", file=sys.stderr)
+        return 1
+    if action == "rename":
+        try:
+            name = st.rename(node.node_id, args.name)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"node {node.node_id} renamed to {name}")
+    elif action == "expire":
+        when = time.time() + parse_duration(args.after)
+        st.expire(node.node_id, when)
+        print(f"node {node.node_id} ({node.name}) expires {_fmt_time(when)}")
+    elif action == "remove":
+        st.remove(node.node_id, time.time())
+        print(f"node {node.node_id} ({node.name}) removed; its key needs a new invite to rejoin")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from signal_server.metrics import parse_text
+
+    st = _store(args)
+    addrs = json.loads(st.meta_get("metrics_addrs") or "[]")
+    wall = time.time()
+    nodes = st.list_nodes()
+    print(f"registered nodes: {len(nodes)} ({sum(1 for n in nodes if n.expires and n.expires <= wall)} expired)")
+    for a in addrs:
+        try:
+            with urllib.request.urlopen(f"http://{a}/metrics", timeout=2) as resp:
+                m = parse_text(resp.read().decode())
+        except OSError as exc:
+            print(f"server metrics at {a}: unreachable ({exc})")
+            continue
+        g = lambda k: int(m.get("meshwg_signal_" + k, 0))  # noqa: E731
+        print(f"server: up {m.get('meshwg_signal_uptime_seconds', 0):.0f} s, connected nodes {g('nodes_connected')}, "
+              f"relay sessions {g('relay_sessions')}")
+        print(f"relay: {g('forwarded_packets_total')} packets, {g('forwarded_bytes_total')} bytes forwarded; "
+              f"{g('drop_rate_limited_total')} rate-limited, {g('refused_unregistered_total')} refused unregistered")
+        errors = {k[len('meshwg_signal_'):]: int(v) for k, v in m.items()
+                  if any(w in k for w in ("error", "refused", "drop", "closed", "bad", "timeout")) and v}
+        print("errors: " + (", ".join(f"{k}={v}" for k, v in sorted(errors.items())) or "none"))
+        return 0
+    if not addrs:
+        print("server metrics: not published (start serve with --metrics HOST:PORT)")
+    return 0
 
 
 def main(argv=None) -> int:
-    print("meshwg-signal: not built yet")
-    return 1
+    args = build_parser().parse_args(argv)
+    args.db = getattr(args, "db", DEFAULT_DB)
+    args.log_level = getattr(args, "log_level", "info")
+    _setup_logging(args.log_level)
+    try:
+        if args.cmd in ("serve", "relay"):
+            return cmd_serve(args, args.cmd == "serve")
+        if args.cmd == "invite":
+            return cmd_invite(args)
+        if args.cmd == "nodes":
+            return cmd_nodes(args)
+        if args.cmd == "status":
+            return cmd_status(args)
+        if args.cmd == "pubkey":
+            from meshwg.control.primitives import public_key
+
+            print(base64.b64encode(public_key(_store(args).server_private_key(os.urandom))).decode())
+            return 0
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 2

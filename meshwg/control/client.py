@@ -1,0 +1,440 @@
+"""Node side of the control channel: one authenticated connection, and a reconnecting client (trio)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import trio
+
+from meshwg.control import protocol as P
+from meshwg.control.invite import Invite, split_hostport
+from meshwg.control.noise import HandshakeError, Initiator
+from meshwg.control.primitives import clamp, public_key
+from meshwg.control.sealed import open_untrusted, seal
+
+log = logging.getLogger("meshwg.control")
+
+
+class ControlError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{message} ({code})")
+        self.code = code
+        self.message = message
+
+
+class JoinRefusedError(ControlError):
+    """The server refused this node (bad/expired/revoked/used invite, removed or expired node). Fatal."""
+
+
+class ServerKeyMismatch(ControlError):
+    """The server did not prove the key pinned in the invite. Fatal: wrong server or a forged invite."""
+
+
+class ConnectionLost(ControlError):
+    """The connection broke or went silent; the reconnecting client retries."""
+
+
+@dataclass(frozen=True)
+class Welcome:
+    node_id: int
+    name: str
+    ipv4: str
+    ipv6: str
+    prefix4: str
+    prefix6: str
+    stun: tuple  # ((host, port), ...)
+    relay_udp: tuple
+    relay_tcp: tuple
+    heartbeat: float
+    server_key: bytes
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    key: bytes
+    node_id: int
+    name: str
+    ipv4: str
+    ipv6: str
+    candidates: tuple  # ((ip, port, kind), ...) kind: local | stun | observed | ...
+    online: bool
+
+
+# --- events delivered to the node
+
+
+@dataclass(frozen=True)
+class Connected:
+    welcome: Welcome
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    reason: str
+
+
+@dataclass(frozen=True)
+class DirectoryReset:
+    """A full directory (after each (re)connect): replace everything known about peers."""
+
+    peers: dict
+
+
+@dataclass(frozen=True)
+class PeerChanged:
+    peer: PeerInfo
+
+
+@dataclass(frozen=True)
+class PeerRemoved:
+    key: bytes
+
+
+@dataclass(frozen=True)
+class PunchNotice:
+    """Punch towards `peer` now; the peer was told the same about us at the same moment."""
+
+    peer: PeerInfo
+    role: str  # "initiator" (we asked) or "responder"
+
+
+@dataclass(frozen=True)
+class PunchFailed:
+    key: bytes
+    reason: str
+
+
+@dataclass(frozen=True)
+class SealedMessage:
+    sender: bytes
+    plaintext: bytes
+
+
+@dataclass(frozen=True)
+class Removed:
+    """This node was removed or expired by the administrator; the client stops."""
+
+    reason: str
+
+
+def _addr_list(values) -> tuple:
+    out = []
+    for v in values or ():
+        try:
+            out.append(split_hostport(v))
+        except (ValueError, TypeError):
+            pass
+    return tuple(out)
+
+
+def _peer_from_entry(e: dict) -> PeerInfo | None:
+    try:
+        cands = P.candidates_untrusted(e.get("cand", [])) or []
+        return PeerInfo(e["key"], int(e["id"]), str(e["name"]), str(e["ipv4"]), str(e["ipv6"]), tuple(cands), bool(e["online"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+class ControlConnection:
+    """One authenticated, encrypted control connection. No reconnect logic (see ControlClient)."""
+
+    def __init__(self, stream, chan: P.SecureChannel, private_key: bytes, welcome: Welcome, pending: list) -> None:
+        self.stream = stream
+        self.chan = chan
+        self.private_key = private_key
+        self.welcome = welcome
+        self.directory: dict[bytes, PeerInfo] = {}
+        self._full: dict | None = None
+        self._pending = pending
+        self.last_rx = time.monotonic()
+        self.drops = 0
+        self._send_lock = trio.Lock()
+
+    @classmethod
+    async def open(cls, invite: Invite, private_key: bytes, *, name: str | None = None, candidates=(),
+                   timeout: float = 5.0, random_bytes=os.urandom) -> "ControlConnection":
+        """Connect to the first reachable address of the invite, handshake, register; returns after the welcome."""
+        errors = []
+        for addr in invite.addrs:
+            host, port = split_hostport(addr)
+            try:
+                with trio.fail_after(timeout):
+                    stream = await trio.open_tcp_stream(host, port)
+            except (OSError, trio.TooSlowError) as exc:
+                errors.append(f"{addr}: {exc or 'timeout'}")
+                continue
+            try:
+                with trio.fail_after(timeout):
+                    return await cls._handshake(stream, invite, private_key, name, candidates, random_bytes)
+            except trio.TooSlowError:
+                await stream.aclose()
+                errors.append(f"{addr}: handshake timed out")
+            except (ControlError, OSError, trio.BrokenResourceError) as exc:
+                await stream.aclose()
+                if isinstance(exc, (JoinRefusedError, ServerKeyMismatch)):
+                    raise
+                errors.append(f"{addr}: {exc}")
+        raise ConnectionLost("unreachable", "no control server reachable: " + "; ".join(errors))
+
+    @classmethod
+    async def _handshake(cls, stream, invite, private_key, name, candidates, random_bytes):
+        sk = clamp(private_key)
+        ini = Initiator(sk, invite.server_key, random_bytes)
+        await stream.send_all(P.frame(P.HELLO_MAGIC + ini.write_message1(P.pack({"type": "hello", "v": P.PROTO_VERSION}))))
+        dec = P.FrameDecoder(1024)
+        frames: list[bytes] = []
+        while not frames:
+            data = await stream.receive_some(4096)
+            if not data:
+                raise ServerKeyMismatch(
+                    "handshake_failed",
+                    "server closed the handshake: it does not hold the key pinned in the invite (wrong server or forged invite)",
+                )
+            frames = dec.feed_untrusted(data)
+            if dec.error:
+                raise ConnectionLost("malformed", "malformed handshake response")
+        try:
+            ini.read_message2_untrusted(frames[0])
+        except HandshakeError:
+            raise ServerKeyMismatch("handshake_failed", "server failed to prove the pinned key") from None
+        chan = P.SecureChannel(ini.send, ini.recv, P.MAX_SERVER_FRAME)
+        # Bytes after the handshake frame already belong to the transport phase.
+        rest = dec._buf and bytes(dec._buf)
+        reg = {"type": P.T_REGISTER, "proto": P.PROTO_VERSION, "invite_id": invite.invite_id, "secret": invite.secret,
+               "name": name, "candidates": [list(c) for c in candidates]}
+        await stream.send_all(chan.encode(reg))
+        pending: list = []
+        if rest:
+            pending.extend(chan.feed_untrusted(rest))
+        while True:
+            while pending:
+                msg = pending.pop(0)
+                if msg["type"] == P.T_ERROR:
+                    raise JoinRefusedError(str(msg.get("code")), str(msg.get("message")))
+                if msg["type"] == P.T_WELCOME:
+                    w = Welcome(
+                        int(msg["node_id"]), str(msg["name"]), str(msg["ipv4"]), str(msg["ipv6"]),
+                        str(msg.get("prefix4", "")), str(msg.get("prefix6", "")), _addr_list(msg.get("stun")),
+                        _addr_list(msg.get("relay_udp")), _addr_list(msg.get("relay_tcp")),
+                        float(msg.get("heartbeat", 10.0)), invite.server_key,
+                    )
+                    return cls(stream, chan, sk, w, pending)
+            data = await stream.receive_some(65536)
+            if not data:
+                raise ConnectionLost("closed", "server closed the connection during registration")
+            pending.extend(chan.feed_untrusted(data))
+            if chan.error:
+                raise ConnectionLost(chan.error, "bad frame from server during registration")
+
+    # --- sending
+
+    async def send(self, msg: dict) -> None:
+        async with self._send_lock:
+            await self.stream.send_all(self.chan.encode(msg))
+
+    async def heartbeat(self, seq: int = 0) -> None:
+        await self.send({"type": P.T_HEARTBEAT, "seq": seq})
+
+    async def report_candidates(self, candidates) -> None:
+        """candidates: [(ip, port, kind)] - local addresses, STUN-reflexive ("stun"), port-mapped..."""
+        await self.send({"type": P.T_CANDIDATES, "candidates": [list(c) for c in candidates]})
+
+    async def request_punch(self, peer_key: bytes) -> None:
+        await self.send({"type": P.T_PUNCH_REQUEST, "peer": peer_key})
+
+    async def send_sealed(self, peer_key: bytes, plaintext: bytes) -> None:
+        await self.send({"type": P.T_SEAL_SEND, "to": peer_key, "blob": seal(self.private_key, peer_key, plaintext)})
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self.stream.aclose()
+
+    # --- receiving
+
+    async def receive_events(self) -> list:
+        """Wait for the next batch of server messages; returns events. Raises ConnectionLost / Removed via event."""
+        while True:
+            if self._pending:
+                msgs, self._pending = self._pending, []
+            else:
+                try:
+                    data = await self.stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    raise ConnectionLost("broken", f"connection broke: {exc}") from None
+                if not data:
+                    raise ConnectionLost("closed", "server closed the connection")
+                msgs = self.chan.feed_untrusted(data)
+                if self.chan.error:
+                    raise ConnectionLost(self.chan.error, "bad frame from server")
+            self.last_rx = time.monotonic()
+            events = []
+            for m in msgs:
+                events.extend(self._apply(m))
+            if events:
+                return events
+
+    def _apply(self, m: dict) -> list:
+        t = m["type"]
+        if t == P.T_DIR_FULL:
+            if m.get("first") or self._full is None:
+                self._full = {}
+            for raw in m.get("peers") or []:
+                e = P.unpack_entry_untrusted(raw)
+                p = _peer_from_entry(e) if e else None
+                if p:
+                    self._full[p.key] = p
+            if m.get("last"):
+                self.directory, self._full = self._full, None
+                return [DirectoryReset(dict(self.directory))]
+            return []
+        if t == P.T_DIR_UPDATE:
+            out = []
+            for raw in m.get("upsert") or []:
+                e = P.unpack_entry_untrusted(raw)
+                p = _peer_from_entry(e) if e else None
+                if p:
+                    self.directory[p.key] = p
+                    out.append(PeerChanged(p))
+                else:
+                    self.drops += 1
+            for key in m.get("remove") or []:
+                if isinstance(key, bytes) and self.directory.pop(key, None) is not None:
+                    out.append(PeerRemoved(key))
+            return out
+        if t == P.T_PUNCH:
+            e = P.unpack_entry_untrusted(m.get("peer"))
+            p = _peer_from_entry(e) if e else None
+            return [PunchNotice(p, str(m.get("role", "")))] if p else []
+        if t == "punch_fail":
+            return [PunchFailed(m.get("peer", b""), str(m.get("reason", "")))]
+        if t == P.T_SEALED:
+            sender, blob = m.get("from"), m.get("blob")
+            if isinstance(sender, bytes) and isinstance(blob, bytes):
+                plain = open_untrusted(self.private_key, sender, blob)
+                if plain is not None:
+                    return [SealedMessage(sender, plain)]
+            self.drops += 1
+            return []
+        if t == P.T_GONE:
+            return [Removed(str(m.get("reason", "removed")))]
+        if t == P.T_ERROR:
+            return [Removed(str(m.get("code", "error")))]
+        return []  # heartbeat acks and unknown (newer) types
+
+
+class ControlClient:
+    """Reconnecting control client. Use: `welcome = await nursery.start(client.run)`, then read `client.events`.
+
+    Heartbeats every welcome.heartbeat seconds; a server silent for 3 heartbeats counts as lost.
+    Reconnects with exponential backoff (jittered) and resyncs (a fresh DirectoryReset); re-reports the last
+    candidates. Stops (run returns) on Removed; raises JoinRefusedError/ServerKeyMismatch if refused.
+    """
+
+    def __init__(self, invite: Invite, private_key: bytes, *, name: str | None = None, candidates=(),
+                 backoff_initial: float = 0.5, backoff_max: float = 30.0, heartbeat: float | None = None,
+                 event_buffer: int = 4096, random_bytes=os.urandom) -> None:
+        self.invite = invite
+        self.private_key = clamp(private_key)
+        self.public_key = public_key(self.private_key)
+        self.name = name
+        self.candidates = list(candidates)
+        self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
+        self.heartbeat_override = heartbeat
+        self._random = random_bytes
+        self._send_events, self.events = trio.open_memory_channel(event_buffer)
+        self.conn: ControlConnection | None = None
+        self.welcome: Welcome | None = None
+        self.directory: dict[bytes, PeerInfo] = {}
+        self.reconnects = 0
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        backoff = self.backoff_initial
+        started = False
+        while True:
+            try:
+                conn = await ControlConnection.open(self.invite, self.private_key, name=self.name,
+                                                    candidates=self.candidates, random_bytes=self._random)
+            except ConnectionLost as exc:
+                log.info("control: %s; retrying in %.1f s", exc, backoff)
+                await trio.sleep(backoff * (0.8 + 0.4 * random.random()))
+                backoff = min(backoff * 2, self.backoff_max)
+                continue
+            backoff = self.backoff_initial
+            self.conn, self.welcome = conn, conn.welcome
+            await self._send_events.send(Connected(conn.welcome))
+            if not started:
+                started = True
+                task_status.started(conn.welcome)
+            reason = await self._serve(conn)
+            self.conn = None
+            await conn.aclose()
+            if reason is None:  # removed/expired: stop for good
+                return
+            self.reconnects += 1
+            await self._send_events.send(Disconnected(reason))
+            await trio.sleep(backoff * random.random())  # spread a herd of reconnects
+
+    async def _serve(self, conn: ControlConnection) -> str | None:
+        hb = self.heartbeat_override or conn.welcome.heartbeat
+        result: list = ["closed"]
+        async with trio.open_nursery() as n:
+            async def reader():
+                try:
+                    while True:
+                        for ev in await conn.receive_events():
+                            if isinstance(ev, DirectoryReset):
+                                self.directory = dict(ev.peers)
+                            elif isinstance(ev, PeerChanged):
+                                self.directory[ev.peer.key] = ev.peer
+                            elif isinstance(ev, PeerRemoved):
+                                self.directory.pop(ev.key, None)
+                            await self._send_events.send(ev)
+                            if isinstance(ev, Removed):
+                                result[0] = None
+                                n.cancel_scope.cancel()
+                                return
+                except ConnectionLost as exc:
+                    result[0] = exc.code
+                n.cancel_scope.cancel()
+
+            async def heartbeater():
+                seq = 0
+                try:
+                    while True:
+                        await trio.sleep(hb)
+                        if time.monotonic() - conn.last_rx > 3 * hb:
+                            result[0] = "silent"
+                            break
+                        seq += 1
+                        await conn.heartbeat(seq)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    result[0] = "broken"
+                n.cancel_scope.cancel()
+
+            n.start_soon(reader)
+            n.start_soon(heartbeater)
+        return result[0]
+
+    async def _send(self, fn, *args) -> bool:
+        conn = self.conn
+        if conn is None:
+            return False
+        try:
+            await fn(conn, *args)
+            return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return False
+
+    async def report_candidates(self, candidates) -> bool:
+        self.candidates = list(candidates)  # re-reported at every reconnect
+        return await self._send(ControlConnection.report_candidates, self.candidates)
+
+    async def request_punch(self, peer_key: bytes) -> bool:
+        return await self._send(ControlConnection.request_punch, peer_key)
+
+    async def send_sealed(self, peer_key: bytes, plaintext: bytes) -> bool:
+        return await self._send(ControlConnection.send_sealed, peer_key, plaintext)

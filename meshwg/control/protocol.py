@@ -1,0 +1,176 @@
+"""Control-channel wire protocol (shared by node and server). Pure: no I/O.
+
+Stream layout: every frame is a 4-byte big-endian length then the body, capped per direction.
+  frame 1 (node -> server): HELLO_MAGIC + Noise IK message 1 (payload: msgpack {"v": PROTO_VERSION})
+  frame 2 (server -> node): Noise IK message 2 (payload: msgpack {"v": PROTO_VERSION, "server": name})
+  then each frame is one ChaCha20-Poly1305 transport message holding one msgpack map {"type": str, ...}.
+Message types are versioned by PROTO_VERSION (negotiated in the handshake payloads); a receiver ignores
+and counts types it does not know, so newer peers can add types without breaking older ones.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+
+from meshwg.control.noise import CipherState
+
+PROTO_VERSION = 1
+HELLO_MAGIC = b"MWC\x01"
+LEN_PREFIX = 4
+MAX_CLIENT_FRAME = 64 * 1024  # node -> server: nothing a node sends needs more
+MAX_SERVER_FRAME = 4 * 1024 * 1024  # server -> node: directory chunks stay well under this
+DIR_CHUNK = 256  # peers per directory message, keeps frames small and lets the event loop breathe
+
+# node -> server
+T_REGISTER = "register"  # {invite_id?, secret?, name?, candidates: [[ip, port, kind]...], proto}
+T_HEARTBEAT = "hb"  # {seq}
+T_CANDIDATES = "candidates"  # {candidates}
+T_PUNCH_REQUEST = "punch_req"  # {peer: key32}
+T_SEAL_SEND = "seal_send"  # {to: key32, blob: bytes}
+# server -> node
+T_WELCOME = "welcome"  # {node_id, name, ipv4, ipv6, prefixes, stun, relay_udp, relay_tcp, proto}
+T_ERROR = "error"  # {code, message}; the server closes after sending it
+T_DIR_FULL = "dir_full"  # {peers: [packed entry...], last: bool} - first chunk resets the directory
+T_DIR_UPDATE = "dir"  # {upsert: [packed entry...], remove: [key32...]}
+T_PUNCH = "punch"  # {peer: packed entry}: the peer will punch towards us now
+T_SEALED = "sealed"  # {from: key32, blob: bytes}
+T_HEARTBEAT_ACK = "hb_ack"  # {seq}
+T_GONE = "gone"  # {reason}: this node was removed/expired; the server closes
+
+
+class FrameDecoder:
+    """Reassembles length-prefixed frames from stream bytes; an oversized length poisons the stream."""
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+        self._buf = bytearray()
+        self.error: str | None = None
+
+    def feed_untrusted(self, data: bytes) -> list[bytes]:
+        if self.error:
+            return []
+        self._buf += data
+        out = []
+        while len(self._buf) >= LEN_PREFIX:
+            (n,) = struct.unpack_from("!I", self._buf, 0)
+            if n > self.max_len:
+                self.error = "frame_too_large"
+                self._buf.clear()
+                return out
+            if len(self._buf) < LEN_PREFIX + n:
+                break
+            out.append(bytes(self._buf[LEN_PREFIX : LEN_PREFIX + n]))
+            del self._buf[: LEN_PREFIX + n]
+        return out
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+
+def frame(body: bytes) -> bytes:
+    return struct.pack("!I", len(body)) + body
+
+
+def pack(msg: dict) -> bytes:
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def unpack_untrusted(data: bytes, max_len: int) -> dict | None:
+    """A msgpack map with a str "type", else None. Limits stop allocation bombs."""
+    try:
+        msg = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=max_len,
+            max_bin_len=max_len,
+            max_array_len=100_000,
+            max_map_len=1024,
+        )
+    except Exception:  # msgpack raises many types on junk; all mean "malformed"
+        return None
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+        return None
+    return msg
+
+
+class SecureChannel:
+    """Transport phase of one side: encrypt+frame outgoing maps, decrypt+parse incoming frames."""
+
+    def __init__(self, send: CipherState, recv: CipherState, max_in: int) -> None:
+        self._send = send
+        self._recv = recv
+        self.max_in = max_in
+        self.decoder = FrameDecoder(max_in + 16)
+        self.error: str | None = None
+
+    def encode(self, msg: dict) -> bytes:
+        return frame(self._send.encrypt(pack(msg)))
+
+    def encode_packed(self, packed: bytes) -> bytes:
+        return frame(self._send.encrypt(packed))
+
+    def feed_untrusted(self, data: bytes) -> list[dict]:
+        """Decoded messages; sets self.error (and stops) on a bad frame: the caller then closes."""
+        if self.error:
+            return []
+        out = []
+        for body in self.decoder.feed_untrusted(data):
+            plain = self._recv.decrypt_untrusted(body)
+            if plain is None:
+                self.error = "bad_auth"
+                return out
+            msg = unpack_untrusted(plain, self.max_in)
+            if msg is None:
+                self.error = "malformed"
+                return out
+            out.append(msg)
+        if self.decoder.error:
+            self.error = self.decoder.error
+        return out
+
+
+# --- directory entries: packed once by the server, shared by every recipient
+
+
+def pack_entry(entry: dict) -> bytes:
+    return msgpack.packb(entry, use_bin_type=True)
+
+
+def unpack_entry_untrusted(data) -> dict | None:
+    if not isinstance(data, bytes):
+        return None
+    try:
+        e = msgpack.unpackb(data, raw=False, max_str_len=4096, max_bin_len=4096, max_array_len=64, max_map_len=64)
+    except Exception:
+        return None
+    if not isinstance(e, dict) or not isinstance(e.get("key"), bytes) or len(e["key"]) != 32:
+        return None
+    return e
+
+
+def candidates_untrusted(value, limit: int = 16) -> list[tuple[str, int, str]] | None:
+    """Validate a candidate list [[ip, port, kind], ...]; None when malformed."""
+    import ipaddress
+
+    if not isinstance(value, list) or len(value) > limit:
+        return None
+    out = []
+    for c in value:
+        if not isinstance(c, (list, tuple)) or len(c) not in (2, 3):
+            return None
+        ip, port = c[0], c[1]
+        kind = c[2] if len(c) == 3 else "local"
+        if not isinstance(ip, str) or not isinstance(port, int) or not isinstance(kind, str):
+            return None
+        if not 0 < port < 65536 or len(kind) > 16:
+            return None
+        try:
+            ip = str(ipaddress.ip_address(ip))
+        except ValueError:
+            return None
+        out.append((ip, port, kind))
+    return out

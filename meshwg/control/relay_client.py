@@ -1,0 +1,142 @@
+"""Node side of the relay: a sans-IO session for the shared UDP socket, and a trio TCP fallback client.
+
+UDP use (the node's one socket carries WireGuard, STUN, disco and relay frames):
+    rs = RelaySession(private_key, server_public_key, os.urandom)
+    sock.sendto(rs.hello(now, wall), relay_addr)            # and again whenever rs.needs_hello(now)
+    for datagrams starting with relay_wire.MAGIC:  ev = rs.handle_untrusted(data, now)
+        ("ready", observed_addr) | ("recv", src_key, packet) | ("notice", code, key) | None
+    frame = rs.encode_send(dst_key, wg_packet)                # None until ready
+"""
+
+from __future__ import annotations
+
+import time
+
+import trio
+
+from meshwg.control import relay_wire as W
+from meshwg.control.primitives import clamp
+from meshwg.control.relay_wire import MAGIC, is_relay_untrusted  # noqa: F401  (re-exported for the demux)
+
+
+class RelaySession:
+    def __init__(self, private_key: bytes, server_public: bytes, random_bytes) -> None:
+        self.private_key = clamp(private_key)
+        self.server_public = server_public
+        self._random = random_bytes
+        self.token: bytes | None = None
+        self.observed = None
+        self.ready_until = 0.0
+        self.last_hello = -1e9
+        self.drops = 0
+
+    def hello(self, now: float, wall: float) -> bytes:
+        self.last_hello = now
+        return W.encode_hello(self.private_key, self.server_public, wall, self._random(8), self._random(24))
+
+    def needs_hello(self, now: float) -> bool:
+        # Re-hello before the session expires; retry unanswered hellos every 2 s.
+        if self.token is None:
+            return now - self.last_hello >= 2.0
+        return now - self.last_hello >= W.HELLO_INTERVAL or now >= self.ready_until
+
+    def get_timer(self) -> float:
+        if self.token is None:
+            return self.last_hello + 2.0
+        return min(self.last_hello + W.HELLO_INTERVAL, self.ready_until)
+
+    def is_ready(self, now: float) -> bool:
+        return self.token is not None and now < self.ready_until
+
+    def encode_send(self, dst: bytes, packet: bytes) -> bytes | None:
+        if self.token is None:
+            return None
+        return W.encode_send(self.token, dst, packet)
+
+    def handle_untrusted(self, data: bytes, now: float):
+        t = W.frame_type_untrusted(data)
+        if t == W.T_RECV:
+            parsed = W.parse_recv_untrusted(data)
+            if parsed:
+                return ("recv", parsed[0], parsed[1])
+        elif t == W.T_HELLO_OK:
+            parsed = W.parse_hello_ok_untrusted(self.private_key, self.server_public, data)
+            if parsed:
+                self.token, ttl, self.observed = parsed
+                self.ready_until = now + ttl
+                return ("ready", self.observed)
+        elif t == W.T_NOTICE:
+            parsed = W.parse_notice_untrusted(data)
+            if parsed:
+                code, key = parsed
+                if code in (W.N_REHELLO, W.N_STALE_HELLO):
+                    self.token = None  # next needs_hello() is true after the retry delay
+                    self.last_hello = -1e9
+                return ("notice", code, key)
+        self.drops += 1
+        return None
+
+
+class TcpRelayClient:
+    """Relay over TCP for networks that block UDP. `await open_tcp_relay(...)` returns a ready client."""
+
+    def __init__(self, stream, session: RelaySession) -> None:
+        self.stream = stream
+        self.session = session
+        self._dec = W.TcpFrameDecoder()
+        self._queue: list = []
+        self._lock = trio.Lock()
+
+    async def send(self, dst: bytes, packet: bytes) -> None:
+        frame = self.session.encode_send(dst, packet)
+        if frame is None:
+            raise RuntimeError("relay session not ready")
+        async with self._lock:
+            await self.stream.send_all(W.tcp_frame(frame))
+
+    async def rehello(self) -> None:
+        async with self._lock:
+            await self.stream.send_all(W.tcp_frame(self.session.hello(time.monotonic(), time.time())))
+
+    async def receive_event(self):
+        """Next ("recv", src, packet) / ("notice", code, key) / ("ready", None) event; raises EOFError on close."""
+        while True:
+            while self._queue:
+                ev = self.session.handle_untrusted(self._queue.pop(0), time.monotonic())
+                if ev is not None:
+                    return ev
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise EOFError("relay closed the connection")
+            self._queue.extend(self._dec.feed(data))
+
+    async def receive(self) -> tuple[bytes, bytes]:
+        """Next relayed packet (src_key, packet); re-hellos transparently when asked to."""
+        while True:
+            ev = await self.receive_event()
+            if ev[0] == "recv":
+                return ev[1], ev[2]
+            if ev[0] == "notice" and ev[1] in (W.N_REHELLO, W.N_STALE_HELLO):
+                await self.rehello()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def open_tcp_relay(host: str, port: int, private_key: bytes, server_public: bytes, random_bytes,
+                         timeout: float = 5.0) -> TcpRelayClient:
+    """Connect, prove key possession, wait for HELLO_OK. Raises PermissionError if the relay refuses the key."""
+    with trio.fail_after(timeout):
+        stream = await trio.open_tcp_stream(host, port)
+        client = TcpRelayClient(stream, RelaySession(private_key, server_public, random_bytes))
+        try:
+            await client.rehello()
+            while True:
+                ev = await client.receive_event()
+                if ev[0] == "ready":
+                    return client
+                if ev[0] == "notice" and ev[1] == W.N_NOT_REGISTERED:
+                    raise PermissionError("relay refused this key: not a registered, unexpired node")
+        except BaseException:
+            await stream.aclose()
+            raise

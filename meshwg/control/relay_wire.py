@@ -1,0 +1,153 @@
+"""Relay frame format (DERP-like), shared by the node and the relay. Pure: no I/O.
+
+Relay frames share the node's UDP socket with WireGuard (types 1-4 then three zero bytes), STUN (top two
+bits zero, cookie 0x2112A442 at offset 4) and discovery, so they start with MAGIC, whose first byte 0xFF
+can be neither. Layout (after MAGIC + 1 type byte):
+  HELLO     client_pub32 | nacl Box(client_sk -> server_pk)(wall_ms u64 | random 8)   (nonce inside box)
+  HELLO_OK  nacl Box(server_sk -> client_pk)(token8 | ttl u16 | observed addr: fam u8, ip, port u16)
+  SEND      token8 | dst_pub32 | opaque packet
+  RECV      src_pub32 | opaque packet
+  NOTICE    code u8 | key32      (unauthenticated hint: re-hello, peer absent, refused, rate limited)
+On TCP every frame is preceded by a 2-byte big-endian length; the token is still present (ignored).
+The relay never sees WireGuard keys' private halves and cannot decrypt or forge the WireGuard payload.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+from nacl.exceptions import CryptoError
+from nacl.public import Box, PrivateKey, PublicKey
+
+MAGIC = b"\xffMWR"
+T_HELLO, T_HELLO_OK, T_SEND, T_RECV, T_NOTICE = 1, 2, 3, 4, 5
+N_REHELLO, N_NOT_REGISTERED, N_PEER_ABSENT, N_RATE_LIMITED, N_STALE_HELLO = 1, 2, 3, 4, 5
+TOKEN_LEN = 8
+MAX_PACKET = 65535 - 64
+HELLO_LEN = 4 + 1 + 32 + 24 + 16 + 16
+HELLO_INTERVAL = 25.0  # the node re-hellos this often: keeps the NAT mapping and binding fresh
+SESSION_TTL = 90.0
+
+
+def is_relay_untrusted(data: bytes) -> bool:
+    return len(data) >= 6 and data[:4] == MAGIC
+
+
+def encode_hello(client_private: bytes, server_public: bytes, wall: float, rand8: bytes, nonce24: bytes) -> bytes:
+    box = Box(PrivateKey(client_private), PublicKey(server_public))
+    plain = struct.pack("!Q", int(wall * 1000)) + rand8
+    pub = bytes(PrivateKey(client_private).public_key)
+    return MAGIC + bytes([T_HELLO]) + pub + bytes(box.encrypt(plain, nonce24))
+
+
+def parse_hello_untrusted(data: bytes):
+    """(client_pub, boxed) of a HELLO frame; the relay opens boxed with the client's key."""
+    if len(data) != HELLO_LEN or data[:4] != MAGIC or data[4] != T_HELLO:
+        return None
+    return data[5:37], data[37:]
+
+
+def open_hello_untrusted(box: Box, boxed: bytes):
+    """(wall_ms, rand8) or None."""
+    try:
+        plain = box.decrypt(boxed)
+    except (CryptoError, ValueError):
+        return None
+    if len(plain) != 16:
+        return None
+    return struct.unpack("!Q", plain[:8])[0], plain[8:]
+
+
+def _pack_addr(addr) -> bytes:
+    if addr is None:
+        return b"\x00"
+    ip = ipaddress.ip_address(addr[0])
+    return bytes([ip.version]) + ip.packed + struct.pack("!H", addr[1])
+
+
+def _unpack_addr(b: bytes):
+    if not b or b[0] == 0:
+        return None
+    n = 4 if b[0] == 4 else 16 if b[0] == 6 else None
+    if n is None or len(b) != 1 + n + 2:
+        return None
+    return str(ipaddress.ip_address(b[1 : 1 + n])), struct.unpack("!H", b[1 + n :])[0]
+
+
+def encode_hello_ok(box: Box, token: bytes, ttl: int, observed, nonce24: bytes) -> bytes:
+    plain = token + struct.pack("!H", ttl) + _pack_addr(observed)
+    return MAGIC + bytes([T_HELLO_OK]) + bytes(box.encrypt(plain, nonce24))
+
+
+def parse_hello_ok_untrusted(client_private: bytes, server_public: bytes, data: bytes):
+    """(token, ttl, observed_addr|None) if the server's answer authenticates, else None."""
+    if len(data) < 6 or data[:4] != MAGIC or data[4] != T_HELLO_OK:
+        return None
+    try:
+        plain = Box(PrivateKey(client_private), PublicKey(server_public)).decrypt(data[5:])
+    except (CryptoError, ValueError):
+        return None
+    if len(plain) < TOKEN_LEN + 3:
+        return None
+    ttl = struct.unpack("!H", plain[TOKEN_LEN : TOKEN_LEN + 2])[0]
+    return plain[:TOKEN_LEN], ttl, _unpack_addr(plain[TOKEN_LEN + 2 :])
+
+
+def encode_send(token: bytes, dst: bytes, packet: bytes) -> bytes:
+    return MAGIC + bytes([T_SEND]) + token + dst + packet
+
+
+def parse_send_untrusted(data: bytes):
+    """(token, dst, packet) or None."""
+    if len(data) < 5 + TOKEN_LEN + 32 or data[:4] != MAGIC or data[4] != T_SEND:
+        return None
+    return data[5:13], data[13:45], data[45:]
+
+
+def encode_recv(src: bytes, packet: bytes) -> bytes:
+    return MAGIC + bytes([T_RECV]) + src + packet
+
+
+def parse_recv_untrusted(data: bytes):
+    """(src_pub, packet) or None."""
+    if len(data) < 5 + 32 or data[:4] != MAGIC or data[4] != T_RECV:
+        return None
+    return data[5:37], data[37:]
+
+
+def encode_notice(code: int, key: bytes = bytes(32)) -> bytes:
+    return MAGIC + bytes([T_NOTICE, code]) + key
+
+
+def parse_notice_untrusted(data: bytes):
+    """(code, key32) or None."""
+    if len(data) != 6 + 32 or data[:4] != MAGIC or data[4] != T_NOTICE:
+        return None
+    return data[5], data[6:]
+
+
+def frame_type_untrusted(data: bytes) -> int | None:
+    return data[4] if is_relay_untrusted(data) else None
+
+
+def tcp_frame(data: bytes) -> bytes:
+    return struct.pack("!H", len(data)) + data
+
+
+class TcpFrameDecoder:
+    """2-byte length framing for the relay's TCP fallback."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        out = []
+        while len(self._buf) >= 2:
+            n = struct.unpack_from("!H", self._buf, 0)[0]
+            if len(self._buf) < 2 + n:
+                break
+            out.append(bytes(self._buf[2 : 2 + n]))
+            del self._buf[: 2 + n]
+        return out

@@ -1,0 +1,43 @@
+"""Token buckets over explicit time. Pure."""
+
+from __future__ import annotations
+
+
+class TokenBucket:
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, now
+
+    def take(self, now: float, cost: float = 1.0) -> bool:
+        elapsed = now - self.stamp
+        if elapsed > 0:
+            self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+            self.stamp = now
+        if self.tokens >= cost:
+            self.tokens -= cost
+            return True
+        return False
+
+
+class KeyedLimiter:
+    """One bucket per key (a node key, a source IP); bounded so a flood of keys cannot grow memory."""
+
+    def __init__(self, rate: float, burst: float, max_keys: int = 100_000) -> None:
+        self.rate, self.burst, self.max_keys = rate, burst, max_keys
+        self._buckets: dict = {}
+
+    def allow(self, key, now: float, cost: float = 1.0) -> bool:
+        b = self._buckets.get(key)
+        if b is None:
+            if len(self._buckets) >= self.max_keys:
+                # Full buckets carry no information: drop them first.
+                for k in [k for k, v in self._buckets.items() if v.tokens >= v.burst][: self.max_keys // 2]:
+                    del self._buckets[k]
+                if len(self._buckets) >= self.max_keys:
+                    return False
+            b = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
+        return b.take(now, cost)
+
+    def forget(self, key) -> None:
+        self._buckets.pop(key, None)

@@ -1,0 +1,167 @@
+"""Relay forwarding decisions (DERP-like). Pure: time, wall clock and randomness are inputs.
+
+A node proves possession of its key with a HELLO (nacl Box to the relay key, fresh wall-clock stamp,
+single-use nonce). The relay answers with a session token bound to the source (a UDP address or a TCP
+connection object). SEND frames carrying that token from that source are forwarded as RECV frames to the
+destination key's current binding. Only keys in `allowed` (registered, unexpired nodes) get sessions.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+
+from nacl.public import Box, PrivateKey, PublicKey
+
+from meshwg.control import relay_wire as W
+from signal_server.ratelimit import KeyedLimiter
+
+HELLO_SKEW = 120.0  # seconds of wall-clock disagreement tolerated in a HELLO
+BOX_CACHE = 4096
+
+
+@dataclass
+class Session:
+    key: bytes
+    token: bytes
+    dest: object  # where RECV frames go: a UDP address object or a TCP connection
+    expires: float
+
+
+class RelayCore:
+    def __init__(self, server_private: bytes, random_bytes, *, pkt_rate: float = 4000.0, pkt_burst: float = 8000.0,
+                 byte_rate: float = 16e6, hello_rate: float = 5.0, session_ttl: float = W.SESSION_TTL) -> None:
+        self._sk = PrivateKey(server_private)
+        self._random = random_bytes
+        self.allowed: set[bytes] = set()
+        self.by_token: dict[bytes, Session] = {}
+        self.by_key: dict[bytes, Session] = {}
+        self._boxes: OrderedDict[bytes, Box] = OrderedDict()
+        self._seen_nonces: dict[bytes, float] = {}  # HELLO nonce -> wall expiry (replay guard)
+        self.pkt_limit = KeyedLimiter(pkt_rate, pkt_burst)
+        self.byte_limit = KeyedLimiter(byte_rate, byte_rate * 2)
+        self.hello_limit = KeyedLimiter(hello_rate, hello_rate * 4)
+        self.session_ttl = session_ttl
+        self.counters: Counter = Counter()
+        self.observed_events: list[tuple[bytes, tuple]] = []
+
+    # --- membership (driven by the registry)
+
+    def set_allowed(self, keys) -> None:
+        self.allowed = set(keys)
+        for k in [k for k in self.by_key if k not in self.allowed]:
+            self.drop_key(k)
+
+    def drop_key(self, key: bytes) -> None:
+        s = self.by_key.pop(key, None)
+        if s is not None:
+            self.by_token.pop(s.token, None)
+
+    def drop_dest(self, dest) -> None:
+        """A TCP connection went away."""
+        for s in [s for s in self.by_key.values() if s.dest is dest]:
+            self.by_key.pop(s.key, None)
+            self.by_token.pop(s.token, None)
+
+    def _box(self, key: bytes) -> Box:
+        box = self._boxes.get(key)
+        if box is None:
+            box = Box(self._sk, PublicKey(key))
+            self._boxes[key] = box
+            if len(self._boxes) > BOX_CACHE:
+                self._boxes.popitem(last=False)
+        else:
+            self._boxes.move_to_end(key)
+        return box
+
+    # --- input
+
+    def handle_untrusted(self, data: bytes, dest, now: float, wall: float, observed=None) -> list[tuple[bytes, object]]:
+        """Process one relay frame from `dest`; returns (frame, destination) pairs to send."""
+        t = W.frame_type_untrusted(data)
+        if t == W.T_SEND:
+            return self._on_send(data, dest, now)
+        if t == W.T_HELLO:
+            return self._on_hello(data, dest, now, wall, observed)
+        self.counters["drop_bad_frame"] += 1
+        return []
+
+    def _on_hello(self, data, dest, now, wall, observed):
+        parsed = W.parse_hello_untrusted(data)
+        if parsed is None:
+            self.counters["drop_bad_hello"] += 1
+            return []
+        key, boxed = parsed
+        if key not in self.allowed:
+            # Cheap refusal before any crypto: unregistered keys cost one set lookup.
+            self.counters["refused_unregistered"] += 1
+            if self.hello_limit.allow(("refuse", observed or id(dest)), now):
+                return [(W.encode_notice(W.N_NOT_REGISTERED, key), dest)]
+            return []
+        if not self.hello_limit.allow(key, now):
+            self.counters["drop_hello_rate"] += 1
+            return []
+        opened = W.open_hello_untrusted(self._box(key), boxed)
+        if opened is None:
+            self.counters["drop_hello_auth"] += 1
+            return []
+        wall_ms, _ = opened
+        nonce = boxed[:24]
+        if abs(wall_ms / 1000.0 - wall) > HELLO_SKEW or nonce in self._seen_nonces:
+            self.counters["drop_hello_stale"] += 1
+            return [(W.encode_notice(W.N_STALE_HELLO, key), dest)]
+        self._remember_nonce(nonce, wall)
+        old = self.by_key.get(key)
+        if old is not None:
+            self.by_token.pop(old.token, None)
+        token = self._random(W.TOKEN_LEN)
+        s = Session(key, token, dest, now + self.session_ttl)
+        self.by_key[key] = s
+        self.by_token[token] = s
+        self.counters["hello_ok"] += 1
+        if observed is not None:
+            self.observed_events.append((key, observed))
+        reply = W.encode_hello_ok(self._box(key), token, int(self.session_ttl), observed, self._random(24))
+        return [(reply, dest)]
+
+    def _remember_nonce(self, nonce: bytes, wall: float) -> None:
+        if len(self._seen_nonces) > 100_000:
+            self._seen_nonces = {n: t for n, t in self._seen_nonces.items() if t > wall}
+        self._seen_nonces[nonce] = wall + 2 * HELLO_SKEW
+
+    def _on_send(self, data, dest, now):
+        parsed = W.parse_send_untrusted(data)
+        if parsed is None:
+            self.counters["drop_bad_send"] += 1
+            return []
+        token, dst_key, packet = parsed
+        s = self.by_token.get(token)
+        if s is None or s.dest != dest or s.expires < now:
+            # Unknown or stale session: the sender must HELLO (again) first.
+            self.counters["refused_no_session"] += 1
+            if s is not None and s.expires < now:
+                self.drop_key(s.key)
+            if self.hello_limit.allow(("rehello", id(dest) if not isinstance(dest, tuple) else dest), now):
+                return [(W.encode_notice(W.N_REHELLO), dest)]
+            return []
+        if len(packet) > W.MAX_PACKET:
+            self.counters["drop_too_big"] += 1
+            return []
+        if not self.pkt_limit.allow(s.key, now) or not self.byte_limit.allow(s.key, now, len(packet)):
+            self.counters["drop_rate_limited"] += 1
+            return []
+        peer = self.by_key.get(dst_key)
+        if peer is None or peer.expires < now:
+            self.counters["drop_peer_absent"] += 1
+            return []
+        self.counters["forwarded_packets"] += 1
+        self.counters["forwarded_bytes"] += len(packet)
+        return [(W.encode_recv(s.key, packet), peer.dest)]
+
+    def expire(self, now: float) -> None:
+        for s in [s for s in self.by_key.values() if s.expires < now]:
+            self.drop_key(s.key)
+
+    def pop_observed(self) -> list[tuple[bytes, tuple]]:
+        out, self.observed_events = self.observed_events, []
+        return out

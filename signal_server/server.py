@@ -1,0 +1,679 @@
+"""Trio shells of the signal server: control (Noise IK + msgpack over TCP), UDP STUN + relay, TCP relay,
+SQLite persistence, admin-change watcher and /metrics. The decisions live in the pure modules."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import trio
+
+from meshwg.control import protocol as P
+from meshwg.control import relay_wire as W
+from meshwg.control.invite import join_hostport
+from meshwg.control.noise import HandshakeError, Responder
+from meshwg.disco import stun
+from signal_server import metrics
+from signal_server.directory import Directory, Node
+from signal_server.invites import JoinRefused
+from signal_server.punch import PunchCoordinator
+from signal_server.ratelimit import TokenBucket
+from signal_server.relay import RelayCore
+from signal_server.store import NodeRow, Store
+
+log = logging.getLogger("signal")
+
+MAX_SEAL_BLOB = 16 * 1024
+
+
+@dataclass
+class ServerConfig:
+    db: str
+    control: list = field(default_factory=lambda: [("0.0.0.0", 7300)])
+    udp: list = field(default_factory=lambda: [("0.0.0.0", 3478)])  # STUN + UDP relay ([] disables)
+    relay_tcp: list = field(default_factory=lambda: [("0.0.0.0", 7301)])  # [] disables
+    metrics: list = field(default_factory=list)  # e.g. [("127.0.0.1", 9300)]
+    advertise: str | None = None  # host put into invites/welcome when listening on a wildcard
+    prefix4: str | None = None
+    prefix6: str | None = None
+    heartbeat: float = 10.0  # the node's heartbeat interval (told in the welcome)
+    idle_timeout: float = 35.0  # a session with no frame for this long is closed
+    handshake_timeout: float = 5.0
+    send_timeout: float = 10.0  # a client that cannot take our bytes this long is closed
+    coalesce: float = 0.05  # directory pushes at most this often...
+    coalesce_per_node: float = 0.0002  # ...plus this much per connected node (0.2 s at 1000 nodes)...
+    coalesce_max: float = 0.4  # ...but never slower than this
+    max_unauthenticated: int = 512
+    db_poll: float = 0.1
+    control_enabled: bool = True  # False: `meshwg-signal relay` (relay + STUN only)
+    synchronous: str = "NORMAL"  # SQLite: NORMAL survives kill -9; FULL also survives power loss
+
+
+@dataclass
+class Bound:
+    control: list = field(default_factory=list)
+    udp: list = field(default_factory=list)
+    relay_tcp: list = field(default_factory=list)
+    metrics: list = field(default_factory=list)
+
+
+class FailureLimiter:
+    """Blocks a source IP whose recent failed handshakes/joins exhausted its bucket."""
+
+    def __init__(self, rate: float = 5.0, burst: float = 20.0) -> None:
+        self.rate, self.burst = rate, burst
+        self._b: dict[str, TokenBucket] = {}
+
+    def blocked(self, ip: str, now: float) -> bool:
+        b = self._b.get(ip)
+        if b is None:
+            return False
+        b.take(now, 0.0)  # refill only
+        return b.tokens < 1.0
+
+    def fail(self, ip: str, now: float) -> None:
+        if len(self._b) > 50_000:
+            self._b.clear()
+        b = self._b.setdefault(ip, TokenBucket(self.rate, self.burst, now))
+        b.take(now)
+
+
+class Session:
+    def __init__(self, key: bytes, node_id: int, stream, chan: P.SecureChannel) -> None:
+        self.key = key
+        self.node_id = node_id
+        self.stream = stream
+        self.chan = chan
+        self.wake = trio.Event()
+        self.queue: deque = deque()
+        self.closing: str | None = None
+        self.scope: trio.CancelScope | None = None
+        self.msg_bucket = TokenBucket(200.0, 400.0, time.monotonic())
+        self.local_host = ""
+
+
+class SignalServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.cfg = config
+        self.store = Store(config.db, synchronous=config.synchronous)
+        self.server_sk = self.store.server_private_key(os.urandom)
+        from meshwg.control.primitives import public_key
+
+        self.server_pk = public_key(self.server_sk)
+        self.prefix4, self.prefix6 = self.store.prefixes(os.urandom, config.prefix4, config.prefix6)
+        self.directory = Directory()
+        self.punch = PunchCoordinator()
+        self.relay = RelayCore(self.server_sk, os.urandom)
+        self.sessions: dict[bytes, Session] = {}
+        self.counters: Counter = Counter()
+        self.failures = FailureLimiter()
+        self._db_lock = trio.Lock()
+        self._unauth = 0
+        self.bound = Bound()
+        self._udp_socks: list[socket.socket] = []
+        self._relay_tcp_conns = 0
+        self.started = time.monotonic()
+        self._dir_changed = trio.Event()
+        for row in self.store.list_nodes():
+            if row.expires is None or row.expires > time.time():
+                self.directory.put(_node_from_row(row))
+        self._sync_relay_allowed()
+        self._db_version = self.store.data_version()
+
+    # --- helpers
+
+    async def _db(self, fn, *args):
+        async with self._db_lock:
+            return await trio.to_thread.run_sync(fn, *args)
+
+    def _sync_relay_allowed(self) -> None:
+        self.relay.set_allowed(self.directory.nodes.keys())
+
+    def _wake_all(self) -> None:
+        """The directory changed: the flusher will push it (coalesced) to every subscriber."""
+        self._dir_changed.set()
+
+    def gauges(self) -> dict:
+        return {
+            "nodes_registered": len(self.directory.nodes),
+            "nodes_connected": len(self.sessions),
+            "relay_sessions": len(self.relay.by_key),
+            "relay_tcp_connections": self._relay_tcp_conns,
+            "unauthenticated_connections": self._unauth,
+            "uptime_seconds": round(time.monotonic() - self.started, 1),
+        }
+
+    def render_metrics(self) -> str:
+        return metrics.render(self.counters + self.relay.counters, self.gauges())
+
+    # --- run
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.cfg
+        async with trio.open_nursery() as nursery:
+            if cfg.control_enabled:
+                for host, port in cfg.control:
+                    ls = await trio.open_tcp_listeners(port, host=host)
+                    self.bound.control += [l.socket.getsockname()[:2] for l in ls]
+                    nursery.start_soon(trio.serve_listeners, self._handle_control, ls)
+            for host, port in cfg.udp:
+                sock = _udp_socket(host, port)
+                self._udp_socks.append(sock)
+                self.bound.udp.append(sock.getsockname()[:2])
+                nursery.start_soon(self._udp_loop, len(self._udp_socks) - 1)
+            for host, port in cfg.relay_tcp:
+                ls = await trio.open_tcp_listeners(port, host=host)
+                self.bound.relay_tcp += [l.socket.getsockname()[:2] for l in ls]
+                nursery.start_soon(trio.serve_listeners, self._handle_relay_tcp, ls)
+            for host, port in cfg.metrics:
+                ls = await trio.open_tcp_listeners(port, host=host)
+                self.bound.metrics += [l.socket.getsockname()[:2] for l in ls]
+                nursery.start_soon(metrics.serve_metrics, ls, self.render_metrics)
+            self._publish_addresses()
+            nursery.start_soon(self._housekeeping)
+            nursery.start_soon(self._flusher)
+            log.info(
+                "serving: control %s, udp (stun+relay) %s, relay tcp %s, metrics %s; server key %s",
+                self.bound.control, self.bound.udp, self.bound.relay_tcp, self.bound.metrics,
+                _b64(self.server_pk),
+            )
+            task_status.started(self.bound)
+
+    def _publish_addresses(self) -> None:
+        """Let the admin CLI build invites and find /metrics without being told the ports."""
+        import json
+
+        ctl = [join_hostport(self.cfg.advertise or h, p) if h in ("0.0.0.0", "::") else join_hostport(h, p)
+               for h, p in self.bound.control]
+        self.store.meta_set("control_addrs", json.dumps(ctl))
+        self.store.meta_set("metrics_addrs", json.dumps([join_hostport(h, p) for h, p in self.bound.metrics]))
+        self._db_version = self.store.data_version()
+
+    async def _housekeeping(self) -> None:
+        last_expiry = 0.0
+        while True:
+            await trio.sleep(self.cfg.db_poll)
+            try:
+                version = await self._db(self.store.data_version)
+                if version != self._db_version:
+                    self._db_version = version
+                    rows = await self._db(self.store.list_nodes)
+                    self._reconcile(rows)
+            except Exception:  # a locked/busy DB must not kill the server; retry next tick
+                log.exception("reading admin changes failed; will retry")
+                self.counters["db_errors"] += 1
+            now = time.monotonic()
+            if now - last_expiry >= 1.0:
+                last_expiry = now
+                for key in self.directory.expired(time.time()):
+                    self._drop_node(key, "expired")
+                self.relay.expire(now)
+
+    def _reconcile(self, rows: list[NodeRow]) -> None:
+        """Apply admin changes made by other processes (remove, expire, rename)."""
+        wall = time.time()
+        by_key = {r.key: r for r in rows}
+        for key in list(self.directory.nodes):
+            row = by_key.get(key)
+            if row is None:
+                self._drop_node(key, "removed")
+            elif row.expires is not None and row.expires <= wall:
+                self._drop_node(key, "expired")
+            else:
+                self.directory.update(key, name=row.name, expires=row.expires)
+        for key, row in by_key.items():
+            if key not in self.directory.nodes and (row.expires is None or row.expires > wall):
+                self.directory.put(_node_from_row(row))
+        self._sync_relay_allowed()
+        self._wake_all()
+
+    def _drop_node(self, key: bytes, reason: str) -> None:
+        self.directory.remove(key)
+        self.relay.drop_key(key)
+        self.relay.allowed.discard(key)
+        self.counters[f"nodes_{reason}"] += 1
+        s = self.sessions.get(key)
+        if s is not None:
+            s.queue.append({"type": P.T_GONE, "reason": reason})
+            s.closing = reason
+            s.wake.set()
+        log.info("node %s %s; peers notified", _b64(key), reason)
+        self._wake_all()
+
+    # --- control connections
+
+    async def _handle_control(self, stream) -> None:
+        self.counters["control_connections"] += 1
+        try:
+            peer_ip = stream.socket.getpeername()[0]
+            local_host = stream.socket.getsockname()[0]
+        except OSError:
+            await stream.aclose()
+            return
+        now = time.monotonic()
+        if self.failures.blocked(peer_ip, now) or self._unauth >= self.cfg.max_unauthenticated:
+            self.counters["control_refused_busy"] += 1
+            await stream.aclose()
+            return
+        self._unauth += 1
+        session = None
+        try:
+            try:
+                session = await self._authenticate(stream, peer_ip, trio.current_time() + self.cfg.handshake_timeout)
+            except trio.TooSlowError:
+                self.counters["control_handshake_timeout"] += 1
+                self.failures.fail(peer_ip, time.monotonic())
+            finally:
+                self._unauth -= 1
+            if session is not None:
+                session.local_host = local_host
+                await self._run_session(session)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError):
+            self.counters["control_io_errors"] += 1
+        except Exception:  # a bug in one connection's handling must not take the server down
+            log.exception("control connection failed")
+            self.counters["control_internal_errors"] += 1
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _read_frames(self, stream, decoder: P.FrameDecoder) -> bytes | None:
+        while True:
+            frames = decoder.feed_untrusted(b"")
+            if frames:
+                return frames[0]
+            data = await stream.receive_some(4096)
+            if not data:
+                return None
+            frames = decoder.feed_untrusted(data)
+            if decoder.error:
+                return None
+            if frames:
+                if len(frames) > 1 or decoder.buffered:
+                    return None  # the client must wait for our answer; pipelining here is junk
+                return frames[0]
+
+    async def _authenticate(self, stream, peer_ip: str, deadline: float) -> Session | None:
+        """Handshake + register. The deadline bounds the client's part only, not our DB queue under load."""
+        now = time.monotonic()
+        dec = P.FrameDecoder(512)
+        with trio.fail_at(deadline):
+            body = await self._read_frames(stream, dec)
+        if body is None or not body.startswith(P.HELLO_MAGIC):
+            self.counters["control_bad_hello"] += 1
+            self.failures.fail(peer_ip, now)
+            return None
+        responder = Responder(self.server_sk, os.urandom)
+        try:
+            client_key, payload = responder.read_message1_untrusted(body[len(P.HELLO_MAGIC):])
+        except HandshakeError:
+            self.counters["control_handshake_failed"] += 1
+            self.failures.fail(peer_ip, now)
+            return None
+        hello = P.unpack_untrusted(payload, 256) if payload else None
+        with trio.fail_at(deadline):
+            await stream.send_all(P.frame(responder.write_message2(P.pack({"type": "hello", "v": P.PROTO_VERSION}))))
+        chan = P.SecureChannel(responder.send, responder.recv, P.MAX_CLIENT_FRAME)
+        # The first transport message must be a register.
+        msg = None
+        while msg is None:
+            with trio.fail_at(deadline):
+                data = await stream.receive_some(65536)
+            if not data:
+                return None
+            msgs = chan.feed_untrusted(data)
+            if chan.error or (msgs and msgs[0].get("type") != P.T_REGISTER):
+                self.counters["control_bad_register"] += 1
+                self.failures.fail(peer_ip, now)
+                return None
+            msg = msgs[0] if msgs else None
+        invite_id = msg.get("invite_id")
+        secret = msg.get("secret")
+        name = msg.get("name")
+        if not (invite_id is None or isinstance(invite_id, str)) or not (secret is None or isinstance(secret, bytes)):
+            invite_id = secret = None
+        if not isinstance(name, str):
+            name = None
+        cands = P.candidates_untrusted(msg.get("candidates", []))
+        try:
+            row, created = await self._db(
+                self.store.join, client_key, invite_id, secret, name, time.time(), self.prefix4, self.prefix6
+            )
+        except JoinRefused as exc:
+            self.counters[f"join_refused_{exc.code}"] += 1
+            self.failures.fail(peer_ip, now)
+            log.info("join refused for %s from %s: %s", _b64(client_key), peer_ip, exc.message)
+            with trio.move_on_after(self.cfg.send_timeout):
+                await stream.send_all(chan.encode({"type": P.T_ERROR, "code": exc.code, "message": exc.message}))
+            return None
+        self.counters["joins_new" if created else "joins_returning"] += 1
+        if created:
+            log.info("node %s joined as %s (%s, %s)", _b64(client_key), row.name, row.ipv4, row.ipv6)
+        s = Session(client_key, row.node_id, stream, chan)
+        s.hello_version = hello.get("v") if hello else None
+        s.initial_candidates = cands or []
+        s.row = row
+        return s
+
+    def _welcome(self, s: Session) -> dict:
+        def adv(addrs):
+            out = []
+            for h, p in addrs:
+                if h in ("0.0.0.0", "::"):
+                    h = self.cfg.advertise or s.local_host
+                out.append(join_hostport(h, p))
+            return out
+
+        row = s.row
+        return {
+            "type": P.T_WELCOME, "proto": P.PROTO_VERSION, "node_id": row.node_id, "name": row.name,
+            "ipv4": row.ipv4, "ipv6": row.ipv6, "prefix4": str(self.prefix4), "prefix6": str(self.prefix6),
+            "stun": adv(self.bound.udp), "relay_udp": adv(self.bound.udp), "relay_tcp": adv(self.bound.relay_tcp),
+            "heartbeat": self.cfg.heartbeat, "server_key": self.server_pk,
+        }
+
+    async def _run_session(self, s: Session) -> None:
+        old = self.sessions.get(s.key)
+        if old is not None:  # the newest connection of a key wins (a reconnect after a silent drop)
+            old.closing = "replaced"
+            if old.scope is not None:
+                old.scope.cancel()
+        self.sessions[s.key] = s
+        node = self.directory.nodes.get(s.key)
+        if node is None:
+            node = _node_from_row(s.row)
+            self.directory.put(node)
+            self.relay.allowed.add(s.key)
+        try:
+            with trio.fail_after(self.cfg.send_timeout):
+                await s.stream.send_all(s.chan.encode(self._welcome(s)))
+            snapshot = self.directory.subscribe(s.key)
+            await self._send_dir_full(s, snapshot)
+            self.directory.update(s.key, online=True, candidates=s.initial_candidates)
+            self._wake_all()
+            with trio.CancelScope() as scope:
+                s.scope = scope
+                async with trio.open_nursery() as n:
+                    n.start_soon(self._guard, self._reader, s, scope)
+                    n.start_soon(self._guard, self._writer, s, scope)
+        finally:
+            if self.sessions.get(s.key) is s:  # a replaced session must not touch its successor's state
+                self.directory.unsubscribe(s.key)
+                del self.sessions[s.key]
+                if self.directory.update(s.key, online=False, candidates=[], observed=[]):
+                    self._wake_all()
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self._db(self.store.touch, s.key, time.time())
+                    except Exception:
+                        self.counters["db_errors"] += 1
+
+    async def _send_dir_full(self, s: Session, entries: list[bytes]) -> None:
+        chunks = [entries[i : i + P.DIR_CHUNK] for i in range(0, len(entries), P.DIR_CHUNK)] or [[]]
+        for i, chunk in enumerate(chunks):
+            msg = {"type": P.T_DIR_FULL, "peers": chunk, "first": i == 0, "last": i == len(chunks) - 1}
+            with trio.fail_after(self.cfg.send_timeout):
+                await s.stream.send_all(s.chan.encode(msg))
+
+    async def _guard(self, fn, s: Session, scope: trio.CancelScope) -> None:
+        """One session's I/O failure ends that session only."""
+        try:
+            await fn(s, scope)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self.counters["control_io_errors"] += 1
+        scope.cancel()
+
+    async def _reader(self, s: Session, scope: trio.CancelScope) -> None:
+        while True:
+            with trio.move_on_after(self.cfg.idle_timeout) as idle:
+                data = await s.stream.receive_some(65536)
+            if idle.cancelled_caught:
+                self.counters["control_idle_timeout"] += 1
+                break
+            if not data:
+                break
+            msgs = s.chan.feed_untrusted(data)
+            now = time.monotonic()
+            for m in msgs:
+                if not s.msg_bucket.take(now):
+                    self.counters["control_closed_flood"] += 1
+                    scope.cancel()
+                    return
+                self._on_message(s, m, now)
+            if s.chan.error:
+                self.counters[f"control_closed_{s.chan.error}"] += 1
+                break
+            if s.closing:
+                return
+        scope.cancel()
+
+    def _enqueue(self, s: Session, msg: dict) -> None:
+        if len(s.queue) >= 256:  # a node that does not read its control messages loses the oldest
+            self.counters["control_queue_overflow"] += 1
+            s.queue.popleft()
+        s.queue.append(msg)
+        s.wake.set()
+
+    def _on_message(self, s: Session, m: dict, now: float) -> None:
+        t = m["type"]
+        self.counters["control_messages"] += 1
+        if t == P.T_HEARTBEAT:
+            self._enqueue(s, {"type": P.T_HEARTBEAT_ACK, "seq": m.get("seq", 0)})
+        elif t == P.T_CANDIDATES:
+            cands = P.candidates_untrusted(m.get("candidates"))
+            if cands is None:
+                self.counters["control_bad_candidates"] += 1
+                return
+            if self.directory.update(s.key, candidates=cands):
+                self._wake_all()
+        elif t == P.T_PUNCH_REQUEST:
+            peer = m.get("peer")
+            if not isinstance(peer, bytes) or len(peer) != 32:
+                self.counters["control_bad_punch"] += 1
+                return
+            out, err = self.punch.plan(self.directory, s.key, peer, now)
+            if err:
+                self.counters[f"punch_{err}"] += 1
+                self._enqueue(s, {"type": "punch_fail", "peer": peer, "reason": err})
+            for key, msg in out:
+                target = self.sessions.get(key)
+                if target is not None:
+                    self._enqueue(target, msg)
+            if out:
+                self.counters["punches"] += 1
+        elif t == P.T_SEAL_SEND:
+            to, blob = m.get("to"), m.get("blob")
+            if not isinstance(to, bytes) or not isinstance(blob, bytes) or len(blob) > MAX_SEAL_BLOB:
+                self.counters["control_bad_sealed"] += 1
+                return
+            target = self.sessions.get(to)
+            if target is None:
+                self.counters["sealed_peer_offline"] += 1
+                self._enqueue(s, {"type": "seal_fail", "to": to, "reason": "peer_offline"})
+                return
+            self.counters["sealed_forwarded"] += 1
+            self._enqueue(target, {"type": P.T_SEALED, "from": s.key, "blob": blob})
+        else:
+            self.counters["control_unknown_type"] += 1
+
+    def _coalesce_window(self) -> float:
+        """Directory flush interval per session: grows with the mesh so total frames/s stay bounded
+        (N sessions x 1/window), capped so an endpoint change still reaches everyone well within 1 s."""
+        return min(self.cfg.coalesce_max, max(self.cfg.coalesce, len(self.sessions) * self.cfg.coalesce_per_node))
+
+    async def _flusher(self) -> None:
+        """Wakes the writers of sessions with pending directory changes, at most once per window:
+        one change goes out at once, a burst (1000 joins) merges into few frames per session."""
+        while True:
+            await self._dir_changed.wait()
+            self._dir_changed = trio.Event()
+            for sess in list(self.sessions.values()):
+                if self.directory.has_pending(sess.key):
+                    sess.wake.set()
+            await trio.sleep(self._coalesce_window())
+
+    async def _writer(self, s: Session, scope: trio.CancelScope) -> None:
+        while True:
+            await s.wake.wait()
+            s.wake = trio.Event()
+            out = []
+            while s.queue:  # control messages (punch, sealed, acks, gone) go out at once
+                out.append(s.chan.encode(s.queue.popleft()))
+            if not s.closing:
+                ups, rems = self.directory.take_pending(s.key)
+                for i in range(0, max(len(ups), 1), P.DIR_CHUNK):
+                    chunk = ups[i : i + P.DIR_CHUNK]
+                    if chunk or (i == 0 and rems):
+                        out.append(s.chan.encode(
+                            {"type": P.T_DIR_UPDATE, "upsert": chunk, "remove": rems if i == 0 else []}))
+            if out:
+                try:
+                    with trio.fail_after(self.cfg.send_timeout):
+                        await s.stream.send_all(b"".join(out))
+                except trio.TooSlowError:
+                    self.counters["control_closed_slow_client"] += 1
+                    scope.cancel()
+                    return
+                self.counters["control_frames_sent"] += len(out)
+            if s.closing:
+                scope.cancel()
+                return
+
+    # --- UDP: STUN responder + relay
+
+    async def _udp_loop(self, idx: int) -> None:
+        sock = self._udp_socks[idx]
+        local = sock.getsockname()[:2]
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            # Drain without paying the scheduler per datagram (see docs/architecture.md, hot path).
+            for _ in range(512):
+                try:
+                    data, addr = sock.recvfrom(65535)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    self.counters["udp_recv_errors"] += 1
+                    continue
+                self._on_udp(idx, sock, local, data, addr[:2])
+            if self.relay.observed_events:
+                changed = False
+                for key, obs in self.relay.pop_observed():
+                    if key in self.directory.nodes:
+                        changed |= self.directory.update(key, observed=[(obs[0], obs[1], "observed")])
+                if changed:
+                    self._wake_all()
+            await trio.lowlevel.checkpoint()
+
+    def _on_udp(self, idx, sock, local, data: bytes, addr) -> None:
+        if W.is_relay_untrusted(data):
+            now = time.monotonic()
+            for frame, dest in self.relay.handle_untrusted(data, (idx, addr), now, time.time(), observed=addr):
+                self._relay_send(frame, dest)
+            return
+        txid = stun.parse_binding_request_untrusted(data)
+        if txid is not None:
+            self.counters["stun_requests"] += 1
+            self._udp_send(sock, stun.build_binding_response(txid, addr), addr)
+            return
+        classic = stun.parse_classic_binding_request_untrusted(data)
+        if classic is not None and ":" not in addr[0]:
+            txid16, change = classic
+            self.counters["stun_classic_requests"] += 1
+            if change:  # one address only: we cannot answer from another IP/port
+                self.counters["stun_change_unsupported"] += 1
+                return
+            self._udp_send(sock, stun.build_classic_binding_response(txid16, addr, local), addr)
+            return
+        self.counters["udp_dropped_unknown"] += 1
+
+    def _udp_send(self, sock, data: bytes, addr) -> None:
+        try:
+            sock.sendto(data, addr)
+        except (BlockingIOError, OSError):
+            self.counters["udp_send_errors"] += 1
+
+    def _relay_send(self, frame: bytes, dest) -> None:
+        if isinstance(dest, tuple):
+            idx, addr = dest
+            self._udp_send(self._udp_socks[idx], frame, addr)
+        else:
+            try:
+                dest.send_nowait(frame)
+            except trio.WouldBlock:
+                self.counters["relay_tcp_queue_full"] += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    # --- TCP relay fallback
+
+    async def _handle_relay_tcp(self, stream) -> None:
+        self._relay_tcp_conns += 1
+        send_ch, recv_ch = trio.open_memory_channel(512)
+        conn = _TcpDest(send_ch)
+        dec = W.TcpFrameDecoder()
+        try:
+            async with trio.open_nursery() as n:
+                async def writer():
+                    async for frame in recv_ch:
+                        with trio.fail_after(self.cfg.send_timeout):
+                            await stream.send_all(W.tcp_frame(frame))
+                n.start_soon(writer)
+                while True:
+                    with trio.move_on_after(W.SESSION_TTL) as idle:
+                        data = await stream.receive_some(65536)
+                    if idle.cancelled_caught or not data:
+                        break
+                    now, wall = time.monotonic(), time.time()
+                    for frame in dec.feed(data):
+                        for out, dest in self.relay.handle_untrusted(frame, conn, now, wall):
+                            self._relay_send(out, dest)
+                n.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
+            self.counters["relay_tcp_errors"] += 1
+        finally:
+            self._relay_tcp_conns -= 1
+            self.relay.drop_dest(conn)
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+
+class _TcpDest:
+    """Relay destination for a TCP relay connection (hashable by identity)."""
+
+    __slots__ = ("_ch",)
+
+    def __init__(self, ch) -> None:
+        self._ch = ch
+
+    def send_nowait(self, frame: bytes) -> None:
+        self._ch.send_nowait(frame)
+
+
+def _node_from_row(row: NodeRow) -> Node:
+    return Node(row.node_id, row.key, row.name, row.ipv4, row.ipv6, expires=row.expires, tag=row.tag)
+
+
+def _udp_socket(host: str, port: int) -> socket.socket:
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(fam, socket.SOCK_DGRAM)
+    if fam == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((host, port))
+    sock.setblocking(False)
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        except OSError:
+            pass
+    return sock
+
+
+def _b64(key: bytes) -> str:
+    import base64
+
+    return base64.b64encode(key).decode()

@@ -1,0 +1,152 @@
+"""The real `meshwg-signal` process: CLI admin while it runs, kill -9 and restart keep nodes and addresses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import trio
+from sig_helpers import new_key
+
+from meshwg.control import ControlConnection, JoinRefusedError, parse_invite
+from meshwg.control import client as ev
+
+PY = sys.executable
+
+
+def free_port(kind=socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(db, *args) -> str:
+    r = subprocess.run([PY, "-m", "signal_server", *args, "--db", db], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+class ServerProcess:
+    def __init__(self, db: str) -> None:
+        self.db = db
+        self.ctl, self.udp, self.rtcp, self.met = free_port(), free_port(socket.SOCK_DGRAM), free_port(), free_port()
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [PY, "-m", "signal_server", "serve", "--db", self.db, "--listen", f"127.0.0.1:{self.ctl}",
+             "--udp", f"127.0.0.1:{self.udp}", "--relay-tcp", f"127.0.0.1:{self.rtcp}",
+             "--metrics", f"127.0.0.1:{self.met}", "--heartbeat", "1", "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.met), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("server did not start: " + self.proc.stderr.read().decode())
+
+    def kill9(self):
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+
+@pytest.fixture
+def server_proc(tmp_path):
+    sp = ServerProcess(str(tmp_path / "state.db"))
+    sp.start()
+    yield sp
+    sp.stop()
+
+
+async def test_kill9_restart_keeps_nodes_and_addresses(server_proc):
+    sp = server_proc
+    text = cli(sp.db, "invite", "create", "--reusable", "--expires", "1h", "--tag", "home").strip()
+    inv = parse_invite(text)
+    assert inv.addrs == (f"127.0.0.1:{sp.ctl}",)
+    one_time = parse_invite(cli(sp.db, "invite", "create").strip())
+    keys = [new_key() for _ in range(3)]
+    before = []
+    for i, k in enumerate(keys[:2]):
+        c = await ControlConnection.open(inv, k, name=f"box{i}")
+        before.append(c.welcome)
+        await c.aclose()
+    c = await ControlConnection.open(one_time, keys[2])
+    before.append(c.welcome)
+    await c.aclose()
+    listing = cli(sp.db, "nodes")
+    assert "box0" in listing and before[1].ipv4 in listing and before[1].ipv6 in listing
+    assert "used" in cli(sp.db, "invite", "list")
+
+    sp.kill9()  # no graceful shutdown: every acknowledged join must already be on disk
+    sp.start()
+    for k, w in zip(keys, before):
+        c = await ControlConnection.open(inv, k)
+        assert (c.welcome.node_id, c.welcome.name, c.welcome.ipv4, c.welcome.ipv6) == (w.node_id, w.name, w.ipv4, w.ipv6)
+        await c.aclose()
+    with pytest.raises(JoinRefusedError) as info:  # consumed one-time invite stays consumed
+        await ControlConnection.open(one_time, new_key())
+    assert info.value.code == "invite_used"
+    assert cli(sp.db, "nodes").count("active") == 3
+    r = subprocess.run([PY, "-c", "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('PRAGMA integrity_check').fetchone()[0])", sp.db],
+                       capture_output=True, text=True)
+    assert r.stdout.strip() == "ok"
+
+
+async def test_cli_admin_while_running(server_proc):
+    sp = server_proc
+    inv = parse_invite(cli(sp.db, "invite", "create", "--reusable").strip())
+    a = await ControlConnection.open(inv, new_key(), name="alpha")
+    b = await ControlConnection.open(inv, new_key(), name="beta")
+    # alpha sees beta appear (directory push from the real process)
+    with trio.fail_after(3):
+        while len(a.directory) < 1:
+            await a.receive_events()
+
+    out = cli(sp.db, "status")
+    assert "connected nodes 2" in out and "registered nodes: 2" in out
+
+    cli(sp.db, "nodes", "rename", "beta", "gamma")
+    with trio.fail_after(2):
+        while not any(p.name == "gamma" for p in a.directory.values()):
+            await a.receive_events()
+
+    t0 = time.monotonic()
+    cli(sp.db, "nodes", "remove", "gamma")
+    removed_at = None
+    with trio.fail_after(3):
+        while removed_at is None:
+            for e in await a.receive_events():
+                if isinstance(e, ev.PeerRemoved):
+                    removed_at = time.monotonic()
+    # the CLI process start-up is included; the server's own push is bounded by its 0.1 s DB poll
+    assert removed_at - t0 < 3.0
+    with trio.fail_after(2):
+        events = []
+        try:
+            while True:
+                events += await b.receive_events()
+        except ev.ConnectionLost:
+            pass
+    assert any(isinstance(e, ev.Removed) for e in events)
+
+    inv_id = cli(sp.db, "invite", "list").splitlines()[1].split()[0]
+    cli(sp.db, "invite", "revoke", inv_id)
+    with pytest.raises(JoinRefusedError, match="revoked"):
+        await ControlConnection.open(inv, new_key())
+    await a.aclose()
