@@ -235,7 +235,7 @@ def main(argv=None) -> int:
         if args.cmd == "status":
             return cmd_status(args)
         if args.cmd == "pubkey":
-            from meshwg.control.primitives import public_key
+            from meshwg.wg.crypto import dh_pub as public_key
 
             print(base64.b64encode(public_key(_store(args).server_private_key(os.urandom))).decode())
             return 0

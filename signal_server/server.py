@@ -101,7 +101,7 @@ class SignalServer:
         self.cfg = config
         self.store = Store(config.db, synchronous=config.synchronous)
         self.server_sk = self.store.server_private_key(os.urandom)
-        from meshwg.control.primitives import public_key
+        from meshwg.wg.crypto import dh_pub as public_key
 
         self.server_pk = public_key(self.server_sk)
         self.prefix4, self.prefix6 = self.store.prefixes(os.urandom, config.prefix4, config.prefix6)

@@ -12,7 +12,7 @@ import binascii
 import re
 from typing import Callable
 
-from nacl.bindings import crypto_scalarmult_base
+from meshwg.wg import crypto
 
 from meshwg.errors import UserError
 
@@ -30,10 +30,7 @@ class KeyFormatError(UserError, ValueError):
 def clamp(private_key: bytes) -> bytes:
     """X25519 clamping as wg does on genkey and on load: clear 3 low bits, set bit 254, clear bit 255."""
     _check_len(private_key)
-    sk = bytearray(private_key)
-    sk[0] &= 248
-    sk[31] = (sk[31] & 127) | 64
-    return bytes(sk)
+    return crypto.clamp(private_key)
 
 
 def generate_private_key(random_bytes: Callable[[int], bytes]) -> bytes:
@@ -51,7 +48,7 @@ def generate_psk(random_bytes: Callable[[int], bytes]) -> bytes:
 def public_key(private_key: bytes) -> bytes:
     """X25519 base-point multiplication; clamps internally, so unclamped input gives wg's answer."""
     _check_len(private_key)
-    return crypto_scalarmult_base(private_key)
+    return crypto.dh_pub(private_key)
 
 
 def nonzero(key: bytes | None) -> bytes | None:

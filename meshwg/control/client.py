@@ -13,7 +13,7 @@ import trio
 from meshwg.control import protocol as P
 from meshwg.control.invite import Invite, split_hostport
 from meshwg.control.noise import HandshakeError, Initiator
-from meshwg.control.primitives import clamp, public_key
+from meshwg.wg.crypto import clamp, dh_pub as public_key
 from meshwg.control.sealed import open_untrusted, seal
 
 log = logging.getLogger("meshwg.control")

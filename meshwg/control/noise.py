@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from cryptography.exceptions import InvalidTag
 
-from meshwg.control import primitives as P
+from meshwg.wg import crypto as P  # the sole wrapper of primitives
+from meshwg.wg.constants import TAG_LEN
 
 PROTOCOL_NAME = b"Noise_IK_25519_ChaChaPoly_BLAKE2s"
 PROLOGUE = b"meshwg control v1"
@@ -23,24 +24,24 @@ class HandshakeError(Exception):
 class _Symmetric:
     def __init__(self, prologue: bytes) -> None:
         name = PROTOCOL_NAME
-        self.h = name.ljust(32, b"\x00") if len(name) <= 32 else P.blake2s(name)
+        self.h = name.ljust(32, b"\x00") if len(name) <= 32 else P.hash(name)
         self.ck = self.h
         self.k: bytes | None = None
         self.n = 0
         self.mix_hash(prologue)
 
     def mix_hash(self, data: bytes) -> None:
-        self.h = P.blake2s(self.h + data)
+        self.h = P.hash(self.h + data)
 
     def mix_key(self, ikm: bytes) -> None:
-        self.ck, self.k = P.hkdf2(self.ck, ikm)
+        self.ck, self.k = P.kdf2(self.ck, ikm)
         self.n = 0
 
     def encrypt_and_hash(self, plaintext: bytes) -> bytes:
         if self.k is None:
             out = plaintext
         else:
-            out = P.aead(self.k).encrypt(P.nonce(self.n), plaintext, self.h)
+            out = P.new_aead(self.k).encrypt(P.aead_nonce(self.n), plaintext, self.h)
             self.n += 1
         self.mix_hash(out)
         return out
@@ -50,7 +51,7 @@ class _Symmetric:
             out = ciphertext
         else:
             try:
-                out = P.aead(self.k).decrypt(P.nonce(self.n), ciphertext, self.h)
+                out = P.new_aead(self.k).decrypt(P.aead_nonce(self.n), ciphertext, self.h)
             except InvalidTag:
                 raise HandshakeError("handshake message did not authenticate") from None
             self.n += 1
@@ -58,27 +59,27 @@ class _Symmetric:
         return out
 
     def split(self) -> tuple[bytes, bytes]:
-        return P.hkdf2(self.ck, b"")
+        return P.kdf2(self.ck, b"")
 
 
 class CipherState:
     """One direction of transport encryption; counter nonces (the transport is an ordered stream)."""
 
     def __init__(self, key: bytes) -> None:
-        self._aead = P.aead(key)
+        self._aead = P.new_aead(key)
         self.n = 0
 
     def encrypt(self, plaintext: bytes) -> bytes:
         if self.n >= MAX_NONCE:
             raise RuntimeError("nonce space exhausted; reconnect")
-        out = self._aead.encrypt(P.nonce(self.n), plaintext, None)
+        out = self._aead.encrypt(P.aead_nonce(self.n), plaintext, None)
         self.n += 1
         return out
 
     def decrypt_untrusted(self, ciphertext: bytes) -> bytes | None:
         """Plaintext, or None when the frame does not authenticate (the caller closes the channel)."""
         try:
-            out = self._aead.decrypt(P.nonce(self.n), ciphertext, None)
+            out = self._aead.decrypt(P.aead_nonce(self.n), ciphertext, None)
         except InvalidTag:
             return None
         self.n += 1
@@ -90,7 +91,7 @@ class Initiator:
 
     def __init__(self, static_private: bytes, responder_static: bytes, random_bytes, prologue: bytes = PROLOGUE):
         self.s = P.clamp(static_private)
-        self.s_pub = P.public_key(self.s)
+        self.s_pub = P.dh_pub(self.s)
         self.rs = responder_static
         self._sym = _Symmetric(prologue)
         self._sym.mix_hash(responder_static)
@@ -101,7 +102,7 @@ class Initiator:
 
     def write_message1(self, payload: bytes) -> bytes:
         sym = self._sym
-        e_pub = P.public_key(self._e)
+        e_pub = P.dh_pub(self._e)
         sym.mix_hash(e_pub)
         sym.mix_key(P.dh(self._e, self.rs))  # es
         enc_s = sym.encrypt_and_hash(self.s_pub)
@@ -109,7 +110,7 @@ class Initiator:
         return e_pub + enc_s + sym.encrypt_and_hash(payload)
 
     def read_message2_untrusted(self, msg: bytes) -> bytes:
-        if len(msg) < 32 + P.TAG_LEN:
+        if len(msg) < 32 + TAG_LEN:
             raise HandshakeError("handshake response too short")
         sym = self._sym
         re = msg[:32]
@@ -131,7 +132,7 @@ class Responder:
 
     def __init__(self, static_private: bytes, random_bytes, prologue: bytes = PROLOGUE):
         self.s = P.clamp(static_private)
-        self.s_pub = P.public_key(self.s)
+        self.s_pub = P.dh_pub(self.s)
         self._sym = _Symmetric(prologue)
         self._sym.mix_hash(self.s_pub)
         self._random = random_bytes
@@ -142,7 +143,7 @@ class Responder:
         self.handshake_hash = b""
 
     def read_message1_untrusted(self, msg: bytes) -> tuple[bytes, bytes]:
-        if len(msg) < 32 + 32 + P.TAG_LEN + P.TAG_LEN:
+        if len(msg) < 32 + 32 + TAG_LEN + TAG_LEN:
             raise HandshakeError("handshake message too short")
         sym = self._sym
         self.re = msg[:32]
@@ -159,7 +160,7 @@ class Responder:
     def write_message2(self, payload: bytes) -> bytes:
         sym = self._sym
         e = P.clamp(self._random(32))
-        e_pub = P.public_key(e)
+        e_pub = P.dh_pub(e)
         sym.mix_hash(e_pub)
         sym.mix_key(P.dh(e, self.re))  # ee
         sym.mix_key(P.dh(e, self.rs))  # se

@@ -86,7 +86,7 @@ async def test_slow_client_is_closed(nursery, tmp_path):
     h = await start_server(nursery, tmp_path, send_timeout=0.5)
     slow = await raw_session(h)
     slow.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    from meshwg.control.primitives import public_key
+    from meshwg.wg.crypto import dh_pub as public_key
 
     slow_pub = public_key(slow.private_key)
     sender = await raw_session(h)

@@ -26,7 +26,7 @@ async def test_join_with_valid_invite(harness):
     assert w.node_id == 1 and w.name == "laptop-one"
     assert w.ipv4.startswith("100.") and w.ipv6.startswith("fd")
     assert w.stun == (harness.udp,) and w.relay_tcp == (harness.relay_tcp,)
-    from meshwg.control.primitives import public_key
+    from meshwg.wg.crypto import dh_pub as public_key
 
     row = harness.admin.get_node(public_key(conn.private_key))
     assert row is not None and row.ipv4 == w.ipv4
@@ -64,7 +64,7 @@ async def test_bad_invites_fail_clearly(harness, case):
 async def test_cannot_register_another_nodes_key(harness):
     """The handshake proves possession: presenting a victim's public key without its private key fails."""
     victim = await join(harness)
-    from meshwg.control.primitives import public_key
+    from meshwg.wg.crypto import dh_pub as public_key
 
     victim_pub = public_key(victim.private_key)
     stream = await trio.open_tcp_stream(*harness.control)

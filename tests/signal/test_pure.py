@@ -13,7 +13,7 @@ from meshwg.control import protocol as P
 from meshwg.control import relay_wire as W
 from meshwg.control.invite import Invite, InviteFormatError, parse_invite
 from meshwg.control.noise import HandshakeError, Initiator, Responder
-from meshwg.control.primitives import clamp, public_key
+from meshwg.wg.crypto import clamp, dh_pub as public_key
 from meshwg.control.relay_client import RelaySession
 from meshwg.control.sealed import open_untrusted, seal
 from meshwg.disco import stun

@@ -140,7 +140,7 @@ async def test_standalone_relay_follows_the_shared_db(harness, nursery):
 
 
 def _pub(sk):
-    from meshwg.control.primitives import clamp, public_key
+    from meshwg.wg.crypto import clamp, dh_pub as public_key
 
     return public_key(clamp(sk))
 
