@@ -284,7 +284,7 @@ def run(scenario: Scenario, *, keep: bool = False, timings: Timings | None = Non
         if keep:
             manifest = lab.write_manifest()
             lab.detach()
-            say(f"\nThe lab is still up (--keep). Hosts (run a shell on one with the command shown):")
+            say("\nThe lab is still up (--keep). Hosts (run a shell on one with the command shown):")
             for host in lab.hosts.values():
                 say(f"  {host.name:<14} {host.shell_command()}")
             say(f"Tear it down with: python -m scenarios down {manifest}")

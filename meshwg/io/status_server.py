@@ -14,6 +14,8 @@ import socket
 
 import trio
 
+from meshwg.io.unix_listener import UnixListener, serve_connections
+
 log = logging.getLogger("meshwg.status")
 
 RUN_DIR = "/var/run/wireguard"
@@ -24,53 +26,17 @@ def socket_path(iface: str, run_dir: str = RUN_DIR) -> str:
     return os.path.join(run_dir, f"{iface}.meshwg")
 
 
-class StatusListener:
+class StatusListener(UnixListener):
     def __init__(self, iface: str, run_dir: str = RUN_DIR):
-        os.makedirs(run_dir, mode=0o755, exist_ok=True)
-        self.path = socket_path(iface, run_dir)
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(self.path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            try:
-                os.unlink(self.path)  # stale: nobody listens
-            except FileNotFoundError:
-                pass
-        else:
-            raise OSError(f"{self.path} is in use: another meshwg agent runs on {iface}")
-        finally:
-            probe.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o077)
-        try:
-            sock.bind(self.path)
-        finally:
-            os.umask(old)
-        sock.listen(8)
-        self.sock = sock
-        self._ino = os.stat(self.path).st_ino
-
-    def close(self) -> None:
-        self.sock.close()
-        try:
-            if os.stat(self.path).st_ino == self._ino:
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        super().__init__(socket_path(iface, run_dir), backlog=8)
 
 
 async def serve(listener: StatusListener, handler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """handler(request: dict) -> awaitable dict."""
-    lsock = trio.socket.from_stdlib_socket(listener.sock)
-    async with trio.open_nursery() as nursery:
-        task_status.started()
-        while True:
-            conn, _ = await lsock.accept()
-            nursery.start_soon(_answer, conn, handler)
+    await serve_connections(listener, lambda stream: _answer(stream, handler), task_status=task_status)
 
 
-async def _answer(conn, handler) -> None:
-    stream = trio.SocketStream(conn)
+async def _answer(stream: trio.SocketStream, handler) -> None:
     try:
         with trio.move_on_after(30):
             buf = b""

@@ -11,15 +11,13 @@ A client sending garbage gets `errno=-22` and is disconnected; the device keeps 
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import socket
-import stat
 
 import trio
 
 from meshwg.config import uapi
+from meshwg.io.unix_listener import UnixListener, serve_connections
 
 log = logging.getLogger(__name__)
 
@@ -31,76 +29,16 @@ def socket_path(iface: str, run_dir: str = RUN_DIR) -> str:
     return os.path.join(run_dir, f"{iface}.sock")
 
 
-class UapiListener:
+class UapiListener(UnixListener):
     """The listening socket, created synchronously (before a launcher daemonizes) and removed on close."""
 
     def __init__(self, iface: str, run_dir: str = RUN_DIR):
-        self.path = socket_path(iface, run_dir)
-        os.makedirs(run_dir, mode=0o755, exist_ok=True)
-        os.chmod(run_dir, 0o755)
-        self._claim_path()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old_umask = os.umask(0o077)
-        try:
-            sock.bind(self.path)
-        except BaseException:
-            sock.close()
-            raise
-        finally:
-            os.umask(old_umask)
-        sock.listen(16)
-        self.sock = sock
-        self._inode = os.stat(self.path).st_ino
-
-    def _claim_path(self) -> None:
-        """Remove a stale socket (nobody listening); refuse if a live daemon owns the name."""
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(errno.EEXIST, f"{self.path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(self.path)
-        except ConnectionRefusedError:
-            os.unlink(self.path)
-            return
-        except FileNotFoundError:
-            return
-        finally:
-            probe.close()
-        raise OSError(errno.EADDRINUSE, f"{self.path} is in use by a running daemon")
-
-    def close(self) -> None:
-        if self.sock.fileno() >= 0:
-            self.sock.close()
-        try:
-            # Only unlink our own socket, never a successor's that reused the name.
-            if os.stat(self.path).st_ino == self._inode:
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        super().__init__(socket_path(iface, run_dir))
 
 
 async def serve(listener: UapiListener, handler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Accept and answer UAPI connections until cancelled."""
-    lsock = trio.socket.from_stdlib_socket(listener.sock)
-    async with trio.open_nursery() as nursery:
-        task_status.started()
-        while True:
-            conn, _ = await lsock.accept()
-            nursery.start_soon(_serve_connection, conn, handler)
-
-
-async def _serve_connection(sock, handler) -> None:
-    try:
-        await _converse(trio.SocketStream(sock), handler)
-    except Exception:
-        # A bug triggered by one client must not take the device down.
-        log.exception("uapi: connection failed")
-    finally:
-        sock.close()
+    await serve_connections(listener, lambda conn: _converse(conn, handler), task_status=task_status)
 
 
 async def _converse(conn: trio.SocketStream, handler) -> None:

@@ -22,7 +22,6 @@ import math
 from dataclasses import dataclass
 
 from meshwg.disco import netcheck as NC
-from meshwg.disco import paths as P
 from meshwg.disco import stun
 from meshwg.disco.messages import CallMeMaybe, DiscoCodec, Ping, Pong, endpoints_bounded
 from meshwg.disco.peer_paths import (CloseSockets, OpenSockets, PeerPaths, SendCallMeMaybe, SendPing,

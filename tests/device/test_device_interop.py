@@ -9,8 +9,7 @@ import time
 import pytest
 
 from conftest import require_real_components  # tests/conftest.py
-from scenarios.netns import wait_for
-from wgnet import Pair, WgDevice, genkey, ping, tcp_transfer
+from wgnet import Pair, genkey, ping, tcp_transfer
 
 pytestmark = pytest.mark.netns
 

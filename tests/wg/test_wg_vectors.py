@@ -7,7 +7,6 @@ import ipaddress
 import pytest
 
 from meshwg.wg import crypto, messages, noise
-from meshwg.wg.constants import IDENTIFIER
 from meshwg.wg.cookie import CookieChecker, CookieGenerator
 from meshwg.wg.device import WireGuardCore
 from meshwg.wg.keypair import Keypair
