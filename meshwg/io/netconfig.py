@@ -1,4 +1,4 @@
-"""OS network configuration through `ip` (and `resolvconf`, `sysctl`): the only module that mutates
+"""OS network configuration through `ip` (and `nft`, `resolvconf`, `sysctl`): the only module that mutates
 the host's network state. Mirrors what wg-quick(8) does on Linux, step by step.
 
 Functions are synchronous (subprocess); the device commands call them outside the data path.
@@ -26,7 +26,7 @@ class NetconfigError(RuntimeError):
 
 def run(cmd: Sequence[str], *, check: bool = True, input: str | None = None) -> str:
     log.info("[#] %s", " ".join(cmd))
-    proc = subprocess.run(list(cmd), input=input, capture_output=True, text=True)
+    proc = subprocess.run(list(cmd), check=False, input=input, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise NetconfigError(f"{' '.join(cmd)}: {proc.stderr.strip() or f'exit {proc.returncode}'}")
     return proc.stdout
@@ -37,7 +37,7 @@ def _family(prefix: str) -> str:
 
 
 def link_exists(iface: str) -> bool:
-    return subprocess.run(["ip", "link", "show", "dev", iface], capture_output=True).returncode == 0
+    return subprocess.run(["ip", "link", "show", "dev", iface], check=False, capture_output=True).returncode == 0
 
 
 def delete_link(iface: str) -> None:
@@ -109,9 +109,6 @@ def add_default_route(iface: str, prefix: str, fwmark: int) -> None:
     run(["ip", family, "rule", "add", "not", "fwmark", table, "table", table])
     run(["ip", family, "rule", "add", "table", "main", "suppress_prefixlength", "0"])
     run(["ip", family, "route", "add", prefix, "dev", iface, "table", table])
-    if family == "-4":
-        # Replies to the marked socket must pass reverse-path filtering.
-        run(["sysctl", "-q", "net.ipv4.conf.all.src_valid_mark=1"], check=False)
 
 
 def remove_default_rules(fwmark: int) -> None:
@@ -134,23 +131,121 @@ def _try(cmd: Sequence[str]) -> bool:
         return False
 
 
+def _resolvconf_name(iface: str) -> str:
+    """The resolvconf record name: wg-quick prefixes the first `NAME*` entry of interface-order
+    (Debian's "tun*" gives "tun.wg0") so the record sorts where the admin wants tunnels."""
+    try:
+        with open("/etc/resolvconf/interface-order") as f:
+            for line in f:
+                word = line.strip()
+                if word.endswith("*") and word[:-1] and all(c.isalnum() or c == "-" for c in word[:-1]):
+                    return f"{word[:-1]}.{iface}"
+    except OSError:
+        pass
+    return iface
+
+
+def have_resolvconf() -> bool:
+    return shutil.which("resolvconf") is not None
+
+
 def set_dns(iface: str, servers: Sequence[str], search: Sequence[str]) -> bool:
-    """Install DNS through resolvconf, as wg-quick does. False when resolvconf is absent."""
-    if not servers and not search:
-        return False
-    if shutil.which("resolvconf") is None:
-        log.warning("DNS= given but resolvconf is not installed: DNS left unchanged")
+    """Install DNS through resolvconf, as wg-quick does. False (nothing done) when there are no
+    servers or resolvconf is absent; the caller tells the user."""
+    if not servers or not have_resolvconf():
         return False
     text = "".join(f"nameserver {s}\n" for s in servers)
     if search:
         text += f"search {' '.join(search)}\n"
-    run(["resolvconf", "-a", f"tun.{iface}", "-m", "0", "-x"], input=text)
+    run(["resolvconf", "-a", _resolvconf_name(iface), "-m", "0", "-x"], input=text)
     return True
 
 
 def unset_dns(iface: str) -> None:
-    if shutil.which("resolvconf") is not None:
-        run(["resolvconf", "-d", f"tun.{iface}", "-f"], check=False)
+    if have_resolvconf():
+        run(["resolvconf", "-d", _resolvconf_name(iface), "-f"], check=False)
+
+
+def current_dns(iface: str) -> list[str] | None:
+    """Nameservers resolvconf holds for iface (what wg-quick's save_config writes back), or None
+    when resolvconf is absent and the record cannot be read."""
+    name = _resolvconf_name(iface)
+    text = None
+    if have_resolvconf():
+        proc = subprocess.run(["resolvconf", "-l", name], check=False, capture_output=True, text=True)
+        if proc.returncode == 0:
+            text = proc.stdout
+    if text is None:
+        try:
+            with open(f"/etc/resolvconf/run/interface/{name}") as f:
+                text = f.read()
+        except OSError:
+            return None
+    return [line.split()[1] for line in text.splitlines()
+            if line.startswith("nameserver ") and len(line.split()) == 2]
+
+
+def interface_addresses(iface: str, family: str | None = None) -> list[str]:
+    """Addresses on iface as "IP/len" (family "-4", "-6" or None for both), in `ip` order."""
+    cmd = ["ip", "-o", *([family] if family else []), "address", "show", "dev", iface]
+    out = []
+    for line in run(cmd, check=False).splitlines():
+        words = line.split()
+        for kind in ("inet", "inet6"):
+            if kind in words and words.index(kind) + 1 < len(words):
+                out.append(words[words.index(kind) + 1])
+    return out
+
+
+def link_mtu(iface: str) -> int | None:
+    words = run(["ip", "link", "show", "dev", iface], check=False).split()
+    return int(words[words.index("mtu") + 1]) if "mtu" in words else None
+
+
+# ------------------------------------------------------------------ nftables (a /0 peer)
+
+NFT_TABLE_PREFIX = "meshwg-"
+
+
+def nft_table(iface: str) -> str:
+    return f"{NFT_TABLE_PREFIX}{iface}"
+
+
+def add_firewall(iface: str, prefix: str, fwmark: int) -> None:
+    """wg-quick's rules for a /0 peer, in table `ip|ip6 meshwg-<iface>`:
+    - preraw: drop packets for the tunnel's own addresses arriving on any other interface from a
+      non-local source (with src_valid_mark, rp_filter alone no longer stops such spoofing);
+    - postmangle/premangle: save the fwmark of the tunnel's UDP in conntrack and restore it on
+      replies, so they match `not fwmark` like the packets that left and use the main table.
+    The table is replaced as a whole (add; delete; add) so a stale one never doubles rules."""
+    if shutil.which("nft") is None:
+        raise NetconfigError("nft is not installed: cannot add the firewall rules a 0.0.0.0/0 or ::/0 peer needs")
+    v6 = ":" in prefix
+    pf, table = ("ip6" if v6 else "ip"), nft_table(iface)
+    cmds = [f"add table {pf} {table}", f"delete table {pf} {table}", f"add table {pf} {table}",
+            f"add chain {pf} {table} preraw {{ type filter hook prerouting priority -300; }}",
+            f"add chain {pf} {table} premangle {{ type filter hook prerouting priority -150; }}",
+            f"add chain {pf} {table} postmangle {{ type filter hook postrouting priority -150; }}"]
+    for cidr in interface_addresses(iface, "-6" if v6 else "-4"):
+        ip = cidr.partition("/")[0]
+        cmds.append(f'add rule {pf} {table} preraw iifname != "{iface}" {pf} daddr {ip} fib saddr type != local drop')
+    cmds.append(f"add rule {pf} {table} postmangle meta l4proto udp mark {fwmark} ct mark set mark")
+    cmds.append(f"add rule {pf} {table} premangle meta l4proto udp meta mark set ct mark")
+    if not v6:
+        run(["sysctl", "-q", "net.ipv4.conf.all.src_valid_mark=1"])
+    run(["nft", "-f", "-"], input="\n".join(cmds) + "\n")
+
+
+def remove_firewall(iface: str) -> bool:
+    """Delete every `meshwg-<iface>` table (any family). True if one was there."""
+    if shutil.which("nft") is None:
+        return False
+    suffix = " " + nft_table(iface)
+    cmds = [f"delete {line.strip()}" for line in run(["nft", "list", "tables"], check=False).splitlines()
+            if line.strip().startswith("table ") and line.rstrip().endswith(suffix)]
+    if cmds:
+        run(["nft", "-f", "-"], input="\n".join(cmds) + "\n")
+    return bool(cmds)
 
 
 def run_hook(command: str, iface: str) -> None:
