@@ -1,8 +1,11 @@
 """Run one userspace WireGuard device (TUN + UDP + UAPI) until SIGINT/SIGTERM or the TUN disappears.
 
     run_device(tun, listener, ready=callback)   # blocks; removes socket files and closes fds on exit
+    drop_counters(device) -> dict[str, int]      # what was dropped and why (core, TUN, UDP send)
 
 Used by `meshwg-tun` (the wireguard-go compatible launcher) and by `meshwg up`.
+Dropped packets are logged (INFO, "drops: reason=n ...") every MESHWG_STATS_INTERVAL seconds
+(default 60) when they changed, and once more at shutdown.
 """
 
 from __future__ import annotations
@@ -20,6 +23,33 @@ from meshwg.io.tun import Tun
 from meshwg.io.uapi_server import UapiListener
 
 log = logging.getLogger(__name__)
+DEFAULT_STATS_INTERVAL = 60.0
+
+
+def drop_counters(device: Device) -> dict[str, int]:
+    """Every packet the device dropped, by reason: the core's (bad datagrams, no route, ...),
+    TUN writes the kernel refused, and the driver's send failures."""
+    counts = dict(device.core.drops)
+    if device.tun.write_drops:
+        counts["tun_write"] = device.tun.write_drops
+    for key in ("send_error", "send_no_socket", "send_no_sender", "send_raw_error", "gso_disabled"):
+        if device.driver.stats[key]:
+            counts[key] = device.driver.stats[key]
+    return counts
+
+
+def format_drops(counts: dict[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"
+
+
+async def _log_drops(device: Device, interval: float) -> None:
+    last: dict[str, int] = {}
+    while True:
+        await trio.sleep(interval)
+        counts = drop_counters(device)
+        if counts != last:
+            log.info("%s: drops: %s", device.name, format_drops(counts))
+            last = counts
 
 
 async def _main(device: Device, ready: Callable[[], None] | None) -> None:
@@ -36,8 +66,17 @@ async def _main(device: Device, ready: Callable[[], None] | None) -> None:
                     return
 
             nursery.start_soon(watch_signals)
+            nursery.start_soon(_log_drops, device, _stats_interval())
             await device.stopped.wait()
             nursery.cancel_scope.cancel()
+    log.info("%s: drops: %s", device.name, format_drops(drop_counters(device)))
+
+
+def _stats_interval() -> float:
+    try:
+        return max(0.1, float(os.environ.get("MESHWG_STATS_INTERVAL", DEFAULT_STATS_INTERVAL)))
+    except ValueError:
+        return DEFAULT_STATS_INTERVAL
 
 
 def run_device(tun: Tun, listener: UapiListener, *, ready: Callable[[], None] | None = None,

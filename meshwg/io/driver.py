@@ -1,12 +1,17 @@
 """The driver: feeds the sans-IO WireGuard core from the TUN and UDP shells and flushes its outputs.
 
-Hot path. Each direction is one trio task that drains a non-blocking fd in batches (`read_batch`
-until BlockingIOError or `batch` packets), hands the whole batch to the core with one `now`, flushes
-the core's outputs, and only then awaits readability (or, after a full batch, just yields). So trio
-is paid once per batch, and the TUN->UDP and UDP->TUN directions (plus the timer and control tasks)
-interleave at batch granularity. The core's timer is one deadline: a task sleeps until
+Hot path. One trio task moves both directions. It keeps a private epoll set of the TUN and UDP fds;
+each round asks it which are ready (poll(0)), drains those in batches (up to `batch` packets per
+fd), hands each batch to the core with one `now` and flushes the core's outputs. It yields after
+about `batch` packets so control tasks stay responsive, and when nothing is ready it waits: for
+trio, on the epoll set's fd (one wait for all fds), or, in the idle fast path with trio's real
+clock, by blocking on our fds plus trio's own epoll fd once every other task is blocked, so a lone
+packet (a ping) is handled straight from the kernel without a scheduler round trip first.
+Kernel offloads: datagrams to one endpoint with one size leave as one UDP GSO sendmsg, and the
+sockets have UDP_GRO on (udp.recv_batch_gro splits coalesced reads). The core's timer is one
+deadline: a task sleeps until
 `core.get_timer()` and is re-armed by `flush()` whenever the deadline moves earlier.
-`core.get_timer()` is O(peers), so the hot loops do not call it: every deadline the data path can
+`core.get_timer()` is O(peers), so the hot loop does not call it: every deadline the data path can
 create lies at least 1 s ahead (keepalive 10 s, rekey 5 s, persistent keepalive >= 1 s), so the
 timer task simply never sleeps longer than TIMER_MAX_SLEEP and re-reads the deadline on waking.
 
@@ -29,18 +34,45 @@ Hooks for the mesh layer (one UDP socket per family carries WireGuard, STUN and 
 
 from __future__ import annotations
 
+import errno
 import math
+import select
+import socket
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 
 import trio
+import trio.testing
 
 from meshwg.io.tun import Tun, TunClosed
-from meshwg.io.udp import UdpBind, recv_batch
+from meshwg.io.udp import OFFLOAD as udp_offload
+from meshwg.io.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, SOL_UDP, UDP_SEGMENT, UdpBind, recv_batch_gro
 
 DEFAULT_BATCH = 64
 TIMER_MAX_SLEEP = 1.0
+# Longest real-time block in the idle fast path (trio's deadlines cut it shorter).
+IDLE_BLOCK_MAX = 1.0
+# trio rounds any positive idle cushion up to a 1 ms epoll timeout, which would delay packets.
+# (A task that calls wait_all_tasks_blocked() itself may then share our wake-up and wait until
+# the next packet or deadline; tests should prefer real events.)
+IDLE_CUSHION = 0.0
+_GSO_UNSUPPORTED = (errno.EIO, errno.EINVAL, errno.EMSGSIZE, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
+
+
+def _trio_epoll_fd() -> int | None:
+    """trio's own epoll fd, when the run uses epoll and the real clock; else None.
+
+    A private trio detail, used for one optimisation only (the idle fast path of the data loop):
+    with anything unexpected the driver falls back to plain `wait_readable`."""
+    try:
+        if type(trio.lowlevel.current_clock()).__name__ != "SystemClock":
+            return None  # a MockClock's virtual time cannot bound a real blocking poll
+        from trio._core._run import GLOBAL_RUN_CONTEXT
+        return GLOBAL_RUN_CONTEXT.runner.io_manager._epoll.fileno()
+    except Exception:
+        return None
 
 
 def is_wireguard_datagram(data: bytes) -> bool:
@@ -63,21 +95,41 @@ class Driver:
         self.stopped_reason: str | None = None
         self._timer_scope = trio.CancelScope()
         self._timer_deadline = math.inf
-        self._udp_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
+        # The data path waits on one epoll set holding the TUN and the UDP sockets.
+        self._epoll: select.epoll | None = None
+        self._udp_by_fd: dict[int, tuple] = {}  # fd -> (socket, is_ipv6)
+        # Same fds plus trio's own epoll fd: the idle fast path blocks on it directly.
+        self._block_epoll: select.epoll | None = None
+        self.idle_fast_path = True
+        self._gso_ok: dict[int, bool] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled or the TUN disappears. Does not close the shells (their owner does)."""
+        self._epoll = select.epoll()
+        trio_fd = _trio_epoll_fd() if self.idle_fast_path else None
+        if trio_fd is not None:
+            self._block_epoll = select.epoll()
+            self._block_epoll.register(trio_fd, select.EPOLLIN)
         try:
+            for ep in (self._epoll, self._block_epoll):
+                if ep is not None:
+                    ep.register(self.tun.fd, select.EPOLLIN)
+            self._udp_by_fd = {}
+            self._watch_sockets()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._timer_loop)
-                nursery.start_soon(self._tun_loop)
-                await nursery.start(self._udp_loops)
+                await nursery.start(self._data_loop)
                 task_status.started()
         finally:
             self._nursery = None
+            self._epoll.close()
+            self._epoll = None
+            if self._block_epoll is not None:
+                self._block_epoll.close()
+                self._block_epoll = None
 
     def stop(self, reason: str = "stopped") -> None:
         if self.stopped_reason is None:
@@ -94,13 +146,12 @@ class Driver:
             return
         old = self.udp.sockets
         self.udp.open(port, fwmark, close_old=False)
-        if self._udp_scope is not None:
-            self._udp_scope.cancel()
+        if self._epoll is not None:
+            self._watch_sockets()
         for sock in old:
             trio.lowlevel.notify_closing(sock)
             sock.close()
-        if self._nursery is not None:
-            await self._nursery.start(self._udp_loops)
+        await trio.lowlevel.checkpoint()
 
     # ---- output path -----------------------------------------------------------------------
     async def flush(self) -> None:
@@ -118,7 +169,10 @@ class Driver:
             while start < len(datagrams):
                 # Socket buffer full: wait for room rather than drop (TCP inside would see loss).
                 sock = self._socket_for(datagrams[start][1])
-                await trio.lowlevel.wait_writable(sock)
+                try:
+                    await trio.lowlevel.wait_writable(sock)
+                except trio.ClosedResourceError:
+                    pass  # rebind() replaced the socket: retry on the new one
                 start = self._send_datagrams(datagrams, start)
         packets = core.tun_packets_to_write()
         if packets:
@@ -135,27 +189,62 @@ class Driver:
         return self.udp.v6 if ":" in addr[0] else self.udp.v4
 
     def _send_datagrams(self, datagrams: list, start: int) -> int:
-        """Send from index `start`; return the index of the first datagram that would block."""
+        """Send from index `start`; return the index of the first datagram that would block.
+
+        Runs of datagrams to one endpoint with one size (the last may be shorter) go out as one
+        UDP GSO sendmsg: the kernel cuts them apart, so a bulk batch costs one syscall, not 64."""
         v4, v6 = self.udp.v4, self.udp.v6
-        for i in range(start, len(datagrams)):
+        n = len(datagrams)
+        i = start
+        while i < n:
             data, addr = datagrams[i]
-            if type(addr) is tuple:
-                sock = v6 if ":" in addr[0] else v4
-                if sock is None:
-                    self.stats["send_no_socket"] += 1
-                    continue
-                try:
+            if type(addr) is not tuple:
+                if self.endpoint_sender is not None:
+                    self.endpoint_sender(data, addr)
+                else:
+                    self.stats["send_no_sender"] += 1
+                i += 1
+                continue
+            sock = v6 if ":" in addr[0] else v4
+            if sock is None:
+                self.stats["send_no_socket"] += 1
+                i += 1
+                continue
+            # Extend a GSO run: same endpoint, same size; a shorter datagram ends it.
+            size = len(data)
+            j = i + 1
+            if self._gso_ok.get(sock.fileno()):
+                total = size
+                limit = min(n, i + GSO_MAX_SEGMENTS)
+                while j < limit:
+                    d, a = datagrams[j]
+                    m = len(d)
+                    if m > size or total + m > GSO_MAX_BYTES or (a is not addr and a != addr):
+                        break
+                    total += m
+                    j += 1
+                    if m < size:
+                        break
+            try:
+                if j - i == 1:
                     sock.sendto(data, addr)
-                except BlockingIOError:
-                    return i
-                except OSError:
-                    # Unreachable network, firewall EPERM, ...: the packet is lost, as on a wire.
-                    self.stats["send_error"] += 1
-            elif self.endpoint_sender is not None:
-                self.endpoint_sender(data, addr)
-            else:
-                self.stats["send_no_sender"] += 1
-        return len(datagrams)
+                else:
+                    sock.sendmsg([d for d, _ in datagrams[i:j]],
+                                 [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))], 0, addr)
+                    self.stats["gso_sends"] += 1
+            except BlockingIOError:
+                return i
+            except OSError as err:
+                if j - i > 1 and err.errno in _GSO_UNSUPPORTED:
+                    # This path cannot segment (no checksum offload, route MTU below the size, ...):
+                    # plain datagrams from now on for this socket.
+                    self._gso_ok[sock.fileno()] = False
+                    self.stats["gso_disabled"] += 1
+                    continue
+                # Unreachable network, firewall EPERM, ...: the packets are lost, as on a wire.
+                self.stats["send_error"] += j - i
+            i = j
+        return n
 
     def send_raw(self, data: bytes, addr: tuple) -> bool:
         """Send a non-WireGuard datagram from the shared socket. False if dropped."""
@@ -169,55 +258,117 @@ class Driver:
             self.stats["send_raw_error"] += 1
             return False
 
-    # ---- input loops -----------------------------------------------------------------------
-    async def _tun_loop(self) -> None:
+    # ---- input loop ------------------------------------------------------------------------
+    def _watch_sockets(self) -> None:
+        """(Re)register the UDP sockets in the data-path epoll set."""
+        epolls = [ep for ep in (self._epoll, self._block_epoll) if ep is not None]
+        for fd in self._udp_by_fd:
+            for ep in epolls:
+                try:
+                    ep.unregister(fd)
+                except OSError:
+                    pass
+        self._udp_by_fd = {s.fileno(): (s, s.family == socket.AF_INET6) for s in self.udp.sockets}
+        self._gso_ok = {fd: udp_offload for fd in self._udp_by_fd}
+        for fd in self._udp_by_fd:
+            for ep in epolls:
+                ep.register(fd, select.EPOLLIN)
+
+    async def _data_loop(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Both directions in one task, driven by a private epoll set (TUN + UDP sockets).
+
+        Each round asks the set which fds are ready (poll(0): one syscall, and no BlockingIOError
+        raised for idle fds), drains those (up to `batch` packets each), and flushes after each.
+        When nothing is ready the task awaits the set's fd: one trio wait for all fds. Re-polling
+        right after a flush picks up what the kernel produced synchronously during a TUN write (a
+        ping reply, TCP ACKs) without a scheduler round trip. After about `batch` packets the task
+        yields so control tasks run."""
         tun, core, batch, clock = self.tun, self.core, self.batch, self.clock
         send_ip_packet = core.send_ip_packet
-        while True:
-            try:
-                packets = tun.read_batch(batch)
-            except TunClosed:
-                self.stop("tun closed")
-                return
-            if packets:
-                now = clock()
-                for pkt in packets:
-                    send_ip_packet(pkt, now)
-                await self._flush_io()
-            if len(packets) < batch:
-                await trio.lowlevel.wait_readable(tun.fd)
-            else:
-                await trio.lowlevel.checkpoint()
-
-    async def _udp_loops(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        with trio.CancelScope() as scope:
-            self._udp_scope = scope
-            async with trio.open_nursery() as nursery:
-                for sock in self.udp.sockets:
-                    nursery.start_soon(self._udp_loop, sock)
-                task_status.started()
-
-    async def _udp_loop(self, sock) -> None:
-        core, batch, clock = self.core, self.batch, self.clock
         receive = core.receive_datagram
+        epoll = self._epoll
+        poll = epoll.poll
+        ep_fd = epoll.fileno()
+        tun_fd = tun.fd
+        wait_readable = trio.lowlevel.wait_readable
+        checkpoint = trio.lowlevel.checkpoint
+        statistics = trio.lowlevel.current_statistics
+        wait_all_tasks_blocked = trio.testing.wait_all_tasks_blocked
+        block_epoll = self._block_epoll
+        trio_fd = _trio_epoll_fd() if block_epoll is not None else None
+        task_status.started()
+        since_yield = 0
         while True:
-            datagrams = recv_batch(sock, batch)
-            if datagrams:
-                now = clock()
-                other = self.on_other_datagram
-                if other is None:
-                    for data, addr in datagrams:
-                        receive(data, addr, now)
-                else:
-                    for data, addr in datagrams:
-                        if len(data) >= 4 and 1 <= data[0] <= 4 and data[1:4] == b"\0\0\0":
+            events = poll(0)
+            if not events:
+                since_yield = 0
+                if block_epoll is not None:
+                    # Idle fast path: once every other task is blocked, block on our fds and
+                    # trio's own epoll fd together, until trio's next deadline. A packet then
+                    # wakes this task straight from the kernel, and the trio round trip (~20 us)
+                    # happens after its answer went out instead of before. Anything of trio's
+                    # (I/O, a thread's result, a signal) wakes us too and the checkpoint lets
+                    # trio handle it.
+                    await wait_all_tasks_blocked(IDLE_CUSHION)
+                    stats = statistics()
+                    if not stats.tasks_runnable and not stats.run_sync_soon_queue_size:
+                        timeout = min(stats.seconds_to_next_deadline, IDLE_BLOCK_MAX)
+                        if timeout > 0 and (ready := block_epoll.poll(timeout)):
+                            if not any(fd == trio_fd for fd, _ in ready):
+                                continue
+                    await checkpoint()
+                    continue
+                await wait_readable(ep_fd)
+                continue
+            tun_ready = False
+            got = 0
+            for fd, _ in events:
+                if fd == tun_fd:
+                    tun_ready = True
+                    continue
+                entry = self._udp_by_fd.get(fd)
+                if entry is None:
+                    continue  # a socket rebind() just replaced
+                try:
+                    datagrams = recv_batch_gro(entry[0], batch, entry[1])
+                except OSError:
+                    if fd not in self._udp_by_fd:
+                        continue
+                    raise
+                if datagrams:
+                    got += len(datagrams)
+                    now = clock()
+                    other = self.on_other_datagram
+                    if other is None:
+                        for data, addr in datagrams:
                             receive(data, addr, now)
-                        else:
-                            other(data, addr)
-                await self._flush_io()
-            if len(datagrams) < batch:
-                await trio.lowlevel.wait_readable(sock)
-            else:
+                    else:
+                        for data, addr in datagrams:
+                            if len(data) >= 4 and 1 <= data[0] <= 4 and data[1:4] == b"\0\0\0":
+                                receive(data, addr, now)
+                            else:
+                                other(data, addr)
+                    await self._flush_io()
+            if tun_ready:
+                try:
+                    packets = tun.read_batch(batch)
+                except TunClosed:
+                    self.stop("tun closed")
+                    return
+                if packets:
+                    got += len(packets)
+                    now = clock()
+                    for pkt in packets:
+                        send_ip_packet(pkt, now)
+                    await self._flush_io()
+            if not got:
+                # Ready but nothing to read (an error event consumed, a race): do not spin.
+                since_yield = 0
+                await wait_readable(ep_fd)
+                continue
+            since_yield += got
+            if since_yield >= batch:
+                since_yield = 0
                 await trio.lowlevel.checkpoint()
 
     async def _timer_loop(self) -> None:

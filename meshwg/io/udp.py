@@ -8,9 +8,21 @@ the device as it was (wg-go does the same for `listen_port`).
 from __future__ import annotations
 
 import errno
+import os
 import socket
+import sys
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
+# Linux UDP offloads (not named by Python 3.11's socket module). GSO: one sendmsg carries up to
+# GSO_MAX_SEGMENTS equal-sized datagrams; GRO: one recvmsg returns several, with their size in a cmsg.
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000  # under the 65507-byte UDP payload limit of one (super) datagram
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+# MESHWG_UDP_OFFLOAD=0 turns GSO and GRO off (diagnosis, or kernels that misbehave).
+OFFLOAD = os.environ.get("MESHWG_UDP_OFFLOAD", "1") != "0"
 # Big kernel buffers absorb bursts while the (single-threaded) driver is busy with the other direction.
 BUFFER_BYTES = 4 * 1024 * 1024
 RECV_SIZE = 65535
@@ -30,6 +42,12 @@ def _open_socket(family: int, port: int, fwmark: int) -> socket.socket:
                 pass
         if fwmark:
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, fwmark)
+        if OFFLOAD:
+            try:
+                # Coalesced receive (kernel >= 5.0); recv_batch_gro splits. Older kernels: plain datagrams.
+                sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+            except OSError:
+                pass
         sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
     except BaseException:
         sock.close()
@@ -122,6 +140,34 @@ def recv_batch(sock: socket.socket, limit: int) -> list[tuple[bytes, tuple]]:
         pass
     except OSError as err:
         # ICMP errors surface as ECONNREFUSED etc. on the next recv; they are not ours to act on.
+        if err.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EMSGSIZE):
+            raise
+    return out
+
+
+def recv_batch_gro(sock: socket.socket, limit: int, v6: bool | None = None) -> list[tuple[bytes, tuple]]:
+    """Like recv_batch, for a socket with UDP_GRO on: a coalesced read is split back into its datagrams
+    (equal-sized segments, the last one possibly shorter). Stops once `limit` datagrams were read.
+    `v6` saves the (slow, enum-building) `sock.family` lookup on the hot path."""
+    out: list[tuple[bytes, tuple]] = []
+    recvmsg = sock.recvmsg
+    if v6 is None:
+        v6 = sock.family == socket.AF_INET6
+    try:
+        while len(out) < limit:
+            data, anc, _flags, addr = recvmsg(RECV_SIZE, _GRO_CMSG_SPACE)
+            if v6:
+                addr = (addr[0], addr[1])
+            if anc:
+                level, kind, raw = anc[0]
+                size = int.from_bytes(raw[:4], sys.byteorder) if level == SOL_UDP and kind == UDP_GRO else 0
+                if 0 < size < len(data):
+                    out += [(data[i:i + size], addr) for i in range(0, len(data), size)]
+                    continue
+            out.append((data, addr))
+    except BlockingIOError:
+        pass
+    except OSError as err:
         if err.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EMSGSIZE):
             raise
     return out
