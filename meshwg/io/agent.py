@@ -197,8 +197,14 @@ class Agent:
     async def _events_task(self) -> None:
         async for ev in self.client.events:
             if isinstance(ev, CE.Connected):
+                reconnected = self.welcome is not None and not self.connected
                 self.connected = True
                 await self._apply_welcome(ev.welcome)
+                if reconnected:
+                    # The server (and its relay) may have restarted: without a fresh hello the relay
+                    # drops what peers send us until the periodic hello, up to HELLO_INTERVAL later.
+                    self.dev.relay.server_restarted()
+                    await self.dev.driver.flush()
                 self._cand_dirty.set()
             elif isinstance(ev, CE.Disconnected):
                 self.connected = False
@@ -210,7 +216,9 @@ class Agent:
                 old = self.directory.get(ev.peer.key)
                 self.directory[ev.peer.key] = ev.peer
                 await self._apply_directory()
-                if ev.peer.online and ev.peer.candidates and (old is None or old.candidates != ev.peer.candidates):
+                came_online = old is not None and not old.online
+                if ev.peer.online and ev.peer.candidates and (
+                        old is None or came_online or old.candidates != ev.peer.candidates):
                     self._pending_punch.add(ev.peer.key)
             elif isinstance(ev, CE.PeerRemoved):
                 self.directory.pop(ev.key, None)

@@ -73,6 +73,10 @@ class RelayShell:
         self._configured.set()
         self._hello(self.clock())
 
+    def server_restarted(self) -> None:
+        """The control channel came back: the relay may have restarted and forgotten our session."""
+        self._hello(self.clock())
+
     # ---- status ------------------------------------------------------------------------------
     def ready(self, now: float | None = None) -> bool:
         now = self.clock() if now is None else now
