@@ -301,7 +301,8 @@ NAT types   what each node sits behind (a+b: behind a, which is behind b)
 path        how their WireGuard traffic flows: direct (hole punched or LAN) or relay (via the signal server)
 first ping  seconds from starting the nodes until a ping over the mesh got an answer
 direct      seconds until both sides used a direct path ('-': never, in the time allowed)
-RTT         average ping round trip over the mesh, in milliseconds"""
+RTT         average ping round trip over the mesh, in milliseconds
+result      ok: ping and a short TCP transfer worked and the path is the one this NAT pair allows"""
 
 
 def _secs(v: float | None) -> str:
@@ -309,7 +310,7 @@ def _secs(v: float | None) -> str:
 
 
 def format_table(results: list[PairResult], legend: bool = True) -> str:
-    rows = [("pair", "NAT types", "path", "first ping", "direct", "RTT", "")]
+    rows = [("pair", "NAT types", "path", "first ping", "direct", "RTT", "result")]
     for r in results:
         rows.append((f"{r.a} <-> {r.b}", f"{r.nat_a} / {r.nat_b}", r.path or "none", _secs(r.first_ping_s),
                      _secs(r.direct_s), "-" if r.rtt_ms is None else f"{r.rtt_ms:.2f} ms",
