@@ -32,6 +32,18 @@ def _listen_list(values, default):
     return [_hostport(v) for v in values]
 
 
+def _alt_port(text: str):
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, 'auto' or 'none', not {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} out of range")
+    return port
+
+
 def _fmt_time(t):
     return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
@@ -55,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--sync", choices=["normal", "full"], default="normal",
                             help="SQLite durability: normal survives a killed server, full also a power loss")
         sp.add_argument("--udp", action="append", metavar="HOST:PORT", help="STUN + UDP relay (default 0.0.0.0:3478; 'none')")
+        sp.add_argument("--stun-alt-port", type=_alt_port, default="auto", metavar="N",
+                        help="STUN-only alternate port on every --udp address, for NAT filtering tests "
+                             "(RFC 5780 CHANGE-REQUEST; two --udp addresses make the full 2x2 layout). "
+                             "Default: the --udp port + 1; 'none' disables")
         sp.add_argument("--relay-tcp", action="append", metavar="HOST:PORT", help="TCP relay fallback (default 0.0.0.0:7301; 'none')")
         sp.add_argument("--metrics", action="append", metavar="HOST:PORT", help="Prometheus /metrics listener (e.g. 127.0.0.1:9300)")
 
@@ -113,6 +129,7 @@ def cmd_serve(args, control: bool) -> int:
         cfg.synchronous = args.sync.upper()
         cfg.idle_timeout = max(3.5 * args.heartbeat, 5.0)
     cfg.udp = _listen_list(args.udp, cfg.udp)
+    cfg.stun_alt_port = args.stun_alt_port
     cfg.relay_tcp = _listen_list(args.relay_tcp, cfg.relay_tcp)
     cfg.metrics = _listen_list(args.metrics, [])
     server = SignalServer(cfg)

@@ -16,7 +16,6 @@ from meshwg.control import protocol as P
 from meshwg.control import relay_wire as W
 from meshwg.control.invite import join_hostport
 from meshwg.control.noise import HandshakeError, Responder
-from meshwg.disco import stun
 from signal_server import metrics
 from signal_server.directory import Directory, Node
 from signal_server.invites import JoinRefused
@@ -24,6 +23,7 @@ from signal_server.punch import PunchCoordinator
 from signal_server.ratelimit import TokenBucket
 from signal_server.relay import RelayCore
 from signal_server.store import NodeRow, Store
+from signal_server.stun_responder import StunResponder, StunSocket
 
 log = logging.getLogger("signal")
 
@@ -35,6 +35,9 @@ class ServerConfig:
     db: str
     control: list = field(default_factory=lambda: [("0.0.0.0", 7300)])
     udp: list = field(default_factory=lambda: [("0.0.0.0", 3478)])  # STUN + UDP relay ([] disables)
+    # STUN-only alternate port on every udp address (RFC 5780 CHANGE-REQUEST): "auto" = main port + 1
+    # (ephemeral when the main one is; skipped with a warning if taken), an int, or None (disabled).
+    stun_alt_port: int | str | None = "auto"
     relay_tcp: list = field(default_factory=lambda: [("0.0.0.0", 7301)])  # [] disables
     metrics: list = field(default_factory=list)  # e.g. [("127.0.0.1", 9300)]
     advertise: str | None = None  # host put into invites/welcome when listening on a wildcard
@@ -57,6 +60,7 @@ class ServerConfig:
 class Bound:
     control: list = field(default_factory=list)
     udp: list = field(default_factory=list)
+    stun_alt: list = field(default_factory=list)  # the alternate STUN ports (same order as udp)
     relay_tcp: list = field(default_factory=list)
     metrics: list = field(default_factory=list)
 
@@ -114,7 +118,9 @@ class SignalServer:
         self._db_lock = trio.Lock()
         self._unauth = 0
         self.bound = Bound()
-        self._udp_socks: list[socket.socket] = []
+        self._udp_socks: list[socket.socket] = []  # main ports: STUN + relay (relay dests index these)
+        self._stun_socks: list[socket.socket] = []  # main then alternate ports, as the responder numbers them
+        self.stun = StunResponder([])
         self._relay_tcp_conns = 0
         self.started = time.monotonic()
         self._dir_changed = trio.Event()
@@ -153,6 +159,13 @@ class SignalServer:
     # --- run
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._run(task_status)
+        finally:
+            for sock in self._stun_socks or self._udp_socks:  # UDP sockets are ours; trio owns the listeners
+                sock.close()
+
+    async def _run(self, task_status) -> None:
         cfg = self.cfg
         async with trio.open_nursery() as nursery:
             if cfg.control_enabled:
@@ -165,6 +178,13 @@ class SignalServer:
                 self._udp_socks.append(sock)
                 self.bound.udp.append(sock.getsockname()[:2])
                 nursery.start_soon(self._udp_loop, len(self._udp_socks) - 1)
+            alts = self._bind_stun_alt()
+            self._stun_socks = self._udp_socks + alts
+            self.bound.stun_alt = [s.getsockname()[:2] for s in alts]
+            self.stun = StunResponder([StunSocket(a, False) for a in self.bound.udp]
+                                      + [StunSocket(a, True) for a in self.bound.stun_alt])
+            for i in range(len(self._udp_socks), len(self._stun_socks)):
+                nursery.start_soon(self._stun_alt_loop, i)
             for host, port in cfg.relay_tcp:
                 ls = await trio.open_tcp_listeners(port, host=host)
                 self.bound.relay_tcp += [l.socket.getsockname()[:2] for l in ls]
@@ -177,11 +197,34 @@ class SignalServer:
             nursery.start_soon(self._housekeeping)
             nursery.start_soon(self._flusher)
             log.info(
-                "serving: control %s, udp (stun+relay) %s, relay tcp %s, metrics %s; server key %s",
-                self.bound.control, self.bound.udp, self.bound.relay_tcp, self.bound.metrics,
+                "serving: control %s, udp (stun+relay) %s, stun alternate %s, relay tcp %s, metrics %s; server key %s",
+                self.bound.control, self.bound.udp, self.bound.stun_alt, self.bound.relay_tcp, self.bound.metrics,
                 _b64(self.server_pk),
             )
             task_status.started(self.bound)
+
+    def _bind_stun_alt(self) -> list[socket.socket]:
+        """The alternate STUN port on every udp address: all or none, so that a client told an
+        OTHER-ADDRESS can count on both changes (a missing socket would fake a filtering NAT)."""
+        want = self.cfg.stun_alt_port
+        if want is None or not self._udp_socks:
+            return []
+        socks: list[socket.socket] = []
+        try:
+            for sock in self._udp_socks:
+                host, port = sock.getsockname()[:2]
+                alt = (port + 1 if port else 0) if want == "auto" else int(want)
+                if alt > 65535:
+                    raise OSError(f"no port above {port} for the alternate STUN port")
+                socks.append(_udp_socket(host, alt))
+        except OSError as exc:
+            for s in socks:
+                s.close()
+            if want != "auto":
+                raise
+            log.warning("no alternate STUN port (%s): NAT filtering tests (CHANGE-REQUEST) unavailable", exc)
+            return []
+        return socks
 
     def _publish_addresses(self) -> None:
         """Let the admin CLI build invites and find /metrics without being told the ports."""
@@ -575,21 +618,30 @@ class SignalServer:
             for frame, dest in self.relay.handle_untrusted(data, (idx, addr), now, time.time(), observed=addr):
                 self._relay_send(frame, dest)
             return
-        txid = stun.parse_binding_request_untrusted(data)
-        if txid is not None:
-            self.counters["stun_requests"] += 1
-            self._udp_send(sock, stun.build_binding_response(txid, addr), addr)
-            return
-        classic = stun.parse_classic_binding_request_untrusted(data)
-        if classic is not None and ":" not in addr[0]:
-            txid16, change = classic
-            self.counters["stun_classic_requests"] += 1
-            if change:  # one address only: we cannot answer from another IP/port
-                self.counters["stun_change_unsupported"] += 1
-                return
-            self._udp_send(sock, stun.build_classic_binding_response(txid16, addr, local), addr)
-            return
-        self.counters["udp_dropped_unknown"] += 1
+        self._on_stun(idx, data, addr)
+
+    def _on_stun(self, idx: int, data: bytes, addr) -> None:
+        reply, counters = self.stun.handle_untrusted(idx, data, addr)
+        for name in counters:
+            self.counters[name] += 1
+        if reply is not None:
+            self._udp_send(self._stun_socks[reply.sock], reply.data, addr)
+
+    async def _stun_alt_loop(self, idx: int) -> None:
+        """An alternate STUN port: STUN only (the relay lives on the main ports)."""
+        sock = self._stun_socks[idx]
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            for _ in range(64):
+                try:
+                    data, addr = sock.recvfrom(2048)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    self.counters["udp_recv_errors"] += 1
+                    continue
+                self._on_stun(idx, data, addr[:2])
+            await trio.lowlevel.checkpoint()
 
     def _udp_send(self, sock, data: bytes, addr) -> None:
         try:

@@ -1,7 +1,9 @@
 """`meshwg join INVITE`, `meshwg status [--json]`, `meshwg netcheck [--json]`.
 
 `join` runs the node agent in the foreground until SIGTERM/SIGINT (then removes the interface);
-`status` and `netcheck` ask the running agent over its local socket (meshwg.io.status_server).
+`status` and `netcheck` ask the running agent over its local socket (meshwg.io.status_server); `netcheck`
+adds the RFC 5780 mapping/filtering tests against the signal server's STUN addresses (meshwg.io.netcheck_probe),
+and runs standalone with `--server HOST:PORT` (no agent needed).
 """
 
 from __future__ import annotations
@@ -152,45 +154,111 @@ def classic_stun_test(server: str) -> dict:
 
 def _netcheck_args(p: argparse.ArgumentParser) -> None:
     _status_args(p)
-    p.add_argument("--stun", metavar="HOST:PORT", help="also run RFC 3489 filtering tests against this STUN "
-                   "server (one with CHANGE-REQUEST support, e.g. coturn on two addresses)")
+    p.add_argument("--server", action="append", metavar="HOST:PORT",
+                   help="the meshwg signal server's STUN address(es) to test against (default: the running "
+                        "agent's, else the last ones it used, from --state-dir); no agent needed")
+    p.add_argument("--stun", metavar="HOST:PORT", help="also run RFC 3489 tests (pystun3) against this "
+                   "third-party STUN server (one with CHANGE-REQUEST support, e.g. coturn on two addresses)")
+    p.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for each STUN test (default 1)")
+
+
+def _server_addrs(args, rep: dict | None) -> list[tuple]:
+    """Where the built-in server's STUN answers: --server, else the agent's report, else its cache."""
+    from meshwg.control.invite import split_hostport
+
+    if args.server:
+        try:
+            return [split_hostport(s) for s in args.server]
+        except ValueError as err:
+            raise UserError(f"netcheck: --server: {err}") from None
+    texts = list((rep or {}).get("stun_servers") or [])
+    if not texts:
+        from meshwg.io.agent_state import load_cache
+
+        cache = load_cache(args.state_dir) or {}
+        return [tuple(a) for a in (cache.get("welcome") or {}).get("stun", []) if len(a) == 2]
+    out = []
+    for t in texts:
+        try:
+            out.append(split_hostport(t))
+        except ValueError:
+            continue
+    return out
+
+
+def _standalone_report(nat: dict | None, classic: dict | None) -> dict:
+    """A netcheck report without an agent: from our probe, else from the third-party classic test."""
+    relay = {"mode": "none", "udp": [], "latency_ms": None}
+    if nat is not None:
+        return {"udp": nat["udp"], "mapping": nat["mapping"], "filtering": nat["filtering"], "hard": nat["hard"],
+                "reflexive": nat["reflexive"], "stun_servers": [nat["server"]] + ([nat["other_address"]]
+                                                                                   if nat["other_address"] else []),
+                "relay": relay, "relay_latency_ms": None, "stun_rtt_ms": nat["stun_rtt_ms"], "nat_probe": nat,
+                "summary": "no agent running: " + nat["summary"]}
+    return {"udp": classic["verdict"] != "Blocked", "mapping": classic["mapping"], "filtering": classic["filtering"],
+            "hard": classic["mapping"] == "address-and-port-dependent",
+            "reflexive": [classic["reflexive"]] if classic["reflexive"] else [], "stun_servers": [classic["server"]],
+            "relay": relay, "relay_latency_ms": None, "summary": "no agent running: classic STUN test only"}
 
 
 def run_netcheck(args) -> int:
+    import trio
+
+    from meshwg.io import netcheck_probe
+
     t0 = time.monotonic()
+    rep = None
+    no_agent = None
+    try:
+        rep = _query(args, {"op": "netcheck"})
+    except UserError as err:
+        no_agent = err
+    if rep is not None and "error" in rep:
+        raise UserError(f"netcheck: {rep['error']}")
+    nat = None
+    if rep is None or "nat_probe" not in rep:   # an agent that probes itself already said it all
+        servers = _server_addrs(args, rep)
+        if servers:
+            nat = trio.run(lambda: netcheck_probe.probe_servers(servers, timeout=args.timeout))
     classic = None
     if args.stun:
         try:
             classic = classic_stun_test(args.stun)
         except (OSError, ValueError) as err:
             raise UserError(f"netcheck: STUN test against {args.stun} failed: {err}") from None
-    try:
-        rep = _query(args, {"op": "netcheck"})
-    except UserError:
-        if classic is None:
-            raise
-        rep = {"udp": classic["verdict"] != "Blocked", "mapping": classic["mapping"], "hard": False,
-               "reflexive": [classic["reflexive"]] if classic["reflexive"] else [], "stun_servers": [args.stun],
-               "relay": {"mode": "none", "udp": [], "latency_ms": None}, "relay_latency_ms": None,
-               "summary": "no agent running: classic STUN test only"}
-    if "error" in rep:
-        raise UserError(f"netcheck: {rep['error']}")
+    if rep is None:
+        if nat is None and classic is None:
+            raise no_agent or UserError("netcheck: no STUN server known (give --server HOST:PORT)")
+        rep = _standalone_report(nat, classic)
+    elif nat is not None:
+        netcheck_probe.merge(rep, nat)
     if classic is not None:
         rep["classic"] = classic
-        rep["filtering"] = classic["filtering"]
+        if rep.get("filtering", "unknown") == "unknown":
+            rep["filtering"] = classic["filtering"]
     if args.json:
         print(json.dumps(rep, indent=1))
         return 0
     print("Report:")
     print(f"  UDP: {'yes' if rep['udp'] else 'no (relay over TCP only)'}")
-    print(f"  mapping: {rep['mapping']}{' (hard NAT: direct paths need help)' if rep['hard'] else ''}")
-    print(f"  filtering: {rep.get('filtering', 'unknown')}"
-          + (f" (classic STUN via {rep['classic']['server']}: {rep['classic']['verdict']})" if rep.get("classic") else ""))
+    probe = rep.get("nat_probe")
+    public = " (no NAT: our address is public)" if probe and probe.get("behind_nat") is False else ""
+    print(f"  mapping: {rep['mapping']}{' (hard NAT: direct paths need help)' if rep['hard'] else ''}{public}")
+    how = (f" (RFC 5780 tests via {probe['server']} + {probe['other_address']})"
+           if probe and probe.get("other_address") else
+           " (the server has no second address: run it with two --udp addresses)" if probe else "")
+    print(f"  filtering: {rep.get('filtering', 'unknown')}{how}")
+    if rep.get("classic"):
+        c = rep["classic"]
+        print(f"  classic STUN via {c['server']}: {c['verdict']}")
     print(f"  reflexive: {', '.join(rep['reflexive']) or '-'}  (STUN servers: {', '.join(rep['stun_servers']) or '-'})")
     r = rep["relay"]
-    print(f"  relay: {r['mode']}, UDP {', '.join(r['udp']) or '-'}: "
-          + (f"{r['latency_ms']} ms" if r["latency_ms"] is not None else "no answer")
-          + (f"; TCP {r['tcp_latency_ms']} ms" if r.get("tcp_latency_ms") is not None else ""))
+    if r["mode"] == "none" and rep.get("stun_rtt_ms") is not None:
+        print(f"  relay: no agent running; STUN round trip to the server {rep['stun_rtt_ms']} ms")
+    else:
+        print(f"  relay: {r['mode']}, UDP {', '.join(r['udp']) or '-'}: "
+              + (f"{r['latency_ms']} ms" if r["latency_ms"] is not None else "no answer")
+              + (f"; TCP {r['tcp_latency_ms']} ms" if r.get("tcp_latency_ms") is not None else ""))
     print(f"  ({time.monotonic() - t0:.1f} s)", file=sys.stderr)
     return 0
 

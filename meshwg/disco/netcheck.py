@@ -10,7 +10,10 @@ address-and-port-dependent.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from meshwg.disco import stun
 
 EIM = "endpoint-independent"
 ADM = "address-dependent"
@@ -100,6 +103,146 @@ def _filtering(f: FilteringTests | None) -> str:
         return EIM
     if f.change_port:
         return ADM
-    if f.change_ip_and_port is False and f.change_port is False:
-        return APDM
+    if f.change_port is False:
+        return APDM   # even the same IP on another port is filtered
     return UNKNOWN
+
+
+# --- RFC 5780 behaviour discovery against one server with an alternate address, sans-IO.
+
+MAP_SOCK, FILTER_SOCK = 0, 1   # the probe's two local sockets (the shell owns them)
+
+
+@dataclass
+class ProbeTest:
+    name: str
+    sock: int                    # MAP_SOCK or FILTER_SOCK
+    dest: tuple                  # (ip, port) the request goes to
+    change: int                  # CHANGE-REQUEST flags
+    txid: bytes
+    started: float
+    deadline: float
+    next_send: float
+    sent: int = 0
+    answer: stun.BindingResponse | None = None
+    source: tuple | None = None  # where the answer came from
+    rtt: float | None = None
+    wrong_source: bool = False   # answered, but not from the place the change asked for
+    expired: bool = False        # no answer by the deadline
+
+    @property
+    def answered(self) -> bool:
+        return self.answer is not None and not self.wrong_source
+
+
+class NatProbe:
+    """Mapping and filtering of the NAT in front of us, from one STUN server with OTHER-ADDRESS.
+
+    Mapping (MAP socket): Binding to the server, then to its other IP on the same port and to its
+    other IP and port (RFC 5780 4.3). Filtering (FILTER socket): a plain Binding plus change-IP+port and
+    change-port requests, all sent to the server's main address only: had this socket ever sent to the
+    other address, the NAT would let that address in and the test would read "open" (4.4).
+    A filtering verdict needs the server to name an OTHER-ADDRESS (it can honour changes) and the
+    plain request on the FILTER socket to be answered (else a lost packet would read "filtered").
+
+    Inputs: receive_datagram(sock, data, src, now), handle_timer(now). Outputs: datagrams_to_send()
+    -> [(sock, bytes, dest)], get_timer(), done, report().
+    """
+
+    def __init__(self, server, now: float, random_bytes, *, timeout: float = 1.0, retransmit: float = 0.25,
+                 extra_servers=(), local_port: int | None = None) -> None:
+        self.server = (str(server[0]), int(server[1]))
+        self.timeout, self.retransmit = timeout, retransmit
+        self.local_port = local_port
+        self._rand = random_bytes
+        self.tests: list[ProbeTest] = []
+        self.other: tuple | None = None
+        self.drops = 0
+        self._out: list = []
+        self._add("map", MAP_SOCK, self.server, 0, now)
+        for i, extra in enumerate(dict.fromkeys(tuple(e) for e in extra_servers)):
+            if extra != self.server:
+                self._add(f"map_extra{i}", MAP_SOCK, extra, 0, now)
+        self._add("filter", FILTER_SOCK, self.server, 0, now)
+        self._add("filter_change_ip_port", FILTER_SOCK, self.server, stun.CHANGE_IP | stun.CHANGE_PORT, now)
+        self._add("filter_change_port", FILTER_SOCK, self.server, stun.CHANGE_PORT, now)
+        self.handle_timer(now)
+
+    def _add(self, name, sock, dest, change, now) -> None:
+        self.tests.append(ProbeTest(name, sock, (str(dest[0]), int(dest[1])), change, self._rand(12), now,
+                                    now + self.timeout, now))
+
+    def test(self, name: str) -> ProbeTest | None:
+        return next((t for t in self.tests if t.name == name), None)
+
+    # --- inputs
+
+    def receive_datagram(self, sock: int, data: bytes, src, now: float) -> None:
+        resp = stun.parse_binding_response_full_untrusted(data)
+        t = None if resp is None else next(
+            (t for t in self.tests if t.txid == resp.txid and t.sock == sock and t.answer is None and not t.expired),
+            None)
+        if t is None:
+            self.drops += 1   # junk, a late duplicate, or not ours
+            return
+        t.answer, t.source, t.rtt = resp, (str(src[0]), int(src[1])), now - t.started
+        if t.change:
+            # A server that ignores CHANGE-REQUEST answers from where we sent: that proves nothing.
+            t.wrong_source = ((t.change & stun.CHANGE_IP and t.source[0] == t.dest[0])
+                              or (t.change & stun.CHANGE_PORT and t.source[1] == t.dest[1]))
+        if t.name in ("map", "filter") and self.other is None and resp.other_address is not None:
+            self.other = resp.other_address
+            if t.name == "map":
+                self._start_mapping_tests(now)
+
+    def _start_mapping_tests(self, now: float) -> None:
+        ip = self.other[0]
+        if ip == self.server[0]:
+            return  # an "other address" on our own IP cannot test mapping by IP
+        have = {t.dest for t in self.tests if t.sock == MAP_SOCK}
+        for name, dest in (("map_other_ip", (ip, self.server[1])), ("map_other_ip_port", self.other)):
+            if dest not in have:
+                have.add(dest)
+                self._add(name, MAP_SOCK, dest, 0, now)
+        self.handle_timer(now)
+
+    def handle_timer(self, now: float) -> None:
+        for t in self.tests:
+            if t.answer is not None or t.expired:
+                continue
+            if now >= t.deadline:
+                t.expired = True
+            elif now >= t.next_send:
+                self._out.append((t.sock, stun.build_binding_request(t.txid, change=t.change), t.dest))
+                t.sent += 1
+                t.next_send = now + self.retransmit
+
+    # --- outputs
+
+    def datagrams_to_send(self) -> list:
+        out, self._out = self._out, []
+        return out
+
+    def get_timer(self) -> float:
+        pending = [min(t.next_send, t.deadline) for t in self.tests if t.answer is None and not t.expired]
+        return min(pending, default=math.inf)
+
+    @property
+    def done(self) -> bool:
+        """Every test answered or timed out."""
+        return all(t.answer is not None or t.expired for t in self.tests)
+
+    def filtering_tests(self) -> FilteringTests | None:
+        f = self.test("filter")
+        if self.other is None or f is None or not f.answered:
+            return None
+        ip_port, port = self.test("filter_change_ip_port"), self.test("filter_change_port")
+        return FilteringTests(None if ip_port.wrong_source else ip_port.answered,
+                              None if port.wrong_source else port.answered)
+
+    def mapping_results(self) -> list[StunResult]:
+        return [StunResult(t.dest, t.answer.mapped if t.answer else None, self.local_port)
+                for t in self.tests if t.sock == MAP_SOCK]
+
+    def report(self) -> NetcheckReport:
+        return classify(self.mapping_results(), self.filtering_tests())

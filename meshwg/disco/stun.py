@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 import zlib
+from dataclasses import dataclass
 
 MAGIC_COOKIE = 0x2112A442
 _COOKIE_BYTES = struct.pack("!I", MAGIC_COOKIE)
@@ -26,7 +27,13 @@ ATTR_CHANGED_ADDRESS = 0x0005  # RFC 3489 only
 ATTR_XOR_MAPPED_ADDRESS = 0x0020
 ATTR_XOR_MAPPED_ADDRESS_OLD = 0x8020  # pre-RFC drafts; some servers still send it
 ATTR_SOFTWARE = 0x8022
+ATTR_RESPONSE_ORIGIN = 0x802B  # RFC 5780
+ATTR_OTHER_ADDRESS = 0x802C  # RFC 5780 (the successor of CHANGED-ADDRESS)
 ATTR_FINGERPRINT = 0x8028
+
+# CHANGE-REQUEST flags (RFC 3489 11.2.4, RFC 5780 7.2).
+CHANGE_IP = 0x4
+CHANGE_PORT = 0x2
 _FINGERPRINT_XOR = 0x5354554E
 
 SOFTWARE = b"meshwg-signal"
@@ -43,11 +50,25 @@ def is_stun_untrusted(data: bytes) -> bool:
     )
 
 
-def build_binding_request(txid: bytes, *, software: bool = False, fingerprint: bool = False) -> bytes:
+def build_binding_request(txid: bytes, *, software: bool = False, fingerprint: bool = False, change: int = 0) -> bytes:
+    """Binding request; change = CHANGE_IP | CHANGE_PORT asks for the answer from the server's other
+    address/port (RFC 5780 filtering tests)."""
     if len(txid) != 12:
         raise ValueError("STUN transaction id is 12 bytes")
-    attrs = _attr(ATTR_SOFTWARE, SOFTWARE) if software else b""
+    if change & ~(CHANGE_IP | CHANGE_PORT):
+        raise ValueError("change takes CHANGE_IP and CHANGE_PORT only")
+    attrs = _attr(ATTR_CHANGE_REQUEST, struct.pack("!I", change)) if change else b""
+    if software:
+        attrs += _attr(ATTR_SOFTWARE, SOFTWARE)
     return _finish(BINDING_REQUEST, txid, attrs, fingerprint)
+
+
+def build_classic_binding_request(txid16: bytes, change: int = 0) -> bytes:
+    """RFC 3489 Binding request (16-byte transaction id, no cookie), for tests and old servers."""
+    if len(txid16) != 16 or txid16[:4] == _COOKIE_BYTES:
+        raise ValueError("classic STUN transaction id is 16 bytes, not starting with the magic cookie")
+    attrs = _attr(ATTR_CHANGE_REQUEST, struct.pack("!I", change & (CHANGE_IP | CHANGE_PORT))) if change else b""
+    return struct.pack("!HH", BINDING_REQUEST, len(attrs)) + txid16 + attrs
 
 
 def _attr(atype: int, value: bytes) -> bytes:
@@ -97,6 +118,33 @@ def parse_binding_request_untrusted(data: bytes) -> bytes | None:
     return head[1]
 
 
+@dataclass(frozen=True)
+class BindingRequest:
+    txid: bytes        # 12 bytes (RFC 5389) or 16 (classic RFC 3489: no cookie)
+    classic: bool
+    change: int        # CHANGE_IP | CHANGE_PORT flags asked for (0: answer from where it came)
+
+
+def parse_any_binding_request_untrusted(data: bytes) -> BindingRequest | None:
+    """An RFC 5389 or RFC 3489 Binding request with its CHANGE-REQUEST flags, else None."""
+    head = _header_untrusted(data)
+    if head is not None:
+        if head[0] != BINDING_REQUEST:
+            return None
+        return BindingRequest(head[1], False, _change_flags(head[2]))
+    classic = parse_classic_binding_request_untrusted(data)
+    if classic is None:
+        return None
+    return BindingRequest(classic[0], True, classic[1])
+
+
+def _change_flags(body: bytes) -> int:
+    for atype, value in _iter_attrs_untrusted(body):
+        if atype == ATTR_CHANGE_REQUEST and len(value) == 4:
+            return struct.unpack("!I", value)[0] & (CHANGE_IP | CHANGE_PORT)
+    return 0
+
+
 def _pack_addr(atype: int, addr, xor_key: bytes | None) -> bytes:
     ip = ipaddress.ip_address(addr[0])
     port = int(addr[1])
@@ -125,12 +173,19 @@ def _unpack_addr_untrusted(value: bytes, xor_key: bytes | None):
     return (str(ipaddress.ip_address(raw)), port)
 
 
-def build_binding_response(txid: bytes, addr, *, software: bool = True, fingerprint: bool = True) -> bytes:
-    """Binding success response carrying XOR-MAPPED-ADDRESS and MAPPED-ADDRESS for addr=(ip, port)."""
+def build_binding_response(txid: bytes, addr, *, software: bool = True, fingerprint: bool = True,
+                           response_origin=None, other_address=None) -> bytes:
+    """Binding success response carrying XOR-MAPPED-ADDRESS and MAPPED-ADDRESS for addr=(ip, port), plus
+    RFC 5780 RESPONSE-ORIGIN (where this answer leaves from) and OTHER-ADDRESS (the server's other
+    IP and port) when given."""
     if len(txid) != 12:
         raise ValueError("STUN transaction id is 12 bytes")
     xor_key = _COOKIE_BYTES + txid
     attrs = _pack_addr(ATTR_XOR_MAPPED_ADDRESS, addr, xor_key) + _pack_addr(ATTR_MAPPED_ADDRESS, addr, None)
+    if response_origin is not None:
+        attrs += _pack_addr(ATTR_RESPONSE_ORIGIN, response_origin, None)
+    if other_address is not None:
+        attrs += _pack_addr(ATTR_OTHER_ADDRESS, other_address, None)
     if software:
         attrs += _attr(ATTR_SOFTWARE, SOFTWARE)
     return _finish(BINDING_SUCCESS, txid, attrs, fingerprint)
@@ -142,18 +197,41 @@ def parse_binding_response_untrusted(data: bytes):
     XOR-MAPPED-ADDRESS wins over MAPPED-ADDRESS (NATs that rewrite payload addresses cannot touch the
     XORed form). A bad FINGERPRINT, when present, rejects the message.
     """
+    resp = parse_binding_response_full_untrusted(data)
+    if resp is None:
+        return None
+    return resp.txid, resp.mapped
+
+
+@dataclass(frozen=True)
+class BindingResponse:
+    txid: bytes
+    mapped: tuple                 # reflexive (ip, port)
+    other_address: tuple | None   # OTHER-ADDRESS (RFC 5780), else CHANGED-ADDRESS (RFC 3489)
+    response_origin: tuple | None  # RESPONSE-ORIGIN (RFC 5780), else SOURCE-ADDRESS (RFC 3489)
+
+
+def parse_binding_response_full_untrusted(data: bytes) -> BindingResponse | None:
+    """An RFC 5389 Binding success response with the RFC 5780 attributes, else None (same rules as
+    parse_binding_response_untrusted)."""
     head = _header_untrusted(data)
     if head is None or head[0] != BINDING_SUCCESS:
         return None
     _, txid, body = head
     xor_key = _COOKIE_BYTES + txid
     mapped = xmapped = None
+    found_addrs: dict[int, tuple] = {}
     off = 0
     for atype, value in _iter_attrs_untrusted(body):
         if atype in (ATTR_XOR_MAPPED_ADDRESS, ATTR_XOR_MAPPED_ADDRESS_OLD) and xmapped is None:
             xmapped = _unpack_addr_untrusted(value, xor_key)
         elif atype == ATTR_MAPPED_ADDRESS and mapped is None:
             mapped = _unpack_addr_untrusted(value, None)
+        elif atype in (ATTR_OTHER_ADDRESS, ATTR_CHANGED_ADDRESS, ATTR_RESPONSE_ORIGIN, ATTR_SOURCE_ADDRESS):
+            if atype not in found_addrs:
+                addr = _unpack_addr_untrusted(value, None)
+                if addr is not None:
+                    found_addrs[atype] = addr
         elif atype == ATTR_FINGERPRINT:
             if len(value) != 4:
                 return None
@@ -165,7 +243,9 @@ def parse_binding_response_untrusted(data: bytes):
     found = xmapped or mapped
     if found is None:
         return None
-    return txid, found
+    other = found_addrs.get(ATTR_OTHER_ADDRESS) or found_addrs.get(ATTR_CHANGED_ADDRESS)
+    origin = found_addrs.get(ATTR_RESPONSE_ORIGIN) or found_addrs.get(ATTR_SOURCE_ADDRESS)
+    return BindingResponse(txid, found, other, origin)
 
 
 # --- RFC 3489 ("classic") Binding: 16-byte transaction id, no cookie; old clients such as stun-client use it.
@@ -188,13 +268,35 @@ def parse_classic_binding_request_untrusted(data: bytes):
     return data[4:20], flags
 
 
-def build_classic_binding_response(txid16: bytes, addr, server_addr) -> bytes:
-    """RFC 3489 Binding response: MAPPED-ADDRESS, SOURCE-ADDRESS and CHANGED-ADDRESS (IPv4 only in 3489)."""
+def build_classic_binding_response(txid16: bytes, addr, server_addr, changed_address=None) -> bytes:
+    """RFC 3489 Binding response: MAPPED-ADDRESS, SOURCE-ADDRESS (server_addr: where the answer leaves
+    from) and CHANGED-ADDRESS (the server's other IP and port; 3489 makes it mandatory, so a server
+    with one address names itself). IPv4 only in 3489."""
     if len(txid16) != 16:
         raise ValueError("classic STUN transaction id is 16 bytes")
     attrs = (
         _pack_addr(ATTR_MAPPED_ADDRESS, addr, None)
         + _pack_addr(ATTR_SOURCE_ADDRESS, server_addr, None)
-        + _pack_addr(ATTR_CHANGED_ADDRESS, server_addr, None)
+        + _pack_addr(ATTR_CHANGED_ADDRESS, changed_address or server_addr, None)
     )
     return struct.pack("!HH", BINDING_SUCCESS, len(attrs)) + txid16 + attrs
+
+
+def parse_classic_binding_response_untrusted(data: bytes) -> BindingResponse | None:
+    """An RFC 3489 Binding response (16-byte transaction id in BindingResponse.txid), else None."""
+    if not isinstance(data, (bytes, bytearray)) or not HEADER_LEN <= len(data) <= MAX_STUN_LEN:
+        return None
+    data = bytes(data)
+    mtype, mlen = struct.unpack_from("!HH", data, 0)
+    if mtype != BINDING_SUCCESS or mlen % 4 or HEADER_LEN + mlen != len(data) or data[4:8] == _COOKIE_BYTES:
+        return None
+    found: dict[int, tuple] = {}
+    for atype, value in _iter_attrs_untrusted(data[20:]):
+        if atype in (ATTR_MAPPED_ADDRESS, ATTR_SOURCE_ADDRESS, ATTR_CHANGED_ADDRESS) and atype not in found:
+            addr = _unpack_addr_untrusted(value, None)
+            if addr is not None:
+                found[atype] = addr
+    if ATTR_MAPPED_ADDRESS not in found:
+        return None
+    return BindingResponse(data[4:20], found[ATTR_MAPPED_ADDRESS], found.get(ATTR_CHANGED_ADDRESS),
+                           found.get(ATTR_SOURCE_ADDRESS))
