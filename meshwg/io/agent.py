@@ -201,6 +201,7 @@ class Agent:
                 self.connected = True
                 await self._apply_welcome(ev.welcome)
                 if reconnected:
+                    log.info("control connection back")
                     # The server (and its relay) may have restarted: without a fresh hello the relay
                     # drops what peers send us until the periodic hello, up to HELLO_INTERVAL later.
                     self.dev.relay.server_restarted()

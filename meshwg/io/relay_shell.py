@@ -74,7 +74,15 @@ class RelayShell:
         self._hello(self.clock())
 
     def server_restarted(self) -> None:
-        """The control channel came back: the relay may have restarted and forgotten our session."""
+        """The control channel came back: the relay may have restarted and forgotten our session.
+
+        Start a new session rather than only re-hello: until its HELLO_OK, sends wait in the pending
+        queue instead of going out under the old token, which a restarted relay refuses (the first
+        answers to peers, e.g. a handshake response, would be lost)."""
+        if self.server_key is None:
+            return
+        self.session = RelaySession(self.private_key, self.server_key, self._random)
+        self._udp_since = self.clock()
         self._hello(self.clock())
 
     # ---- status ------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ Outputs: datagrams_to_send() -> [(bytes, dest)]  dest: (ip, port) | RelayEndpoin
 Each mesh peer's WireGuard endpoint is chosen here (peer.roaming = False): RelayEndpoint(key) until a
 disco pong confirms a direct path, the direct address while it stays trusted, back to the relay when
 it stops answering. The WireGuard session is untouched by these moves; only the destination changes.
+A pending WireGuard initiation is re-sent as soon as news says the peer's path works (a path change, a
+punch notice, disco from the peer through the relay) rather than at the core's 5 s retry.
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ class MeshNode:
         self.paths: dict[bytes, PeerPaths] = {}
         self._endpoint: dict[bytes, object] = {}
         self._ep_to_key: dict[object, bytes] = {}
+        self._resend_at: dict[bytes, float] = {}    # deferred handshake re-sends (see _resend_handshake)
         self._out: list = []
         self._events: list = []
         self._relay_frames: list = []
@@ -179,6 +182,7 @@ class MeshNode:
         self._set_endpoint(spec.key, RelayEndpoint(spec.key), None, "relay until a direct path answers")
 
     def _remove_peer(self, key: bytes) -> None:
+        self._resend_at.pop(key, None)
         self.core.remove_peer(key)
         self.codec.remove_peer(key)
         pp = self.paths.pop(key, None)
@@ -209,6 +213,8 @@ class MeshNode:
             return
         pp.on_punch(now)
         self._service(peer_key, now)
+        # The peer is online and asked for us: it is very likely reachable through the relay again.
+        self._resend_handshake(peer_key, now)
 
     def set_local_endpoints(self, addrs, now: float) -> None:
         """Our interface addresses with the shared socket's port (LAN peers use these)."""
@@ -269,6 +275,9 @@ class MeshNode:
         self._now = now
         self.core.handle_timer(now)
         self._flush_core(now, activity=False)
+        for key in [k for k, t in self._resend_at.items() if t <= now]:
+            del self._resend_at[key]
+            self._resend_handshake(key, now, defer=False)
         for key, pp in list(self.paths.items()):
             if pp.get_timer(now) <= now or self._endpoint_stale(key, now):
                 self._service(key, now)
@@ -288,6 +297,10 @@ class MeshNode:
         if pp is None:  # the codec knows exactly our peers; a race with removal only
             self.counters["drop_disco_unknown_peer"] += 1
             return
+        if relay_src is not None:
+            # Proof that the peer is up, knows us and has a live relay session: an initiation of ours
+            # lost while it was not (server restart, peer not yet reconnected) can go again now.
+            self._resend_handshake(sender, now)
         if isinstance(msg, Ping):
             if relay_src is not None:
                 self.counters["disco_ping_via_relay_ignored"] += 1
@@ -349,9 +362,9 @@ class MeshNode:
             pp = self.paths[key]
             direct = not isinstance(want, RelayEndpoint)
             reason = "direct path confirmed by pong" if direct else pp.relay_reason(now, self._wall(now))
-            self._set_endpoint(key, want, pp.best.latency if direct else None, reason)
+            self._set_endpoint(key, want, pp.best.latency if direct else None, reason, now)
 
-    def _set_endpoint(self, key: bytes, ep, latency, reason: str) -> None:
+    def _set_endpoint(self, key: bytes, ep, latency, reason: str, now: float | None = None) -> None:
         old = self._endpoint.get(key)
         if old is not None and self._ep_to_key.get(old) == key:
             del self._ep_to_key[old]
@@ -360,6 +373,24 @@ class MeshNode:
         self.core.set_endpoint(self.core.peers[key], ep)
         self.counters["path_switches"] += 1
         self._events.append(PathChanged(key, ep, latency, reason))
+        if old is not None:
+            # A pending initiation went to the old path; the new one was just confirmed (or is the relay).
+            self._resend_handshake(key, self._now if now is None else now)
+
+    def _resend_handshake(self, key: bytes, now: float, defer: bool = True) -> None:
+        """News that the peer's path works: have the core re-send a pending initiation now, or once,
+        as soon as its rate floor allows (handle_timer); a no-op once the handshake completed."""
+        peer = self.core.peers.get(key)
+        if peer is None:
+            return
+        when = self.core.resend_handshake(peer, now)
+        if when is None or when <= now:
+            self._resend_at.pop(key, None)
+            if when is not None:
+                self.counters["handshake_resent_on_path"] += 1
+                self._flush_core(now, activity=False)
+        elif defer:
+            self._resend_at[key] = min(when, self._resend_at.get(key, math.inf))
 
     # --- core output ------------------------------------------------------------------------
     def _flush_core(self, now: float, activity: bool) -> None:
@@ -460,7 +491,7 @@ class MeshNode:
         now = self._now
         for key, pp in self.paths.items():
             t = min(t, pp.get_timer(now))
-        t = min(t, self._next_stun, self._stun_round_end)
+        t = min(t, self._next_stun, self._stun_round_end, *self._resend_at.values())
         return t
 
     @property

@@ -46,6 +46,11 @@ _InvalidTag = crypto.InvalidTag
 # Auto-detection of load when the shell does not report its backlog: this many handshake messages within
 # one window counts as a full handshake queue (wireguard-go: 128 of 1024 queued).
 AUTO_LOAD_WINDOW = 0.125
+# resend_handshake: the least time between two initiations to a peer when news about its path, not the
+# retransmit timer, asks for one. Far above the responder's flood rule (20 ms) and the 16.8 ms timestamp
+# whitening, so the new initiation is accepted; and a response to the previous one has had a round trip's
+# time to arrive (a re-send supersedes it).
+HANDSHAKE_RESEND_MIN = 0.25
 
 
 class WireGuardCore:
@@ -548,11 +553,11 @@ class WireGuardCore:
         self._out.append((msg, peer.endpoint))
         peer.tx_bytes += len(msg)
 
-    def _send_initiation(self, peer: Peer, now: float, is_retry: bool) -> None:
+    def _send_initiation(self, peer: Peer, now: float, is_retry: bool, min_interval: float = REKEY_TIMEOUT) -> None:
         t = peer.timers
         if not is_retry:
             t.handshake_attempts = 0
-        if now - peer.last_sent_handshake < REKEY_TIMEOUT:
+        if now - peer.last_sent_handshake < min_interval:
             return
         if self.private_key is None or peer.static_static is None:
             self.drops["no_key"] += 1
@@ -575,6 +580,21 @@ class WireGuardCore:
     def initiate_handshake(self, peer: Peer, now: float) -> None:
         """Start a handshake now (subject to the 5 s rule); an addition to the API for shells and tests."""
         self._send_initiation(peer, now, False)
+
+    def resend_handshake(self, peer: Peer, now: float) -> float | None:
+        """The peer's path changed or just proved usable: if an initiation of ours is still unanswered,
+        send a fresh one now instead of at its retransmit timer (up to 5 s + jitter away); the earlier
+        ones most likely went where nothing listened. Returns None when no initiation is pending, `now`
+        when one was sent, else the time from which a re-send is allowed (the last handshake message
+        went out less than HANDSHAKE_RESEND_MIN ago): call again then. The attempt count is untouched
+        (not a timer retry); the retransmit timer restarts from the re-send."""
+        if peer.handshake_state is None or peer.timers.retransmit_handshake == INF:
+            return None
+        allowed = peer.last_sent_handshake + HANDSHAKE_RESEND_MIN
+        if now < allowed:
+            return allowed
+        self._send_initiation(peer, now, True, HANDSHAKE_RESEND_MIN)
+        return now if peer.last_sent_handshake == now else None
 
     # ------------------------------------------------------------------ timers
 
