@@ -191,9 +191,10 @@ class NatProbe:
             t.wrong_source = ((t.change & stun.CHANGE_IP and t.source[0] == t.dest[0])
                               or (t.change & stun.CHANGE_PORT and t.source[1] == t.dest[1]))
         if t.name in ("map", "filter") and self.other is None and resp.other_address is not None:
+            # Whichever answer names the other address first (the filter socket's may win the race),
+            # the mapping tests towards it go out from the mapping socket.
             self.other = resp.other_address
-            if t.name == "map":
-                self._start_mapping_tests(now)
+            self._start_mapping_tests(now)
 
     def _start_mapping_tests(self, now: float) -> None:
         ip = self.other[0]

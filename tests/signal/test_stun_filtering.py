@@ -204,6 +204,25 @@ def test_probe_classifies_simulated_nats(mapping, filtering, want_map, want_filt
     assert all(t.dest == (A1, 3478) for t in probe.tests if t.sock == NC.FILTER_SOCK)
 
 
+def test_probe_tests_mapping_when_the_filter_answer_arrives_first():
+    # Under load the filter socket's answer can beat the mapping socket's; the mapping tests towards the
+    # other address must still go out (a real lab run once reported mapping "unknown" this way).
+    rng = random.Random(11)
+    probe = NC.NatProbe((A1, 3478), 0.0, rng.randbytes, timeout=1.0)
+    first = {sock: (data, dest) for sock, data, dest in probe.datagrams_to_send() if dest == (A1, 3478)
+             and stun.parse_any_binding_request_untrusted(data).change == 0}
+    responder, nat = StunResponder(LAYOUT), SimNat("eim", "eif")
+    for sock in (NC.FILTER_SOCK, NC.MAP_SOCK):   # the filter answer first
+        data, dest = first[sock]
+        public = nat.outbound(sock, dest)
+        reply, _ = responder.handle_untrusted(0, data, public)
+        probe.receive_datagram(nat.inbound(public[1], responder.sockets[reply.sock].addr), reply.data,
+                               responder.sockets[reply.sock].addr, 0.01)
+    assert {t.name for t in probe.tests} >= {"map_other_ip", "map_other_ip_port"}
+    rep, _ = drive(probe, nat, responder, now=0.01)
+    assert (rep.mapping, rep.filtering) == (NC.EIM, NC.EIM)
+
+
 def test_probe_survives_loss_and_refuses_to_guess():
     rng = random.Random(7)
     drops = iter([True, True, True] + [False] * 1000)   # the first three datagrams are lost
