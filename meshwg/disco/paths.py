@@ -31,6 +31,9 @@ MIN_ABS_GAIN = 0.0005
 class ScoredPath:
     addr: object                  # (ip, port) for direct paths; anything else counts as relay
     latency: float                # seconds (RTT)
+    # False for an address only learned as the source of a ping: a hairpinning router's LAN address
+    # must not earn the LAN bonus that belongs to the peer's own (advertised) address.
+    advertised: bool = True
 
     @property
     def is_direct(self) -> bool:
@@ -46,7 +49,7 @@ def is_direct_addr(addr: object) -> bool:
 _LAN_NETS = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"))
 
 
-def addr_bonus(addr: object) -> float:
+def addr_bonus(addr: object, advertised: bool = True) -> float:
     """Score bonus of a direct address kind (points, comparable to percent latency)."""
     if not is_direct_addr(addr):
         return 0.0
@@ -59,7 +62,7 @@ def addr_bonus(addr: object) -> float:
         bonus += 50
     elif ip.is_link_local:
         bonus += 30
-    elif any(ip in net for net in _LAN_NETS if net.version == ip.version):
+    elif advertised and any(ip in net for net in _LAN_NETS if net.version == ip.version):
         bonus += 20
     if ip.version == 6:
         bonus += 10
@@ -70,7 +73,7 @@ def advantage_points(new: ScoredPath, old: ScoredPath) -> float:
     """How many points `new` is ahead of `old` (negative: behind)."""
     if new.is_direct != old.is_direct:
         return float("inf") if new.is_direct else float("-inf")
-    points = addr_bonus(new.addr) - addr_bonus(old.addr)
+    points = addr_bonus(new.addr, new.advertised) - addr_bonus(old.addr, old.advertised)
     lo, hi = min(new.latency, old.latency), max(new.latency, old.latency)
     if hi > 0 and hi - lo >= MIN_ABS_GAIN:
         pct = (hi - lo) / hi * 100.0

@@ -286,7 +286,7 @@ class PeerPaths:
         if pvia is not None:
             cand.via = pvia
             self._live_vias.add(pvia)
-        scored = P.ScoredPath(addr, latency)
+        scored = P.ScoredPath(addr, latency, advertised=cand.source != "ping")
         if self.best is not None and self.best.addr == addr:
             self.best = scored
             self.trust_until = now + P.TRUST_DURATION

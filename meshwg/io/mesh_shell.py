@@ -219,6 +219,8 @@ class MeshDevice:
             self.birthday.close_for(ev.peer_key, ev.keep)
         elif isinstance(ev, N.PathChanged):
             log.info("peer %s: path -> %s (%s)", ev.peer_key[:4].hex(), ev.endpoint, ev.reason)
+            if isinstance(ev.endpoint, N.RelayEndpoint):
+                self.relay.refresh()
             self.path_log.append((time.time(), ev))
             del self.path_log[:-64]
         elif isinstance(ev, N.LocalEndpointsChanged):

@@ -53,6 +53,7 @@ class RelayShell:
         self.counters: Counter = Counter()
         self.tx_by_peer: Counter = Counter()     # packets handed to the relay, per destination key
         self._udp_since = math.inf              # when we started waiting for UDP to answer
+        self._last_refresh = -math.inf          # last hello sent because a peer fell back to the relay
         self._last_udp_ok = -math.inf
         self._configured = trio.Event()
         self._tcp_scope: trio.CancelScope | None = None
@@ -84,6 +85,17 @@ class RelayShell:
         self.session = RelaySession(self.private_key, self.server_key, self._random)
         self._udp_since = self.clock()
         self._hello(self.clock())
+
+    def refresh(self) -> None:
+        """A peer just fell back to the relay: re-open our NAT mapping towards it now.
+
+        The relay reaches us only through the mapping our last packet to it created; after a NAT
+        rebinding that mapping is gone until our next periodic hello or STUN (up to ~25 s). One hello
+        per fallback (at most one a second) fixes that."""
+        now = self.clock()
+        if now - self._last_refresh >= 1.0:
+            self._last_refresh = now
+            self._hello(now)
 
     # ---- status ------------------------------------------------------------------------------
     def ready(self, now: float | None = None) -> bool:

@@ -80,3 +80,12 @@ def test_netcheck_classification():
     assert adm.mapping == ADM and adm.filtering == EIM
     assert not classify([StunResult(("198.51.100.1", 3478), None)]).udp
     assert classify([StunResult(("198.51.100.1", 3478), ("203.0.113.1", 1))]).mapping == "unknown"
+
+
+def test_lan_bonus_only_for_advertised_addresses():
+    # A hairpinning router forwards a LAN peer's pings from its own LAN address; that source must not
+    # tie with the peer's own advertised LAN address, or the first pong would keep traffic on the NAT.
+    own = P.ScoredPath(("192.168.6.3", 41000), 0.0010)
+    hairpin = P.ScoredPath(("192.168.6.1", 41000), 0.0010, advertised=False)
+    assert P.better_path(own, hairpin)
+    assert not P.better_path(hairpin, own)
