@@ -23,8 +23,11 @@ GOOD_ENOUGH_LATENCY = 0.005      # a direct path this fast is not worth searchin
 CALL_ME_MAYBE_MIN_INTERVAL = 5.0
 
 SWITCH_MARGIN = 1.0              # points a challenger needs above the incumbent (>1 % better)
-# Below this absolute latency gain, percentage scoring is noise (sub-ms jitter on a LAN).
-MIN_ABS_GAIN = 0.0005
+# One RTT sample of a userspace agent jitters by milliseconds (scheduling on a busy host, ARP on a
+# path's first packet): this much of a latency gain is noise and earns no points. Without it a noisy
+# first sample (2.7 ms vs 1.6 ms = 40 points) outweighed the LAN bonus and parked LAN peers on the NAT.
+MIN_ABS_GAIN = 0.002
+CONTENDER_ROUNDS = 3             # heartbeats after a switch that also re-ping higher-bonus candidates
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,8 @@ def advantage_points(new: ScoredPath, old: ScoredPath) -> float:
         return float("inf") if new.is_direct else float("-inf")
     points = addr_bonus(new.addr, new.advertised) - addr_bonus(old.addr, old.advertised)
     lo, hi = min(new.latency, old.latency), max(new.latency, old.latency)
-    if hi > 0 and hi - lo >= MIN_ABS_GAIN:
-        pct = (hi - lo) / hi * 100.0
+    if hi > 0 and hi - lo > MIN_ABS_GAIN:
+        pct = (hi - lo - MIN_ABS_GAIN) / hi * 100.0
         points += pct if new.latency < old.latency else -pct
     return points
 

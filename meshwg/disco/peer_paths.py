@@ -160,6 +160,7 @@ class PeerPaths:
         self.probe_attempt = 0
         self.next_heartbeat_at = math.inf
         self.last_upgrade_probe = -math.inf
+        self._contend_left = 0        # heartbeats that still re-ping higher-bonus candidates
         self.last_cmm_sent = -math.inf
         self.want_cmm = False
         self._answer_cmm = False
@@ -200,7 +201,9 @@ class PeerPaths:
             if a not in self.candidates:
                 self.candidates[a] = Candidate(a, source)
                 changed = True
-            elif SOURCE_RANK.get(source, 9) < SOURCE_RANK.get(self.candidates[a].source, 9):
+            elif (SOURCE_RANK.get(source, 9) < SOURCE_RANK.get(self.candidates[a].source, 9)
+                  or self.candidates[a].source == "ping"):
+                # The peer advertises it now (a call-me-maybe ranks below "ping"): it earns the LAN bonus.
                 self.candidates[a].source = source
         self._trim()
         if changed:
@@ -295,6 +298,7 @@ class PeerPaths:
             self.trust_until = now + P.TRUST_DURATION
             self.counters["path_changes"] += 1
             self.next_heartbeat_at = now + P.HEARTBEAT_INTERVAL
+            self._contend_left = P.CONTENDER_ROUNDS
             if self.birthday is not None:
                 self._end_birthday()
         self.unanswered_since = None
@@ -349,6 +353,9 @@ class PeerPaths:
                 cand = self.candidates.get(self.best.addr)
                 if cand is not None:
                     self._ping(cand, now, budget)
+                if self._contend_left > 0:
+                    self._contend_left -= 1
+                    self._ping_contenders(now, budget)
             if now >= self.next_probe_at:
                 self._probe_round(now, wall, budget)
             elif self.direct(now) and now >= self.last_upgrade_probe + P.UPGRADE_INTERVAL:
@@ -387,6 +394,17 @@ class PeerPaths:
             if skip_best and self.best is not None and cand.addr == self.best.addr:
                 continue
             self._ping(cand, now, budget)
+
+    def _ping_contenders(self, now: float, budget) -> None:
+        """Re-ping the candidates that beat the best path on address kind, in step with its heartbeat.
+
+        A switch is decided on one RTT sample each; a LAN candidate's first one is often slow (ARP),
+        and while direct others are re-probed only every UPGRADE_INTERVAL (never below
+        GOOD_ENOUGH_LATENCY). Paired samples right after the switch let the better kind win."""
+        best_bonus = P.addr_bonus(self.best.addr, self.best.advertised)
+        for cand in list(self.candidates.values()):
+            if cand.addr != self.best.addr and P.addr_bonus(cand.addr, cand.source != "ping") > best_bonus:
+                self._ping(cand, now, budget)
 
     def _ping(self, cand: Candidate, now: float, budget) -> bool:
         if not self._ping_bucket.take(now) or (budget is not None and not budget(1)):
