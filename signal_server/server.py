@@ -95,7 +95,9 @@ class Session:
         self.wake = trio.Event()
         self.queue: deque = deque()
         self.closing: str | None = None
-        self.scope: trio.CancelScope | None = None
+        # Exists before the session's first await: a newer connection of the same key must be able to
+        # end this one in any phase, also while its welcome or snapshot is still being sent.
+        self.scope = trio.CancelScope()
         self.msg_bucket = TokenBucket(200.0, 400.0, time.monotonic())
         self.local_host = ""
 
@@ -423,8 +425,10 @@ class SignalServer:
         old = self.sessions.get(s.key)
         if old is not None:  # the newest connection of a key wins (a reconnect after a silent drop)
             old.closing = "replaced"
-            if old.scope is not None:
-                old.scope.cancel()
+            # Also while the old one is still sending its welcome/snapshot: left running, it would later
+            # subscribe (wiping this session's pending directory changes) and publish its stale
+            # candidates over ours.
+            old.scope.cancel()
         self.sessions[s.key] = s
         node = self.directory.nodes.get(s.key)
         if node is None:
@@ -432,17 +436,16 @@ class SignalServer:
             self.directory.put(node)
             self.relay.allowed.add(s.key)
         try:
-            with trio.fail_after(self.cfg.send_timeout):
-                await s.stream.send_all(s.chan.encode(self._welcome(s)))
-            snapshot = self.directory.subscribe(s.key)
-            await self._send_dir_full(s, snapshot)
-            self.directory.update(s.key, online=True, candidates=s.initial_candidates)
-            self._wake_all()
-            with trio.CancelScope() as scope:
-                s.scope = scope
+            with s.scope:
+                with trio.fail_after(self.cfg.send_timeout):
+                    await s.stream.send_all(s.chan.encode(self._welcome(s)))
+                snapshot = self.directory.subscribe(s.key)
+                await self._send_dir_full(s, snapshot)
+                self.directory.update(s.key, online=True, candidates=s.initial_candidates)
+                self._wake_all()
                 async with trio.open_nursery() as n:
-                    n.start_soon(self._guard, self._reader, s, scope)
-                    n.start_soon(self._guard, self._writer, s, scope)
+                    n.start_soon(self._guard, self._reader, s, s.scope)
+                    n.start_soon(self._guard, self._writer, s, s.scope)
         finally:
             if self.sessions.get(s.key) is s:  # a replaced session must not touch its successor's state
                 self.directory.unsubscribe(s.key)

@@ -165,7 +165,8 @@ class ControlConnection:
                 with trio.fail_after(timeout):
                     stream = await trio.open_tcp_stream(host, port)
             except (OSError, trio.TooSlowError) as exc:
-                errors.append(f"{addr}: {exc or 'timeout'}")
+                # TooSlowError has no message (and an exception object is always truthy).
+                errors.append(f"{addr}: {str(exc) or 'connect timed out'}")
                 continue
             try:
                 with trio.fail_after(timeout):
