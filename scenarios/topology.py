@@ -38,6 +38,8 @@ from pathlib import Path
 from scenarios.nat import NatType, ruleset
 from scenarios.netns import RUN_ID, Netns, sh, veth
 
+# Bridges get this fixed, locally administered MAC (each bridge is its own L2 segment; see Lab.__init__).
+BRIDGE_MAC = "02:6d:77:67:00:01"
 INTERNET_ROUTERS_NET = "198.51.100"   # routers' public addresses (TEST-NET-2)
 INTERNET_SERVERS_NET = "203.0.113"    # public servers (TEST-NET-3)
 # Directories each host gets privately (bind-mounted from its own lab directory).
@@ -168,11 +170,13 @@ class Lab:
         self._next_port = itertools.count(1)
         try:
             self.internet = self._add_ns()
-            self.internet.run("ip", "link", "add", "br0", "type", "bridge")
+            # A fixed MAC: a bridge without one takes the lowest MAC of its ports, so plugging in a new
+            # router can change the gateway's MAC under every host's ARP entry and black-hole traffic.
+            self.internet.run("ip", "link", "add", "br0", "address", BRIDGE_MAC, "type", "bridge")
             self.internet.run("ip", "link", "set", "br0", "mtu", str(mtu), "up")
             self.internet.run("ip", "addr", "add", f"{INTERNET_ROUTERS_NET}.1/24", "dev", "br0")
             self.internet.run("ip", "addr", "add", f"{INTERNET_SERVERS_NET}.1/24", "dev", "br0")
-            self._enable_forwarding(self.internet)
+            self._enable_forwarding(self.internet, "br0")
         except BaseException:
             self.close()
             raise
@@ -225,10 +229,10 @@ class Lab:
         ns.run("ip", "route", "add", "default", "via", gw)
         k = next(self._next_lan)
         lan_prefix = f"100.64.{k}" if cgn else f"192.168.{k}"
-        ns.run("ip", "link", "add", "lan0", "type", "bridge")
+        ns.run("ip", "link", "add", "lan0", "address", BRIDGE_MAC, "type", "bridge")  # fixed: see br0
         ns.run("ip", "link", "set", "lan0", "mtu", str(self.mtu), "up")
         ns.run("ip", "addr", "add", f"{lan_prefix}.1/24", "dev", "lan0")
-        self._enable_forwarding(ns)
+        self._enable_forwarding(ns, "lan0")
         ns.run("nft", "-f", "-", input=ruleset(nat, wan_ip, hairpin=hairpin).encode())
         router = Router(name, nat, ns, wan_ip, lan_prefix, upstream, cgn, hairpin)
         self.routers[name] = router
@@ -265,10 +269,11 @@ class Lab:
         return path
 
     @staticmethod
-    def _enable_forwarding(ns: Netns) -> None:
-        # Hairpin routing out of the interface a packet came in on must not trigger ICMP redirects.
+    def _enable_forwarding(ns: Netns, bridge: str) -> None:
+        # Hairpin routing out of the interface a packet came in on must not trigger ICMP redirects
+        # (the kernel ORs "all" with the interface's own value, so the existing bridge needs it too).
         ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv4.conf.all.send_redirects=0",
-               "net.ipv4.conf.default.send_redirects=0")
+               "net.ipv4.conf.default.send_redirects=0", f"net.ipv4.conf.{bridge}.send_redirects=0")
         # With br_netfilter loaded, frames switched between two LAN ports would cross the router's
         # forward chain (and conntrack); a real home switch does not filter, so turn that off here.
         ns.run("sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0", "net.bridge.bridge-nf-call-ip6tables=0",
