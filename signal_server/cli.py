@@ -167,7 +167,7 @@ def cmd_invite(args) -> int:
         return 0
     if args.action == "revoke":
         if not st.revoke_invite(args.invite_id):
-            print(f"error: no invite {args.invite_id}", file=sys.stderr)
+            print(f"meshwg-signal: no invite {args.invite_id}", file=sys.stderr)
             return 1
         print(f"revoked {args.invite_id}")
         return 0
@@ -189,13 +189,13 @@ def cmd_nodes(args) -> int:
         return 0
     node = st.find_node(args.node)
     if node is None:
-        print(f"error: no node {args.node!r} (use an id, a name or a public key)", file=sys.stderr)
+        print(f"meshwg-signal: no node {args.node!r} (use an id, a name or a public key)", file=sys.stderr)
         return 1
     if action == "rename":
         try:
             name = st.rename(node.node_id, args.name)
         except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"meshwg-signal: {exc}", file=sys.stderr)
             return 1
         print(f"node {node.node_id} renamed to {name}")
     elif action == "expire":
@@ -257,6 +257,6 @@ def main(argv=None) -> int:
             print(base64.b64encode(public_key(_store(args).server_private_key(os.urandom))).decode())
             return 0
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"meshwg-signal: {exc}", file=sys.stderr)
         return 2
     return 2
