@@ -6,6 +6,7 @@ are tracked by PID and stopped by PID on close; nothing is ever killed by name.
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import signal
@@ -14,11 +15,15 @@ import time
 from collections.abc import Sequence
 
 RUN_ID = f"{os.getpid() % 10000:04d}{secrets.token_hex(2)}"
+_name_counter = itertools.count(1)
 
 
 def unique_name(prefix: str) -> str:
-    """A namespace/interface name unique to this run (at most 15 chars, the IFNAMSIZ limit)."""
-    return f"{prefix[:6]}{RUN_ID}{secrets.token_hex(1)}"[:15]
+    """A namespace/interface name unique to this run: prefix + RUN_ID + a per-process counter.
+
+    At most 15 chars (IFNAMSIZ): the prefix is cut to 3. The counter, not chance, keeps the names
+    of one process apart; RUN_ID keeps processes (and parallel runs) apart."""
+    return f"{prefix[:3]}{RUN_ID}{next(_name_counter) % 0xFFFF:x}"
 
 
 def sh(cmd: Sequence[str], *, check: bool = True, input: bytes | None = None, timeout: float = 30) -> str:

@@ -45,13 +45,8 @@ INTERNET_SERVERS_NET = "203.0.113"    # public servers (TEST-NET-3)
 # Directories each host gets privately (bind-mounted from its own lab directory).
 PRIVATE_DIRS = ("/run/wireguard",)
 
-# Netns() names are prefix + RUN_ID + one random byte; a per-process counter in the prefix makes every
-# name of this process unique (a random byte alone would collide within one lab now and then).
-_ns_counter = itertools.count(1)
-
-
 def _new_ns() -> Netns:
-    return Netns(f"m{next(_ns_counter) % 0xFFFF:04x}")
+    return Netns("m")
 
 
 @dataclass
