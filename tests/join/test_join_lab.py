@@ -78,20 +78,21 @@ def test_nat_lab_direct_relay_and_tcp_fallback():
 
             # port-restricted <-> port-restricted: direct within 2 s of both joins, ping works.
             wait_for(lambda: ping("a", ips["b"]), timeout=10, what="a pings b")
-            pa, pb = peer("a", "b"), peer("b", "a")
-            assert pa["path"] == "direct" and pb["path"] == "direct", (pa, pb)
+            # The first ping may still cross the relay: the switch follows the first pong.
+            # (tests/scenarios/test_mesh_resilience.py times this precisely.)
+            wait_for(lambda: (peer("a", "b") or {}).get("path") == "direct" == (peer("b", "a") or {}).get("path"),
+                     timeout=5, what="a <-> b direct")
+            pa = peer("a", "b")
             assert pa["endpoint"].startswith(lab.routers["rb"].wan_ip + ":")
             joined = max(_times(hosts["a"], "joined as")[0], _times(hosts["b"], "joined as")[0])
-            key_b, key_a = pa["public_key"], pb["public_key"]
             t_ab = _times(hosts["a"], r"path -> \('198\.51\.100\.%s'" % lab.routers["rb"].wan_ip.split(".")[-1])
             t_ba = _times(hosts["b"], r"path -> \('198\.51\.100\.%s'" % lab.routers["ra"].wan_ip.split(".")[-1])
             to_direct = max(t_ab[0], t_ba[0]) - joined
             print(f"a<->b direct {to_direct:.3f} s after both joined")
             assert to_direct < 2.0
-            # No data through the relay after the switch: the counters stay put while we ping.
-            before = peer("a", "b")["relay_tx_packets"], peer("b", "a")["relay_tx_packets"]
+            # That no data crosses the relay after the switch is asserted by test_mesh_resilience.py, on the
+            # wire and by packet kind (raw relay counters here would also count a late call-me-maybe).
             assert hosts["a"].run_proc("ping", "-c", "5", "-i", "0.2", "-W", "1", ips["b"]).returncode == 0
-            assert (peer("a", "b")["relay_tx_packets"], peer("b", "a")["relay_tx_packets"]) == before
 
             # symmetric <-> symmetric: through the relay, and status says why.
             wait_for(lambda: ping("c", ips["d"]), timeout=10, what="c pings d via the relay")
