@@ -127,6 +127,10 @@ class UdpBind:
         self.v4 = self.v6 = None
 
 
+# ICMP errors surface as ECONNREFUSED etc. on the next recv; they are not ours to act on.
+_PASSING_RECV_ERRORS = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EMSGSIZE)
+
+
 def recv_batch(sock: socket.socket, limit: int) -> list[tuple[bytes, tuple]]:
     """Up to `limit` datagrams as (data, (host, port)); empty when the socket would block."""
     out = []
@@ -139,8 +143,7 @@ def recv_batch(sock: socket.socket, limit: int) -> list[tuple[bytes, tuple]]:
     except BlockingIOError:
         pass
     except OSError as err:
-        # ICMP errors surface as ECONNREFUSED etc. on the next recv; they are not ours to act on.
-        if err.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EMSGSIZE):
+        if err.errno not in _PASSING_RECV_ERRORS:
             raise
     return out
 
@@ -168,6 +171,6 @@ def recv_batch_gro(sock: socket.socket, limit: int, v6: bool | None = None) -> l
     except BlockingIOError:
         pass
     except OSError as err:
-        if err.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EMSGSIZE):
+        if err.errno not in _PASSING_RECV_ERRORS:
             raise
     return out
