@@ -18,6 +18,7 @@ from scenarios.services import PROBES, probe, start_coturn, start_reflector
 from scenarios.netns import RUN_ID, wait_for
 from scenarios.topology import Lab
 from conftest import require_real_components
+from stun_verdicts import STUN_CLASS
 
 pytestmark = pytest.mark.netns
 
@@ -83,16 +84,6 @@ def test_mapping_and_filtering_with_udp_probes(lab, nat):
     filtered = probe(host, "send", "--port", str(fresh_port()), "--to", f"{lab.s1}:4000",
                      *[a for t in named for a in ("--reply-from", t)])
     assert {named[r["from"]] for r in filtered["replies"]} == allowed
-
-
-STUN_CLASS = {
-    NatType.NONE: "Open",
-    NatType.FULL_CONE: "Independent Mapping, Independent Filter",
-    NatType.RESTRICTED_CONE: "Independent Mapping, Address Dependent Filter",
-    NatType.PORT_RESTRICTED: "Independent Mapping, Port Dependent Filter",
-    NatType.SYMMETRIC: "Dependent Mapping",
-    NatType.UDP_BLOCKED: "Blocked",
-}
 
 
 @pytest.mark.parametrize("nat", list(STUN_CLASS), ids=lambda n: n.value)

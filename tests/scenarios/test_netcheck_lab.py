@@ -20,20 +20,15 @@ from scenarios.netns import wait_for
 from scenarios.node_commands import PY, RELAY_TCP_PORT, SIGNAL_PORT, STUN_PORT, command
 from scenarios.services import listening
 from scenarios.topology import Lab
+from stun_verdicts import STUN_CLASS as COTURN_STUN_CLASS
 
 pytestmark = pytest.mark.netns
 
 TYPES = [NatType.FULL_CONE, NatType.RESTRICTED_CONE, NatType.PORT_RESTRICTED, NatType.SYMMETRIC]
 _ports = itertools.count(21000)
 
-# What `stun` (stun-client) prints against coturn, per lab NAT (tests/scenarios/test_nat_types.py).
-STUN_CLASS = {
-    NatType.NONE: "Open",
-    NatType.FULL_CONE: "Independent Mapping, Independent Filter",
-    NatType.RESTRICTED_CONE: "Independent Mapping, Address Dependent Filter",
-    NatType.PORT_RESTRICTED: "Independent Mapping, Port Dependent Filter",
-    NatType.SYMMETRIC: "Dependent Mapping",
-}
+# Our server must draw the same verdicts as coturn (the UDP-blocked host cannot reach either).
+STUN_CLASS = {nat: verdict for nat, verdict in COTURN_STUN_CLASS.items() if nat is not NatType.UDP_BLOCKED}
 EIM, ADM, APDM = "endpoint-independent", "address-dependent", "address-and-port-dependent"
 NETCHECK = {   # (mapping, filtering) in RFC 4787 terms
     NatType.FULL_CONE: (EIM, EIM),
