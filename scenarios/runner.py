@@ -120,6 +120,7 @@ class StatusPoller:
     def __init__(self, nodes: dict[str, Host], procs: dict[str, subprocess.Popen], t0: float, interval: float = 0.3):
         self.nodes, self.procs, self.t0, self.interval = nodes, procs, t0, interval
         self.latest: dict[str, nc.NodeStatus] = {}
+        self.taken_at: dict[str, float] = {}   # when each node's latest status was asked for (monotonic)
         self.direct_since: dict[tuple[str, str], float] = {}
         self.failure: str | None = None
         self._stop = threading.Event()
@@ -141,6 +142,7 @@ class StatusPoller:
                 self.failure = (f"`meshwg join` exited with status {self.procs[name].returncode} on node {name!r}. "
                                 f"Its output:\n{_log_tail(host.dir / 'join.log')}")
                 return
+            asked_at = time.monotonic()
             res = host.run_proc(*nc.command("status", **_node_values(host)), timeout=10)
             if res.returncode == 0:
                 try:
@@ -149,6 +151,7 @@ class StatusPoller:
                     status = None
                 if status is not None:
                     self.latest[name] = status
+                    self.taken_at[name] = asked_at
                     now = time.monotonic() - self.t0
                     for peer, ps in status.peers.items():
                         if ps.path == "direct":
@@ -156,6 +159,15 @@ class StatusPoller:
                         else:
                             self.direct_since.pop((name, peer), None)
             self._stop.wait(self.interval)
+
+    def wait_fresh(self, names: tuple[str, ...], since: float, timeout: float = 10.0) -> None:
+        """Waits until every named node has a status asked for after `since`: a snapshot from before a
+        ping may predate the peer itself (a slow poll on a loaded machine), so it cannot tell the path."""
+        until = time.monotonic() + timeout
+        while time.monotonic() < until and self.failure is None:
+            if all(self.taken_at.get(n, -1.0) > since for n in names):
+                return
+            time.sleep(0.05)
 
     def peer(self, node: str, peer: str) -> nc.PeerStatus | None:
         status = self.latest.get(node)
@@ -203,6 +215,7 @@ def check_pair(scenario: Scenario, a: NodeSpec, b: NodeSpec, nodes: dict[str, Ho
     while both_direct() is None and time.monotonic() < until:
         time.sleep(0.1)
     result.direct_s = both_direct()
+    poller.wait_fresh((a.name, b.name), since=poller.t0 + result.first_ping_s)
     pa, pb = poller.peer(a.name, b.name), poller.peer(b.name, a.name)
     paths = {p.path for p in (pa, pb) if p is not None}
     result.path = paths.pop() if len(paths) == 1 else "/".join(sorted(str(p) for p in paths)) or None
