@@ -28,10 +28,12 @@ DEFAULT_STATS_INTERVAL = 60.0
 
 def drop_counters(device: Device) -> dict[str, int]:
     """Every packet the device dropped, by reason: the core's (bad datagrams, no route, ...),
-    TUN writes the kernel refused, and the driver's send failures."""
+    the kernel's on our UDP sockets, TUN writes the kernel refused, and the driver's send failures."""
     counts = dict(device.core.drops)
     if device.tun.write_drops:
         counts["tun_write"] = device.tun.write_drops
+    if kernel := device.udp.kernel_drops():
+        counts["socket"] = kernel  # junk refused by the socket filter, or a full receive buffer
     for key in ("send_error", "send_no_socket", "send_no_sender", "send_raw_error", "gso_disabled"):
         if device.driver.stats[key]:
             counts[key] = device.driver.stats[key]

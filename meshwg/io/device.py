@@ -34,7 +34,8 @@ class Device:
             mtu = tun.get_mtu()
         except OSError:
             mtu = 1420
-        self.core = core or WireGuardCore(random_bytes=os.urandom, wall_offset=time.time() - time.monotonic(), mtu=mtu)
+        self.core = core or WireGuardCore(random_bytes=os.urandom, wall_offset=time.time() - time.monotonic(), mtu=mtu,
+                                           index_tag=int.from_bytes(os.urandom(2), "little"))
         self.udp = UdpBind()
         self.udp.open(listen_port)
         self.driver = Driver(self.core, tun, self.udp, clock=time.monotonic)

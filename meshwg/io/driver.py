@@ -21,6 +21,8 @@ datagrams go out and the timer is re-armed.
 
 Hooks for the mesh layer (one UDP socket per family carries WireGuard, STUN and discovery):
 
+* A kernel filter on the sockets (meshwg.io.socket_filter) drops what no hook or the core would
+  accept, and WireGuard messages naming receiver indices the core never issued (core.index_tag).
 * `driver.on_other_datagram = fn(data: bytes, addr: tuple)`: datagrams that are not WireGuard
   messages (first byte 1-4 followed by three zero bytes) go to `fn` instead of the core. With no
   hook every datagram goes to the core, which drops and counts what it cannot parse.
@@ -46,6 +48,7 @@ from collections.abc import Callable
 import trio
 import trio.testing
 
+from meshwg.io import socket_filter
 from meshwg.io.tun import Tun, TunClosed
 from meshwg.io.udp import OFFLOAD as udp_offload
 from meshwg.io.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, SOL_UDP, UDP_SEGMENT, UdpBind, recv_batch_gro
@@ -269,6 +272,13 @@ class Driver:
                 except OSError:
                     pass
         self._udp_by_fd = {s.fileno(): (s, s.family == socket.AF_INET6) for s in self.udp.sockets}
+        if socket_filter.ENABLED:
+            program = socket_filter.program(getattr(self.core, "index_tag", None))
+            for sock in self.udp.sockets:
+                try:
+                    socket_filter.attach(sock, program)
+                except OSError:
+                    self.stats["socket_filter_unavailable"] += 1  # junk then costs Python, nothing else
         self._gso_ok = {fd: udp_offload for fd in self._udp_by_fd}
         for fd in self._udp_by_fd:
             for ep in epolls:
@@ -309,8 +319,10 @@ class Driver:
                     # happens after its answer went out instead of before. Anything of trio's
                     # (I/O, a thread's result, a signal) wakes us too and the checkpoint lets
                     # trio handle it.
-                    await wait_all_tasks_blocked(IDLE_CUSHION)
                     stats = statistics()
+                    if stats.tasks_runnable or stats.run_sync_soon_queue_size:
+                        await wait_all_tasks_blocked(IDLE_CUSHION)
+                        stats = statistics()
                     if not stats.tasks_runnable and not stats.run_sync_soon_queue_size:
                         timeout = min(stats.seconds_to_next_deadline, IDLE_BLOCK_MAX)
                         if timeout > 0 and (ready := block_epoll.poll(timeout)):

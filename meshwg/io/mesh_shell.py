@@ -155,7 +155,8 @@ class MeshDevice:
             mtu = self.tun.get_mtu()
         except OSError:
             mtu = 1420
-        self.core = WireGuardCore(private_key=private_key, random_bytes=os.urandom, wall_offset=wall_offset, mtu=mtu)
+        self.core = WireGuardCore(private_key=private_key, random_bytes=os.urandom, wall_offset=wall_offset, mtu=mtu,
+                                  index_tag=int.from_bytes(os.urandom(2), "little"))
         try:
             try:
                 self.device = Device(self.tun, self.listener, listen_port=listen_port, core=self.core)

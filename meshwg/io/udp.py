@@ -20,12 +20,27 @@ UDP_SEGMENT = 103
 UDP_GRO = 104
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000  # under the 65507-byte UDP payload limit of one (super) datagram
-_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+# Room for the GRO size and other cmsgs the kernel may add (SO_RXQ_OVFL's drop count once the socket
+# has dropped anything, as the socket filter does): with room for only one, the GRO size was cut off
+# and a coalesced read taken for one huge datagram.
+_GRO_CMSG_SPACE = 4 * socket.CMSG_SPACE(4)
 # MESHWG_UDP_OFFLOAD=0 turns GSO and GRO off (diagnosis, or kernels that misbehave).
 OFFLOAD = os.environ.get("MESHWG_UDP_OFFLOAD", "1") != "0"
 # Big kernel buffers absorb bursts while the (single-threaded) driver is busy with the other direction.
 BUFFER_BYTES = 4 * 1024 * 1024
 RECV_SIZE = 65535
+# getsockopt(SO_MEMINFO) -> u32[9]; the last is sk_drops: datagrams the kernel dropped for this socket
+# (refused by its filter, or no room in the receive buffer).
+SO_MEMINFO = 55
+_SK_MEMINFO_DROPS = 8
+
+
+def socket_drops(sock: socket.socket) -> int:
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * (_SK_MEMINFO_DROPS + 1))
+    except OSError:
+        return 0
+    return int.from_bytes(raw[4 * _SK_MEMINFO_DROPS:4 * (_SK_MEMINFO_DROPS + 1)], sys.byteorder)
 
 
 def _open_socket(family: int, port: int, fwmark: int) -> socket.socket:
@@ -72,6 +87,7 @@ class UdpBind:
         self.port = 0
         self.fwmark = 0
         self.send_errors = 0
+        self._retired_drops = 0  # kernel drops of sockets replaced by open()
 
     @property
     def sockets(self) -> list[socket.socket]:
@@ -87,6 +103,7 @@ class UdpBind:
                 sock.close()
             old = []
         v4, v6 = self._bind_pair(port, fwmark)
+        self._retired_drops += sum(socket_drops(sock) for sock in self.sockets)
         self.v4, self.v6 = v4, v6
         self.port = (v4 or v6).getsockname()[1]
         self.fwmark = fwmark
@@ -112,6 +129,10 @@ class UdpBind:
                     raise
         assert last is not None
         raise last
+
+    def kernel_drops(self) -> int:
+        """Datagrams the kernel dropped on our sockets (socket filter, full buffer), since the first open."""
+        return self._retired_drops + sum(socket_drops(sock) for sock in self.sockets)
 
     def set_fwmark(self, fwmark: int) -> None:
         for sock in self.sockets:
@@ -161,13 +182,14 @@ def recv_batch_gro(sock: socket.socket, limit: int, v6: bool | None = None) -> l
             data, anc, _flags, addr = recvmsg(RECV_SIZE, _GRO_CMSG_SPACE)
             if v6:
                 addr = (addr[0], addr[1])
-            if anc:
-                level, kind, raw = anc[0]
-                size = int.from_bytes(raw[:4], sys.byteorder) if level == SOL_UDP and kind == UDP_GRO else 0
-                if 0 < size < len(data):
-                    out += [(data[i:i + size], addr) for i in range(0, len(data), size)]
-                    continue
-            out.append((data, addr))
+            size = 0
+            for level, kind, raw in anc:
+                if level == SOL_UDP and kind == UDP_GRO:
+                    size = int.from_bytes(raw[:4], sys.byteorder)
+            if 0 < size < len(data):
+                out += [(data[i:i + size], addr) for i in range(0, len(data), size)]
+            else:
+                out.append((data, addr))
     except BlockingIOError:
         pass
     except OSError as err:

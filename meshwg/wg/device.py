@@ -60,8 +60,12 @@ class WireGuardCore:
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
         wall_offset: float = 0.0,
         mtu: int = DEFAULT_MTU,
+        index_tag: int | None = None,
     ):
         self._random = random_bytes
+        # A 16-bit tag in the top half of every receiver index we hand out (wire bytes 2-3), so a
+        # kernel socket filter can drop blind floods naming indices we never issued. None: fully random.
+        self.index_tag = index_tag
         self.wall_offset = wall_offset
         self.mtu = mtu
         self.peers: dict[bytes, Peer] = {}
@@ -420,6 +424,8 @@ class WireGuardCore:
     def _new_index(self) -> int:
         while True:
             index = int.from_bytes(self._random(4), "little")
+            if self.index_tag is not None:
+                index = (index & 0xFFFF) | (self.index_tag << 16)
             if index not in self._keypairs_by_index and index not in self._handshakes_by_index:
                 return index
 

@@ -8,11 +8,12 @@ the junk differs. Throughput in flood phases must stay >= 80% of control phases,
 survive, and its drop counters (logged by meshwg-tun) must account for the junk. Also: a TUN packet
 with no matching peer is dropped and counted as no_route.
 
-The flood rate is 20 k junk datagrams/s (MESHWG_FLOOD_RATE overrides; 0 = unthrottled). That is
-NOT line rate: measured on the loaded 2-core machine, flood/control was 0.83-1.02 at 20 k/s, 0.93 at
-30 k/s, 0.86 at 80 k/s on a quiet moment but 0.59-0.70 at 50 k/s under heavier load from other jobs;
-unthrottled (~140 k/s, one core busy flooding) the single-threaded device cannot drain its socket,
-the kernel drops tunnel packets with the junk and TCP backs off to near zero. See the report.
+The flood rate is 100 k junk datagrams/s (MESHWG_FLOOD_RATE overrides; 0 = unthrottled, as fast as one
+flooder core can send: ~165-185 k/s here). The socket filter (meshwg.io.socket_filter) drops in the
+kernel what is misshapen or names a receiver index the device never issued; only initiation-shaped
+garbage reaches Python, where mac1 fails. Measured on the 2-core machine (the flooder, both devices and
+the TCP ends share it): flood/control 0.99-1.05 at 100 k/s; 0.74-0.90 unthrottled (most runs >= 0.8).
+Before the filter TCP collapsed when unthrottled and kept 0.59-0.70 at 50 k/s.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from wgnet import ENV, RUN_DIR, genkey
 PHASE = 1.0          # seconds per flood/control phase
 PHASES = 12          # the first two are warm-up
 PORT_A, PORT_B, CLOSED_PORT = 51850, 51851, 51999
-FLOOD_RATE = float(os.environ.get("MESHWG_FLOOD_RATE", "20000"))
+FLOOD_RATE = float(os.environ.get("MESHWG_FLOOD_RATE", "100000"))
+# A tunnel this slow in the control phases is broken, whatever the ratio says.
+MIN_CONTROL_BYTES_PER_PHASE = 4_000_000
 
 # Junk of every kind at FLOOD_RATE datagrams/s (each phase switch re-targets).
 FLOODER = textwrap.dedent("""
@@ -189,7 +192,8 @@ def test_flood_of_junk_does_not_crash_or_slow_the_tunnel():
         flood = sum(got[k] for k in range(2, PHASES) if k % 2 == 1)
         print(f"\njunk sent: {flood_sent} to the device, {control_sent} to a closed port; "
               f"TCP bytes per phase {got}; flood/control = {flood / control:.2f}")
-        assert control > 0
+        control_phases = (PHASES - 2) // 2
+        assert control >= MIN_CONTROL_BYTES_PER_PHASE * control_phases, f"the tunnel barely moves data: {got}"
         time.sleep(1.5)
         print(f"device drops: {db.drops()}; sender drops: {da.drops()}")
         assert flood >= 0.8 * control, f"throughput under flood {flood} < 80% of control {control}"
@@ -198,10 +202,11 @@ def test_flood_of_junk_does_not_crash_or_slow_the_tunnel():
         drops = db.drops()
         print(f"device drops: {drops}; sender drops: {da.drops()}")
         junk_counted = sum(v for k, v in drops.items() if k not in ("no_route",))
-        # Every junk datagram the device's socket accepted is dropped and counted; the kernel may
-        # itself drop some when the socket buffer overflows, so allow for that.
-        assert junk_counted >= 0.5 * flood_sent, (junk_counted, flood_sent)
-        for reason in ("unknown_index", "bad_mac1", "short"):
+        # Every junk datagram is dropped and counted: by the socket filter in the kernel ("socket":
+        # truncated, misshapen, naming an index the device never issued) or by the core (initiation-
+        # shaped garbage fails mac1). The flooder counts what left its socket; a few may be lost on the way.
+        assert junk_counted >= 0.9 * flood_sent, (junk_counted, flood_sent)
+        for reason in ("socket", "bad_mac1"):
             assert drops.get(reason, 0) > 0, (reason, drops)
         assert da.drops().get("no_route", 0) >= 5, da.drops()
     finally:

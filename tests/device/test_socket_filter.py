@@ -1,0 +1,189 @@
+"""The kernel socket filter: it passes exactly what the demultiplexer and the core can use.
+
+Real sockets on loopback (IPv4 and IPv6), the real kernel running the program. Each datagram is
+followed by a sentinel (a relay frame, always accepted); loopback keeps order, so whether the datagram
+arrived before the sentinel is the kernel's verdict, with no timeout to guess.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import struct
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshwg.io import socket_filter, udp
+from meshwg.mesh.demux import UNKNOWN, classify
+from meshwg.wg.device import WireGuardCore
+
+TAG = 0xBEEF
+SENTINEL = b"\xffMWR sentinel"
+SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)
+
+
+def _index(tag: int, low: int = 0x1234) -> bytes:
+    return ((tag << 16) | low).to_bytes(4, "little")
+
+
+def expected_verdict(data: bytes, tag: int) -> bool:
+    """What the filter must do: what classify accepts, minus WireGuard replies and data naming another tag."""
+    if classify(data) == UNKNOWN:
+        return False
+    index_at = {2: 8, 3: 4, 4: 4}.get(data[0]) if data[1:4] == b"\0\0\0" else None
+    return index_at is None or data[index_at + 2:index_at + 4] == tag.to_bytes(2, "little")
+
+
+class FilteredPair:
+    def __init__(self, family: int, tag: int | None = TAG):
+        host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+        self.rx = socket.socket(family, socket.SOCK_DGRAM)
+        self.tx = socket.socket(family, socket.SOCK_DGRAM)
+        self.rx.bind((host, 0))
+        self.rx.settimeout(2)
+        socket_filter.attach(self.rx, socket_filter.program(tag))
+        self.addr = self.rx.getsockname()[:2]
+
+    def passes(self, data: bytes) -> bool:
+        self.tx.sendto(data, self.addr)
+        self.tx.sendto(SENTINEL, self.addr)
+        got = []
+        while (pkt := self.rx.recv(65535)) != SENTINEL:
+            got.append(pkt)
+        assert got in ([], [data])
+        return got == [data]
+
+    def close(self) -> None:
+        self.rx.close()
+        self.tx.close()
+
+
+@pytest.fixture(params=[socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
+def pair(request):
+    p = FilteredPair(request.param)
+    yield p
+    p.close()
+
+
+CASES = {
+    "initiation": (b"\x01\0\0\0" + os.urandom(144), True),
+    "initiation, one byte short": (b"\x01\0\0\0" + os.urandom(143), False),
+    "initiation, reserved byte set": (b"\x01\0\1\0" + os.urandom(144), False),
+    "response to our index": (b"\x02\0\0\0" + os.urandom(4) + _index(TAG) + os.urandom(80), True),
+    "response to a foreign index": (b"\x02\0\0\0" + os.urandom(4) + _index(TAG ^ 1) + os.urandom(80), False),
+    "cookie reply to our index": (b"\x03\0\0\0" + _index(TAG) + os.urandom(56), True),
+    "cookie reply to a foreign index": (b"\x03\0\0\0" + _index(0x0102) + os.urandom(56), False),
+    "keepalive": (b"\x04\0\0\0" + _index(TAG) + os.urandom(24), True),
+    # 1420-byte packet padded only up to the MTU: 1452 bytes, not a multiple of 16.
+    "full-MTU transport": (b"\x04\0\0\0" + _index(TAG) + os.urandom(8 + 1420 + 16), True),
+    "transport to a foreign index": (b"\x04\0\0\0" + _index(0xBEEE) + os.urandom(1000), False),
+    "transport, too short": (b"\x04\0\0\0" + _index(TAG) + os.urandom(23), False),
+    "STUN binding response": (b"\x01\x01\0\x0c" + struct.pack("!I", 0x2112A442) + os.urandom(24), True),
+    "STUN-like, wrong cookie": (b"\x01\x01\0\x0c" + os.urandom(28), False),
+    "discovery": (b"MWDsco" + os.urandom(80), True),
+    "relay frame": (b"\xffMWR" + os.urandom(80), True),
+    "three bytes": (b"\x04\0\0", False),
+    "empty": (b"", False),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_filter_verdicts(pair, name):
+    data, accepted = CASES[name]
+    assert expected_verdict(data, TAG) == accepted, "the table disagrees with the reference rule"
+    assert pair.passes(data) == accepted
+
+
+def test_without_a_tag_every_index_passes(pair):
+    untagged = FilteredPair(socket.AF_INET, tag=None)
+    try:
+        assert untagged.passes(b"\x04\0\0\0" + _index(0x0102) + os.urandom(40))
+        assert untagged.passes(b"\x02\0\0\0" + os.urandom(4) + _index(0x0102) + os.urandom(80))
+        assert not untagged.passes(os.urandom(1) + b"junk that fits no protocol")
+    finally:
+        untagged.close()
+
+
+_wireguard_like = st.builds(
+    lambda kind, reserved, index, rest: bytes([kind]) + reserved + index + rest,
+    st.integers(1, 4), st.sampled_from([b"\0\0\0", b"\0\1\0"]),
+    st.sampled_from([_index(TAG), _index(TAG ^ 0x100), os.urandom(4)]), st.binary(max_size=200))
+_sized_handshakes = st.builds(
+    lambda kind, index, body: bytes([kind, 0, 0, 0]) + (body[:4] + index if kind == 2 else index) + body,
+    st.integers(1, 3), st.sampled_from([_index(TAG), _index(0xBEEE)]), st.binary(min_size=140, max_size=140)
+).map(lambda d: d[:{1: 148, 2: 92, 3: 64}[d[0]]])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=300), _wireguard_like, _sized_handshakes))
+def test_filter_agrees_with_the_demultiplexer(data):
+    p = FilteredPair(socket.AF_INET)
+    try:
+        assert p.passes(data) == expected_verdict(data, TAG)
+    finally:
+        p.close()
+
+
+def test_a_tagged_core_names_only_tagged_indices_on_the_wire():
+    """Every index a peer must echo back (initiation and response sender indices) carries the tag, so
+    the peer's responses, cookie replies and data pass the filter."""
+    a = WireGuardCore(os.urandom(32), random_bytes=os.urandom, index_tag=0xA1A1)
+    b = WireGuardCore(os.urandom(32), random_bytes=os.urandom, index_tag=0xB2B2)
+    a.set_endpoint(a.add_peer(b.public_key), ("192.0.2.2", 51820))
+    a.set_allowed_ips(a.peers[b.public_key], [ipaddress.ip_network("10.0.0.2/32")])
+    b.set_allowed_ips(b.add_peer(a.public_key), [ipaddress.ip_network("10.0.0.1/32")])
+    packet = bytes([0x45, 0, 0, 28]) + bytes(8) + bytes([10, 0, 0, 1, 10, 0, 0, 2]) + bytes(8)
+    seen = []
+    a.send_ip_packet(packet, 0.0)
+    for _ in range(4):
+        for data, _ in a.datagrams_to_send():
+            seen.append(("a", data))
+            b.receive_datagram(data, ("192.0.2.1", 51820), 0.0)
+        for data, _ in b.datagrams_to_send():
+            seen.append(("b", data))
+            a.receive_datagram(data, ("192.0.2.2", 51820), 0.0)
+    kinds = [(who, data[0]) for who, data in seen]
+    assert ("a", 1) in kinds and ("b", 2) in kinds and ("a", 4) in kinds
+    for who, data in seen:
+        sender_tag = {"a": 0xA1A1, "b": 0xB2B2}[who]
+        receiver_tag = {"a": 0xB2B2, "b": 0xA1A1}[who]
+        if data[0] in (1, 2):
+            assert int.from_bytes(data[4:8], "little") >> 16 == sender_tag
+        if data[0] == 2:
+            assert int.from_bytes(data[8:12], "little") >> 16 == receiver_tag
+        if data[0] == 4:
+            assert int.from_bytes(data[4:8], "little") >> 16 == receiver_tag
+            assert expected_verdict(data, receiver_tag)
+    assert b.tun_packets_to_write() == [packet]
+    untagged = WireGuardCore(random_bytes=os.urandom)
+    assert len({untagged._new_index() >> 16 for _ in range(200)}) > 1
+
+
+def test_coalesced_reads_are_split_when_the_kernel_adds_other_cmsgs():
+    """Once a socket has dropped anything (the filter does), the kernel may put a drop count cmsg
+    (SO_RXQ_OVFL) beside the GRO segment size: the size must still be found, or three datagrams read
+    as one would fail to decrypt."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("127.0.0.1", 0))
+        rx.setblocking(False)
+        rx.setsockopt(udp.SOL_UDP, udp.UDP_GRO, 1)
+        rx.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+        socket_filter.attach(rx, socket_filter.program(None))
+        tx.sendto(b"junk", rx.getsockname())
+        segments = [b"\x04\0\0\0" + bytes([i]) * 60 for i in range(3)]
+        tx.sendmsg([b"".join(segments)], [(udp.SOL_UDP, udp.UDP_SEGMENT, (64).to_bytes(2, sys.byteorder))], 0,
+                   rx.getsockname())
+        got = []
+        while not got:
+            got = udp.recv_batch_gro(rx, 64)
+        assert [data for data, _ in got] == segments
+        assert udp.socket_drops(rx) == 1
+    finally:
+        rx.close()
+        tx.close()
