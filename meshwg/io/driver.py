@@ -8,7 +8,7 @@ trio, on the epoll set's fd (one wait for all fds), or, in the idle fast path wi
 clock, by blocking on our fds plus trio's own epoll fd once every other task is blocked, so a lone
 packet (a ping) is handled straight from the kernel without a scheduler round trip first.
 Kernel offloads: datagrams to one endpoint with one size leave as one UDP GSO sendmsg, and the
-sockets have UDP_GRO on (udp.recv_batch_gro splits coalesced reads). The core's timer is one
+sockets have UDP_GRO on (udp.recv_batch splits coalesced reads). The core's timer is one
 deadline: a task sleeps until
 `core.get_timer()` and is re-armed by `flush()` whenever the deadline moves earlier.
 `core.get_timer()` is O(peers), so the hot loop does not call it: every deadline the data path can
@@ -51,7 +51,7 @@ import trio.testing
 from meshwg.io import socket_filter
 from meshwg.io.tun import Tun, TunClosed
 from meshwg.io.udp import OFFLOAD as udp_offload
-from meshwg.io.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, SOL_UDP, UDP_SEGMENT, UdpBind, recv_batch_gro
+from meshwg.io.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, SOL_UDP, UDP_SEGMENT, UdpBind, recv_batch
 
 DEFAULT_BATCH = 64
 TIMER_MAX_SLEEP = 1.0
@@ -342,7 +342,7 @@ class Driver:
                 if entry is None:
                     continue  # a socket rebind() just replaced
                 try:
-                    datagrams = recv_batch_gro(entry[0], batch, entry[1])
+                    datagrams = recv_batch(entry[0], batch, entry[1])
                 except OSError:
                     if fd not in self._udp_by_fd:
                         continue

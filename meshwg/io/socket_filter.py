@@ -21,24 +21,26 @@ import struct
 
 from meshwg.control.relay_wire import MAGIC as RELAY_MAGIC
 from meshwg.disco.messages import MAGIC as DISCO_MAGIC
+from meshwg.disco.stun import HEADER_LEN as STUN_HEADER_LEN
+from meshwg.disco.stun import MAGIC_COOKIE as STUN_COOKIE
+from meshwg.mesh.demux import WIREGUARD_EXACT_SIZES as HANDSHAKE_SIZES
+from meshwg.wg.constants import KEEPALIVE_SIZE, MSG_COOKIE_REPLY, MSG_INITIATION, MSG_RESPONSE, MSG_TRANSPORT
 
 SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
-SO_DETACH_FILTER = getattr(socket, "SO_DETACH_FILTER", 27)
 # MESHWG_SOCKET_FILTER=0 leaves the sockets unfiltered (diagnosis).
 ENABLED = os.environ.get("MESHWG_SOCKET_FILTER", "1") != "0"
 
 UDP_HEADER = 8
-STUN_COOKIE = 0x2112A442
-HANDSHAKE_SIZES = {1: 148, 2: 92, 3: 64}
-TRANSPORT_MIN = 32
+# Where the receiver index sits in the messages that name one of ours.
+RECEIVER_INDEX_OFFSETS = {MSG_RESPONSE: 8, MSG_COOKIE_REPLY: 4, MSG_TRANSPORT: 4}
 
 # Classic BPF opcodes (linux/filter.h).
 _LD_LEN = 0x80       # A = packet length
 _LD_W = 0x20         # A = 32-bit big-endian word at k
 _LD_H = 0x28         # A = 16-bit big-endian half-word at k
+_LD_B = 0x30         # A = byte at k
 _ALU_SUB = 0x14      # A -= k
 _ALU_AND = 0x54      # A &= k
-_LD_B = 0x30         # A = byte at k
 _ALU_MOD = 0x94      # A %= k
 _JEQ = 0x15
 _JGE = 0x35
@@ -82,16 +84,25 @@ def program(index_tag: int | None = None) -> bytes:
     """The filter's instructions (struct sock_filter[]), for `attach`."""
     p = _Program()
     payload = UDP_HEADER
+
+    def check_tag(kind: int) -> None:
+        """Accept if the receiver index carries our tag (or there is no tag), else drop."""
+        if index_tag is None:
+            p.op(_RET, _ACCEPT)
+        else:
+            p.op(_LD_H, payload + RECEIVER_INDEX_OFFSETS[kind] + 2)
+            p.jump(_JEQ, _tag_half_word(index_tag), "accept", "drop")
+
     p.op(_LD_LEN)
     p.jump(_JGE, payload + 4, None, "drop")
     p.op(_LD_W, payload)
-    for kind in (1, 2, 3, 4):
+    for kind in (MSG_INITIATION, MSG_RESPONSE, MSG_COOKIE_REPLY, MSG_TRANSPORT):
         p.jump(_JEQ, kind << 24, f"wg{kind}", None)  # type byte, then three zero bytes
     p.jump(_JEQ, int.from_bytes(RELAY_MAGIC, "big"), "accept", None)
     p.jump(_JEQ, int.from_bytes(DISCO_MAGIC[:4], "big"), "disco", None)
     # STUN: top two bits of the type zero, the magic cookie at offset 4, a 20-byte header.
     p.op(_LD_LEN)
-    p.jump(_JGE, payload + 20, None, "drop")
+    p.jump(_JGE, payload + STUN_HEADER_LEN, None, "drop")
     p.op(_LD_W, payload + 4)
     p.jump(_JEQ, STUN_COOKIE, None, "drop")
     p.op(_LD_B, payload)
@@ -102,27 +113,21 @@ def program(index_tag: int | None = None) -> bytes:
     p.op(_LD_H, payload + 4)
     p.jump(_JEQ, int.from_bytes(DISCO_MAGIC[4:6], "big"), "accept", "drop")
 
-    index_offsets = {2: 8, 3: 4, 4: 4}  # where the receiver index sits in each message
-    for kind in (1, 2, 3):
+    for kind, size in HANDSHAKE_SIZES.items():
         p.label(f"wg{kind}")
         p.op(_LD_LEN)
         p.op(_ALU_SUB, payload)
-        p.op(_ALU_MOD, HANDSHAKE_SIZES[kind])
-        if kind == 1 or index_tag is None:
-            p.jump(_JEQ, 0, "accept", "drop")
+        p.op(_ALU_MOD, size)
+        if kind == MSG_INITIATION:
+            p.jump(_JEQ, 0, "accept", "drop")  # it names no index of ours
         else:
             p.jump(_JEQ, 0, None, "drop")
-            p.op(_LD_H, payload + index_offsets[kind] + 2)
-            p.jump(_JEQ, _tag_half_word(index_tag), "accept", "drop")
-    p.label("wg4")
+            check_tag(kind)
+    p.label(f"wg{MSG_TRANSPORT}")
     p.op(_LD_LEN)
     # No multiple-of-16 rule: padding stops at the sender's MTU (1420 is not a multiple of 16).
-    if index_tag is None:
-        p.jump(_JGE, payload + TRANSPORT_MIN, "accept", "drop")
-    else:
-        p.jump(_JGE, payload + TRANSPORT_MIN, None, "drop")
-        p.op(_LD_H, payload + index_offsets[4] + 2)
-        p.jump(_JEQ, _tag_half_word(index_tag), "accept", "drop")
+    p.jump(_JGE, payload + KEEPALIVE_SIZE, None, "drop")
+    check_tag(MSG_TRANSPORT)
 
     p.label("accept")
     p.op(_RET, _ACCEPT)
@@ -139,6 +144,3 @@ def attach(sock: socket.socket, instructions: bytes) -> None:
     fprog = struct.pack("HL", len(instructions) // 8, ctypes.addressof(buf))
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)  # the kernel copies the program
 
-
-def detach(sock: socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)

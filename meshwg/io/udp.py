@@ -59,7 +59,7 @@ def _open_socket(family: int, port: int, fwmark: int) -> socket.socket:
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, fwmark)
         if OFFLOAD:
             try:
-                # Coalesced receive (kernel >= 5.0); recv_batch_gro splits. Older kernels: plain datagrams.
+                # Coalesced receive (kernel >= 5.0); recv_batch splits. Older kernels: plain datagrams.
                 sock.setsockopt(SOL_UDP, UDP_GRO, 1)
             except OSError:
                 pass
@@ -152,27 +152,10 @@ class UdpBind:
 _PASSING_RECV_ERRORS = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EMSGSIZE)
 
 
-def recv_batch(sock: socket.socket, limit: int) -> list[tuple[bytes, tuple]]:
-    """Up to `limit` datagrams as (data, (host, port)); empty when the socket would block."""
-    out = []
-    recvfrom = sock.recvfrom
-    v6 = sock.family == socket.AF_INET6
-    try:
-        for _ in range(limit):
-            data, addr = recvfrom(RECV_SIZE)
-            out.append((data, (addr[0], addr[1]) if v6 else addr))
-    except BlockingIOError:
-        pass
-    except OSError as err:
-        if err.errno not in _PASSING_RECV_ERRORS:
-            raise
-    return out
-
-
-def recv_batch_gro(sock: socket.socket, limit: int, v6: bool | None = None) -> list[tuple[bytes, tuple]]:
-    """Like recv_batch, for a socket with UDP_GRO on: a coalesced read is split back into its datagrams
-    (equal-sized segments, the last one possibly shorter). Stops once `limit` datagrams were read.
-    `v6` saves the (slow, enum-building) `sock.family` lookup on the hot path."""
+def recv_batch(sock: socket.socket, limit: int, v6: bool | None = None) -> list[tuple[bytes, tuple]]:
+    """Up to `limit` datagrams as (data, (host, port)); empty when the socket would block. On a socket
+    with UDP_GRO on, a coalesced read is split back into its datagrams (equal-sized segments, the last
+    one possibly shorter). `v6` saves the (slow, enum-building) `sock.family` lookup on the hot path."""
     out: list[tuple[bytes, tuple]] = []
     recvmsg = sock.recvmsg
     if v6 is None:

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from meshwg.control.relay_wire import MAGIC as _RELAY_MAGIC
 from meshwg.disco.messages import MAGIC as _DISCO_MAGIC
+from meshwg.disco.stun import HEADER_LEN as _STUN_HEADER_LEN
+from meshwg.disco.stun import MAGIC_COOKIE
+from meshwg.wg.constants import (COOKIE_REPLY_SIZE, INITIATION_SIZE, KEEPALIVE_SIZE, MSG_COOKIE_REPLY,
+                                 MSG_INITIATION, MSG_RESPONSE, MSG_TRANSPORT, RESPONSE_SIZE)
 
 WIREGUARD = "wireguard"
 STUN = "stun"
@@ -16,9 +20,10 @@ DISCO = "disco"
 RELAY = "relay"
 UNKNOWN = "unknown"
 
-_STUN_COOKIE = b"\x21\x12\xa4\x42"
+_STUN_COOKIE = MAGIC_COOKIE.to_bytes(4, "big")
 _ZERO3 = b"\0\0\0"
-_WG_EXACT = {1: 148, 2: 92, 3: 64}
+WIREGUARD_EXACT_SIZES = {MSG_INITIATION: INITIATION_SIZE, MSG_RESPONSE: RESPONSE_SIZE,
+                         MSG_COOKIE_REPLY: COOKIE_REPLY_SIZE}
 
 
 def classify(data: bytes) -> str:
@@ -27,12 +32,12 @@ def classify(data: bytes) -> str:
         return UNKNOWN
     t = data[0]
     if 0 < t <= 4 and data[1:4] == _ZERO3:
-        if t == 4:
-            return WIREGUARD if n >= 32 else UNKNOWN
-        return WIREGUARD if n == _WG_EXACT[t] else UNKNOWN
+        if t == MSG_TRANSPORT:
+            return WIREGUARD if n >= KEEPALIVE_SIZE else UNKNOWN
+        return WIREGUARD if n == WIREGUARD_EXACT_SIZES[t] else UNKNOWN
     if t < 0x40:
         # STUN: top two bits of the message type zero, cookie at offset 4, 20 B header + 4 B-aligned body.
-        if n >= 20 and data[4:8] == _STUN_COOKIE and (n - 20) % 4 == 0:
+        if n >= _STUN_HEADER_LEN and data[4:8] == _STUN_COOKIE and (n - _STUN_HEADER_LEN) % 4 == 0:
             return STUN
         return UNKNOWN
     if t == 0x4D and data[:6] == _DISCO_MAGIC:  # "M"

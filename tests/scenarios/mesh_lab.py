@@ -10,6 +10,7 @@ Python per query, which keeps polling fine-grained on a loaded 2-core machine.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import struct
@@ -18,6 +19,8 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
+
+import pytest
 
 from meshwg.control import relay_wire
 from meshwg.io import status_server
@@ -333,3 +336,38 @@ class MeshLab:
         parts = [f"---- signal\n{self.server_log()}"]
         parts += [f"---- {n.name}\n{n.log_tail()}" for n in self.nodes.values()]
         return "\n".join(parts)
+
+
+# -- shared by the lab test modules ----------------------------------------------------------------
+
+def key_tag(node: MeshNode, peer: MeshNode) -> str:
+    """The 4-byte key prefix `node` uses for `peer` in its log lines."""
+    return base64.b64decode(node.peer(peer.name)["public_key"])[:4].hex()
+
+
+def path_log(node: MeshNode, peer: MeshNode, after: float = 0.0) -> list[tuple[float, str]]:
+    """(wall time, 'direct' | 'relay') of every path change `node` logged for `peer` after `after`."""
+    t = key_tag(node, peer)
+    out = [(x, "direct") for x in node.log_times(rf"peer {t}: path -> \('", after)]
+    out += [(x, "relay") for x in node.log_times(rf"peer {t}: path -> RelayEndpoint", after)]
+    return sorted(out)
+
+
+def path_times(node: MeshNode, peer: MeshNode, to: str, after: float = 0.0) -> list[float]:
+    """When `node` changed its path for `peer` to `to` ('direct' or 'relay'), after `after`."""
+    return [t for t, kind in path_log(node, peer, after) if kind == to]
+
+
+def paths(x: MeshNode, y: MeshNode) -> tuple:
+    """(x's path to y, y's path to x): 'direct', 'relay' or None while unknown."""
+    px, py = x.peer(y.name), y.peer(x.name)
+    return (px and px["path"], py and py["path"])
+
+
+@pytest.fixture(autouse=True)
+def logs_on_failure(request, mesh):
+    """Print every node's and the server's log after a failed test (modules import this fixture)."""
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed:
+        print(mesh.logs())

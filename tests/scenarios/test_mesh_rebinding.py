@@ -18,18 +18,20 @@ Every gap is measured on the pinger's `ping -D` wall clock and printed (pytest -
 
 from __future__ import annotations
 
-import base64
 import time
 from datetime import datetime
 
 import pytest
 from conftest import require_real_components
-from mesh_lab import (
+from mesh_lab import (  # noqa: F401 (logs_on_failure is an autouse fixture)
     _TS,
     MeshLab,
     MeshNode,
     Pinger,
     RelayCapture,
+    logs_on_failure,
+    path_log,
+    paths,
     read_pcap,
     relayed_kind,
     wait_until,
@@ -63,24 +65,6 @@ NEW_PORT_RANGE = (21000, 21099)     # the router's ports for a after the rebindi
 
 def say(msg: str) -> None:
     print(f"[rebind] {msg}", flush=True)
-
-
-def tag(node: MeshNode, peer: MeshNode) -> str:
-    """The 4-byte key prefix `node` uses for `peer` in its log lines."""
-    return base64.b64decode(node.peer(peer.name)["public_key"])[:4].hex()
-
-
-def path_log(node: MeshNode, peer: MeshNode, after: float) -> list[tuple[float, str]]:
-    """(wall time, 'direct' | 'relay') of every path change `node` logged for `peer` after `after`."""
-    t = tag(node, peer)
-    out = [(x, "direct") for x in node.log_times(rf"peer {t}: path -> \('", after)]
-    out += [(x, "relay") for x in node.log_times(rf"peer {t}: path -> RelayEndpoint", after)]
-    return sorted(out)
-
-
-def paths(x: MeshNode, y: MeshNode) -> tuple:
-    px, py = x.peer(y.name), y.peer(x.name)
-    return (px and px["path"], py and py["path"])
 
 
 def endpoint(x: MeshNode, y: MeshNode) -> str | None:
@@ -128,14 +112,6 @@ def mesh():
                 p.stop()
             for n in m.nodes.values():
                 n.stop()
-
-
-@pytest.fixture(autouse=True)
-def logs_on_failure(request, mesh):
-    failed = request.session.testsfailed
-    yield
-    if request.session.testsfailed > failed:
-        print(mesh.logs())
 
 
 @pytest.fixture(scope="module")

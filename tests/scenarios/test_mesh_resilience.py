@@ -8,7 +8,6 @@ and put in the assertion messages.
 
 from __future__ import annotations
 
-import base64
 import os
 import random
 import signal
@@ -18,7 +17,17 @@ import time
 import pytest
 
 from conftest import require_real_components
-from mesh_lab import MeshLab, MeshNode, Pinger, RelayCapture, log_times, wait_until
+from mesh_lab import (  # noqa: F401 (logs_on_failure is an autouse fixture)
+    MeshLab,
+    MeshNode,
+    Pinger,
+    RelayCapture,
+    log_times,
+    logs_on_failure,
+    path_times,
+    paths,
+    wait_until,
+)
 from scenarios.nat import NatType
 from scenarios.topology import Lab
 
@@ -34,22 +43,6 @@ REACH_TIMEOUT = 45.0
 
 def say(msg: str) -> None:
     print(f"[mesh] {msg}", flush=True)
-
-
-def tag(node: MeshNode, peer: MeshNode) -> str:
-    """The 4-byte key prefix `node` uses for `peer` in its log lines."""
-    return base64.b64decode(node.peer(peer.name)["public_key"])[:4].hex()
-
-
-def path_times(node: MeshNode, peer: MeshNode, to: str, after: float) -> list[float]:
-    """When `node` logged a path change for `peer` to 'direct' or 'relay', after `after`."""
-    target = r"\('" if to == "direct" else "RelayEndpoint"
-    return node.log_times(rf"peer {tag(node, peer)}: path -> {target}", after)
-
-
-def paths(x: MeshNode, y: MeshNode) -> tuple:
-    px, py = x.peer(y.name), y.peer(x.name)
-    return (px and px["path"], py and py["path"])
 
 
 def watch_all(nodes: list[MeshNode], predicate, timeout: float, extra=None) -> dict[str, float | None]:
@@ -80,6 +73,13 @@ def join_pair(mesh: MeshLab, x: str, y: str, nat: NatType):
     return nx, ny, ip_y, joined, pinger
 
 
+def time_to_first_ping(pinger: Pinger, joined: float, never: str) -> float:
+    """Seconds from `joined` to the pinger's first reply (waits up to 10 s; `never` is the failure)."""
+    first, _ = wait_until(pinger.first_reply, 10)
+    assert first is not None, never
+    return first - joined
+
+
 @pytest.fixture(scope="module")
 def mesh():
     require_real_components("ip", "nft", "conntrack", "ping", "curl", "unshare", "tcpdump")
@@ -92,21 +92,10 @@ def mesh():
             p.stop()
 
 
-@pytest.fixture(autouse=True)
-def logs_on_failure(request, mesh):
-    failed = request.session.testsfailed
-    yield
-    if request.session.testsfailed > failed:
-        print(mesh.logs())
-
-
 def test_port_restricted_pair_goes_direct_pings_within_2s_and_relay_carries_no_data(mesh):
     a, b, ip_b, joined, pinger = join_pair(mesh, "a", "b", PR)
     mesh.pingers.append(pinger)
-    wait_until(lambda: pinger.first_reply(), 10)
-    first = pinger.first_reply()
-    assert first is not None, "a never pinged b"
-    ttfp = first - joined
+    ttfp = time_to_first_ping(pinger, joined, "a never pinged b")
     direct, _ = wait_until(lambda: paths(a, b) == ("direct", "direct"), 10)
     assert direct, f"a <-> b not direct after 10 s: {paths(a, b)}"
     t_direct = max(path_times(a, b, "direct", 0)[0], path_times(b, a, "direct", 0)[0])
@@ -139,10 +128,7 @@ def test_port_restricted_pair_goes_direct_pings_within_2s_and_relay_carries_no_d
 def test_symmetric_pair_relays_pings_within_2s_and_status_says_why(mesh):
     c, d, ip_d, joined, pinger = join_pair(mesh, "c", "d", SYM)
     mesh.pingers.append(pinger)
-    wait_until(lambda: pinger.first_reply(), 10)
-    first = pinger.first_reply()
-    assert first is not None, "c never pinged d"
-    ttfp = first - joined
+    ttfp = time_to_first_ping(pinger, joined, "c never pinged d")
     say(f"sym <-> sym: time to first ping {ttfp:.3f} s after both joined, time to direct: never (relay)")
     assert ttfp <= 2.0, f"first ping {ttfp:.3f} s after both joins (must be <= 2 s)"
     st = c.status_cli()                                    # the command a user runs
