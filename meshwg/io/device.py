@@ -25,20 +25,26 @@ from meshwg.wg.device import WireGuardCore
 log = logging.getLogger(__name__)
 
 
+def new_core(tun: Tun, private_key: bytes | None = None) -> WireGuardCore:
+    """A core for a device on `tun`: the TUN's MTU, OS randomness, the wall clock's offset from the
+    monotonic one, and a random index tag for the socket filter."""
+    try:
+        mtu = tun.get_mtu()
+    except OSError:
+        mtu = 1420
+    return WireGuardCore(private_key=private_key, random_bytes=os.urandom, wall_offset=time.time() - time.monotonic(),
+                         mtu=mtu, index_tag=int.from_bytes(os.urandom(2), "little"))
+
+
 class Device:
     def __init__(self, tun: Tun, listener: uapi_server.UapiListener | None, *, listen_port: int = 0,
                  core: WireGuardCore | None = None):
         self.tun = tun
         self.listener = listener
-        try:
-            mtu = tun.get_mtu()
-        except OSError:
-            mtu = 1420
-        self.core = core or WireGuardCore(random_bytes=os.urandom, wall_offset=time.time() - time.monotonic(), mtu=mtu,
-                                           index_tag=int.from_bytes(os.urandom(2), "little"))
+        self.core = core or new_core(tun)
         self.udp = UdpBind()
         self.udp.open(listen_port)
-        self.driver = Driver(self.core, tun, self.udp, clock=time.monotonic)
+        self.driver = Driver(self.core, tun, self.udp, clock=time.monotonic, index_tag=self.core.index_tag)
         self.stopped = trio.Event()
         self.stop_reason: str | None = None
         self._cancel = trio.CancelScope()

@@ -22,7 +22,7 @@ datagrams go out and the timer is re-armed.
 Hooks for the mesh layer (one UDP socket per family carries WireGuard, STUN and discovery):
 
 * A kernel filter on the sockets (meshwg.io.socket_filter) drops what no hook or the core would
-  accept, and WireGuard messages naming receiver indices the core never issued (core.index_tag).
+  accept, and WireGuard messages naming receiver indices the core never issued (`index_tag`).
 * `driver.on_other_datagram = fn(data: bytes, addr: tuple)`: datagrams that are not WireGuard
   messages (first byte 1-4 followed by three zero bytes) go to `fn` instead of the core. With no
   hook every datagram goes to the core, which drops and counts what it cannot parse.
@@ -85,8 +85,11 @@ def is_wireguard_datagram(data: bytes) -> bool:
 
 class Driver:
     def __init__(self, core, tun: Tun, udp: UdpBind, *, clock: Callable[[], float] = time.monotonic,
-                 batch: int = DEFAULT_BATCH):
+                 batch: int = DEFAULT_BATCH, index_tag: int | None = None):
+        """`core` is a WireGuardCore or what wraps one (the mesh node); `index_tag` is the core's, for
+        the socket filter (None: every receiver index passes)."""
         self.core = core
+        self.index_tag = index_tag
         self.tun = tun
         self.udp = udp
         self.clock = clock
@@ -273,7 +276,7 @@ class Driver:
                     pass
         self._udp_by_fd = {s.fileno(): (s, s.family == socket.AF_INET6) for s in self.udp.sockets}
         if socket_filter.ENABLED:
-            program = socket_filter.program(getattr(self.core, "index_tag", None))
+            program = socket_filter.program(self.index_tag)
             for sock in self.udp.sockets:
                 try:
                     socket_filter.attach(sock, program)

@@ -25,13 +25,12 @@ import trio
 
 from meshwg.control import relay_wire as W
 from meshwg.io import uapi_server
-from meshwg.io.device import Device
+from meshwg.io.device import Device, new_core
 from meshwg.io.driver import Driver
 from meshwg.io.relay_shell import RelayShell
 from meshwg.io.tun import Tun
 from meshwg.io.udp import recv_batch
 from meshwg.mesh import node as N
-from meshwg.wg.device import WireGuardCore
 
 log = logging.getLogger("meshwg.mesh")
 
@@ -150,13 +149,7 @@ class MeshDevice:
         except BaseException:
             self.tun.close()
             raise
-        wall_offset = time.time() - time.monotonic()
-        try:
-            mtu = self.tun.get_mtu()
-        except OSError:
-            mtu = 1420
-        self.core = WireGuardCore(private_key=private_key, random_bytes=os.urandom, wall_offset=wall_offset, mtu=mtu,
-                                  index_tag=int.from_bytes(os.urandom(2), "little"))
+        self.core = new_core(self.tun, private_key)
         try:
             try:
                 self.device = Device(self.tun, self.listener, listen_port=listen_port, core=self.core)
@@ -168,8 +161,8 @@ class MeshDevice:
             self.listener.close()
             self.tun.close()
             raise
-        self.node = N.MeshNode(self.core, private_key, os.urandom, wall_offset=wall_offset)
-        self.driver = Driver(self.node, self.tun, self.device.udp, clock=time.monotonic)
+        self.node = N.MeshNode(self.core, private_key, os.urandom, wall_offset=self.core.wall_offset)
+        self.driver = Driver(self.node, self.tun, self.device.udp, clock=time.monotonic, index_tag=self.core.index_tag)
         self.device.driver = self.driver  # the Device serves UAPI on the core; its driver runs the node
         self.driver.on_other_datagram = self._on_other_datagram
         self.driver.endpoint_sender = self._send_to_endpoint

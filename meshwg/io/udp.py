@@ -87,7 +87,7 @@ class UdpBind:
         self.port = 0
         self.fwmark = 0
         self.send_errors = 0
-        self._retired_drops = 0  # kernel drops of sockets replaced by open()
+        self._retired_drops = 0  # kernel drops of sockets replaced or closed
 
     @property
     def sockets(self) -> list[socket.socket]:
@@ -99,11 +99,12 @@ class UdpBind:
         old = self.sockets
         if port and port == self.port and old:
             # Rebinding to our own port would collide with ourselves: close first.
+            self._retire(old)
             for sock in old:
                 sock.close()
             old = []
         v4, v6 = self._bind_pair(port, fwmark)
-        self._retired_drops += sum(socket_drops(sock) for sock in self.sockets)
+        self._retire(old)
         self.v4, self.v6 = v4, v6
         self.port = (v4 or v6).getsockname()[1]
         self.fwmark = fwmark
@@ -130,6 +131,10 @@ class UdpBind:
         assert last is not None
         raise last
 
+    def _retire(self, sockets: list[socket.socket]) -> None:
+        """Keep the kernel's drop counts of sockets about to be replaced or closed."""
+        self._retired_drops += sum(socket_drops(sock) for sock in sockets)
+
     def kernel_drops(self) -> int:
         """Datagrams the kernel dropped on our sockets (socket filter, full buffer), since the first open."""
         return self._retired_drops + sum(socket_drops(sock) for sock in self.sockets)
@@ -143,6 +148,7 @@ class UdpBind:
         return self.v6 if ":" in host else self.v4
 
     def close(self) -> None:
+        self._retire(self.sockets)
         for sock in self.sockets:
             sock.close()
         self.v4 = self.v6 = None

@@ -8,18 +8,22 @@ arrived before the sentinel is the kernel's verdict, with no timeout to guess.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import socket
 import struct
 import sys
+import textwrap
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import require_real_components  # tests/conftest.py
 from meshwg.io import socket_filter, udp
 from meshwg.mesh.demux import UNKNOWN, classify
 from meshwg.wg.device import WireGuardCore
+from scenarios.netns import Netns, unique_name
 
 TAG = 0xBEEF
 SENTINEL = b"\xffMWR sentinel"
@@ -186,4 +190,75 @@ def test_coalesced_reads_are_split_when_the_kernel_adds_other_cmsgs():
         assert udp.socket_drops(rx) == 1
     finally:
         rx.close()
+        tx.close()
+
+
+# Run inside a namespace: a real MeshDevice (TUN, shared UDP socket, the driver that runs the mesh node).
+MESH_DEVICE_PROBE = textwrap.dedent("""
+    import json, os, socket, sys, tempfile, trio
+    from meshwg.io.mesh_shell import MeshDevice
+    from meshwg.wg.crypto import clamp
+
+    async def main():
+        dev = MeshDevice(sys.argv[1], clamp(os.urandom(32)), uapi_dir=tempfile.mkdtemp())
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(dev.run)
+                tag = dev.core.index_tag
+                tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                for t in (tag ^ 1, tag):  # a foreign index, then an unknown one of ours
+                    index = (t << 16 | 0x4242).to_bytes(4, "little")
+                    tx.sendto(b"\\x04\\0\\0\\0" + index + bytes(40), ("127.0.0.1", dev.port))
+                    await trio.sleep(0.3)
+                print(json.dumps({"tag": tag, "kernel": dev.device.udp.kernel_drops(),
+                                  "unknown_index": dev.core.drops["unknown_index"]}))
+                nursery.cancel_scope.cancel()
+        finally:
+            dev.close()
+
+    trio.run(main)
+""")
+
+
+@pytest.mark.netns
+def test_a_mesh_node_filters_with_its_cores_tag():
+    """The mesh node's driver (not the plain device's) reads the sockets: its filter must carry the
+    core's tag, or a flood naming foreign indices reaches Python."""
+    require_real_components("ip")
+    ns = Netns("sfm")
+    try:
+        out = ns.run(sys.executable, "-c", MESH_DEVICE_PROBE, unique_name("sfm"))
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["tag"] is not None
+        assert result["kernel"] == 1, result         # the foreign index: dropped by the kernel
+        assert result["unknown_index"] == 1, result  # ours, passed to the core, which knows no such session
+    finally:
+        ns.close()
+
+
+def test_kernel_drop_counts_survive_rebinding_and_closing():
+    """`socket=` in the drop log counts the device's whole life, not only its current sockets."""
+    bind = udp.UdpBind()
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        bind.open(0)
+
+        def junk_to_current_socket() -> None:
+            socket_filter.attach(bind.v4, socket_filter.program(TAG))
+            tx.sendto(b"junk", ("127.0.0.1", bind.port))
+            tx.sendto(SENTINEL, ("127.0.0.1", bind.port))
+            bind.v4.settimeout(2)
+            assert bind.v4.recv(100) == SENTINEL
+
+        junk_to_current_socket()
+        bind.open(bind.port)  # the same port: the old sockets are closed first
+        assert bind.kernel_drops() == 1
+        junk_to_current_socket()
+        bind.open(0)          # another port: old sockets replaced
+        junk_to_current_socket()
+        assert bind.kernel_drops() == 3
+        bind.close()
+        assert bind.kernel_drops() == 3
+    finally:
+        bind.close()
         tx.close()
