@@ -63,14 +63,12 @@ EIO = -5
 EINVAL = -22
 EPROTO = -71
 EADDRINUSE = -98
-EUNKNOWN = -55  # wg-go's IpcErrorUnknown
 
 MAX_LINE = 64 * 1024  # wg-go's bufio.Scanner token limit; longer lines end the connection
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 _UINT_RE = re.compile(r"[0-9]+")
-_HEX_KEY_RE = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class UapiError(Exception):
@@ -144,22 +142,31 @@ def _invalid(message: str) -> UapiError:
     return UapiError(EINVAL, message)
 
 
-def _uint(value: str, bits: int, what: str) -> int:
-    # Go's strconv.ParseUint(value, 10, bits): ASCII digits only, no sign, no spaces.
+def parse_uint(value: str, lo: int, hi: int, what: str) -> int:
+    """A decimal in lo..hi, like Go's strconv.ParseUint: ASCII digits only, no sign, no spaces.
+    Raises ValueError (UAPI turns it into -EINVAL; wgquick keeps it, so its messages are wg-quick's)."""
     if not _UINT_RE.fullmatch(value):
-        raise _invalid(f"{what}: not a number: {value[:80]!r}")
+        raise ValueError(f"{what} is not a number: {value[:80]!r}")
     if len(value) > 20:  # also keeps int() below Python's digit limit
-        raise _invalid(f"{what}: out of range: {value[:80]}")
+        raise ValueError(f"{what} out of range ({value[:20]}..., want {lo}..{hi})")
     number = int(value)
-    if number >= 1 << bits:
-        raise _invalid(f"{what}: out of range: {value}")
+    if not lo <= number <= hi:
+        raise ValueError(f"{what} out of range ({number}, want {lo}..{hi})")
     return number
 
 
+def _uint(value: str, bits: int, what: str) -> int:
+    try:
+        return parse_uint(value, 0, (1 << bits) - 1, what)
+    except ValueError as err:
+        raise _invalid(str(err)) from None
+
+
 def _hex_key(value: str, what: str) -> bytes:
-    if not _HEX_KEY_RE.fullmatch(value):
-        raise _invalid(f"{what}: want 64 hex digits")
-    return bytes.fromhex(value)
+    try:
+        return keys.key_from_hex(value)
+    except keys.KeyFormatError as err:
+        raise _invalid(f"{what}: {err}") from None
 
 
 def _true(value: str, what: str) -> bool:

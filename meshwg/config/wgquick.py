@@ -138,17 +138,6 @@ _CANON = {name.lower(): name for name in (*_INTERFACE_KEYS, *_PEER_KEYS)}
 # ---------------------------------------------------------------- value parsers (raise ValueError)
 
 
-def _parse_uint(value: str, lo: int, hi: int, what: str) -> int:
-    if not _UINT_RE.fullmatch(value):
-        raise ValueError(f"{what} is not a number: {value[:80]!r}")
-    if len(value) > 20:  # also keeps int() below Python's digit limit
-        raise ValueError(f"{what} out of range ({value[:20]}..., want {lo}..{hi})")
-    number = int(value)
-    if not lo <= number <= hi:
-        raise ValueError(f"{what} out of range ({number}, want {lo}..{hi})")
-    return number
-
-
 def _parse_key(value: str) -> bytes:
     try:
         return keys.key_from_base64(value)
@@ -217,7 +206,7 @@ def parse_endpoint(text: str) -> Endpoint:
         except ValueError:
             if _looks_like_ipv4(host) or not _HOSTNAME_RE.fullmatch(host) or len(host) > 253:
                 raise ValueError(f"bad endpoint host: {host!r}") from None
-    port = _parse_uint(port_text, 1, 65535, "port")
+    port = uapi.parse_uint(port_text, 1, 65535, "port")
     return Endpoint(host, port)
 
 
@@ -230,7 +219,7 @@ def _parse_table(value: str) -> str:
     if low in ("off", "auto"):
         return low
     if _UINT_RE.fullmatch(value):
-        return str(_parse_uint(value, 0, 2**32 - 1, "table"))
+        return str(uapi.parse_uint(value, 0, 2**32 - 1, "table"))
     if _TABLE_NAME_RE.fullmatch(value):
         return value  # a name from /etc/iproute2/rt_tables, e.g. "main"
     raise ValueError(f"bad table (want a number, off, auto or a table name): {value!r}")
@@ -246,11 +235,11 @@ def _parse_fwmark(value: str) -> int:
         if number > 2**32 - 1:
             raise ValueError(f"fwmark out of range ({value}, want 32 bits)")
         return number
-    return _parse_uint(value, 0, 2**32 - 1, "fwmark")
+    return uapi.parse_uint(value, 0, 2**32 - 1, "fwmark")
 
 
 def _parse_keepalive(value: str) -> int:
-    return 0 if value.lower() == "off" else _parse_uint(value, 0, 65535, "persistent keepalive")
+    return 0 if value.lower() == "off" else uapi.parse_uint(value, 0, 65535, "persistent keepalive")
 
 
 def _parse_bool(value: str) -> bool:
@@ -386,13 +375,13 @@ def _apply(obj, canon: str, attr: str, kind: str, value: str) -> None:
     elif canon in ("PrivateKey", "PublicKey", "PresharedKey"):
         setattr(obj, attr, _parse_key(value))
     elif canon == "ListenPort":
-        obj.listen_port = _parse_uint(value, 0, 65535, "port")
+        obj.listen_port = uapi.parse_uint(value, 0, 65535, "port")
     elif canon == "FwMark":
         obj.fwmark = _parse_fwmark(value)
     elif canon == "Table":
         obj.table = _parse_table(value)
     elif canon == "MTU":
-        obj.mtu = _parse_uint(value, 68, 65535, "MTU")
+        obj.mtu = uapi.parse_uint(value, 68, 65535, "MTU")
     elif canon == "SaveConfig":
         obj.save_config = _parse_bool(value)
     elif canon == "Endpoint":

@@ -119,14 +119,3 @@ class AllowedIPs:
             if len(packet) >= 40:
                 return self._v6.lookup(packet[24:40])
         return None
-
-    def lookup_src(self, packet: bytes) -> Any:
-        """Peer for an IP packet's source (the receive path's source-address check)."""
-        version = packet[0] >> 4 if packet else 0
-        if version == 4:
-            if len(packet) >= 20:
-                return self._v4.lookup(packet[12:16])
-        elif version == 6:
-            if len(packet) >= 40:
-                return self._v6.lookup(packet[8:24])
-        return None

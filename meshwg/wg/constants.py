@@ -7,8 +7,7 @@ LABEL_COOKIE = b"cookie--"
 
 KEY_LEN = 32
 TAG_LEN = 16
-TIMESTAMP_LEN = 12
-COOKIE_LEN = 16
+COOKIE_LEN = 16  # also the length of mac1 and mac2 (the kernel's message_macs)
 COOKIE_NONCE_LEN = 24
 
 # Message types and sizes (§2).

@@ -12,11 +12,11 @@ from collections.abc import Callable
 
 from . import crypto
 from .constants import (
-    COOKIE_REFRESH_TIME, LABEL_COOKIE, LABEL_MAC1, RATELIMIT_BURST, RATELIMIT_GC_INTERVAL,
-    RATELIMIT_PACKETS_PER_SECOND,
+    COOKIE_LEN, COOKIE_NONCE_LEN, COOKIE_REFRESH_TIME, LABEL_COOKIE, LABEL_MAC1, RATELIMIT_BURST,
+    RATELIMIT_GC_INTERVAL, RATELIMIT_PACKETS_PER_SECOND,
 )
 
-_ZERO16 = bytes(16)
+_NO_MAC2 = bytes(COOKIE_LEN)
 
 
 def address_bytes(addr: object) -> bytes:
@@ -60,14 +60,14 @@ class CookieChecker:
         if not self.enabled:
             return False
         expected = crypto.mac(self.mac1_key, msg[:mac1_offset])
-        return _hmac.compare_digest(expected, msg[mac1_offset:mac1_offset + 16])
+        return _hmac.compare_digest(expected, msg[mac1_offset:mac1_offset + COOKIE_LEN])
 
     def check_mac2(self, msg: bytes, mac2_offset: int, src: object, now: float) -> bool:
         if now - self.secret_time > COOKIE_REFRESH_TIME:
             return False  # the secret is stale: any cookie made with it has expired too
         cookie = crypto.mac(self.secret, address_bytes(src))
         expected = crypto.mac(cookie, msg[:mac2_offset])
-        return _hmac.compare_digest(expected, msg[mac2_offset:mac2_offset + 16])
+        return _hmac.compare_digest(expected, msg[mac2_offset:mac2_offset + COOKIE_LEN])
 
     def create_reply(self, msg: bytes, mac1_offset: int, src: object, now: float) -> tuple[int, bytes, bytes]:
         """(receiver, nonce, encrypted_cookie) for a cookie reply to `msg` (receiver = msg's sender index)."""
@@ -75,8 +75,8 @@ class CookieChecker:
             self.secret = self._random(32)
             self.secret_time = now
         cookie = crypto.mac(self.secret, address_bytes(src))
-        nonce = self._random(24)
-        encrypted = crypto.xaead_encrypt(self.cookie_key, nonce, cookie, msg[mac1_offset:mac1_offset + 16])
+        nonce = self._random(COOKIE_NONCE_LEN)
+        encrypted = crypto.xaead_encrypt(self.cookie_key, nonce, cookie, msg[mac1_offset:mac1_offset + COOKIE_LEN])
         return int.from_bytes(msg[4:8], "little"), nonce, encrypted
 
 
@@ -98,7 +98,7 @@ class CookieGenerator:
         self.last_mac1 = mac1
         with_mac1 = body + mac1
         if self.cookie is None or now - self.cookie_time > COOKIE_REFRESH_TIME:
-            return with_mac1 + _ZERO16
+            return with_mac1 + _NO_MAC2
         return with_mac1 + crypto.mac(self.cookie, with_mac1)
 
     def consume_reply(self, nonce: bytes, encrypted_cookie: bytes, now: float) -> bool:

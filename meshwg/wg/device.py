@@ -92,12 +92,13 @@ class WireGuardCore:
     # ------------------------------------------------------------------ configuration
 
     def set_private_key(self, private_key: bytes | None) -> None:
-        """Clamp and install our static key; recompute every peer's static-static DH; drop all sessions."""
-        if private_key is None:
-            self.private_key = self.public_key = None
-        else:
-            self.private_key = crypto.clamp(private_key)
-            self.public_key = crypto.dh_pub(self.private_key)
+        """Clamp and install our static key; recompute every peer's static-static DH; drop all sessions.
+        The key it already has (compared clamped) changes nothing: `wg syncconf` re-sends it every time."""
+        clamped = None if private_key is None else crypto.clamp(private_key)
+        if clamped == self.private_key:
+            return
+        self.private_key = clamped
+        self.public_key = None if clamped is None else crypto.dh_pub(clamped)
         self._checker.set_public_key(self.public_key)
         own = self.peers.pop(self.public_key, None) if self.public_key is not None else None
         if own is not None:  # a peer with our own key is meaningless (wireguard-go removes it too)
@@ -260,6 +261,9 @@ class WireGuardCore:
         peer.staged.append(packet)
 
     def _seal(self, peer: Peer, kp: Keypair, packet: bytes) -> None:
+        if peer.endpoint is None:  # before sealing, as send_ip_packet does: no work or nonce spent on a drop
+            self.drops["no_endpoint"] += 1
+            return
         if packet:
             n = len(packet)
             mtu = self.mtu
@@ -267,12 +271,7 @@ class WireGuardCore:
             padded = min((last + 15) & ~15, mtu)
             if padded != last:
                 packet = packet + _PADDING[padded - last]
-        msg = kp.seal(packet)
-        if peer.endpoint is None:
-            self.drops["no_endpoint"] += 1
-            return
-        self._out.append((msg, peer.endpoint))
-        peer.tx_bytes += len(msg)
+        self._send_message(peer, kp.seal(packet))
 
     def _send_staged(self, peer: Peer, now: float) -> None:
         """wireguard-go SendStagedPackets: with a usable keypair send everything staged, else handshake."""
@@ -459,21 +458,12 @@ class WireGuardCore:
 
     def _consume_initiation(self, data: bytes, addr: object, now: float) -> None:
         _, sender, ephemeral, enc_static, enc_ts = _INITIATION.unpack_from(data)
-        found: list[Peer] = []
-
-        def static_static_for(remote_static: bytes) -> bytes | None:
-            peer = self.peers.get(remote_static)
-            if peer is None or peer.static_static is None:
-                return None
-            found.append(peer)
-            return peer.static_static
-
         consumed = noise.consume_initiation(self.private_key, self.public_key, ephemeral, enc_static, enc_ts,
-                                            static_static_for)
+                                            self._static_static_of)
         if consumed is None:
             self.drops["handshake_auth"] += 1
             return
-        peer = found[0]
+        peer = self.peers[consumed.remote_static]  # known: _static_static_of found it
         if consumed.payload <= peer.last_timestamp:
             self.drops["handshake_replay"] += 1
             return
@@ -501,10 +491,15 @@ class WireGuardCore:
         body = _RESPONSE.pack(MSG_RESPONSE, index, sender, response.ephemeral, response.encrypted_payload)
         msg = peer.cookie.add_macs(body, now)
         peer.last_sent_handshake = now
-        self._send_handshake_message(peer, msg)
+        self._send_message(peer, msg)
         t.session_derived(now)
-        t.any_authenticated_packet_traversal(now, peer.persistent_keepalive)
+        # The response is an authenticated packet sent too; its traversal hook already ran above.
         t.any_authenticated_packet_sent()
+
+    def _static_static_of(self, remote_static: bytes) -> bytes | None:
+        """noise.consume_initiation's lookup: the precomputed DH for a known peer, None otherwise."""
+        peer = self.peers.get(remote_static)
+        return None if peer is None else peer.static_static
 
     def _consume_response(self, data: bytes, addr: object, now: float) -> None:
         _, sender, receiver, ephemeral, enc_empty = _RESPONSE.unpack_from(data)
@@ -552,7 +547,8 @@ class WireGuardCore:
         peer.handshake_state = None
         peer.handshake_index = None
 
-    def _send_handshake_message(self, peer: Peer, msg: bytes) -> None:
+    def _send_message(self, peer: Peer, msg: bytes) -> None:
+        """Queue a finished message for the peer's endpoint; without one it is a no_endpoint drop."""
         if peer.endpoint is None:
             self.drops["no_endpoint"] += 1
             return
@@ -578,7 +574,7 @@ class WireGuardCore:
         peer.handshake_index = index
         self._handshakes_by_index[index] = peer
         body = _INITIATION.pack(MSG_INITIATION, index, init.ephemeral, init.encrypted_static, init.encrypted_payload)
-        self._send_handshake_message(peer, peer.cookie.add_macs(body, now))
+        self._send_message(peer, peer.cookie.add_macs(body, now))
         t.any_authenticated_packet_traversal(now, peer.persistent_keepalive)
         t.any_authenticated_packet_sent()
         t.handshake_initiated(now, self._jitter)

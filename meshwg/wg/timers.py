@@ -1,8 +1,8 @@
 """Per-peer timers as deadlines (wireguard-protocol.md §6; wireguard-go timers.go hook names).
 
 Each attribute is an absolute deadline in monotonic seconds, math.inf when not armed. The hooks only move
-deadlines; the device acts when handle_timer(now) finds one due. The device's hot path inlines the few
-data_sent/received checks rather than calling these methods.
+deadlines; the device acts when handle_timer(now) finds one due. The device's hot paths inline the few
+data sent/received checks rather than calling these methods (data received has no method at all).
 """
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from .constants import (
-    KEEPALIVE_TIMEOUT, NEW_HANDSHAKE_TIMEOUT, REKEY_TIMEOUT, ZERO_KEYS_AFTER,
-)
+from .constants import NEW_HANDSHAKE_TIMEOUT, REKEY_TIMEOUT, ZERO_KEYS_AFTER
 
 INF = math.inf
 
@@ -44,12 +42,6 @@ class PeerTimers:
     def data_sent(self, now: float, jitter: Callable[[], float]) -> None:  # rule 6
         if self.new_handshake == INF:
             self.new_handshake = now + NEW_HANDSHAKE_TIMEOUT + jitter()
-
-    def data_received(self, now: float) -> None:  # rule 5
-        if self.send_keepalive == INF:
-            self.send_keepalive = now + KEEPALIVE_TIMEOUT
-        else:
-            self.need_another_keepalive = True
 
     def any_authenticated_packet_sent(self) -> None:  # rule 5
         self.send_keepalive = INF

@@ -6,7 +6,7 @@ import ipaddress
 
 from wg_pair import A_ADDR, A_IP, B_ADDR, B_IP, Pair, ipv4_packet
 
-from meshwg.wg import messages
+from meshwg.wg import crypto, messages
 from meshwg.wg.constants import INITIATION_SIZE, KEEPALIVE_SIZE
 from meshwg.wg.events import EndpointChanged, HandshakeCompleted, HandshakeFailed, KeysZeroed
 
@@ -275,3 +275,26 @@ def test_initiation_message_is_wellformed():
     [(init, addr)] = p.a.datagrams_to_send()
     assert addr == B_ADDR and len(init) == INITIATION_SIZE
     assert isinstance(messages.parse_untrusted(init), messages.Initiation)
+
+
+def test_resetting_the_same_unclamped_private_key_keeps_sessions():
+    # `wg syncconf` re-sends the key as written (often unclamped): that must not reset every session.
+    p = Pair()
+    p.send_a()
+    kp = p.pa.keypairs.current
+    assert kp is not None
+    unclamped = bytearray(p.a.private_key)
+    unclamped[0] |= 7
+    unclamped[31] |= 0x80
+    p.a.set_private_key(bytes(unclamped))
+    assert p.pa.keypairs.current is kp and p.pb.keypairs.current is not None
+    assert p.tun_b[-1] == p.send_a()  # the same session still carries data, no new handshake
+    assert len(initiations(p)) == 1
+    assert not p.a.drops and not p.b.drops
+
+
+def test_a_different_private_key_still_drops_sessions():
+    p = Pair()
+    p.send_a()
+    p.a.set_private_key(bytes(range(32)))
+    assert p.pa.keypairs.current is None and p.a.private_key == crypto.clamp(bytes(range(32)))
