@@ -7,7 +7,6 @@ server notices their commits within --db-poll (0.1 s) and pushes removals/rename
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import logging
 import os
@@ -18,18 +17,14 @@ import urllib.request
 DEFAULT_DB = os.environ.get("MESHWG_SIGNAL_DB", "meshwg-signal.db")
 
 
-def _hostport(text: str) -> tuple[str, int]:
+def _listen_list(values, default):
     from meshwg.control.invite import split_hostport
 
-    return split_hostport(text)
-
-
-def _listen_list(values, default):
     if values is None:
         return default
     if values == ["none"]:
         return []
-    return [_hostport(v) for v in values]
+    return [split_hostport(v) for v in values]
 
 
 def _alt_port(text: str):
@@ -175,6 +170,7 @@ def cmd_invite(args) -> int:
 
 
 def cmd_nodes(args) -> int:
+    from meshwg.config.keys import key_to_base64
     from signal_server.invites import parse_duration
 
     st = _store(args)
@@ -185,7 +181,7 @@ def cmd_nodes(args) -> int:
         for n in st.list_nodes():
             state = "expired" if n.expires and n.expires <= wall else "active"
             print(f"{n.node_id:>4} {n.name:20} {n.ipv4:15} {n.ipv6:24} {state:8} {_fmt_time(n.last_seen):19} "
-                  f"{base64.b64encode(n.key).decode()}")
+                  f"{key_to_base64(n.key)}")
         return 0
     node = st.find_node(args.node)
     if node is None:
@@ -252,9 +248,9 @@ def main(argv=None) -> int:
         if args.cmd == "status":
             return cmd_status(args)
         if args.cmd == "pubkey":
-            from meshwg.wg.crypto import dh_pub as public_key
+            from meshwg.config.keys import key_to_base64, public_key
 
-            print(base64.b64encode(public_key(_store(args).server_private_key(os.urandom))).decode())
+            print(key_to_base64(public_key(_store(args).server_private_key(os.urandom))))
             return 0
     except ValueError as exc:
         print(f"meshwg-signal: {exc}", file=sys.stderr)

@@ -52,7 +52,6 @@ class Directory:
     def __init__(self) -> None:
         self.nodes: dict[bytes, Node] = {}
         self._dirty: dict[bytes, set[bytes]] = {}  # subscriber key -> changed node keys
-        self.changes = 0
 
     # --- membership
 
@@ -85,7 +84,6 @@ class Directory:
         return changed
 
     def _mark(self, key: bytes) -> None:
-        self.changes += 1
         for sub, dirty in self._dirty.items():
             if sub != key:
                 dirty.add(key)
@@ -117,9 +115,6 @@ class Directory:
             else:
                 ups.append(n.packed())
         return ups, rems
-
-    def subscribers(self):
-        return self._dirty.keys()
 
     def expired(self, wall: float) -> list[bytes]:
         return [k for k, n in self.nodes.items() if n.expires is not None and n.expires <= wall]

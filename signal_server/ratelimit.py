@@ -31,13 +31,23 @@ class KeyedLimiter:
         b = self._buckets.get(key)
         if b is None:
             if len(self._buckets) >= self.max_keys:
-                # Full buckets carry no information: drop them first.
-                for k in [k for k, v in self._buckets.items() if v.tokens >= v.burst][: self.max_keys // 2]:
+                # Buckets that have refilled carry no information: drop them first. (Stored tokens date
+                # from the last take, which left them below burst: only the refill shows the idle ones.)
+                idle = [k for k, v in self._buckets.items() if v.tokens + (now - v.stamp) * v.rate >= v.burst]
+                for k in idle[: self.max_keys // 2]:
                     del self._buckets[k]
                 if len(self._buckets) >= self.max_keys:
                     return False
             b = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
         return b.take(now, cost)
+
+    def exhausted(self, key, now: float, cost: float = 1.0) -> bool:
+        """Whether allow(key, now, cost) would refuse for lack of tokens; spends nothing."""
+        b = self._buckets.get(key)
+        if b is None:
+            return False
+        b.take(now, 0.0)  # refill only
+        return b.tokens < cost
 
     def forget(self, key) -> None:
         self._buckets.pop(key, None)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from meshwg.config.keys import key_to_base64
 from meshwg.control import protocol as P
 from meshwg.control import relay_wire as W
 from meshwg.control.invite import join_hostport
@@ -20,10 +21,10 @@ from signal_server import metrics
 from signal_server.directory import Directory, Node
 from signal_server.invites import JoinRefused
 from signal_server.punch import PunchCoordinator
-from signal_server.ratelimit import TokenBucket
+from signal_server.ratelimit import KeyedLimiter, TokenBucket
 from signal_server.relay import RelayCore
 from signal_server.store import NodeRow, Store
-from signal_server.stun_responder import StunResponder, StunSocket
+from signal_server.stun_responder import WILDCARDS, StunResponder, StunSocket
 
 log = logging.getLogger("signal")
 
@@ -65,27 +66,6 @@ class Bound:
     metrics: list = field(default_factory=list)
 
 
-class FailureLimiter:
-    """Blocks a source IP whose recent failed handshakes/joins exhausted its bucket."""
-
-    def __init__(self, rate: float = 5.0, burst: float = 20.0) -> None:
-        self.rate, self.burst = rate, burst
-        self._b: dict[str, TokenBucket] = {}
-
-    def blocked(self, ip: str, now: float) -> bool:
-        b = self._b.get(ip)
-        if b is None:
-            return False
-        b.take(now, 0.0)  # refill only
-        return b.tokens < 1.0
-
-    def fail(self, ip: str, now: float) -> None:
-        if len(self._b) > 50_000:
-            self._b.clear()
-        b = self._b.setdefault(ip, TokenBucket(self.rate, self.burst, now))
-        b.take(now)
-
-
 class Session:
     def __init__(self, key: bytes, node_id: int, stream, chan: P.SecureChannel) -> None:
         self.key = key
@@ -116,7 +96,8 @@ class SignalServer:
         self.relay = RelayCore(self.server_sk, os.urandom)
         self.sessions: dict[bytes, Session] = {}
         self.counters: Counter = Counter()
-        self.failures = FailureLimiter()
+        # Failed handshakes/joins per source IP: an IP that used up its bucket is refused until it refills.
+        self.failures = KeyedLimiter(5.0, 20.0, max_keys=50_000)
         self._db_lock = trio.Lock()
         self._unauth = 0
         self.bound = Bound()
@@ -126,10 +107,7 @@ class SignalServer:
         self._relay_tcp_conns = 0
         self.started = time.monotonic()
         self._dir_changed = trio.Event()
-        for row in self.store.list_nodes():
-            if row.expires is None or row.expires > time.time():
-                self.directory.put(_node_from_row(row))
-        self._sync_relay_allowed()
+        self._reconcile(self.store.list_nodes())
         self._db_version = self.store.data_version()
 
     # --- helpers
@@ -137,6 +115,9 @@ class SignalServer:
     async def _db(self, fn, *args):
         async with self._db_lock:
             return await trio.to_thread.run_sync(fn, *args)
+
+    def _failed(self, ip: str, now: float) -> None:
+        self.failures.allow(ip, now)  # spends a token; the answer is moot, exhausted() does the refusing
 
     def _sync_relay_allowed(self) -> None:
         self.relay.set_allowed(self.directory.nodes.keys())
@@ -201,7 +182,7 @@ class SignalServer:
             log.info(
                 "serving: control %s, udp (stun+relay) %s, stun alternate %s, relay tcp %s, metrics %s; server key %s",
                 self.bound.control, self.bound.udp, self.bound.stun_alt, self.bound.relay_tcp, self.bound.metrics,
-                _b64(self.server_pk),
+                key_to_base64(self.server_pk),
             )
             task_status.started(self.bound)
 
@@ -232,8 +213,7 @@ class SignalServer:
         """Let the admin CLI build invites and find /metrics without being told the ports."""
         import json
 
-        ctl = [join_hostport(self.cfg.advertise or h, p) if h in ("0.0.0.0", "::") else join_hostport(h, p)
-               for h, p in self.bound.control]
+        ctl = _advertised(self.bound.control, self.cfg.advertise)
         self.store.meta_set("control_addrs", json.dumps(ctl))
         self.store.meta_set("metrics_addrs", json.dumps([join_hostport(h, p) for h, p in self.bound.metrics]))
         self._db_version = self.store.data_version()
@@ -266,12 +246,12 @@ class SignalServer:
             row = by_key.get(key)
             if row is None:
                 self._drop_node(key, "removed")
-            elif row.expires is not None and row.expires <= wall:
+            elif not row.live(wall):
                 self._drop_node(key, "expired")
             else:
                 self.directory.update(key, name=row.name, expires=row.expires)
         for key, row in by_key.items():
-            if key not in self.directory.nodes and (row.expires is None or row.expires > wall):
+            if key not in self.directory.nodes and row.live(wall):
                 self.directory.put(_node_from_row(row))
         self._sync_relay_allowed()
         self._wake_all()
@@ -286,7 +266,7 @@ class SignalServer:
             s.queue.append({"type": P.T_GONE, "reason": reason})
             s.closing = reason
             s.wake.set()
-        log.info("node %s %s; peers notified", _b64(key), reason)
+        log.info("node %s %s; peers notified", key_to_base64(key), reason)
         self._wake_all()
 
     # --- control connections
@@ -300,7 +280,7 @@ class SignalServer:
             await stream.aclose()
             return
         now = time.monotonic()
-        if self.failures.blocked(peer_ip, now) or self._unauth >= self.cfg.max_unauthenticated:
+        if self.failures.exhausted(peer_ip, now) or self._unauth >= self.cfg.max_unauthenticated:
             self.counters["control_refused_busy"] += 1
             await stream.aclose()
             return
@@ -311,7 +291,7 @@ class SignalServer:
                 session = await self._authenticate(stream, peer_ip, trio.current_time() + self.cfg.handshake_timeout)
             except trio.TooSlowError:
                 self.counters["control_handshake_timeout"] += 1
-                self.failures.fail(peer_ip, time.monotonic())
+                self._failed(peer_ip, time.monotonic())
             finally:
                 self._unauth -= 1
             if session is not None:
@@ -328,9 +308,6 @@ class SignalServer:
 
     async def _read_frames(self, stream, decoder: P.FrameDecoder) -> bytes | None:
         while True:
-            frames = decoder.feed_untrusted(b"")
-            if frames:
-                return frames[0]
             data = await stream.receive_some(4096)
             if not data:
                 return None
@@ -350,16 +327,15 @@ class SignalServer:
             body = await self._read_frames(stream, dec)
         if body is None or not body.startswith(P.HELLO_MAGIC):
             self.counters["control_bad_hello"] += 1
-            self.failures.fail(peer_ip, now)
+            self._failed(peer_ip, now)
             return None
         responder = Responder(self.server_sk, os.urandom)
         try:
-            client_key, payload = responder.read_message1_untrusted(body[len(P.HELLO_MAGIC):])
+            client_key, _ = responder.read_message1_untrusted(body[len(P.HELLO_MAGIC):])
         except HandshakeError:
             self.counters["control_handshake_failed"] += 1
-            self.failures.fail(peer_ip, now)
+            self._failed(peer_ip, now)
             return None
-        hello = P.unpack_untrusted(payload, 256) if payload else None
         with trio.fail_at(deadline):
             await stream.send_all(P.frame(responder.write_message2(P.pack({"type": "hello", "v": P.PROTO_VERSION}))))
         chan = P.SecureChannel(responder.send, responder.recv, P.MAX_CLIENT_FRAME)
@@ -373,7 +349,7 @@ class SignalServer:
             msgs = chan.feed_untrusted(data)
             if chan.error or (msgs and msgs[0].get("type") != P.T_REGISTER):
                 self.counters["control_bad_register"] += 1
-                self.failures.fail(peer_ip, now)
+                self._failed(peer_ip, now)
                 return None
             msg = msgs[0] if msgs else None
         invite_id = msg.get("invite_id")
@@ -390,34 +366,27 @@ class SignalServer:
             )
         except JoinRefused as exc:
             self.counters[f"join_refused_{exc.code}"] += 1
-            self.failures.fail(peer_ip, now)
-            log.info("join refused for %s from %s: %s", _b64(client_key), peer_ip, exc.message)
+            self._failed(peer_ip, now)
+            log.info("join refused for %s from %s: %s", key_to_base64(client_key), peer_ip, exc.message)
             with trio.move_on_after(self.cfg.send_timeout):
                 await stream.send_all(chan.encode({"type": P.T_ERROR, "code": exc.code, "message": exc.message}))
             return None
         self.counters["joins_new" if created else "joins_returning"] += 1
         if created:
-            log.info("node %s joined as %s (%s, %s)", _b64(client_key), row.name, row.ipv4, row.ipv6)
+            log.info("node %s joined as %s (%s, %s)", key_to_base64(client_key), row.name, row.ipv4, row.ipv6)
         s = Session(client_key, row.node_id, stream, chan)
-        s.hello_version = hello.get("v") if hello else None
         s.initial_candidates = cands or []
         s.row = row
         return s
 
     def _welcome(self, s: Session) -> dict:
-        def adv(addrs):
-            out = []
-            for h, p in addrs:
-                if h in ("0.0.0.0", "::"):
-                    h = self.cfg.advertise or s.local_host
-                out.append(join_hostport(h, p))
-            return out
-
+        host = self.cfg.advertise or s.local_host  # a wildcard bind is reached where this client reached us
+        udp = _advertised(self.bound.udp, host)
         row = s.row
         return {
             "type": P.T_WELCOME, "proto": P.PROTO_VERSION, "node_id": row.node_id, "name": row.name,
             "ipv4": row.ipv4, "ipv6": row.ipv6, "prefix4": str(self.prefix4), "prefix6": str(self.prefix6),
-            "stun": adv(self.bound.udp), "relay_udp": adv(self.bound.udp), "relay_tcp": adv(self.bound.relay_tcp),
+            "stun": udp, "relay_udp": udp, "relay_tcp": _advertised(self.bound.relay_tcp, host),
             "heartbeat": self.cfg.heartbeat, "server_key": self.server_pk,
         }
 
@@ -591,34 +560,36 @@ class SignalServer:
 
     # --- UDP: STUN responder + relay
 
-    async def _udp_loop(self, idx: int) -> None:
-        sock = self._udp_socks[idx]
-        local = sock.getsockname()[:2]
+    async def _recv_loop(self, idx: int, sock, batch: int, bufsize: int, handle, after_batch=None) -> None:
+        """Calls handle(idx, data, addr, now, wall) per datagram; the clocks are read once per batch."""
         while True:
             await trio.lowlevel.wait_readable(sock)
             # Drain without paying the scheduler per datagram (see docs/architecture.md, hot path).
-            for _ in range(512):
+            now, wall = time.monotonic(), time.time()
+            for _ in range(batch):
                 try:
-                    data, addr = sock.recvfrom(65535)
+                    data, addr = sock.recvfrom(bufsize)
                 except BlockingIOError:
                     break
                 except OSError:
                     self.counters["udp_recv_errors"] += 1
                     continue
-                self._on_udp(idx, sock, local, data, addr[:2])
-            if self.relay.observed_events:
-                changed = False
-                for key, obs in self.relay.pop_observed():
-                    if key in self.directory.nodes:
-                        changed |= self.directory.update(key, observed=[(obs[0], obs[1], "observed")])
-                if changed:
-                    self._wake_all()
+                handle(idx, data, addr[:2], now, wall)
+            if after_batch is not None:
+                after_batch()
             await trio.lowlevel.checkpoint()
 
-    def _on_udp(self, idx, sock, local, data: bytes, addr) -> None:
+    async def _udp_loop(self, idx: int) -> None:
+        await self._recv_loop(idx, self._udp_socks[idx], 512, 65535, self._on_udp, self._publish_observed)
+
+    async def _stun_alt_loop(self, idx: int) -> None:
+        """An alternate STUN port: STUN only (the relay lives on the main ports)."""
+        await self._recv_loop(idx, self._stun_socks[idx], 64, 2048,
+                              lambda i, data, addr, _now, _wall: self._on_stun(i, data, addr))
+
+    def _on_udp(self, idx: int, data: bytes, addr, now: float, wall: float) -> None:
         if W.is_relay_untrusted(data):
-            now = time.monotonic()
-            for frame, dest in self.relay.handle_untrusted(data, (idx, addr), now, time.time(), observed=addr):
+            for frame, dest in self.relay.handle_untrusted(data, (idx, addr), now, wall, observed=addr):
                 self._relay_send(frame, dest)
             return
         self._on_stun(idx, data, addr)
@@ -630,21 +601,15 @@ class SignalServer:
         if reply is not None:
             self._udp_send(self._stun_socks[reply.sock], reply.data, addr)
 
-    async def _stun_alt_loop(self, idx: int) -> None:
-        """An alternate STUN port: STUN only (the relay lives on the main ports)."""
-        sock = self._stun_socks[idx]
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            for _ in range(64):
-                try:
-                    data, addr = sock.recvfrom(2048)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    self.counters["udp_recv_errors"] += 1
-                    continue
-                self._on_stun(idx, data, addr[:2])
-            await trio.lowlevel.checkpoint()
+    def _publish_observed(self) -> None:
+        """Relay sources seen in the batch become the nodes' "observed" candidates."""
+        if self.relay.observed_events:
+            changed = False
+            for key, obs in self.relay.pop_observed():
+                # update() is False for a key no longer in the directory (removed meanwhile)
+                changed |= self.directory.update(key, observed=[(obs[0], obs[1], "observed")])
+            if changed:
+                self._wake_all()
 
     def _udp_send(self, sock, data: bytes, addr) -> None:
         try:
@@ -668,8 +633,8 @@ class SignalServer:
 
     async def _handle_relay_tcp(self, stream) -> None:
         self._relay_tcp_conns += 1
-        send_ch, recv_ch = trio.open_memory_channel(512)
-        conn = _TcpDest(send_ch)
+        # The send channel is this connection's relay destination (hashed by identity, has send_nowait).
+        conn, recv_ch = trio.open_memory_channel(512)
         dec = W.TcpFrameDecoder()
         try:
             async with trio.open_nursery() as n:
@@ -697,16 +662,9 @@ class SignalServer:
                 await stream.aclose()
 
 
-class _TcpDest:
-    """Relay destination for a TCP relay connection (hashable by identity)."""
-
-    __slots__ = ("_ch",)
-
-    def __init__(self, ch) -> None:
-        self._ch = ch
-
-    def send_nowait(self, frame: bytes) -> None:
-        self._ch.send_nowait(frame)
+def _advertised(addrs, host: str | None) -> list[str]:
+    """host:port texts to hand out for bound addresses; a wildcard bind shows `host` instead (when set)."""
+    return [join_hostport((host or h) if h in WILDCARDS else h, p) for h, p in addrs]
 
 
 def _node_from_row(row: NodeRow) -> Node:
@@ -726,9 +684,3 @@ def _udp_socket(host: str, port: int) -> socket.socket:
         except OSError:
             pass
     return sock
-
-
-def _b64(key: bytes) -> str:
-    import base64
-
-    return base64.b64encode(key).decode()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
+from meshwg.config.keys import generate_private_key, key_to_base64
 from signal_server import ipam
 from signal_server.invites import InviteRow, JoinRefused, check_invite, hash_secret, normalize_name
 
@@ -42,8 +43,13 @@ class NodeRow:
     invite_id: str | None
     tag: str
 
+    def live(self, wall: float) -> bool:
+        """Not expired at wall-clock time `wall`."""
+        return self.expires is None or self.expires > wall
+
 
 _NODE_COLS = "id, pubkey, name, ipv4, ipv6, created, last_seen, expires, invite_id, tag"
+_INVITE_COLS = "id, secret_hash, reusable, expires, tag, created, revoked, uses"
 
 
 class Store:
@@ -102,7 +108,7 @@ class Store:
             return v
 
     def server_private_key(self, random_bytes) -> bytes:
-        return bytes(self.meta_get_or_create("server_private_key", lambda: _clamp(random_bytes(32))))
+        return bytes(self.meta_get_or_create("server_private_key", lambda: generate_private_key(random_bytes)))
 
     def prefixes(self, random_bytes, prefix4: str | None = None, prefix6: str | None = None):
         """(IPv4 network, IPv6 network); chosen once (or when configured) and then kept."""
@@ -128,17 +134,12 @@ class Store:
             )
 
     def _invite(self, invite_id) -> InviteRow | None:
-        row = self.db.execute(
-            "SELECT id, secret_hash, reusable, expires, tag, created, revoked, uses FROM invites WHERE id=?",
-            (invite_id,),
-        ).fetchone()
-        if row is None:
-            return None
-        return InviteRow(row[0], bytes(row[1]), bool(row[2]), row[3], row[4], row[5], bool(row[6]), row[7])
+        row = self.db.execute(f"SELECT {_INVITE_COLS} FROM invites WHERE id=?", (invite_id,)).fetchone()
+        return None if row is None else _invite_row(row)
 
     def list_invites(self) -> list[InviteRow]:
-        ids = [r[0] for r in self.db.execute("SELECT id FROM invites ORDER BY created")]
-        return [self._invite(i) for i in ids]
+        rows = self.db.execute(f"SELECT {_INVITE_COLS} FROM invites ORDER BY created")
+        return [_invite_row(r) for r in rows]
 
     def revoke_invite(self, invite_id: str) -> bool:
         with self._tx():
@@ -158,12 +159,11 @@ class Store:
 
     def find_node(self, ident: str) -> NodeRow | None:
         """By id, name, or (a prefix of) the base64/hex public key."""
-        import base64
-
-        for node in self.list_nodes():
-            if ident in (str(node.node_id), node.name, node.key.hex(), base64.b64encode(node.key).decode()):
+        nodes = self.list_nodes()
+        for node in nodes:
+            if ident in (str(node.node_id), node.name, node.key.hex(), key_to_base64(node.key)):
                 return node
-        matches = [n for n in self.list_nodes() if base64.b64encode(n.key).decode().startswith(ident) and len(ident) >= 6]
+        matches = [n for n in nodes if key_to_base64(n.key).startswith(ident) and len(ident) >= 6]
         return matches[0] if len(matches) == 1 else None
 
     def join(self, key: bytes, invite_id: str | None, secret: bytes | None, name: str | None, wall: float,
@@ -171,7 +171,7 @@ class Store:
         """Register key (or reconnect a registered one). Returns (node, created). Raises JoinRefused."""
         with self._tx():
             existing = self.get_node(key)
-            if existing is not None and (existing.expires is None or existing.expires > wall):
+            if existing is not None and existing.live(wall):
                 return existing, False
             if not invite_id or secret is None:
                 if existing is not None:
@@ -247,8 +247,5 @@ class Store:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-def _clamp(sk: bytes) -> bytes:
-    b = bytearray(sk)
-    b[0] &= 248
-    b[31] = (b[31] & 127) | 64
-    return bytes(b)
+def _invite_row(row) -> InviteRow:
+    return InviteRow(row[0], bytes(row[1]), bool(row[2]), row[3], row[4], row[5], bool(row[6]), row[7])

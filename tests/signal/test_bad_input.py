@@ -12,6 +12,7 @@ from sig_helpers import harness, new_key, start_server, wait_until  # noqa: F401
 from meshwg.control import ControlClient, ControlConnection
 from meshwg.control import protocol as P
 from meshwg.control.noise import Initiator
+from signal_server.server import ServerConfig, SignalServer
 
 
 async def raw_session(h, sk=None):
@@ -152,3 +153,16 @@ async def test_bogus_join_flood(harness, nursery):
     assert conn.welcome.node_id == 2
     assert good.reconnects == 0
     assert harness.admin.integrity_ok() and len(harness.admin.list_nodes()) == 2
+
+
+def test_failure_block_survives_a_flood_of_source_ips(tmp_path):
+    """Past the limiter's key cap, a blocked source stays blocked: many fresh source IPs must not reset it."""
+    server = SignalServer(ServerConfig(db=str(tmp_path / "signal.db")))
+    for _ in range(20):
+        server._failed("192.0.2.66", 0.0)
+    assert server.failures.exhausted("192.0.2.66", 0.0)
+    for i in range(50_010):  # past the 50,000-key cap
+        server._failed(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", 0.1)
+    assert server.failures.exhausted("192.0.2.66", 0.1)
+    assert not server.failures.exhausted("192.0.2.66", 5.0)  # the block still ends by refilling
+    server.store.close()

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 import trio
-from sig_helpers import harness, new_key, wait_until  # noqa: F401 (fixture)
+from sig_helpers import harness, new_key, start_server, wait_until  # noqa: F401 (fixture)
 
 from meshwg.control import ControlClient, ControlConnection, JoinRefusedError, ServerKeyMismatch
 from meshwg.control import client as ev
 from meshwg.control.invite import Invite
 from meshwg.control.noise import Initiator
 from meshwg.control import protocol as P
+from signal_server.admin import create_invite
 
 
 async def join(h, inv=None, **kw):
@@ -183,4 +185,20 @@ async def test_heartbeats_keep_idle_session_alive(nursery, tmp_path):
     silent = await ControlConnection.open(h.invite(), new_key())
     await wait_until(lambda: h.server.counters["control_idle_timeout"] >= 1, timeout=3)
     await silent.aclose()
+    h.admin.close()
+
+
+@pytest.mark.parametrize("advertise", [None, "signal.example"])
+async def test_wildcard_binds_are_advertised_by_a_reachable_host(nursery, tmp_path, advertise):
+    """Invites get --advertise for a wildcard control bind; the welcome gets it too, else the host the client reached."""
+    wild = [("0.0.0.0", 0)]
+    h = await start_server(nursery, tmp_path, control=wild, udp=wild, relay_tcp=wild, advertise=advertise)
+    ctl, udp, tcp = h.control[1], h.udp[1], h.relay_tcp[1]
+    assert json.loads(h.admin.meta_get("control_addrs")) == [f"{advertise or '0.0.0.0'}:{ctl}"]
+    inv = create_invite(h.admin, wall=time.time(), addrs=[f"127.0.0.1:{ctl}"])
+    conn = await ControlConnection.open(inv, new_key())
+    host = advertise or "127.0.0.1"
+    w = conn.welcome
+    assert w.stun == w.relay_udp == ((host, udp),) and w.relay_tcp == ((host, tcp),)
+    await conn.aclose()
     h.admin.close()

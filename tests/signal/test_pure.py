@@ -227,6 +227,17 @@ def test_keyed_limiter_bounded():
     assert len(lim._buckets) <= 10
 
 
+def test_keyed_limiter_cap_keeps_live_buckets_and_evicts_refilled_ones():
+    lim = KeyedLimiter(1.0, 2.0, max_keys=10)
+    assert lim.allow("a", 0) and lim.allow("a", 0) and lim.exhausted("a", 0)
+    for i in range(100):  # a flood of new keys while every bucket still holds information
+        lim.allow(i, 0)
+    assert lim.exhausted("a", 0.5) and len(lim._buckets) <= 10
+    # Later every bucket has refilled: new keys get tracked again (evicting the idle ones).
+    assert lim.allow("b", 10.0) and lim.allow("b", 10.0) and lim.exhausted("b", 10.0)
+    assert not lim.exhausted("a", 10.0)  # forgotten or refilled: either way no longer blocked
+
+
 # --- relay decisions
 
 
