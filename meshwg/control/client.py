@@ -131,7 +131,11 @@ def _addr_list(values) -> tuple:
     return tuple(out)
 
 
-def _peer_from_entry(e: dict) -> PeerInfo | None:
+def _peer_untrusted(raw) -> PeerInfo | None:
+    """A packed directory entry from the server as PeerInfo, else None."""
+    e = P.unpack_entry_untrusted(raw)
+    if not e:
+        return None
     try:
         cands = P.candidates_untrusted(e.get("cand", [])) or []
         return PeerInfo(e["key"], int(e["id"]), str(e["name"]), str(e["ipv4"]), str(e["ipv6"]), tuple(cands), bool(e["online"]))
@@ -284,8 +288,7 @@ class ControlConnection:
             if m.get("first") or self._full is None:
                 self._full = {}
             for raw in m.get("peers") or []:
-                e = P.unpack_entry_untrusted(raw)
-                p = _peer_from_entry(e) if e else None
+                p = _peer_untrusted(raw)
                 if p:
                     self._full[p.key] = p
             if m.get("last"):
@@ -295,8 +298,7 @@ class ControlConnection:
         if t == P.T_DIR_UPDATE:
             out = []
             for raw in m.get("upsert") or []:
-                e = P.unpack_entry_untrusted(raw)
-                p = _peer_from_entry(e) if e else None
+                p = _peer_untrusted(raw)
                 if p:
                     self.directory[p.key] = p
                     out.append(PeerChanged(p))
@@ -307,8 +309,7 @@ class ControlConnection:
                     out.append(PeerRemoved(key))
             return out
         if t == P.T_PUNCH:
-            e = P.unpack_entry_untrusted(m.get("peer"))
-            p = _peer_from_entry(e) if e else None
+            p = _peer_untrusted(m.get("peer"))
             return [PunchNotice(p, str(m.get("role", "")))] if p else []
         if t == "punch_fail":
             return [PunchFailed(m.get("peer", b""), str(m.get("reason", "")))]

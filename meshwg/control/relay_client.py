@@ -16,7 +16,6 @@ import trio
 
 from meshwg.control import relay_wire as W
 from meshwg.wg.crypto import clamp
-from meshwg.control.relay_wire import MAGIC, is_relay_untrusted  # noqa: F401  (re-exported for the demux)
 
 
 class RelaySession:

@@ -123,10 +123,6 @@ def decode_payload_untrusted(mtype: int, payload: bytes) -> DiscoMessage | None:
     return None
 
 
-def is_disco(data: bytes) -> bool:
-    return data[:6] == MAGIC
-
-
 class DiscoCodec:
     """Seals and opens disco messages for one node; knows which peer keys are acceptable.
 
@@ -226,12 +222,6 @@ class DiscoCodec:
             if expiry >= wall:
                 break
             del seen[k]
-
-
-def padding_for(mtu_probe: int) -> int:
-    """Ping padding so the whole datagram is mtu_probe bytes long (for path MTU probing)."""
-    base = HEADER_LEN + BOX_OVERHEAD + 10 + TXID_LEN + KEY_LEN
-    return max(0, min(MAX_PADDING, mtu_probe - base))
 
 
 def endpoints_bounded(endpoints: Iterable[Addr]) -> tuple:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from meshwg.disco import stun
 
 EIM = "endpoint-independent"
+EDM = "endpoint-dependent"       # ADM or APDM: the coarse kind the path logic uses (mapping_kind)
 ADM = "address-dependent"
 APDM = "address-and-port-dependent"
 UNKNOWN = "unknown"
@@ -52,11 +53,11 @@ class NetcheckReport:
 
     @property
     def mapping_kind(self) -> str | None:
-        """The coarse kind the path logic uses: 'endpoint-independent' / 'endpoint-dependent'."""
+        """The coarse kind the path logic uses: EIM / EDM."""
         if self.mapping == EIM:
-            return "endpoint-independent"
+            return EIM
         if self.mapping in (ADM, APDM):
-            return "endpoint-dependent"
+            return EDM
         return None
 
 

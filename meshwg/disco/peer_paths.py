@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 
 from meshwg.disco import paths as P
+from meshwg.disco.netcheck import EDM, EIM
 
 MAX_CANDIDATES = 16
 MAX_PENDING_PINGS = 64
@@ -39,9 +40,8 @@ BIRTHDAY_PROBE_RATE = 200.0   # probes per second from the easy side
 BIRTHDAY_HARD_ROUNDS = 8      # pings per extra socket (one per second) from the hard side
 BIRTHDAY_DELAY = 2.0          # start after a normal round had this long to succeed
 BIRTHDAY_MIN_INTERVAL = 60.0  # at most one attempt per minute per peer
-
-EIM = "endpoint-independent"
-EDM = "endpoint-dependent"
+# Birthday probes get their own accounting: many outstanding txids are expected.
+BIRTHDAY_MAX_PENDING = MAX_PENDING_PINGS + BIRTHDAY_PROBES
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,6 @@ class PeerPaths:
         self._answer_cmm = False
         self.unanswered_since: float | None = None   # wall time of the first unanswered round
         self.local_nat, self.peer_nat = local_nat, peer_nat
-        self.last_observed_by_peer: tuple | None = None   # our address as the peer's pong saw it
         self._ping_bucket = _Bucket(PEER_PING_RATE, PEER_PING_BURST)
         self._pong_bucket = _Bucket(PONG_RATE, PONG_BURST)
         self._outbox: list = []
@@ -221,7 +220,8 @@ class PeerPaths:
                         key=lambda c: (c.addr != keep_best, c.last_pong is None, SOURCE_RANK.get(c.source, 9)))
         self.candidates = {c.addr: c for c in ranked[:MAX_CANDIDATES]}
 
-    def note_activity(self, now: float) -> None:
+    def note_activity(self, now: float) -> bool:
+        """Traffic now; returns True when the peer was idle (probing resumes: the owner should poll)."""
         was_idle = not self.active(now)
         self.last_activity = now
         if was_idle:
@@ -231,6 +231,7 @@ class PeerPaths:
             self.want_cmm = True
             if self.best is not None:
                 self.next_heartbeat_at = now
+        return was_idle
 
     def on_punch(self, now: float) -> None:
         """The server says both sides want to talk: probe every candidate now."""
@@ -271,7 +272,7 @@ class PeerPaths:
         if cand is not None and cand.last_pong is None and now - cand.last_ping >= 1.0:
             self._ping(cand, now, None)
 
-    def on_pong(self, txid: bytes, src: tuple, now: float, via: int | None = None) -> bool:
+    def on_pong(self, txid: bytes, now: float, via: int | None = None) -> bool:
         entry = self._pending.pop(txid, None)
         if entry is None:
             self.counters["pongs_unmatched"] += 1
@@ -410,21 +411,23 @@ class PeerPaths:
         if not self._ping_bucket.take(now) or (budget is not None and not budget(1)):
             self.counters["pings_rate_limited"] += 1
             return False
-        txid = self._random(12)
-        if len(self._pending) >= MAX_PENDING_PINGS:
-            self._pending.pop(next(iter(self._pending)))
-        self._pending[txid] = (cand.addr, now, cand.via)
+        self._send_ping(cand.addr, cand.via, now, MAX_PENDING_PINGS)
         cand.last_ping = now
-        self.counters["pings_sent"] += 1
-        self._outbox.append(SendPing(cand.addr, txid, cand.via))
         return True
 
+    def _send_ping(self, addr: tuple, via: int | None, now: float, max_pending: int) -> None:
+        """Emit a ping and remember its txid, evicting the oldest pending one beyond max_pending."""
+        txid = self._random(12)
+        if len(self._pending) >= max_pending:
+            self._pending.pop(next(iter(self._pending)))
+        self._pending[txid] = (addr, now, via)
+        self.counters["pings_sent"] += 1
+        self._outbox.append(SendPing(addr, txid, via))
+
     # --- birthday paradox ---------------------------------------------------------------------
-    def _observed_ip(self) -> str | None:
-        for c in self.candidates.values():
-            if c.source == "observed":
-                return c.addr[0]
-        return None
+    def _observed_addr(self) -> tuple | None:
+        """The peer's address as the signal server saw it: where birthday probes aim."""
+        return next((c.addr for c in self.candidates.values() if c.source == "observed"), None)
 
     def birthday_role(self) -> str | None:
         if self.local_nat == EDM and self.peer_nat == EIM:
@@ -435,14 +438,15 @@ class PeerPaths:
 
     def _maybe_arm_birthday(self, now: float) -> None:
         if (self.birthday is None and self.birthday_role() and not self.direct(now)
-                and now - self._bd_last_attempt >= BIRTHDAY_MIN_INTERVAL and self._observed_ip()):
+                and now - self._bd_last_attempt >= BIRTHDAY_MIN_INTERVAL and self._observed_addr()):
             self._bd_start_at = now + BIRTHDAY_DELAY
 
     def _start_birthday(self, now: float) -> None:
         self._bd_start_at = math.inf
-        role, ip = self.birthday_role(), self._observed_ip()
-        if self.direct(now) or role is None or ip is None:
+        role, observed = self.birthday_role(), self._observed_addr()
+        if self.direct(now) or role is None or observed is None:
             return
+        ip = observed[0]
         self._bd_last_attempt = now
         self.counters["birthday_attempts"] += 1
         self._bd_sent = 0
@@ -482,7 +486,7 @@ class PeerPaths:
             return
         if now < self._bd_next:
             return
-        target = next((c.addr for c in self.candidates.values() if c.source == "observed"), None)
+        target = self._observed_addr()
         if plan.role == "hard":
             if target is None or self._bd_sent >= plan.rounds:
                 self._bd_next = math.inf
@@ -490,9 +494,7 @@ class PeerPaths:
             for i in range(1, plan.sockets + 1):
                 if budget is not None and not budget(1):
                     break
-                txid = self._random(12)
-                self._remember(txid, target, now, i)
-                self._outbox.append(SendPing(target, txid, i))
+                self._send_ping(target, i, now, BIRTHDAY_MAX_PENDING)
             self._bd_sent += 1
             self._bd_next = now + 1.0
             return
@@ -501,18 +503,8 @@ class PeerPaths:
         for _ in range(due):
             if not self._bd_ports or (budget is not None and not budget(1)):
                 break
-            addr = (plan.target_ip, self._bd_ports.pop())
-            txid = self._random(12)
-            self._remember(txid, addr, now, None)
-            self._outbox.append(SendPing(addr, txid, None))
+            self._send_ping((plan.target_ip, self._bd_ports.pop()), None, now, BIRTHDAY_MAX_PENDING)
         self._bd_next = now + 0.05 if self._bd_ports else math.inf
-
-    def _remember(self, txid: bytes, addr: tuple, now: float, via: int | None) -> None:
-        # Birthday probes get their own accounting: many outstanding txids are expected.
-        if len(self._pending) >= MAX_PENDING_PINGS + BIRTHDAY_PROBES:
-            self._pending.pop(next(iter(self._pending)))
-        self._pending[txid] = (addr, now, via)
-        self.counters["pings_sent"] += 1
 
     def _end_birthday(self) -> None:
         if self.birthday is not None and self.birthday.role == "hard":

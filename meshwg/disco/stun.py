@@ -97,17 +97,21 @@ def _iter_attrs_untrusted(body: bytes):
         off += alen + ((-alen) % 4)
 
 
-def _header_untrusted(data: bytes):
-    """(type, txid, attrs) of a well-formed RFC 5389 message, else None."""
-    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) > MAX_STUN_LEN:
+def _header_untrusted(data: bytes, *, classic: bool = False):
+    """(type, txid, attrs) of a well-formed STUN message, else None. RFC 5389 (default): the magic
+    cookie, 12-byte txid. classic (RFC 3489): no cookie, the 16 bytes after the length are the txid."""
+    # The classic parsers never took a memoryview; keep their input types as they were.
+    if not isinstance(data, (bytes, bytearray) if classic else (bytes, bytearray, memoryview)):
+        return None
+    if len(data) > MAX_STUN_LEN:   # bounds the copy below
         return None
     data = bytes(data)
-    if not is_stun_untrusted(data):
+    if len(data) < HEADER_LEN or data[0] & 0xC0 or (data[4:8] == _COOKIE_BYTES) == classic:
         return None
     mtype, mlen = struct.unpack_from("!HH", data, 0)
     if mlen % 4 or HEADER_LEN + mlen != len(data):
         return None
-    return mtype, data[8:20], data[20:]
+    return mtype, data[4 if classic else 8:20], data[20:]
 
 
 def parse_binding_request_untrusted(data: bytes) -> bytes | None:
@@ -253,19 +257,10 @@ def parse_binding_response_full_untrusted(data: bytes) -> BindingResponse | None
 
 def parse_classic_binding_request_untrusted(data: bytes):
     """(txid16, change_flags) of an RFC 3489 Binding request (no magic cookie), else None."""
-    if not isinstance(data, (bytes, bytearray)) or not HEADER_LEN <= len(data) <= MAX_STUN_LEN:
+    head = _header_untrusted(data, classic=True)
+    if head is None or head[0] != BINDING_REQUEST:
         return None
-    data = bytes(data)
-    if data[0] & 0xC0 or data[4:8] == _COOKIE_BYTES:
-        return None
-    mtype, mlen = struct.unpack_from("!HH", data, 0)
-    if mtype != BINDING_REQUEST or mlen % 4 or HEADER_LEN + mlen != len(data):
-        return None
-    flags = 0
-    for atype, value in _iter_attrs_untrusted(data[20:]):
-        if atype == ATTR_CHANGE_REQUEST and len(value) == 4:
-            flags = struct.unpack("!I", value)[0] & 0x6
-    return data[4:20], flags
+    return head[1], _change_flags(head[2])
 
 
 def build_classic_binding_response(txid16: bytes, addr, server_addr, changed_address=None) -> bytes:
@@ -284,19 +279,17 @@ def build_classic_binding_response(txid16: bytes, addr, server_addr, changed_add
 
 def parse_classic_binding_response_untrusted(data: bytes) -> BindingResponse | None:
     """An RFC 3489 Binding response (16-byte transaction id in BindingResponse.txid), else None."""
-    if not isinstance(data, (bytes, bytearray)) or not HEADER_LEN <= len(data) <= MAX_STUN_LEN:
+    head = _header_untrusted(data, classic=True)
+    if head is None or head[0] != BINDING_SUCCESS:
         return None
-    data = bytes(data)
-    mtype, mlen = struct.unpack_from("!HH", data, 0)
-    if mtype != BINDING_SUCCESS or mlen % 4 or HEADER_LEN + mlen != len(data) or data[4:8] == _COOKIE_BYTES:
-        return None
+    _, txid16, body = head
     found: dict[int, tuple] = {}
-    for atype, value in _iter_attrs_untrusted(data[20:]):
+    for atype, value in _iter_attrs_untrusted(body):
         if atype in (ATTR_MAPPED_ADDRESS, ATTR_SOURCE_ADDRESS, ATTR_CHANGED_ADDRESS) and atype not in found:
             addr = _unpack_addr_untrusted(value, None)
             if addr is not None:
                 found[atype] = addr
     if ATTR_MAPPED_ADDRESS not in found:
         return None
-    return BindingResponse(data[4:20], found[ATTR_MAPPED_ADDRESS], found.get(ATTR_CHANGED_ADDRESS),
+    return BindingResponse(txid16, found[ATTR_MAPPED_ADDRESS], found.get(ATTR_CHANGED_ADDRESS),
                            found.get(ATTR_SOURCE_ADDRESS))

@@ -7,8 +7,7 @@ Inputs:  receive_datagram(data, addr, now, via=None)   every datagram from the s
          apply_netmap(desired, now), punch(key, now), set_local_endpoints(addrs, now),
          set_stun_servers(addrs, now), handle_timer(now)
 Outputs: datagrams_to_send() -> [(bytes, dest)]  dest: (ip, port) | RelayEndpoint | SocketEndpoint
-         tun_packets_to_write(), pop_events(), relay_frames() (b"\xffMWR" datagrams for the relay shell),
-         get_timer(), status(now)
+         tun_packets_to_write(), pop_events(), get_timer(), status(now)
 
 Each mesh peer's WireGuard endpoint is chosen here (peer.roaming = False): RelayEndpoint(key) until a
 disco pong confirms a direct path, the direct address while it stays trusted, back to the relay when
@@ -52,6 +51,11 @@ class SocketEndpoint:
     """Send from birthday extra socket `socket` (1-based) to `addr`."""
     socket: int
     addr: tuple
+
+
+def _socket_dest(addr: tuple, via: int | None):
+    """Where a datagram for addr goes out: the main socket (via None) or birthday socket `via`."""
+    return addr if via is None else SocketEndpoint(via, addr)
 
 
 # --- events ---------------------------------------------------------------------------------
@@ -116,7 +120,6 @@ class MeshNode:
         self._resend_at: dict[bytes, float] = {}    # deferred handshake re-sends (see _resend_handshake)
         self._out: list = []
         self._events: list = []
-        self._relay_frames: list = []
         self.counters: collections.Counter = collections.Counter()
         self._budget = _Bucket(global_probe_rate, global_probe_burst)
         self._now = 0.0
@@ -250,7 +253,9 @@ class MeshNode:
         elif kind == demux.STUN:
             self._receive_stun(data, addr, now)
         elif kind == demux.RELAY:
-            self._relay_frames.append((data, addr))
+            # The shell hands main-socket relay frames to the relay session; one here came on another
+            # socket (a birthday one) where no relay session listens. Count it, keep nothing.
+            self.counters["drop_relay_datagram"] += 1
         else:
             self.counters["drop_unknown_datagram"] += 1
 
@@ -311,9 +316,8 @@ class MeshNode:
             if relay_src is not None:
                 self.counters["disco_pong_via_relay_ignored"] += 1
                 return
-            if pp.on_pong(msg.txid, addr, now, via):
+            if pp.on_pong(msg.txid, now, via):
                 self.counters["disco_pong_rx"] += 1
-                pp.last_observed_by_peer = msg.src  # free STUN, as this peer sees us
             else:
                 self.counters["drop_disco_pong_unmatched"] += 1
         elif isinstance(msg, CallMeMaybe):
@@ -329,11 +333,11 @@ class MeshNode:
         for act in pp.poll(now, wall, self._take_budget):
             if isinstance(act, SendPing):
                 data = self.codec.seal(key, Ping(act.txid, self.public_key), wall)
-                self._out.append((data, act.addr if act.via is None else SocketEndpoint(act.via, act.addr)))
+                self._out.append((data, _socket_dest(act.addr, act.via)))
                 self.counters["disco_ping_tx"] += 1
             elif isinstance(act, SendPong):
                 data = self.codec.seal(key, Pong(act.txid, act.observed), wall)
-                self._out.append((data, act.addr if act.via is None else SocketEndpoint(act.via, act.addr)))
+                self._out.append((data, _socket_dest(act.addr, act.via)))
                 self.counters["disco_pong_tx"] += 1
             elif isinstance(act, SendCallMeMaybe):
                 data = self.codec.seal(key, CallMeMaybe(self.endpoints), wall)
@@ -353,8 +357,7 @@ class MeshNode:
         d = pp.endpoint(now)
         if d is None:
             return RelayEndpoint(key)
-        addr, via = d
-        return addr if via is None else SocketEndpoint(via, addr)
+        return _socket_dest(*d)
 
     def _update_endpoint(self, key: bytes, now: float) -> None:
         want = self._wanted_endpoint(key, now)
@@ -399,14 +402,9 @@ class MeshNode:
             self._out.append((data, ep))
             if activity and not _is_keepalive(data):
                 key = self._ep_to_key.get(ep)
-                if key is not None:
-                    pp = self.paths[key]
-                    if pp.active(now):
-                        pp.last_activity = now
-                    else:
-                        pp.note_activity(now)
-                        touched = touched or []
-                        touched.append(key)
+                if key is not None and self.paths[key].note_activity(now):
+                    touched = touched or []
+                    touched.append(key)
         if touched:
             for key in touched:
                 self._service(key, now)
@@ -457,9 +455,8 @@ class MeshNode:
         # advertise the first one (the observed address is what peers hole-punch toward).
         refl = tuple(report.reflexive[:1] if report.hard else report.reflexive)
         if refl != self.reflexive or nat != self.local_nat:
-            self.reflexive, self.local_nat = refl, nat
-            for pp in self.paths.values():
-                pp.set_nat(nat, pp.peer_nat)
+            self.reflexive = refl
+            self.set_local_nat(nat)
             self._local_changed()
 
     def set_local_nat(self, nat: str | None) -> None:
@@ -481,10 +478,6 @@ class MeshNode:
         self._events = []
         core_ev = self.core.pop_events()
         return ev + list(core_ev) if core_ev else ev
-
-    def relay_frames(self) -> list:
-        out, self._relay_frames = self._relay_frames, []
-        return out
 
     def get_timer(self) -> float:
         t = self.core.get_timer()

@@ -43,8 +43,8 @@ def test_lan_candidate_wins_after_a_slow_first_pong():
     sent = _pings(pp.poll(0.0, 0.0, None))
     assert set(sent) == {OWN, PUBLIC}
     # the hairpin path answers first; the LAN address's first pong is late (ARP), so it loses once
-    assert pp.on_pong(sent[PUBLIC], PUBLIC, 0.001)
-    assert pp.on_pong(sent[OWN], OWN, 0.015)
+    assert pp.on_pong(sent[PUBLIC], 0.001)
+    assert pp.on_pong(sent[OWN], 0.015)
     assert pp.endpoint(0.02)[0] == PUBLIC
     t = 0.0
     for _ in range(P.CONTENDER_ROUNDS):
@@ -53,7 +53,7 @@ def test_lan_candidate_wins_after_a_slow_first_pong():
         assert OWN in sent, "the better address kind is re-pinged with the heartbeat"
         for addr in (PUBLIC, OWN):
             if addr in sent:
-                pp.on_pong(sent[addr], addr, t + 0.001)
+                pp.on_pong(sent[addr], t + 0.001)
         if pp.endpoint(t + 0.002)[0] == OWN:
             break
     assert pp.endpoint(t + 0.002)[0] == OWN, "settled on the hairpin path instead of the LAN address"
@@ -67,8 +67,8 @@ def test_contenders_stop_after_a_few_heartbeats():
     # the LAN address answers but is really much slower: re-pinging it is bounded
     pp = _peer()
     sent = _pings(pp.poll(0.0, 0.0, None))
-    pp.on_pong(sent[PUBLIC], PUBLIC, 0.001)
-    pp.on_pong(sent[OWN], OWN, 0.050)
+    pp.on_pong(sent[PUBLIC], 0.001)
+    pp.on_pong(sent[OWN], 0.050)
     extra = 0
     for _ in range(10):
         t = pp.next_heartbeat_at
@@ -76,7 +76,7 @@ def test_contenders_stop_after_a_few_heartbeats():
         extra += OWN in sent
         for addr, latency in ((PUBLIC, 0.001), (OWN, 0.050)):
             if addr in sent:
-                pp.on_pong(sent[addr], addr, t + latency)
+                pp.on_pong(sent[addr], t + latency)
     assert pp.endpoint(t)[0] == PUBLIC
     assert extra == P.CONTENDER_ROUNDS
 

@@ -89,3 +89,10 @@ def test_lan_bonus_only_for_advertised_addresses():
     hairpin = P.ScoredPath(("192.168.6.1", 41000), 0.0010, advertised=False)
     assert P.better_path(own, hairpin)
     assert not P.better_path(hairpin, own)
+
+
+def test_note_activity_says_when_the_peer_wakes_up():
+    pp = PeerPaths(b"k" * 32, _rb())
+    assert pp.note_activity(10.0) is True          # idle until now: the owner must poll
+    assert pp.note_activity(11.0) is False and pp.last_activity == 11.0
+    assert pp.note_activity(11.0 + P.SESSION_ACTIVE_TIMEOUT) is True
