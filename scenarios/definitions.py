@@ -68,6 +68,7 @@ class Scenario:
         return expected_path(self.effective_nat(a), self.effective_nat(b))
 
 
+# Every NAT type, least restrictive first (also the order of the matrix scenario's nodes).
 _RESTRICTIVENESS = [N.NONE, N.FULL_CONE, N.RESTRICTED_CONE, N.PORT_RESTRICTED, N.SYMMETRIC, N.UDP_BLOCKED]
 
 
@@ -101,14 +102,12 @@ PHONE_TO_HOME = Scenario(
     ),
 )
 
-_MATRIX_TYPES = [N.NONE, N.FULL_CONE, N.RESTRICTED_CONE, N.PORT_RESTRICTED, N.SYMMETRIC, N.UDP_BLOCKED]
-
 NAT_MATRIX = Scenario(
     name="matrix",
     description="One node behind each NAT type (plus a public one and a double NAT); every pair, as a matrix.",
-    routers=tuple(RouterSpec(f"{t.value}-nat", t) for t in _MATRIX_TYPES if t is not N.NONE)
+    routers=tuple(RouterSpec(f"{t.value}-nat", t) for t in _RESTRICTIVENESS if t is not N.NONE)
     + (RouterSpec("cgn", N.SYMMETRIC, cgn=True), RouterSpec("home-behind-cgn", N.PORT_RESTRICTED, behind="cgn")),
-    nodes=tuple(NodeSpec(t.value, None if t is N.NONE else f"{t.value}-nat") for t in _MATRIX_TYPES)
+    nodes=tuple(NodeSpec(t.value, None if t is N.NONE else f"{t.value}-nat") for t in _RESTRICTIVENESS)
     + (NodeSpec("double-nat", "home-behind-cgn"),),
     matrix=True,
 )

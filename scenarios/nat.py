@@ -51,9 +51,7 @@ table inet labfw {{
 
 
 def nat_table(nat: NatType, wan_ip: str, *, lan: str = "lan0", wan: str = "wan0", hairpin: bool = False) -> str:
-    """The NAT table for one router type. `wan_ip` is the router's public (outside) address."""
-    if nat is NatType.NONE:
-        return ""
+    """The NAT table for one router type (not NONE: see ruleset). `wan_ip` is the router's public address."""
     if nat in (NatType.PORT_RESTRICTED, NatType.UDP_BLOCKED):
         snat = f'oifname "{wan}" masquerade'
     elif nat is NatType.SYMMETRIC:

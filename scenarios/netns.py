@@ -49,7 +49,11 @@ class Netns:
         return sh(self.argv(*cmd), check=check, input=input, timeout=timeout)
 
     def popen(self, *cmd: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
-        proc = subprocess.Popen(self.argv(*cmd), env=env, start_new_session=True, **kwargs)
+        return self.spawn(self.argv(*cmd), env=env, **kwargs)
+
+    def spawn(self, argv: Sequence[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
+        """Start a full argv that enters this namespace itself (e.g. one built on argv()), tracked as popen's."""
+        proc = subprocess.Popen(list(argv), env=env, start_new_session=True, **kwargs)
         self._procs.append(proc)
         return proc
 

@@ -10,11 +10,16 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from scenarios.topology import Host
 
 PY = sys.executable
 SIGNAL_PORT = 7300        # the signal server's control port (TCP) on the internet host
 STUN_PORT = 3478          # its STUN + UDP relay port
 RELAY_TCP_PORT = 7301     # its TCP relay fallback (for UDP-blocked nodes)
+MESH_IF = "mesh0"         # same name on every host: each host has its own netns and /run/wireguard
 
 COMMANDS = {
     # On the public "signal" host. Runs until stopped. STUN answers on two addresses so nodes can tell a
@@ -35,6 +40,17 @@ COMMANDS = {
 
 def command(which: str, **values) -> list[str]:
     return [part.format(**values) for part in COMMANDS[which]]
+
+
+def signal_values(host: Host) -> dict:
+    """The placeholders of signal_serve and invite_create, for the server on `host` (two addresses)."""
+    return dict(db=host.dir / "signal.db", signal_ip=host.addr, signal_ip2=host.extra_addrs[0],
+                signal_port=SIGNAL_PORT, stun_port=STUN_PORT, relay_tcp_port=RELAY_TCP_PORT)
+
+
+def node_values(host: Host, invite: str = "") -> dict:
+    """The placeholders of join and status, for the node on `host` (status needs no invite)."""
+    return dict(invite=invite, name=host.name, state_dir=host.dir / "state", interface=MESH_IF)
 
 
 @dataclass

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 from scenarios import node_commands as nc
 from scenarios.definitions import NodeSpec, Scenario
+from scenarios.netns import wait_for
 from scenarios.services import PROBES, listening
 from scenarios.topology import Host, Lab, Router
 
-MESH_IF = "mesh0"          # same name on every host: each host has its own netns and /run/wireguard
 TCP_ECHO_PORT = 4100
 TCP_BYTES = 256 * 1024
 
@@ -70,46 +70,51 @@ def build(scenario: Scenario, lab: Lab) -> tuple[Host, dict[str, Host]]:
     return signal_host, nodes
 
 
-def _log_tail(path, lines: int = 15) -> str:
+def read_tail(path, lines: int = 15, indent: str = "") -> str:
+    """The last `lines` lines of a log file, each prefixed with `indent` (for error messages)."""
     try:
         text = path.read_text(errors="replace").strip().splitlines()
     except OSError:
-        return "(no log)"
-    return "\n".join("    " + line for line in text[-lines:]) or "    (empty log)"
+        return indent + "(no log)"
+    return "\n".join(indent + line for line in text[-lines:]) or indent + "(empty log)"
 
 
-def start_signal(host: Host) -> tuple[subprocess.Popen, str]:
-    """Start `meshwg-signal serve` on the signal host and create a reusable invite; return (proc, invite)."""
-    values = dict(db=host.dir / "signal.db", signal_ip=host.addr, signal_ip2=host.extra_addrs[0], signal_port=nc.SIGNAL_PORT, stun_port=nc.STUN_PORT,
-                  relay_tcp_port=nc.RELAY_TCP_PORT)
+def start_signal_server(host: Host, *extra: str) -> subprocess.Popen:
+    """Start `meshwg-signal serve` (plus `extra` arguments) on the signal host; return once it listens.
+
+    Its output is appended to signal.log in the host's directory, so a restarted server keeps the old log."""
     log_path = host.dir / "signal.log"
-    with open(log_path, "wb") as log:
-        proc = host.popen(*nc.command("signal_serve", **values), stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 15
-    while not listening(host, nc.SIGNAL_PORT, "tcp") and not listening(host, nc.SIGNAL_PORT, "udp"):
-        if proc.poll() is not None:
-            raise NodeSoftwareError(f"`meshwg-signal serve` exited with status {proc.returncode} on the signal host "
-                                    f"before listening on port {nc.SIGNAL_PORT}. Its output:\n{_log_tail(log_path)}")
-        if time.monotonic() > deadline:
-            raise NodeSoftwareError(f"`meshwg-signal serve` did not listen on port {nc.SIGNAL_PORT} within 15 s. "
-                                    f"Its output:\n{_log_tail(log_path)}")
-        time.sleep(0.1)
-    res = host.run_proc(*nc.command("invite_create", **values))
+    with open(log_path, "ab") as log:
+        proc = host.popen(*nc.command("signal_serve", **nc.signal_values(host)), *extra,
+                          stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # The control port is TCP only (STUN and the relay use other ports).
+        wait_for(lambda: proc.poll() is not None or listening(host, nc.SIGNAL_PORT, "tcp"), timeout=15,
+                 interval=0.1, what="the signal server")
+    except TimeoutError:
+        raise NodeSoftwareError(f"`meshwg-signal serve` did not listen on port {nc.SIGNAL_PORT} within 15 s. "
+                                f"Its output:\n{read_tail(log_path, indent='    ')}") from None
+    if proc.poll() is not None:
+        raise NodeSoftwareError(f"`meshwg-signal serve` exited with status {proc.returncode} on the signal host "
+                                f"before listening on port {nc.SIGNAL_PORT}. Its output:\n"
+                                f"{read_tail(log_path, indent='    ')}")
+    return proc
+
+
+def create_invite(host: Host) -> str:
+    """A reusable invite from the signal server's database on `host`."""
+    res = host.run_proc(*nc.command("invite_create", **nc.signal_values(host)))
     lines = res.stdout.decode(errors="replace").strip().splitlines()
     if res.returncode != 0 or not lines:
         raise NodeSoftwareError(f"`meshwg-signal invite create --reusable` failed ({res.returncode}): "
                                 f"{res.stderr.decode(errors='replace').strip()}")
-    return proc, lines[-1].strip()
+    return lines[-1].strip()
 
 
 def start_node(host: Host, invite: str) -> subprocess.Popen:
     log_path = host.dir / "join.log"
     with open(log_path, "wb") as log:
-        return host.popen(*nc.command("join", **_node_values(host, invite)), stdout=log, stderr=subprocess.STDOUT)
-
-
-def _node_values(host: Host, invite: str = "") -> dict:
-    return dict(invite=invite, name=host.name, state_dir=host.dir / "state", interface=MESH_IF)
+        return host.popen(*nc.command("join", **nc.node_values(host, invite)), stdout=log, stderr=subprocess.STDOUT)
 
 
 # -- watching ----------------------------------------------------------------------------------
@@ -140,10 +145,10 @@ class StatusPoller:
         while not self._stop.is_set():
             if self.procs[name].poll() is not None:
                 self.failure = (f"`meshwg join` exited with status {self.procs[name].returncode} on node {name!r}. "
-                                f"Its output:\n{_log_tail(host.dir / 'join.log')}")
+                                f"Its output:\n{read_tail(host.dir / 'join.log', indent='    ')}")
                 return
             asked_at = time.monotonic()
-            res = host.run_proc(*nc.command("status", **_node_values(host)), timeout=10)
+            res = host.run_proc(*nc.command("status", **nc.node_values(host)), timeout=10)
             if res.returncode == 0:
                 try:
                     status = nc.parse_status(res.stdout.decode())
@@ -184,8 +189,12 @@ def _ping_once(host: Host, ip: str) -> bool:
 
 
 def _rtt_ms(host: Host, ip: str) -> float | None:
-    out = host.run_proc("ping", "-q", "-c", "5", "-i", "0.2", "-W", "1", ip, timeout=10).stdout.decode()
-    match = re.search(r"= [\d.]+/([\d.]+)/", out)
+    return ping_avg_ms(host.run_proc("ping", "-q", "-c", "5", "-i", "0.2", "-W", "1", ip, timeout=10).stdout.decode())
+
+
+def ping_avg_ms(output: str) -> float | None:
+    """The average RTT from ping's summary line (`rtt min/avg/max/mdev = a/b/c/d ms`); None without one."""
+    match = re.search(r"= [\d.]+/([\d.]+)/", output)
     return float(match.group(1)) if match else None
 
 
@@ -258,7 +267,8 @@ def run(scenario: Scenario, *, keep: bool = False, timings: Timings | None = Non
             host.popen(sys.executable, PROBES, "echo", "--tcp", f"0.0.0.0:{TCP_ECHO_PORT}",
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         say(f"Starting the signal server on {signal_host.addr} ...")
-        _, invite = start_signal(signal_host)
+        start_signal_server(signal_host)
+        invite = create_invite(signal_host)
         say(f"Starting {len(nodes)} nodes ...")
         procs = {name: start_node(host, invite) for name, host in nodes.items()}
         t0 = time.monotonic()
@@ -318,15 +328,15 @@ RTT         average ping round trip over the mesh, in milliseconds
 result      ok: ping and a short TCP transfer worked and the path is the one this NAT pair allows"""
 
 
-def _secs(v: float | None) -> str:
+def secs(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f} s"
 
 
 def format_table(results: list[PairResult], legend: bool = True) -> str:
     rows = [("pair", "NAT types", "path", "first ping", "direct", "RTT", "result")]
     for r in results:
-        rows.append((f"{r.a} <-> {r.b}", f"{r.nat_a} / {r.nat_b}", r.path or "none", _secs(r.first_ping_s),
-                     _secs(r.direct_s), "-" if r.rtt_ms is None else f"{r.rtt_ms:.2f} ms",
+        rows.append((f"{r.a} <-> {r.b}", f"{r.nat_a} / {r.nat_b}", r.path or "none", secs(r.first_ping_s),
+                     secs(r.direct_s), "-" if r.rtt_ms is None else f"{r.rtt_ms:.2f} ms",
                      "ok" if r.ok else f"FAIL {r.note}".strip()))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]

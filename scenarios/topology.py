@@ -61,10 +61,6 @@ class Host:
     extra_addrs: list[str] = field(default_factory=list)
 
     @property
-    def nat(self) -> NatType:
-        return self.router.nat if self.router else NatType.NONE
-
-    @property
     def nat_label(self) -> str:
         """Its NAT path from the host outwards, e.g. 'port-restricted' or 'port-restricted+symmetric'."""
         labels, router = [], self.router
@@ -97,9 +93,7 @@ class Host:
         """Start a long-running process on this host; it is stopped by PID when the lab closes."""
         full_env = dict(os.environ)
         full_env.update(env or {})
-        argv = self.argv(*cmd)
-        # Netns.popen prefixes `ip netns exec`; argv already has it, so strip ours.
-        return self.ns.popen(*argv[4:], env=full_env, **kwargs)
+        return self.ns.spawn(self.argv(*cmd), env=full_env, **kwargs)
 
     def stop(self, proc: subprocess.Popen, timeout: float = 5) -> None:
         """Stop a process started with popen (SIGTERM to its process group, then SIGKILL)."""
@@ -135,9 +129,6 @@ class Router:
     def flush_conntrack(self) -> None:
         """Forget every tracked flow (nat-lab.md pitfall 2); exit 1 just means the table was empty."""
         self.ns.run("conntrack", "-F", check=False)
-
-    def nft_list(self) -> str:
-        return self.ns.run("nft", "list", "ruleset")
 
 
 class Lab:
@@ -273,11 +264,6 @@ class Lab:
         # forward chain (and conntrack); a real home switch does not filter, so turn that off here.
         ns.run("sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0", "net.bridge.bridge-nf-call-ip6tables=0",
                "net.bridge.bridge-nf-call-arptables=0", check=False)
-
-    def flush_conntrack(self) -> None:
-        """conntrack -F on every router (between cases that reuse a lab; nat-lab.md pitfall 2)."""
-        for router in self.routers.values():
-            router.flush_conntrack()
 
     # -- inspection ---------------------------------------------------------------------------
 

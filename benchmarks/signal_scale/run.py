@@ -26,6 +26,7 @@ import trio
 from meshwg.control import protocol as P
 from meshwg.control.client import ControlConnection
 from meshwg.control.invite import parse_invite
+from procstat import cpu_seconds, rss_kb
 
 
 def free_port(kind=socket.SOCK_STREAM) -> int:
@@ -81,20 +82,6 @@ class SimNode:
             if trio.current_time() >= next_hb:
                 next_hb += hb
                 await conn.heartbeat()
-
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        parts = f.read().rsplit(")", 1)[1].split()
-    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def bench(args, invite_text, server_pid):
@@ -170,7 +157,7 @@ async def bench(args, invite_text, server_pid):
             "endpoint_change_max_ms": round(max(props) * 1000, 1) if props else None,
             "server_rss_mb_after_join": round(rss_after_join / 1024, 1),
             "server_rss_mb_end": round(rss_kb(server_pid) / 1024, 1),
-            "server_cpu_s": round(cpu_s(server_pid), 2),
+            "server_cpu_s": round(cpu_seconds(server_pid), 2),
         }
         nursery.cancel_scope.cancel()
     return result

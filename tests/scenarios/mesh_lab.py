@@ -27,11 +27,12 @@ from meshwg.io import status_server
 from meshwg.mesh import demux
 from scenarios import node_commands as nc
 from scenarios.nat import NatType
-from scenarios.services import listening
+from scenarios.netns import wait_for
+from scenarios.runner import create_invite, read_tail, start_signal_server
 from scenarios.topology import Host, Lab
 from signal_server.metrics import parse_text
 
-IFACE = "mesh0"            # every lab host has its own netns and /run/wireguard
+LOG_LINES = 30             # of each log printed after a failed test
 METRICS_PORT = 9300
 _TS = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
@@ -54,14 +55,10 @@ def log_times(path: Path, pattern: str, after: float = 0.0) -> list[float]:
 
 def wait_until(predicate, timeout: float, interval: float = 0.02):
     """Poll until predicate() is truthy; return (value, wall time it became true) or (None, None)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value, time.time()
-        if time.monotonic() > deadline:
-            return None, None
-        time.sleep(interval)
+    try:
+        return wait_for(predicate, timeout, interval), time.time()
+    except TimeoutError:
+        return None, None
 
 
 class Pinger:
@@ -221,7 +218,7 @@ class MeshNode:
         return self.host.router
 
     def start(self, *extra: str) -> None:
-        values = dict(invite=self.mesh.invite, name=self.name, state_dir=self.host.dir / "state", interface=IFACE)
+        values = nc.node_values(self.host, self.mesh.invite)
         with open(self.log, "ab") as log:
             self.started_at = time.time()
             self.proc = self.host.popen(*nc.command("join", **values), *extra, stdout=log, stderr=subprocess.STDOUT)
@@ -234,15 +231,14 @@ class MeshNode:
     def status(self) -> dict | None:
         """The agent's status (None while it does not answer)."""
         try:
-            st = status_server.query(IFACE, {"op": "status"}, run_dir=self.run_dir, timeout=5)
+            st = status_server.query(nc.MESH_IF, {"op": "status"}, run_dir=self.run_dir, timeout=5)
         except (OSError, ValueError):
             return None
         return None if "error" in st else st
 
     def status_cli(self) -> dict:
         """`meshwg status --json`, the command a user runs."""
-        values = dict(state_dir=self.host.dir / "state", interface=IFACE)
-        res = self.host.run_proc(*nc.command("status", **values), timeout=20)
+        res = self.host.run_proc(*nc.command("status", **nc.node_values(self.host)), timeout=20)
         assert res.returncode == 0, res.stderr.decode(errors="replace")
         return json.loads(res.stdout)
 
@@ -266,11 +262,8 @@ class MeshNode:
         times = self.log_times(r"joined as ", after)
         return times[0] if times else None
 
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
+    def log_tail(self) -> str:
+        return read_tail(self.log, LOG_LINES)
 
 
 class MeshLab:
@@ -279,28 +272,15 @@ class MeshLab:
     def __init__(self, lab: Lab):
         self.lab = lab
         self.signal = lab.public_host("signal", extra_addrs=1)
-        self.db = self.signal.dir / "signal.db"
+        self.db = nc.signal_values(self.signal)["db"]
         self.server: subprocess.Popen | None = None
         self.invite: str | None = None
         self.nodes: dict[str, MeshNode] = {}
 
-    def _values(self) -> dict:
-        s = self.signal
-        return dict(db=self.db, signal_ip=s.addr, signal_ip2=s.extra_addrs[0], signal_port=nc.SIGNAL_PORT,
-                    stun_port=nc.STUN_PORT, relay_tcp_port=nc.RELAY_TCP_PORT)
-
     def start_server(self) -> None:
-        argv = nc.command("signal_serve", **self._values()) + ["--metrics", f"{self.signal.addr}:{METRICS_PORT}"]
-        with open(self.signal.dir / "signal.log", "ab") as log:
-            self.server = self.signal.popen(*argv, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while not listening(self.signal, nc.SIGNAL_PORT, "tcp"):
-            assert self.server.poll() is None, f"signal server exited:\n{self.server_log()}"
-            assert time.monotonic() < deadline, f"signal server not listening after 15 s:\n{self.server_log()}"
-            time.sleep(0.05)
+        self.server = start_signal_server(self.signal, "--metrics", f"{self.signal.addr}:{METRICS_PORT}")
         if self.invite is None:
-            out = self.signal.run(*nc.command("invite_create", **self._values()))
-            self.invite = out.strip().splitlines()[-1]
+            self.invite = create_invite(self.signal)
 
     def stop_server(self) -> None:
         if self.server is not None:
@@ -308,10 +288,7 @@ class MeshLab:
             self.server = None
 
     def server_log(self) -> str:
-        try:
-            return (self.signal.dir / "signal.log").read_text(errors="replace")[-3000:]
-        except OSError:
-            return "(no log)"
+        return read_tail(self.signal.dir / "signal.log", LOG_LINES)
 
     def metrics(self) -> dict[str, float]:
         out = self.signal.run("curl", "-sf", "--max-time", "5", f"http://{self.signal.addr}:{METRICS_PORT}/metrics")

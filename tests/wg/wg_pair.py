@@ -15,8 +15,9 @@ A_IP, B_IP = "10.0.0.1", "10.0.0.2"
 WALL = 1_700_000_000.0
 
 
-def ipv4_packet(src: str, dst: str, payload: bytes = b"x" * 64, proto: int = 17) -> bytes:
-    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, proto, 0,
+def ipv4_packet(src: str, dst: str, payload: bytes = b"x" * 64) -> bytes:
+    """A UDP-protocol (17) IPv4 packet with a valid header checksum."""
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, 17, 0,
                          ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
     csum = sum(struct.unpack("!10H", header))
     csum = (csum & 0xFFFF) + (csum >> 16)
