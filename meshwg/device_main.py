@@ -81,10 +81,9 @@ def _stats_interval() -> float:
         return DEFAULT_STATS_INTERVAL
 
 
-def run_device(tun: Tun, listener: UapiListener, *, ready: Callable[[], None] | None = None,
-               listen_port: int = 0) -> str:
+def run_device(tun: Tun, listener: UapiListener, *, ready: Callable[[], None] | None = None) -> str:
     """Serve until stopped; return the reason. Everything is closed and unlinked on the way out."""
-    device = Device(tun, listener, listen_port=listen_port)
+    device = Device(tun, listener)
     # Everything allocated so far lives as long as the process: keep it out of the collector's
     # full passes, which would otherwise walk it and stall the data path for milliseconds.
     gc.collect()

@@ -15,19 +15,18 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
+from meshwg.commands.common import IFACE_RE, human_bytes
 from meshwg.errors import UserError
+from meshwg.io.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = "/etc/wireguard"
-_IFACE_RE = re.compile(r"[a-zA-Z0-9_=+.-]{1,15}")
 
 
 def _resolve_config(arg: str) -> tuple[str, str | None]:
@@ -39,22 +38,22 @@ def _resolve_config(arg: str) -> tuple[str, str | None]:
     if not base.endswith(".conf"):
         raise UserError(f"the config file must be a valid interface name, followed by .conf: {arg}")
     iface = base[:-5]
-    if not _IFACE_RE.fullmatch(iface):
+    if not IFACE_RE.fullmatch(iface):
         raise UserError(f"the config file must be a valid interface name, followed by .conf: {arg}")
     return iface, arg
 
 
 def _is_iface_name(arg: str) -> bool:
-    return "/" not in arg and bool(_IFACE_RE.fullmatch(arg)) and not arg.endswith(".conf")
+    return "/" not in arg and bool(IFACE_RE.fullmatch(arg)) and not arg.endswith(".conf")
 
 
 def _load(path: str):
+    from meshwg.commands.config import read_config_text
     from meshwg.config import wgquick
 
+    text = read_config_text(path)
+    real = os.path.realpath(path)
     try:
-        with open(path) as f:
-            text = f.read()
-        real = os.path.realpath(path)
         # wg-quick's check: others can reach the private key only if both file and directory let them.
         if os.stat(real).st_mode & os.stat(os.path.dirname(real)).st_mode & 0o007:
             _warn(f"`{real}' is world accessible")
@@ -97,7 +96,7 @@ def _netns_id() -> int:
 def _write_state(iface: str, config_path: str) -> None:
     os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
     state = {"interface": iface, "config": os.path.realpath(config_path), "netns": _netns_id(), "pid": os.getpid()}
-    _write_atomic(_state_path(iface), json.dumps(state) + "\n", 0o600)
+    atomic_write(_state_path(iface), (json.dumps(state) + "\n").encode(), 0o600)
 
 
 def _read_state(iface: str) -> dict | None:
@@ -117,35 +116,6 @@ def _remove_state(iface: str) -> None:
             os.unlink(_state_path(iface))
         except FileNotFoundError:
             pass
-
-
-def _write_atomic(path: str, text: str, mode: int) -> None:
-    """Write a file so readers see the old or the new version, never half of one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), mode)
-            try:
-                st = os.stat(path)
-                os.fchown(f.fileno(), st.st_uid, st.st_gid)
-            except OSError:
-                pass
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 # ---------------------------------------------------------------------------------------- up
@@ -241,7 +211,7 @@ def _is_wireguard(iface: str) -> bool:
 
 def _teardown(iface: str, config, *, quiet: bool, hooks: bool, save_path: str | None = None) -> None:
     """wg-quick's cmd_down (hooks=True) or its failed-up trap (hooks=False), in its order."""
-    from meshwg.io import netconfig, uapi_client
+    from meshwg.io import netconfig, uapi_client, uapi_server
 
     itf = config.interface if config is not None else None
     if hooks and itf is not None:
@@ -261,7 +231,7 @@ def _teardown(iface: str, config, *, quiet: bool, hooks: bool, save_path: str | 
     if netconfig.link_exists(iface):
         _quiet(quiet, netconfig.delete_link, iface)
     # The daemon notices the TUN is gone and removes its socket; wait so `down; up` cannot race it.
-    sock = os.path.join("/var/run/wireguard", f"{iface}.sock")
+    sock = uapi_server.socket_path(iface)
     deadline = time.monotonic() + 3
     while os.path.exists(sock) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -343,7 +313,7 @@ def save_config(iface: str, config, path: str) -> None:
         mode = 0o600
     text = wgquick.format_config(running_config(iface, config))
     try:
-        _write_atomic(real, text, mode)
+        atomic_write(real, text.encode(), mode)
     except OSError as err:
         raise UserError(f"could not write configuration file {real}: {err.strerror}") from None
 
@@ -393,14 +363,6 @@ def _device_json(iface: str) -> dict:
     return out
 
 
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.2f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
-
-
 def _ago(sec: int) -> str:
     delta = max(0, int(time.time()) - sec)
     parts = []
@@ -428,7 +390,7 @@ def _print_device(dev: dict) -> None:
         if p["latest_handshake"]:
             print(f"  latest handshake: {_ago(p['latest_handshake'])}")
         if p["rx_bytes"] or p["tx_bytes"]:
-            print(f"  transfer: {_human_bytes(p['rx_bytes'])} received, {_human_bytes(p['tx_bytes'])} sent")
+            print(f"  transfer: {human_bytes(p['rx_bytes'])} received, {human_bytes(p['tx_bytes'])} sent")
         if p["persistent_keepalive"]:
             print(f"  persistent keepalive: every {p['persistent_keepalive']} seconds")
 

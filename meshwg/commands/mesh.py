@@ -11,21 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 import time
 
+from meshwg.commands.common import IFACE_RE, human_bytes
 from meshwg.errors import UserError
 
 DEFAULT_STATE_DIR = "/var/lib/meshwg"
 DEFAULT_IFACE = "meshwg0"
-_IFACE_RE = re.compile(r"[a-zA-Z0-9_=+.-]{1,15}")
 
 log = logging.getLogger("meshwg.join")
 
 
 def _iface(text: str) -> str:
-    if not _IFACE_RE.fullmatch(text):
+    if not IFACE_RE.fullmatch(text):
         raise argparse.ArgumentTypeError(f"bad interface name {text!r} (1-15 of a-z A-Z 0-9 _=+.-)")
     return text
 
@@ -88,14 +87,6 @@ def _ago(seconds) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m ago"
 
 
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def format_status(st: dict) -> str:
     lines = [f"{st['interface']}: {st['name']}  {', '.join(st['addresses']) or '(no address yet)'}  "
              f"port {st['listen_port']}",
@@ -112,8 +103,8 @@ def format_status(st: dict) -> str:
             path = f"relay ({p['relay_reason']})" if p.get("relay_reason") else "relay"
         lines.append(f"  peer {p['name']}  {', '.join(p['addresses'])}{'' if p.get('online') else '  (offline)'}")
         lines.append(f"    path: {path}")
-        lines.append(f"    handshake: {_ago(p['last_handshake_ago'])}  transfer: {_bytes(p['rx_bytes'])} received, "
-                     f"{_bytes(p['tx_bytes'])} sent")
+        lines.append(f"    handshake: {_ago(p['last_handshake_ago'])}  "
+                     f"transfer: {human_bytes(p['rx_bytes'])} received, {human_bytes(p['tx_bytes'])} sent")
     return "\n".join(lines)
 
 

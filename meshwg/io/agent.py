@@ -22,7 +22,7 @@ import time
 import trio
 
 from meshwg.control import ControlClient, JoinRefusedError, ServerKeyMismatch, events as CE
-from meshwg.control.invite import Invite
+from meshwg.control.invite import Invite, join_hostport
 from meshwg.disco import netcheck as NC
 from meshwg.io import agent_state as S
 from meshwg.io import status_server
@@ -39,19 +39,18 @@ PUNCH_RELAYED_INTERVAL = 30.0   # while a peer is active and still relayed, ask 
 PUNCH_GLOBAL_RATE = 20.0        # punch requests per second, all peers
 CACHE_MIN_INTERVAL = 2.0
 RECONNECT_BACKOFF_MAX = 8.0     # a returning server sees its nodes back within seconds
-EIM, EDM = "endpoint-independent", "endpoint-dependent"
-NAT_KIND = {EIM: "stun-eim", EDM: "stun-edm"}  # our NAT kind rides on the STUN candidate's kind
+NAT_KIND = {NC.EIM: "stun-eim", NC.EDM: "stun-edm"}  # our NAT kind rides on the STUN candidate's kind
 
 
 class AgentError(Exception):
     pass
 
 
-def _host_cidr(addr: str, bits_v4: int = 32, bits_v6: int = 128) -> str | None:
+def _host_cidr(addr: str) -> str | None:
     if not addr:
         return None
     ip = ipaddress.ip_address(addr.split("/")[0])
-    return f"{ip}/{bits_v4 if ip.version == 4 else bits_v6}"
+    return f"{ip}/{ip.max_prefixlen}"
 
 
 def peer_spec(p) -> PeerSpec:
@@ -67,9 +66,9 @@ def peer_spec(p) -> PeerSpec:
         else:
             cands.append((ip, port))
         if kind == "stun-edm":
-            nat = EDM
+            nat = NC.EDM
         elif kind == "stun-eim" and nat is None:
-            nat = EIM
+            nat = NC.EIM
     return PeerSpec.make(p.key, p.name, addrs, cands, observed, nat)
 
 
@@ -98,9 +97,8 @@ def _welcome_from_json(d: dict):
 
 
 def _fmt_addr(a) -> str | None:
-    if isinstance(a, tuple) and len(a) == 2:
-        return f"[{a[0]}]:{a[1]}" if ":" in str(a[0]) else f"{a[0]}:{a[1]}"
-    return None
+    """An (ip, port) endpoint as text; None for anything else (a relay endpoint, no endpoint)."""
+    return join_hostport(str(a[0]), a[1]) if isinstance(a, tuple) and len(a) == 2 else None
 
 
 class Agent:
@@ -117,6 +115,7 @@ class Agent:
         self.client: ControlClient | None = None
         self.welcome = None
         self.directory: dict[bytes, object] = {}
+        self._specs: dict[bytes, PeerSpec] = {}  # peer_spec() of each directory entry, kept in step
         self.connected = False
         self.fatal: str | None = None
         self.started_wall = time.time()
@@ -216,17 +215,17 @@ class Agent:
             elif isinstance(ev, CE.PeerChanged):
                 old = self.directory.get(ev.peer.key)
                 self.directory[ev.peer.key] = ev.peer
-                await self._apply_directory()
+                await self._apply_directory(ev.peer.key)
                 came_online = old is not None and not old.online
                 if ev.peer.online and ev.peer.candidates and (
                         old is None or came_online or old.candidates != ev.peer.candidates):
                     self._pending_punch.add(ev.peer.key)
             elif isinstance(ev, CE.PeerRemoved):
                 self.directory.pop(ev.key, None)
-                await self._apply_directory()
+                await self._apply_directory(ev.key)
             elif isinstance(ev, CE.PunchNotice):
                 self.directory[ev.peer.key] = ev.peer  # the freshest candidates the server has
-                await self._apply_directory()
+                await self._apply_directory(ev.peer.key)
                 self.dev.node.punch(ev.peer.key, time.monotonic())
                 self._last_punch[ev.peer.key] = time.monotonic()
                 await self.dev.driver.flush()
@@ -251,9 +250,16 @@ class Agent:
             log.info("joined as %s: %s", w.name, ", ".join(addrs))
             self._cache_dirty.set()
 
-    async def _apply_directory(self) -> None:
-        desired = {k: peer_spec(p) for k, p in self.directory.items()}
-        self.dev.node.apply_netmap(desired, time.monotonic())
+    async def _apply_directory(self, changed: bytes | None = None) -> None:
+        """Hand the directory to the node. `changed`: the one key just set or removed, so only its spec
+        is rebuilt (one event must not cost O(peers) spec parsing); None: the whole directory is new."""
+        if changed is None:
+            self._specs = {k: peer_spec(p) for k, p in self.directory.items()}
+        elif changed in self.directory:
+            self._specs[changed] = peer_spec(self.directory[changed])
+        else:
+            self._specs.pop(changed, None)
+        self.dev.node.apply_netmap(self._specs, time.monotonic())
         await self.dev.driver.flush()
         self._cache_dirty.set()
 
@@ -405,8 +411,3 @@ class Agent:
                "summary": rep.summary() if rep else "no STUN answer yet",
                "relay": relay, "relay_latency_ms": relay["latency_ms"]}
         return out
-
-
-async def run_agent(invite: Invite, **kwargs) -> None:
-    agent = Agent(invite, **kwargs)
-    await agent.run()

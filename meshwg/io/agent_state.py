@@ -6,27 +6,14 @@ it holds the last welcome (addresses, STUN/relay servers) and the last directory
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 
 from meshwg.config import keys
+from meshwg.io.fsutil import atomic_write
 
 KEY_FILE = "private.key"
 CACHE_FILE = "netmap.json"
-
-
-def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Write to a temp file with `mode` from the start, fsync, rename: a crash leaves old or new."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)  # an existing leftover temp file keeps its old mode otherwise
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def ensure_dir(state_dir: str) -> None:
@@ -47,10 +34,6 @@ def load_or_create_key(state_dir: str, random_bytes=os.urandom) -> bytes:
         os.chmod(path, 0o600)  # tighten rather than refuse: the key is ours
     with open(path) as f:
         return keys.key_from_base64(f.read().strip())
-
-
-def _b64(b: bytes) -> str:
-    return base64.b64encode(b).decode()
 
 
 def save_cache(state_dir: str, welcome: dict, peers: list[dict], **extra) -> None:

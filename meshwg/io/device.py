@@ -38,13 +38,16 @@ def new_core(tun: Tun, private_key: bytes | None = None) -> WireGuardCore:
 
 class Device:
     def __init__(self, tun: Tun, listener: uapi_server.UapiListener | None, *, listen_port: int = 0,
-                 core: WireGuardCore | None = None):
+                 core: WireGuardCore | None = None, driven=None):
+        """UAPI always works on `core`; the driver drives `driven` (default: the core), e.g. a
+        mesh node wrapping it. The socket filter gets the core's index tag either way."""
         self.tun = tun
         self.listener = listener
         self.core = core or new_core(tun)
         self.udp = UdpBind()
         self.udp.open(listen_port)
-        self.driver = Driver(self.core, tun, self.udp, clock=time.monotonic, index_tag=self.core.index_tag)
+        self.driver = Driver(self.core if driven is None else driven, tun, self.udp, clock=time.monotonic,
+                             index_tag=self.core.index_tag)
         self.stopped = trio.Event()
         self.stop_reason: str | None = None
         self._cancel = trio.CancelScope()
@@ -68,8 +71,7 @@ class Device:
 
     async def _watch_driver(self) -> None:
         # The driver stops on its own only when the TUN goes away (`ip link del`).
-        while self.driver.stopped_reason is None:
-            await trio.sleep(0.2)
+        await self.driver.stopped.wait()
         log.info("%s: %s", self.name, self.driver.stopped_reason)
 
     def stop(self, reason: str) -> None:
@@ -125,10 +127,7 @@ class Device:
         core = self.core
         now = time.monotonic()
         if request.private_key is not None:
-            key = nonzero(request.private_key)
-            # Re-setting the same key must not drop sessions (wg setconf re-sends it every time).
-            if key is None or core.private_key is None or key != core.private_key:
-                core.set_private_key(key)
+            core.set_private_key(nonzero(request.private_key))  # the same key again changes nothing
         if request.listen_port is not None or request.fwmark is not None:
             port = self.udp.port if request.listen_port is None else request.listen_port
             await self.driver.rebind(port, request.fwmark)

@@ -14,6 +14,9 @@ deadline: a task sleeps until
 `core.get_timer()` is O(peers), so the hot loop does not call it: every deadline the data path can
 create lies at least 1 s ahead (keepalive 10 s, rekey 5 s, persistent keepalive >= 1 s), so the
 timer task simply never sleeps longer than TIMER_MAX_SLEEP and re-reads the deadline on waking.
+(One exception on the mesh node: a handshake re-send deferred to its 0.25 s rate floor after a
+path change or relayed disco message then leaves on that wake-up, up to TIMER_MAX_SLEEP late.)
+Per-packet callers outside the loop (the relay's TCP reader) use `flush_io()` for the same reason.
 
 Control code (the UAPI server, the mesh layer) mutates the core directly from another task of the
 same trio run (no locks needed: trio is single-threaded), then calls `await driver.flush()` so new
@@ -78,11 +81,6 @@ def _trio_epoll_fd() -> int | None:
         return None
 
 
-def is_wireguard_datagram(data: bytes) -> bool:
-    """WireGuard message types 1-4 carry three reserved zero bytes after the type."""
-    return len(data) >= 4 and 1 <= data[0] <= 4 and data[1:4] == b"\0\0\0"
-
-
 class Driver:
     def __init__(self, core, tun: Tun, udp: UdpBind, *, clock: Callable[[], float] = time.monotonic,
                  batch: int = DEFAULT_BATCH, index_tag: int | None = None):
@@ -99,6 +97,7 @@ class Driver:
         self.on_event: Callable[[object], None] | None = None
         self.stats: Counter = Counter()
         self.stopped_reason: str | None = None
+        self.stopped = trio.Event()  # set by stop(): the owner waits on it instead of polling
         self._timer_scope = trio.CancelScope()
         self._timer_deadline = math.inf
         self._nursery: trio.Nursery | None = None
@@ -107,6 +106,7 @@ class Driver:
         self._udp_by_fd: dict[int, tuple] = {}  # fd -> (socket, is_ipv6)
         # Same fds plus trio's own epoll fd: the idle fast path blocks on it directly.
         self._block_epoll: select.epoll | None = None
+        self._trio_fd: int | None = None
         self.idle_fast_path = True
         self._gso_ok: dict[int, bool] = {}
 
@@ -114,10 +114,10 @@ class Driver:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled or the TUN disappears. Does not close the shells (their owner does)."""
         self._epoll = select.epoll()
-        trio_fd = _trio_epoll_fd() if self.idle_fast_path else None
-        if trio_fd is not None:
+        self._trio_fd = _trio_epoll_fd() if self.idle_fast_path else None
+        if self._trio_fd is not None:
             self._block_epoll = select.epoll()
-            self._block_epoll.register(trio_fd, select.EPOLLIN)
+            self._block_epoll.register(self._trio_fd, select.EPOLLIN)
         try:
             for ep in (self._epoll, self._block_epoll):
                 if ep is not None:
@@ -136,10 +136,12 @@ class Driver:
             if self._block_epoll is not None:
                 self._block_epoll.close()
                 self._block_epoll = None
+            self._trio_fd = None
 
     def stop(self, reason: str = "stopped") -> None:
         if self.stopped_reason is None:
             self.stopped_reason = reason
+        self.stopped.set()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
@@ -163,18 +165,20 @@ class Driver:
     async def flush(self) -> None:
         """For control code: send/write everything the core produced; re-arm the timer if its
         deadline moved earlier."""
-        await self._flush_io()
+        await self.flush_io()
         if self.core.get_timer() < self._timer_deadline:
             self._timer_scope.cancel()
 
-    async def _flush_io(self) -> None:
+    async def flush_io(self) -> None:
+        """flush() without the timer re-arm (O(peers)): for per-packet callers, whose deadlines
+        the timer task picks up on its own (see the module docstring)."""
         core = self.core
         datagrams = core.datagrams_to_send()
         if datagrams:
             start = self._send_datagrams(datagrams, 0)
             while start < len(datagrams):
                 # Socket buffer full: wait for room rather than drop (TCP inside would see loss).
-                sock = self._socket_for(datagrams[start][1])
+                sock = self.udp.socket_for(datagrams[start][1][0])
                 try:
                     await trio.lowlevel.wait_writable(sock)
                 except trio.ClosedResourceError:
@@ -190,9 +194,6 @@ class Driver:
         if events and self.on_event is not None:
             for event in events:
                 self.on_event(event)
-
-    def _socket_for(self, addr):
-        return self.udp.v6 if ":" in addr[0] else self.udp.v4
 
     def _send_datagrams(self, datagrams: list, start: int) -> int:
         """Send from index `start`; return the index of the first datagram that would block.
@@ -237,7 +238,6 @@ class Driver:
                 else:
                     sock.sendmsg([d for d, _ in datagrams[i:j]],
                                  [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))], 0, addr)
-                    self.stats["gso_sends"] += 1
             except BlockingIOError:
                 return i
             except OSError as err:
@@ -254,7 +254,7 @@ class Driver:
 
     def send_raw(self, data: bytes, addr: tuple) -> bool:
         """Send a non-WireGuard datagram from the shared socket. False if dropped."""
-        sock = self._socket_for(addr)
+        sock = self.udp.socket_for(addr[0])
         if sock is None:
             return False
         try:
@@ -308,7 +308,7 @@ class Driver:
         statistics = trio.lowlevel.current_statistics
         wait_all_tasks_blocked = trio.testing.wait_all_tasks_blocked
         block_epoll = self._block_epoll
-        trio_fd = _trio_epoll_fd() if block_epoll is not None else None
+        trio_fd = self._trio_fd
         task_status.started()
         since_yield = 0
         while True:
@@ -363,7 +363,7 @@ class Driver:
                                 receive(data, addr, now)
                             else:
                                 other(data, addr)
-                    await self._flush_io()
+                    await self.flush_io()
             if tun_ready:
                 try:
                     packets = tun.read_batch(batch)
@@ -375,7 +375,7 @@ class Driver:
                     now = clock()
                     for pkt in packets:
                         send_ip_packet(pkt, now)
-                    await self._flush_io()
+                    await self.flush_io()
             if not got:
                 # Ready but nothing to read (an error event consumed, a race): do not spin.
                 since_yield = 0
@@ -404,4 +404,4 @@ class Driver:
             self._timer_deadline = -math.inf
             if fired:
                 core.handle_timer(clock())
-                await self._flush_io()
+                await self.flush_io()

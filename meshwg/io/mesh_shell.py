@@ -26,7 +26,6 @@ import trio
 from meshwg.control import relay_wire as W
 from meshwg.io import uapi_server
 from meshwg.io.device import Device, new_core
-from meshwg.io.driver import Driver
 from meshwg.io.relay_shell import RelayShell
 from meshwg.io.tun import Tun
 from meshwg.io.udp import recv_batch
@@ -142,7 +141,6 @@ class MeshDevice:
 
     def __init__(self, iface: str, private_key: bytes, *, listen_port: int = 0, uapi_dir: str = uapi_server.RUN_DIR,
                  on_local_endpoints=None):
-        self.iface = iface
         self.tun = Tun.open(iface)
         try:
             self.listener = uapi_server.UapiListener(self.tun.name, uapi_dir)
@@ -151,29 +149,30 @@ class MeshDevice:
             raise
         self.core = new_core(self.tun, private_key)
         try:
+            self.node = N.MeshNode(self.core, private_key, os.urandom, wall_offset=self.core.wall_offset)
+            # The Device serves UAPI on the core; its driver runs the node.
             try:
-                self.device = Device(self.tun, self.listener, listen_port=listen_port, core=self.core)
+                self.device = Device(self.tun, self.listener, listen_port=listen_port, core=self.core,
+                                     driven=self.node)
             except OSError:
                 if not listen_port:
                     raise
-                self.device = Device(self.tun, self.listener, listen_port=0, core=self.core)
+                self.device = Device(self.tun, self.listener, listen_port=0, core=self.core, driven=self.node)
         except BaseException:
             self.listener.close()
             self.tun.close()
             raise
-        self.node = N.MeshNode(self.core, private_key, os.urandom, wall_offset=self.core.wall_offset)
-        self.driver = Driver(self.node, self.tun, self.device.udp, clock=time.monotonic, index_tag=self.core.index_tag)
-        self.device.driver = self.driver  # the Device serves UAPI on the core; its driver runs the node
+        self.driver = self.device.driver
         self.driver.on_other_datagram = self._on_other_datagram
         self.driver.endpoint_sender = self._send_to_endpoint
         self.driver.on_event = self._on_event
+        # flush_io, not flush: after_rx runs once per TCP-relayed packet (see meshwg.io.driver).
         self.relay = RelayShell(private_key, udp_send=self.driver.send_raw, deliver=self._deliver_relayed,
-                                after_rx=self.driver.flush)
+                                after_rx=self.driver.flush_io)
         self.birthday = BirthdaySockets()
         self.on_local_endpoints = on_local_endpoints
         self._routes_send, self._routes_recv = trio.open_memory_channel(ROUTE_QUEUE)
         self._routes: set[str] = set()
-        self.path_log: list = []   # recent PathChanged (for status), bounded
         self.addresses: list[str] = []
         self._closed = False
 
@@ -215,8 +214,6 @@ class MeshDevice:
             log.info("peer %s: path -> %s (%s)", ev.peer_key[:4].hex(), ev.endpoint, ev.reason)
             if isinstance(ev.endpoint, N.RelayEndpoint):
                 self.relay.refresh()
-            self.path_log.append((time.time(), ev))
-            del self.path_log[:-64]
         elif isinstance(ev, N.LocalEndpointsChanged):
             if self.on_local_endpoints is not None:
                 self.on_local_endpoints(ev)
@@ -257,7 +254,7 @@ class MeshDevice:
             await trio.lowlevel.wait_readable(self.birthday.ep.fileno())
             for i, sock in self.birthday.ready():
                 try:
-                    datagrams = recv_batch(sock, 64)
+                    datagrams = recv_batch(sock, 64, False)  # birthday sockets are IPv4
                 except OSError:
                     continue
                 now = time.monotonic()

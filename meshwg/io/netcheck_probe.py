@@ -1,8 +1,6 @@
 """Trio shell of the RFC 5780 NAT probe (meshwg.disco.netcheck.NatProbe): two fresh UDP sockets, one server.
 
-Used by `meshwg netcheck` (standalone, or next to a running agent whose report lacks filtering) and by
-the agent itself if it wants filtering in its own netcheck:
-    await netcheck_probe.add_probe(out, node.stun_servers)
+Used by `meshwg netcheck` (standalone, or next to a running agent whose report lacks filtering).
 Fresh sockets, not the agent's shared one: the filtering tests must run from a socket that never
 talked to the server's other address, and NAT filtering is a property of the NAT, not of one socket.
 """
@@ -145,9 +143,3 @@ def merge(report: dict, nat: dict) -> dict:
         report["reflexive"] = nat["reflexive"]
     report["udp"] = bool(report.get("udp")) or nat["udp"]
     return report
-
-
-async def add_probe(report: dict, stun_servers, *, timeout: float = DEFAULT_TIMEOUT) -> dict:
-    """The agent hook: probe the server's STUN addresses and merge the verdicts into report."""
-    nat = await probe_servers(stun_servers, timeout=timeout)
-    return report if nat is None else merge(report, nat)

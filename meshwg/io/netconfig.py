@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
@@ -257,8 +256,3 @@ def sorted_prefixes(prefixes: Iterable) -> list[str]:
     """Most specific first, as wg-quick orders routes."""
     nets = {ipaddress.ip_network(str(p), strict=False) for p in prefixes}
     return [str(n) for n in sorted(nets, key=lambda n: (-n.prefixlen, n.version, n))]
-
-
-def ensure_run_dir(path: str = "/var/run/wireguard") -> None:
-    os.makedirs(path, mode=0o755, exist_ok=True)
-    os.chmod(path, 0o755)

@@ -18,6 +18,7 @@ from collections import Counter, deque
 import trio
 
 from meshwg.control import relay_wire as W
+from meshwg.control.invite import join_hostport
 from meshwg.control.relay_client import RelaySession, open_tcp_relay
 
 log = logging.getLogger("meshwg.relay")
@@ -103,11 +104,11 @@ class RelayShell:
         return (self.session is not None and self.session.is_ready(now)) or self.tcp is not None
 
     def status(self) -> dict:
-        return {"mode": self.mode, "udp": [f"{h}:{p}" for h, p in self.udp_addrs],
-                "tcp": [f"{h}:{p}" for h, p in self.tcp_addrs],
+        return {"mode": self.mode, "udp": [join_hostport(h, p) for h, p in self.udp_addrs],
+                "tcp": [join_hostport(h, p) for h, p in self.tcp_addrs],
                 "latency_ms": None if self.latency is None else round(self.latency * 1000, 2),
                 "tcp_latency_ms": None if self.tcp_latency is None else round(self.tcp_latency * 1000, 2),
-                "observed": None if self.observed is None else f"{self.observed[0]}:{self.observed[1]}",
+                "observed": None if self.observed is None else join_hostport(*self.observed),
                 "counters": dict(self.counters)}
 
     # ---- data path (sync, non-blocking) ------------------------------------------------------

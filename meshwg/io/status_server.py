@@ -14,11 +14,11 @@ import socket
 
 import trio
 
+from meshwg.io.uapi_server import RUN_DIR  # next to the UAPI socket
 from meshwg.io.unix_listener import UnixListener, serve_connections
 
 log = logging.getLogger("meshwg.status")
 
-RUN_DIR = "/var/run/wireguard"
 MAX_REQUEST = 4096
 
 

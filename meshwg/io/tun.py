@@ -32,8 +32,6 @@ class Tun:
     def __init__(self, fd: int, name: str):
         self.fd = fd
         self.name = name
-        self.rx_packets = 0
-        self.tx_packets = 0
         self.write_drops = 0
 
     @classmethod
@@ -92,7 +90,6 @@ class Tun:
                     raise TunClosed(str(err)) from err
             else:
                 raise
-        self.rx_packets += len(out)
         return out
 
     def write_batch(self, packets: list[bytes]) -> None:
@@ -109,7 +106,6 @@ class Tun:
                 if err.errno in (errno.EBADFD, errno.EIO, errno.ENODEV, errno.EBADF):
                     raise TunClosed(str(err)) from err
                 self.write_drops += 1
-        self.tx_packets += len(packets)
 
     def close(self) -> None:
         if self.fd >= 0:

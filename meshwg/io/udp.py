@@ -86,7 +86,6 @@ class UdpBind:
         self.v6: socket.socket | None = None
         self.port = 0
         self.fwmark = 0
-        self.send_errors = 0
         self._retired_drops = 0  # kernel drops of sockets replaced or closed
 
     @property

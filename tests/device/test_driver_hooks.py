@@ -7,6 +7,7 @@ import socket
 
 import trio
 
+from meshwg.io.device import Device
 from meshwg.io.driver import Driver
 from meshwg.io.tun import Tun
 from meshwg.io.udp import UdpBind
@@ -129,6 +130,24 @@ async def test_driver_stops_when_tun_disappears():
                 await nursery.start(driver.run)
                 test_side.close()  # reads now hit end of file: the driver stops by itself
         assert driver.stopped_reason == "tun closed"
+        assert driver.stopped.is_set()
     finally:
         udp.close()
         tun_side.close()
+
+
+async def test_device_drives_what_it_is_given_and_serves_the_core():
+    """A mesh device hands Device its node: one driver, on the node, with the core's index tag."""
+    tun_side, test_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    node = FakeCore(("127.0.0.1", 9))
+    device = Device(Tun.from_fd(tun_side.fileno(), "fake2"), None, driven=node)
+    plain = Device(Tun.from_fd(test_side.fileno(), "fake3"), None)
+    try:
+        assert device.driver.core is node and device.core is not node
+        assert device.driver.index_tag == device.core.index_tag
+        assert plain.driver.core is plain.core
+    finally:
+        device.udp.close()
+        plain.udp.close()
+        tun_side.close()
+        test_side.close()

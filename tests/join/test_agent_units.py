@@ -6,10 +6,12 @@ import ipaddress
 import os
 import stat
 
+from meshwg.control import events as CE
 from meshwg.control.client import PeerInfo
 from meshwg.commands.mesh import format_status
+from meshwg.disco.netcheck import EDM, EIM
 from meshwg.io import agent_state as S
-from meshwg.io.agent import EDM, EIM, peer_spec
+from meshwg.io.agent import Agent, peer_spec
 
 
 def test_key_created_0600_and_reloaded(tmp_path):
@@ -66,3 +68,74 @@ def test_status_text_names_path_and_reason():
     text = format_status(st)
     assert "DISCONNECTED" in text and "relay (symmetric NAT on both sides)" in text
     assert "direct 198.51.100.9:5, 2.50 ms" in text and "(offline)" in text and "3s ago" in text
+
+
+async def test_directory_events_hand_the_node_every_peers_spec():
+    """Specs are kept per event, not rebuilt: the node must still get exactly what a full rebuild gives."""
+    def info(n: int, cand_port: int = 4000) -> PeerInfo:
+        return PeerInfo(bytes([n]) * 32, n, f"p{n}", f"100.64.0.{n}", f"fd00::{n}",
+                        ((f"192.168.1.{n}", cand_port, "local"), (f"198.51.100.{n}", cand_port, "stun-eim")), True)
+
+    class Events:
+        def __init__(self, evs):
+            self.evs = evs
+
+        def __aiter__(self):
+            return self._gen()
+
+        async def _gen(self):
+            for ev in self.evs:
+                yield ev
+
+    agent = Agent(None, name=None, state_dir="/nonexistent", iface="unused0")
+    applied = []
+
+    class Node:
+        def apply_netmap(self, desired, now):
+            full = {k: peer_spec(p) for k, p in agent.directory.items()}
+            applied.append((list(desired.items()), list(full.items())))
+
+        def punch(self, key, now):
+            pass
+
+    class Driver:
+        async def flush(self):
+            pass
+
+    class Dev:
+        node, driver = Node(), Driver()
+
+    class Client:
+        events = Events([
+            CE.DirectoryReset({info(n).key: info(n) for n in (1, 2, 3)}),
+            CE.PeerChanged(info(4)),                     # new
+            CE.PeerChanged(info(2, cand_port=5000)),     # changed in place
+            CE.PeerRemoved(info(1).key),
+            CE.PeerRemoved(bytes(32)),                   # unknown: nothing to drop
+            CE.PunchNotice(info(3, cand_port=6000), "initiator"),
+            CE.PeerChanged(info(1)),                     # back, at the end
+            CE.DirectoryReset({info(n).key: info(n) for n in (5, 2)}),
+            CE.PeerChanged(info(6)),
+        ])
+
+    agent.dev, agent.client = Dev(), Client()
+    await agent._events_task()
+    assert len(applied) == 9
+    for got, want in applied:
+        assert got == want
+    assert [k[0] for k, _ in applied[-1][0]] == [5, 2, 6]
+
+
+def test_status_addresses_bracket_ipv6():
+    from meshwg.io.agent import _fmt_addr
+    from meshwg.io.relay_shell import RelayShell
+
+    assert _fmt_addr(("2001:db8::5", 4000)) == "[2001:db8::5]:4000"
+    assert _fmt_addr(("198.51.100.7", 4000)) == "198.51.100.7:4000"
+    assert _fmt_addr(None) is None and _fmt_addr("relay") is None
+    relay = RelayShell(bytes(32), udp_send=None, deliver=None, after_rx=None)
+    relay.udp_addrs, relay.tcp_addrs = (("fd00::1", 3478), ("192.0.2.1", 3478)), (("fd00::1", 443),)
+    relay.observed = ("2001:db8::5", 4000)
+    st = relay.status()
+    assert st["udp"] == ["[fd00::1]:3478", "192.0.2.1:3478"] and st["tcp"] == ["[fd00::1]:443"]
+    assert st["observed"] == "[2001:db8::5]:4000"
