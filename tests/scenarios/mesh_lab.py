@@ -341,6 +341,17 @@ def paths(x: MeshNode, y: MeshNode) -> tuple:
     return (px and px["path"], py and py["path"])
 
 
+def tunnel_report(x: MeshNode, y: MeshNode) -> str:
+    """The WireGuard side of a pair for failure messages: handshakes, bytes, and each node's drops."""
+    parts = []
+    for a, b in ((x, y), (y, x)):
+        st = a.status() or {}
+        p = a.peer(b.name, st) or {}
+        parts.append(f"{a.name}->{b.name}: path {p.get('path')} last handshake {p.get('last_handshake_ago')} s ago, "
+                     f"rx {p.get('rx_bytes')} tx {p.get('tx_bytes')}; {a.name} drops {st.get('drops')}")
+    return "; ".join(parts)
+
+
 @pytest.fixture(autouse=True)
 def logs_on_failure(request, mesh):
     """Print every node's and the server's log after a failed test (modules import this fixture)."""

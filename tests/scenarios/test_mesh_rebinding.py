@@ -34,6 +34,7 @@ from mesh_lab import (  # noqa: F401 (logs_on_failure is an autouse fixture)
     paths,
     read_pcap,
     relayed_kind,
+    tunnel_report,
     wait_until,
 )
 
@@ -366,4 +367,5 @@ def test_lan_peers_behind_one_nat_go_direct_over_their_lan_addresses(mesh, hairp
     for p in (p1, p2):
         assert p["path"] == "direct" and p["relay_reason"] is None, p
     assert own_lan(l1, l2) and own_lan(l2, l1), f"left the LAN path: {endpoint(l1, l2)}, {endpoint(l2, l1)}"
-    assert l1.ping(ip_l2, count=10, interval=0.05), f"pings {n1} -> {n2} lost over the LAN path"
+    assert l1.ping(ip_l2, count=10, interval=0.05), \
+        f"pings {n1} -> {n2} lost over the LAN path: {tunnel_report(l1, l2)}"
