@@ -12,6 +12,8 @@ import os
 import socket
 import struct
 
+from meshwg.io.fastio import fastio
+
 TUNSETIFF = 0x400454CA
 SIOCGIFMTU = 0x8921
 SIOCSIFMTU = 0x8922
@@ -20,6 +22,8 @@ IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 # A read larger than any IP packet the kernel can hand us through a TUN with MTU <= 65535.
 READ_SIZE = 65535
+# EBADFD / EIO after the link is deleted, or the fd closed: the device is gone.
+_DEVICE_GONE = (errno.EBADFD, errno.EIO, errno.ENODEV, errno.EBADF)
 
 
 class TunClosed(Exception):
@@ -69,6 +73,15 @@ class Tun:
 
     def read_batch(self, limit: int) -> list[bytes]:
         """Up to `limit` packets; an empty list means the fd would block."""
+        if fastio is not None:
+            try:
+                return fastio.read_packets(self.fd, limit)
+            except EOFError as err:
+                raise TunClosed("end of file") from err
+            except OSError as err:
+                if err.errno in _DEVICE_GONE:
+                    raise TunClosed(str(err)) from err
+                raise
         out: list[bytes] = []
         read = os.read
         fd = self.fd
@@ -85,7 +98,7 @@ class Tun:
             pass
         except OSError as err:
             # EBADFD / EIO after the link is deleted: the device is gone.
-            if err.errno in (errno.EBADFD, errno.EIO, errno.ENODEV, errno.EBADF):
+            if err.errno in _DEVICE_GONE:
                 if not out:
                     raise TunClosed(str(err)) from err
             else:
@@ -94,6 +107,12 @@ class Tun:
 
     def write_batch(self, packets: list[bytes]) -> None:
         """Write every packet; a TUN write that would block is dropped (the kernel queue is full)."""
+        if fastio is not None:
+            try:
+                self.write_drops += fastio.write_packets(self.fd, packets)
+            except OSError as err:  # only errors that mean the device is gone
+                raise TunClosed(str(err)) from err
+            return
         write = os.write
         fd = self.fd
         for pkt in packets:
@@ -103,7 +122,7 @@ class Tun:
                 self.write_drops += 1
             except OSError as err:
                 # EINVAL: the core handed us a malformed packet; the kernel refuses it. Count, go on.
-                if err.errno in (errno.EBADFD, errno.EIO, errno.ENODEV, errno.EBADF):
+                if err.errno in _DEVICE_GONE:
                     raise TunClosed(str(err)) from err
                 self.write_drops += 1
 

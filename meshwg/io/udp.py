@@ -12,6 +12,8 @@ import os
 import socket
 import sys
 
+from meshwg.io.fastio import fastio
+
 SO_MARK = getattr(socket, "SO_MARK", 36)
 # Linux UDP offloads (not named by Python 3.11's socket module). GSO: one sendmsg carries up to
 # GSO_MAX_SEGMENTS equal-sized datagrams; GRO: one recvmsg returns several, with their size in a cmsg.
@@ -161,6 +163,8 @@ def recv_batch(sock: socket.socket, limit: int, v6: bool | None = None) -> list[
     """Up to `limit` datagrams as (data, (host, port)); empty when the socket would block. On a socket
     with UDP_GRO on, a coalesced read is split back into its datagrams (equal-sized segments, the last
     one possibly shorter). `v6` saves the (slow, enum-building) `sock.family` lookup on the hot path."""
+    if fastio is not None:
+        return fastio.recv_datagrams(sock.fileno(), limit)
     out: list[tuple[bytes, tuple]] = []
     recvmsg = sock.recvmsg
     if v6 is None:

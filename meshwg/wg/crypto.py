@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac as _hmac
+import os
 import struct
 
 import nacl.bindings
@@ -19,12 +20,13 @@ from .constants import KEY_LEN
 __all__ = [
     "InvalidKey", "InvalidTag", "hash", "mac", "hmac", "kdf1", "kdf2", "kdf3", "dh", "dh_pub", "clamp",
     "aead_encrypt", "aead_decrypt", "new_aead", "aead_nonce", "xaead_encrypt", "xaead_decrypt", "tai64n",
-    "ZERO_KEY", "ZERO_NONCE_PREFIX",
+    "ZERO_KEY", "ZERO_NONCE_PREFIX", "transport_seal", "transport_open", "TRANSPORT_BACKEND",
 ]
 
 ZERO_KEY = bytes(KEY_LEN)
 ZERO_NONCE_PREFIX = b"\x00\x00\x00\x00"  # the AEAD nonce is 32 zero bits then the LE64 counter
 _NONCE = struct.Struct("<4xQ")
+_COUNTER = struct.Struct("<Q")
 _blake2s = hashlib.blake2s
 
 
@@ -109,6 +111,39 @@ def aead_decrypt(key: bytes, counter: int, ciphertext: bytes, aad: bytes) -> byt
         return ChaCha20Poly1305(key).decrypt(_NONCE.pack(counter), ciphertext, aad)
     except InvalidTag:
         return None
+
+
+def _seal_with_cryptography(key: bytes, header_prefix: bytes, counter: int, packet: bytes, padded_len: int) -> bytes:
+    counter_bytes = _COUNTER.pack(counter)
+    if padded_len != len(packet):
+        packet = packet + bytes(padded_len - len(packet))
+    return header_prefix + counter_bytes + ChaCha20Poly1305(key).encrypt(ZERO_NONCE_PREFIX + counter_bytes, packet, None)
+
+
+def _open_with_cryptography(key: bytes, message: bytes) -> bytes | None:
+    if len(message) < 32:
+        return None
+    try:
+        return ChaCha20Poly1305(key).decrypt(ZERO_NONCE_PREFIX + message[8:16], message[16:], None)
+    except InvalidTag:
+        return None
+
+
+# Transport data (type 4) on the hot path: the compiled module when it was built (setup.py), else
+# the same two functions on `cryptography`. Same bytes either way (tests/wg/test_transport_crypto.py).
+#   transport_seal(key, header_prefix, counter, packet, padded_len) -> the whole message
+#   transport_open(key, message) -> the padded plaintext, or None if it does not authenticate
+# MESHWG_PURE_PYTHON=1 forces the fallback (as for meshwg.io.fastio).
+try:
+    if os.environ.get("MESHWG_PURE_PYTHON", "") == "1":
+        raise ImportError("MESHWG_PURE_PYTHON=1")
+    from . import _transport
+except ImportError:
+    transport_seal, transport_open = _seal_with_cryptography, _open_with_cryptography
+    TRANSPORT_BACKEND = "cryptography"
+else:
+    transport_seal, transport_open = _transport.seal, _transport.open
+    TRANSPORT_BACKEND = _transport.BACKEND
 
 
 def xaead_encrypt(key: bytes, nonce24: bytes, plaintext: bytes, aad: bytes) -> bytes:

@@ -35,13 +35,11 @@ __all__ = ["WireGuardCore", "Peer"]
 
 INF = math.inf
 _TRANSPORT_HEADER = struct.Struct("<IIQ")
-_COUNTER = struct.Struct("<Q")
 _INITIATION = struct.Struct("<II32s48s28s")  # up to mac1
 _RESPONSE = struct.Struct("<III32s16s")  # up to mac1
 _COOKIE_REPLY = struct.Struct("<II24s32s")
-_ZERO_NONCE_PREFIX = crypto.ZERO_NONCE_PREFIX
-_PADDING = [bytes(i) for i in range(16)]
-_InvalidTag = crypto.InvalidTag
+_transport_seal = crypto.transport_seal
+_transport_open = crypto.transport_open
 
 # Auto-detection of load when the shell does not report its backlog: this many handshake messages within
 # one window counts as a full handshake queue (wireguard-go: 128 of 1024 queued).
@@ -238,12 +236,9 @@ class WireGuardCore:
         padded = (last + 15) & ~15
         if padded > mtu:
             padded = mtu
-        if padded != last:
-            packet = packet + _PADDING[padded - last]
         ctr = kp.send_counter
         kp.send_counter = ctr + 1
-        cb = _COUNTER.pack(ctr)
-        msg = kp.header_prefix + cb + kp.send_aead.encrypt(_ZERO_NONCE_PREFIX + cb, packet, None)
+        msg = _transport_seal(kp.send_key, kp.header_prefix, ctr, packet, n + padded - last)
         self._out.append((msg, endpoint))
         peer.tx_bytes += len(msg)
         t = peer.timers
@@ -270,7 +265,7 @@ class WireGuardCore:
             last = n if n <= mtu else n % mtu
             padded = min((last + 15) & ~15, mtu)
             if padded != last:
-                packet = packet + _PADDING[padded - last]
+                packet = packet + bytes(padded - last)
         self._send_message(peer, kp.seal(packet))
 
     def _send_staged(self, peer: Peer, now: float) -> None:
@@ -326,9 +321,8 @@ class WireGuardCore:
                 if now - kp.created >= REJECT_AFTER_TIME:
                     self.drops["expired_keypair"] += 1
                     return
-                try:
-                    plain = kp.recv_aead.decrypt(_ZERO_NONCE_PREFIX + data[8:16], data[16:], None)
-                except _InvalidTag:
+                plain = _transport_open(kp.recv_key, data)
+                if plain is None:
                     self.drops["decrypt"] += 1
                     return
                 if not kp.replay.validate(counter):

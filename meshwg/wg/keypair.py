@@ -13,15 +13,15 @@ _COUNTER = struct.Struct("<Q")
 
 
 class Keypair:
-    """One direction pair of transport keys. The AEAD objects are built once here and reused per packet."""
+    """One direction pair of transport keys, the send counter and the receive replay window."""
 
-    __slots__ = ("send_aead", "recv_aead", "send_counter", "replay", "local_index", "remote_index",
+    __slots__ = ("send_key", "recv_key", "send_counter", "replay", "local_index", "remote_index",
                  "created", "is_initiator", "header_prefix", "peer")
 
     def __init__(self, send_key: bytes, recv_key: bytes, local_index: int, remote_index: int,
                  created: float, is_initiator: bool, peer: object = None):
-        self.send_aead = crypto.new_aead(send_key)
-        self.recv_aead = crypto.new_aead(recv_key)
+        self.send_key = send_key
+        self.recv_key = recv_key
         self.send_counter = 0
         self.replay = ReplayWindow()
         self.local_index = local_index
@@ -34,15 +34,15 @@ class Keypair:
 
     def seal(self, padded_plaintext: bytes) -> bytes:
         """A complete type-4 message (the device inlines this on its hot path)."""
-        ctr = _COUNTER.pack(self.send_counter)
-        self.send_counter += 1
-        return self.header_prefix + ctr + self.send_aead.encrypt(crypto.ZERO_NONCE_PREFIX + ctr, padded_plaintext, None)
+        counter = self.send_counter
+        self.send_counter = counter + 1
+        return crypto.transport_seal(self.send_key, self.header_prefix, counter, padded_plaintext,
+                                     len(padded_plaintext))
 
     def open(self, message: bytes) -> bytes | None:
         """Decrypt and replay-check a type-4 message addressed to this keypair; None if rejected."""
-        try:
-            plain = self.recv_aead.decrypt(crypto.ZERO_NONCE_PREFIX + message[8:16], message[16:], None)
-        except crypto.InvalidTag:
+        plain = crypto.transport_open(self.recv_key, message)
+        if plain is None:
             return None
         if not self.replay.validate(_COUNTER.unpack_from(message, 8)[0]):
             return None
