@@ -16,6 +16,14 @@
  * recv_datagrams(fd, limit) -> list[tuple[bytes, tuple[str, int]]]
  *     Up to `limit` datagrams with their (host, port); [] when the socket would block. ICMP-reported
  *     errors (ECONNREFUSED, EHOSTUNREACH, ENETUNREACH, EMSGSIZE) end the drain quietly.
+ * send_datagrams(datagrams, start, v4_fd, v6_fd, v4_gso, v6_gso) -> (index, status, errors)
+ *     Sends datagrams[start:] ((bytes, (host, port)) pairs; fd -1: no socket for that family).
+ *     Runs to one endpoint with one size (the last may be shorter) leave as one UDP GSO sendmsg
+ *     where that family's *_gso is true. Stops at `index` with status SENT_ALL (index == len),
+ *     WOULD_BLOCK, NEEDS_PYTHON (an endpoint that is not a numeric (host, port) tuple, a scoped
+ *     IPv6 host, a family without a socket: the caller's own path handles that one) or
+ *     GSO_REFUSED (the kernel cannot segment this run: the caller turns GSO off and calls again).
+ *     `errors`: datagrams lost to other send errors (unreachable, EPERM, ...), as on a wire.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -34,7 +42,14 @@
 #ifndef UDP_GRO
 #define UDP_GRO 104
 #endif
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
 #define BUFFER_SIZE 65536
+#define GSO_MAX_SEGMENTS 64
+#define GSO_MAX_BYTES 65000  /* under the 65507-byte payload limit of one (super) datagram */
+
+enum { SENT_ALL = 0, WOULD_BLOCK = 1, NEEDS_PYTHON = 2, GSO_REFUSED = 3 };
 
 /* One buffer for every read: the GIL is held from the syscall until the bytes are copied out. */
 static unsigned char buffer[BUFFER_SIZE];
@@ -262,6 +277,162 @@ fail:
     return NULL;
 }
 
+/* The last destination tuple and its sockaddr. The reference keeps the tuple alive, so the same
+ * pointer always means the same (immutable) address. */
+static PyObject *last_dest;
+static struct sockaddr_storage last_dest_sa;
+static socklen_t last_dest_len;
+
+/* 1: resolved into *sa; 0: not a numeric (host, port) tuple this module handles. */
+static int
+resolve_dest(PyObject *dest, struct sockaddr_storage *sa, socklen_t *len)
+{
+    if (dest == last_dest) {
+        memcpy(sa, &last_dest_sa, last_dest_len);
+        *len = last_dest_len;
+        return 1;
+    }
+    if (!PyTuple_CheckExact(dest) || PyTuple_GET_SIZE(dest) != 2 || !PyUnicode_Check(PyTuple_GET_ITEM(dest, 0))
+        || !PyLong_CheckExact(PyTuple_GET_ITEM(dest, 1))) {
+        return 0;
+    }
+    const char *host = PyUnicode_AsUTF8(PyTuple_GET_ITEM(dest, 0));
+    long port = PyLong_AsLong(PyTuple_GET_ITEM(dest, 1));
+    if (host == NULL || port < 0 || port > 65535) {
+        PyErr_Clear();
+        return 0;
+    }
+    memset(sa, 0, sizeof *sa);
+    if (strchr(host, ':') != NULL) {
+        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)sa;
+        if (strchr(host, '%') != NULL || inet_pton(AF_INET6, host, &sin6->sin6_addr) != 1) {
+            return 0;  /* a scoped (link-local) host needs the interface lookup Python's socket does */
+        }
+        sin6->sin6_family = AF_INET6;
+        sin6->sin6_port = htons((uint16_t)port);
+        *len = sizeof *sin6;
+    } else {
+        struct sockaddr_in *sin = (struct sockaddr_in *)sa;
+        if (inet_pton(AF_INET, host, &sin->sin_addr) != 1) {
+            return 0;
+        }
+        sin->sin_family = AF_INET;
+        sin->sin_port = htons((uint16_t)port);
+        *len = sizeof *sin;
+    }
+    Py_INCREF(dest);
+    Py_XSETREF(last_dest, dest);
+    memcpy(&last_dest_sa, sa, *len);
+    last_dest_len = *len;
+    return 1;
+}
+
+static PyObject *
+send_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "send_datagrams(datagrams: list, start, v4_fd, v6_fd, v4_gso, v6_gso)");
+        return NULL;
+    }
+    PyObject *datagrams = args[0];
+    Py_ssize_t i = PyLong_AsSsize_t(args[1]);
+    long v4_fd = PyLong_AsLong(args[2]), v6_fd = PyLong_AsLong(args[3]);
+    int v4_gso = PyObject_IsTrue(args[4]), v6_gso = PyObject_IsTrue(args[5]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(datagrams), errors = 0;
+    int status = SENT_ALL;
+    struct iovec iov[GSO_MAX_SEGMENTS];
+    while (i < n) {
+        PyObject *item = PyList_GET_ITEM(datagrams, i);
+        struct sockaddr_storage sa;
+        socklen_t sa_len;
+        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2 || !PyBytes_CheckExact(PyTuple_GET_ITEM(item, 0))
+            || !resolve_dest(PyTuple_GET_ITEM(item, 1), &sa, &sa_len)) {
+            status = NEEDS_PYTHON;
+            break;
+        }
+        int v6 = sa.ss_family == AF_INET6;
+        long fd = v6 ? v6_fd : v4_fd;
+        if (fd < 0) {
+            status = NEEDS_PYTHON;
+            break;
+        }
+        PyObject *data = PyTuple_GET_ITEM(item, 0), *dest = PyTuple_GET_ITEM(item, 1);
+        Py_ssize_t size = PyBytes_GET_SIZE(data);
+        iov[0].iov_base = PyBytes_AS_STRING(data);
+        iov[0].iov_len = (size_t)size;
+        /* Extend a GSO run: same endpoint, same size; a shorter datagram ends it. */
+        Py_ssize_t j = i + 1, total = size;
+        if ((v6 ? v6_gso : v4_gso) && size > 0) {
+            while (j < n && j - i < GSO_MAX_SEGMENTS) {
+                PyObject *next = PyList_GET_ITEM(datagrams, j);
+                if (!PyTuple_CheckExact(next) || PyTuple_GET_SIZE(next) != 2 || !PyBytes_CheckExact(PyTuple_GET_ITEM(next, 0))) {
+                    break;
+                }
+                PyObject *next_data = PyTuple_GET_ITEM(next, 0), *next_dest = PyTuple_GET_ITEM(next, 1);
+                Py_ssize_t m = PyBytes_GET_SIZE(next_data);
+                if (m > size || m == 0 || total + m > GSO_MAX_BYTES) {
+                    break;
+                }
+                if (next_dest != dest) {
+                    struct sockaddr_storage next_sa;
+                    socklen_t next_len;
+                    if (!resolve_dest(next_dest, &next_sa, &next_len) || next_len != sa_len
+                        || memcmp(&next_sa, &sa, sa_len) != 0) {
+                        break;
+                    }
+                }
+                iov[j - i].iov_base = PyBytes_AS_STRING(next_data);
+                iov[j - i].iov_len = (size_t)m;
+                total += m;
+                j++;
+                if (m < size) {
+                    break;
+                }
+            }
+        }
+        ssize_t rc;
+        do {
+            if (j - i == 1) {
+                rc = sendto((int)fd, iov[0].iov_base, iov[0].iov_len, 0, (struct sockaddr *)&sa, sa_len);
+            } else {
+                union {
+                    char raw[CMSG_SPACE(sizeof(uint16_t))];
+                    struct cmsghdr align;
+                } control;
+                memset(&control, 0, sizeof control);
+                struct msghdr msg = {
+                    .msg_name = &sa, .msg_namelen = sa_len, .msg_iov = iov, .msg_iovlen = (size_t)(j - i),
+                    .msg_control = control.raw, .msg_controllen = sizeof control.raw,
+                };
+                struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+                c->cmsg_level = SOL_UDP;
+                c->cmsg_type = UDP_SEGMENT;
+                c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+                uint16_t segment = (uint16_t)size;
+                memcpy(CMSG_DATA(c), &segment, sizeof segment);
+                rc = sendmsg((int)fd, &msg, 0);
+            }
+        } while (rc < 0 && errno == EINTR);
+        if (rc < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                status = WOULD_BLOCK;
+                break;
+            }
+            if (j - i > 1 && (errno == EIO || errno == EINVAL || errno == EMSGSIZE || errno == ENOPROTOOPT
+                              || errno == EOPNOTSUPP)) {
+                status = GSO_REFUSED;
+                break;
+            }
+            errors += j - i;  /* unreachable network, firewall EPERM, ...: lost, as on a wire */
+        }
+        i = j;
+    }
+    return Py_BuildValue("(nin)", i, status, errors);
+}
+
 static PyMethodDef fastio_methods[] = {
     {"read_packets", (PyCFunction)(void (*)(void))read_packets, METH_FASTCALL,
      "read_packets(fd, limit) -> list[bytes]"},
@@ -269,6 +440,8 @@ static PyMethodDef fastio_methods[] = {
      "write_packets(fd, packets) -> number dropped"},
     {"recv_datagrams", (PyCFunction)(void (*)(void))recv_datagrams, METH_FASTCALL,
      "recv_datagrams(fd, limit) -> list[(bytes, (host, port))]"},
+    {"send_datagrams", (PyCFunction)(void (*)(void))send_datagrams, METH_FASTCALL,
+     "send_datagrams(datagrams, start, v4_fd, v6_fd, v4_gso, v6_gso) -> (index, status, errors)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -280,5 +453,16 @@ static struct PyModuleDef fastio_module = {
 PyMODINIT_FUNC
 PyInit__fastio(void)
 {
-    return PyModule_Create(&fastio_module);
+    PyObject *module = PyModule_Create(&fastio_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(module, "SENT_ALL", SENT_ALL) < 0
+        || PyModule_AddIntConstant(module, "WOULD_BLOCK", WOULD_BLOCK) < 0
+        || PyModule_AddIntConstant(module, "NEEDS_PYTHON", NEEDS_PYTHON) < 0
+        || PyModule_AddIntConstant(module, "GSO_REFUSED", GSO_REFUSED) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }

@@ -97,6 +97,12 @@ class AllowedIPs:
     def networks_of(self, peer: Any) -> list[Network]:
         return list(self._by_peer.get(peer, ()))
 
+    @property
+    def v4_cache(self) -> dict[bytes, Any]:
+        """The IPv4 lookup cache, {4 address bytes: peer or None}: a hit is the answer, a miss means
+        ask lookup_v4. Cleared in place (never replaced) on every change."""
+        return self._v4.cache
+
     def lookup(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address | str) -> Any:
         addr = ipaddress.ip_address(address)
         return (self._v4 if addr.version == 4 else self._v6).lookup(addr.packed)

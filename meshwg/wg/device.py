@@ -38,6 +38,7 @@ _TRANSPORT_HEADER = struct.Struct("<IIQ")
 _INITIATION = struct.Struct("<II32s48s28s")  # up to mac1
 _RESPONSE = struct.Struct("<III32s16s")  # up to mac1
 _COOKIE_REPLY = struct.Struct("<II24s32s")
+_MISS = object()
 _transport_seal = crypto.transport_seal
 _transport_open = crypto.transport_open
 
@@ -73,8 +74,9 @@ class WireGuardCore:
         self._checker = CookieChecker(random_bytes)
         self._ratelimiter = RateLimiter()
         self._allowed = AllowedIPs()
-        self._src4 = self._allowed.lookup_v4
-        self._src6 = self._allowed.lookup_v6
+        # The IPv4 address -> peer cache of AllowedIPs (cleared in place on every change), read
+        # inline on the hot paths: each call saved is ~5 us of cold interpreter work after a wake-up.
+        self._addr4_cache = self._allowed.v4_cache
         self._keypairs_by_index: dict[int, Keypair] = {}
         self._handshakes_by_index: dict[int, Peer] = {}
         self._out: list[tuple[bytes, object]] = []
@@ -215,7 +217,12 @@ class WireGuardCore:
     # ------------------------------------------------------------------ send path (hot)
 
     def send_ip_packet(self, packet: bytes, now: float) -> None:
-        peer = self._allowed.lookup_dst(packet)
+        if len(packet) >= 20 and packet[0] >> 4 == 4:
+            peer = self._addr4_cache.get(packet[16:20], _MISS)
+            if peer is _MISS:
+                peer = self._allowed.lookup_dst(packet)
+        else:
+            peer = self._allowed.lookup_dst(packet)
         if peer is None:
             self.drops["no_route"] += 1
             return
@@ -373,13 +380,15 @@ class WireGuardCore:
             if length < 20 or length > size:
                 self.drops["bad_inner_packet"] += 1
                 return
-            src_owner = self._src4(plain[12:16])
+            src_owner = self._addr4_cache.get(plain[12:16], _MISS)
+            if src_owner is _MISS:
+                src_owner = self._allowed.lookup_v4(plain[12:16])
         elif version == 6:
             length = 40 + ((plain[4] << 8) | plain[5]) if size >= 40 else size + 1
             if length > size:
                 self.drops["bad_inner_packet"] += 1
                 return
-            src_owner = self._src6(plain[8:24])
+            src_owner = self._allowed.lookup_v6(plain[8:24])
         else:
             self.drops["bad_inner_packet"] += 1
             return

@@ -140,3 +140,71 @@ def _drain(sock: socket.socket, limit: int) -> list:
         if got:
             return got
     return []
+
+
+@pytest.fixture
+def receivers():
+    """One receiving socket per family on loopback (no GRO: GSO runs arrive cut apart)."""
+    socks = {}
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.bind((host, 0))
+        sock.setblocking(False)
+        socks[family] = sock
+    yield socks
+    for sock in socks.values():
+        sock.close()
+
+
+@pytest.fixture
+def senders():
+    socks = {family: socket.socket(family, socket.SOCK_DGRAM) for family in (socket.AF_INET, socket.AF_INET6)}
+    yield socks
+    for sock in socks.values():
+        sock.close()
+
+
+def _received(sock: socket.socket) -> list[bytes]:
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(70000))
+        except BlockingIOError:
+            return out
+
+
+@pytest.mark.parametrize("gso", [True, False], ids=["gso", "plain"])
+def test_send_datagrams_delivers_runs_and_mixed_endpoints(receivers, senders, gso):
+    dest4 = receivers[socket.AF_INET].getsockname()[:2]
+    dest6 = receivers[socket.AF_INET6].getsockname()[:2]
+    run = [(bytes([i]) * 100, dest4) for i in range(10)] + [(b"short", dest4)]
+    other_size = [(bytes(60), dest4)]
+    equal_not_identical = [(bytes([7]) * 100, (dest6[0], dest6[1])) for _ in range(3)]
+    datagrams = run + other_size + equal_not_identical + [(b"", dest4)]
+    index, status, errors = _fastio.send_datagrams(datagrams, 0, senders[socket.AF_INET].fileno(),
+                                                   senders[socket.AF_INET6].fileno(), gso, gso)
+    assert (index, status, errors) == (len(datagrams), _fastio.SENT_ALL, 0)
+    assert _received(receivers[socket.AF_INET]) == [d for d, a in datagrams if a is dest4 or a == dest4]
+    assert _received(receivers[socket.AF_INET6]) == [d for d, _ in equal_not_identical]
+
+
+def test_send_datagrams_hands_back_what_it_cannot_send(receivers, senders):
+    dest4 = receivers[socket.AF_INET].getsockname()[:2]
+    relay_endpoint = object()
+    datagrams = [(b"a", dest4), (b"b", relay_endpoint), (b"c", ("fe80::1%lo", 9)), (b"d", ("not-an-ip", 9)),
+                 (b"e", ("::1", 9)), (b"f", dest4)]
+    fd4 = senders[socket.AF_INET].fileno()
+    assert _fastio.send_datagrams(datagrams, 0, fd4, -1, True, True) == (1, _fastio.NEEDS_PYTHON, 0)
+    for start in (1, 2, 3, 4):  # relay object, scoped IPv6 host, a name, a family without a socket
+        assert _fastio.send_datagrams(datagrams, start, fd4, -1, True, True) == (start, _fastio.NEEDS_PYTHON, 0)
+    assert _fastio.send_datagrams(datagrams, 5, fd4, -1, True, True) == (6, _fastio.SENT_ALL, 0)
+    assert _received(receivers[socket.AF_INET]) == [b"a", b"f"]
+
+
+def test_send_datagrams_counts_what_the_kernel_refuses(senders):
+    # Broadcast without SO_BROADCAST: EACCES, lost as on a wire, and the rest still goes out.
+    fd4 = senders[socket.AF_INET].fileno()
+    datagrams = [(b"x" * 10, ("255.255.255.255", 9))] * 3
+    assert _fastio.send_datagrams(datagrams, 0, fd4, -1, False, False) == (3, _fastio.SENT_ALL, 3)
+    assert _fastio.send_datagrams(datagrams, 0, -1, -1, False, False) == (0, _fastio.NEEDS_PYTHON, 0)
+    assert _fastio.send_datagrams([], 0, fd4, -1, True, True) == (0, _fastio.SENT_ALL, 0)
