@@ -75,6 +75,23 @@ as_fd(PyObject *obj)
     return (int)value;
 }
 
+/* (fd, limit) arguments; -1 with an exception set when they are not that. */
+static int
+fd_and_limit(PyObject *const *args, Py_ssize_t nargs, const char *usage, int *fd, Py_ssize_t *limit)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return -1;
+    }
+    if ((*fd = as_fd(args[0])) == -1 || (*limit = PyLong_AsSsize_t(args[1])) < 0) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_ValueError, "limit must be >= 0");
+        }
+        return -1;
+    }
+    return 0;
+}
+
 static int
 append_new(PyObject *list, PyObject *item)
 {
@@ -91,10 +108,7 @@ read_packets(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     int fd;
     Py_ssize_t limit;
-    if (nargs != 2 || (fd = as_fd(args[0])) == -1 || (limit = PyLong_AsSsize_t(args[1])) == -1) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "read_packets(fd, limit)");
-        }
+    if (fd_and_limit(args, nargs, "read_packets(fd, limit)", &fd, &limit) < 0) {
         return NULL;
     }
     PyObject *out = PyList_New(0);
@@ -208,10 +222,7 @@ recv_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     int fd;
     Py_ssize_t limit;
-    if (nargs != 2 || (fd = as_fd(args[0])) == -1 || (limit = PyLong_AsSsize_t(args[1])) == -1) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "recv_datagrams(fd, limit)");
-        }
+    if (fd_and_limit(args, nargs, "recv_datagrams(fd, limit)", &fd, &limit) < 0) {
         return NULL;
     }
     PyObject *out = PyList_New(0);
@@ -296,9 +307,10 @@ resolve_dest(PyObject *dest, struct sockaddr_storage *sa, socklen_t *len)
         || !PyLong_CheckExact(PyTuple_GET_ITEM(dest, 1))) {
         return 0;
     }
-    const char *host = PyUnicode_AsUTF8(PyTuple_GET_ITEM(dest, 0));
+    Py_ssize_t host_len;
+    const char *host = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(dest, 0), &host_len);
     long port = PyLong_AsLong(PyTuple_GET_ITEM(dest, 1));
-    if (host == NULL || port < 0 || port > 65535) {
+    if (host == NULL || (size_t)host_len != strlen(host) || port < 0 || port > 65535) {
         PyErr_Clear();
         return 0;
     }
@@ -342,6 +354,10 @@ send_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_ssize_t n = PyList_GET_SIZE(datagrams), errors = 0;
+    if (i < 0 || i > n) {
+        PyErr_Format(PyExc_IndexError, "start %zd outside [0, %zd]", i, n);
+        return NULL;
+    }
     int status = SENT_ALL;
     struct iovec iov[GSO_MAX_SEGMENTS];
     while (i < n) {
@@ -446,8 +462,11 @@ static PyMethodDef fastio_methods[] = {
 };
 
 static struct PyModuleDef fastio_module = {
-    PyModuleDef_HEAD_INIT, "meshwg.io._fastio",
-    "Batched non-blocking TUN/UDP I/O for the driver (see the C source for why).", -1, fastio_methods,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "meshwg.io._fastio",
+    .m_doc = "Batched non-blocking TUN/UDP I/O for the driver (see the C source for why).",
+    .m_size = -1,
+    .m_methods = fastio_methods,
 };
 
 PyMODINIT_FUNC

@@ -114,7 +114,7 @@ transport_open(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (length == 0) {
         /* A keepalive: authenticate the empty plaintext without writing into the shared b"". */
         if (crypto_aead_chacha20poly1305_ietf_decrypt_detached(
-                NULL, NULL, NULL, 0, msg + HEADER_LEN, NULL, 0, nonce,
+                NULL, NULL, msg + HEADER_LEN, 0, msg + HEADER_LEN, NULL, 0, nonce,
                 (const unsigned char *)PyBytes_AS_STRING(key)) != 0) {
             Py_RETURN_NONE;
         }
@@ -142,8 +142,11 @@ static PyMethodDef transport_methods[] = {
 };
 
 static struct PyModuleDef transport_module = {
-    PyModuleDef_HEAD_INIT, "meshwg.wg._transport",
-    "WireGuard transport-data seal/open on libsodium (see the C source for why).", -1, transport_methods,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "meshwg.wg._transport",
+    .m_doc = "WireGuard transport-data seal/open on libsodium (see the C source for why).",
+    .m_size = -1,
+    .m_methods = transport_methods,
 };
 
 PyMODINIT_FUNC

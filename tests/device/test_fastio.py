@@ -9,6 +9,8 @@ import socket
 import sys
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from meshwg.io import _fastio, tun, udp
 from meshwg.io.fastio import fastio
@@ -208,3 +210,17 @@ def test_send_datagrams_counts_what_the_kernel_refuses(senders):
     assert _fastio.send_datagrams(datagrams, 0, fd4, -1, False, False) == (3, _fastio.SENT_ALL, 3)
     assert _fastio.send_datagrams(datagrams, 0, -1, -1, False, False) == (0, _fastio.NEEDS_PYTHON, 0)
     assert _fastio.send_datagrams([], 0, fd4, -1, True, True) == (0, _fastio.SENT_ALL, 0)
+
+
+_odd_values = st.one_of(st.none(), st.integers(-2**70, 2**70), st.text(max_size=50), st.binary(max_size=50),
+                        st.tuples(st.text(max_size=40), st.integers(-5, 70000)), st.tuples(st.integers()),
+                        st.lists(st.integers(), max_size=3))
+
+
+@given(st.lists(st.one_of(_odd_values, st.tuples(_odd_values, _odd_values)), max_size=8))
+def test_send_datagrams_survives_any_list(datagrams):
+    """Whatever the list holds, the C side answers (sends, hands back or raises), never crashes.
+    No socket is given (fd -1), so nothing leaves this machine."""
+    index, status, errors = _fastio.send_datagrams(datagrams, 0, -1, -1, True, True)
+    assert 0 <= index <= len(datagrams) and errors == 0
+    assert status == (_fastio.SENT_ALL if index == len(datagrams) else _fastio.NEEDS_PYTHON)

@@ -81,3 +81,8 @@ def test_open_refuses_bad_arguments():
         _transport.open(KEY, bytearray(48))
     with pytest.raises(TypeError):
         _transport.open(KEY)
+
+
+@given(key=st.binary(min_size=32, max_size=32), message=st.binary(max_size=200))
+def test_open_answers_none_or_bytes_for_any_message(key, message):
+    assert _transport.open(key, message) is None  # random bytes do not authenticate
