@@ -224,3 +224,33 @@ def test_send_datagrams_survives_any_list(datagrams):
     index, status, errors = _fastio.send_datagrams(datagrams, 0, -1, -1, True, True)
     assert 0 <= index <= len(datagrams) and errors == 0
     assert status == (_fastio.SENT_ALL if index == len(datagrams) else _fastio.NEEDS_PYTHON)
+
+
+SO_NO_CHECK = 11  # a UDP socket without checksums cannot use GSO: the kernel answers EINVAL
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_a_socket_that_cannot_segment_falls_back_to_plain_datagrams(receivers, monkeypatch, compiled):
+    """The driver turns GSO off for a socket the kernel refuses to segment on, counts it once, and
+    still delivers every datagram (the refused run included)."""
+    from meshwg.io import driver as driver_module
+    from meshwg.io.driver import Driver
+    from meshwg.io.udp import UdpBind
+
+    monkeypatch.setattr(driver_module, "fastio", _fastio if compiled else None)
+    bind = UdpBind()
+    bind.v4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        bind.v4.setblocking(False)
+        bind.v4.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
+        driver = Driver(core=None, tun=None, udp=bind)
+        driver._gso_ok = {bind.v4.fileno(): True}
+        dest = receivers[socket.AF_INET].getsockname()[:2]
+        datagrams = [(bytes([i]) * 200, dest) for i in range(5)]
+        assert driver._send_datagrams(datagrams, 0) == 5
+        assert driver.stats["gso_disabled"] == 1 and not driver._gso_ok[bind.v4.fileno()]
+        assert _received(receivers[socket.AF_INET]) == [d for d, _ in datagrams]
+        assert driver._send_datagrams(datagrams, 0) == 5  # plain from now on, not refused again
+        assert driver.stats["gso_disabled"] == 1
+    finally:
+        bind.v4.close()
