@@ -19,7 +19,7 @@ PING_TIMEOUT = 5.0               # an unanswered ping is forgotten after this
 PROBE_INTERVAL_MIN = 5.0         # re-probe all candidates while relayed: 5, 10, 20, 40, 60, 60 ...
 UPGRADE_INTERVAL = 60.0          # while direct (or relayed long), look for better paths this often
 SESSION_ACTIVE_TIMEOUT = 45.0    # no traffic this long -> idle: stop probing
-GOOD_ENOUGH_LATENCY = 0.005      # a direct path this fast is not worth searching beyond
+GOOD_ENOUGH_LATENCY = 0.005      # direct this fast: upgrade rounds ping only better address kinds
 CALL_ME_MAYBE_MIN_INTERVAL = 5.0
 
 SWITCH_MARGIN = 1.0              # points a challenger needs above the incumbent (>1 % better)

@@ -6,7 +6,8 @@ sealed datagrams. Policy in short:
 - The chosen direct path is pinged every HEARTBEAT_INTERVAL while the peer is active; when no pong
   arrived for TRUST_DURATION the peer falls back to the relay (within ~4.5 s of a cut).
 - While relayed and active, all candidates are probed in rounds backing off 5 s -> 60 s; while direct,
-  other candidates are re-probed every UPGRADE_INTERVAL (a better path may appear).
+  all are re-probed every UPGRADE_INTERVAL (a better path may appear), or, when the path is already
+  within GOOD_ENOUGH_LATENCY, only the candidates of a better address kind (a LAN address over a NAT).
 - Idle (no traffic for SESSION_ACTIVE_TIMEOUT): no probing at all; traffic resumes probing at once.
 - Probes are bounded: at most MAX_CANDIDATES candidates per peer, invalid ones dropped, a per-peer token
   bucket, plus the node's global bucket passed in as `budget`.
@@ -159,7 +160,6 @@ class PeerPaths:
         self.next_probe_at = math.inf
         self.probe_attempt = 0
         self.next_heartbeat_at = math.inf
-        self.last_upgrade_probe = -math.inf
         self._contend_left = 0        # heartbeats that still re-ping higher-bonus candidates
         self.last_cmm_sent = -math.inf
         self.want_cmm = False
@@ -359,10 +359,6 @@ class PeerPaths:
                     self._ping_contenders(now, budget)
             if now >= self.next_probe_at:
                 self._probe_round(now, wall, budget)
-            elif self.direct(now) and now >= self.last_upgrade_probe + P.UPGRADE_INTERVAL:
-                self.last_upgrade_probe = now
-                if self.best.latency > P.GOOD_ENOUGH_LATENCY:
-                    self._probe_round(now, wall, budget, skip_best=True)
             if now >= self._bd_start_at:
                 self._start_birthday(now)
             self._birthday_step(now, budget)
@@ -379,10 +375,14 @@ class PeerPaths:
         out, self._outbox = self._outbox, []
         return out
 
-    def _probe_round(self, now: float, wall: float, budget, skip_best: bool = False) -> None:
+    def _probe_round(self, now: float, wall: float, budget) -> None:
         if self.direct(now):
             self.next_probe_at = now + P.UPGRADE_INTERVAL
-            self.last_upgrade_probe = now
+            if self.best.latency <= P.GOOD_ENOUGH_LATENCY:
+                # As Tailscale: no latency gain is worth a full round here. Unlike it, still re-ping the
+                # better address kinds: their bonus can win (LAN over hairpin NAT, test_lan_preference).
+                self._ping_contenders(now, budget)
+                return
         else:
             if self.candidates and self.unanswered_since is None and self.probe_attempt > 0:
                 # the previous round got nothing back
@@ -392,16 +392,14 @@ class PeerPaths:
             self.want_cmm = True
             self._maybe_arm_birthday(now)
         for cand in list(self.candidates.values()):
-            if skip_best and self.best is not None and cand.addr == self.best.addr:
-                continue
             self._ping(cand, now, budget)
 
     def _ping_contenders(self, now: float, budget) -> None:
         """Re-ping the candidates that beat the best path on address kind, in step with its heartbeat.
 
         A switch is decided on one RTT sample each; a LAN candidate's first one is often slow (ARP),
-        and while direct others are re-probed only every UPGRADE_INTERVAL (never below
-        GOOD_ENOUGH_LATENCY). Paired samples right after the switch let the better kind win."""
+        and while direct others are re-probed only every UPGRADE_INTERVAL. Paired samples right after
+        the switch let the better kind win; below GOOD_ENOUGH_LATENCY the upgrade round pings just these."""
         best_bonus = P.addr_bonus(self.best.addr, self.best.advertised)
         for cand in list(self.candidates.values()):
             if cand.addr != self.best.addr and P.addr_bonus(cand.addr, cand.source != "ping") > best_bonus:
@@ -523,8 +521,6 @@ class PeerPaths:
                       self._bd_end if self.birthday else math.inf]
                 if self.best is not None:
                     t.append(self.next_heartbeat_at)
-                    if now_hint is not None and self.direct(now_hint):
-                        t.append(self.last_upgrade_probe + P.UPGRADE_INTERVAL)
                 if self.want_cmm:
                     t.append(self.last_cmm_sent + P.CALL_ME_MAYBE_MIN_INTERVAL)
                 t.append(idle_at)

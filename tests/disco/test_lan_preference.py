@@ -88,3 +88,68 @@ def test_ping_learned_address_advertised_later_earns_the_lan_bonus():
     assert pp.candidates[OWN].source == "ping"
     pp.on_call_me_maybe([PUBLIC, OWN], 0.1)     # "cmm" ranks below "ping", yet the peer advertises it
     assert pp.candidates[OWN].source == "cmm"
+
+
+OTHER = ("198.51.100.16", 41641)    # a second public address of the peer: same kind as PUBLIC
+
+
+def _drive(pp, until, latency, step=0.5):
+    """Keep the peer active and run its timers up to `until`; latency(addr, t) is the RTT of a ping
+    sent at t (None: lost). Returns the (t, addr) of every ping sent after t=0."""
+    log = []
+    for i in range(int(until / step) + 1):
+        t = i * step
+        pp.note_activity(t)
+        for addr, txid in _pings(pp.poll(t, t, None)).items():
+            if t > 0:
+                log.append((t, addr))
+            rtt = latency(addr, t)
+            if rtt is not None:
+                pp.on_pong(txid, t + rtt)
+    return log
+
+
+def _three_candidates():
+    pp = PeerPaths(b"k" * 32, _rb())
+    pp.set_candidates("directory", [OWN, PUBLIC, OTHER], 0.0)
+    pp.note_activity(0.0)
+    return pp
+
+
+def test_good_enough_direct_path_gets_no_full_upgrade_round():
+    """Pins GOOD_ENOUGH_LATENCY: on a direct path within it whose address kind nothing beats (the peer's
+    LAN address), upgrade rounds ping no other candidate; only the heartbeat pings the path. The old
+    code ran a full round every UPGRADE_INTERVAL whatever the latency (the rule was dead code)."""
+    pp = _three_candidates()
+    log = _drive(pp, 2 * P.UPGRADE_INTERVAL + 10, lambda addr, t: 0.001 if addr == OWN else 0.002)
+    assert pp.endpoint(pp.next_heartbeat_at)[0] == OWN
+    assert {a for _, a in log} == {OWN}
+    assert len(log) >= 2 * P.UPGRADE_INTERVAL / P.HEARTBEAT_INTERVAL   # the heartbeat kept running
+
+
+def test_good_enough_upgrade_round_still_pings_the_lan_address():
+    """Pins the LAN preference under GOOD_ENOUGH_LATENCY: parked on the hairpin NAT path (the LAN
+    address lost its first pings and every contender round), the upgrade round re-pings the LAN
+    address, and only it (not the same-kind OTHER), so traffic moves to the LAN within one interval."""
+    pp = _three_candidates()
+
+    def latency(addr, t):
+        if addr == OWN:
+            return 0.001 if t >= P.UPGRADE_INTERVAL else None
+        return 0.001 if addr == PUBLIC else 0.002
+
+    log = _drive(pp, P.UPGRADE_INTERVAL + 10, latency)
+    assert pp.endpoint(pp.next_heartbeat_at)[0] == OWN, "stayed on the NAT path"
+    assert any(P.UPGRADE_INTERVAL <= t for t, a in log if a == OWN)
+    assert OTHER not in {a for _, a in log}
+
+
+def test_slow_direct_path_still_gets_full_upgrade_rounds():
+    """Above GOOD_ENOUGH_LATENCY a direct path keeps the full upgrade round every UPGRADE_INTERVAL:
+    a same-kind candidate may have become faster."""
+    pp = _three_candidates()
+    log = _drive(pp, P.UPGRADE_INTERVAL + 10, lambda addr, t: 0.020 if addr == OWN else 0.030)
+    assert pp.endpoint(pp.next_heartbeat_at)[0] == OWN
+    for addr in (PUBLIC, OTHER):
+        times = [t for t, a in log if a == addr]
+        assert times and max(times) >= P.UPGRADE_INTERVAL, addr
