@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
+from meshwg.token_bucket import TokenBucket
 
-class TokenBucket:
-    __slots__ = ("rate", "burst", "tokens", "stamp")
-
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, now
-
-    def take(self, now: float, cost: float = 1.0) -> bool:
-        elapsed = now - self.stamp
-        if elapsed > 0:
-            self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
-            self.stamp = now
-        if self.tokens >= cost:
-            self.tokens -= cost
-            return True
-        return False
+__all__ = ["KeyedLimiter", "TokenBucket"]
 
 
 class KeyedLimiter:

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from nacl.public import Box, PrivateKey, PublicKey
 
 from meshwg.control import relay_wire as W
+from meshwg.nonce_cache import NonceCache
 from signal_server.ratelimit import KeyedLimiter
 
 HELLO_SKEW = 120.0  # seconds of wall-clock disagreement tolerated in a HELLO
+HELLO_NONCE_CACHE = 100_000  # HELLOs remembered for replay checks (they are rate-limited per key first)
 BOX_CACHE = 4096
 
 
@@ -37,7 +39,7 @@ class RelayCore:
         self.by_token: dict[bytes, Session] = {}
         self.by_key: dict[bytes, Session] = {}
         self._boxes: OrderedDict[bytes, Box] = OrderedDict()
-        self._seen_nonces: dict[bytes, float] = {}  # HELLO nonce -> wall expiry (replay guard)
+        self._seen_nonces = NonceCache(HELLO_NONCE_CACHE)  # HELLO replay guard
         self.pkt_limit = KeyedLimiter(pkt_rate, pkt_burst)
         self.byte_limit = KeyedLimiter(byte_rate, byte_rate * 2)
         self.hello_limit = KeyedLimiter(hello_rate, hello_rate * 4)
@@ -107,10 +109,10 @@ class RelayCore:
             return []
         wall_ms, _ = opened
         nonce = boxed[:24]
-        if abs(wall_ms / 1000.0 - wall) > HELLO_SKEW or nonce in self._seen_nonces:
+        if abs(wall_ms / 1000.0 - wall) > HELLO_SKEW or self._seen_nonces.seen(nonce, wall):
             self.counters["drop_hello_stale"] += 1
             return [(W.encode_notice(W.N_STALE_HELLO, key), dest)]
-        self._remember_nonce(nonce, wall)
+        self._seen_nonces.add(nonce, wall + 2 * HELLO_SKEW)
         old = self.by_key.get(key)
         if old is not None:
             self.by_token.pop(old.token, None)
@@ -123,11 +125,6 @@ class RelayCore:
             self.observed_events.append((key, observed))
         reply = W.encode_hello_ok(self._box(key), token, int(self.session_ttl), observed, self._random(24))
         return [(reply, dest)]
-
-    def _remember_nonce(self, nonce: bytes, wall: float) -> None:
-        if len(self._seen_nonces) > 100_000:
-            self._seen_nonces = {n: t for n, t in self._seen_nonces.items() if t > wall}
-        self._seen_nonces[nonce] = wall + 2 * HELLO_SKEW
 
     def _on_send(self, data, dest, now):
         parsed = W.parse_send_untrusted(data)

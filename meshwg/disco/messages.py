@@ -26,6 +26,8 @@ from typing import Callable, Iterable
 from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 
+from meshwg.nonce_cache import NonceCache
+
 MAGIC = b"MWDsco"
 VERSION = 1
 KEY_LEN = 32
@@ -136,9 +138,8 @@ class DiscoCodec:
         self._random = random_bytes
         self._boxes: dict[bytes, Box] = {}
         self.max_age = max_age
-        self._nonce_cap = nonce_cache
-        # (sender, nonce) -> expiry wall time, insertion-ordered so the oldest is evicted first.
-        self._seen: collections.OrderedDict[tuple[bytes, bytes], float] = collections.OrderedDict()
+        # (sender, nonce) until the end of the window in which its timestamp would still be accepted.
+        self._seen = NonceCache(nonce_cache)
         self.drops: collections.Counter = collections.Counter()
 
     # peers -------------------------------------------------------------------------------
@@ -197,9 +198,8 @@ class DiscoCodec:
         if abs(wall - ts_ms / 1000.0) > self.max_age:
             self.drops["disco_stale"] += 1
             return None
-        self._expire(wall)
         key = (sender, nonce)
-        if key in self._seen:
+        if self._seen.seen(key, wall):
             self.drops["disco_replay"] += 1
             return None
         msg = decode_payload_untrusted(mtype, plaintext[10:])
@@ -209,19 +209,9 @@ class DiscoCodec:
         if isinstance(msg, Ping) and msg.node_key != sender:
             self.drops["disco_key_mismatch"] += 1
             return None
-        # Remember for the whole window in which the timestamp would still be accepted.
-        self._seen[key] = ts_ms / 1000.0 + self.max_age
-        if len(self._seen) > self._nonce_cap:
-            self._seen.popitem(last=False)
+        self._seen.add(key, ts_ms / 1000.0 + self.max_age)
         return sender, msg
 
-    def _expire(self, wall: float) -> None:
-        seen = self._seen
-        while seen:
-            k, expiry = next(iter(seen.items()))
-            if expiry >= wall:
-                break
-            del seen[k]
 
 
 def endpoints_bounded(endpoints: Iterable[Addr]) -> tuple:

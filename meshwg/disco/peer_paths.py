@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from meshwg.disco import paths as P
 from meshwg.disco.netcheck import EDM, EIM
+from meshwg.token_bucket import TokenBucket
 
 MAX_CANDIDATES = 16
 MAX_PENDING_PINGS = 64
@@ -126,20 +127,6 @@ def valid_candidate(addr: object) -> bool:
     return True
 
 
-class _Bucket:
-    def __init__(self, rate: float, burst: float):
-        self.rate, self.burst, self.tokens, self.t = rate, burst, burst, None
-
-    def take(self, now: float, n: float = 1.0) -> bool:
-        if self.t is not None:
-            self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
-        self.t = now
-        if self.tokens >= n:
-            self.tokens -= n
-            return True
-        return False
-
-
 def _hhmmss(wall: float) -> str:
     # Status text only; wall is an input (UTC, the shell may localise).
     s = int(wall) % 86400
@@ -166,8 +153,8 @@ class PeerPaths:
         self._answer_cmm = False
         self.unanswered_since: float | None = None   # wall time of the first unanswered round
         self.local_nat, self.peer_nat = local_nat, peer_nat
-        self._ping_bucket = _Bucket(PEER_PING_RATE, PEER_PING_BURST)
-        self._pong_bucket = _Bucket(PONG_RATE, PONG_BURST)
+        self._ping_bucket = TokenBucket(PEER_PING_RATE, PEER_PING_BURST)
+        self._pong_bucket = TokenBucket(PONG_RATE, PONG_BURST)
         self._outbox: list = []
         self.counters = {"pings_sent": 0, "pongs_received": 0, "pings_rate_limited": 0,
                          "pongs_unmatched": 0, "path_changes": 0, "birthday_attempts": 0}

@@ -29,6 +29,7 @@ from meshwg.io import status_server
 from meshwg.io.mesh_shell import MeshDevice, interface_addresses
 from meshwg.mesh import node as N
 from meshwg.mesh.netmap import PeerSpec
+from meshwg.token_bucket import TokenBucket
 
 log = logging.getLogger("meshwg.agent")
 
@@ -123,8 +124,7 @@ class Agent:
         self._cache_dirty = trio.Event()
         self._last_punch: dict[bytes, float] = {}
         self._was_active: dict[bytes, bool] = {}
-        self._punch_tokens = PUNCH_GLOBAL_RATE
-        self._punch_t = time.monotonic()
+        self._punch_budget = TokenBucket(PUNCH_GLOBAL_RATE, PUNCH_GLOBAL_RATE)
         self._pending_punch: set[bytes] = set()
         self._cancel: trio.CancelScope | None = None
 
@@ -264,14 +264,6 @@ class Agent:
         self._cache_dirty.set()
 
     # ---- background duties -------------------------------------------------------------------
-    def _take_punch_token(self, now: float) -> bool:
-        self._punch_tokens = min(PUNCH_GLOBAL_RATE, self._punch_tokens + (now - self._punch_t) * PUNCH_GLOBAL_RATE)
-        self._punch_t = now
-        if self._punch_tokens >= 1:
-            self._punch_tokens -= 1
-            return True
-        return False
-
     async def _punch_watch(self) -> None:
         """Ask the server to coordinate a punch when a relayed peer gets traffic or new candidates."""
         while True:
@@ -295,7 +287,7 @@ class Agent:
                 peer = self.directory.get(key)
                 if peer is None or not peer.online or node.paths[key].direct(now):
                     continue
-                if not self._take_punch_token(now):
+                if not self._punch_budget.take(now):
                     self._pending_punch.add(key)
                     continue
                 self._last_punch[key] = now

@@ -26,9 +26,10 @@ from meshwg.disco import netcheck as NC
 from meshwg.disco import stun
 from meshwg.disco.messages import CallMeMaybe, DiscoCodec, Ping, Pong, endpoints_bounded
 from meshwg.disco.peer_paths import (CloseSockets, OpenSockets, PeerPaths, SendCallMeMaybe, SendPing,
-                                     SendPong, _Bucket)
+                                     SendPong)
 from meshwg.mesh import demux
 from meshwg.mesh.netmap import AddPeer, ChangePeer, PeerSpec, RemovePeer, diff, route_changes
+from meshwg.token_bucket import TokenBucket
 
 GLOBAL_PROBE_RATE = 300.0     # disco pings per second, all peers together
 GLOBAL_PROBE_BURST = 600.0
@@ -121,7 +122,7 @@ class MeshNode:
         self._out: list = []
         self._events: list = []
         self.counters: collections.Counter = collections.Counter()
-        self._budget = _Bucket(global_probe_rate, global_probe_burst)
+        self._budget = TokenBucket(global_probe_rate, global_probe_burst)
         self._now = 0.0
         # our own endpoints
         self.iface_endpoints: tuple = ()
