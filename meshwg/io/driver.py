@@ -29,6 +29,8 @@ Hooks for the mesh layer (one UDP socket per family carries WireGuard, STUN and 
 * `driver.on_other_datagram = fn(data: bytes, addr: tuple)`: datagrams that are not WireGuard
   messages (first byte 1-4 followed by three zero bytes) go to `fn` instead of the core. With no
   hook every datagram goes to the core, which drops and counts what it cannot parse.
+  A core with a `receive_wireguard` method (the mesh node) gets the WireGuard ones through it, so it
+  does not demultiplex them again.
 * `driver.send_raw(data, addr) -> bool`: send a non-WireGuard datagram (STUN, disco) from the same
   socket, so it uses the same NAT mapping. False if the socket buffer is full (dropped).
 * `driver.endpoint_sender = fn(data: bytes, endpoint)`: core datagrams whose endpoint is not an
@@ -374,6 +376,8 @@ class Driver:
         sched_yield = os.sched_yield
         send_ip_packet = core.send_ip_packet
         receive = core.receive_datagram
+        # What the driver already split off as WireGuard needs no second demultiplexing (the mesh node).
+        receive_wireguard = getattr(core, "receive_wireguard", receive)
         epoll = self._epoll
         poll = epoll.poll
         ep_fd = epoll.fileno()
@@ -447,7 +451,7 @@ class Driver:
                     else:
                         for data, addr in datagrams:
                             if len(data) >= 4 and 1 <= data[0] <= 4 and data[1:4] == b"\0\0\0":
-                                receive(data, addr, now)
+                                receive_wireguard(data, addr, now)
                             else:
                                 other(data, addr)
                     await self.flush_io()

@@ -24,3 +24,16 @@ def test_relay_frame_on_a_birthday_socket_is_counted_not_kept():
     assert node.drops["drop_relay_datagram"] == 200
     assert node.datagrams_to_send() == [] and node.pop_events() == []
     assert _held(node) == held
+
+
+def test_wireguard_from_the_driver_goes_straight_to_the_core():
+    """receive_wireguard (the driver already split the datagram off as WireGuard) reaches the core,
+    whose own checks count a malformed one; nothing is held in the node."""
+    sim = Sim(seed=4)
+    node = sim.add_host("a", lan_ip="192.168.1.2", mesh_ip="100.64.0.1").node
+    node.datagrams_to_send(), node.pop_events()
+    held = _held(node)
+    node.receive_wireguard(b"\x01\0\0\0" + bytes(40), ("198.51.100.9", 4000), 1.0)  # an initiation's type, wrong size
+    node.receive_wireguard(b"\x04\0\0\0" + bytes(40), ("198.51.100.9", 4000), 1.0)  # transport, unknown index
+    assert node.core.drops["bad_size"] == 1 and node.core.drops["unknown_index"] == 1
+    assert node.datagrams_to_send() == [] and _held(node) == held
