@@ -11,12 +11,12 @@ Kernel offloads: datagrams to one endpoint with one size leave as one UDP GSO se
 sockets have UDP_GRO on (udp.recv_batch splits coalesced reads). The core's timer is one
 deadline: a task sleeps until
 `core.get_timer()` and is re-armed by `flush()` whenever the deadline moves earlier.
-`core.get_timer()` is O(peers), so the hot loop does not call it: every deadline the data path can
-create lies at least 1 s ahead (keepalive 10 s, rekey 5 s, persistent keepalive >= 1 s), so the
+`core.get_timer()` is O(peers), so the hot loop does not call it: every deadline the core's data path
+can create lies at least 1 s ahead (keepalive 10 s, rekey 5 s, persistent keepalive >= 1 s), so the
 timer task simply never sleeps longer than TIMER_MAX_SLEEP and re-reads the deadline on waking.
-(One exception on the mesh node: a handshake re-send deferred to its 0.25 s rate floor after a
-path change or relayed disco message then leaves on that wake-up, up to TIMER_MAX_SLEEP late.)
-Per-packet callers outside the loop (the relay's TCP reader) use `flush_io()` for the same reason.
+A core that can create a nearer deadline from a packet (the mesh node: a handshake re-send deferred
+to its 0.25 s rate floor) has an `on_earlier_deadline` attribute; the driver sets it to re-arm the
+timer, in O(1). Per-packet callers outside the loop (the relay's TCP reader) use `flush_io()`.
 
 Control code (the UAPI server, the mesh layer) mutates the core directly from another task of the
 same trio run (no locks needed: trio is single-threaded), then calls `await driver.flush()` so new
@@ -152,6 +152,8 @@ class Driver:
         self._trio_idle: _TrioIdle | None = None
         self.idle_fast_path = True
         self._gso_ok: dict[int, bool] = {}
+        if hasattr(core, "on_earlier_deadline"):
+            core.on_earlier_deadline = self._deadline_moved
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -211,6 +213,10 @@ class Driver:
         deadline moved earlier."""
         await self.flush_io()
         if self.core.get_timer() < self._timer_deadline:
+            self._timer_scope.cancel()
+
+    def _deadline_moved(self, deadline: float) -> None:
+        if deadline < self._timer_deadline:
             self._timer_scope.cancel()
 
     async def flush_io(self) -> None:
@@ -409,11 +415,13 @@ class Driver:
                 # straight from the kernel, and the trio round trip (~20 us) happens after its
                 # answer went out instead of before. Anything of trio's (I/O, a thread's result, a
                 # signal) wakes us too and the checkpoint lets trio handle it.
+                # Always through wait_all_tasks_blocked: tasks of the scheduling batch we run in are
+                # in no queue we could inspect, and blocking before they ran would stall them (a
+                # re-armed timer fired a second late). The round costs ~20 us, after the answer left.
+                await wait_all_tasks_blocked(IDLE_CUSHION)
                 if trio_idle.busy():
-                    await wait_all_tasks_blocked(IDLE_CUSHION)
-                    if trio_idle.busy():
-                        await checkpoint()
-                        continue
+                    await checkpoint()
+                    continue
                 timeout = min(trio_idle.seconds_to_deadline(), IDLE_BLOCK_MAX)
                 events = block_epoll.poll(timeout) if timeout > 0 else []
                 trio_woke = not events

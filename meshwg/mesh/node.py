@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshwg.disco import netcheck as NC
@@ -119,6 +120,9 @@ class MeshNode:
         self._endpoint: dict[bytes, object] = {}
         self._ep_to_key: dict[object, bytes] = {}
         self._resend_at: dict[bytes, float] = {}    # deferred handshake re-sends (see _resend_handshake)
+        # Called with a new timer deadline that may be earlier than get_timer() said before, from the
+        # packet inputs (which the driver flushes without re-reading the O(peers) timer).
+        self.on_earlier_deadline: Callable[[float], None] | None = None
         self._out: list = []
         self._events: list = []
         self.counters: collections.Counter = collections.Counter()
@@ -402,6 +406,8 @@ class MeshNode:
                 self._flush_core(now, activity=False)
         elif defer:
             self._resend_at[key] = min(when, self._resend_at.get(key, math.inf))
+            if self.on_earlier_deadline is not None:
+                self.on_earlier_deadline(self._resend_at[key])
 
     # --- core output ------------------------------------------------------------------------
     def _flush_core(self, now: float, activity: bool) -> None:

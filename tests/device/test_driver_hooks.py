@@ -151,3 +151,42 @@ async def test_device_drives_what_it_is_given_and_serves_the_core():
         plain.udp.close()
         tun_side.close()
         test_side.close()
+
+
+class DeadlineCore(FakeCore):
+    """A core that can create a near deadline from a packet input (as the mesh node defers a
+    handshake re-send), announced through on_earlier_deadline, which the driver sets."""
+
+    on_earlier_deadline = None
+
+    def defer(self, delay: float) -> None:
+        self.timer = trio.current_time() + delay
+        if self.on_earlier_deadline is not None:
+            self.on_earlier_deadline(self.timer)
+
+
+async def test_a_deadline_announced_by_the_core_rearms_the_timer_at_once():
+    """Without a flush() (packet inputs are flushed with flush_io, which does not re-read the
+    O(peers) timer) the deadline still fires on time, not at the timer task's next 1 s wake-up."""
+    far = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    far.bind(("127.0.0.1", 0))
+    far.settimeout(5)
+    tun_side, test_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    udp = UdpBind()
+    udp.open(0)
+    core = DeadlineCore(far.getsockname())
+    driver = Driver(core, Tun.from_fd(tun_side.fileno(), "fake0"), udp, clock=trio.current_time)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(driver.run)
+            await trio.sleep(0.1)  # the timer task now sleeps its full TIMER_MAX_SLEEP
+            start = trio.current_time()
+            core.defer(0.05)
+            assert (await trio.to_thread.run_sync(far.recvfrom, 100))[0] == b"\x04\0\0\0tick"
+            assert trio.current_time() - start < 0.4
+            nursery.cancel_scope.cancel()
+    finally:
+        udp.close()
+        far.close()
+        tun_side.close()
+        test_side.close()

@@ -109,3 +109,19 @@ def test_no_resend_without_a_pending_initiation_and_no_storm():
     assert peer.timers.handshake_attempts == 0
     assert peer.timers.retransmit_handshake >= 1.3 + 5.0  # re-armed from the re-send
     assert core.resend_handshake(peer, 1.4) == 1.3 + HANDSHAKE_RESEND_MIN
+
+
+def test_a_deferred_resend_announces_its_deadline():
+    """A re-send held back by the rate floor is due in < 1 s: the node tells its driver (which
+    otherwise re-reads the timer only every second) through on_earlier_deadline."""
+    sim, e, c, nm = lab()
+    calls = []
+    e.node.on_earlier_deadline = calls.append
+    sim.ping_stream("e", "c", 1.0, 3.0, every=0.5)
+    sim.run(1.5)                                   # e's initiation is pending: c drops it
+    key = c.node.public_key
+    t = sim.now
+    e.node.punch(key, t)                           # re-sent at once (the floor allows it)
+    e.node.punch(key, t + 0.01)                    # too soon: deferred to the floor
+    assert len(calls) == 1 and t < calls[0] <= t + HANDSHAKE_RESEND_MIN
+    assert e.node.get_timer() <= calls[0]
