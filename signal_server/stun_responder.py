@@ -5,6 +5,11 @@ alternate port (STUN only): the RFC 3489/5780 layout (A1:P1, A1:P2, A2:P1, A2:P2
 test their NAT's filtering with CHANGE-REQUEST. A change the layout cannot honour is dropped rather
 than answered from the wrong place: an answer from the receiving socket would read as "the NAT let
 the changed source through", i.e. a falsely open NAT.
+
+An RFC 5389 request carrying comprehension-required attributes the codec does not understand (including
+RFC 5780's RESPONSE-PORT and PADDING, which this server does not implement) gets a 420 "Unknown
+Attribute" error from the receiving socket, never from a CHANGE-REQUEST target. Classic (RFC 3489)
+requests are answered as before.
 """
 
 from __future__ import annotations
@@ -74,6 +79,10 @@ class StunResponder:
             return None, ("udp_dropped_unknown",)
         if req.classic and ":" in src[0]:
             return None, ("stun_classic_v6_dropped",)  # RFC 3489 addresses are IPv4 only
+        if req.unknown:
+            # RFC 5389 7.3.1: 420 before any processing, so a CHANGE-REQUEST alongside is not honoured and
+            # the error leaves from the receiving socket (the client is not testing filtering with it).
+            return Reply(idx, stun.build_unknown_attribute_error(req.txid, req.unknown)), ("stun_unknown_attribute",)
         out = self.target(idx, req.change)
         if out is None:
             return None, ("stun_change_unsupported",)

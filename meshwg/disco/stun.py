@@ -24,6 +24,14 @@ ATTR_MAPPED_ADDRESS = 0x0001
 ATTR_CHANGE_REQUEST = 0x0003
 ATTR_SOURCE_ADDRESS = 0x0004  # RFC 3489 only
 ATTR_CHANGED_ADDRESS = 0x0005  # RFC 3489 only
+ATTR_USERNAME = 0x0006
+ATTR_MESSAGE_INTEGRITY = 0x0008
+ATTR_ERROR_CODE = 0x0009
+ATTR_UNKNOWN_ATTRIBUTES = 0x000A
+ATTR_REALM = 0x0014
+ATTR_NONCE = 0x0015
+ATTR_PADDING = 0x0026  # RFC 5780; not implemented here (so a request carrying it gets 420)
+ATTR_RESPONSE_PORT = 0x0027  # RFC 5780; not implemented here (so a request carrying it gets 420)
 ATTR_XOR_MAPPED_ADDRESS = 0x0020
 ATTR_XOR_MAPPED_ADDRESS_OLD = 0x8020  # pre-RFC drafts; some servers still send it
 ATTR_SOFTWARE = 0x8022
@@ -35,6 +43,12 @@ ATTR_FINGERPRINT = 0x8028
 CHANGE_IP = 0x4
 CHANGE_PORT = 0x2
 _FINGERPRINT_XOR = 0x5354554E
+
+# Comprehension-required attributes (0x0000-0x7FFF) a Binding request may carry that this codec
+# understands: CHANGE-REQUEST (RFC 5780), and the RFC 5389 authentication attributes, which a server
+# without authentication receives and ignores. Any other one earns a 420 (RFC 5389 7.3.1).
+KNOWN_REQUEST_ATTRS = frozenset({ATTR_CHANGE_REQUEST, ATTR_USERNAME, ATTR_MESSAGE_INTEGRITY, ATTR_REALM, ATTR_NONCE})
+ERROR_UNKNOWN_ATTRIBUTE = 420
 
 SOFTWARE = b"meshwg-signal"
 MAX_STUN_LEN = 1500  # a Binding message never needs more; bigger is junk
@@ -127,15 +141,19 @@ class BindingRequest:
     txid: bytes        # 12 bytes (RFC 5389) or 16 (classic RFC 3489: no cookie)
     classic: bool
     change: int        # CHANGE_IP | CHANGE_PORT flags asked for (0: answer from where it came)
+    # Comprehension-required attribute types not in KNOWN_REQUEST_ATTRS, first-seen order, no repeats
+    # (RFC 5389 only; always empty for classic requests). Non-empty: answer 420, never a Binding.
+    unknown: tuple[int, ...] = ()
 
 
 def parse_any_binding_request_untrusted(data: bytes) -> BindingRequest | None:
-    """An RFC 5389 or RFC 3489 Binding request with its CHANGE-REQUEST flags, else None."""
+    """An RFC 5389 or RFC 3489 Binding request with its CHANGE-REQUEST flags (and, RFC 5389 only,
+    its unknown comprehension-required attributes), else None."""
     head = _header_untrusted(data)
     if head is not None:
         if head[0] != BINDING_REQUEST:
             return None
-        return BindingRequest(head[1], False, _change_flags(head[2]))
+        return BindingRequest(head[1], False, _change_flags(head[2]), _unknown_required_untrusted(head[2]))
     classic = parse_classic_binding_request_untrusted(data)
     if classic is None:
         return None
@@ -147,6 +165,19 @@ def _change_flags(body: bytes) -> int:
         if atype == ATTR_CHANGE_REQUEST and len(value) == 4:
             return struct.unpack("!I", value)[0] & (CHANGE_IP | CHANGE_PORT)
     return 0
+
+
+def _unknown_required_untrusted(body: bytes) -> tuple[int, ...]:
+    """Comprehension-required (< 0x8000) attribute types of a request body that are not understood.
+    Attributes after MESSAGE-INTEGRITY are ignored (RFC 5389 15.4: only FINGERPRINT, which is
+    comprehension-optional, may follow it)."""
+    unknown: list[int] = []
+    for atype, _ in _iter_attrs_untrusted(body):
+        if atype == ATTR_MESSAGE_INTEGRITY:
+            break
+        if atype < 0x8000 and atype not in KNOWN_REQUEST_ATTRS and atype not in unknown:
+            unknown.append(atype)
+    return tuple(unknown)
 
 
 def _pack_addr(atype: int, addr, xor_key: bytes | None) -> bytes:
@@ -193,6 +224,22 @@ def build_binding_response(txid: bytes, addr, *, software: bool = True, fingerpr
     if software:
         attrs += _attr(ATTR_SOFTWARE, SOFTWARE)
     return _finish(BINDING_SUCCESS, txid, attrs, fingerprint)
+
+
+def build_unknown_attribute_error(txid: bytes, unknown, *, software: bool = True, fingerprint: bool = True) -> bytes:
+    """Binding error response (RFC 5389 7.3.1): ERROR-CODE 420 "Unknown Attribute" and UNKNOWN-ATTRIBUTES
+    listing the 16-bit types in `unknown` (normal zero padding, not RFC 3489's repeat-the-last)."""
+    if len(txid) != 12:
+        raise ValueError("STUN transaction id is 12 bytes")
+    types = list(unknown)
+    if not types or any(not 0 <= t <= 0xFFFF for t in types):
+        raise ValueError("UNKNOWN-ATTRIBUTES lists one or more 16-bit attribute types")
+    code = ERROR_UNKNOWN_ATTRIBUTE
+    attrs = _attr(ATTR_ERROR_CODE, struct.pack("!HBB", 0, code // 100, code % 100) + b"Unknown Attribute")
+    attrs += _attr(ATTR_UNKNOWN_ATTRIBUTES, struct.pack(f"!{len(types)}H", *types))
+    if software:
+        attrs += _attr(ATTR_SOFTWARE, SOFTWARE)
+    return _finish(BINDING_ERROR, txid, attrs, fingerprint)
 
 
 def parse_binding_response_untrusted(data: bytes):
