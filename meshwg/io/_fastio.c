@@ -294,6 +294,12 @@ static PyObject *last_dest;
 static struct sockaddr_storage last_dest_sa;
 static socklen_t last_dest_len;
 
+static int
+is_transport(PyObject *data)
+{
+    return PyBytes_GET_SIZE(data) > 0 && PyBytes_AS_STRING(data)[0] == 4;
+}
+
 /* 1: resolved into *sa; 0: not a numeric (host, port) tuple this module handles. */
 static int
 resolve_dest(PyObject *dest, struct sockaddr_storage *sa, socklen_t *len)
@@ -379,9 +385,11 @@ send_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_ssize_t size = PyBytes_GET_SIZE(data);
         iov[0].iov_base = PyBytes_AS_STRING(data);
         iov[0].iov_len = (size_t)size;
-        /* Extend a GSO run: same endpoint, same size; a shorter datagram ends it. */
+        /* Extend a GSO run of transport data: same endpoint, same size; a shorter datagram ends it.
+         * Only type 4: the receiver's socket filter judges a coalesced read by its first header, and
+         * an initiation followed by a shorter discovery ping is not a whole number of initiations. */
         Py_ssize_t j = i + 1, total = size;
-        if ((v6 ? v6_gso : v4_gso) && size > 0) {
+        if ((v6 ? v6_gso : v4_gso) && size > 0 && is_transport(data)) {
             while (j < n && j - i < GSO_MAX_SEGMENTS) {
                 PyObject *next = PyList_GET_ITEM(datagrams, j);
                 if (!PyTuple_CheckExact(next) || PyTuple_GET_SIZE(next) != 2 || !PyBytes_CheckExact(PyTuple_GET_ITEM(next, 0))) {
@@ -389,7 +397,7 @@ send_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 }
                 PyObject *next_data = PyTuple_GET_ITEM(next, 0), *next_dest = PyTuple_GET_ITEM(next, 1);
                 Py_ssize_t m = PyBytes_GET_SIZE(next_data);
-                if (m > size || m == 0 || total + m > GSO_MAX_BYTES) {
+                if (m > size || m == 0 || total + m > GSO_MAX_BYTES || !is_transport(next_data)) {
                     break;
                 }
                 if (next_dest != dest) {

@@ -302,16 +302,17 @@ class Driver:
                 self.stats["send_no_socket"] += 1
                 i += 1
                 continue
-            # Extend a GSO run: same endpoint, same size; a shorter datagram ends it.
+            # Extend a GSO run of transport data (as _fastio.c does, and why): same endpoint, same
+            # size; a shorter datagram ends it.
             size = len(data)
             j = i + 1
-            if self._gso_ok.get(sock.fileno()):
+            if data[:1] == b"\x04" and self._gso_ok.get(sock.fileno()):
                 total = size
                 limit = min(n, i + GSO_MAX_SEGMENTS)
                 while j < limit:
                     d, a = datagrams[j]
                     m = len(d)
-                    if m > size or total + m > GSO_MAX_BYTES or (a is not addr and a != addr):
+                    if m > size or total + m > GSO_MAX_BYTES or d[:1] != b"\x04" or (a is not addr and a != addr):
                         break
                     total += m
                     j += 1

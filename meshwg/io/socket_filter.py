@@ -1,7 +1,8 @@
 """A kernel filter for the shared UDP socket: junk is dropped before Python pays for it.
 
 A classic BPF program (SO_ATTACH_FILTER) accepts only what `meshwg.mesh.demux.classify` would
-accept: WireGuard messages with their type's size rule, STUN, discovery and relay frames. With an
+accept (WireGuard messages with their type's size rule, STUN, discovery and relay frames), but for
+handshake sizes, checked as minimums (see GRO below). With an
 index tag (the core puts it in bytes 2-3 of every receiver index it hands out, see
 `WireGuardCore(index_tag=...)`) it also drops responses, cookie replies and transport messages that
 name an index this device never gave out, so a blind flood of well-formed WireGuard headers costs
@@ -10,7 +11,12 @@ no security boundary (the core still authenticates everything).
 
 For a UDP socket the program sees the packet from the UDP header on: the payload starts at offset 8
 and the length includes the 8 header bytes. A load past the end makes the program return 0 (drop).
-With UDP GRO a coalesced run of equal-sized datagrams is seen as one: sizes are checked as multiples.
+With UDP GRO the program sees a coalesced read whole: its first datagram's header, and the length of
+all of them (the kernel coalesces a run of equal sizes whose last may be shorter, whatever the bytes:
+an initiation then a discovery ping from one peer, say). So a handshake message's size is checked as
+a minimum, not exactly: an exact check dropped such a pair whole. The demultiplexer and the core
+check exact sizes after the split, so only initiation-shaped junk longer than 148 bytes gets further
+than before, and it still dies at mac1.
 """
 
 from __future__ import annotations
@@ -39,9 +45,7 @@ _LD_LEN = 0x80       # A = packet length
 _LD_W = 0x20         # A = 32-bit big-endian word at k
 _LD_H = 0x28         # A = 16-bit big-endian half-word at k
 _LD_B = 0x30         # A = byte at k
-_ALU_SUB = 0x14      # A -= k
 _ALU_AND = 0x54      # A &= k
-_ALU_MOD = 0x94      # A %= k
 _JEQ = 0x15
 _JGE = 0x35
 _RET = 0x06
@@ -116,12 +120,10 @@ def program(index_tag: int | None = None) -> bytes:
     for kind, size in HANDSHAKE_SIZES.items():
         p.label(f"wg{kind}")
         p.op(_LD_LEN)
-        p.op(_ALU_SUB, payload)
-        p.op(_ALU_MOD, size)
         if kind == MSG_INITIATION:
-            p.jump(_JEQ, 0, "accept", "drop")  # it names no index of ours
+            p.jump(_JGE, payload + size, "accept", "drop")  # it names no index of ours
         else:
-            p.jump(_JEQ, 0, None, "drop")
+            p.jump(_JGE, payload + size, None, "drop")
             check_tag(kind)
     p.label(f"wg{MSG_TRANSPORT}")
     p.op(_LD_LEN)

@@ -179,9 +179,9 @@ def _received(sock: socket.socket) -> list[bytes]:
 def test_send_datagrams_delivers_runs_and_mixed_endpoints(receivers, senders, gso):
     dest4 = receivers[socket.AF_INET].getsockname()[:2]
     dest6 = receivers[socket.AF_INET6].getsockname()[:2]
-    run = [(bytes([i]) * 100, dest4) for i in range(10)] + [(b"short", dest4)]
-    other_size = [(bytes(60), dest4)]
-    equal_not_identical = [(bytes([7]) * 100, (dest6[0], dest6[1])) for _ in range(3)]
+    run = [(b"\x04" + bytes([i]) * 99, dest4) for i in range(10)] + [(b"\x04short", dest4)]
+    other_size = [(b"\x04" + bytes(59), dest4)]
+    equal_not_identical = [(b"\x04" + bytes([7]) * 99, (dest6[0], dest6[1])) for _ in range(3)]
     datagrams = run + other_size + equal_not_identical + [(b"", dest4)]
     index, status, errors = _fastio.send_datagrams(datagrams, 0, senders[socket.AF_INET].fileno(),
                                                    senders[socket.AF_INET6].fileno(), gso, gso)
@@ -246,11 +246,47 @@ def test_a_socket_that_cannot_segment_falls_back_to_plain_datagrams(receivers, m
         driver = Driver(core=None, tun=None, udp=bind)
         driver._gso_ok = {bind.v4.fileno(): True}
         dest = receivers[socket.AF_INET].getsockname()[:2]
-        datagrams = [(bytes([i]) * 200, dest) for i in range(5)]
+        datagrams = [(b"\x04\0\0\0" + bytes([i]) * 200, dest) for i in range(5)]  # transport data: a GSO run
         assert driver._send_datagrams(datagrams, 0) == 5
         assert driver.stats["gso_disabled"] == 1 and not driver._gso_ok[bind.v4.fileno()]
         assert _received(receivers[socket.AF_INET]) == [d for d, _ in datagrams]
         assert driver._send_datagrams(datagrams, 0) == 5  # plain from now on, not refused again
         assert driver.stats["gso_disabled"] == 1
     finally:
+        bind.v4.close()
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_a_handshake_and_a_shorter_datagram_to_one_peer_both_arrive(monkeypatch, compiled):
+    """GSO runs carry transport data only. A run [initiation, shorter discovery ping] reached the peer
+    as one coalesced read, which its socket filter judged by the initiation's size and dropped whole
+    (a handshake then waited for the 5 s retry)."""
+    from meshwg.io import driver as driver_module
+    from meshwg.io import socket_filter
+    from meshwg.io.driver import Driver
+    from meshwg.io.udp import UdpBind
+
+    monkeypatch.setattr(driver_module, "fastio", _fastio if compiled else None)
+    monkeypatch.setattr(udp, "fastio", _fastio if compiled else None)
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    bind = UdpBind()
+    bind.v4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("127.0.0.1", 0))
+        rx.setblocking(False)
+        rx.setsockopt(udp.SOL_UDP, udp.UDP_GRO, 1)
+        socket_filter.attach(rx, socket_filter.program(None))
+        bind.v4.setblocking(False)
+        driver = Driver(core=None, tun=None, udp=bind)
+        driver._gso_ok = {bind.v4.fileno(): True}
+        dest = rx.getsockname()
+        initiation = b"\x01\0\0\0" + bytes(144)
+        ping = b"MWDsco" + bytes(126)
+        data = [b"\x04\0\0\0" + bytes(60)] * 2
+        datagrams = [(initiation, dest), (ping, dest), (data[0], dest), (data[1], dest)]
+        assert driver._send_datagrams(datagrams, 0) == 4
+        assert [d for d, _ in _drain(rx, 64) + _drain(rx, 64)] == [initiation, ping] + data
+        assert udp.socket_drops(rx) == 0
+    finally:
+        rx.close()
         bind.v4.close()
