@@ -152,6 +152,7 @@ class Driver:
         self._trio_idle: _TrioIdle | None = None
         self.idle_fast_path = True
         self._gso_ok: dict[int, bool] = {}
+        self._flush_waited = False
         if hasattr(core, "on_earlier_deadline"):
             core.on_earlier_deadline = self._deadline_moved
 
@@ -229,6 +230,7 @@ class Driver:
             while start < len(datagrams):
                 # Socket buffer full: wait for room rather than drop (TCP inside would see loss).
                 sock = self.udp.socket_for(datagrams[start][1][0])
+                self._flush_waited = True  # trio ran other tasks meanwhile (the data loop's idle path)
                 try:
                     await trio.lowlevel.wait_writable(sock)
                 except trio.ClosedResourceError:
@@ -403,6 +405,8 @@ class Driver:
         # drain, and with the pure-Python one a raise: ~40 us of cold interpreter code right after
         # a wake-up (measured), a third of a ping hop.
         was_ready: set = set()
+        # Whether trio ran other tasks since this task last blocked on its own (see the idle path).
+        trio_ran = True
         while True:
             events = poll(0)
             if not events:
@@ -410,19 +414,25 @@ class Driver:
                 was_ready = set()
                 if block_epoll is None:
                     await wait_readable(ep_fd)
+                    trio_ran = True
                     continue
                 # Idle fast path: once every other task is blocked, block on our fds and trio's own
                 # epoll fd together, until trio's next deadline. A packet then wakes this task
                 # straight from the kernel, and the trio round trip (~20 us) happens after its
                 # answer went out instead of before. Anything of trio's (I/O, a thread's result, a
                 # signal) wakes us too and the checkpoint lets trio handle it.
-                # Always through wait_all_tasks_blocked: tasks of the scheduling batch we run in are
-                # in no queue we could inspect, and blocking before they ran would stall them (a
-                # re-armed timer fired a second late). The round costs ~20 us, after the answer left.
-                await wait_all_tasks_blocked(IDLE_CUSHION)
-                if trio_idle.busy():
-                    await checkpoint()
-                    continue
+                # Block only when no other task can run. Tasks we woke are in trio's run queue
+                # (busy()); tasks trio resumed together with us are in no queue we can inspect, and
+                # blocking before they ran would stall them up to the next deadline. So after trio
+                # ran anything, ask trio itself (wait_all_tasks_blocked: a round of cold interpreter
+                # work, ~0.1 ms on a ping's path, hence not after every packet).
+                if trio_ran or trio_idle.busy():
+                    await wait_all_tasks_blocked(IDLE_CUSHION)
+                    trio_ran = True
+                    if trio_idle.busy():
+                        await checkpoint()
+                        continue
+                trio_ran = False
                 timeout = min(trio_idle.seconds_to_deadline(), IDLE_BLOCK_MAX)
                 events = block_epoll.poll(timeout) if timeout > 0 else []
                 trio_woke = not events
@@ -431,6 +441,7 @@ class Driver:
                         trio_woke = True
                 if trio_woke:
                     await checkpoint()
+                    trio_ran = True
                     continue
                 # Only our fds woke us: handle them now, without a second poll.
             tun_ready = False
@@ -481,6 +492,7 @@ class Driver:
                 # Ready but nothing to read (an error event consumed, a race): do not spin.
                 since_yield = 0
                 await wait_readable(ep_fd)
+                trio_ran = True
                 continue
             since_yield += got
             if got <= LATENCY_ROUND_MAX:
@@ -492,6 +504,10 @@ class Driver:
             if since_yield >= batch:
                 since_yield = 0
                 await trio.lowlevel.checkpoint()
+                trio_ran = True
+            if self._flush_waited:
+                self._flush_waited = False
+                trio_ran = True
 
     async def _timer_loop(self) -> None:
         core, clock = self.core, self.clock
