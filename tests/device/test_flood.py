@@ -12,8 +12,9 @@ The flood rate is 100 k junk datagrams/s (MESHWG_FLOOD_RATE overrides; 0 = unthr
 flooder core can send: ~165-185 k/s here). The socket filter (meshwg.io.socket_filter) drops in the
 kernel what is misshapen or names a receiver index the device never issued; only initiation-shaped
 garbage reaches Python, where mac1 fails. Measured on the 2-core machine (the flooder, both devices and
-the TCP ends share it): flood/control 0.99-1.05 at 100 k/s; 0.74-0.90 unthrottled (most runs >= 0.8).
-Before the filter TCP collapsed when unthrottled and kept 0.59-0.70 at 50 k/s.
+the TCP ends share it): flood/control 0.94-1.05 at 100 k/s; 0.74-0.90 unthrottled (most runs >= 0.8; 0.89
+and 0.90 with the compiled hot path). Before the filter TCP collapsed when unthrottled and kept 0.59-0.70
+at 50 k/s.
 """
 
 from __future__ import annotations
