@@ -6,9 +6,10 @@ fd), hands each batch to the core with one `now` and flushes the core's outputs.
 about `batch` packets so control tasks stay responsive, and when nothing is ready it waits: for
 trio, on the epoll set's fd (one wait for all fds), or, in the idle fast path with trio's real
 clock, by blocking on our fds plus trio's own epoll fd once every other task is blocked, so a lone
-packet (a ping) is handled straight from the kernel without a scheduler round trip first.
-Kernel offloads: datagrams to one endpoint with one size leave as one UDP GSO sendmsg, and the
-sockets have UDP_GRO on (udp.recv_batch splits coalesced reads). The core's timer is one
+packet (a ping) is handled straight from the kernel without a scheduler round trip first. The
+syscalls and the transport AEAD run in compiled code where it was built (meshwg.hotpath).
+Kernel offloads: transport datagrams to one endpoint with one size leave as one UDP GSO sendmsg,
+and the sockets have UDP_GRO on (udp.recv_batch splits coalesced reads). The core's timer is one
 deadline: a task sleeps until
 `core.get_timer()` and is re-armed by `flush()` whenever the deadline moves earlier.
 `core.get_timer()` is O(peers), so the hot loop does not call it: every deadline the core's data path
