@@ -22,7 +22,8 @@
  *     where that family's *_gso is true. Stops at `index` with status SENT_ALL (index == len),
  *     WOULD_BLOCK, NEEDS_PYTHON (an endpoint that is not a numeric (host, port) tuple, a scoped
  *     IPv6 host, a family without a socket: the caller's own path handles that one) or
- *     GSO_REFUSED (the kernel cannot segment this run: the caller turns GSO off and calls again).
+ *     GSO_REFUSED (the kernel refused to segment a run whose first datagram then went out alone:
+ *     `index` is the one after it; the caller turns GSO off for that family and calls again).
  *     `errors`: datagrams lost to other send errors (unreachable, EPERM, ...), as on a wire.
  */
 #define PY_SSIZE_T_CLEAN
@@ -89,6 +90,22 @@ fd_and_limit(PyObject *const *args, Py_ssize_t nargs, const char *usage, int *fd
         }
         return -1;
     }
+    return 0;
+}
+
+/* A file descriptor or -1 (no socket for that family); -1 with an exception set otherwise. */
+static int
+fd_or_none(PyObject *obj, int *fd)
+{
+    long value = PyLong_AsLong(obj);
+    if (value == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (value < -1 || value > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "not a file descriptor");
+        return -1;
+    }
+    *fd = (int)value;
     return 0;
 }
 
@@ -194,7 +211,8 @@ source_tuple(const struct sockaddr_storage *source, socklen_t length)
         port = ntohs(sin->sin_port);
     } else if (source->ss_family == AF_INET6) {
         const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)source;
-        /* A link-local source carries its scope ("fe80::1%eth0"), as Python's socket module writes it. */
+        /* A link-local source carries its scope in the host ("fe80::1%eth0"): the endpoint must say which
+         * interface to answer on, and Python's sendto takes that form (the fallback writes it too). */
         if (sin6->sin6_scope_id == 0) {
             inet_ntop(AF_INET6, &sin6->sin6_addr, host, sizeof host);
         } else if (getnameinfo((const struct sockaddr *)source, length, host, sizeof host, NULL, 0, NI_NUMERICHOST) != 0) {
@@ -264,23 +282,34 @@ recv_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (segment <= 0 || segment >= n) {
             segment = n;  /* one datagram (an empty one included) */
         }
-        PyObject *addr = source_tuple(&source, msg.msg_namelen);
-        if (addr == NULL) {
+        /* Copy every segment out of the shared buffer first: bytes objects are not tracked by the
+         * garbage collector, but the tuples below are, and a collection may run arbitrary code. */
+        Py_ssize_t count = n > 0 ? (n + segment - 1) / segment : 1;
+        PyObject **parts = PyMem_Malloc((size_t)count * sizeof(PyObject *));
+        if (parts == NULL) {
+            PyErr_NoMemory();
             goto fail;
         }
-        Py_ssize_t offset = 0;
-        do {
-            Py_ssize_t size = n - offset < segment ? n - offset : segment;
-            PyObject *data = PyBytes_FromStringAndSize((const char *)buffer + offset, size);
-            if (data == NULL || append_new(out, PyTuple_Pack(2, data, addr)) < 0) {
-                Py_XDECREF(data);
-                Py_DECREF(addr);
-                goto fail;
+        Py_ssize_t made = 0;
+        for (; made < count; made++) {
+            Py_ssize_t offset = made * segment, size = n - offset < segment ? n - offset : segment;
+            if ((parts[made] = PyBytes_FromStringAndSize((const char *)buffer + offset, size)) == NULL) {
+                break;
             }
-            Py_DECREF(data);
-            offset += size;
-        } while (offset < n);
-        Py_DECREF(addr);
+        }
+        PyObject *addr = made == count ? source_tuple(&source, msg.msg_namelen) : NULL;
+        int ok = addr != NULL;
+        for (Py_ssize_t k = 0; k < made; k++) {
+            if (ok && append_new(out, PyTuple_Pack(2, parts[k], addr)) < 0) {
+                ok = 0;
+            }
+            Py_DECREF(parts[k]);
+        }
+        PyMem_Free(parts);
+        Py_XDECREF(addr);
+        if (!ok) {
+            goto fail;
+        }
     }
     return out;
 fail:
@@ -309,14 +338,19 @@ resolve_dest(PyObject *dest, struct sockaddr_storage *sa, socklen_t *len)
         *len = last_dest_len;
         return 1;
     }
-    if (!PyTuple_CheckExact(dest) || PyTuple_GET_SIZE(dest) != 2 || !PyUnicode_Check(PyTuple_GET_ITEM(dest, 0))
+    /* Exact types only: a subclass could run Python code (and change the list) from here. */
+    if (!PyTuple_CheckExact(dest) || PyTuple_GET_SIZE(dest) != 2 || !PyUnicode_CheckExact(PyTuple_GET_ITEM(dest, 0))
         || !PyLong_CheckExact(PyTuple_GET_ITEM(dest, 1))) {
         return 0;
     }
     Py_ssize_t host_len;
     const char *host = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(dest, 0), &host_len);
+    if (host == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
     long port = PyLong_AsLong(PyTuple_GET_ITEM(dest, 1));
-    if (host == NULL || (size_t)host_len != strlen(host) || port < 0 || port > 65535) {
+    if ((port == -1 && PyErr_Occurred()) || (size_t)host_len != strlen(host) || port < 0 || port > 65535) {
         PyErr_Clear();
         return 0;
     }
@@ -354,9 +388,12 @@ send_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *datagrams = args[0];
     Py_ssize_t i = PyLong_AsSsize_t(args[1]);
-    long v4_fd = PyLong_AsLong(args[2]), v6_fd = PyLong_AsLong(args[3]);
+    int v4_fd, v6_fd;
+    if (PyErr_Occurred() || fd_or_none(args[2], &v4_fd) < 0 || fd_or_none(args[3], &v6_fd) < 0) {
+        return NULL;
+    }
     int v4_gso = PyObject_IsTrue(args[4]), v6_gso = PyObject_IsTrue(args[5]);
-    if (PyErr_Occurred()) {
+    if (v4_gso < 0 || v6_gso < 0) {
         return NULL;
     }
     Py_ssize_t n = PyList_GET_SIZE(datagrams), errors = 0;
@@ -376,7 +413,7 @@ send_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             break;
         }
         int v6 = sa.ss_family == AF_INET6;
-        long fd = v6 ? v6_fd : v4_fd;
+        int fd = v6 ? v6_fd : v4_fd;
         if (fd < 0) {
             status = NEEDS_PYTHON;
             break;
@@ -420,7 +457,7 @@ send_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         ssize_t rc;
         do {
             if (j - i == 1) {
-                rc = sendto((int)fd, iov[0].iov_base, iov[0].iov_len, 0, (struct sockaddr *)&sa, sa_len);
+                rc = sendto(fd, iov[0].iov_base, iov[0].iov_len, 0, (struct sockaddr *)&sa, sa_len);
             } else {
                 union {
                     char raw[CMSG_SPACE(sizeof(uint16_t))];
@@ -437,7 +474,7 @@ send_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
                 uint16_t segment = (uint16_t)size;
                 memcpy(CMSG_DATA(c), &segment, sizeof segment);
-                rc = sendmsg((int)fd, &msg, 0);
+                rc = sendmsg(fd, &msg, 0);
             }
         } while (rc < 0 && errno == EINTR);
         if (rc < 0) {
@@ -447,8 +484,23 @@ send_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             }
             if (j - i > 1 && (errno == EIO || errno == EINVAL || errno == EMSGSIZE || errno == ENOPROTOOPT
                               || errno == EOPNOTSUPP)) {
-                status = GSO_REFUSED;
-                break;
+                /* The path may not segment (no checksum offload, route MTU), or the destination is bad
+                 * for any datagram (port 0, ...): the first one alone tells which. */
+                do {
+                    rc = sendto(fd, iov[0].iov_base, iov[0].iov_len, 0, (struct sockaddr *)&sa, sa_len);
+                } while (rc < 0 && errno == EINTR);
+                if (rc >= 0) {
+                    i += 1;
+                    status = GSO_REFUSED;
+                    break;
+                }
+                if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                    status = WOULD_BLOCK;
+                    break;
+                }
+                errors += 1;
+                i += 1;
+                continue;
             }
             errors += j - i;  /* unreachable network, firewall EPERM, ...: lost, as on a wire */
         }

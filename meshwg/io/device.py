@@ -23,6 +23,7 @@ from meshwg.io.udp import UdpBind
 from meshwg.wg.device import WireGuardCore
 
 log = logging.getLogger(__name__)
+MTU_POLL_INTERVAL = 2.0  # seconds; the MTU only shapes padding, so a change may take effect late
 
 
 def new_core(tun: Tun, private_key: bytes | None = None) -> WireGuardCore:
@@ -63,11 +64,25 @@ class Device:
                     await nursery.start(self.driver.run)
                     if self.listener is not None:
                         await nursery.start(uapi_server.serve, self.listener, self)
+                    nursery.start_soon(self._follow_mtu)
                     task_status.started()
                     await self._watch_driver()
                     nursery.cancel_scope.cancel()
             finally:
                 self.stop(self.driver.stopped_reason or "stopped")
+
+    async def _follow_mtu(self) -> None:
+        """The core pads to the interface's MTU, which wg-quick and `meshwg up` set after the device
+        started (and `ip link set mtu` may change any time): follow it, as wireguard-go does."""
+        while True:
+            try:
+                mtu = self.tun.get_mtu()
+            except OSError:
+                return  # the interface is gone; the driver notices and stops
+            if mtu != self.core.mtu:
+                log.info("%s: MTU %d", self.name, mtu)
+                self.core.mtu = mtu
+            await trio.sleep(MTU_POLL_INTERVAL)
 
     async def _watch_driver(self) -> None:
         # The driver stops on its own only when the TUN goes away (`ip link del`).

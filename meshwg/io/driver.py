@@ -269,9 +269,11 @@ class Driver:
                 self.stats["send_error"] += errors
             if status == fastio.SENT_ALL or status == fastio.WOULD_BLOCK:
                 return i
-            if status == fastio.GSO_REFUSED:
-                self._gso_refused(fd6 if ":" in datagrams[i][1][0] else fd4)
+            if status == fastio.GSO_REFUSED:  # datagrams[i - 1] went out alone
+                self._gso_refused(fd6 if ":" in datagrams[i - 1][1][0] else fd4)
                 start = i
+                if start >= n:
+                    return n
                 continue
             # NEEDS_PYTHON: this one datagram through the Python path.
             if self._send_datagrams_python(datagrams, i, i + 1) == i:
@@ -331,7 +333,17 @@ class Driver:
                 return i
             except OSError as err:
                 if j - i > 1 and err.errno in _GSO_UNSUPPORTED:
-                    self._gso_refused(sock.fileno())
+                    # The path may not segment, or the destination is bad for any datagram (port 0):
+                    # the first one alone tells which (as _fastio.c does).
+                    try:
+                        sock.sendto(data, addr)
+                    except BlockingIOError:
+                        return i
+                    except OSError:
+                        self.stats["send_error"] += 1
+                    else:
+                        self._gso_refused(sock.fileno())
+                    i += 1
                     continue
                 # Unreachable network, firewall EPERM, ...: the packets are lost, as on a wire.
                 self.stats["send_error"] += j - i

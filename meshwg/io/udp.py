@@ -162,7 +162,9 @@ _PASSING_RECV_ERRORS = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREAC
 def recv_batch(sock: socket.socket, limit: int, v6: bool | None = None) -> list[tuple[bytes, tuple]]:
     """Up to `limit` datagrams as (data, (host, port)); empty when the socket would block. On a socket
     with UDP_GRO on, a coalesced read is split back into its datagrams (equal-sized segments, the last
-    one possibly shorter). `v6` saves the (slow, enum-building) `sock.family` lookup on the hot path."""
+    one possibly shorter). A link-local IPv6 source keeps its scope in the host ("fe80::1%eth0"), the
+    form sendto needs to answer it. An error after some datagrams were read returns those (the error
+    comes back on the next call). `v6` saves the (slow, enum-building) `sock.family` lookup."""
     if fastio is not None:
         return fastio.recv_datagrams(sock.fileno(), limit)
     out: list[tuple[bytes, tuple]] = []
@@ -173,7 +175,7 @@ def recv_batch(sock: socket.socket, limit: int, v6: bool | None = None) -> list[
         while len(out) < limit:
             data, anc, _flags, addr = recvmsg(RECV_SIZE, _GRO_CMSG_SPACE)
             if v6:
-                addr = (addr[0], addr[1])
+                addr = (f"{addr[0]}%{socket.if_indextoname(addr[3])}" if addr[3] else addr[0], addr[1])
             size = 0
             for level, kind, raw in anc:
                 if level == SOL_UDP and kind == UDP_GRO:
@@ -185,6 +187,6 @@ def recv_batch(sock: socket.socket, limit: int, v6: bool | None = None) -> list[
     except BlockingIOError:
         pass
     except OSError as err:
-        if err.errno not in _PASSING_RECV_ERRORS:
+        if err.errno not in _PASSING_RECV_ERRORS and not out:
             raise
     return out

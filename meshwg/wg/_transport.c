@@ -23,8 +23,10 @@
 #define TAG_LEN crypto_aead_chacha20poly1305_ietf_ABYTES
 #define KEY_LEN crypto_aead_chacha20poly1305_ietf_KEYBYTES
 #define NONCE_LEN crypto_aead_chacha20poly1305_ietf_NPUBBYTES
-/* An inner packet is at most 65535 bytes (IPv4 total length; IPv6 jumbograms never reach a TUN here). */
-#define MAX_PLAINTEXT 65535
+/* An inner packet is at most 65535 bytes (IPv4 total length; IPv6 jumbograms never reach a TUN here),
+ * padded by at most 15 more (a packet above the MTU keeps its length modulo the MTU padded to 16: a
+ * datagram that big then fails to send and is counted, as with the fallback). */
+#define MAX_PLAINTEXT (65535 + 15)
 
 static int
 expect_bytes(PyObject *obj, Py_ssize_t exact, const char *what)

@@ -190,3 +190,36 @@ async def test_a_deadline_announced_by_the_core_rearms_the_timer_at_once():
         far.close()
         tun_side.close()
         test_side.close()
+
+
+class MtuTun:
+    """Just enough of a Tun for Device: its MTU, which the test changes, then removes."""
+
+    def __init__(self, mtu: int):
+        self.mtu, self.name, self.fd = mtu, "fake0", -1
+
+    def get_mtu(self) -> int:
+        if self.mtu is None:
+            raise OSError("no such device")
+        return self.mtu
+
+    def close(self) -> None:
+        pass
+
+
+async def test_the_core_follows_the_interface_mtu(autojump_clock):
+    """wg-quick and `meshwg up` set the MTU after the device started; the core pads to the current one."""
+    tun = MtuTun(1420)
+    device = Device(tun, None)
+    try:
+        assert device.core.mtu == 1420
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(device._follow_mtu)
+            tun.mtu = 1280
+            await trio.sleep(5)
+            assert device.core.mtu == 1280
+            tun.mtu = None  # the interface went away: the follower ends, the core keeps its last MTU
+            await trio.sleep(5)
+        assert device.core.mtu == 1280
+    finally:
+        device.udp.close()

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import require_real_components  # tests/conftest.py
 from meshwg.io import _fastio, tun, udp
 from meshwg.io.fastio import fastio
 from meshwg.io.tun import Tun, TunClosed
@@ -290,3 +291,68 @@ def test_a_handshake_and_a_shorter_datagram_to_one_peer_both_arrive(monkeypatch,
     finally:
         rx.close()
         bind.v4.close()
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_a_bad_destination_is_not_taken_for_a_path_that_cannot_segment(receivers, monkeypatch, compiled):
+    """A run to port 0 fails with EINVAL, as a run the kernel cannot segment does; sending its first
+    datagram alone tells them apart: each datagram is counted lost, GSO stays on."""
+    from meshwg.io import driver as driver_module
+    from meshwg.io.driver import Driver
+    from meshwg.io.udp import UdpBind
+
+    monkeypatch.setattr(driver_module, "fastio", _fastio if compiled else None)
+    bind = UdpBind()
+    bind.v4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        bind.v4.setblocking(False)
+        driver = Driver(core=None, tun=None, udp=bind)
+        driver._gso_ok = {bind.v4.fileno(): True}
+        dest = receivers[socket.AF_INET].getsockname()[:2]
+        datagrams = [(b"\x04\0\0\0" + bytes(100), ("127.0.0.1", 0))] * 3 + [(b"\x04\0\0\0" + bytes(100), dest)] * 2
+        assert driver._send_datagrams(datagrams, 0) == 5
+        assert driver.stats["send_error"] == 3 and driver.stats["gso_disabled"] == 0
+        assert driver._gso_ok[bind.v4.fileno()] is True
+        assert len(_received(receivers[socket.AF_INET])) == 2
+    finally:
+        bind.v4.close()
+
+
+LINK_LOCAL_PROBE = """
+import socket, sys
+sys.path.insert(0, sys.argv[1])
+from meshwg.io import _fastio, udp
+out = []
+for impl in (_fastio, None):
+    udp.fastio = impl
+    rx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    rx.bind(("fe80::2%lb", 0, 0, socket.if_nametoindex("lb")))
+    rx.setblocking(False)
+    tx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    tx.bind(("fe80::1%la", 0, 0, socket.if_nametoindex("la")))
+    tx.sendto(b"hello", ("fe80::2%la", rx.getsockname()[1]))
+    for _ in range(1000):
+        got = udp.recv_batch(rx, 8, True)
+        if got:
+            break
+    out.append(got[0][1][0])
+    rx.close(); tx.close()
+print(" ".join(out))
+"""
+
+
+@pytest.mark.netns
+def test_a_link_local_source_keeps_its_scope_in_both_implementations():
+    """The endpoint of a link-local peer must name its interface, or the reply cannot leave (the
+    pure-Python path used to drop the scope)."""
+    from scenarios.netns import Netns
+
+    require_real_components("ip")
+    with Netns("fio") as ns:
+        ns.run("ip", "link", "add", "la", "type", "veth", "peer", "name", "lb")
+        for name, addr in (("la", "fe80::1/64"), ("lb", "fe80::2/64")):
+            ns.run("ip", "-6", "addr", "add", addr, "dev", name, "nodad")
+            ns.run("ip", "link", "set", name, "up")
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        hosts = ns.run(sys.executable, "-c", LINK_LOCAL_PROBE, repo).split()
+    assert hosts == ["fe80::1%lb", "fe80::1%lb"]  # the interface it arrived on, which the reply must use

@@ -86,3 +86,12 @@ def test_open_refuses_bad_arguments():
 @given(key=st.binary(min_size=32, max_size=32), message=st.binary(max_size=200))
 def test_open_answers_none_or_bytes_for_any_message(key, message):
     assert _transport.open(key, message) is None  # random bytes do not authenticate
+
+
+def test_a_packet_above_the_mtu_is_sealed_not_refused():
+    """The core pads a packet longer than its MTU by its length modulo the MTU (wireguard-go's rule),
+    so a 65535-byte packet asks for 65544: sealed like the fallback does (the send then fails and is
+    counted), not a ValueError escaping the data loop."""
+    packet = bytes(range(256)) * 255 + bytes(255)
+    assert len(packet) == 65535
+    assert _transport.seal(KEY, PREFIX, 1, packet, 65544) == crypto._seal_with_cryptography(KEY, PREFIX, 1, packet, 65544)
