@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import socket
+from types import SimpleNamespace
 
+import pytest
 import trio
 
 from meshwg.io.device import Device
@@ -53,70 +55,75 @@ class FakeCore:
         return self.timer
 
 
-async def test_driver_moves_packets_and_calls_hooks():
+@pytest.fixture
+def rig():
+    """A far UDP end on loopback, a socketpair standing in for the TUN (test_side is the kernel's end),
+    and the device's UDP sockets."""
     far = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     far.bind(("127.0.0.1", 0))
     far.settimeout(5)
     tun_side, test_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     udp = UdpBind()
     udp.open(0)
+    yield SimpleNamespace(far=far, tun=Tun.from_fd(tun_side.fileno(), "fake0"), test_side=test_side, udp=udp)
+    udp.close()
+    for sock in (far, tun_side, test_side):
+        sock.close()
+
+
+async def test_driver_moves_packets_and_calls_hooks(rig):
+    far, test_side, udp = rig.far, rig.test_side, rig.udp
     core = FakeCore(far.getsockname())
-    driver = Driver(core, Tun.from_fd(tun_side.fileno(), "fake0"), udp, clock=trio.current_time, batch=8)
+    driver = Driver(core, rig.tun, udp, clock=trio.current_time, batch=8)
     others, relayed = [], []
     driver.on_other_datagram = lambda data, addr: others.append((data, addr))
     driver.endpoint_sender = lambda data, ep: relayed.append((data, ep))
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(driver.run)
-            # TUN -> core -> UDP, more packets than one batch.
-            for i in range(20):
-                test_side.send(b"pkt%02d" % i)
-            got = [await trio.to_thread.run_sync(far.recvfrom, 100) for _ in range(20)]
-            assert [d for d, _ in got] == [b"\x04\0\0\0pkt%02d" % i for i in range(20)]
-            assert got[0][1][1] == udp.port
-            # UDP -> core -> TUN; non-WireGuard bytes go to the hook instead of the core.
-            # (Shaped to pass the socket filter: a transport message is >= 32 bytes, STUN has its cookie;
-            # the junk in between is dropped by the kernel and reaches neither.)
-            hello = b"hello".ljust(28, b".")
-            stun = b"\x00\x01\x00\x00\x21\x12\xa4\x42" + b"transaction!"
-            far.sendto(b"\x04\0\0\0" + hello, ("127.0.0.1", udp.port))
-            far.sendto(b"\x00\x01 junk", ("127.0.0.1", udp.port))
-            far.sendto(stun, ("127.0.0.1", udp.port))
-            with trio.fail_after(5):
-                while True:
-                    try:
-                        assert test_side.recv(100, socket.MSG_DONTWAIT) == hello
-                        break
-                    except BlockingIOError:
-                        await trio.sleep(0.01)
-                while not others:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        # TUN -> core -> UDP, more packets than one batch.
+        for i in range(20):
+            test_side.send(b"pkt%02d" % i)
+        got = [await trio.to_thread.run_sync(far.recvfrom, 100) for _ in range(20)]
+        assert [d for d, _ in got] == [b"\x04\0\0\0pkt%02d" % i for i in range(20)]
+        assert got[0][1][1] == udp.port
+        # UDP -> core -> TUN; non-WireGuard bytes go to the hook instead of the core.
+        # (Shaped to pass the socket filter: a transport message is >= 32 bytes, STUN has its cookie;
+        # the junk in between is dropped by the kernel and reaches neither.)
+        hello = b"hello".ljust(28, b".")
+        stun = b"\x00\x01\x00\x00\x21\x12\xa4\x42" + b"transaction!"
+        far.sendto(b"\x04\0\0\0" + hello, ("127.0.0.1", udp.port))
+        far.sendto(b"\x00\x01 junk", ("127.0.0.1", udp.port))
+        far.sendto(stun, ("127.0.0.1", udp.port))
+        with trio.fail_after(5):
+            while True:
+                try:
+                    assert test_side.recv(100, socket.MSG_DONTWAIT) == hello
+                    break
+                except BlockingIOError:
                     await trio.sleep(0.01)
-            assert others == [(stun, far.getsockname())]
-            assert len(core.received) == 1
-            # Raw datagrams share the socket; non-tuple endpoints use the pluggable sender.
-            assert driver.send_raw(b"raw", far.getsockname())
-            assert far.recvfrom(100) == (b"raw", ("127.0.0.1", udp.port))
-            core.out.append((b"\x04\0\0\0via-relay", "relay:peer1"))
-            await driver.flush()
-            assert relayed == [(b"\x04\0\0\0via-relay", "relay:peer1")]
-            # A timer set by control code is re-armed by flush() and fires.
-            core.timer = trio.current_time() + 0.05
-            await driver.flush()
-            assert (await trio.to_thread.run_sync(far.recvfrom, 100))[0] == b"\x04\0\0\0tick"
-            assert core.ticks == 1
-            # Rebinding moves the socket; traffic continues from the new port.
-            old = udp.port
-            await driver.rebind(0)
-            assert udp.port != old
-            test_side.send(b"after")
-            data, addr = await trio.to_thread.run_sync(far.recvfrom, 100)
-            assert data == b"\x04\0\0\0after" and addr[1] == udp.port
-            nursery.cancel_scope.cancel()
-    finally:
-        udp.close()
-        far.close()
-        tun_side.close()
-        test_side.close()
+            while not others:
+                await trio.sleep(0.01)
+        assert others == [(stun, far.getsockname())]
+        assert len(core.received) == 1
+        # Raw datagrams share the socket; non-tuple endpoints use the pluggable sender.
+        assert driver.send_raw(b"raw", far.getsockname())
+        assert far.recvfrom(100) == (b"raw", ("127.0.0.1", udp.port))
+        core.out.append((b"\x04\0\0\0via-relay", "relay:peer1"))
+        await driver.flush()
+        assert relayed == [(b"\x04\0\0\0via-relay", "relay:peer1")]
+        # A timer set by control code is re-armed by flush() and fires.
+        core.timer = trio.current_time() + 0.05
+        await driver.flush()
+        assert (await trio.to_thread.run_sync(far.recvfrom, 100))[0] == b"\x04\0\0\0tick"
+        assert core.ticks == 1
+        # Rebinding moves the socket; traffic continues from the new port.
+        old = udp.port
+        await driver.rebind(0)
+        assert udp.port != old
+        test_side.send(b"after")
+        data, addr = await trio.to_thread.run_sync(far.recvfrom, 100)
+        assert data == b"\x04\0\0\0after" and addr[1] == udp.port
+        nursery.cancel_scope.cancel()
 
 
 async def test_driver_stops_when_tun_disappears():
@@ -165,31 +172,19 @@ class DeadlineCore(FakeCore):
             self.on_earlier_deadline(self.timer)
 
 
-async def test_a_deadline_announced_by_the_core_rearms_the_timer_at_once():
+async def test_a_deadline_announced_by_the_core_rearms_the_timer_at_once(rig):
     """Without a flush() (packet inputs are flushed with flush_io, which does not re-read the
     O(peers) timer) the deadline still fires on time, not at the timer task's next 1 s wake-up."""
-    far = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    far.bind(("127.0.0.1", 0))
-    far.settimeout(5)
-    tun_side, test_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    udp = UdpBind()
-    udp.open(0)
-    core = DeadlineCore(far.getsockname())
-    driver = Driver(core, Tun.from_fd(tun_side.fileno(), "fake0"), udp, clock=trio.current_time)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(driver.run)
-            await trio.sleep(0.1)  # the timer task now sleeps its full TIMER_MAX_SLEEP
-            start = trio.current_time()
-            core.defer(0.05)
-            assert (await trio.to_thread.run_sync(far.recvfrom, 100))[0] == b"\x04\0\0\0tick"
-            assert trio.current_time() - start < 0.4
-            nursery.cancel_scope.cancel()
-    finally:
-        udp.close()
-        far.close()
-        tun_side.close()
-        test_side.close()
+    core = DeadlineCore(rig.far.getsockname())
+    driver = Driver(core, rig.tun, rig.udp, clock=trio.current_time)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await trio.sleep(0.1)  # the timer task now sleeps its full TIMER_MAX_SLEEP
+        start = trio.current_time()
+        core.defer(0.05)
+        assert (await trio.to_thread.run_sync(rig.far.recvfrom, 100))[0] == b"\x04\0\0\0tick"
+        assert trio.current_time() - start < 0.4
+        nursery.cancel_scope.cancel()
 
 
 class MtuTun:
