@@ -11,6 +11,7 @@ import logging
 import sys
 
 from meshwg.errors import UserError
+from meshwg.hotpath import version_line
 
 COMMAND_MODULES = [
     "meshwg.commands.keys",      # genkey, pubkey, genpsk
@@ -24,6 +25,7 @@ COMMAND_MODULES = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshwg", description="Mesh VPN on a userspace WireGuard data plane.")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--version", action="version", version=version_line("meshwg"))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMAND_MODULES:
         module = importlib.import_module(module_name)

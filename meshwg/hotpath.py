@@ -18,6 +18,12 @@ def missing_compiled() -> list[str]:
     return missing
 
 
+def version_line(program: str) -> str:
+    """`program --version`: the release and which hot path this installation runs."""
+    from meshwg import __version__
+    return f"{program} {__version__} ({describe()})"
+
+
 def describe() -> str:
     io = "compiled" if fastio is not None else "pure Python"
     return f"transport crypto: {crypto.TRANSPORT_BACKEND}; TUN/UDP drain: {io}"

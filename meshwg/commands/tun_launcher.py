@@ -27,9 +27,11 @@ def _setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from meshwg.hotpath import version_line
+
     parser = argparse.ArgumentParser(prog="meshwg-tun", description="Userspace WireGuard device (wireguard-go compatible).")
     parser.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
-    parser.add_argument("--version", action="version", version="meshwg-tun 0.1.0")
+    parser.add_argument("--version", action="version", version=version_line("meshwg-tun"))
     parser.add_argument("interface", help="interface name (a template like wg%%d is allowed)")
     args = parser.parse_args(argv)
     foreground = args.foreground or os.environ.get("WG_PROCESS_FOREGROUND") == "1"

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from meshwg import __version__
 from conftest import require_real_components  # tests/conftest.py (a site-packages "tests" package shadows tests.conftest)
 
 SK = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk="
@@ -59,3 +60,12 @@ def test_strip_cli_matches_real_wg_quick(tmp_path):
     assert ours.stdout == real.stdout
     assert "Address" not in ours.stdout and "PublicKey" in ours.stdout
     assert meshwg("strip", "-", input=GOOD).stdout == real.stdout
+
+
+@pytest.mark.parametrize("pure, expected", [("0", "libsodium"), ("1", "cryptography")])
+def test_version_names_the_hot_path(pure, expected):
+    """What a bug report needs first: the release and whether the compiled hot path is in use."""
+    for program in ("meshwg", "meshwg-tun"):
+        out = subprocess.run([os.path.join(os.path.dirname(sys.executable), program), "--version"],
+                             capture_output=True, text=True, env={**os.environ, "MESHWG_PURE_PYTHON": pure}, check=True)
+        assert out.stdout.startswith(f"{program} {__version__} (transport crypto: {expected}")
