@@ -1,7 +1,6 @@
 """Run one userspace WireGuard device (TUN + UDP + UAPI) until SIGINT/SIGTERM or the TUN disappears.
 
     run_device(tun, listener, ready=callback)   # blocks; removes socket files and closes fds on exit
-    drop_counters(device) -> dict[str, int]      # what was dropped and why (core, TUN, UDP send)
 
 Used by `meshwg-tun` (the wireguard-go compatible launcher) and by `meshwg up`.
 Dropped packets are logged (INFO, "drops: reason=n ...") every MESHWG_STATS_INTERVAL seconds
@@ -26,20 +25,6 @@ log = logging.getLogger(__name__)
 DEFAULT_STATS_INTERVAL = 60.0
 
 
-def drop_counters(device: Device) -> dict[str, int]:
-    """Every packet the device dropped, by reason: the core's (bad datagrams, no route, ...),
-    the kernel's on our UDP sockets, TUN writes the kernel refused, and the driver's send failures."""
-    counts = dict(device.core.drops)
-    if device.tun.write_drops:
-        counts["tun_write"] = device.tun.write_drops
-    if kernel := device.udp.kernel_drops():
-        counts["socket"] = kernel  # junk refused by the socket filter, or a full receive buffer
-    for key in ("send_error", "send_no_socket", "send_no_sender", "send_raw_error", "gso_disabled"):
-        if device.driver.stats[key]:
-            counts[key] = device.driver.stats[key]
-    return counts
-
-
 def format_drops(counts: dict[str, int]) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"
 
@@ -48,7 +33,7 @@ async def _log_drops(device: Device, interval: float) -> None:
     last: dict[str, int] = {}
     while True:
         await trio.sleep(interval)
-        counts = drop_counters(device)
+        counts = device.drop_counts()
         if counts != last:
             log.info("%s: drops: %s", device.name, format_drops(counts))
             last = counts
@@ -71,7 +56,7 @@ async def _main(device: Device, ready: Callable[[], None] | None) -> None:
             nursery.start_soon(_log_drops, device, _stats_interval())
             await device.stopped.wait()
             nursery.cancel_scope.cancel()
-    log.info("%s: drops: %s", device.name, format_drops(drop_counters(device)))
+    log.info("%s: drops: %s", device.name, format_drops(device.drop_counts()))
 
 
 def _stats_interval() -> float:

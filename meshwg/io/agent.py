@@ -371,9 +371,6 @@ class Agent:
             })
         rep = node.last_report
         w = self.welcome
-        drops = dict(node.drops)
-        if kernel := dev.device.udp.kernel_drops():
-            drops["socket"] = kernel  # refused by the socket filter, or a full receive buffer
         return {
             "interface": dev.name, "name": w.name if w else self.name,
             "public_key": base64.b64encode(node.public_key).decode(),
@@ -384,7 +381,7 @@ class Agent:
                     "reflexive": [_fmt_addr(a) for a in node.reflexive]},
             "relay": dev.relay.status(),
             "local_endpoints": [_fmt_addr(a) for a in node.iface_endpoints],
-            "drops": drops,
+            "drops": {**node.drops, **dev.device.drop_counts()},  # discovery's, then the device's
             "peers": sorted(peers, key=lambda p: p["name"]),
         }
 

@@ -102,6 +102,19 @@ class Device:
         self.udp.close()
         self.tun.close()
 
+    def drop_counts(self) -> dict[str, int]:
+        """Every packet the device dropped, by reason: the core's (bad datagrams, no route, ...),
+        the kernel's on our UDP sockets, TUN writes the kernel refused, and the driver's send failures."""
+        counts = {k: v for k, v in self.core.drops.items() if v}
+        if self.tun.write_drops:
+            counts["tun_write"] = self.tun.write_drops
+        if kernel := self.udp.kernel_drops():
+            counts["socket"] = kernel  # junk refused by the socket filter, or a full receive buffer
+        for key in ("send_error", "send_no_socket", "send_no_sender", "send_raw_error", "gso_disabled"):
+            if self.driver.stats[key]:
+                counts[key] = self.driver.stats[key]
+        return counts
+
     # ---- UAPI handler ----------------------------------------------------------------------
     def uapi_get(self) -> str:
         return uapi.format_get_response(self.snapshot())

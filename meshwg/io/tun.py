@@ -97,7 +97,6 @@ class Tun:
         except BlockingIOError:
             pass
         except OSError as err:
-            # EBADFD / EIO after the link is deleted: the device is gone.
             if err.errno in _DEVICE_GONE:
                 if not out:
                     raise TunClosed(str(err)) from err

@@ -503,10 +503,9 @@ class MeshNode:
 
     @property
     def drops(self) -> collections.Counter:
-        """Everything this node dropped: discovery, its own inputs, and the WireGuard core's (as wg_*)."""
+        """What this node dropped: discovery messages and its own inputs (the device adds the rest)."""
         c = collections.Counter(self.codec.drops)
         c.update({k: v for k, v in self.counters.items() if k.startswith("drop_")})
-        c.update({f"wg_{k}": v for k, v in self.core.drops.items() if v})
         return c
 
     def status(self, now: float) -> list[dict]:

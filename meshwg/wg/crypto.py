@@ -26,7 +26,6 @@ __all__ = [
 ZERO_KEY = bytes(KEY_LEN)
 ZERO_NONCE_PREFIX = b"\x00\x00\x00\x00"  # the AEAD nonce is 32 zero bits then the LE64 counter
 _NONCE = struct.Struct("<4xQ")
-_COUNTER = struct.Struct("<Q")
 _blake2s = hashlib.blake2s
 
 
@@ -114,10 +113,10 @@ def aead_decrypt(key: bytes, counter: int, ciphertext: bytes, aad: bytes) -> byt
 
 
 def _seal_with_cryptography(key: bytes, header_prefix: bytes, counter: int, packet: bytes, padded_len: int) -> bytes:
-    counter_bytes = _COUNTER.pack(counter)
+    nonce = _NONCE.pack(counter)  # the zero prefix, then the counter as the header carries it
     if padded_len != len(packet):
         packet = packet + bytes(padded_len - len(packet))
-    return header_prefix + counter_bytes + ChaCha20Poly1305(key).encrypt(ZERO_NONCE_PREFIX + counter_bytes, packet, None)
+    return header_prefix + nonce[4:] + ChaCha20Poly1305(key).encrypt(nonce, packet, None)
 
 
 def _open_with_cryptography(key: bytes, message: bytes) -> bytes | None:

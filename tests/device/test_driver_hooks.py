@@ -191,7 +191,7 @@ class MtuTun:
     """Just enough of a Tun for Device: its MTU, which the test changes, then removes."""
 
     def __init__(self, mtu: int):
-        self.mtu, self.name, self.fd = mtu, "fake0", -1
+        self.mtu, self.name, self.fd, self.write_drops = mtu, "fake0", -1, 0
 
     def get_mtu(self) -> int:
         if self.mtu is None:
@@ -216,5 +216,19 @@ async def test_the_core_follows_the_interface_mtu(autojump_clock):
             tun.mtu = None  # the interface went away: the follower ends, the core keeps its last MTU
             await trio.sleep(5)
         assert device.core.mtu == 1280
+    finally:
+        device.udp.close()
+
+
+def test_drop_counts_gather_the_core_the_tun_and_the_driver():
+    """What meshwg-tun logs and `meshwg status` shows: every dropped packet by reason, in one place."""
+    tun = MtuTun(1420)
+    device = Device(tun, None)
+    try:
+        assert device.drop_counts() == {}
+        device.core.receive_datagram(b"\x04\0\0\0" + bytes(40), ("198.51.100.9", 4000), 1.0)
+        tun.write_drops = 2
+        device.driver.stats["send_error"] += 3
+        assert device.drop_counts() == {"unknown_index": 1, "tun_write": 2, "send_error": 3}
     finally:
         device.udp.close()

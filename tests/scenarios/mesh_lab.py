@@ -343,7 +343,7 @@ def paths(x: MeshNode, y: MeshNode) -> tuple:
 
 def tunnel_report(x: MeshNode, y: MeshNode) -> str:
     """The WireGuard side of a pair for failure messages: handshakes, bytes, and each node's drops (its
-    discovery's, its WireGuard core's as wg_*, and the kernel's on its socket as socket)."""
+    discovery's, then its device's: the WireGuard core's, the kernel's on its socket as socket, ...)."""
     parts = []
     for a, b in ((x, y), (y, x)):
         st = a.status() or {}
