@@ -18,6 +18,12 @@ from meshwg.control.noise import CipherState
 
 PROTO_VERSION = 1
 HELLO_MAGIC = b"MWC\x01"
+# A server that cannot take a connection now (too many from this source, overloaded) may answer the
+# HELLO with this plaintext frame instead of Noise message 2, then close: BUSY_MAGIC + retry seconds
+# (u16). Noise message 2 is never this short, so the two cannot be confused. Unauthenticated: a client
+# treats it like any early close (transient, retry with backoff), only as a hint for the delay.
+BUSY_MAGIC = b"MWB\x01"
+BUSY_MAX_RETRY = 3600
 LEN_PREFIX = 4
 MAX_CLIENT_FRAME = 64 * 1024  # node -> server: nothing a node sends needs more
 MAX_SERVER_FRAME = 4 * 1024 * 1024  # server -> node: directory chunks stay well under this
@@ -72,6 +78,19 @@ class FrameDecoder:
 
 def frame(body: bytes) -> bytes:
     return struct.pack("!I", len(body)) + body
+
+
+def busy_frame(retry_after: int) -> bytes:
+    """The framed BUSY answer: retry after `retry_after` seconds (clamped to 1..BUSY_MAX_RETRY)."""
+    return frame(BUSY_MAGIC + struct.pack("!H", max(1, min(BUSY_MAX_RETRY, int(retry_after)))))
+
+
+def busy_retry_untrusted(body: bytes) -> int | None:
+    """Retry seconds of a BUSY frame body, else None (anything else, Noise message 2 included)."""
+    if len(body) != len(BUSY_MAGIC) + 2 or not body.startswith(BUSY_MAGIC):
+        return None
+    (retry,) = struct.unpack_from("!H", body, len(BUSY_MAGIC))
+    return min(max(retry, 1), BUSY_MAX_RETRY)
 
 
 def pack(msg: dict) -> bytes:
