@@ -335,6 +335,7 @@ class SignalServer:
         except HandshakeError:
             self.counters["control_handshake_failed"] += 1
             self._failed(peer_ip, now)
+            _send_nowait(stream, P.key_refused_frame())  # "not my key": a hint for the node's operator
             return None
         with trio.fail_at(deadline):
             await stream.send_all(P.frame(responder.write_message2(P.pack({"type": "hello", "v": P.PROTO_VERSION}))))
@@ -660,6 +661,14 @@ class SignalServer:
             self.relay.drop_dest(conn)
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+
+def _send_nowait(stream, data: bytes) -> None:
+    """Best-effort send of a few bytes that never waits on the peer (a refusal must cost us nothing)."""
+    try:
+        os.write(stream.socket.fileno(), data)  # trio keeps the socket non-blocking
+    except OSError:
+        pass
 
 
 def _advertised(addrs, host: str | None) -> list[str]:

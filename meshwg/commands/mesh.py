@@ -35,7 +35,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _join_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("invite", help="invite string from `meshwg-signal invite create` (mwg1_...)")
+    p.add_argument("invite", nargs="?",
+                   help="invite string from `meshwg-signal invite create` (mwg1_...); visible in `ps` to every "
+                        "local user while the command runs: prefer --invite-file or $MESHWG_INVITE. Needed only "
+                        "for the first join: a registered node starts from its state directory")
+    p.add_argument("--invite-file", metavar="FILE",
+                   help="read the invite from FILE ('-': standard input)")
     p.add_argument("--name", help="node name shown to other nodes (default: chosen by the server)")
     p.add_argument("--listen-port", type=int, default=0, help="UDP port (default: the last one used, else random)")
     _common(p)
@@ -47,10 +52,7 @@ def run_join(args) -> int:
     from meshwg.control import InviteFormatError, parse_invite
     from meshwg.io.agent import Agent, AgentError
 
-    try:
-        invite = parse_invite(args.invite)
-    except InviteFormatError as err:
-        raise UserError(f"join: {err}") from None
+    invite = _load_invite(args, parse_invite, InviteFormatError)
     if logging.getLogger().level > logging.INFO:
         # A daemon should say what it does; the global default is quieter for one-shot commands.
         logging.getLogger("meshwg").setLevel(logging.INFO)
@@ -63,6 +65,48 @@ def run_join(args) -> int:
     except OSError as err:
         raise UserError(f"join: {err}") from None
     return 0
+
+
+INVITE_ENV = "MESHWG_INVITE"
+
+
+def _invite_text(args) -> tuple[str | None, str]:
+    """The invite's text and where it came from: the argument, --invite-file, or $MESHWG_INVITE."""
+    import os
+
+    given = [src for src, present in (("argument", args.invite), ("--invite-file", args.invite_file)) if present]
+    if len(given) > 1:
+        raise UserError("join: give the invite once: as an argument or with --invite-file")
+    if args.invite_file:
+        path = args.invite_file
+        try:
+            text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"join: {path}: cannot read the invite: {getattr(err, 'strerror', None) or err}") from None
+        return text, "standard input" if path == "-" else path
+    if args.invite:
+        return args.invite, "argument"
+    text = os.environ.pop(INVITE_ENV, None)  # not inherited by anything this process starts
+    return text, f"${INVITE_ENV}"
+
+
+def _load_invite(args, parse_invite, format_error):
+    """The invite to join with; a registered node without one uses the server recorded in its state."""
+    from meshwg.io import agent_state
+    from meshwg.io.agent import cached_invite
+
+    text, source = _invite_text(args)
+    args.invite = None  # the secret is not kept around longer than needed
+    if text and text.strip():
+        try:
+            return parse_invite(text)
+        except format_error as err:
+            raise UserError(f"join: {source}: {err}") from None
+    invite = cached_invite(agent_state.load_cache(args.state_dir))
+    if invite is None:
+        raise UserError(f"join: no invite given and {args.state_dir} holds no registration: pass an invite "
+                        f"(--invite-file FILE, ${INVITE_ENV} or as an argument)")
+    return invite
 
 
 def _query(args, request: dict) -> dict:
@@ -87,10 +131,23 @@ def _ago(seconds) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m ago"
 
 
+def _control_text(c: dict) -> str:
+    if c["connected"]:
+        return "connected"
+    text = "DISCONNECTED (tunnels keep running)"
+    if c.get("last_error"):
+        text += f": {c['last_error']}"
+        if c.get("error_kind") == "suspect":
+            text += " [check the server's address and database: it does not look like the server this node joined]"
+    if c.get("retry_in") is not None:
+        text += f"; retrying in {c['retry_in']:.0f} s"
+    return text
+
+
 def format_status(st: dict) -> str:
     lines = [f"{st['interface']}: {st['name']}  {', '.join(st['addresses']) or '(no address yet)'}  "
              f"port {st['listen_port']}",
-             f"  control: {'connected' if st['control']['connected'] else 'DISCONNECTED (tunnels keep running)'}"
+             f"  control: {_control_text(st['control'])}"
              f"  relay: {st['relay']['mode']}"
              + (f" ({st['relay']['latency_ms']} ms)" if st['relay'].get('latency_ms') is not None else ""),
              f"  NAT: {st['nat']['mapping'] or 'unknown'}; reflexive {', '.join(st['nat']['reflexive']) or '-'}"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -12,6 +13,7 @@ import trio
 
 from meshwg.control import protocol as P
 from meshwg.control.invite import Invite, split_hostport
+from meshwg.control import reconnect as R
 from meshwg.control.noise import HandshakeError, Initiator
 from meshwg.wg.crypto import clamp, dh_pub as public_key
 from meshwg.control.sealed import open_untrusted, seal
@@ -27,15 +29,25 @@ class ControlError(Exception):
 
 
 class JoinRefusedError(ControlError):
-    """The server refused this node (bad/expired/revoked/used invite, removed or expired node). Fatal."""
+    """The server refused this node (bad/expired/revoked/used invite, removed or expired node, full
+    address pool: pool_full). Fatal."""
 
 
 class ServerKeyMismatch(ControlError):
-    """The server did not prove the key pinned in the invite. Fatal: wrong server or a forged invite."""
+    """The server did not prove the key pinned in the invite: a wrong server, a wrong database or a
+    forged invite. Fatal for a first join; a registered node keeps its tunnels and retries slowly."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(R.SERVER_KEY_MISMATCH, message)
 
 
 class ConnectionLost(ControlError):
-    """The connection broke or went silent; the reconnecting client retries."""
+    """The connection broke, went silent or was refused as busy; the reconnecting client retries
+    (after `retry_after` seconds at least, when the server said so)."""
+
+    def __init__(self, code: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(code, message)
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -162,7 +174,7 @@ class ControlConnection:
     async def open(cls, invite: Invite, private_key: bytes, *, name: str | None = None, candidates=(),
                    timeout: float = 5.0, random_bytes=os.urandom) -> "ControlConnection":
         """Connect to the first reachable address of the invite, handshake, register; returns after the welcome."""
-        errors = []
+        errors, mismatch, hints = [], None, []
         for addr in invite.addrs:
             host, port = split_hostport(addr)
             try:
@@ -180,10 +192,17 @@ class ControlConnection:
                 errors.append(f"{addr}: handshake timed out")
             except (ControlError, OSError, trio.BrokenResourceError) as exc:
                 await stream.aclose()
-                if isinstance(exc, (JoinRefusedError, ServerKeyMismatch)):
-                    raise
+                if isinstance(exc, JoinRefusedError):
+                    raise  # the server proved the pinned key: its word on this node is final
+                if isinstance(exc, ServerKeyMismatch):
+                    mismatch = mismatch or exc  # another address may still be the right server
+                if isinstance(exc, ConnectionLost) and exc.retry_after is not None:
+                    hints.append(exc.retry_after)
                 errors.append(f"{addr}: {exc}")
-        raise ConnectionLost("unreachable", "no control server reachable: " + "; ".join(errors))
+        if mismatch is not None:
+            raise ServerKeyMismatch(mismatch.message + " [" + "; ".join(errors) + "]")
+        code = "busy" if hints and len(hints) == len(errors) else "unreachable"
+        raise ConnectionLost(code, "no control server reachable: " + "; ".join(errors), min(hints, default=None))
 
     @classmethod
     async def _handshake(cls, stream, invite, private_key, name, candidates, random_bytes):
@@ -195,22 +214,29 @@ class ControlConnection:
         while not frames:
             data = await stream.receive_some(4096)
             if not data:
-                raise ServerKeyMismatch(
-                    "handshake_failed",
-                    "server closed the handshake: it does not hold the key pinned in the invite (wrong server or forged invite)",
-                )
+                # Proves nothing about the key: a proxy whose backend is down, an overloaded server, a
+                # middlebox. Only a message 2 that fails authentication shows a wrong key.
+                raise ConnectionLost("closed_early", "server closed the connection before answering the handshake")
             frames = dec.feed_untrusted(data)
             if dec.error:
                 raise ConnectionLost("malformed", "malformed handshake response")
+        if frames[0] == P.KEY_REFUSED:
+            raise ServerKeyMismatch("server could not open the handshake: it does not hold the key pinned in the "
+                                    "invite (wrong server, wrong database or a forged invite)")
+        retry = P.busy_retry_untrusted(frames[0])
+        if retry is not None:
+            raise ConnectionLost("busy", f"server busy, retry in {retry} s", float(retry))
         try:
             ini.read_message2_untrusted(frames[0])
         except HandshakeError:
-            raise ServerKeyMismatch("handshake_failed", "server failed to prove the pinned key") from None
+            raise ServerKeyMismatch("server failed to prove the key pinned in the invite "
+                                    "(wrong server, wrong database or a forged invite)") from None
         chan = P.SecureChannel(ini.send, ini.recv, P.MAX_SERVER_FRAME)
         # Bytes after the handshake frame already belong to the transport phase.
         rest = dec._buf and bytes(dec._buf)
-        reg = {"type": P.T_REGISTER, "proto": P.PROTO_VERSION, "invite_id": invite.invite_id, "secret": invite.secret,
-               "name": name, "candidates": [list(c) for c in candidates]}
+        # A registered node's client has dropped the invite's secret: it joins on its key alone.
+        reg = {"type": P.T_REGISTER, "proto": P.PROTO_VERSION, "invite_id": invite.invite_id or None,
+               "secret": invite.secret or None, "name": name, "candidates": [list(c) for c in candidates]}
         await stream.send_all(chan.encode(reg))
         pending: list = []
         if rest:
@@ -332,40 +358,56 @@ class ControlClient:
     """Reconnecting control client. Use: `welcome = await nursery.start(client.run)`, then read `client.events`.
 
     Heartbeats every welcome.heartbeat seconds; a server silent for 3 heartbeats counts as lost.
-    Reconnects with exponential backoff (jittered) and resyncs (a fresh DirectoryReset); re-reports the last
-    candidates. Stops (run returns) on Removed; raises JoinRefusedError/ServerKeyMismatch if refused.
+    Reconnects with jittered exponential backoff (honouring a server's BUSY hint) and resyncs (a fresh
+    DirectoryReset); re-reports the last candidates. Failures are classified by `reconnect.classify`:
+    run() returns on Removed and raises JoinRefusedError/ServerKeyMismatch only when they are fatal
+    (a node never welcomed, or the administrator ended its membership); a `registered` node retries
+    anything else, slowly when the server looks wrong, and says why in `last_error`.
+    Once welcomed, the client forgets the invite's secret: a registered key needs none.
     """
 
     def __init__(self, invite: Invite, private_key: bytes, *, name: str | None = None, candidates=(),
-                 backoff_initial: float = 0.5, backoff_max: float = 30.0, heartbeat: float | None = None,
-                 event_buffer: int = 4096, random_bytes=os.urandom) -> None:
+                 backoff_initial: float = 0.5, backoff_max: float = 30.0, suspect_retry: float = 60.0,
+                 heartbeat: float | None = None, registered: bool = False, event_buffer: int = 4096,
+                 random_bytes=os.urandom, jitter=random.random) -> None:
         self.invite = invite
         self.private_key = clamp(private_key)
         self.public_key = public_key(self.private_key)
         self.name = name
         self.candidates = list(candidates)
-        self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
+        self.backoff = R.Backoff(backoff_initial, backoff_max, suspect_retry)
         self.heartbeat_override = heartbeat
+        self.registered = registered
         self._random = random_bytes
+        self._jitter = jitter
         self._send_events, self.events = trio.open_memory_channel(event_buffer)
         self.conn: ControlConnection | None = None
         self.welcome: Welcome | None = None
         self.directory: dict[bytes, PeerInfo] = {}
         self.reconnects = 0
+        self.failures = 0  # attempts that failed since the last welcome
+        self.last_error: str | None = None
+        self.last_error_kind: str | None = None
+        self.retry_at: float | None = None  # trio.current_time() of the next attempt while waiting
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        backoff = self.backoff_initial
         started = False
         while True:
             try:
                 conn = await ControlConnection.open(self.invite, self.private_key, name=self.name,
                                                     candidates=self.candidates, random_bytes=self._random)
-            except ConnectionLost as exc:
-                log.info("control: %s; retrying in %.1f s", exc, backoff)
-                await trio.sleep(backoff * (0.8 + 0.4 * random.random()))
-                backoff = min(backoff * 2, self.backoff_max)
+            except ControlError as exc:
+                kind = R.classify(exc.code, authenticated_refusal=isinstance(exc, JoinRefusedError),
+                                  registered=self.registered)
+                if kind == R.FATAL:
+                    raise
+                await self._wait_retry(exc, kind)
                 continue
-            backoff = self.backoff_initial
+            self.backoff.reset()
+            self.failures, self.last_error, self.last_error_kind = 0, None, None
+            self.registered = True
+            if self.invite.secret:
+                self.invite = dataclasses.replace(self.invite, invite_id="", secret=b"")
             self.conn, self.welcome = conn, conn.welcome
             await self._send_events.send(Connected(conn.welcome))
             if not started:
@@ -378,7 +420,20 @@ class ControlClient:
                 return
             self.reconnects += 1
             await self._send_events.send(Disconnected(reason))
-            await trio.sleep(backoff * random.random())  # spread a herd of reconnects
+            await trio.sleep(self.backoff.initial * self._jitter())  # spread a herd of reconnects
+
+    async def _wait_retry(self, exc: ControlError, kind: str) -> None:
+        delay = self.backoff.delay(kind, self._jitter(), getattr(exc, "retry_after", None))
+        self.failures += 1
+        self.last_error, self.last_error_kind = str(exc), kind
+        level = logging.WARNING if kind == R.SUSPECT or self.failures in (1, 10) else logging.INFO
+        log.log(level, "control: %s; %sretrying in %.1f s", exc,
+                "tunnels keep running; " if self.registered else "", delay)
+        self.retry_at = trio.current_time() + delay
+        try:
+            await trio.sleep(delay)
+        finally:
+            self.retry_at = None
 
     async def _serve(self, conn: ControlConnection) -> str | None:
         hb = self.heartbeat_override or conn.welcome.heartbeat

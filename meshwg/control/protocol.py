@@ -24,6 +24,11 @@ HELLO_MAGIC = b"MWC\x01"
 # treats it like any early close (transient, retry with backoff), only as a hint for the delay.
 BUSY_MAGIC = b"MWB\x01"
 BUSY_MAX_RETRY = 3600
+# A server that cannot open message 1 (the client pinned another key) says so with this plaintext
+# frame before closing: it tells an operator "wrong server or wrong database" apart from a proxy
+# whose backend is down. Unauthenticated, so a node that was admitted before only reports it and
+# retries slowly; a first join stops on it.
+KEY_REFUSED = b"MWK\x01"
 LEN_PREFIX = 4
 MAX_CLIENT_FRAME = 64 * 1024  # node -> server: nothing a node sends needs more
 MAX_SERVER_FRAME = 4 * 1024 * 1024  # server -> node: directory chunks stay well under this
@@ -83,6 +88,10 @@ def frame(body: bytes) -> bytes:
 def busy_frame(retry_after: int) -> bytes:
     """The framed BUSY answer: retry after `retry_after` seconds (clamped to 1..BUSY_MAX_RETRY)."""
     return frame(BUSY_MAGIC + struct.pack("!H", max(1, min(BUSY_MAX_RETRY, int(retry_after)))))
+
+
+def key_refused_frame() -> bytes:
+    return frame(KEY_REFUSED)
 
 
 def busy_retry_untrusted(body: bytes) -> int | None:

@@ -22,7 +22,7 @@ import time
 import trio
 
 from meshwg.control import ControlClient, JoinRefusedError, ServerKeyMismatch, events as CE
-from meshwg.control.invite import Invite, join_hostport
+from meshwg.control.invite import Invite, join_hostport, split_hostport
 from meshwg.disco import netcheck as NC
 from meshwg.io import agent_state as S
 from meshwg.io import status_server
@@ -97,6 +97,21 @@ def _welcome_from_json(d: dict):
                       float(d.get("heartbeat", 10.0)), base64.b64decode(d["server_key"]))
 
 
+def cached_invite(cache: dict | None) -> Invite | None:
+    """The server's addresses and key from a registered node's cache, as an invite with no secret."""
+    try:
+        ctl = cache["control"]
+        addrs = tuple(str(a) for a in ctl["addrs"])
+        for a in addrs:
+            split_hostport(a)
+        key = base64.b64decode(ctl["server_key"], validate=True)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not addrs or len(key) != 32:
+        return None
+    return Invite(addrs, key, "", b"")
+
+
 def _fmt_addr(a) -> str | None:
     """An (ip, port) endpoint as text; None for anything else (a relay endpoint, no endpoint)."""
     return join_hostport(str(a[0]), a[1]) if isinstance(a, tuple) and len(a) == 2 else None
@@ -143,8 +158,10 @@ class Agent:
                     await nursery.start(self.dev.run)
                     await nursery.start(status_server.serve, status, self.handle_query)
                     await self._refresh_local()
+                    # A node with a cached netmap was admitted before: a server that looks wrong
+                    # (another key, no record of us) is reported and retried, never obeyed.
                     self.client = ControlClient(self.invite, key, name=self.name, candidates=self._candidates(),
-                                                backoff_max=RECONNECT_BACKOFF_MAX)
+                                                backoff_max=RECONNECT_BACKOFF_MAX, registered=cache is not None)
                     nursery.start_soon(self._control_task)
                     if cache is not None:
                         log.info("bringing up %d cached peers while the server answers", len(cache["peers"]))
@@ -186,7 +203,7 @@ class Agent:
     async def _control_task(self) -> None:
         try:
             await self.client.run()
-        except (JoinRefusedError, ServerKeyMismatch) as exc:
+        except (JoinRefusedError, ServerKeyMismatch) as exc:  # only the fatal ones reach here
             self.stop(f"the signaling server refused this node: {exc}")
             return
         if self.fatal is None:
@@ -198,6 +215,7 @@ class Agent:
             if isinstance(ev, CE.Connected):
                 reconnected = self.welcome is not None and not self.connected
                 self.connected = True
+                self.invite = self.client.invite  # registered: the client has forgotten the secret
                 await self._apply_welcome(ev.welcome)
                 if reconnected:
                     log.info("control connection back")
@@ -339,8 +357,11 @@ class Agent:
             await trio.sleep(CACHE_MIN_INTERVAL)
 
     def _write_cache(self, peers, welcome) -> None:
-        # The port too: peers' cached candidates stay right across a restart.
-        S.save_cache(self.state_dir, welcome, peers, listen_port=self.dev.port)
+        # The port too: peers' cached candidates stay right across a restart; and where the server is
+        # (never the invite's secret), so a registered node restarts without its invite.
+        S.save_cache(self.state_dir, welcome, peers, listen_port=self.dev.port,
+                     control={"addrs": list(self.invite.addrs),
+                              "server_key": base64.b64encode(self.invite.server_key).decode()})
 
     # ---- queries -----------------------------------------------------------------------------
     async def handle_query(self, req: dict) -> dict:
@@ -375,8 +396,7 @@ class Agent:
             "interface": dev.name, "name": w.name if w else self.name,
             "public_key": base64.b64encode(node.public_key).decode(),
             "addresses": list(dev.addresses), "listen_port": dev.port,
-            "control": {"connected": self.connected, "servers": list(self.invite.addrs),
-                        "reconnects": self.client.reconnects if self.client else 0},
+            "control": self._control_status(),
             "nat": {"mapping": rep.mapping if rep else None, "kind": node.local_nat,
                     "reflexive": [_fmt_addr(a) for a in node.reflexive]},
             "relay": dev.relay.status(),
@@ -384,6 +404,14 @@ class Agent:
             "drops": {**node.drops, **dev.device.drop_counts()},  # discovery's, then the device's
             "peers": sorted(peers, key=lambda p: p["name"]),
         }
+
+    def _control_status(self) -> dict:
+        c = self.client
+        retry_at = c.retry_at if c else None
+        return {"connected": self.connected, "servers": list(self.invite.addrs),
+                "reconnects": c.reconnects if c else 0, "failures": c.failures if c else 0,
+                "last_error": c.last_error if c else None, "error_kind": c.last_error_kind if c else None,
+                "retry_in": None if retry_at is None else round(max(0.0, retry_at - trio.current_time()), 1)}
 
     async def netcheck(self) -> dict:
         """Re-STUN now on the shared socket and report the NAT's behaviour and the relay latency."""

@@ -73,8 +73,9 @@ async def test_cannot_register_another_nodes_key(harness):
     ini = Initiator(new_key(), harness.server.server_pk, lambda n: b"\x01" * n)
     ini.s_pub = victim_pub  # claim the victim's identity; our ss DH still uses our own private key
     await stream.send_all(P.frame(P.HELLO_MAGIC + ini.write_message1(b"")))
-    with trio.fail_after(2):
-        assert await stream.receive_some(100) == b""  # closed without an answer
+    with trio.fail_after(2):  # refused with "not my key" (it could not open message 1), then closed
+        assert await stream.receive_some(100) == P.key_refused_frame()
+        assert await stream.receive_some(100) == b""
     assert harness.server.counters["control_handshake_failed"] == 1
     # and an attacker's own valid key only ever registers itself
     other = await join(harness)
