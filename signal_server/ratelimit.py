@@ -1,40 +1,7 @@
-"""Token buckets over explicit time. Pure."""
+"""Token buckets over explicit time. Pure. (Both live in meshwg/token_bucket.py: nodes use them too.)"""
 
 from __future__ import annotations
 
-from meshwg.token_bucket import TokenBucket
+from meshwg.token_bucket import KeyedLimiter, TokenBucket
 
 __all__ = ["KeyedLimiter", "TokenBucket"]
-
-
-class KeyedLimiter:
-    """One bucket per key (a node key, a source IP); bounded so a flood of keys cannot grow memory."""
-
-    def __init__(self, rate: float, burst: float, max_keys: int = 100_000) -> None:
-        self.rate, self.burst, self.max_keys = rate, burst, max_keys
-        self._buckets: dict = {}
-
-    def allow(self, key, now: float, cost: float = 1.0) -> bool:
-        b = self._buckets.get(key)
-        if b is None:
-            if len(self._buckets) >= self.max_keys:
-                # Buckets that have refilled carry no information: drop them first. (Stored tokens date
-                # from the last take, which left them below burst: only the refill shows the idle ones.)
-                idle = [k for k, v in self._buckets.items() if v.tokens + (now - v.stamp) * v.rate >= v.burst]
-                for k in idle[: self.max_keys // 2]:
-                    del self._buckets[k]
-                if len(self._buckets) >= self.max_keys:
-                    return False
-            b = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
-        return b.take(now, cost)
-
-    def exhausted(self, key, now: float, cost: float = 1.0) -> bool:
-        """Whether allow(key, now, cost) would refuse for lack of tokens; spends nothing."""
-        b = self._buckets.get(key)
-        if b is None:
-            return False
-        b.take(now, 0.0)  # refill only
-        return b.tokens < cost
-
-    def forget(self, key) -> None:
-        self._buckets.pop(key, None)
