@@ -23,8 +23,10 @@ MESH_IF = "mesh0"         # same name on every host: each host has its own netns
 
 COMMANDS = {
     # On the public "signal" host. Runs until stopped. STUN answers on two addresses so nodes can tell a
-    # symmetric NAT (mapping varies by destination) from a cone.
-    "signal_serve": [PY, "-m", "signal_server", "serve", "--db", "{db}", "--listen", "{signal_ip}:{signal_port}",
+    # symmetric NAT (mapping varies by destination) from a cone. --init: the first start creates the
+    # server's identity; a restart serves the one in {db}.
+    "signal_serve": [PY, "-m", "signal_server", "serve", "--init", "--db", "{db}",
+                     "--listen", "{signal_ip}:{signal_port}",
                      "--udp", "{signal_ip}:{stun_port}", "--udp", "{signal_ip2}:{stun_port}",
                      "--relay-tcp", "{signal_ip}:{relay_tcp_port}"],
     # On the same host, once the server listens. Prints the invite on its last stdout line.

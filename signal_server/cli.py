@@ -1,7 +1,9 @@
-"""meshwg-signal: serve | relay | invite create/list/revoke | nodes [list/rename/expire/remove] | status | pubkey.
+"""meshwg-signal: serve | relay | invite create/list/revoke | nodes [list/rename/expire/remove] | status | pubkey
+| backup | restore.
 
 Admin commands open the SQLite file directly (safe while the server runs: WAL + busy timeout); the running
 server notices their commits within --db-poll (0.1 s) and pushes removals/renames to every peer.
+Only `serve --init` creates a database (and with it the server's identity); everything else needs one.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ import argparse
 import json
 import logging
 import os
+import sqlite3
 import sys
 import time
 import urllib.request
 
-DEFAULT_DB = os.environ.get("MESHWG_SIGNAL_DB", "meshwg-signal.db")
+# Absolute: a relative default named a different (new, empty) database in every working directory.
+DEFAULT_DB = os.environ.get("MESHWG_SIGNAL_DB", "/var/lib/meshwg-signal/signal.db")
 
 
 def _listen_list(values, default):
@@ -54,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def server_opts(sp, control: bool):
         if control:
+            sp.add_argument("--init", action="store_true",
+                            help="create the database and a new server identity if --db has none (first start); "
+                                 "a database that has one is served as it is")
             sp.add_argument("--listen", action="append", metavar="HOST:PORT", help="control TCP (default 0.0.0.0:7300)")
             sp.add_argument("--advertise", help="host name/IP to put in invites and welcomes when listening on 0.0.0.0")
             sp.add_argument("--prefix4", help="IPv4 prefix for node addresses (default 100.64.0.0/10, kept once chosen)")
@@ -96,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("status", parents=[common], help="connected nodes, relay throughput and errors")
     sub.add_parser("pubkey", parents=[common], help="print the server's public key")
+    b = sub.add_parser("backup", parents=[common], help="copy the database (safe while the server runs) to a new file")
+    b.add_argument("file")
+    rs = sub.add_parser("restore", parents=[common],
+                        help="restore a backup as the database --db (which must not exist; stop the server first)")
+    rs.add_argument("file")
     return p
 
 
@@ -114,7 +126,7 @@ def cmd_serve(args, control: bool) -> int:
 
     from signal_server.server import ServerConfig, SignalServer
 
-    cfg = ServerConfig(db=args.db)
+    cfg = ServerConfig(db=args.db, init=getattr(args, "init", False))
     cfg.control_enabled = control
     if control:
         cfg.control = _listen_list(args.listen, cfg.control)
@@ -233,26 +245,68 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_backup(args) -> int:
+    st = _store(args)
+    try:
+        st.backup_to(args.file)
+    except FileExistsError:
+        print(f"meshwg-signal: {args.file} exists; choose a new file name", file=sys.stderr)
+        return 1
+    finally:
+        st.close()
+    print(f"backed up {args.db} to {args.file}", file=sys.stderr)
+    return 0
+
+
+def cmd_restore(args) -> int:
+    from signal_server.store import restore_copy
+
+    restore_copy(args.file, args.db)
+    print(f"restored {args.file} as {args.db}", file=sys.stderr)
+    return 0
+
+
+def _db_problem(args, exc) -> str:
+    """One line for a database that cannot be used, with what to do about a missing identity."""
+    from signal_server.store import NoIdentity
+
+    if not isinstance(exc, NoIdentity):
+        return f"meshwg-signal: {exc}"
+    if args.cmd == "serve":
+        return f"meshwg-signal: {exc}; pass --init to create a new server identity there (first start only)"
+    return f"meshwg-signal: {exc}; is --db right? (`meshwg-signal serve --init` creates a server's database)"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.db = getattr(args, "db", DEFAULT_DB)
     args.log_level = getattr(args, "log_level", "info")
     _setup_logging(args.log_level)
-    try:
-        if args.cmd in ("serve", "relay"):
-            return cmd_serve(args, args.cmd == "serve")
-        if args.cmd == "invite":
-            return cmd_invite(args)
-        if args.cmd == "nodes":
-            return cmd_nodes(args)
-        if args.cmd == "status":
-            return cmd_status(args)
-        if args.cmd == "pubkey":
-            from meshwg.config.keys import key_to_base64, public_key
+    from signal_server.store import StoreError
 
-            print(key_to_base64(public_key(_store(args).server_private_key(os.urandom))))
-            return 0
+    try:
+        return _dispatch(args)
+    except StoreError as exc:
+        print(_db_problem(args, exc), file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:  # e.g. corruption found past the header: one line, not a traceback
+        print(f"meshwg-signal: {args.db}: {exc}", file=sys.stderr)
+        return 1
     except ValueError as exc:
         print(f"meshwg-signal: {exc}", file=sys.stderr)
         return 2
-    return 2
+
+
+def cmd_pubkey(args) -> int:
+    from meshwg.config.keys import key_to_base64, public_key
+
+    print(key_to_base64(public_key(_store(args).server_private_key())))
+    return 0
+
+
+def _dispatch(args) -> int:
+    if args.cmd in ("serve", "relay"):
+        return cmd_serve(args, args.cmd == "serve")
+    commands = {"invite": cmd_invite, "nodes": cmd_nodes, "status": cmd_status, "pubkey": cmd_pubkey,
+                "backup": cmd_backup, "restore": cmd_restore}
+    return commands[args.cmd](args) if args.cmd in commands else 2

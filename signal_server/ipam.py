@@ -10,6 +10,10 @@ import hashlib
 import ipaddress
 
 
+class PoolExhausted(RuntimeError):
+    """Every usable address of the prefix is taken."""
+
+
 def parse_prefix(text: str):
     net = ipaddress.ip_network(text, strict=True)
     if net.num_addresses < 4:
@@ -29,7 +33,7 @@ def allocate(prefix, key: bytes, is_taken, n_taken: int):
         addr = ipaddress.ip_address(first + (start + i) % usable)
         if not is_taken(addr):
             return addr
-    raise RuntimeError(f"address pool {prefix} is exhausted")
+    raise PoolExhausted(f"address pool {prefix} is exhausted")
 
 
 def default_ula48(random16: bytes):

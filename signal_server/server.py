@@ -23,7 +23,7 @@ from signal_server.invites import JoinRefused
 from signal_server.punch import PunchCoordinator
 from signal_server.ratelimit import KeyedLimiter, TokenBucket
 from signal_server.relay import RelayCore
-from signal_server.store import NodeRow, Store
+from signal_server.store import NodeRow, Store, wide_modes
 from signal_server.stun_responder import WILDCARDS, StunResponder, StunSocket
 
 log = logging.getLogger("signal")
@@ -55,6 +55,7 @@ class ServerConfig:
     db_poll: float = 0.1
     control_enabled: bool = True  # False: `meshwg-signal relay` (relay + STUN only)
     synchronous: str = "NORMAL"  # SQLite: NORMAL survives kill -9; FULL also survives power loss
+    init: bool = False  # create the database and a new server identity if `db` has none (`serve --init`)
 
 
 @dataclass
@@ -85,11 +86,17 @@ class Session:
 class SignalServer:
     def __init__(self, config: ServerConfig) -> None:
         self.cfg = config
-        self.store = Store(config.db, synchronous=config.synchronous)
-        self.server_sk = self.store.server_private_key(os.urandom)
+        # Raises StoreError (one line) for a database without an identity unless config.init.
+        self.store = Store(config.db, synchronous=config.synchronous, init=config.init)
+        self.server_sk = self.store.server_private_key()
         from meshwg.wg.crypto import dh_pub as public_key
 
         self.server_pk = public_key(self.server_sk)
+        # The operator compares this with the key in invites: a wrong --db shows here first.
+        log.info("%s server key %s (database %s)", "created a new" if self.store.created_identity else "using",
+                 key_to_base64(self.server_pk), os.path.abspath(config.db))
+        for name, mode in wide_modes(config.db):
+            log.warning("%s is mode %04o: it holds the server's private key; chmod 600 it", name, mode)
         self.prefix4, self.prefix6 = self.store.prefixes(os.urandom, config.prefix4, config.prefix6)
         self.directory = Directory()
         self.punch = PunchCoordinator()

@@ -3,11 +3,17 @@
 The admin CLI opens the same file from another process while the server runs; WAL lets readers and one
 writer coexist, busy_timeout waits out short write locks, and the server notices admin writes through
 PRAGMA data_version (changes committed by *other* connections).
+
+The file holds the server's private key: the database, its -wal and -shm files are created 0600 (SQLite
+gives the -wal and -shm files the main file's mode), and nothing but `serve --init` (init=True) ever
+creates a database: a wrong or empty path must not silently become a new server identity.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 from dataclasses import dataclass
 
 from meshwg.config.keys import generate_private_key, key_to_base64
@@ -28,6 +34,36 @@ CREATE TABLE IF NOT EXISTS removed_keys (pubkey BLOB PRIMARY KEY, removed_at REA
 """
 
 DEFAULT_PREFIX4 = "100.64.0.0/10"
+KEY_META = "server_private_key"
+SIDE_FILES = ("-wal", "-shm")
+
+
+class StoreError(Exception):
+    """The database cannot be used as it is (missing, no identity, not SQLite); str() is one line naming it."""
+
+
+class NoIdentity(StoreError):
+    """The path holds no server identity: a missing file, an empty one, or a database without a key."""
+
+
+def _create_private(path: str) -> None:
+    """Create `path` 0600 (and its directory 0700) unless it exists; SQLite then creates -wal/-shm alike."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+
+
+def wide_modes(path: str) -> list[tuple[str, int]]:
+    """(file, mode) of the database and its -wal/-shm files that others than the owner may access."""
+    found = []
+    for name in (path, *(path + suffix for suffix in SIDE_FILES)):
+        try:
+            mode = stat.S_IMODE(os.stat(name).st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            found.append((name, mode))
+    return found
 
 
 @dataclass
@@ -53,12 +89,39 @@ _INVITE_COLS = "id, secret_hash, reusable, expires, tag, created, revoked, uses"
 
 
 class Store:
-    def __init__(self, path: str, *, synchronous: str = "NORMAL") -> None:
+    """An existing server database, or (init=True) a new one with a new server identity.
+
+    Raises NoIdentity when `path` holds no identity and init is False (nothing is created or written
+    then), StoreError when the file is not a usable SQLite database."""
+
+    def __init__(self, path: str, *, synchronous: str = "NORMAL", init: bool = False, random_bytes=os.urandom) -> None:
+        self.path = path
+        self.created_identity = False
+        self.db = None
+        try:
+            self._open(init, synchronous, random_bytes)
+        except (sqlite3.Error, StoreError) as exc:
+            if self.db is not None:
+                self.db.close()
+            if isinstance(exc, StoreError):
+                raise
+            raise StoreError(f"{path}: cannot use the database: {exc}") from None
+
+    def _open(self, init: bool, synchronous: str, random_bytes) -> None:
+        if init:
+            _create_private(self.path)
+        elif not os.path.exists(self.path):  # mode=rw below would fail too, but less clearly
+            raise NoIdentity(f"{self.path}: no such database")
+        # mode=rw: never create the file here; isolation_level=None: we issue BEGIN IMMEDIATE ourselves,
+        # so read-check-write is atomic.
+        uri = "file:" + _uri_path(self.path) + "?mode=rw"
+        self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=10.0)
+        # Read before anything writes: a database without an identity stays untouched unless init.
+        has_key = self._has_identity()
+        if not has_key and not init:
+            raise NoIdentity(f"{self.path}: empty database (no server identity)")
         # WAL + NORMAL: a commit is in the WAL file (OS page cache) before it returns, which survives
         # kill -9 of the server; FULL also fsyncs every commit (survives power loss, ~2x slower joins).
-        self.path = path
-        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so read-check-write is atomic.
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={synchronous}")
         self.db.execute("PRAGMA foreign_keys=ON")
@@ -66,6 +129,24 @@ class Store:
             for stmt in SCHEMA.strip().split(";"):
                 if stmt.strip():
                     self.db.execute(stmt)
+            if not has_key:
+                self.db.execute("INSERT INTO meta(k, v) VALUES(?, ?)", (KEY_META, generate_private_key(random_bytes)))
+                self.created_identity = True
+        if init:
+            self._tighten_side_files()
+
+    def _has_identity(self) -> bool:
+        if self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone() is None:
+            return False
+        return self.db.execute("SELECT 1 FROM meta WHERE k=?", (KEY_META,)).fetchone() is not None
+
+    def _tighten_side_files(self) -> None:
+        """-wal/-shm left over from an older, wider-moded database would keep their mode: 0600 them."""
+        for suffix in SIDE_FILES:
+            try:
+                os.chmod(self.path + suffix, 0o600)
+            except FileNotFoundError:
+                pass
 
     def close(self) -> None:
         self.db.close()
@@ -107,8 +188,12 @@ class Store:
             self.db.execute("INSERT INTO meta(k, v) VALUES(?, ?)", (k, v))
             return v
 
-    def server_private_key(self, random_bytes) -> bytes:
-        return bytes(self.meta_get_or_create("server_private_key", lambda: generate_private_key(random_bytes)))
+    def server_private_key(self, random_bytes=None) -> bytes:
+        """The server's identity (created only by Store(..., init=True)); random_bytes is unused."""
+        key = self.meta_get(KEY_META)
+        if key is None:
+            raise NoIdentity(f"{self.path}: the server identity is gone from the database")
+        return bytes(key)
 
     def prefixes(self, random_bytes, prefix4: str | None = None, prefix6: str | None = None):
         """(IPv4 network, IPv6 network); chosen once (or when configured) and then kept."""
@@ -188,9 +273,7 @@ class Store:
                 return self.get_node(key), False
             self.db.execute("DELETE FROM removed_keys WHERE pubkey=?", (key,))
             count = self.db.execute("SELECT count(*) FROM nodes").fetchone()[0]
-            # Indexed lookups per candidate address: no full-table scan per join.
-            v4 = ipam.allocate(prefix4, key, lambda a: self._exists("ipv4", str(a)), count)
-            v6 = ipam.allocate(prefix6, key, lambda a: self._exists("ipv6", str(a)), count)
+            v4, v6 = self._allocate(key, count, prefix4, prefix6)
             base = normalize_name(name or "")
             nm = self._free_name(base) if base else "pending-" + key.hex()
             cur = self.db.execute(
@@ -201,6 +284,17 @@ class Store:
                 nm = self._free_name(f"node-{cur.lastrowid}")
                 self.db.execute("UPDATE nodes SET name=? WHERE id=?", (nm, cur.lastrowid))
             return self.get_node(key), True
+
+    def _allocate(self, key: bytes, count: int, prefix4, prefix6):
+        """(IPv4, IPv6) addresses for a new node. A full pool is the administrator's to fix, so the join
+        is refused with a code the node stops on (not a server error it would retry forever)."""
+        try:
+            # Indexed lookups per candidate address: no full-table scan per join.
+            return (ipam.allocate(prefix4, key, lambda a: self._exists("ipv4", str(a)), count),
+                    ipam.allocate(prefix6, key, lambda a: self._exists("ipv6", str(a)), count))
+        except ipam.PoolExhausted as exc:
+            raise JoinRefused("pool_full", f"no free mesh address ({exc}); ask the administrator to "
+                                           "remove unused nodes or choose a larger prefix") from None
 
     def _exists(self, column: str, value: str) -> bool:
         return self.db.execute(f"SELECT 1 FROM nodes WHERE {column}=?", (value,)).fetchone() is not None
@@ -243,8 +337,60 @@ class Store:
         with self._tx():
             self.db.execute("UPDATE nodes SET last_seen=? WHERE pubkey=?", (wall, key))
 
+    def backup_to(self, dest: str) -> None:
+        """A consistent, self-contained copy (WAL content included) in a new file `dest`, created 0600.
+
+        SQLite's backup API reads through this connection, so commits still in the -wal file are copied;
+        a plain file copy of the main file would miss them."""
+        write_copy(self.db, dest)
+
     def integrity_ok(self) -> bool:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def _uri_path(path: str) -> str:
+    """`path` for a file: URI ('?' and '#' would start the query or fragment)."""
+    return os.path.abspath(path).replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+
+
+def write_copy(src: sqlite3.Connection, dest: str) -> None:
+    """Copy the database behind `src` into the new file `dest` (0600, refused if it exists)."""
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+    try:
+        out = sqlite3.connect(dest)
+        try:
+            src.backup(out)
+        finally:
+            out.close()
+    except BaseException:
+        os.unlink(dest)
+        raise
+
+
+def restore_copy(backup: str, dest: str) -> None:
+    """Restore the backup file `backup` into the new database `dest` (refused if dest or its -wal/-shm
+    exist: a stale -wal next to the restored file would be replayed into it). Raises StoreError."""
+    for name in (dest, *(dest + suffix for suffix in SIDE_FILES)):
+        if os.path.lexists(name):
+            raise StoreError(f"{name} exists; move the old database and its -wal/-shm files away first")
+    if not os.path.isfile(backup):
+        raise StoreError(f"{backup}: no such backup file")
+    try:
+        src = sqlite3.connect("file:" + _uri_path(backup) + "?mode=ro", uri=True)
+        try:
+            ok = src.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            tables = {r[0] for r in src.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            has_key = "meta" in tables and src.execute("SELECT 1 FROM meta WHERE k=?", (KEY_META,)).fetchone()
+            if not ok or not has_key:
+                raise StoreError(f"{backup}: not a meshwg-signal backup (" +
+                                 ("integrity check failed)" if not ok else "no server identity)"))
+            os.makedirs(os.path.dirname(os.path.abspath(dest)), mode=0o700, exist_ok=True)
+            write_copy(src, dest)
+        finally:
+            src.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"{backup}: cannot restore: {exc}") from None
 
 
 def _invite_row(row) -> InviteRow:

@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     db = os.path.join(tmp, "state.db")
     ctl = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "signal_server", "serve", "--db", db, "--listen", f"127.0.0.1:{ctl}",
+        [sys.executable, "-m", "signal_server", "serve", "--init", "--db", db, "--listen", f"127.0.0.1:{ctl}",
          "--udp", f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}", "--relay-tcp", "none",
          "--heartbeat", str(args.heartbeat), "--log-level", args.log_level],
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4 * args.nodes + 256), hard)),

@@ -2,12 +2,17 @@
 
 The cache lets a node restarted while the signaling server is down bring up its known peers:
 it holds the last welcome (addresses, STUN/relay servers) and the last directory.
+
+Whoever can write into the directory can swap the key or the cache, so a directory owned by someone
+else or writable by group/others is refused, and the key file is never reached through a symlink.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 
 from meshwg.config import keys
 from meshwg.io.fsutil import atomic_write
@@ -16,23 +21,44 @@ KEY_FILE = "private.key"
 CACHE_FILE = "netmap.json"
 
 
+class UnsafeStateError(OSError):
+    """The state directory or key file could be controlled by someone else; str() is one line."""
+
+
 def ensure_dir(state_dir: str) -> None:
+    """Create the directory 0700, or check an existing one: ours, not writable by group or others."""
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    st = os.stat(state_dir)
+    if st.st_uid != os.geteuid():
+        raise UnsafeStateError(f"state directory {state_dir} is owned by uid {st.st_uid}, not by this user "
+                               f"(uid {os.geteuid()}); refusing to trust it")
+    if st.st_mode & 0o022:
+        raise UnsafeStateError(f"state directory {state_dir} is writable by group or others (mode "
+                               f"{stat.S_IMODE(st.st_mode):04o}); refusing to trust it (chmod 700 it)")
 
 
 def load_or_create_key(state_dir: str, random_bytes=os.urandom) -> bytes:
-    """The node's WireGuard private key; created on first use. Refuses a key file others can read."""
+    """The node's WireGuard private key; created on first use. A key file others can read is tightened
+    (through its own descriptor); a symlink or a non-regular file at its place is refused."""
     ensure_dir(state_dir)
     path = os.path.join(state_dir, KEY_FILE)
     try:
-        st = os.stat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         key = keys.generate_private_key(random_bytes)
+        # A temp file made with O_EXCL (never follows a link), renamed over the name (replaces a link).
         atomic_write(path, (keys.key_to_base64(key) + "\n").encode())
         return key
-    if st.st_mode & 0o077:
-        os.chmod(path, 0o600)  # tighten rather than refuse: the key is ours
-    with open(path) as f:
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeStateError(f"key file {path} is a symbolic link; refusing to follow it") from None
+        raise
+    with os.fdopen(fd) as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeStateError(f"key file {path} is not a regular file")
+        if st.st_mode & 0o077:
+            os.fchmod(fd, 0o600)  # tighten rather than refuse: the key is ours
         return keys.key_from_base64(f.read().strip())
 
 

@@ -103,7 +103,7 @@ class BridgeNet:
         db = os.path.join(self.dir, "signal.db")
         ip1, ip2 = f"10.{self.n}.0.1", f"10.{self.n}.0.254"
         with open(os.path.join(self.dir, "signal.log"), "ab") as log:
-            self.server = self.srv.popen(PY, "-m", "signal_server", "serve", "--db", db, "--listen", f"{ip1}:7300",
+            self.server = self.srv.popen(PY, "-m", "signal_server", "serve", "--init", "--db", db, "--listen", f"{ip1}:7300",
                                          "--udp", f"{ip1}:3478", "--udp", f"{ip2}:3478", "--relay-tcp",
                                          f"{ip1}:7301", env=ENV, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         wait_for(lambda: ":7300" in self.srv.run("ss", "-tln"), timeout=15, what="signal server listening")

@@ -47,7 +47,7 @@ def test_nat_lab_direct_relay_and_tcp_fallback():
         db = str(sig.dir / "signal.db")
         with open(sig.dir / "signal.log", "wb") as log:
             # Two STUN addresses (one socket each) let nodes tell a symmetric NAT from a cone.
-            sig.popen(PY, "-m", "signal_server", "serve", "--db", db, "--listen", f"{sig.addr}:7300",
+            sig.popen(PY, "-m", "signal_server", "serve", "--init", "--db", db, "--listen", f"{sig.addr}:7300",
                       "--udp", f"{sig.addr}:3478", "--udp", f"{sig.extra_addrs[0]}:3478",
                       "--relay-tcp", f"{sig.addr}:7301", stdout=log, stderr=subprocess.STDOUT)
         wait_for(lambda: ":7300" in sig.run("ss", "-tln"), timeout=15, what="signal server")

@@ -33,7 +33,7 @@ async def start_server(nursery, tmp_path, **overrides) -> Harness:
     db = str(tmp_path / "signal.db")
     cfg = ServerConfig(
         db=db, control=[("127.0.0.1", 0)], udp=[("127.0.0.1", 0)], relay_tcp=[("127.0.0.1", 0)],
-        metrics=[("127.0.0.1", 0)], heartbeat=1.0, idle_timeout=4.0, coalesce=0.02, db_poll=0.05,
+        metrics=[("127.0.0.1", 0)], heartbeat=1.0, idle_timeout=4.0, coalesce=0.02, db_poll=0.05, init=True,
     )
     for k, v in overrides.items():
         setattr(cfg, k, v)

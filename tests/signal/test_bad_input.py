@@ -157,7 +157,7 @@ async def test_bogus_join_flood(harness, nursery):
 
 def test_failure_block_survives_a_flood_of_source_ips(tmp_path):
     """Past the limiter's key cap, a blocked source stays blocked: many fresh source IPs must not reset it."""
-    server = SignalServer(ServerConfig(db=str(tmp_path / "signal.db")))
+    server = SignalServer(ServerConfig(db=str(tmp_path / "signal.db"), init=True))
     for _ in range(20):
         server._failed("192.0.2.66", 0.0)
     assert server.failures.exhausted("192.0.2.66", 0.0)

@@ -39,7 +39,7 @@ class ServerProcess:
 
     def start(self):
         self.proc = subprocess.Popen(
-            [PY, "-m", "signal_server", "serve", "--db", self.db, "--listen", f"127.0.0.1:{self.ctl}",
+            [PY, "-m", "signal_server", "serve", "--init", "--db", self.db, "--listen", f"127.0.0.1:{self.ctl}",
              "--udp", f"127.0.0.1:{self.udp}", "--relay-tcp", f"127.0.0.1:{self.rtcp}",
              "--metrics", f"127.0.0.1:{self.met}", "--heartbeat", "1", "--log-level", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
