@@ -7,12 +7,16 @@ device's. This module adds what only the mesh needs:
   * datagrams whose endpoint is a RelayEndpoint go through the relay, SocketEndpoint ones out of
     the birthday sockets (one epoll fd for all of them, so 256 sockets cost one trio wait);
   * node events: OS routes in step with RoutesChanged (`ip -batch`, off the event loop), birthday
-    sockets opened/closed, local endpoint changes handed to the agent.
+    sockets opened/closed, local endpoint changes handed to the agent;
+  * routes kept in step with the kernel: re-checked on route/link events and every
+    ROUTE_RECHECK_PERIOD, missing ones re-added, a prefix routed through another interface left
+    alone with one warning (meshwg.io.route_plan decides, meshwg.io.rtnl reads the kernel).
 The WireGuardCore stays the UAPI handler's core, so `wg show` sees the real peers and counters.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -24,7 +28,7 @@ import time
 import trio
 
 from meshwg.control import relay_wire as W
-from meshwg.io import uapi_server
+from meshwg.io import route_plan, rtnl, uapi_server
 from meshwg.io.device import Device, new_core
 from meshwg.io.relay_shell import RelayShell
 from meshwg.io.tun import Tun
@@ -35,17 +39,24 @@ log = logging.getLogger("meshwg.mesh")
 
 BIRTHDAY_MAX_SOCKETS = 256
 ROUTE_QUEUE = 256
+# A route removed without an event (IPv4 flushes a downed link's routes silently) or an event lost
+# to a full socket buffer is put back this late at most.
+ROUTE_RECHECK_PERIOD = 10.0
+# At most one event-triggered check per this many seconds: if another agent keeps deleting our
+# route, we re-add it at this pace instead of flapping it as fast as the events come.
+ROUTE_EVENT_HOLDOFF = 1.0
+_RECHECK = object()  # queued with RoutesChanged: "compare the routes with the kernel now"
 
 
-def ip_batch(lines: list[str]) -> str:
+def ip_batch(lines: list[str], *, warn: bool = True) -> str:
     """Run `ip -force -batch -` (one process for many changes; -force: go on after an error)."""
     if not lines:
         return ""
     proc = subprocess.run(["ip", "-force", "-batch", "-"], input="\n".join(lines) + "\n",
                           capture_output=True, text=True)
-    if proc.returncode != 0:
+    if proc.returncode != 0 and warn:
         log.warning("ip -batch: %s", proc.stderr.strip())
-    return proc.stderr
+    return proc.stderr if proc.returncode != 0 else ""
 
 
 def interface_addresses(exclude: set[str]) -> list[str]:
@@ -64,6 +75,16 @@ def interface_addresses(exclude: set[str]) -> list[str]:
                 continue
             out.append(a["local"])
     return out
+
+
+def _dev_names(devs) -> str:
+    names = []
+    for index in sorted(devs):
+        try:
+            names.append(socket.if_indextoname(index))
+        except OSError:
+            names.append(f"ifindex {index}")
+    return ", ".join(names) or "no interface (blackhole/unreachable)"
 
 
 class BirthdaySockets:
@@ -172,7 +193,12 @@ class MeshDevice:
         self.birthday = BirthdaySockets()
         self.on_local_endpoints = on_local_endpoints
         self._routes_send, self._routes_recv = trio.open_memory_channel(ROUTE_QUEUE)
-        self._routes: set[str] = set()
+        self._routes: set[str] = set()  # prefixes the node wants routed through this device
+        self._ifindex = socket.if_nametoindex(self.tun.name)
+        self._conflicts_warned: set[str] = set()
+        self._last_route_error = ""
+        self._adding: set[str] = set()  # what the last check had to add
+        self.route_counters = {"added": 0, "restored": 0, "conflicts": 0, "check_errors": 0}
         self.addresses: list[str] = []
         self._closed = False
 
@@ -230,23 +256,100 @@ class MeshDevice:
         self.addresses = list(addresses)
 
     async def _route_task(self) -> None:
+        """The only task changing routes: the node's changes, event-triggered and periodic checks."""
         while True:
-            ev = await self._routes_recv.receive()
-            adds, removes = set(str(n) for n in ev.add), set(str(n) for n in ev.remove)
-            # Coalesce whatever else is queued into one `ip` run.
+            batch = []
+            with trio.move_on_after(ROUTE_RECHECK_PERIOD):
+                batch.append(await self._routes_recv.receive())
+            # Coalesce whatever else is queued into one dump and one `ip` run.
             while True:
                 try:
-                    more = self._routes_recv.receive_nowait()
+                    batch.append(self._routes_recv.receive_nowait())
                 except trio.WouldBlock:
                     break
-                a, r = {str(n) for n in more.add}, {str(n) for n in more.remove}
-                adds = (adds - r) | a
-                removes = (removes - a) | r
-            # In batch mode the family follows from the prefix (a "-4"/"-6" word is not accepted).
-            lines = [f"route del {p} dev {self.name}" for p in sorted(removes) if p in self._routes]
-            lines += [f"route replace {p} dev {self.name}" for p in sorted(adds)]
-            await trio.to_thread.run_sync(ip_batch, lines)
+            adds, removes = set(), set()
+            for ev in batch:
+                if ev is not _RECHECK:
+                    a, r = {route_plan.normalise(n) for n in ev.add}, {route_plan.normalise(n) for n in ev.remove}
+                    adds = (adds - r) | a
+                    removes = (removes - a) | r
+            removes &= self._routes
             self._routes = (self._routes - removes) | adds
+            if self._routes or removes:
+                await self._sync_routes(removes, adds)
+
+    async def _sync_routes(self, removes: set[str], fresh: set[str]) -> None:
+        """Delete `removes` where they are ours, add every wanted route the kernel lacks."""
+        try:
+            found = await trio.to_thread.run_sync(rtnl.dump_routes)
+        except OSError as exc:
+            # Without a view of the kernel, do what the node asked (as before) and retry the check later.
+            self.route_counters["check_errors"] += 1
+            log.warning("route check: %s", exc)
+            lines = [f"route del {p} dev {self.name}" for p in sorted(removes)]
+            lines += [f"route add {p} dev {self.name}" for p in sorted(fresh)]
+            await trio.to_thread.run_sync(ip_batch, lines)
+            return
+        ours = {r.prefix for r in found if self._ifindex in r.devs and r.table == route_plan.MAIN_TABLE}
+        plan = route_plan.plan(self._routes, found, self._ifindex)
+        # Re-added: ours before and gone now (not new, nor a prefix another interface just released,
+        # nor one whose add failed last time, e.g. on a downed link: counted and logged once).
+        restored = [p for p in plan.add
+                    if p not in fresh and p not in self._conflicts_warned and p not in self._adding]
+        self._adding = set(plan.add)
+        self._warn_conflicts(plan.conflicts)
+        # `add`, never `replace`: if someone routed the prefix since the dump, theirs stays.
+        # In batch mode the family follows from the prefix (a "-4"/"-6" word is not accepted).
+        lines = [f"route del {p} dev {self.name}" for p in sorted(removes & ours)]
+        lines += [f"route add {p} dev {self.name}" for p in plan.add]
+        if restored:
+            log.warning("routes through %s were removed by someone else; adding them back: %s",
+                        self.name, " ".join(restored))
+        self.route_counters["added"] += len(plan.add)
+        self.route_counters["restored"] += len(restored)
+        error = await trio.to_thread.run_sync(functools.partial(ip_batch, lines, warn=False))
+        # The same failure every period (e.g. the link is down) is logged once.
+        if error and error != self._last_route_error:
+            log.warning("ip -batch: %s", error.strip())
+        self._last_route_error = error
+
+    def _warn_conflicts(self, conflicts: tuple) -> None:
+        """One warning per prefix while another interface holds it (again if it is lost and retaken)."""
+        current = {prefix for prefix, _ in conflicts}
+        for prefix, route in conflicts:
+            if prefix not in self._conflicts_warned:
+                self.route_counters["conflicts"] += 1
+                log.warning("%s is routed through %s, not %s: leaving that route alone; the peer "
+                            "owning it is unreachable at that prefix", prefix, _dev_names(route.devs), self.name)
+        self._conflicts_warned = current
+
+    async def _route_watch_task(self) -> None:
+        """Ask the route task for a check when the kernel's routes for our prefixes or our link change."""
+        try:
+            sock = rtnl.event_socket()
+        except OSError as exc:
+            log.warning("no route events (%s): routes are checked every %.0f s only", exc, ROUTE_RECHECK_PERIOD)
+            return
+        with sock:
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                if self._route_events_concern_us(sock):
+                    try:
+                        self._routes_send.send_nowait(_RECHECK)
+                    except trio.WouldBlock:
+                        pass  # a full queue is processed anyway, with a dump
+                    await trio.sleep(ROUTE_EVENT_HOLDOFF)
+
+    def _route_events_concern_us(self, sock: socket.socket) -> bool:
+        hit = False
+        while True:
+            try:
+                data = sock.recv(1 << 16)
+            except BlockingIOError:
+                return hit
+            except OSError:
+                return True  # ENOBUFS: events were lost; check
+            hit = hit or rtnl.concerns(data, self._routes, self._ifindex)
 
     async def _birthday_task(self) -> None:
         node, flush = self.node, self.driver.flush
@@ -267,6 +370,7 @@ class MeshDevice:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.device.run)
             nursery.start_soon(self._route_task)
+            nursery.start_soon(self._route_watch_task)
             nursery.start_soon(self._birthday_task)
             nursery.start_soon(self.relay.run)
             task_status.started()
