@@ -18,8 +18,13 @@ from meshwg.nonce_cache import NonceCache
 from signal_server.ratelimit import KeyedLimiter
 
 HELLO_SKEW = 120.0  # seconds of wall-clock disagreement tolerated in a HELLO
-HELLO_NONCE_CACHE = 100_000  # HELLOs remembered for replay checks (they are rate-limited per key first)
+HELLO_NONCE_CACHE = 100_000  # HELLOs remembered for replay checks (only authenticated ones are stored)
 BOX_CACHE = 4096
+# Junk per source address (a UDP address, or one TCP connection): HELLOs that fail to open or are stale,
+# and the notices answering unregistered keys and unknown tokens. Bounded tables: spoofed sources are free.
+JUNK_HELLO_RATE, JUNK_HELLO_BURST = 2.0, 10.0
+NOTICE_RATE, NOTICE_BURST = 5.0, 20.0
+JUNK_SOURCES = 65_536
 
 
 @dataclass
@@ -42,7 +47,13 @@ class RelayCore:
         self._seen_nonces = NonceCache(HELLO_NONCE_CACHE)  # HELLO replay guard
         self.pkt_limit = KeyedLimiter(pkt_rate, pkt_burst)
         self.byte_limit = KeyedLimiter(byte_rate, byte_rate * 2)
+        # Per node key, spent only by HELLOs that authenticate: junk naming a key cannot use up its budget.
         self.hello_limit = KeyedLimiter(hello_rate, hello_rate * 4)
+        # Per source, charged for every HELLO that fails; once empty, that source's HELLOs are dropped
+        # before their box is opened. A separate table from notices, so a node still sending under a dead
+        # token (unknown-token frames) keeps its HELLO budget.
+        self.junk_hello_limit = KeyedLimiter(JUNK_HELLO_RATE, JUNK_HELLO_BURST, JUNK_SOURCES)
+        self.notice_limit = KeyedLimiter(NOTICE_RATE, NOTICE_BURST, JUNK_SOURCES)
         self.session_ttl = session_ttl
         self.counters: Counter = Counter()
         self.observed_events: list[tuple[bytes, tuple]] = []
@@ -64,6 +75,9 @@ class RelayCore:
         for s in [s for s in self.by_key.values() if s.dest is dest]:
             self.by_key.pop(s.key, None)
             self.by_token.pop(s.token, None)
+        src = _source(dest)
+        self.junk_hello_limit.forget(src)
+        self.notice_limit.forget(src)
 
     def _box(self, key: bytes) -> Box:
         box = self._boxes.get(key)
@@ -94,25 +108,30 @@ class RelayCore:
             self.counters["drop_bad_hello"] += 1
             return []
         key, boxed = parsed
+        src = _source(dest)
         if key not in self.allowed:
             # Cheap refusal before any crypto: unregistered keys cost one set lookup.
             self.counters["refused_unregistered"] += 1
-            if self.hello_limit.allow(("refuse", observed or id(dest)), now):
-                return [(W.encode_notice(W.N_NOT_REGISTERED, key), dest)]
-            return []
-        if not self.hello_limit.allow(key, now):
-            self.counters["drop_hello_rate"] += 1
+            return self._notice(W.N_NOT_REGISTERED, key, dest, src, now)
+        if self.junk_hello_limit.exhausted(src, now):
+            self.counters["drop_hello_junk_rate"] += 1
             return []
         opened = W.open_hello_untrusted(self._box(key), boxed)
         if opened is None:
             self.counters["drop_hello_auth"] += 1
+            self.junk_hello_limit.allow(src, now)
             return []
         wall_ms, _ = opened
         nonce = boxed[:24]
         if abs(wall_ms / 1000.0 - wall) > HELLO_SKEW or self._seen_nonces.seen(nonce, wall):
+            # A replay opens too: it is junk from its source, and never spends the key's budget.
             self.counters["drop_hello_stale"] += 1
-            return [(W.encode_notice(W.N_STALE_HELLO, key), dest)]
+            self.junk_hello_limit.allow(src, now)
+            return self._notice(W.N_STALE_HELLO, key, dest, src, now)
         self._seen_nonces.add(nonce, wall + 2 * HELLO_SKEW)
+        if not self.hello_limit.allow(key, now):
+            self.counters["drop_hello_rate"] += 1
+            return []
         old = self.by_key.get(key)
         if old is not None:
             self.by_token.pop(old.token, None)
@@ -126,6 +145,12 @@ class RelayCore:
         reply = W.encode_hello_ok(self._box(key), token, int(self.session_ttl), observed, self._random(24))
         return [(reply, dest)]
 
+    def _notice(self, code: int, key: bytes, dest, src, now: float) -> list[tuple[bytes, object]]:
+        """An unauthenticated hint, at most NOTICE_RATE a second per source (notices answer junk)."""
+        if self.notice_limit.allow(src, now):
+            return [(W.encode_notice(code, key), dest)]
+        return []
+
     def _on_send(self, data, dest, now):
         parsed = W.parse_send_untrusted(data)
         if parsed is None:
@@ -138,9 +163,7 @@ class RelayCore:
             self.counters["refused_no_session"] += 1
             if s is not None and s.expires < now:
                 self.drop_key(s.key)
-            if self.hello_limit.allow(("rehello", id(dest) if not isinstance(dest, tuple) else dest), now):
-                return [(W.encode_notice(W.N_REHELLO), dest)]
-            return []
+            return self._notice(W.N_REHELLO, bytes(32), dest, _source(dest), now)
         if len(packet) > W.MAX_PACKET:
             self.counters["drop_too_big"] += 1
             return []
@@ -162,3 +185,9 @@ class RelayCore:
     def pop_observed(self) -> list[tuple[bytes, tuple]]:
         out, self.observed_events = self.observed_events, []
         return out
+
+
+def _source(dest):
+    """The junk limiters' key for a destination: a UDP (socket index, address) tuple as is, a TCP
+    connection by identity (holding the object would keep a closed connection alive in the table)."""
+    return dest if isinstance(dest, tuple) else ("conn", id(dest))

@@ -1,0 +1,157 @@
+"""Relay abuse (issue 10 item 5), pure RelayCore on explicit time: junk HELLOs naming a node's key (keys
+are not secret) must not deny it the relay; junk is limited per source; hostile frames never raise."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshwg.control import relay_wire as W
+from meshwg.control.relay_client import RelaySession
+from meshwg.wg.crypto import clamp, dh_pub as public_key
+from signal_server.relay import RelayCore
+
+WALL0 = 1_700_000_000.0
+A_SRC, B_SRC = (0, ("198.51.100.1", 4000)), (0, ("198.51.100.2", 4000))
+ATTACKER = (0, ("203.0.113.66", 6666))
+
+
+SERVER_SK = clamp(os.urandom(32))
+TOKENS = [b"tokenAAA", b"tokenBBB"]
+
+
+def _core(keys, random_bytes=os.urandom) -> RelayCore:
+    core = RelayCore(SERVER_SK, random_bytes)
+    core.set_allowed(keys)
+    return core
+
+
+def _mesh():
+    ska, skb = clamp(os.urandom(32)), clamp(os.urandom(32))
+    spk = public_key(SERVER_SK)
+    ra, rb = RelaySession(ska, spk, os.urandom), RelaySession(skb, spk, os.urandom)
+    return _core({public_key(ska), public_key(skb)}), ra, rb
+
+
+def _junk_hello(key: bytes) -> bytes:
+    """A HELLO naming `key` whose box nobody can open (the attacker lacks the private key)."""
+    return W.MAGIC + bytes([W.T_HELLO]) + key + os.urandom(W.HELLO_LEN - 37)
+
+
+def _hello(core, rs, src, now):
+    out = core.handle_untrusted(rs.hello(now, WALL0 + now), src, now, WALL0 + now, observed=src[1])
+    for frame, _ in out:
+        rs.handle_untrusted(frame, now)
+    return rs.is_ready(now)
+
+
+def test_junk_hellos_naming_a_key_do_not_deny_it_the_relay():
+    """~10 KB/s of junk HELLOs naming A's key (107/s of 93 bytes) from one source and from spoofed ones,
+    starting before A's HELLO: A's HELLOs are still accepted and 30 of 30 relayed pings arrive.
+    (Old code: the junk spent A's per-key HELLO budget before the box was opened: 0 of 30.)"""
+    core, ra, rb = _mesh()
+    pa, pb = public_key(ra.private_key), public_key(rb.private_key)
+    assert _hello(core, rb, B_SRC, 0.0)
+    delivered = 0
+    hellos_ok = 0
+    step = 1 / 107
+    for i in range(int(32 / step)):
+        now = i * step
+        src = ATTACKER if i % 2 else (0, (f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 9))  # spoofed
+        core.handle_untrusted(_junk_hello(pa), src, now, WALL0 + now)
+        if i % 107 == 53:  # once a second, A (re-)hellos while not ready, then pings B
+            second = i // 107
+            if not ra.is_ready(now) or second == 25:  # the node's periodic re-HELLO comes round too
+                hellos_ok += _hello(core, ra, A_SRC, now)
+            if ra.is_ready(now) and second < 30:
+                for frame, dest in core.handle_untrusted(ra.encode_send(pb, b"ping%d" % second), A_SRC, now,
+                                                         WALL0 + now):
+                    if dest == B_SRC and rb.handle_untrusted(frame, now) == ("recv", pa, b"ping%d" % second):
+                        delivered += 1
+    assert hellos_ok == 2
+    assert delivered == 30
+    assert core.counters["drop_hello_auth"] > 0
+
+
+def test_failing_hellos_are_limited_per_source_before_the_box_is_opened():
+    """One source's HELLOs that do not open: at most 10 + 2/s reach the box; the rest are dropped
+    before it. Another source (the node itself) is unaffected."""
+    core, ra, _ = _mesh()
+    pa = public_key(ra.private_key)
+    for i in range(1000):  # 100 per second for 10 s
+        core.handle_untrusted(_junk_hello(pa), ATTACKER, i / 100, WALL0)
+    opened = core.counters["drop_hello_auth"]
+    assert opened <= 10 + 2 * 10 + 1
+    assert core.counters["drop_hello_junk_rate"] == 1000 - opened
+    assert _hello(core, ra, A_SRC, 10.0)
+
+
+def test_replayed_hello_spends_neither_the_key_budget_nor_more_than_a_few_notices():
+    """A captured HELLO replayed in volume: answered by few STALE notices, and the key's own fresh
+    HELLOs keep working (replays no longer spend the per-key budget)."""
+    core, ra, _ = _mesh()
+    hello = ra.hello(0.0, WALL0)
+    core.handle_untrusted(hello, A_SRC, 0.0, WALL0, observed=A_SRC[1])
+    for i in range(500):  # 50 per second for 10 s, from spoofed sources (a 38-byte notice each at most)
+        core.handle_untrusted(hello, (0, ("203.0.113.7", 1000 + i)), i / 50, WALL0)
+    notices = sum(len(core.handle_untrusted(hello, ATTACKER, i / 50, WALL0)) for i in range(500))
+    assert notices <= 10 + 2 * 10 + 1  # the source's junk budget: 10 at once, 2/s
+    assert _hello(core, ra, A_SRC, 10.0)
+
+
+def test_a_node_sending_under_a_dead_token_can_still_hello():
+    """After a relay restart the node keeps sending under its old token (unknown-token frames): that
+    must not use up the budget its HELLO needs."""
+    core, ra, rb = _mesh()
+    pb = public_key(rb.private_key)
+    assert _hello(core, ra, A_SRC, 0.0)
+    core2 = _core(core.allowed)  # the restarted relay: same key and nodes, no sessions
+    for i in range(500):
+        core2.handle_untrusted(ra.encode_send(pb, b"x"), A_SRC, 1 + i / 100, WALL0)
+    assert core2.counters["refused_no_session"] == 500
+    assert _hello(core2, ra, A_SRC, 6.0)
+
+
+# --- hostile frames, structured
+
+
+def _frames(keys, tokens):
+    key = st.one_of(st.sampled_from(keys), st.binary(min_size=32, max_size=32))
+    token = st.one_of(st.sampled_from(tokens), st.binary(min_size=8, max_size=8))
+    hello = st.builds(lambda k, body: W.MAGIC + bytes([W.T_HELLO]) + k + body, key,
+                      st.one_of(st.binary(min_size=W.HELLO_LEN - 37, max_size=W.HELLO_LEN - 37), st.binary(max_size=80)))
+    send = st.builds(lambda t, k, p: W.encode_send(t, k, p), token, key, st.binary(max_size=64))
+    other = st.builds(lambda t, rest: W.MAGIC + bytes([t]) + rest, st.integers(0, 255), st.binary(max_size=80))
+    return st.one_of(hello, send, other, st.binary(max_size=100))
+
+
+_, _RA, _RB = _mesh()
+_KEYS = [public_key(_RA.private_key), public_key(_RB.private_key)]
+
+
+def _token_source():
+    """The relay's randomness, handing out TOKENS first so hostile frames can carry real tokens."""
+    tokens = list(TOKENS)
+    return lambda n: tokens.pop(0) if n == W.TOKEN_LEN and tokens else os.urandom(n)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(_frames(_KEYS, TOKENS), st.sampled_from([A_SRC, B_SRC, ATTACKER]),
+                          st.floats(0, 2, allow_nan=False)), max_size=30))
+def test_hostile_frames_never_raise_and_count_exactly_one_outcome_each(script):
+    """Every frame moves exactly one counter by one: hello_ok, forwarded_packets or one drop reason."""
+    core = _core(_KEYS, _token_source())
+    for rs, src in ((_RA, A_SRC), (_RB, B_SRC)):
+        assert _hello(core, rs, src, 0.0)
+    assert set(core.by_token) == set(TOKENS)
+    script = list(script) + [(_RA.encode_send(_KEYS[1], b"ok"), A_SRC, 0.0)]
+    now = 0.0
+    for frame, src, dt in script:
+        now += dt
+        before = sum(v for k, v in core.counters.items() if k != "forwarded_bytes")
+        out = core.handle_untrusted(frame, src, now, WALL0 + now, observed=src[1])
+        after = sum(v for k, v in core.counters.items() if k != "forwarded_bytes")
+        assert after - before == 1, (frame, dict(core.counters))
+        assert isinstance(out, list) and len(out) <= 1
