@@ -132,7 +132,7 @@ class Store:
             if not has_key:
                 self.db.execute("INSERT INTO meta(k, v) VALUES(?, ?)", (KEY_META, generate_private_key(random_bytes)))
                 self.created_identity = True
-        if init:
+        if self.created_identity:
             self._tighten_side_files()
 
     def _has_identity(self) -> bool:
@@ -141,7 +141,8 @@ class Store:
         return self.db.execute("SELECT 1 FROM meta WHERE k=?", (KEY_META,)).fetchone() is not None
 
     def _tighten_side_files(self) -> None:
-        """-wal/-shm left over from an older, wider-moded database would keep their mode: 0600 them."""
+        """-wal/-shm left over from an older, wider-moded file would keep their mode: 0600 them (an
+        existing identity's files are only warned about, see wide_modes)."""
         for suffix in SIDE_FILES:
             try:
                 os.chmod(self.path + suffix, 0o600)
@@ -361,6 +362,8 @@ def write_copy(src: sqlite3.Connection, dest: str) -> None:
         out = sqlite3.connect(dest)
         try:
             src.backup(out)
+            # The copy took the source's WAL mode; one self-contained file is what a backup should be.
+            out.execute("PRAGMA journal_mode=DELETE")
         finally:
             out.close()
     except BaseException:

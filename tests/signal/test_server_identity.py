@@ -138,6 +138,7 @@ def test_backup_and_restore_keep_data_that_is_only_in_the_wal(tmp_path, capsys, 
     assert mode(out) == 0o600
     assert cli.main(["restore", out, "--db", restored]) == 0
     assert mode(restored) == 0o600
+    assert not os.path.exists(out + "-wal")  # the backup is one self-contained file
     copy = Store(restored)
     assert copy.server_private_key() == st.server_private_key()
     assert [n.name for n in copy.list_nodes()] == ["kept"]
