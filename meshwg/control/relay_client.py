@@ -10,12 +10,15 @@ UDP use (the node's one socket carries WireGuard, STUN, disco and relay frames):
 
 from __future__ import annotations
 
+import math
 import time
 
 import trio
 
 from meshwg.control import relay_wire as W
 from meshwg.wg.crypto import clamp
+
+NOTICE_HELLO_INTERVAL = 1.0  # notices are unauthenticated: answer them with a HELLO at most this often
 
 
 class RelaySession:
@@ -27,22 +30,27 @@ class RelaySession:
         self.observed = None
         self.ready_until = 0.0
         self.last_hello = -1e9
+        self.rehello_asked = False  # a re-hello notice came since our last HELLO
         self.drops = 0
 
     def hello(self, now: float, wall: float) -> bytes:
         self.last_hello = now
+        self.rehello_asked = False
         return W.encode_hello(self.private_key, self.server_public, wall, self._random(8), self._random(24))
 
     def needs_hello(self, now: float) -> bool:
-        # Re-hello before the session expires; retry unanswered hellos every 2 s.
+        # Re-hello before the session expires; retry unanswered hellos every 2 s; answer notices at most 1/s.
+        if self.rehello_asked and now - self.last_hello >= NOTICE_HELLO_INTERVAL:
+            return True
         if self.token is None:
             return now - self.last_hello >= 2.0
         return now - self.last_hello >= W.HELLO_INTERVAL or now >= self.ready_until
 
     def get_timer(self) -> float:
+        asked = self.last_hello + NOTICE_HELLO_INTERVAL if self.rehello_asked else math.inf
         if self.token is None:
-            return self.last_hello + 2.0
-        return min(self.last_hello + W.HELLO_INTERVAL, self.ready_until)
+            return min(asked, self.last_hello + 2.0)
+        return min(asked, self.last_hello + W.HELLO_INTERVAL, self.ready_until)
 
     def is_ready(self, now: float) -> bool:
         return self.token is not None and now < self.ready_until
@@ -63,14 +71,16 @@ class RelaySession:
             if parsed:
                 self.token, ttl, self.observed = parsed
                 self.ready_until = now + ttl
+                self.rehello_asked = False
                 return ("ready", self.observed)
         elif t == W.T_NOTICE:
             parsed = W.parse_notice_untrusted(data)
             if parsed:
                 code, key = parsed
                 if code in (W.N_REHELLO, W.N_STALE_HELLO):
-                    self.token = None  # next needs_hello() is true after the retry delay
-                    self.last_hello = -1e9
+                    # Anyone can forge a notice: keep the token (only a new HELLO_OK replaces it) and let
+                    # needs_hello() answer it, at most once a second however many arrive.
+                    self.rehello_asked = True
                 return ("notice", code, key)
         self.drops += 1
         return None
@@ -115,7 +125,8 @@ class TcpRelayClient:
             ev = await self.receive_event()
             if ev[0] == "recv":
                 return ev[1], ev[2]
-            if ev[0] == "notice" and ev[1] in (W.N_REHELLO, W.N_STALE_HELLO):
+            if ev[0] == "notice" and ev[1] in (W.N_REHELLO, W.N_STALE_HELLO) \
+                    and self.session.needs_hello(time.monotonic()):
                 await self.rehello()
 
     async def aclose(self) -> None:

@@ -154,8 +154,8 @@ class RelayShell:
             self._flush_pending(now)
         elif ev[0] == "notice":
             self.counters[f"notice_{ev[1]}"] += 1
-            if ev[1] in (W.N_REHELLO, W.N_STALE_HELLO):
-                self._hello(now)
+            if ev[1] in (W.N_REHELLO, W.N_STALE_HELLO) and s.needs_hello(now):
+                self._hello(now)  # at most once a second (notices can be forged); run() sends a deferred one
 
     def _flush_pending(self, now: float) -> None:
         pending, self._pending = list(self._pending), deque(maxlen=PENDING_MAX)

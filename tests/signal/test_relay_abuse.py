@@ -155,3 +155,46 @@ def test_hostile_frames_never_raise_and_count_exactly_one_outcome_each(script):
         after = sum(v for k, v in core.counters.items() if k != "forwarded_bytes")
         assert after - before == 1, (frame, dict(core.counters))
         assert isinstance(out, list) and len(out) <= 1
+
+
+# --- node side (issue 10 item 10): forged notices
+
+
+def _shell_answers(rs: RelaySession, frame: bytes, now: float) -> int:
+    """What the relay shell does with a frame from the relay's address: HELLOs sent in answer."""
+    ev = rs.handle_untrusted(frame, now)
+    if ev and ev[0] == "notice" and ev[1] in (W.N_REHELLO, W.N_STALE_HELLO) and rs.needs_hello(now):
+        rs.hello(now, WALL0 + now)
+        return 1
+    return 0
+
+
+def test_forged_notices_keep_the_token_and_get_at_most_one_hello_a_second():
+    """100 spoofed re-hello notices within one second: at most one HELLO, and the session keeps its
+    token (and stays ready) until a new HELLO_OK replaces it. (Old code: 100 HELLOs, token dropped.)"""
+    core, ra, _ = _mesh()
+    assert _hello(core, ra, A_SRC, 0.0)
+    token = ra.token
+    hellos = 0
+    for i in range(100):
+        code = W.N_REHELLO if i % 2 else W.N_STALE_HELLO
+        hellos += _shell_answers(ra, W.encode_notice(code), 30.0 + i / 100)
+        assert ra.token == token and ra.is_ready(30.0 + i / 100)
+    assert hellos <= 1
+    assert ra.encode_send(bytes(32), b"x")[5:13] == token
+    # a notice arriving later is answered again, once; the HELLO_OK then brings the new token
+    assert _shell_answers(ra, W.encode_notice(W.N_REHELLO), 31.5) == 1
+    out = core.handle_untrusted(ra.hello(31.5, WALL0 + 31.5), A_SRC, 31.5, WALL0 + 31.5)
+    assert ra.handle_untrusted(out[0][0], 31.5)[0] == "ready" and ra.token != token
+    assert not ra.needs_hello(32.6)
+
+
+def test_a_notice_inside_the_quiet_second_is_answered_when_it_ends():
+    """A notice right after a HELLO is not lost: needs_hello() and get_timer() bring one HELLO a second
+    after the last, unless a HELLO_OK came meanwhile."""
+    core, ra, _ = _mesh()
+    assert _hello(core, ra, A_SRC, 0.0)
+    assert _shell_answers(ra, W.encode_notice(W.N_REHELLO), 0.2) == 0
+    assert ra.get_timer() == 1.0 and not ra.needs_hello(0.9) and ra.needs_hello(1.0)
+    ra.hello(1.0, WALL0 + 1)
+    assert not ra.needs_hello(2.5) and ra.get_timer() > 20
