@@ -131,6 +131,8 @@ async def test_bogus_join_flood(harness, nursery):
                     if not d:
                         return
                     frames = dec.feed_untrusted(d)
+                if P.busy_retry_untrusted(frames[0]) is not None:
+                    return  # refused as busy (per-source cap, accept rate): that is the point too
                 ini.read_message2_untrusted(frames[0])
                 ch = P.SecureChannel(ini.send, ini.recv, P.MAX_SERVER_FRAME)
                 await st.send_all(ch.encode({"type": P.T_REGISTER, "invite_id": "deadbeef", "secret": os.urandom(16)}))
