@@ -4,7 +4,9 @@ SQLite persistence, admin-change watcher and /metrics. The decisions live in the
 from __future__ import annotations
 
 import logging
+import math
 import os
+import resource
 import socket
 import time
 from collections import Counter, deque
@@ -18,8 +20,10 @@ from meshwg.control import relay_wire as W
 from meshwg.control.invite import join_hostport
 from meshwg.control.noise import HandshakeError, Responder
 from signal_server import metrics
+from signal_server.conn_limits import Refusal, SourceLimits, relay_tcp_caps
 from signal_server.directory import Directory, Node
 from signal_server.invites import JoinRefused
+from signal_server.lograte import RepeatLimiter, install_repeat_filter
 from signal_server.punch import PunchCoordinator
 from signal_server.ratelimit import KeyedLimiter, TokenBucket
 from signal_server.relay import RelayCore
@@ -29,6 +33,7 @@ from signal_server.stun_responder import WILDCARDS, StunResponder, StunSocket
 log = logging.getLogger("signal")
 
 MAX_SEAL_BLOB = 16 * 1024
+RELAY_TCP_UNAUTH_BYTES = 4096  # a relay TCP connection without a session: a HELLO or two (~95 bytes each)
 
 
 @dataclass
@@ -51,7 +56,16 @@ class ServerConfig:
     coalesce: float = 0.05  # directory pushes at most this often...
     coalesce_per_node: float = 0.0002  # ...plus this much per connected node (0.2 s at 1000 nodes)...
     coalesce_max: float = 0.4  # ...but never slower than this
-    max_unauthenticated: int = 512
+    max_unauthenticated: int = 512  # control connections not registered yet, all sources together...
+    max_unauthenticated_per_source: int = 16  # ...and from one IPv4 address or IPv6 /64
+    accept_rate: float = 10.0  # connections a second one source may open per listener, charged at accept...
+    accept_burst: float = 40.0  # ...with this burst (a NATed site's nodes reconnecting after a restart)
+    hello_timeout: float = 2.0  # the first control frame (HELLO) must come this soon (the rest: handshake_timeout)
+    relay_tcp_max: int | None = None  # relay TCP connections in all; None: relay_tcp_fd_share of RLIMIT_NOFILE
+    relay_tcp_max_per_source: int | None = None  # per IPv4 address or IPv6 /64; None: relay_tcp_max / 8 (>= 4)
+    relay_tcp_fd_share: float = 0.25  # the other descriptors stay for the control listener and its sessions
+    relay_hello_timeout: float = 3.0  # a relay TCP connection without a relay session this long is closed
+    log_repeat_interval: float = 30.0  # the same log line (accept errors, ...) at most this often
     db_poll: float = 0.1
     control_enabled: bool = True  # False: `meshwg-signal relay` (relay + STUN only)
     synchronous: str = "NORMAL"  # SQLite: NORMAL survives kill -9; FULL also survives power loss
@@ -106,12 +120,10 @@ class SignalServer:
         # Failed handshakes/joins per source IP: an IP that used up its bucket is refused until it refills.
         self.failures = KeyedLimiter(5.0, 20.0, max_keys=50_000)
         self._db_lock = trio.Lock()
-        self._unauth = 0
         self.bound = Bound()
         self._udp_socks: list[socket.socket] = []  # main ports: STUN + relay (relay dests index these)
         self._stun_socks: list[socket.socket] = []  # main then alternate ports, as the responder numbers them
         self.stun = StunResponder([])
-        self._relay_tcp_conns = 0
         self.started = time.monotonic()
         self._dir_changed = trio.Event()
         self._reconcile(self.store.list_nodes())
@@ -138,8 +150,9 @@ class SignalServer:
             "nodes_registered": len(self.directory.nodes),
             "nodes_connected": len(self.sessions),
             "relay_sessions": len(self.relay.by_key),
-            "relay_tcp_connections": self._relay_tcp_conns,
-            "unauthenticated_connections": self._unauth,
+            "relay_tcp_connections": self.relay_limits.active,
+            "relay_tcp_connections_max": self.relay_limits.total,
+            "unauthenticated_connections": self.control_limits.active,
             "uptime_seconds": round(time.monotonic() - self.started, 1),
         }
 
@@ -155,8 +168,23 @@ class SignalServer:
             for sock in self._stun_socks or self._udp_socks:  # UDP sockets are ours; trio owns the listeners
                 sock.close()
 
+    def _setup_conn_limits(self) -> None:
+        """Connection caps, from the config and the descriptor limit at start; repeated log lines limited."""
+        cfg = self.cfg
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        total, per_source = relay_tcp_caps(soft, cfg.relay_tcp_fd_share, cfg.relay_tcp_max, cfg.relay_tcp_max_per_source)
+        # A refused node retries when slots free up: within the HELLO deadline at the latest.
+        retry = max(1, math.ceil(cfg.hello_timeout))
+        self.control_limits = SourceLimits(cfg.max_unauthenticated, cfg.max_unauthenticated_per_source,
+                                           cfg.accept_rate, cfg.accept_burst, cap_retry=retry)
+        self.relay_limits = SourceLimits(total, per_source, cfg.accept_rate, cfg.accept_burst)
+        self.log_repeat = RepeatLimiter(cfg.log_repeat_interval)
+        # trio's accept loop logs a traceback per failed accept (10/s while descriptors are exhausted).
+        install_repeat_filter("trio.serve_listeners", cfg.log_repeat_interval)
+
     async def _run(self, task_status) -> None:
         cfg = self.cfg
+        self._setup_conn_limits()
         async with trio.open_nursery() as nursery:
             if cfg.control_enabled:
                 for host, port in cfg.control:
@@ -287,11 +315,16 @@ class SignalServer:
             await stream.aclose()
             return
         now = time.monotonic()
-        if self.failures.exhausted(peer_ip, now) or self._unauth >= self.cfg.max_unauthenticated:
-            self.counters["control_refused_busy"] += 1
+        # Charged at accept, before any work: caps per source and in all, an accept rate per source, and
+        # the failure budget of the source.
+        if self.failures.exhausted(peer_ip, now):
+            refusal = Refusal("failures", 1)
+        else:
+            refusal = self.control_limits.admit(peer_ip, now)
+        if refusal is not None:
+            self._refuse_busy(stream, refusal)
             await stream.aclose()
             return
-        self._unauth += 1
         session = None
         try:
             try:
@@ -300,18 +333,25 @@ class SignalServer:
                 self.counters["control_handshake_timeout"] += 1
                 self._failed(peer_ip, time.monotonic())
             finally:
-                self._unauth -= 1
+                self.control_limits.release(peer_ip)
             if session is not None:
                 session.local_host = local_host
                 await self._run_session(session)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError):
             self.counters["control_io_errors"] += 1
         except Exception:  # a bug in one connection's handling must not take the server down
-            log.exception("control connection failed")
+            self.log_repeat.log(log, logging.ERROR, "control_internal", time.monotonic(),
+                                "control connection failed", exc_info=True)
             self.counters["control_internal_errors"] += 1
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+    def _refuse_busy(self, stream, refusal: Refusal) -> None:
+        """Counts the refusal; tells the client when to retry where that costs nothing (no waiting on it)."""
+        self.counters["control_refused_busy"] += 1  # every refusal; the reason in its own counter
+        self.counters[f"control_refused_{refusal.reason}"] += 1
+        _send_nowait(stream, P.busy_frame(refusal.retry_after))
 
     async def _read_frames(self, stream, decoder: P.FrameDecoder) -> bytes | None:
         while True:
@@ -330,8 +370,13 @@ class SignalServer:
         """Handshake + register. The deadline bounds the client's part only, not our DB queue under load."""
         now = time.monotonic()
         dec = P.FrameDecoder(512)
-        with trio.fail_at(deadline):
+        # The HELLO comes at once from a real node; a connection that holds its slot in silence is let go
+        # early (the handshake and the registration keep the whole deadline).
+        with trio.move_on_at(min(deadline, trio.current_time() + self.cfg.hello_timeout)) as first:
             body = await self._read_frames(stream, dec)
+        if first.cancelled_caught:
+            self.counters["control_hello_timeout"] += 1
+            raise trio.TooSlowError
         if body is None or not body.startswith(P.HELLO_MAGIC):
             self.counters["control_bad_hello"] += 1
             self._failed(peer_ip, now)
@@ -640,10 +685,21 @@ class SignalServer:
     # --- TCP relay fallback
 
     async def _handle_relay_tcp(self, stream) -> None:
-        self._relay_tcp_conns += 1
+        try:
+            peer_ip = stream.socket.getpeername()[0]
+        except OSError:
+            await stream.aclose()
+            return
+        # Caps in all (a share of the descriptors) and per source, an accept rate per source: at accept.
+        refusal = self.relay_limits.admit(peer_ip, time.monotonic())
+        if refusal is not None:
+            # Closed at once, no answer: a node's relay client reconnects later on its own.
+            self.counters["relay_tcp_refused"] += 1
+            self.counters[f"relay_tcp_refused_{refusal.reason}"] += 1
+            await stream.aclose()
+            return
         # The send channel is this connection's relay destination (hashed by identity, has send_nowait).
         conn, recv_ch = trio.open_memory_channel(512)
-        dec = W.TcpFrameDecoder()
         try:
             async with trio.open_nursery() as n:
                 async def writer():
@@ -651,23 +707,44 @@ class SignalServer:
                         with trio.fail_after(self.cfg.send_timeout):
                             await stream.send_all(W.tcp_frame(frame))
                 n.start_soon(writer)
-                while True:
-                    with trio.move_on_after(W.SESSION_TTL) as idle:
-                        data = await stream.receive_some(65536)
-                    if idle.cancelled_caught or not data:
-                        break
-                    now, wall = time.monotonic(), time.time()
-                    for frame in dec.feed(data):
-                        for out, dest in self.relay.handle_untrusted(frame, conn, now, wall):
-                            self._relay_send(out, dest)
+                await self._relay_tcp_reader(stream, conn)
                 n.cancel_scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
             self.counters["relay_tcp_errors"] += 1
         finally:
-            self._relay_tcp_conns -= 1
+            self.relay_limits.release(peer_ip)
             self.relay.drop_dest(conn)
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+
+    async def _relay_tcp_reader(self, stream, conn) -> None:
+        """Feeds one TCP connection's frames to the relay until it closes or idles. Until the relay grants
+        it a session (HELLO_OK), a connection gets relay_hello_timeout, HELLO frames only and a few KB:
+        an idle or junk connection would otherwise hold a descriptor for SESSION_TTL."""
+        dec = W.TcpFrameDecoder()
+        hello_by = trio.current_time() + self.cfg.relay_hello_timeout
+        unauth_bytes, authed = 0, False
+        while True:
+            with trio.move_on_at(trio.current_time() + W.SESSION_TTL if authed else hello_by) as idle:
+                data = await stream.receive_some(65536 if authed else 4096)
+            if idle.cancelled_caught:
+                self.counters["relay_tcp_idle_timeout" if authed else "relay_tcp_hello_timeout"] += 1
+                return
+            if not data:
+                return
+            unauth_bytes += 0 if authed else len(data)
+            if unauth_bytes > RELAY_TCP_UNAUTH_BYTES:
+                self.counters["relay_tcp_no_hello"] += 1
+                return
+            now, wall = time.monotonic(), time.time()
+            for frame in dec.feed(data):
+                if not authed and W.frame_type_untrusted(frame) != W.T_HELLO:
+                    self.counters["relay_tcp_no_hello"] += 1
+                    return
+                for out, dest in self.relay.handle_untrusted(frame, conn, now, wall):
+                    authed = authed or (dest is conn and W.frame_type_untrusted(out) == W.T_HELLO_OK)
+                    self._relay_send(out, dest)
 
 
 def _send_nowait(stream, data: bytes) -> None:
