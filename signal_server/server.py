@@ -112,7 +112,7 @@ class SignalServer:
         for name, mode in wide_modes(config.db):
             log.warning("%s is mode %04o: it holds the server's private key; chmod 600 it", name, mode)
         self.prefix4, self.prefix6 = self.store.prefixes(os.urandom, config.prefix4, config.prefix6)
-        self.directory = Directory()
+        self.directory = Directory(mesh_nets=(self.prefix4, self.prefix6))
         self.punch = PunchCoordinator()
         self.relay = RelayCore(self.server_sk, os.urandom)
         self.sessions: dict[bytes, Session] = {}
@@ -428,7 +428,7 @@ class SignalServer:
         if created:
             log.info("node %s joined as %s (%s, %s)", key_to_base64(client_key), row.name, row.ipv4, row.ipv6)
         s = Session(client_key, row.node_id, stream, chan)
-        s.initial_candidates = cands or []
+        s.initial_candidates = self._reported(cands or [])
         s.row = row
         return s
 
@@ -526,6 +526,13 @@ class SignalServer:
         s.queue.append(msg)
         s.wake.set()
 
+    def _reported(self, cands: list) -> list:
+        """What a node may say about its own candidates (Directory.reported); the rest is counted."""
+        kept, refused = self.directory.reported(cands)
+        if refused:
+            self.counters["control_candidates_refused"] += refused
+        return kept
+
     def _on_message(self, s: Session, m: dict, now: float) -> None:
         t = m["type"]
         self.counters["control_messages"] += 1
@@ -536,7 +543,7 @@ class SignalServer:
             if cands is None:
                 self.counters["control_bad_candidates"] += 1
                 return
-            if self.directory.update(s.key, candidates=cands):
+            if self.directory.update(s.key, candidates=self._reported(cands)):
                 self._wake_all()
         elif t == P.T_PUNCH_REQUEST:
             peer = m.get("peer")
@@ -660,7 +667,7 @@ class SignalServer:
             changed = False
             for key, obs in self.relay.pop_observed():
                 # update() is False for a key no longer in the directory (removed meanwhile)
-                changed |= self.directory.update(key, observed=[(obs[0], obs[1], "observed")])
+                changed |= self.directory.set_observed(key, obs)
             if changed:
                 self._wake_all()
 

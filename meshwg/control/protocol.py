@@ -34,6 +34,13 @@ MAX_CLIENT_FRAME = 64 * 1024  # node -> server: nothing a node sends needs more
 MAX_SERVER_FRAME = 4 * 1024 * 1024  # server -> node: directory chunks stay well under this
 DIR_CHUNK = 256  # peers per directory message, keeps frames small and lets the event loop breathe
 
+# Candidate kinds, the third field of [ip, port, kind]. A node may say only these about its own addresses
+# ("stun-eim"/"stun-edm" also hint at its NAT's mapping); the server drops other kinds it is told.
+REPORTED_KINDS = frozenset({"local", "stun", "stun-eim", "stun-edm"})
+# The server's alone: where it saw the node's relay traffic come from, the only address peers' birthday
+# probes aim at (a node reporting it could make every other node spray UDP at anyone).
+KIND_OBSERVED = "observed"
+
 # node -> server
 T_REGISTER = "register"  # {invite_id?, secret?, name?, candidates: [[ip, port, kind]...], proto}
 T_HEARTBEAT = "hb"  # {seq}
