@@ -10,7 +10,9 @@ sealed datagrams. Policy in short:
   within GOOD_ENOUGH_LATENCY, only the candidates of a better address kind (a LAN address over a NAT).
 - Idle (no traffic for SESSION_ACTIVE_TIMEOUT): no probing at all; traffic resumes probing at once.
 - Probes are bounded: at most MAX_CANDIDATES candidates per peer, invalid ones dropped, a per-peer token
-  bucket, plus the node's global bucket passed in as `budget`.
+  bucket, plus the node's global bucket passed in as `budget` (the node also bounds each address).
+- A ping's source becomes a candidate only once it answered a ping of ours from that same address
+  (Tailscale's disco does the same): a sealed ping from a spoofed source earns one ping back, no more.
 - Birthday-paradox mode when exactly one side's NAT maps per destination (see BirthdayPlan).
 """
 
@@ -30,7 +32,8 @@ PEER_PING_RATE = 20.0        # pings per second per peer (token bucket)
 PEER_PING_BURST = 20.0
 PONG_RATE = 20.0             # pongs per second per peer: a chatty peer cannot make us a reflector
 PONG_BURST = 20.0
-MAX_PEER_REFLEXIVE = 4       # candidates learned from the source of authenticated pings
+MAX_PEER_REFLEXIVE = 4       # ping sources being verified at once (a birthday hit is always verified)
+VERIFY_INTERVAL = 1.0        # at most one verification ping a second to an unverified ping source
 
 # Candidate sources, best first when the list must be truncated.
 SOURCE_RANK = {"observed": 0, "stun": 1, "directory": 2, "ping": 3, "cmm": 4, "local": 5}
@@ -51,6 +54,7 @@ class SendPing:
     addr: tuple
     txid: bytes
     via: int | None = None        # extra socket index (birthday mode), None = main socket
+    birthday: bool = False        # a birthday probe (the node bounds these per target IP)
 
 
 @dataclass(frozen=True)
@@ -107,8 +111,10 @@ class Candidate:
     latency: float | None = None
 
 
-def valid_candidate(addr: object) -> bool:
-    """Drop candidates no honest peer would advertise; private ranges stay (LAN peers need them)."""
+def valid_candidate(addr: object, blocked=()) -> bool:
+    """Drop candidates no honest peer would advertise, or that would aim probes at no peer: loopback (our
+    own host), unspecified, multicast (link-local included), broadcast, reserved, and the `blocked`
+    networks (the mesh's own prefixes). Private ranges stay (LAN peers need them)."""
     if not (isinstance(addr, tuple) and len(addr) == 2):
         return False
     ip_s, port = addr
@@ -118,7 +124,9 @@ def valid_candidate(addr: object) -> bool:
         ip = ipaddress.ip_address(ip_s)
     except ValueError:
         return False
-    if ip.is_unspecified or ip.is_multicast or ip.is_reserved:
+    if ip.is_unspecified or ip.is_multicast or ip.is_reserved or ip.is_loopback:
+        return False
+    if any(ip.version == net.version and ip in net for net in blocked):
         return False
     if ip.version == 4 and ip_s == "255.255.255.255":
         return False
@@ -167,6 +175,7 @@ class PeerPaths:
         self._bd_start_at = math.inf
         self._bd_end = math.inf
         self._live_vias: set[int] = set()
+        self._verifying: dict[tuple, tuple] = {}   # unverified ping source -> (last ping back, via)
 
     # --- inputs -----------------------------------------------------------------------------
     def set_candidates(self, source: str, addrs, now: float) -> bool:
@@ -243,35 +252,55 @@ class PeerPaths:
         self._outbox.append(SendPong(src, txid, src, via))
         if not valid_candidate(src):
             return
-        cand = self.candidates.get(src)
-        if cand is None:
-            n_ping = sum(1 for c in self.candidates.values() if c.source == "ping")
-            # Birthday hits (via set) are always kept: they are the whole point of the attempt.
-            if via is not None or n_ping < MAX_PEER_REFLEXIVE:
-                self.candidates[src] = Candidate(src, "ping", via=via)
-                self._trim()
-                cand = self.candidates.get(src)
-        elif via is not None:
-            cand.via = via
         if via is not None:
             self._live_vias.add(via)   # the peer reaches us on this socket: it must stay open
+        cand = self.candidates.get(src)
+        if cand is None:
+            self._verify_source(src, via, now)
+            return
+        if via is not None:
+            cand.via = via
         # Ping back unconfirmed sources so our NAT opens and we measure the path ourselves.
-        if cand is not None and cand.last_pong is None and now - cand.last_ping >= 1.0:
+        if cand.last_pong is None and now - cand.last_ping >= VERIFY_INTERVAL:
             self._ping(cand, now, None)
 
-    def on_pong(self, txid: bytes, now: float, via: int | None = None) -> bool:
-        entry = self._pending.pop(txid, None)
+    def _verify_source(self, src: tuple, via: int | None, now: float) -> None:
+        """Ping back a source we do not know: it becomes a candidate when it answers from there (on_pong),
+        which a spoofed source cannot. The ping back also opens our NAT towards it."""
+        for a in [a for a, (t, _) in self._verifying.items() if now - t > P.PING_TIMEOUT]:
+            del self._verifying[a]
+        last = self._verifying.get(src)
+        if last is not None and now - last[0] < VERIFY_INTERVAL:
+            return
+        # Birthday hits (via set) are always verified: they are the whole point of the attempt.
+        if (last is None and via is None
+                and sum(1 for _, v in self._verifying.values() if v is None) >= MAX_PEER_REFLEXIVE):
+            self.counters["pings_rate_limited"] += 1
+            return
+        if not self._ping_bucket.take(now):
+            self.counters["pings_rate_limited"] += 1
+            return
+        self._verifying[src] = (now, via)
+        self._send_ping(src, via, now, MAX_PENDING_PINGS)
+
+    def on_pong(self, txid: bytes, now: float, via: int | None = None, src: tuple | None = None) -> bool:
+        """A pong for one of our pings; `src` is where it came from (None: not known, trusted as the
+        pinged address)."""
+        entry = self._pending.get(txid)
         if entry is None:
             self.counters["pongs_unmatched"] += 1
             return False
         addr, sent_at, pvia = entry
-        if pvia != via:
+        cand = self.candidates.get(addr)
+        if pvia != via or (cand is None and src is not None and src != addr):
+            # A ping source is verified only by an answer from that very address.
             self.counters["pongs_unmatched"] += 1
             return False
+        del self._pending[txid]
         self.counters["pongs_received"] += 1
         latency = max(0.0, now - sent_at)
-        cand = self.candidates.get(addr)
         if cand is None:
+            self._verifying.pop(addr, None)
             cand = self.candidates[addr] = Candidate(addr, "ping", via=pvia)
         cand.last_pong, cand.latency = now, latency
         if pvia is not None:
@@ -289,6 +318,7 @@ class PeerPaths:
             self._contend_left = P.CONTENDER_ROUNDS
             if self.birthday is not None:
                 self._end_birthday()
+        self._trim()
         self.unanswered_since = None
         self.probe_attempt = 0
         return True
@@ -400,18 +430,19 @@ class PeerPaths:
         cand.last_ping = now
         return True
 
-    def _send_ping(self, addr: tuple, via: int | None, now: float, max_pending: int) -> None:
+    def _send_ping(self, addr: tuple, via: int | None, now: float, max_pending: int, birthday: bool = False) -> None:
         """Emit a ping and remember its txid, evicting the oldest pending one beyond max_pending."""
         txid = self._random(12)
         if len(self._pending) >= max_pending:
             self._pending.pop(next(iter(self._pending)))
         self._pending[txid] = (addr, now, via)
         self.counters["pings_sent"] += 1
-        self._outbox.append(SendPing(addr, txid, via))
+        self._outbox.append(SendPing(addr, txid, via, birthday))
 
     # --- birthday paradox ---------------------------------------------------------------------
     def _observed_addr(self) -> tuple | None:
-        """The peer's address as the signal server saw it: where birthday probes aim."""
+        """The peer's address as the signal server saw it: the only one birthday probes aim at (no
+        address a peer reported, nor one it pinged us from: those can name anyone)."""
         return next((c.addr for c in self.candidates.values() if c.source == "observed"), None)
 
     def birthday_role(self) -> str | None:
@@ -479,7 +510,7 @@ class PeerPaths:
             for i in range(1, plan.sockets + 1):
                 if budget is not None and not budget(1):
                     break
-                self._send_ping(target, i, now, BIRTHDAY_MAX_PENDING)
+                self._send_ping(target, i, now, BIRTHDAY_MAX_PENDING, birthday=True)
             self._bd_sent += 1
             self._bd_next = now + 1.0
             return
@@ -488,7 +519,7 @@ class PeerPaths:
         for _ in range(due):
             if not self._bd_ports or (budget is not None and not budget(1)):
                 break
-            self._send_ping((plan.target_ip, self._bd_ports.pop()), None, now, BIRTHDAY_MAX_PENDING)
+            self._send_ping((plan.target_ip, self._bd_ports.pop()), None, now, BIRTHDAY_MAX_PENDING, birthday=True)
         self._bd_next = now + 0.05 if self._bd_ports else math.inf
 
     def _end_birthday(self) -> None:

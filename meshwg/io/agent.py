@@ -13,7 +13,6 @@ tunnels keep their paths; a restart with the server down brings up the cached ne
 from __future__ import annotations
 
 import base64
-import ipaddress
 import logging
 import math
 import signal
@@ -29,6 +28,7 @@ from meshwg.io import status_server
 from meshwg.io.mesh_shell import MeshDevice, interface_addresses
 from meshwg.mesh import node as N
 from meshwg.mesh.netmap import PeerSpec
+from meshwg.mesh.peer_entry import entry_policy, host_cidr, peer_spec
 from meshwg.token_bucket import TokenBucket
 
 log = logging.getLogger("meshwg.agent")
@@ -45,32 +45,6 @@ NAT_KIND = {NC.EIM: "stun-eim", NC.EDM: "stun-edm"}  # our NAT kind rides on the
 
 class AgentError(Exception):
     pass
-
-
-def _host_cidr(addr: str) -> str | None:
-    if not addr:
-        return None
-    ip = ipaddress.ip_address(addr.split("/")[0])
-    return f"{ip}/{ip.max_prefixlen}"
-
-
-def peer_spec(p) -> PeerSpec:
-    """Directory entry (PeerInfo) -> PeerSpec for the MeshNode."""
-    addrs = [a for a in (_host_cidr(p.ipv4), _host_cidr(p.ipv6)) if a]
-    cands, observed, nat = [], [], None
-    for c in p.candidates:
-        ip, port, kind = (tuple(c) + ("local",))[:3]
-        # Server-observed and STUN-reflexive addresses are both the peer's public mapping (the
-        # server dedups equal ones): the path logic needs them as "observed" for birthday punching.
-        if kind == "observed" or kind.startswith("stun"):
-            observed.append((ip, port))
-        else:
-            cands.append((ip, port))
-        if kind == "stun-edm":
-            nat = NC.EDM
-        elif kind == "stun-eim" and nat is None:
-            nat = NC.EIM
-    return PeerSpec.make(p.key, p.name, addrs, cands, observed, nat)
 
 
 def _peer_to_json(p) -> dict:
@@ -257,7 +231,7 @@ class Agent:
         self.welcome = w
         if not changed:
             return
-        addrs = [a for a in (_host_cidr(w.ipv4), _host_cidr(w.ipv6)) if a]
+        addrs = [a for a in (host_cidr(w.ipv4), host_cidr(w.ipv6)) if a]
         await self.dev.set_addresses(addrs)
         now = time.monotonic()
         if tuple(w.stun) != self.dev.node.stun_servers:
@@ -271,10 +245,13 @@ class Agent:
     async def _apply_directory(self, changed: bytes | None = None) -> None:
         """Hand the directory to the node. `changed`: the one key just set or removed, so only its spec
         is rebuilt (one event must not cost O(peers) spec parsing); None: the whole directory is new."""
+        # Cached entries too: nothing outside the mesh prefixes, nor a server's address, is routed.
+        policy = entry_policy(self.welcome, tuple(self.invite.addrs) if self.invite else ())
+        drops = self.dev.node.counters
         if changed is None:
-            self._specs = {k: peer_spec(p) for k, p in self.directory.items()}
+            self._specs = {k: peer_spec(p, policy, drops) for k, p in self.directory.items()}
         elif changed in self.directory:
-            self._specs[changed] = peer_spec(self.directory[changed])
+            self._specs[changed] = peer_spec(self.directory[changed], policy, drops)
         else:
             self._specs.pop(changed, None)
         self.dev.node.apply_netmap(self._specs, time.monotonic())

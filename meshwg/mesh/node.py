@@ -14,6 +14,11 @@ disco pong confirms a direct path, the direct address while it stays trusted, ba
 it stops answering. The WireGuard session is untouched by these moves; only the destination changes.
 A pending WireGuard initiation is re-sent as soon as news says the peer's path works (a path change, a
 punch notice, disco from the peer through the relay) rather than at the core's 5 s retry.
+
+Whatever the directory or the peers say, probing any one address is bounded: at most 2 pings a second
+to one (ip, port) after a burst of 30 (150 in the first minute), all peers together, and birthday probes
+at most 2,048 a minute to one IP (one attempt's worth). A hostile entry naming a victim's address in
+many peers' candidates thus costs the victim a trickle, not a flood.
 """
 
 from __future__ import annotations
@@ -30,13 +35,18 @@ from meshwg.disco.peer_paths import (CloseSockets, OpenSockets, PeerPaths, SendC
                                      SendPong)
 from meshwg.mesh import demux
 from meshwg.mesh.netmap import AddPeer, ChangePeer, PeerSpec, RemovePeer, diff, route_changes
-from meshwg.token_bucket import TokenBucket
+from meshwg.token_bucket import KeyedLimiter, TokenBucket
 
 GLOBAL_PROBE_RATE = 300.0     # disco pings per second, all peers together
 GLOBAL_PROBE_BURST = 600.0
 STUN_INTERVAL = (20.0, 26.0)  # re-STUN period, jittered
 STUN_TIMEOUT = 3.0
 MAX_LOCAL_ENDPOINTS = 16
+PROBE_ADDR_RATE = 2.0         # pings a second to any one (ip, port), all peers together (a heartbeat is 0.5)
+PROBE_ADDR_BURST = 30.0
+BIRTHDAY_IP_BURST = 2048.0    # birthday probes to any one IP: one attempt (256 sockets x 8 rounds)...
+BIRTHDAY_IP_RATE = BIRTHDAY_IP_BURST / 60.0   # ...a minute
+PROBE_ADDR_KEYS = 65536       # addresses tracked; idle ones are forgotten first
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,8 @@ class MeshNode:
         self._events: list = []
         self.counters: collections.Counter = collections.Counter()
         self._budget = TokenBucket(global_probe_rate, global_probe_burst)
+        self._addr_limit = KeyedLimiter(PROBE_ADDR_RATE, PROBE_ADDR_BURST, PROBE_ADDR_KEYS)
+        self._birthday_limit = KeyedLimiter(BIRTHDAY_IP_RATE, BIRTHDAY_IP_BURST, PROBE_ADDR_KEYS)
         self._now = 0.0
         # our own endpoints
         self.iface_endpoints: tuple = ()
@@ -328,13 +340,13 @@ class MeshNode:
             if relay_src is not None:
                 self.counters["disco_pong_via_relay_ignored"] += 1
                 return
-            if pp.on_pong(msg.txid, now, via):
+            if pp.on_pong(msg.txid, now, via, addr):
                 self.counters["disco_pong_rx"] += 1
             else:
                 self.counters["drop_disco_pong_unmatched"] += 1
         elif isinstance(msg, CallMeMaybe):
             self.counters["disco_cmm_rx"] += 1
-            pp.on_call_me_maybe(msg.endpoints, now)
+            pp.on_call_me_maybe(self._outside_mesh(msg.endpoints), now)
         self._service(sender, now)
 
     def _service(self, key: bytes, now: float) -> None:
@@ -344,6 +356,9 @@ class MeshNode:
         wall = self._wall(now)
         for act in pp.poll(now, wall, self._take_budget):
             if isinstance(act, SendPing):
+                if not self._probe_allowed(act, now):
+                    self.counters["probe_addr_limited"] += 1
+                    continue
                 data = self.codec.seal(key, Ping(act.txid, self.public_key), wall)
                 self._out.append((data, _socket_dest(act.addr, act.via)))
                 self.counters["disco_ping_tx"] += 1
@@ -360,6 +375,23 @@ class MeshNode:
             elif isinstance(act, CloseSockets):
                 self._events.append(CloseBirthdaySockets(key, act.keep))
         self._update_endpoint(key, now)
+
+    def _probe_allowed(self, ping: SendPing, now: float) -> bool:
+        """The per-address bound (see the module docstring); birthday probes count per target IP."""
+        if ping.birthday:
+            return self._birthday_limit.allow(ping.addr[0], now)
+        return self._addr_limit.allow(ping.addr, now)
+
+    def _outside_mesh(self, endpoints) -> list:
+        """A peer's call-me-maybe endpoints minus mesh addresses: a disco ping there would go into the
+        tunnels (the directory's candidates are filtered before they get here, see peer_entry)."""
+        return [ep for ep in endpoints if not self._routed_in_mesh(ep[0])]
+
+    def _routed_in_mesh(self, ip) -> bool:
+        try:
+            return self.core.lookup_peer_for(ip) is not None
+        except (ValueError, TypeError):
+            return False  # not an IP: PeerPaths drops it
 
     def _endpoint_stale(self, key: bytes, now: float) -> bool:
         return self._endpoint.get(key) != self._wanted_endpoint(key, now)

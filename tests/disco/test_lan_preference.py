@@ -85,6 +85,7 @@ def test_ping_learned_address_advertised_later_earns_the_lan_bonus():
     pp = PeerPaths(b"k" * 32, _rb())
     pp.note_activity(0.0)
     pp.on_ping(b"t" * 12, OWN, None, 0.0)       # the peer pinged us before we knew its candidates
+    assert pp.on_pong(_pings(pp.poll(0.0, 0.0, None))[OWN], 0.001, src=OWN)   # and answered ours
     assert pp.candidates[OWN].source == "ping"
     pp.on_call_me_maybe([PUBLIC, OWN], 0.1)     # "cmm" ranks below "ping", yet the peer advertises it
     assert pp.candidates[OWN].source == "cmm"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import os
 import stat
@@ -11,7 +12,12 @@ from meshwg.control.client import PeerInfo
 from meshwg.commands.mesh import format_status
 from meshwg.disco.netcheck import EDM, EIM
 from meshwg.io import agent_state as S
-from meshwg.io.agent import Agent, peer_spec
+from meshwg.io.agent import Agent
+from meshwg.mesh.peer_entry import entry_policy, peer_spec
+
+WELCOME = CE.Welcome(7, "me", "100.64.0.7", "fd00::7", "100.64.0.0/10", "fd00::/48", (("192.0.2.1", 3478),),
+                     (("192.0.2.1", 3478),), (("192.0.2.1", 7301),), 10.0, bytes(32))
+POLICY = entry_policy(WELCOME, ("192.0.2.1:7300",))
 
 
 def test_key_created_0600_and_reloaded(tmp_path):
@@ -44,15 +50,16 @@ def test_peer_spec_from_directory_entry():
     p = PeerInfo(key, 3, "laptop", "100.64.0.3", "fd00::3",
                  (("192.168.1.5", 4000, "local"), ("198.51.100.7", 4000, "stun-edm"), ("198.51.100.7", 5000, "observed")),
                  True)
-    spec = peer_spec(p)
+    spec = peer_spec(p, POLICY)
     assert spec.key == key and spec.name == "laptop"
     assert spec.addresses == (ipaddress.ip_network("100.64.0.3/32"), ipaddress.ip_network("fd00::3/128"))
-    assert spec.candidates == (("192.168.1.5", 4000),)
-    assert spec.observed == (("198.51.100.7", 4000), ("198.51.100.7", 5000))
+    # a STUN address is the peer's word: a candidate; only the server's observation is a birthday target
+    assert spec.candidates == (("192.168.1.5", 4000), ("198.51.100.7", 4000))
+    assert spec.observed == (("198.51.100.7", 5000),)
     assert spec.nat == EDM
     p2 = PeerInfo(key, 3, "laptop", "100.64.0.3", "", (("198.51.100.7", 4000, "stun-eim"),), False)
-    assert peer_spec(p2).nat == EIM and len(peer_spec(p2).addresses) == 1
-    assert peer_spec(PeerInfo(key, 3, "x", "100.64.0.3", "", (), False)).nat is None
+    assert peer_spec(p2, POLICY).nat == EIM and len(peer_spec(p2, POLICY).addresses) == 1
+    assert peer_spec(PeerInfo(key, 3, "x", "100.64.0.3", "", (), False), POLICY).nat is None
 
 
 def test_status_text_names_path_and_reason():
@@ -88,11 +95,14 @@ async def test_directory_events_hand_the_node_every_peers_spec():
                 yield ev
 
     agent = Agent(None, name=None, state_dir="/nonexistent", iface="unused0")
+    agent.welcome = WELCOME
     applied = []
 
     class Node:
+        counters = collections.Counter()
+
         def apply_netmap(self, desired, now):
-            full = {k: peer_spec(p) for k, p in agent.directory.items()}
+            full = {k: peer_spec(p, entry_policy(WELCOME)) for k, p in agent.directory.items()}
             applied.append((list(desired.items()), list(full.items())))
 
         def punch(self, key, now):
@@ -122,7 +132,7 @@ async def test_directory_events_hand_the_node_every_peers_spec():
     await agent._events_task()
     assert len(applied) == 9
     for got, want in applied:
-        assert got == want
+        assert got == want and all(spec.addresses for _, spec in got)
     assert [k[0] for k, _ in applied[-1][0]] == [5, 2, 6]
 
 
@@ -139,3 +149,39 @@ def test_status_addresses_bracket_ipv6():
     st = relay.status()
     assert st["udp"] == ["[fd00::1]:3478", "192.0.2.1:3478"] and st["tcp"] == ["[fd00::1]:443"]
     assert st["observed"] == "[2001:db8::5]:4000"
+
+
+async def test_cached_directory_routes_nothing_outside_the_mesh_nor_the_server():
+    """A corrupted entry (from the server or the cache) naming the server's address, or an address outside
+    the mesh prefixes, as a peer's must not be routed: every node lost its server that way, for good."""
+    agent = Agent(None, name=None, state_dir="/nonexistent", iface="unused0")
+    agent.welcome = WELCOME
+    desired = {}
+
+    class Node:
+        counters = collections.Counter()
+
+        def apply_netmap(self, specs, now):
+            desired.update(specs)
+
+    class Driver:
+        async def flush(self):
+            pass
+
+    class Dev:
+        node, driver = Node(), Driver()
+
+    agent.dev = Dev()
+    cached = [{"key": "AQ" * 21 + "A=", "id": 1, "name": "evil", "ipv4": "192.0.2.1", "ipv6": "2001:db8::1",
+               "candidates": [["127.0.0.1", 53, "observed"]], "online": True},
+              {"key": "Ag" * 21 + "A=", "id": 2, "name": "ok", "ipv4": "100.64.0.2", "ipv6": "fd00::2",
+               "candidates": [], "online": True}]
+    from meshwg.io.agent import _peer_from_json
+    agent.directory = {p.key: p for p in map(_peer_from_json, cached)}
+    await agent._apply_directory()
+    routed = {str(n) for spec in desired.values() for n in spec.addresses}
+    assert routed == {"100.64.0.2/32", "fd00::2/128"}
+    assert all(not spec.observed and not spec.candidates for spec in desired.values())
+    drops = Dev.node.counters
+    assert drops["drop_peer_addr_server"] == 1 and drops["drop_peer_addr_outside_mesh"] == 1
+    assert drops["drop_peer_candidate_addr"] == 1

@@ -1,0 +1,141 @@
+"""A directory entry -> the PeerSpec the MeshNode gets, trusting the entry as little as possible. Pure.
+
+Entries come from the signal server, or from the node's cache of what it once said; a compromised or
+corrupted server, or a stale cache, must not be able to:
+- route what is not the mesh's into the mesh. A peer address outside the mesh prefixes (the welcome's
+  prefix4/prefix6), one of the control, STUN or relay servers' addresses, one of our own, or a loopback,
+  multicast, unspecified or link-local one is dropped and counted. (Routing the server's address into
+  the mesh cut every node off its server, and so from the entry that would have fixed it.)
+- aim our probes anywhere. Candidates pass peer_paths.valid_candidate with the mesh prefixes blocked
+  (no loopback, unspecified, multicast, broadcast, nor mesh addresses), the server's STUN and relay
+  endpoints are no candidates, kinds come from a short list, and only the server's own observation
+  ("observed") becomes a birthday target; a peer's "stun-eim"/"stun-edm" is a hint about its NAT only.
+Server host names (an advertised DNS name) are not resolved here: only IP literals are excluded.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import ipaddress
+from dataclasses import dataclass
+
+from meshwg.control.invite import split_hostport
+from meshwg.control.protocol import KIND_OBSERVED, REPORTED_KINDS
+from meshwg.disco.netcheck import EDM, EIM
+from meshwg.disco.peer_paths import valid_candidate
+from meshwg.mesh.netmap import PeerSpec
+
+
+@dataclass(frozen=True)
+class EntryPolicy:
+    mesh_nets: tuple = ()                       # ip networks a peer's addresses must lie in
+    server_ips: frozenset = frozenset()         # control, STUN and relay hosts: never routed into the mesh
+    server_endpoints: frozenset = frozenset()   # STUN and relay (ip, port): never a candidate
+    own_ips: frozenset = frozenset()            # our own mesh addresses
+
+    def address_refused(self, ip) -> str | None:
+        """Why a peer's mesh address must not be routed to it (a drop counter name), else None."""
+        if ip.is_loopback or ip.is_multicast or ip.is_unspecified or ip.is_link_local or ip.is_reserved:
+            return "drop_peer_addr_special"
+        if ip in self.server_ips:
+            return "drop_peer_addr_server"
+        if ip in self.own_ips:
+            return "drop_peer_addr_own"
+        if not any(ip.version == n.version and ip in n for n in self.mesh_nets):
+            return "drop_peer_addr_outside_mesh"
+        return None
+
+    def candidate_refused(self, addr: tuple, kind) -> str | None:
+        """Why a peer's candidate must not be probed (a drop counter name), else None."""
+        if not isinstance(kind, str) or (kind != KIND_OBSERVED and kind not in REPORTED_KINDS):
+            return "drop_peer_candidate_kind"
+        if not valid_candidate(addr, self.mesh_nets):
+            return "drop_peer_candidate_addr"
+        if (_ip(addr[0]), addr[1]) in self.server_endpoints:
+            return "drop_peer_candidate_server"
+        return None
+
+
+def _ip(host):
+    """An IP address object for an IP literal ("[v6]" and "%scope" forms too), else None (a name)."""
+    if not isinstance(host, str):
+        return None
+    try:
+        return ipaddress.ip_address(host.strip("[]").split("%")[0])
+    except ValueError:
+        return None
+
+
+def _net(text):
+    try:
+        return ipaddress.ip_network(str(text), strict=False) if text else None
+    except ValueError:
+        return None
+
+
+def host_cidr(addr) -> str | None:
+    """A mesh address ("100.64.0.3" or "100.64.0.3/10") as a host route ("100.64.0.3/32"); None if empty
+    or not an address."""
+    ip = _ip(addr.split("/")[0]) if isinstance(addr, str) and addr else None
+    return None if ip is None else f"{ip}/{ip.max_prefixlen}"
+
+
+@functools.lru_cache(maxsize=8)
+def entry_policy(welcome, control_addrs: tuple = ()) -> EntryPolicy:
+    """The policy for a welcome (prefixes, our addresses, STUN and relay servers) and the invite's control
+    addresses ("host:port"). No welcome yet: nothing is routed (there is no mesh prefix to trust)."""
+    if welcome is None:
+        return EntryPolicy()
+    nets = tuple(n for n in (_net(welcome.prefix4), _net(welcome.prefix6)) if n is not None)
+    endpoints = set()
+    for host, port in (*welcome.stun, *welcome.relay_udp, *welcome.relay_tcp):
+        if _ip(host) is not None:
+            endpoints.add((_ip(host), port))
+    server_ips = {ip for ip, _ in endpoints}
+    for a in control_addrs:
+        try:
+            ip = _ip(split_hostport(a)[0])
+        except (ValueError, TypeError):
+            continue
+        if ip is not None:
+            server_ips.add(ip)
+    own = {_ip(a.split("/")[0]) for a in (welcome.ipv4, welcome.ipv6) if isinstance(a, str) and a}
+    return EntryPolicy(nets, frozenset(server_ips), frozenset(endpoints), frozenset(own - {None}))
+
+
+def peer_spec(p, policy: EntryPolicy, drops: collections.Counter | None = None) -> PeerSpec:
+    """Directory entry (PeerInfo: key, name, ipv4, ipv6, candidates) -> PeerSpec for the MeshNode.
+    What the policy refuses is left out and counted in `drops` (counter name -> count)."""
+    if drops is None:
+        drops = collections.Counter()
+    addrs = []
+    for a in (p.ipv4, p.ipv6):
+        cidr = host_cidr(a)
+        if cidr is None:
+            if a:
+                drops["drop_peer_addr_invalid"] += 1
+            continue
+        reason = policy.address_refused(_ip(cidr.split("/")[0]))
+        if reason:
+            drops[reason] += 1
+        else:
+            addrs.append(cidr)
+    cands, observed, nat = [], [], None
+    for c in p.candidates:
+        if not isinstance(c, (tuple, list)) or len(c) not in (2, 3):
+            drops["drop_peer_candidate_addr"] += 1
+            continue
+        ip, port, kind = (tuple(c) + ("local",))[:3]
+        reason = policy.candidate_refused((ip, port), kind)
+        if reason:
+            drops[reason] += 1
+            continue
+        # Only the server's own observation is the peer's public mapping for birthday punching; a
+        # STUN-reflexive address is the peer's word, probed like any other candidate.
+        (observed if kind == KIND_OBSERVED else cands).append((ip, port))
+        if kind == "stun-edm":
+            nat = EDM
+        elif kind == "stun-eim" and nat is None:
+            nat = EIM
+    return PeerSpec.make(p.key, p.name, addrs, cands, observed, nat)
