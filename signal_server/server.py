@@ -645,17 +645,17 @@ class SignalServer:
     async def _stun_alt_loop(self, idx: int) -> None:
         """An alternate STUN port: STUN only (the relay lives on the main ports)."""
         await self._recv_loop(idx, self._stun_socks[idx], 64, 2048,
-                              lambda i, data, addr, _now, _wall: self._on_stun(i, data, addr))
+                              lambda i, data, addr, now, _wall: self._on_stun(i, data, addr, now))
 
     def _on_udp(self, idx: int, data: bytes, addr, now: float, wall: float) -> None:
         if W.is_relay_untrusted(data):
             for frame, dest in self.relay.handle_untrusted(data, (idx, addr), now, wall, observed=addr):
                 self._relay_send(frame, dest)
             return
-        self._on_stun(idx, data, addr)
+        self._on_stun(idx, data, addr, now)
 
-    def _on_stun(self, idx: int, data: bytes, addr) -> None:
-        reply, counters = self.stun.handle_untrusted(idx, data, addr)
+    def _on_stun(self, idx: int, data: bytes, addr, now: float) -> None:
+        reply, counters = self.stun.handle_untrusted(idx, data, addr, now)
         for name in counters:
             self.counters[name] += 1
         if reply is not None:

@@ -10,16 +10,30 @@ An RFC 5389 request carrying comprehension-required attributes the codec does no
 RFC 5780's RESPONSE-PORT and PADDING, which this server does not implement) gets a 420 "Unknown
 Attribute" error from the receiving socket, never from a CHANGE-REQUEST target. Classic (RFC 3489)
 requests are answered as before.
+
+Anyone can spoof a request's source, so answers are a reflection tool: they are limited per source IP
+(a bounded table) and carry only what the client needs. An RFC 5389 answer is XOR-MAPPED-ADDRESS, plus
+OTHER-ADDRESS when the server can honour changes (RFC 5780 clients learn it from a plain request),
+RESPONSE-ORIGIN only in answers to a CHANGE-REQUEST, and FINGERPRINT only when the request carried one;
+no MAPPED-ADDRESS (classic clients get the classic answer) and no SOFTWARE. Classic answers keep the
+three addresses RFC 3489 makes mandatory.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import struct
 from dataclasses import dataclass
 
 from meshwg.disco import stun
+from signal_server.ratelimit import KeyedLimiter
 
 WILDCARDS = ("0.0.0.0", "::")
+# Answers per source IP: a node's STUN and netcheck send a handful a second (netcheck's retransmits and
+# `stun`'s NAT test some tens at once); a spoofed flood gets BURST + RATE x seconds.
+ANSWER_RATE, ANSWER_BURST = 20.0, 50.0
+ANSWER_SOURCES = 65_536
+_FINGERPRINT_HEAD = struct.pack("!HH", stun.ATTR_FINGERPRINT, 4)
 
 
 @dataclass(frozen=True)
@@ -35,8 +49,10 @@ class Reply:
 
 
 class StunResponder:
-    def __init__(self, sockets: list[StunSocket]) -> None:
+    def __init__(self, sockets: list[StunSocket], *, rate: float = ANSWER_RATE, burst: float = ANSWER_BURST,
+                 max_sources: int = ANSWER_SOURCES) -> None:
         self.sockets = list(sockets)
+        self.limit = KeyedLimiter(rate, burst, max_sources)
         self._by_place = {(s.addr[0], s.alt): i for i, s in enumerate(self.sockets)}
         # Distinct concrete IPs per family in configuration order: each one's "other" is the next.
         self._ips: dict[int, list[str]] = {}
@@ -72,28 +88,36 @@ class StunResponder:
         t = self.target(idx, stun.CHANGE_IP | stun.CHANGE_PORT)
         return None if t is None else self.sockets[t].addr
 
-    def handle_untrusted(self, idx: int, data: bytes, src) -> tuple[Reply | None, tuple]:
+    def handle_untrusted(self, idx: int, data: bytes, src, now: float) -> tuple[Reply | None, tuple]:
         """(reply or None, counter names to bump). Bad bytes give (None, (reason,)); never raises on input."""
         req = stun.parse_any_binding_request_untrusted(data)
         if req is None:
             return None, ("udp_dropped_unknown",)
         if req.classic and ":" in src[0]:
             return None, ("stun_classic_v6_dropped",)  # RFC 3489 addresses are IPv4 only
+        fingerprint = not req.classic and data[-8:-4] == _FINGERPRINT_HEAD  # FINGERPRINT is always last
         if req.unknown:
             # RFC 5389 7.3.1: 420 before any processing, so a CHANGE-REQUEST alongside is not honoured and
             # the error leaves from the receiving socket (the client is not testing filtering with it).
-            return Reply(idx, stun.build_unknown_attribute_error(req.txid, req.unknown)), ("stun_unknown_attribute",)
+            if not self.limit.allow(src[0], now):
+                return None, ("stun_rate_limited",)
+            error = stun.build_unknown_attribute_error(req.txid, req.unknown, software=False, fingerprint=fingerprint)
+            return Reply(idx, error), ("stun_unknown_attribute",)
         out = self.target(idx, req.change)
         if out is None:
             return None, ("stun_change_unsupported",)
+        if not self.limit.allow(src[0], now):
+            return None, ("stun_rate_limited",)
         here = self.sockets[out].addr
-        origin = None if here[0] in WILDCARDS else here
         other = self.other_address(idx)
         if req.classic:
             data = stun.build_classic_binding_response(req.txid, src, here, other)
             counters = ("stun_classic_requests",)
         else:
-            data = stun.build_binding_response(req.txid, src, response_origin=origin, other_address=other)
+            # RESPONSE-ORIGIN says which of our addresses answered: news only when the client asked for another.
+            origin = None if here[0] in WILDCARDS or not req.change else here
+            data = stun.build_binding_response(req.txid, src, response_origin=origin, other_address=other,
+                                               mapped=False, software=False, fingerprint=fingerprint)
             counters = ("stun_requests",)
         if req.change:
             counters += ("stun_change_requests",)

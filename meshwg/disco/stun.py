@@ -209,14 +209,16 @@ def _unpack_addr_untrusted(value: bytes, xor_key: bytes | None):
 
 
 def build_binding_response(txid: bytes, addr, *, software: bool = True, fingerprint: bool = True,
-                           response_origin=None, other_address=None) -> bytes:
-    """Binding success response carrying XOR-MAPPED-ADDRESS and MAPPED-ADDRESS for addr=(ip, port), plus
-    RFC 5780 RESPONSE-ORIGIN (where this answer leaves from) and OTHER-ADDRESS (the server's other
-    IP and port) when given."""
+                           response_origin=None, other_address=None, mapped: bool = True) -> bytes:
+    """Binding success response carrying XOR-MAPPED-ADDRESS and (mapped=True) MAPPED-ADDRESS for
+    addr=(ip, port), plus RFC 5780 RESPONSE-ORIGIN (where this answer leaves from) and OTHER-ADDRESS
+    (the server's other IP and port) when given."""
     if len(txid) != 12:
         raise ValueError("STUN transaction id is 12 bytes")
     xor_key = _COOKIE_BYTES + txid
-    attrs = _pack_addr(ATTR_XOR_MAPPED_ADDRESS, addr, xor_key) + _pack_addr(ATTR_MAPPED_ADDRESS, addr, None)
+    attrs = _pack_addr(ATTR_XOR_MAPPED_ADDRESS, addr, xor_key)
+    if mapped:
+        attrs += _pack_addr(ATTR_MAPPED_ADDRESS, addr, None)
     if response_origin is not None:
         attrs += _pack_addr(ATTR_RESPONSE_ORIGIN, response_origin, None)
     if other_address is not None:
