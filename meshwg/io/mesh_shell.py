@@ -197,7 +197,7 @@ class MeshDevice:
         self._ifindex = socket.if_nametoindex(self.tun.name)
         self._conflicts_warned: set[str] = set()
         self._last_route_error = ""
-        self._adding: set[str] = set()  # what the last check had to add
+        self._adding: set[str] = set()  # what the last check failed to add (or some of it)
         self.route_counters = {"added": 0, "restored": 0, "conflicts": 0, "check_errors": 0}
         self.addresses: list[str] = []
         self._closed = False
@@ -296,7 +296,6 @@ class MeshDevice:
         # nor one whose add failed last time, e.g. on a downed link: counted and logged once).
         restored = [p for p in plan.add
                     if p not in fresh and p not in self._conflicts_warned and p not in self._adding]
-        self._adding = set(plan.add)
         self._warn_conflicts(plan.conflicts)
         # `add`, never `replace`: if someone routed the prefix since the dump, theirs stays.
         # In batch mode the family follows from the prefix (a "-4"/"-6" word is not accepted).
@@ -312,6 +311,7 @@ class MeshDevice:
         if error and error != self._last_route_error:
             log.warning("ip -batch: %s", error.strip())
         self._last_route_error = error
+        self._adding = set(plan.add) if error else set()
 
     def _warn_conflicts(self, conflicts: tuple) -> None:
         """One warning per prefix while another interface holds it (again if it is lost and retaken)."""
