@@ -138,4 +138,5 @@ def peer_spec(p, policy: EntryPolicy, drops: collections.Counter | None = None) 
             nat = EDM
         elif kind == "stun-eim" and nat is None:
             nat = EIM
-    return PeerSpec.make(p.key, p.name, addrs, cands, observed, nat)
+    # One observation: the server sets one, and a birthday attempt aims at one address.
+    return PeerSpec.make(p.key, p.name, addrs, cands, observed[:1], nat)

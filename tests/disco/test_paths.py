@@ -1,3 +1,4 @@
+import ipaddress
 import random
 
 from meshwg.disco import paths as P
@@ -32,8 +33,12 @@ def test_valid_candidate():
     assert valid_candidate(("192.168.1.1", 5))
     assert valid_candidate(("2001:db8::1", 5))
     for bad in [("192.168.1.1", 0), ("0.0.0.0", 5), ("224.0.0.1", 5), ("255.255.255.255", 5),
-                ("240.0.0.1", 5), ("fe80::1", 5), ("x", 5), ("1.2.3.4", 70000), ("1.2.3.4",), "a", None]:
+                ("240.0.0.1", 5), ("fe80::1", 5), ("x", 5), ("1.2.3.4", 70000), ("1.2.3.4",), "a", None,
+                ("127.0.0.1", 53), ("127.8.0.1", 53), ("::1", 53), ("ff02::1", 5), ("::", 5)]:
         assert not valid_candidate(bad), bad
+    mesh = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("fd00::/48"))
+    assert not valid_candidate(("100.64.0.9", 5), mesh) and not valid_candidate(("fd00::9", 5), mesh)
+    assert valid_candidate(("100.128.0.9", 5), mesh) and valid_candidate(("fd01::9", 5), mesh)
 
 
 def _rb(seed=1):
@@ -96,3 +101,34 @@ def test_note_activity_says_when_the_peer_wakes_up():
     assert pp.note_activity(10.0) is True          # idle until now: the owner must poll
     assert pp.note_activity(11.0) is False and pp.last_activity == 11.0
     assert pp.note_activity(11.0 + P.SESSION_ACTIVE_TIMEOUT) is True
+
+
+def test_a_ping_source_becomes_a_candidate_only_after_it_answers_from_there():
+    """Issue 10 item 15: a sealed ping from an address we do not know earns a pong and one verification
+    ping; the address is no candidate and no path until a pong comes back from that very address."""
+    pp = PeerPaths(b"k" * 32, _rb())
+    pp.note_activity(0.0)
+    src = ("203.0.113.77", 9)
+    pp.on_ping(b"p" * 12, src, None, 0.0)
+    assert src not in pp.candidates and pp.endpoint(0.0) is None
+    out = pp.poll(0.0, 0.0, None)
+    [verify] = [a for a in out if isinstance(a, SendPing)]
+    assert verify.addr == src
+    # more pings from it within the second: no more verification pings, still no candidate
+    for i in range(5):
+        pp.on_ping(bytes([i]) * 12, src, None, 0.1 * i)
+    assert not [a for a in pp.poll(0.5, 0.5, None) if isinstance(a, SendPing)] and src not in pp.candidates
+    # the txid answered from elsewhere (someone who saw our ping) proves nothing about src
+    assert not pp.on_pong(verify.txid, 0.6, None, ("198.51.100.5", 9))
+    assert src not in pp.candidates and pp.endpoint(0.6) is None
+    assert pp.on_pong(verify.txid, 0.7, None, src)
+    assert pp.candidates[src].source == "ping" and pp.endpoint(0.7) == (src, None)
+
+
+def test_unverified_ping_sources_are_bounded():
+    pp = PeerPaths(b"k" * 32, _rb())
+    pp.note_activity(0.0)
+    for i in range(100):
+        pp.on_ping(bytes([i]) * 12, (f"203.0.113.{i + 1}", 9), None, 0.0)
+    pings = [a for a in pp.poll(0.0, 0.0, None) if isinstance(a, SendPing)]
+    assert len(pings) == 4 and not pp.candidates
