@@ -43,6 +43,41 @@ def _alt_port(text: str):
     return port
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, not {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, not {text!r}")
+    return value
+
+
+def _raise_fd_limit() -> None:
+    """Every connection costs a descriptor, and the soft limit is often 1024: take what the hard limit
+    allows, so the relay's share (and the rest, kept for the control listener) are worth having."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def _fmt_time(t):
     return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
@@ -75,6 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "Default: the --udp port + 1; 'none' disables")
         sp.add_argument("--relay-tcp", action="append", metavar="HOST:PORT", help="TCP relay fallback (default 0.0.0.0:7301; 'none')")
         sp.add_argument("--metrics", action="append", metavar="HOST:PORT", help="Prometheus /metrics listener (e.g. 127.0.0.1:9300)")
+        lim = sp.add_argument_group("limits against floods (per source: one IPv4 address or IPv6 /64)")
+        if control:
+            lim.add_argument("--max-unauthenticated", type=_positive_int, default=512, metavar="N",
+                             help="control connections not yet registered, all sources together (default 512)")
+            lim.add_argument("--max-unauthenticated-per-source", type=_positive_int, default=16, metavar="N",
+                             help="...and from one source (default 16; a site behind one NAT shares it)")
+        lim.add_argument("--accept-rate", type=_positive_float, default=10.0, metavar="PER_S",
+                         help="new connections a second from one source, on each listener (default 10, burst 4x)")
+        lim.add_argument("--relay-tcp-max", type=_positive_int, metavar="N",
+                         help="relay TCP connections in all (default: a quarter of the descriptor limit)")
+        lim.add_argument("--relay-tcp-max-per-source", type=_positive_int, metavar="N",
+                         help="relay TCP connections from one source (default: an eighth of --relay-tcp-max)")
 
     server_opts(sub.add_parser("serve", parents=[common], help="run the control server, STUN and relay"), True)
     server_opts(sub.add_parser("relay", parents=[common], help="run only STUN + relay (shares the server's DB file)"), False)
@@ -121,10 +168,9 @@ def _store(args):
     return Store(args.db)
 
 
-def cmd_serve(args, control: bool) -> int:
-    import trio
-
-    from signal_server.server import ServerConfig, SignalServer
+def server_config(args, control: bool):
+    """The ServerConfig that `serve` (control) or `relay` runs with these arguments."""
+    from signal_server.server import ServerConfig
 
     cfg = ServerConfig(db=args.db, init=getattr(args, "init", False))
     cfg.control_enabled = control
@@ -139,6 +185,21 @@ def cmd_serve(args, control: bool) -> int:
     cfg.stun_alt_port = args.stun_alt_port
     cfg.relay_tcp = _listen_list(args.relay_tcp, cfg.relay_tcp)
     cfg.metrics = _listen_list(args.metrics, [])
+    if control:
+        cfg.max_unauthenticated = args.max_unauthenticated
+        cfg.max_unauthenticated_per_source = args.max_unauthenticated_per_source
+    cfg.accept_rate, cfg.accept_burst = args.accept_rate, 4 * args.accept_rate
+    cfg.relay_tcp_max, cfg.relay_tcp_max_per_source = args.relay_tcp_max, args.relay_tcp_max_per_source
+    return cfg
+
+
+def cmd_serve(args, control: bool) -> int:
+    import trio
+
+    from signal_server.server import SignalServer
+
+    cfg = server_config(args, control)
+    _raise_fd_limit()
     server = SignalServer(cfg)
 
     async def main():

@@ -184,7 +184,9 @@ def main(argv=None) -> int:
     proc = subprocess.Popen(
         [sys.executable, "-m", "signal_server", "serve", "--init", "--db", db, "--listen", f"127.0.0.1:{ctl}",
          "--udp", f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}", "--relay-tcp", "none",
-         "--heartbeat", str(args.heartbeat), "--log-level", args.log_level],
+         "--heartbeat", str(args.heartbeat), "--log-level", args.log_level,
+         # every simulated node shares 127.0.0.1: one "source" here is the whole mesh
+         "--max-unauthenticated-per-source", str(args.nodes + 16), "--accept-rate", str(max(10 * args.nodes, 10))],
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4 * args.nodes + 256), hard)),
     )
     try:
