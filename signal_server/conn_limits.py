@@ -99,5 +99,7 @@ def relay_tcp_caps(nofile_soft: int, share: float, total: int | None = None,
     if total is None:
         total = max(1, int(nofile_soft * share))
     if per_source is None:
-        per_source = max(4, total // 8)
+        # A site that blocks UDP has only the TCP relay: the floor keeps a household or an office on it
+        # even where the descriptor limit is small.
+        per_source = max(64, total // 8)
     return total, min(per_source, total)

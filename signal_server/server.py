@@ -354,10 +354,13 @@ class SignalServer:
         _send_nowait(stream, P.busy_frame(refusal.retry_after))
 
     async def _read_frames(self, stream, decoder: P.FrameDecoder) -> bytes | None:
+        """The one frame the client sends first; None for junk, b"" for a close before any byte."""
+        silent = True
         while True:
             data = await stream.receive_some(4096)
             if not data:
-                return None
+                return b"" if silent else None
+            silent = False
             frames = decoder.feed_untrusted(data)
             if decoder.error:
                 return None
@@ -377,6 +380,12 @@ class SignalServer:
         if first.cancelled_caught:
             self.counters["control_hello_timeout"] += 1
             raise trio.TooSlowError
+        if body == b"":
+            # A health check, a port scan, a node's own aborted attempt: it cost us one accept, already
+            # charged. Counted as a failure it would let one host behind a shared address (an office
+            # NAT, a load balancer) lock every node there out.
+            self.counters["control_closed_silent"] += 1
+            return None
         if body is None or not body.startswith(P.HELLO_MAGIC):
             self.counters["control_bad_hello"] += 1
             self._failed(peer_ip, now)

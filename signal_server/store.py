@@ -260,6 +260,10 @@ class Store:
             if existing is not None and existing.live(wall):
                 return existing, False
             if not invite_id or secret is None:
+                # A registered node rejoins on its key alone: it must hear that it was removed (and
+                # stop) even when the removal happened while it was offline and its GONE never came.
+                if self.db.execute("SELECT 1 FROM removed_keys WHERE pubkey=?", (key,)).fetchone() is not None:
+                    raise JoinRefused("key_removed", "this node was removed from the mesh")
                 if existing is not None:
                     raise JoinRefused("node_expired", "this node has expired; join again with a new invite")
                 raise JoinRefused("not_registered", "this key is not registered; join with an invite")

@@ -74,6 +74,7 @@ def _invite_text(args) -> tuple[str | None, str]:
     """The invite's text and where it came from: the argument, --invite-file, or $MESHWG_INVITE."""
     import os
 
+    from_env = os.environ.pop(INVITE_ENV, None)  # never inherited by anything this process starts
     given = [src for src, present in (("argument", args.invite), ("--invite-file", args.invite_file)) if present]
     if len(given) > 1:
         raise UserError("join: give the invite once: as an argument or with --invite-file")
@@ -86,8 +87,7 @@ def _invite_text(args) -> tuple[str | None, str]:
         return text, "standard input" if path == "-" else path
     if args.invite:
         return args.invite, "argument"
-    text = os.environ.pop(INVITE_ENV, None)  # not inherited by anything this process starts
-    return text, f"${INVITE_ENV}"
+    return from_env, f"${INVITE_ENV}"
 
 
 def _load_invite(args, parse_invite, format_error):

@@ -11,6 +11,7 @@ $MESHWG_INVITE, never on its command line) comes back from its state directory.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 import pytest
@@ -77,7 +78,8 @@ def test_nodes_keep_their_tunnels_through_a_dead_backend_and_a_wrong_server():
         wait_for(lambda: (st := a.status()) and st["control"]["failures"] >= 2, timeout=20,
                  what="alpha retries against the closing front")
         st = a.status()
-        assert not st["control"]["connected"] and "before answering" in st["control"]["last_error"]
+        # closed at once: an EOF, or a reset when our HELLO was still unread
+        assert not st["control"]["connected"] and re.search("before answering|reset", st["control"]["last_error"])
         assert _alive(a) and _alive(b) and a.ping(ip_b, count=3) and b.ping(ip_a)
         net.srv.stop(closer)
         closer = None

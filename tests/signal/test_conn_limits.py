@@ -97,10 +97,11 @@ def test_release_of_unknown_source_is_harmless():
 
 
 def test_relay_caps_from_the_descriptor_limit():
-    assert relay_tcp_caps(1024, 0.25) == (256, 32)
-    assert relay_tcp_caps(1024, 0.25, total=100) == (100, 12)
+    assert relay_tcp_caps(1024, 0.25) == (256, 64)  # a floor of 64 per source: a UDP-blocked office
+    assert relay_tcp_caps(8192, 0.25) == (2048, 256)
+    assert relay_tcp_caps(1024, 0.25, total=100) == (100, 64)
     assert relay_tcp_caps(1024, 0.25, per_source=500) == (256, 256)  # never above the total
-    assert relay_tcp_caps(64, 0.25) == (16, 4)
+    assert relay_tcp_caps(64, 0.25) == (16, 16)
     assert relay_tcp_caps(-1, 0.5) == (1 << 19, 1 << 16)  # RLIM_INFINITY: a bounded budget all the same
 
 
@@ -391,6 +392,6 @@ async def test_relay_tcp_global_cap_and_no_hello_first(nursery, tmp_path):
 async def test_relay_tcp_caps_follow_the_descriptor_limit(nursery, tmp_path, monkeypatch):
     monkeypatch.setattr(server_mod.resource, "getrlimit", lambda which: (400, 4096))
     h = await start_server(nursery, tmp_path)
-    assert (h.server.relay_limits.total, h.server.relay_limits.per_source) == (100, 12)
+    assert (h.server.relay_limits.total, h.server.relay_limits.per_source) == (100, 64)
     assert h.server.gauges()["relay_tcp_connections_max"] == 100
     h.admin.close()

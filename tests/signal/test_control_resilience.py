@@ -7,11 +7,13 @@ fails authentication shows a wrong key, and even that a registered node survives
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import trio
 from sig_helpers import harness, new_key, start_server, wait_until  # noqa: F401 (fixture)
 
-from meshwg.control import ControlClient, ControlConnection, ServerKeyMismatch
+from meshwg.control import ControlClient, ControlConnection, JoinRefusedError, ServerKeyMismatch
 from meshwg.control import client as ev
 from meshwg.control import protocol as P
 from meshwg.control import reconnect as R
@@ -162,7 +164,7 @@ def test_classify_failures():
     assert c("busy", authenticated_refusal=False, registered=False) == R.TRANSIENT
     assert c(R.SERVER_KEY_MISMATCH, authenticated_refusal=False, registered=True) == R.SUSPECT
     assert c(R.SERVER_KEY_MISMATCH, authenticated_refusal=False, registered=False) == R.FATAL
-    assert c("not_registered", authenticated_refusal=True, registered=True) == R.SUSPECT
+    assert c("not_registered", authenticated_refusal=True, registered=True) == R.SUSPECT  # a server that lost its data
     assert c("invite_invalid", authenticated_refusal=True, registered=False) == R.FATAL
     for code in ("key_removed", "node_expired"):
         assert c(code, authenticated_refusal=True, registered=True) == R.FATAL
@@ -177,3 +179,36 @@ def test_backoff_grows_caps_and_honours_a_busy_hint():
     assert b.delay(R.TRANSIENT, 0.5, hint=100000.0) == 120.0  # a hint cannot park a node for hours
     b.reset()
     assert b.delay(R.TRANSIENT, 0.5) == 0.5
+
+
+async def test_a_node_removed_while_offline_stops_when_it_returns(harness, nursery):
+    """A registered node rejoins on its key alone (it forgot the invite's secret); removed while it
+    was away, it must still hear key_removed and stop, not retry a 'not registered' forever."""
+    key = new_key()
+    client = ControlClient(harness.invite(), key, backoff_initial=0.05)
+    with trio.fail_after(5):
+        await nursery.start(client.run)
+    row = harness.admin.get_node(client.public_key)
+    harness.server.sessions[client.public_key].scope.cancel()  # the node drops off...
+    harness.admin.remove(row.node_id, time.time())  # ...and is removed before its GONE could reach it
+    returning = ControlClient(client.invite, key, backoff_initial=0.05, registered=True)
+    assert returning.invite.secret == b""
+    with trio.fail_after(5):
+        with pytest.raises(JoinRefusedError) as info:
+            await returning.run()
+    assert info.value.code == "key_removed"
+
+
+async def test_empty_connections_do_not_lock_out_nodes_behind_the_same_address(nursery, tmp_path):
+    """Health checks and port scans (connect, close, no byte) from a shared address (an office NAT, a
+    load balancer) are not failed joins: 40 of them, past the failure budget's burst of 20, leave a
+    node at that address able to join. (Accepts are limited on their own; lifted here.)"""
+    h = await start_server(nursery, tmp_path, accept_rate=1000.0, accept_burst=1000.0)
+    for _ in range(40):
+        s = await trio.open_tcp_stream(*h.control)
+        await s.aclose()
+    await wait_until(lambda: h.server.counters["control_closed_silent"] == 40, timeout=5)
+    with trio.fail_after(5):
+        conn = await ControlConnection.open(h.invite(), new_key())
+    await conn.aclose()
+    h.admin.close()
