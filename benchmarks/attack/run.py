@@ -3,7 +3,8 @@
 An attacker at 127.0.0.2 and legitimate nodes at 127.0.0.3 (loopback only). Each round prints what the
 attacker held or got back, and what a legitimate node saw meanwhile:
   control-slots   idle connections to the control port; legitimate fresh joins during the attack
-  control-churn   ~150 empty connections a second (open, close) while legitimate nodes reconnect
+  control-churn   ~150 empty connections a second (open, close) while 10 legitimate nodes sharing one
+                  address reconnect, each every 2 s
   relay-tcp       idle connections to the TCP relay; how many the server keeps, its RSS after, a
                   legitimate TCP relay session during the attack
   relay-junk      junk HELLOs naming a victim's key at ~10 KB/s; the victim's relayed packets delivered
@@ -157,16 +158,18 @@ async def control_churn(srv: Server, seconds: float) -> str:
         nursery.start_soon(churn)
         joins = []
         t_end = time.monotonic() + seconds
-        while time.monotonic() < t_end:
+        while time.monotonic() < t_end:  # each node reconnects every 2 s (5 a second in all)
             for k in keys:
                 joins.append(await legit_join(srv, k))
+                await trio.sleep(0.2)
         stop.set()
     return f"control-churn: {made[0]} empty connections in {seconds:.0f} s; {fmt_joins(joins)} (reconnects)"
 
 
 async def relay_tcp(srv: Server, n: int) -> str:
     key = os.urandom(32)
-    await legit_join(srv, key)
+    if await legit_join(srv, key) is None:
+        return "relay-tcp: the legitimate node could not register"
     held: list = []
     rss_before = rss_kb(srv.proc.pid)
     async with trio.open_nursery() as nursery:
