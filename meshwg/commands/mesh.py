@@ -52,12 +52,13 @@ def run_join(args) -> int:
     from meshwg.control import InviteFormatError, parse_invite
     from meshwg.io.agent import Agent, AgentError
 
-    invite = _load_invite(args, parse_invite, InviteFormatError)
     if logging.getLogger().level > logging.INFO:
         # A daemon should say what it does; the global default is quieter for one-shot commands.
         logging.getLogger("meshwg").setLevel(logging.INFO)
-    agent = Agent(invite, name=args.name, state_dir=args.state_dir, iface=args.interface,
-                  listen_port=args.listen_port)
+    # No local name holds the invite: once registered, the agent's copy loses its secret and nothing
+    # else keeps it alive.
+    agent = Agent(_load_invite(args, parse_invite, InviteFormatError), name=args.name, state_dir=args.state_dir,
+                  iface=args.interface, listen_port=args.listen_port)
     try:
         trio.run(agent.run)
     except AgentError as err:
