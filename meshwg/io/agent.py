@@ -231,6 +231,7 @@ class Agent:
         self.welcome = w
         if not changed:
             return
+        self.dev.node.set_mesh_prefixes((w.prefix4, w.prefix6))   # no disco probe goes into the mesh
         addrs = [a for a in (host_cidr(w.ipv4), host_cidr(w.ipv6)) if a]
         await self.dev.set_addresses(addrs)
         now = time.monotonic()

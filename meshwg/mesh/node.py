@@ -16,14 +16,23 @@ A pending WireGuard initiation is re-sent as soon as news says the peer's path w
 punch notice, disco from the peer through the relay) rather than at the core's 5 s retry.
 
 Whatever the directory or the peers say, probing any one address is bounded: at most 2 pings a second
-to one (ip, port) after a burst of 30 (150 in the first minute), all peers together, and birthday probes
-at most 2,048 a minute to one IP (one attempt's worth). A hostile entry naming a victim's address in
-many peers' candidates thus costs the victim a trickle, not a flood.
+to one (ip, port) after a burst of 30 (150 in the first minute), and at most 10 a second to one IP (an
+IPv6 /64) after a burst of 60 (660 in the first minute) whatever the ports, all peers together; birthday
+probes have their own bound instead, 2,048 a minute to one IP (one attempt's worth). Pings to an address
+that answered the same peer's ping within the last 30 s skip the per-IP bound (not the per-address one):
+a victim cannot answer a sealed ping, and a busy office NAT may front dozens of peers we heartbeat. A
+hostile entry naming a victim's address (or its IP at many ports) in many peers' candidates thus costs
+the victim a trickle, not a flood.
+
+Nor do our probes go into the mesh: call-me-maybe endpoints and ping sources inside the mesh prefixes
+(set_mesh_prefixes, from the welcome), our own mesh address and unassigned ones included, or routed to
+a peer, are dropped and counted; the directory's candidates are filtered the same way (peer_entry).
 """
 
 from __future__ import annotations
 
 import collections
+import ipaddress
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +53,9 @@ STUN_TIMEOUT = 3.0
 MAX_LOCAL_ENDPOINTS = 16
 PROBE_ADDR_RATE = 2.0         # pings a second to any one (ip, port), all peers together (a heartbeat is 0.5)
 PROBE_ADDR_BURST = 30.0
+PROBE_IP_RATE = 10.0          # pings a second to any one IP (IPv6: /64), all ports and peers together
+PROBE_IP_BURST = 60.0
+PROBE_CONFIRMED = 30.0        # an address that answered this peer this recently skips the per-IP bound
 BIRTHDAY_IP_BURST = 2048.0    # birthday probes to any one IP: one attempt (256 sockets x 8 rounds)...
 BIRTHDAY_IP_RATE = BIRTHDAY_IP_BURST / 60.0   # ...a minute
 PROBE_ADDR_KEYS = 65536       # addresses tracked; idle ones are forgotten first
@@ -113,6 +125,16 @@ class CloseBirthdaySockets:
     keep: tuple              # socket indexes still carrying traffic with the peer
 
 
+def _probe_ip_key(ip: str):
+    """The per-IP probe bound's key: the IPv4 address, or the IPv6 /64 (one host or LAN holds a whole /64)."""
+    if ":" not in ip:
+        return ip
+    try:
+        return ipaddress.IPv6Network((ip, 64), strict=False)
+    except ValueError:
+        return ip
+
+
 def _is_keepalive(data: bytes) -> bool:
     return len(data) == 32 and data[0] == 4
 
@@ -138,7 +160,9 @@ class MeshNode:
         self.counters: collections.Counter = collections.Counter()
         self._budget = TokenBucket(global_probe_rate, global_probe_burst)
         self._addr_limit = KeyedLimiter(PROBE_ADDR_RATE, PROBE_ADDR_BURST, PROBE_ADDR_KEYS)
+        self._ip_limit = KeyedLimiter(PROBE_IP_RATE, PROBE_IP_BURST, PROBE_ADDR_KEYS)
         self._birthday_limit = KeyedLimiter(BIRTHDAY_IP_RATE, BIRTHDAY_IP_BURST, PROBE_ADDR_KEYS)
+        self.mesh_nets: tuple = ()      # the welcome's prefixes: no probe goes there (set_mesh_prefixes)
         self._now = 0.0
         # our own endpoints
         self.iface_endpoints: tuple = ()
@@ -249,6 +273,18 @@ class MeshNode:
         for pp in self.paths.values():
             pp.want_cmm = pp.active(self._now)
 
+    def set_mesh_prefixes(self, prefixes) -> None:
+        """The mesh's prefixes (the welcome's prefix4/prefix6; empty or invalid ones are skipped): peers'
+        call-me-maybe endpoints and ping sources inside them are dropped (our own mesh address and
+        unassigned ones included: a ping there reaches local services or nobody)."""
+        nets = []
+        for p in prefixes:
+            try:
+                nets.append(ipaddress.ip_network(str(p), strict=False))
+            except ValueError:
+                continue
+        self.mesh_nets = tuple(nets)
+
     def set_stun_servers(self, servers, now: float) -> None:
         self.stun_servers = tuple(tuple(s) for s in servers)
         self._next_stun = now if self.stun_servers else math.inf
@@ -334,6 +370,10 @@ class MeshNode:
             if relay_src is not None:
                 self.counters["disco_ping_via_relay_ignored"] += 1
                 return
+            if self._in_mesh(addr):
+                # Only through a tunnel or from this host: no pong, and never a path (it would loop).
+                self.counters["drop_disco_ping_mesh_source"] += 1
+                return
             self.counters["disco_ping_rx"] += 1
             pp.on_ping(msg.txid, addr, via, now)
         elif isinstance(msg, Pong):
@@ -356,8 +396,11 @@ class MeshNode:
         wall = self._wall(now)
         for act in pp.poll(now, wall, self._take_budget):
             if isinstance(act, SendPing):
-                if not self._probe_allowed(act, now):
-                    self.counters["probe_addr_limited"] += 1
+                refused = self._probe_refused(key, act, now)
+                if refused:
+                    self.counters["probe_addr_limited"] += 1   # every refusal, as before
+                    if refused != "probe_addr_limited":
+                        self.counters[refused] += 1
                     continue
                 data = self.codec.seal(key, Ping(act.txid, self.public_key), wall)
                 self._out.append((data, _socket_dest(act.addr, act.via)))
@@ -376,22 +419,53 @@ class MeshNode:
                 self._events.append(CloseBirthdaySockets(key, act.keep))
         self._update_endpoint(key, now)
 
-    def _probe_allowed(self, ping: SendPing, now: float) -> bool:
-        """The per-address bound (see the module docstring); birthday probes count per target IP."""
+    def _probe_refused(self, key: bytes, ping: SendPing, now: float) -> str | None:
+        """The probe bounds (see the module docstring): a counter name when `ping` must not go, else None."""
         if ping.birthday:
-            return self._birthday_limit.allow(ping.addr[0], now)
-        return self._addr_limit.allow(ping.addr, now)
+            return None if self._birthday_limit.allow(ping.addr[0], now) else "probe_birthday_limited"
+        if self._answered_recently(key, ping.addr, now):
+            return None if self._addr_limit.allow(ping.addr, now) else "probe_addr_limited"
+        ip = _probe_ip_key(ping.addr[0])
+        # Look before spending, so a ping one bound refuses costs the other nothing.
+        if self._ip_limit.exhausted(ip, now):
+            return "probe_ip_limited"
+        if self._addr_limit.exhausted(ping.addr, now) or not self._addr_limit.allow(ping.addr, now):
+            return "probe_addr_limited"
+        return None if self._ip_limit.allow(ip, now) else "probe_ip_limited"
+
+    def _answered_recently(self, key: bytes, addr: tuple, now: float) -> bool:
+        """addr answered a ping of ours to this peer lately: the peer is there, not a victim."""
+        pp = self.paths.get(key)
+        cand = pp.candidates.get(addr) if pp is not None else None
+        return cand is not None and cand.last_pong is not None and now - cand.last_pong <= PROBE_CONFIRMED
 
     def _outside_mesh(self, endpoints) -> list:
         """A peer's call-me-maybe endpoints minus mesh addresses: a disco ping there would go into the
-        tunnels (the directory's candidates are filtered before they get here, see peer_entry)."""
-        return [ep for ep in endpoints if not self._routed_in_mesh(ep[0])]
+        tunnels or to this host (the directory's candidates are filtered before they get here, see
+        peer_entry); PeerPaths drops the other invalid ones."""
+        out = []
+        for ep in endpoints:
+            if self._in_mesh(ep):
+                self.counters["drop_disco_cmm_mesh_endpoint"] += 1
+            else:
+                out.append(ep)
+        return out
+
+    def _in_mesh(self, addr) -> bool:
+        """addr's IP lies in the mesh prefixes or is routed to a peer (peer_entry's rule for candidates)."""
+        try:
+            ip = ipaddress.ip_address(addr[0])
+        except (ValueError, TypeError, IndexError, KeyError):
+            return False  # not an address: PeerPaths drops it
+        if any(ip.version == n.version and ip in n for n in self.mesh_nets):
+            return True
+        return self._routed_in_mesh(ip)
 
     def _routed_in_mesh(self, ip) -> bool:
         try:
             return self.core.lookup_peer_for(ip) is not None
         except (ValueError, TypeError):
-            return False  # not an IP: PeerPaths drops it
+            return False
 
     def _endpoint_stale(self, key: bytes, now: float) -> bool:
         return self._endpoint.get(key) != self._wanted_endpoint(key, now)
