@@ -18,9 +18,6 @@ import argparse
 import os
 import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 
 import trio
@@ -31,55 +28,30 @@ from meshwg.control.invite import parse_invite
 from meshwg.control.relay_client import RelaySession
 from meshwg.disco import stun
 from procstat import rss_kb
+from signal_proc import SignalProcess, free_port
 
 ATTACKER, LEGIT, SERVER = "127.0.0.2", "127.0.0.3", "127.0.0.1"
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
-def free_port(kind=socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((SERVER, 0))
-        return s.getsockname()[1]
+class Server(SignalProcess):
+    """The server under attack, with STUN, the UDP relay and the TCP relay on loopback."""
+
+    def __init__(self) -> None:
+        self.udp, self.relay_tcp = free_port(socket.SOCK_DGRAM, SERVER), free_port(host=SERVER)
+        super().__init__(["--udp", f"{SERVER}:{self.udp}", "--stun-alt-port", "none",
+                          "--relay-tcp", f"{SERVER}:{self.relay_tcp}"], host=SERVER)
+
+    def __enter__(self) -> "Server":
+        super().__enter__()
+        self.invite = parse_invite(self.invite_text)
+        return self
 
 
-class Server:
-    def __init__(self, workdir: str) -> None:
-        self.db = os.path.join(workdir, "signal.db")
-        self.control, self.relay_tcp, self.udp = free_port(), free_port(), free_port(socket.SOCK_DGRAM)
-        self.log = open(os.path.join(workdir, "signal.log"), "ab")
-        argv = [sys.executable, "-m", "signal_server", "serve", "--init", "--db", self.db,
-                "--listen", f"{SERVER}:{self.control}", "--udp", f"{SERVER}:{self.udp}", "--stun-alt-port", "none",
-                "--relay-tcp", f"{SERVER}:{self.relay_tcp}"]
-        env = dict(os.environ, PYTHONPATH=REPO)
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection((SERVER, self.control), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise SystemExit("the signal server did not start; see " + self.log.name)
-                time.sleep(0.1)
-        out = subprocess.run([sys.executable, "-m", "signal_server", "invite", "create", "--reusable",
-                              "--db", self.db, "--addr", f"{SERVER}:{self.control}"],
-                             capture_output=True, env=env, cwd=REPO, check=True)
-        self.invite = parse_invite(out.stdout.decode().strip().splitlines()[-1])
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
-
-async def tcp_from(src: str, port: int):
+async def tcp_from(src: str, port):
+    """A TCP stream from `src` to the server's `port` (a number, or the (host, port) of its control)."""
     sock = trio.socket.socket()
     await sock.bind((src, 0))
-    await sock.connect((SERVER, port))
+    await sock.connect(port if isinstance(port, tuple) else (SERVER, port))
     return trio.SocketStream(sock)
 
 
@@ -300,15 +272,11 @@ async def stun_reflect(srv: Server, n: int) -> str:
 
 
 async def amain(args) -> None:
-    with tempfile.TemporaryDirectory(prefix="meshwg-attack-") as workdir:
-        srv = Server(workdir)
-        try:
-            lines = [await control_slots(srv, args.idle), await control_churn(srv, args.seconds),
-                     await relay_tcp(srv, args.relay_idle), await relay_junk(srv, args.packets),
-                     await stun_reflect(srv, args.stun)]
-            lines.append(f"server still running: {srv.proc.poll() is None}; RSS {rss_kb(srv.proc.pid) // 1024} MB")
-        finally:
-            srv.close()
+    with Server() as srv:
+        lines = [await control_slots(srv, args.idle), await control_churn(srv, args.seconds),
+                 await relay_tcp(srv, args.relay_idle), await relay_junk(srv, args.packets),
+                 await stun_reflect(srv, args.stun)]
+        lines.append(f"server still running: {srv.proc.poll() is None}; RSS {rss_kb(srv.proc.pid) // 1024} MB")
     print("\n".join(lines))
 
 

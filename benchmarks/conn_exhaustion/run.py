@@ -18,9 +18,6 @@ import json
 import os
 import resource
 import socket
-import subprocess
-import sys
-import tempfile
 import time
 
 import trio
@@ -29,15 +26,10 @@ from meshwg.control.client import ControlConnection
 from meshwg.control.invite import parse_invite
 from meshwg.control.relay_client import open_tcp_relay
 from procstat import rss_kb
+from signal_proc import SignalProcess, free_port
 from signal_server.metrics import parse_text
 
 _open_tcp_stream = trio.open_tcp_stream
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fds(pid: int) -> int:
@@ -156,41 +148,13 @@ def main(argv=None) -> int:
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the attackers' own sockets
-    tmp = tempfile.mkdtemp(prefix="conn-exhaustion-")
-    db = os.path.join(tmp, "state.db")
-    ctl, relay, mport = free_port(), free_port(), free_port()
-    log_path = os.path.join(tmp, "server.log")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "signal_server", "serve", "--init", "--db", db, "--listen", f"127.0.0.1:{ctl}",
-             "--udp", "none", "--relay-tcp", f"127.0.0.1:{relay}", "--metrics", f"127.0.0.1:{mport}",
-             "--log-level", "info"],
-            stdout=log, stderr=log,
-            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, args.nofile), hard)),
-        )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", mport), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        inv = subprocess.run([sys.executable, "-m", "signal_server", "invite", "create", "--reusable", "--db", db],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    relay, mport = free_port(), free_port()
+    with SignalProcess(["--udp", "none", "--relay-tcp", f"127.0.0.1:{relay}", "--metrics", f"127.0.0.1:{mport}"],
+                       nofile=min(hard, args.nofile)) as srv:
         result = {"server_nofile": args.nofile, "attacker_sources": args.sources}
-        result.update(trio.run(bench, args, inv, proc.pid, mport, relay))
-        with open(log_path) as f:
-            text = f.read()
+        result.update(trio.run(bench, args, srv.invite_text, srv.proc.pid, mport, relay))
+        text = srv.log_text()
         result["server_log"] = {"lines": text.count("\n"), "accept_error_lines": text.count("accept returned"),
                                 "tracebacks": text.count("Traceback")}
         print(json.dumps(result, indent=2))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        for f in os.listdir(tmp):
-            os.unlink(os.path.join(tmp, f))
-        os.rmdir(tmp)
     return 0

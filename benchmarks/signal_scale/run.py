@@ -15,9 +15,6 @@ import json
 import os
 import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 
 import msgpack
@@ -27,12 +24,10 @@ from meshwg.control import protocol as P
 from meshwg.control.client import ControlConnection
 from meshwg.control.invite import parse_invite
 from procstat import cpu_seconds, rss_kb
+from signal_proc import SignalProcess, free_port
 
 
-def free_port(kind=socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+MARK_NET = "192.0.2."  # endpoint changes are reported in TEST-NET-1 (a kind a node may claim: "local")
 
 
 class SimNode:
@@ -54,7 +49,7 @@ class SimNode:
             else:
                 self.online.discard(k)
             for c in e["cand"]:
-                if c[2] == "bench" and c[1] not in self.seen:
+                if c[0].startswith(MARK_NET) and c[1] not in self.seen:
                     self.seen[c[1]] = now
         for k in removes:
             self.online.discard(k)
@@ -136,7 +131,7 @@ async def bench(args, invite_text, server_pid):
             src = nodes[j * 7 % n]
             marker = 40000 + j
             t0 = time.monotonic()
-            await src.conn.report_candidates([("192.0.2.%d" % (j + 1), marker, "bench")])
+            await src.conn.report_candidates([(MARK_NET + "%d" % (j + 1), marker, "local")])
             with trio.move_on_after(10):
                 while any(marker not in x.seen for x in nodes if x is not src):
                     await trio.sleep(0.005)
@@ -178,35 +173,12 @@ def main(argv=None) -> int:
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * args.nodes + 256)), hard))
-    tmp = tempfile.mkdtemp(prefix="signal-scale-")
-    db = os.path.join(tmp, "state.db")
-    ctl = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "signal_server", "serve", "--init", "--db", db, "--listen", f"127.0.0.1:{ctl}",
-         "--udp", f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}", "--relay-tcp", "none",
-         "--heartbeat", str(args.heartbeat), "--log-level", args.log_level,
-         # every simulated node shares 127.0.0.1: one "source" here is the whole mesh
-         "--max-unauthenticated-per-source", str(args.nodes + 16), "--accept-rate", str(max(10 * args.nodes, 10))],
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4 * args.nodes + 256), hard)),
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", ctl), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        inv = subprocess.run([sys.executable, "-m", "signal_server", "invite", "create", "--reusable", "--db", db],
-                             capture_output=True, text=True, check=True).stdout.strip()
-        result = trio.run(bench, args, inv, proc.pid)
+    with SignalProcess(["--udp", f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}", "--relay-tcp", "none",
+                        "--heartbeat", str(args.heartbeat),
+                        # every simulated node shares 127.0.0.1: one "source" here is the whole mesh
+                        "--max-unauthenticated-per-source", str(args.nodes + 16),
+                        "--accept-rate", str(max(10 * args.nodes, 10))],
+                       log_level=args.log_level, nofile=min(hard, 4 * args.nodes + 256)) as srv:
+        result = trio.run(bench, args, srv.invite_text, srv.proc.pid)
         print(json.dumps(result, indent=2))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        for f in os.listdir(tmp):
-            os.unlink(os.path.join(tmp, f))
-        os.rmdir(tmp)
     return 0
