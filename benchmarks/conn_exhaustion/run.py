@@ -17,8 +17,6 @@ import functools
 import json
 import os
 import resource
-import socket
-import time
 
 import trio
 
