@@ -79,25 +79,26 @@ def _via(inv: Invite, addr) -> Invite:
     return Invite((join_hostport(*addr),), inv.server_key, inv.invite_id, inv.secret)
 
 
-async def test_close_before_the_server_answers_is_transient_not_a_wrong_key(harness, nursery):
+async def _refused_via(harness, nursery, mode: str) -> ConnectionLost:
+    """What ControlConnection.open raises through a Proxy in `mode`."""
     proxy = Proxy(harness.control)
     await nursery.start(proxy.run)
-    proxy.mode = "close"
+    proxy.mode = mode
     with trio.fail_after(5):
         with pytest.raises(ConnectionLost) as info:
             await ControlConnection.open(_via(harness.invite(), proxy.addr), new_key())
-    assert not isinstance(info.value, ServerKeyMismatch)
-    assert info.value.code == "unreachable" and "closed the connection before answering" in str(info.value)
+    return info.value
+
+
+async def test_close_before_the_server_answers_is_transient_not_a_wrong_key(harness, nursery):
+    err = await _refused_via(harness, nursery, "close")
+    assert not isinstance(err, ServerKeyMismatch)
+    assert err.code == "unreachable" and "closed the connection before answering" in str(err)
 
 
 async def test_busy_frame_is_a_retry_hint(harness, nursery):
-    proxy = Proxy(harness.control)
-    await nursery.start(proxy.run)
-    proxy.mode = "busy"
-    with trio.fail_after(5):
-        with pytest.raises(ConnectionLost) as info:
-            await ControlConnection.open(_via(harness.invite(), proxy.addr), new_key())
-    assert info.value.code == "busy" and info.value.retry_after == 3.0
+    err = await _refused_via(harness, nursery, "busy")
+    assert err.code == "busy" and err.retry_after == 3.0
 
 
 async def test_registered_client_rides_out_a_dead_backend_and_comes_back(harness, nursery):
