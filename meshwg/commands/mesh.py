@@ -152,6 +152,9 @@ def format_status(st: dict) -> str:
              f"  relay: {st['relay']['mode']}"
              + (f" ({st['relay']['latency_ms']} ms)" if st['relay'].get('latency_ms') is not None else ""),
              f"  NAT: {st['nat']['mapping'] or 'unknown'}; reflexive {', '.join(st['nat']['reflexive']) or '-'}"]
+    held = (st.get("routes") or {}).get("conflicting")
+    if held:
+        lines.append(f"  routes: {', '.join(held)} routed through another interface (left alone: unreachable here)")
     if not st["peers"]:
         lines.append("  no peers")
     for p in st["peers"]:

@@ -378,6 +378,7 @@ class Agent:
             "nat": {"mapping": rep.mapping if rep else None, "kind": node.local_nat,
                     "reflexive": [_fmt_addr(a) for a in node.reflexive]},
             "relay": dev.relay.status(),
+            "routes": dev.route_status(),
             "local_endpoints": [_fmt_addr(a) for a in node.iface_endpoints],
             "drops": {**node.drops, **dev.device.drop_counts()},  # discovery's, then the device's
             "peers": sorted(peers, key=lambda p: p["name"]),

@@ -313,6 +313,10 @@ class MeshDevice:
         self._last_route_error = error
         self._adding = set(plan.add) if error else set()
 
+    def route_status(self) -> dict:
+        """For `meshwg status`: what the route task did, and the prefixes another interface holds."""
+        return {**self.route_counters, "conflicting": sorted(self._conflicts_warned)}
+
     def _warn_conflicts(self, conflicts: tuple) -> None:
         """One warning per prefix while another interface holds it (again if it is lost and retaken)."""
         current = {prefix for prefix, _ in conflicts}

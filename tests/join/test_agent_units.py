@@ -75,6 +75,19 @@ def test_status_text_names_path_and_reason():
     text = format_status(st)
     assert "DISCONNECTED" in text and "relay (symmetric NAT on both sides)" in text
     assert "direct 198.51.100.9:5, 2.50 ms" in text and "(offline)" in text and "3s ago" in text
+    assert "routes:" not in text
+
+
+def test_status_text_says_why_the_control_channel_is_down_and_which_routes_are_held_elsewhere():
+    st = {"interface": "mesh0", "name": "a", "addresses": [], "listen_port": 1,
+          "control": {"connected": False, "last_error": "server could not open the handshake", "error_kind": "suspect",
+                      "retry_in": 41.6},
+          "relay": {"mode": "udp"}, "nat": {"mapping": None, "reflexive": []},
+          "routes": {"conflicting": ["100.64.0.2/32"]}, "peers": []}
+    text = format_status(st)
+    assert "DISCONNECTED (tunnels keep running): server could not open the handshake" in text
+    assert "check the server's address and database" in text and "retrying in 42 s" in text
+    assert "100.64.0.2/32 routed through another interface" in text
 
 
 async def test_directory_events_hand_the_node_every_peers_spec():
