@@ -4,6 +4,11 @@ A node proves possession of its key with a HELLO (nacl Box to the relay key, fre
 single-use nonce). The relay answers with a session token bound to the source (a UDP address or a TCP
 connection object). SEND frames carrying that token from that source are forwarded as RECV frames to the
 destination key's current binding. Only keys in `allowed` (registered, unexpired nodes) get sessions.
+
+A HELLO's UDP source becomes the node's published "observed" address (a birthday-punching target for every
+peer) only once a SEND under the new token comes back from it: a node that spoofs its HELLO's source never
+sees the HELLO_OK, so it cannot name another host. Nodes send an empty SEND to W.CONFIRM_DST right after
+HELLO_OK for this; the relay forwards it nowhere.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from nacl.public import Box, PrivateKey, PublicKey
 
 from meshwg.control import relay_wire as W
 from meshwg.nonce_cache import NonceCache
-from signal_server.ratelimit import KeyedLimiter
+from signal_server.ratelimit import KeyedLimiter, TokenBucket
 
 HELLO_SKEW = 120.0  # seconds of wall-clock disagreement tolerated in a HELLO
 HELLO_NONCE_CACHE = 100_000  # HELLOs remembered for replay checks (only authenticated ones are stored)
@@ -23,6 +28,17 @@ BOX_CACHE = 4096
 # Junk per source address (a UDP address, or one TCP connection): HELLOs that fail to open or are stale,
 # and the notices answering unregistered keys and unknown tokens. Bounded tables: spoofed sources are free.
 JUNK_HELLO_RATE, JUNK_HELLO_BURST = 2.0, 10.0
+# Junk crypto from sources not proven (below), whatever the source: spoofed sources are free, each with a
+# fresh per-source budget, so this bounds that work (an open is ~2 us: 5,000/s is ~1% of a core).
+JUNK_GLOBAL_RATE, JUNK_GLOBAL_BURST = 5000.0, 5000.0
+# (UDP source, key) pairs confirmed recently (a SEND under the key's token came back from there). That key's
+# HELLOs from there are always opened: a node's address is public (its observed candidate), and junk spoofed
+# from it must not exhaust a budget the node's own HELLOs need, per source or global. (Opening at a small
+# per-source rate instead would go to whichever HELLO comes first after each refill: at 3 junk HELLOs a
+# second or more, mostly the junk's.) Their cost is bounded by the datagram rate: ~2 us on top of the ~4 us
+# that receiving and dropping the datagram costs anyway.
+PROVEN_TTL = 600.0
+PROVEN_MAX = 65_536
 NOTICE_RATE, NOTICE_BURST = 5.0, 20.0
 JUNK_SOURCES = 65_536
 
@@ -33,6 +49,8 @@ class Session:
     token: bytes
     dest: object  # where RECV frames go: a UDP address object or a TCP connection
     expires: float
+    observed: object = None  # the HELLO's UDP source, published once a SEND proves the node receives there
+    confirmed: bool = False  # a SEND under this token came from dest
 
 
 class RelayCore:
@@ -54,6 +72,8 @@ class RelayCore:
         # token (unknown-token frames) keeps its HELLO budget.
         self.junk_hello_limit = KeyedLimiter(JUNK_HELLO_RATE, JUNK_HELLO_BURST, JUNK_SOURCES)
         self.notice_limit = KeyedLimiter(NOTICE_RATE, NOTICE_BURST, JUNK_SOURCES)
+        self.junk_global = TokenBucket(JUNK_GLOBAL_RATE, JUNK_GLOBAL_BURST)
+        self._proven: OrderedDict[tuple, float] = OrderedDict()  # (UDP source, key) -> until (monotonic)
         self.session_ttl = session_ttl
         self.counters: Counter = Counter()
         self.observed_events: list[tuple[bytes, tuple]] = []
@@ -113,20 +133,19 @@ class RelayCore:
             # Cheap refusal before any crypto: unregistered keys cost one set lookup.
             self.counters["refused_unregistered"] += 1
             return self._notice(W.N_NOT_REGISTERED, key, dest, src, now)
-        if self.junk_hello_limit.exhausted(src, now):
-            self.counters["drop_hello_junk_rate"] += 1
+        if not self._may_open(key, src, now):
             return []
         opened = W.open_hello_untrusted(self._box(key), boxed)
         if opened is None:
             self.counters["drop_hello_auth"] += 1
-            self.junk_hello_limit.allow(src, now)
+            self._charge_junk(key, src, now)
             return []
         wall_ms, _ = opened
         nonce = boxed[:24]
         if abs(wall_ms / 1000.0 - wall) > HELLO_SKEW or self._seen_nonces.seen(nonce, wall):
             # A replay opens too: it is junk from its source, and never spends the key's budget.
             self.counters["drop_hello_stale"] += 1
-            self.junk_hello_limit.allow(src, now)
+            self._charge_junk(key, src, now)
             return self._notice(W.N_STALE_HELLO, key, dest, src, now)
         self._seen_nonces.add(nonce, wall + 2 * HELLO_SKEW)
         if not self.hello_limit.allow(key, now):
@@ -136,14 +155,51 @@ class RelayCore:
         if old is not None:
             self.by_token.pop(old.token, None)
         token = self._random(W.TOKEN_LEN)
-        s = Session(key, token, dest, now + self.session_ttl)
+        # `observed` waits for a SEND under this token from `dest` (see the module's docstring).
+        s = Session(key, token, dest, now + self.session_ttl, observed)
         self.by_key[key] = s
         self.by_token[token] = s
         self.counters["hello_ok"] += 1
-        if observed is not None:
-            self.observed_events.append((key, observed))
         reply = W.encode_hello_ok(self._box(key), token, int(self.session_ttl), observed, self._random(24))
         return [(reply, dest)]
+
+    def _confirm(self, s: Session, now: float) -> None:
+        """The token came back from where its HELLO_OK went: the node receives there (it did not spoof
+        its HELLO's source). Only now is that address published, and trusted by the junk limits."""
+        s.confirmed = True
+        if isinstance(s.dest, tuple):
+            self._prove(s.dest, s.key, now)
+        if s.observed is not None:
+            self.observed_events.append((s.key, s.observed))
+
+    def _may_open(self, key: bytes, src, now: float) -> bool:
+        """Whether a HELLO naming `key` from `src` is worth opening its box (junk budgets, before crypto)."""
+        if self._is_proven(src, key, now):
+            return True
+        if self.junk_hello_limit.exhausted(src, now):
+            self.counters["drop_hello_junk_rate"] += 1
+            return False
+        self.junk_global.take(now, 0.0)  # refill only
+        if self.junk_global.tokens < 1.0:
+            self.counters["drop_hello_junk_global"] += 1
+            return False
+        return True
+
+    def _charge_junk(self, key: bytes, src, now: float) -> None:
+        self.junk_hello_limit.allow(src, now)
+        if not self._is_proven(src, key, now):
+            self.junk_global.take(now)
+
+    def _prove(self, src, key: bytes, now: float) -> None:
+        proven = self._proven
+        proven.pop((src, key), None)  # re-inserted last: the entries stay in expiry order
+        proven[(src, key)] = now + PROVEN_TTL
+        while len(proven) > PROVEN_MAX or next(iter(proven.values())) < now:
+            proven.popitem(last=False)
+
+    def _is_proven(self, src, key: bytes, now: float) -> bool:
+        until = self._proven.get((src, key))
+        return until is not None and until >= now
 
     def _notice(self, code: int, key: bytes, dest, src, now: float) -> list[tuple[bytes, object]]:
         """An unauthenticated hint, at most NOTICE_RATE a second per source (notices answer junk)."""
@@ -164,6 +220,11 @@ class RelayCore:
             if s is not None and s.expires < now:
                 self.drop_key(s.key)
             return self._notice(W.N_REHELLO, bytes(32), dest, _source(dest), now)
+        if not s.confirmed:
+            self._confirm(s, now)
+        if dst_key == W.CONFIRM_DST and not packet:
+            self.counters["confirm"] += 1
+            return []
         if len(packet) > W.MAX_PACKET:
             self.counters["drop_too_big"] += 1
             return []

@@ -6,6 +6,7 @@ UDP use (the node's one socket carries WireGuard, STUN, disco and relay frames):
     for datagrams starting with relay_wire.MAGIC:  ev = rs.handle_untrusted(data, now)
         ("ready", observed_addr) | ("recv", src_key, packet) | ("notice", code, key) | None
     frame = rs.encode_send(dst_key, wg_packet)                # None until ready
+    on "ready": sock.sendto(rs.confirm(), relay_addr)         # lets the relay publish our observed address
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ class RelaySession:
         if self.token is None:
             return None
         return W.encode_send(self.token, dst, packet)
+
+    def confirm(self) -> bytes | None:
+        """The frame to send right after HELLO_OK: the relay publishes our "observed" address only once a
+        SEND under the new token comes back from it (proof that we receive there, not a spoofed source)."""
+        return self.encode_send(W.CONFIRM_DST, b"")
 
     def handle_untrusted(self, data: bytes, now: float):
         t = W.frame_type_untrusted(data)
@@ -120,14 +126,20 @@ class TcpRelayClient:
             self._queue.extend(self._dec.feed(data))
 
     async def receive(self) -> tuple[bytes, bytes]:
-        """Next relayed packet (src_key, packet); re-hellos transparently when asked to."""
+        """Next relayed packet (src_key, packet); re-hellos transparently when asked to, and when the
+        session's timer says so (a notice inside the quiet second, the periodic re-hello, expiry)."""
         while True:
-            ev = await self.receive_event()
-            if ev[0] == "recv":
+            ev = None
+            with trio.move_on_at(self._timer_deadline()):
+                ev = await self.receive_event()
+            if ev is not None and ev[0] == "recv":
                 return ev[1], ev[2]
-            if ev[0] == "notice" and ev[1] in (W.N_REHELLO, W.N_STALE_HELLO) \
-                    and self.session.needs_hello(time.monotonic()):
+            if self.session.needs_hello(time.monotonic()):
                 await self.rehello()
+
+    def _timer_deadline(self) -> float:
+        """session.get_timer() (time.monotonic()) on trio's clock."""
+        return trio.current_time() + max(0.0, self.session.get_timer() - time.monotonic())
 
     async def aclose(self) -> None:
         await self.stream.aclose()

@@ -28,6 +28,9 @@ MAX_PACKET = 65535 - 64
 HELLO_LEN = 4 + 1 + 32 + 24 + 16 + 16
 HELLO_INTERVAL = 25.0  # the node re-hellos this often: keeps the NAT mapping and binding fresh
 SESSION_TTL = 90.0
+# An empty SEND to this key forwards nothing: a node sends one after each HELLO_OK to prove it receives at
+# the HELLO's source, which the relay then publishes as its "observed" address.
+CONFIRM_DST = bytes(32)
 
 
 def is_relay_untrusted(data: bytes) -> bool:

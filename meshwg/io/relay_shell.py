@@ -151,6 +151,7 @@ class RelayShell:
             if self.mode != "udp":
                 log.info("relay: UDP session ready via %s:%s (%.1f ms)", *self.relay_addr, self.latency * 1000)
             self.mode = "udp"
+            self._confirm()
             self._flush_pending(now)
         elif ev[0] == "notice":
             self.counters[f"notice_{ev[1]}"] += 1
@@ -161,6 +162,13 @@ class RelayShell:
         pending, self._pending = list(self._pending), deque(maxlen=PENDING_MAX)
         for dst, packet in pending:
             self.send(dst, packet)
+
+    def _confirm(self) -> None:
+        """Right after HELLO_OK: proves to the relay that we receive at the HELLO's source, so it publishes
+        that as our observed address now rather than at our next relayed packet."""
+        frame = self.session.confirm()
+        if frame is not None and self.udp_send(frame, self.relay_addr):
+            self.counters["confirm_udp"] += 1
 
     def _hello(self, now: float) -> None:
         if self.session is None or self.relay_addr is None:

@@ -3,9 +3,19 @@ server's alone and keeps its slot in the entry."""
 
 from __future__ import annotations
 
-from meshwg.control import ControlClient
+import os
+import time
+
+import trio
+
+from meshwg.control import ControlClient, ControlConnection
 from meshwg.control import protocol as P
+from meshwg.control import relay_wire as W
+from meshwg.control.relay_client import RelaySession
+from meshwg.io.relay_shell import RelayShell
+from meshwg.wg.crypto import clamp, dh_pub
 from signal_server.directory import Directory, Node
+from signal_server.relay import RelayCore
 
 from sig_helpers import harness, new_key, wait_until  # noqa: F401 (fixture)
 
@@ -78,3 +88,102 @@ async def test_server_drops_hostile_candidates_at_registration_and_later(harness
     harness.server._publish_observed()
     await wait_until(lambda: honest.directory[evil.public_key].candidates
                      == (("198.51.100.66", 40000, "observed"), HONEST[1]))
+
+
+# --- the relay's observation: only an address the node proved it receives at (hostile review, finding A)
+
+SERVER_SK = bytes(range(100, 132))
+NODE_SK = bytes(range(1, 33))
+REAL_SRC = (0, ("198.51.100.1", 4000))
+VICTIM_SRC = (0, ("203.0.113.9", 53))
+WALL0 = 1_700_000_000.0
+
+
+def _relay_and_node():
+    core = RelayCore(SERVER_SK, os.urandom)
+    rs = RelaySession(NODE_SK, dh_pub(clamp(SERVER_SK)), os.urandom)
+    pk = dh_pub(clamp(NODE_SK))
+    core.set_allowed({pk})
+    return core, rs, pk
+
+
+def _udp(core, frame, src, now, wall=None):
+    return core.handle_untrusted(frame, src, now, WALL0 + now if wall is None else wall, observed=src[1])
+
+
+def test_a_hello_with_a_spoofed_source_publishes_nothing():
+    """A registered node sends its own valid HELLO with the victim's address as source: the HELLO_OK goes to
+    the victim, and nothing is published until a SEND under the new token comes from there (which the node
+    cannot send: it never saw the token). Old code: the victim became the node's "observed" address."""
+    core, rs, pk = _relay_and_node()
+    [(_, dest)] = _udp(core, rs.hello(0.0, WALL0), VICTIM_SRC, 0.0)
+    assert dest == VICTIM_SRC
+    assert core.pop_observed() == []
+    # SENDs without the token, from the victim's address and from the node's own: still nothing
+    for src in (VICTIM_SRC, REAL_SRC):
+        _udp(core, W.encode_send(os.urandom(8), W.CONFIRM_DST, b""), src, 0.1)
+    assert core.pop_observed() == []
+    # the node's own HELLO from its own address, then the confirmation: published, once
+    [(ok, _)] = _udp(core, rs.hello(1.0, WALL0 + 1), REAL_SRC, 1.0)
+    assert rs.handle_untrusted(ok, 1.0) == ("ready", REAL_SRC[1])
+    assert core.pop_observed() == []
+    assert _udp(core, rs.confirm(), REAL_SRC, 1.1) == []       # forwarded nowhere
+    assert core.pop_observed() == [(pk, REAL_SRC[1])]
+    # the token works from its HELLO's source only, so a later HELLO from the victim's address still needs
+    # its own confirmation; more SENDs under a confirmed token publish nothing again
+    _udp(core, rs.confirm(), REAL_SRC, 1.2)
+    assert core.pop_observed() == []
+
+
+def test_the_relay_shell_confirms_at_once():
+    """The node's shell sends the confirmation right after HELLO_OK, so the observation is published without
+    waiting for relayed traffic (a node with none would otherwise never have one)."""
+    core, _, pk = _relay_and_node()
+    wire = []
+    shell = RelayShell(NODE_SK, udp_send=lambda data, dst: wire.append(data) or True,
+                       deliver=lambda *_: None, after_rx=None, clock=lambda: 5.0)
+    shell.configure(dh_pub(clamp(SERVER_SK)), [("203.0.113.10", 3478)], [])
+    while wire:
+        for frame, _ in _udp(core, wire.pop(0), REAL_SRC, 5.0, time.time()):  # the shell stamps time.time()
+            shell.handle_udp(frame, ("203.0.113.10", 3478), 5.0)
+    assert shell.ready(5.0)
+    assert core.pop_observed() == [(pk, REAL_SRC[1])]
+
+
+async def test_server_publishes_no_spoofed_observation(harness):
+    """Through the server: a HELLO arriving with a victim's address as source (a loopback socket of the test
+    stands in for the victim) is answered there, and the directory gets no observed candidate; the node's
+    real socket with the confirmation gets one."""
+    sk = new_key()
+    conn = await ControlConnection.open(harness.invite(), sk)
+    pk = dh_pub(clamp(sk))
+    rs = RelaySession(sk, harness.server.server_pk, os.urandom)
+    victim = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    node = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    try:
+        await victim.bind(("127.0.0.1", 0))
+        await node.bind(("127.0.0.1", 0))
+        spoofed = victim.getsockname()[:2]
+
+        def observed():
+            return [c for c in harness.server.directory.nodes[pk].entry()["cand"] if c[2] == "observed"]
+
+        harness.server._on_udp(0, rs.hello(time.monotonic(), time.time()), spoofed, time.monotonic(), time.time())
+        harness.server._publish_observed()
+        with trio.fail_after(3):
+            data, _ = await victim.recvfrom(2048)
+        assert W.frame_type_untrusted(data) == W.T_HELLO_OK     # the victim got the answer, not the node
+        assert observed() == []
+
+        await node.sendto(rs.hello(time.monotonic(), time.time()), harness.udp)
+        with trio.fail_after(3):
+            while rs.handle_untrusted((await node.recvfrom(2048))[0], time.monotonic()) is None:
+                pass
+        await trio.sleep(0.2)
+        assert observed() == []                                   # not before the confirmation
+        await node.sendto(rs.confirm(), harness.udp)
+        await wait_until(lambda: observed() == [["127.0.0.1", node.getsockname()[1], "observed"]])
+    finally:
+        victim.close()
+        node.close()
+        await conn.aclose()
