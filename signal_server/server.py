@@ -3,6 +3,7 @@ SQLite persistence, admin-change watcher and /metrics. The decisions live in the
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from meshwg.control import protocol as P
 from meshwg.control import relay_wire as W
 from meshwg.control.invite import join_hostport
 from meshwg.control.noise import HandshakeError, Responder
+from meshwg.io import udp
 from signal_server import metrics
 from signal_server.conn_limits import Refusal, SourceLimits, relay_tcp_caps
 from signal_server.directory import Directory, Node
@@ -123,6 +125,10 @@ class SignalServer:
         self.bound = Bound()
         self._udp_socks: list[socket.socket] = []  # main ports: STUN + relay (relay dests index these)
         self._stun_socks: list[socket.socket] = []  # main then alternate ports, as the responder numbers them
+        # Sockets on a wildcard address answer each node from the local address it wrote to (issue 17):
+        # node (host, port) -> that address (meshwg.io.udp, sticky source addresses).
+        self._udp_sources: dict[tuple, tuple] = {}
+        self._sticky_socks: set[socket.socket] = set()
         self.stun = StunResponder([])
         self.started = time.monotonic()
         self._dir_changed = trio.Event()
@@ -630,14 +636,20 @@ class SignalServer:
     # --- UDP: STUN responder + relay
 
     async def _recv_loop(self, idx: int, sock, batch: int, bufsize: int, handle, after_batch=None) -> None:
-        """Calls handle(idx, data, addr, now, wall) per datagram; the clocks are read once per batch."""
+        """Calls handle(idx, data, addr, now, wall) per datagram; the clocks are read once per batch.
+        A wildcard socket (pktinfo on) remembers where each source wrote to, for _udp_send."""
+        if udp.pktinfo_enabled(sock):
+            self._sticky_socks.add(sock)
+            recvfrom = functools.partial(udp.recvfrom_sticky, sock, bufsize, self._udp_sources)
+        else:
+            recvfrom = functools.partial(sock.recvfrom, bufsize)
         while True:
             await trio.lowlevel.wait_readable(sock)
             # Drain without paying the scheduler per datagram (see docs/architecture.md, hot path).
             now, wall = time.monotonic(), time.time()
             for _ in range(batch):
                 try:
-                    data, addr = sock.recvfrom(bufsize)
+                    data, addr = recvfrom()
                 except BlockingIOError:
                     break
                 except OSError:
@@ -682,7 +694,7 @@ class SignalServer:
 
     def _udp_send(self, sock, data: bytes, addr) -> None:
         try:
-            sock.sendto(data, addr)
+            udp.send_sticky(sock, [data], [], addr, self._udp_sources if sock in self._sticky_socks else None)
         except (BlockingIOError, OSError):
             self.counters["udp_send_errors"] += 1
 
@@ -785,6 +797,8 @@ def _udp_socket(host: str, port: int) -> socket.socket:
     sock = socket.socket(fam, socket.SOCK_DGRAM)
     if fam == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    if host in WILDCARDS:
+        udp.enable_pktinfo(sock)  # answer from the address each node wrote to (_udp_send)
     sock.bind((host, port))
     sock.setblocking(False)
     for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):

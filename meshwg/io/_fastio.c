@@ -13,11 +13,18 @@
  * write_packets(fd, packets) -> int
  *     Writes each packet; returns how many were dropped (queue full, packet refused). OSError for
  *     errors that mean the device is gone (EBADF, EBADFD, EIO, ENODEV).
- * recv_datagrams(fd, limit) -> list[tuple[bytes, tuple[str, int]]]
+ * recv_datagrams(fd, limit[, sources]) -> list[tuple[bytes, tuple[str, int]]]
  *     Up to `limit` datagrams with their (host, port); [] when the socket would block. ICMP-reported
  *     errors (ECONNREFUSED, EHOSTUNREACH, ENETUNREACH, EMSGSIZE) end the drain quietly.
- * send_datagrams(datagrams, start, v4_fd, v6_fd, v4_gso, v6_gso) -> (index, status, errors)
- *     Sends datagrams[start:] ((bytes, (host, port)) pairs; fd -1: no socket for that family).
+ *     With a `sources` dict (the UDP shell's sticky source map, see meshwg/io/udp.py) and IP_PKTINFO /
+ *     IPV6_RECVPKTINFO on the socket, sources[(host, port)] becomes the local address the datagram
+ *     arrived at: (local host, ifindex, (level, type, pktinfo to send)). The value already there is
+ *     compared, not rebuilt (the steady state allocates nothing); a full map is cleared first.
+ * send_datagrams(datagrams, start, v4_fd, v6_fd, v4_gso, v6_gso[, sources]) -> (index, status, errors)
+ *     Sends datagrams[start:] ((bytes, (host, port)) pairs; fd -1: no socket for that family),
+ *     each endpoint from its entry in `sources` (an IP_PKTINFO / IPV6_PKTINFO cmsg) when it has one.
+ *     A send that fails because that source is gone (EINVAL, EADDRNOTAVAIL, ENETUNREACH: the address
+ *     was removed) forgets the entry and is retried once from the kernel's choice.
  *     Runs to one endpoint with one size (the last may be shorter) leave as one UDP GSO sendmsg
  *     where that family's *_gso is true. Stops at `index` with status SENT_ALL (index == len),
  *     WOULD_BLOCK, NEEDS_PYTHON (an endpoint that is not a numeric (host, port) tuple, a scoped
@@ -49,6 +56,9 @@
 #define BUFFER_SIZE 65536
 #define GSO_MAX_SEGMENTS 64
 #define GSO_MAX_BYTES 65000  /* under the 65507-byte payload limit of one (super) datagram */
+/* Entries of the sticky source map at most (mirrors udp.MAX_SOURCES): spoofed sources cannot grow it. */
+#define MAX_SOURCES 4096
+#define PKTINFO_MAX 20  /* sizeof(struct in6_pktinfo) >= sizeof(struct in_pktinfo) */
 
 enum { SENT_ALL = 0, WOULD_BLOCK = 1, NEEDS_PYTHON = 2, GSO_REFUSED = 3 };
 
@@ -235,21 +245,210 @@ source_tuple(const struct sockaddr_storage *source, socklen_t length)
     return tuple;
 }
 
+/* ---- Sticky source addresses: answer a peer from the local address it wrote to ----
+ * A host with several addresses must answer from the one the peer sent to, or the peer's NAT or
+ * firewall drops the answer (issue 17). The UDP shell's map (a dict, meshwg/io/udp.py) holds, per
+ * remote (host, port), (local host, ifindex, (level, type, pktinfo to send)); the drain fills it and
+ * the send path reads it. */
+
+/* The local address one datagram arrived at, as the pktinfo to send from it. */
+struct local_source {
+    size_t len;  /* 0: none */
+    int level, type;
+    unsigned int ifindex;
+    unsigned char info[PKTINFO_MAX];
+};
+
+/* An entry last built by the drain: a run of datagrams to one local address reuses it. */
+static PyObject *last_source_value;
+
+static void
+parse_pktinfo(const struct cmsghdr *c, struct local_source *src)
+{
+    if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO && c->cmsg_len >= CMSG_LEN(sizeof(struct in_pktinfo))) {
+        struct in_pktinfo got, send;
+        memcpy(&got, CMSG_DATA(c), sizeof got);
+        /* The address alone: a forced interface would bypass the routing table (source-based policy
+         * routing included), and kernel WireGuard sends from the address alone too. */
+        memset(&send, 0, sizeof send);
+        send.ipi_spec_dst = got.ipi_spec_dst;
+        memcpy(src->info, &send, sizeof send);
+        src->len = sizeof send;
+        src->level = IPPROTO_IP;
+        src->type = IP_PKTINFO;
+        src->ifindex = (unsigned int)got.ipi_ifindex;
+    } else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO
+               && c->cmsg_len >= CMSG_LEN(sizeof(struct in6_pktinfo))) {
+        struct in6_pktinfo got;
+        memcpy(&got, CMSG_DATA(c), sizeof got);
+        src->ifindex = got.ipi6_ifindex;
+        /* The interface only where it is the address's scope (link-local), for the same reason. */
+        if (!IN6_IS_ADDR_LINKLOCAL(&got.ipi6_addr)) {
+            got.ipi6_ifindex = 0;
+        }
+        memcpy(src->info, &got, sizeof got);
+        src->len = sizeof got;
+        src->level = IPPROTO_IPV6;
+        src->type = IPV6_PKTINFO;
+    }
+}
+
+/* The (level, type, pktinfo) of an entry of the map, or NULL when it is not one. */
+static PyObject *
+entry_pktinfo(PyObject *value)
+{
+    if (!PyTuple_CheckExact(value) || PyTuple_GET_SIZE(value) != 3) {
+        return NULL;
+    }
+    PyObject *cmsg = PyTuple_GET_ITEM(value, 2);
+    if (!PyTuple_CheckExact(cmsg) || PyTuple_GET_SIZE(cmsg) != 3 || !PyBytes_CheckExact(PyTuple_GET_ITEM(cmsg, 2))) {
+        return NULL;
+    }
+    return PyTuple_GET_ITEM(cmsg, 2);
+}
+
+static int
+same_source(PyObject *value, const struct local_source *src)
+{
+    PyObject *info = value != NULL ? entry_pktinfo(value) : NULL;
+    if (info == NULL || (size_t)PyBytes_GET_SIZE(info) != src->len || memcmp(PyBytes_AS_STRING(info), src->info, src->len) != 0
+        || !PyLong_CheckExact(PyTuple_GET_ITEM(value, 1))) {
+        return 0;
+    }
+    unsigned long ifindex = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(value, 1));
+    if (ifindex == (unsigned long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    return ifindex == src->ifindex;
+}
+
+static PyObject *
+new_source_value(const struct local_source *src)
+{
+    char host[INET6_ADDRSTRLEN];
+    const void *addr;
+    struct in_pktinfo v4;
+    struct in6_pktinfo v6;
+    if (src->level == IPPROTO_IP) {  /* an aligned copy: src->info is a byte array */
+        memcpy(&v4, src->info, sizeof v4);
+        addr = &v4.ipi_spec_dst;
+    } else {
+        memcpy(&v6, src->info, sizeof v6);
+        addr = &v6.ipi6_addr;
+    }
+    if (inet_ntop(src->level == IPPROTO_IP ? AF_INET : AF_INET6, addr, host, sizeof host) == NULL) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return NULL;
+    }
+    return Py_BuildValue("(sI(iiy#))", host, src->ifindex, src->level, src->type, (const char *)src->info,
+                         (Py_ssize_t)src->len);
+}
+
+/* sources[addr] = where this datagram arrived, unless it says so already. -1 with an exception set. */
+static int
+remember_source(PyObject *sources, PyObject *addr, const struct local_source *src)
+{
+    PyObject *current = PyDict_GetItemWithError(sources, addr);
+    if (current == NULL && PyErr_Occurred()) {
+        return -1;
+    }
+    if (current != NULL && same_source(current, src)) {
+        return 0;  /* the steady state: one lookup, one compare */
+    }
+    int is_new = current == NULL;
+    if (!same_source(last_source_value, src)) {
+        PyObject *value = new_source_value(src);
+        if (value == NULL) {
+            return -1;
+        }
+        Py_XSETREF(last_source_value, value);
+    }
+    PyObject *value = last_source_value;
+    Py_INCREF(value);
+    if (is_new && PyDict_GET_SIZE(sources) >= MAX_SOURCES) {
+        PyDict_Clear(sources);  /* bounded: peers still talking put theirs back with their next datagram */
+    }
+    int rc = PyDict_SetItem(sources, addr, value);
+    Py_DECREF(value);
+    return rc;
+}
+
+/* The pktinfo to send to `dest` from, copied into *out: 1, or 0 when the map has none. */
+static int
+lookup_source(PyObject *sources, PyObject *dest, int v6, struct local_source *out)
+{
+    PyObject *value = PyDict_GetItemWithError(sources, dest);
+    if (value == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *info = entry_pktinfo(value);
+    size_t want = v6 ? sizeof(struct in6_pktinfo) : sizeof(struct in_pktinfo);
+    if (info == NULL || (size_t)PyBytes_GET_SIZE(info) != want) {
+        return 0;
+    }
+    memcpy(out->info, PyBytes_AS_STRING(info), want);
+    out->len = want;
+    out->level = v6 ? IPPROTO_IPV6 : IPPROTO_IP;
+    out->type = v6 ? IPV6_PKTINFO : IP_PKTINFO;
+    return 1;
+}
+
+static void
+forget_source(PyObject *sources, PyObject *dest)
+{
+    int saved = errno;
+    if (PyDict_DelItem(sources, dest) < 0) {
+        PyErr_Clear();
+    }
+    errno = saved;
+}
+
+/* Errors that say the remembered source address is gone (removed, or no longer routable from). */
+static int
+source_gone(int err)
+{
+    return err == EINVAL || err == EADDRNOTAVAIL || err == ENETUNREACH;
+}
+
+/* A dict, or NULL for None / a missing argument; -1 with an exception set otherwise. */
+static int
+optional_dict(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t index, PyObject **out)
+{
+    *out = NULL;
+    if (nargs <= index || args[index] == Py_None) {
+        return 0;
+    }
+    if (!PyDict_Check(args[index])) {
+        PyErr_SetString(PyExc_TypeError, "sources must be a dict or None");
+        return -1;
+    }
+    *out = args[index];
+    return 0;
+}
+
 static PyObject *
 recv_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     int fd;
     Py_ssize_t limit;
-    if (fd_and_limit(args, nargs, "recv_datagrams(fd, limit)", &fd, &limit) < 0) {
+    PyObject *sources;
+    if (fd_and_limit(args, nargs < 3 ? nargs : 2, "recv_datagrams(fd, limit[, sources])", &fd, &limit) < 0
+        || optional_dict(args, nargs, 2, &sources) < 0) {
+        return NULL;
+    }
+    if (nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "recv_datagrams(fd, limit[, sources])");
         return NULL;
     }
     PyObject *out = PyList_New(0);
     if (out == NULL) {
         return NULL;
     }
-    /* Room for the GRO segment size beside other cmsgs (SO_RXQ_OVFL's drop count). */
+    /* Room for the GRO segment size beside other cmsgs (SO_RXQ_OVFL's drop count, the pktinfo). */
     union {
-        char raw[4 * CMSG_SPACE(sizeof(int))];
+        char raw[4 * CMSG_SPACE(sizeof(int)) + CMSG_SPACE(sizeof(struct in6_pktinfo))];
         struct cmsghdr align;
     } control;
     while (PyList_GET_SIZE(out) < limit) {
@@ -272,11 +471,14 @@ recv_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto fail;
         }
         Py_ssize_t segment = 0;
+        struct local_source local = {.len = 0};
         for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
             if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO && c->cmsg_len >= CMSG_LEN(sizeof(int))) {
                 int size;
                 memcpy(&size, CMSG_DATA(c), sizeof size);
                 segment = size;
+            } else if (sources != NULL) {
+                parse_pktinfo(c, &local);
             }
         }
         if (segment <= 0 || segment >= n) {
@@ -298,7 +500,7 @@ recv_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             }
         }
         PyObject *addr = made == count ? source_tuple(&source, msg.msg_namelen) : NULL;
-        int ok = addr != NULL;
+        int ok = addr != NULL && (local.len == 0 || remember_source(sources, addr, &local) == 0);
         for (Py_ssize_t k = 0; k < made; k++) {
             if (ok && append_new(out, PyTuple_Pack(2, parts[k], addr)) < 0) {
                 ok = 0;
@@ -379,17 +581,65 @@ resolve_dest(PyObject *dest, struct sockaddr_storage *sa, socklen_t *len)
     return 1;
 }
 
+/* One sendto, or one sendmsg carrying a GSO run (count > 1, `segment` bytes each) and/or the source
+ * address to send from. EINTR is retried; otherwise -1 with errno set. */
+static ssize_t
+send_run(int fd, const struct sockaddr_storage *sa, socklen_t sa_len, struct iovec *iov, size_t count,
+         uint16_t segment, const struct local_source *source)
+{
+    ssize_t rc;
+    if (count == 1 && source == NULL) {
+        do {
+            rc = sendto(fd, iov[0].iov_base, iov[0].iov_len, 0, (const struct sockaddr *)sa, sa_len);
+        } while (rc < 0 && errno == EINTR);
+        return rc;
+    }
+    union {
+        char raw[CMSG_SPACE(sizeof(uint16_t)) + CMSG_SPACE(PKTINFO_MAX)];
+        struct cmsghdr align;
+    } control;
+    memset(&control, 0, sizeof control);
+    size_t used = 0;
+    if (count > 1) {
+        struct cmsghdr *c = (struct cmsghdr *)control.raw;
+        c->cmsg_level = SOL_UDP;
+        c->cmsg_type = UDP_SEGMENT;
+        c->cmsg_len = CMSG_LEN(sizeof segment);
+        memcpy(CMSG_DATA(c), &segment, sizeof segment);
+        used += CMSG_SPACE(sizeof segment);
+    }
+    if (source != NULL) {
+        struct cmsghdr *c = (struct cmsghdr *)(control.raw + used);
+        c->cmsg_level = source->level;
+        c->cmsg_type = source->type;
+        c->cmsg_len = CMSG_LEN(source->len);
+        memcpy(CMSG_DATA(c), source->info, source->len);
+        used += CMSG_SPACE(source->len);
+    }
+    struct msghdr msg = {
+        .msg_name = (void *)sa, .msg_namelen = sa_len, .msg_iov = iov, .msg_iovlen = count,
+        .msg_control = control.raw, .msg_controllen = used,
+    };
+    do {
+        rc = sendmsg(fd, &msg, 0);
+    } while (rc < 0 && errno == EINTR);
+    return rc;
+}
+
 static PyObject *
 send_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 6 || !PyList_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "send_datagrams(datagrams: list, start, v4_fd, v6_fd, v4_gso, v6_gso)");
+    PyObject *sources;
+    if ((nargs != 6 && nargs != 7) || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "send_datagrams(datagrams: list, start, v4_fd, v6_fd, v4_gso, v6_gso[, sources])");
         return NULL;
     }
     PyObject *datagrams = args[0];
     Py_ssize_t i = PyLong_AsSsize_t(args[1]);
     int v4_fd, v6_fd;
-    if (PyErr_Occurred() || fd_or_none(args[2], &v4_fd) < 0 || fd_or_none(args[3], &v6_fd) < 0) {
+    if (PyErr_Occurred() || fd_or_none(args[2], &v4_fd) < 0 || fd_or_none(args[3], &v6_fd) < 0
+        || optional_dict(args, nargs, 6, &sources) < 0) {
         return NULL;
     }
     int v4_gso = PyObject_IsTrue(args[4]), v6_gso = PyObject_IsTrue(args[5]);
@@ -454,41 +704,26 @@ send_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 }
             }
         }
-        ssize_t rc;
-        do {
-            if (j - i == 1) {
-                rc = sendto(fd, iov[0].iov_base, iov[0].iov_len, 0, (struct sockaddr *)&sa, sa_len);
-            } else {
-                union {
-                    char raw[CMSG_SPACE(sizeof(uint16_t))];
-                    struct cmsghdr align;
-                } control;
-                memset(&control, 0, sizeof control);
-                struct msghdr msg = {
-                    .msg_name = &sa, .msg_namelen = sa_len, .msg_iov = iov, .msg_iovlen = (size_t)(j - i),
-                    .msg_control = control.raw, .msg_controllen = sizeof control.raw,
-                };
-                struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-                c->cmsg_level = SOL_UDP;
-                c->cmsg_type = UDP_SEGMENT;
-                c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
-                uint16_t segment = (uint16_t)size;
-                memcpy(CMSG_DATA(c), &segment, sizeof segment);
-                rc = sendmsg(fd, &msg, 0);
-            }
-        } while (rc < 0 && errno == EINTR);
+        struct local_source local;
+        int sticky = sources != NULL && lookup_source(sources, dest, v6, &local);
+        size_t count = (size_t)(j - i);
+        ssize_t rc = send_run(fd, &sa, sa_len, iov, count, (uint16_t)size, sticky ? &local : NULL);
+        if (rc < 0 && sticky && source_gone(errno)) {
+            /* The address it wrote to is gone: forget it, and the kernel chooses (once more). */
+            forget_source(sources, dest);
+            sticky = 0;
+            rc = send_run(fd, &sa, sa_len, iov, count, (uint16_t)size, NULL);
+        }
         if (rc < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK) {
                 status = WOULD_BLOCK;
                 break;
             }
-            if (j - i > 1 && (errno == EIO || errno == EINVAL || errno == EMSGSIZE || errno == ENOPROTOOPT
+            if (count > 1 && (errno == EIO || errno == EINVAL || errno == EMSGSIZE || errno == ENOPROTOOPT
                               || errno == EOPNOTSUPP)) {
                 /* The path may not segment (no checksum offload, route MTU), or the destination is bad
                  * for any datagram (port 0, ...): the first one alone tells which. */
-                do {
-                    rc = sendto(fd, iov[0].iov_base, iov[0].iov_len, 0, (struct sockaddr *)&sa, sa_len);
-                } while (rc < 0 && errno == EINTR);
+                rc = send_run(fd, &sa, sa_len, iov, 1, 0, sticky ? &local : NULL);
                 if (rc >= 0) {
                     i += 1;
                     status = GSO_REFUSED;
@@ -515,9 +750,9 @@ static PyMethodDef fastio_methods[] = {
     {"write_packets", (PyCFunction)(void (*)(void))write_packets, METH_FASTCALL,
      "write_packets(fd, packets) -> number dropped"},
     {"recv_datagrams", (PyCFunction)(void (*)(void))recv_datagrams, METH_FASTCALL,
-     "recv_datagrams(fd, limit) -> list[(bytes, (host, port))]"},
+     "recv_datagrams(fd, limit[, sources]) -> list[(bytes, (host, port))]"},
     {"send_datagrams", (PyCFunction)(void (*)(void))send_datagrams, METH_FASTCALL,
-     "send_datagrams(datagrams, start, v4_fd, v6_fd, v4_gso, v6_gso) -> (index, status, errors)"},
+     "send_datagrams(datagrams, start, v4_fd, v6_fd, v4_gso, v6_gso[, sources]) -> (index, status, errors)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -537,6 +772,7 @@ PyInit__fastio(void)
         return NULL;
     }
     if (PyModule_AddIntConstant(module, "SENT_ALL", SENT_ALL) < 0
+        || PyModule_AddIntConstant(module, "MAX_SOURCES", MAX_SOURCES) < 0
         || PyModule_AddIntConstant(module, "WOULD_BLOCK", WOULD_BLOCK) < 0
         || PyModule_AddIntConstant(module, "NEEDS_PYTHON", NEEDS_PYTHON) < 0
         || PyModule_AddIntConstant(module, "GSO_REFUSED", GSO_REFUSED) < 0) {

@@ -9,7 +9,9 @@ clock, by blocking on our fds plus trio's own epoll fd once every other task is 
 packet (a ping) is handled straight from the kernel without a scheduler round trip first. The
 syscalls and the transport AEAD run in compiled code where it was built (meshwg.hotpath).
 Kernel offloads: transport datagrams to one endpoint with one size leave as one UDP GSO sendmsg,
-and the sockets have UDP_GRO on (udp.recv_batch splits coalesced reads). The core's timer is one
+and the sockets have UDP_GRO on (udp.recv_batch splits coalesced reads). Every datagram, WireGuard
+or not, leaves from the local address its endpoint last wrote to (`udp.sources`, filled by the
+drain; see meshwg.io.udp, sticky source addresses). The core's timer is one
 deadline: a task sleeps until
 `core.get_timer()` and is re-armed by `flush()` whenever the deadline moves earlier.
 `core.get_timer()` is O(peers), so the hot loop does not call it: every deadline the core's data path
@@ -61,7 +63,7 @@ from meshwg.io import socket_filter
 from meshwg.io.fastio import fastio
 from meshwg.io.tun import Tun, TunClosed
 from meshwg.io.udp import OFFLOAD as udp_offload
-from meshwg.io.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, SOL_UDP, UDP_SEGMENT, UdpBind, recv_batch
+from meshwg.io.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, SOL_UDP, UDP_SEGMENT, UdpBind, recv_batch, send_sticky
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCH = 64
@@ -261,10 +263,11 @@ class Driver:
         fd4 = v4.fileno() if v4 is not None else -1
         fd6 = v6.fileno() if v6 is not None else -1
         gso_ok = self._gso_ok
+        sources = self.udp.sources
         n = len(datagrams)
         while True:
             i, status, errors = fastio.send_datagrams(datagrams, start, fd4, fd6, gso_ok.get(fd4, False),
-                                                      gso_ok.get(fd6, False))
+                                                      gso_ok.get(fd6, False), sources)
             if errors:
                 self.stats["send_error"] += errors
             if status == fastio.SENT_ALL or status == fastio.WOULD_BLOCK:
@@ -291,6 +294,7 @@ class Driver:
     def _send_datagrams_python(self, datagrams: list, start: int, stop: int) -> int:
         """_send_datagrams for datagrams[start:stop] in Python; returns the index that would block, or stop."""
         v4, v6 = self.udp.v4, self.udp.v6
+        sources = self.udp.sources
         n = stop
         i = start
         while i < n:
@@ -325,10 +329,10 @@ class Driver:
                         break
             try:
                 if j - i == 1:
-                    sock.sendto(data, addr)
+                    send_sticky(sock, [data], [], addr, sources)
                 else:
-                    sock.sendmsg([d for d, _ in datagrams[i:j]],
-                                 [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))], 0, addr)
+                    send_sticky(sock, [d for d, _ in datagrams[i:j]],
+                                [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))], addr, sources)
             except BlockingIOError:
                 return i
             except OSError as err:
@@ -336,7 +340,7 @@ class Driver:
                     # The path may not segment, or the destination is bad for any datagram (port 0):
                     # the first one alone tells which (as _fastio.c does).
                     try:
-                        sock.sendto(data, addr)
+                        send_sticky(sock, [data], [], addr, sources)
                     except BlockingIOError:
                         return i
                     except OSError:
@@ -351,12 +355,13 @@ class Driver:
         return n
 
     def send_raw(self, data: bytes, addr: tuple) -> bool:
-        """Send a non-WireGuard datagram from the shared socket. False if dropped."""
+        """Send a non-WireGuard datagram from the shared socket (and from the local address `addr`
+        last wrote to). False if dropped."""
         sock = self.udp.socket_for(addr[0])
         if sock is None:
             return False
         try:
-            sock.sendto(data, addr)
+            send_sticky(sock, [data], [], addr, self.udp.sources)
             return True
         except OSError:
             self.stats["send_raw_error"] += 1
@@ -410,6 +415,7 @@ class Driver:
         block_epoll = self._block_epoll
         trio_idle = self._trio_idle
         trio_fd = trio_idle.epoll_fd if trio_idle is not None else None
+        sources = self.udp.sources  # the same dict for the UdpBind's life (rebinds keep it)
         task_status.started()
         since_yield = 0
         # fds that were ready in the previous round. An fd ready after an idle round gets one read
@@ -469,7 +475,7 @@ class Driver:
                 if entry is None:
                     continue  # a socket rebind() just replaced
                 try:
-                    datagrams = recv_batch(entry[0], batch if fd in was_ready else 1, entry[1])
+                    datagrams = recv_batch(entry[0], batch if fd in was_ready else 1, entry[1], sources)
                 except OSError:
                     if fd not in self._udp_by_fd:
                         continue

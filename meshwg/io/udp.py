@@ -3,6 +3,19 @@
 Addresses handed out are plain `(host, port)` tuples for both families, the endpoint form the core
 uses. `rebind(port)` opens the new sockets before closing the old ones so a failed rebind leaves
 the device as it was (wg-go does the same for `listen_port`).
+
+Sticky source addresses. A host with several addresses (a static and a DHCP one, a floating IP,
+IPv6 temporary and stable ones) must answer a peer from the address the peer wrote to: from another
+one, the peer's NAT or firewall drops the answer, or the peer roams to it. The sockets ask for
+IP_PKTINFO / IPV6_RECVPKTINFO, and `UdpBind.sources` maps each remote (host, port) to the local
+address its last datagram arrived at: (local host, ifindex, (level, type, pktinfo)), the last item
+ready for sendmsg. Sends to that endpoint carry it (`send_sticky`, and the compiled drain). When the
+address is gone (removed: EINVAL, EADDRNOTAVAIL or ENETUNREACH on send) the entry is forgotten and
+the datagram goes once more from the kernel's choice. The core keeps plain (host, port) endpoints.
+The map is bounded (MAX_SOURCES, then cleared): spoofed sources cannot grow it, and a peer still
+talking puts its entry back with its next datagram. Like wireguard-go, and unlike kernel WireGuard,
+the entry follows any datagram from the endpoint, not only authenticated ones: a forged datagram
+from a peer's own address and port moves its answers to another of our addresses until its next one.
 """
 
 from __future__ import annotations
@@ -22,10 +35,18 @@ UDP_SEGMENT = 103
 UDP_GRO = 104
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000  # under the 65507-byte UDP payload limit of one (super) datagram
-# Room for the GRO size and other cmsgs the kernel may add (SO_RXQ_OVFL's drop count once the socket
-# has dropped anything, as the socket filter does): with room for only one, the GRO size was cut off
-# and a coalesced read taken for one huge datagram.
-_GRO_CMSG_SPACE = 4 * socket.CMSG_SPACE(4)
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+_PKTINFO_SPACE = socket.CMSG_SPACE(20)  # struct in6_pktinfo, the larger of the two
+# Room for the GRO size, the pktinfo and other cmsgs the kernel may add (SO_RXQ_OVFL's drop count once
+# the socket has dropped anything, as the socket filter does): with room for only one, the GRO size was
+# cut off and a coalesced read taken for one huge datagram.
+_GRO_CMSG_SPACE = 4 * socket.CMSG_SPACE(4) + _PKTINFO_SPACE
+# Sticky source map entries at most (the compiled drain has the same bound, _fastio.MAX_SOURCES).
+MAX_SOURCES = 4096
+# Send errors that mean the remembered source address is gone: forget it, let the kernel choose.
+SOURCE_GONE = (errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREACH)
 # MESHWG_UDP_OFFLOAD=0 turns GSO and GRO off (diagnosis, or kernels that misbehave).
 OFFLOAD = os.environ.get("MESHWG_UDP_OFFLOAD", "1") != "0"
 # Big kernel buffers absorb bursts while the (single-threaded) driver is busy with the other direction.
@@ -65,6 +86,7 @@ def _open_socket(family: int, port: int, fwmark: int) -> socket.socket:
                 sock.setsockopt(SOL_UDP, UDP_GRO, 1)
             except OSError:
                 pass
+        enable_pktinfo(sock)
         sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
     except BaseException:
         sock.close()
@@ -89,6 +111,9 @@ class UdpBind:
         self.port = 0
         self.fwmark = 0
         self._retired_drops = 0  # kernel drops of sockets replaced or closed
+        # remote (host, port) -> (local host, ifindex, (level, type, pktinfo)): see the module docstring.
+        # Kept across rebinds: the local addresses stay ours whichever port we listen on.
+        self.sources: dict[tuple, tuple] = {}
 
     @property
     def sockets(self) -> list[socket.socket]:
@@ -159,14 +184,16 @@ class UdpBind:
 _PASSING_RECV_ERRORS = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EMSGSIZE)
 
 
-def recv_batch(sock: socket.socket, limit: int, v6: bool | None = None) -> list[tuple[bytes, tuple]]:
+def recv_batch(sock: socket.socket, limit: int, v6: bool | None = None,
+               sources: dict | None = None) -> list[tuple[bytes, tuple]]:
     """Up to `limit` datagrams as (data, (host, port)); empty when the socket would block. On a socket
     with UDP_GRO on, a coalesced read is split back into its datagrams (equal-sized segments, the last
     one possibly shorter). A link-local IPv6 source keeps its scope in the host ("fe80::1%eth0"), the
     form sendto needs to answer it. An error after some datagrams were read returns those (the error
-    comes back on the next call). `v6` saves the (slow, enum-building) `sock.family` lookup."""
+    comes back on the next call). `v6` saves the (slow, enum-building) `sock.family` lookup.
+    With `sources` (UdpBind.sources), each source's entry becomes the local address it wrote to."""
     if fastio is not None:
-        return fastio.recv_datagrams(sock.fileno(), limit)
+        return fastio.recv_datagrams(sock.fileno(), limit, sources)
     out: list[tuple[bytes, tuple]] = []
     recvmsg = sock.recvmsg
     if v6 is None:
@@ -180,6 +207,8 @@ def recv_batch(sock: socket.socket, limit: int, v6: bool | None = None) -> list[
             for level, kind, raw in anc:
                 if level == SOL_UDP and kind == UDP_GRO:
                     size = int.from_bytes(raw[:4], sys.byteorder)
+                elif sources is not None:
+                    remember_source(sources, addr, level, kind, raw)
             if 0 < size < len(data):
                 out += [(data[i:i + size], addr) for i in range(0, len(data), size)]
             else:
@@ -190,3 +219,96 @@ def recv_batch(sock: socket.socket, limit: int, v6: bool | None = None) -> list[
         if err.errno not in _PASSING_RECV_ERRORS and not out:
             raise
     return out
+
+
+# ---- sticky source addresses (see the module docstring) ----------------------------------------
+
+def enable_pktinfo(sock: socket.socket) -> None:
+    """Ask the kernel for the local address every datagram arrives at (IP_PKTINFO / IPV6_RECVPKTINFO)."""
+    try:
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+    except OSError:
+        pass  # then no entries: the kernel chooses every source, as before
+
+
+def pktinfo_enabled(sock: socket.socket) -> bool:
+    try:
+        if sock.family == socket.AF_INET6:
+            return bool(sock.getsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO))
+        return bool(sock.getsockopt(socket.IPPROTO_IP, IP_PKTINFO))
+    except OSError:
+        return False
+
+
+# Entries by the pktinfo they came from: one object per local address, so the steady state of
+# remember_source is a lookup and an identity check (and the map holds few distinct values).
+_SOURCE_VALUES: dict[bytes, tuple] = {}
+_SOURCE_VALUES_MAX = 256
+
+
+def _source_value(level: int, kind: int, raw: bytes) -> tuple | None:
+    value = _SOURCE_VALUES.get(raw)
+    if value is not None:
+        return value
+    if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(raw) >= 12:
+        # struct in_pktinfo {ifindex, spec_dst, addr}: send from the address alone (spec_dst). A forced
+        # interface would bypass the routing table (source-based policy routing included); kernel
+        # WireGuard sends from the address alone too (as _fastio.c does).
+        ifindex, local = int.from_bytes(raw[:4], sys.byteorder), raw[4:8]
+        value = (socket.inet_ntop(socket.AF_INET, local), ifindex,
+                 (socket.IPPROTO_IP, IP_PKTINFO, bytes(4) + local + bytes(4)))
+    elif level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(raw) >= 20:
+        # struct in6_pktinfo {addr, ifindex}: the interface only where it is the address's scope.
+        local, ifindex = raw[:16], int.from_bytes(raw[16:20], sys.byteorder)
+        link_local = local[0] == 0xFE and local[1] & 0xC0 == 0x80
+        value = (socket.inet_ntop(socket.AF_INET6, local), ifindex,
+                 (socket.IPPROTO_IPV6, IPV6_PKTINFO, local + (raw[16:20] if link_local else bytes(4))))
+    else:
+        return None
+    if len(_SOURCE_VALUES) >= _SOURCE_VALUES_MAX:
+        _SOURCE_VALUES.clear()
+    _SOURCE_VALUES[bytes(raw)] = value
+    return value
+
+
+def remember_source(sources: dict, addr: tuple, level: int, kind: int, raw: bytes) -> None:
+    """sources[addr] = the local address a datagram from `addr` arrived at (from its pktinfo cmsg)."""
+    value = _source_value(level, kind, raw)
+    if value is None or sources.get(addr) is value:
+        return
+    if addr not in sources and len(sources) >= MAX_SOURCES:
+        sources.clear()  # bounded: peers still talking put theirs back with their next datagram
+    sources[addr] = value
+
+
+def send_sticky(sock: socket.socket, buffers: list, cmsgs: list, addr: tuple, sources: dict | None) -> None:
+    """sock.sendmsg(buffers, cmsgs, 0, addr), from the local address `addr` last wrote to when
+    `sources` has one. If that address is gone, forget it and send once more from the kernel's choice.
+    Raises what sendmsg raises (BlockingIOError included)."""
+    source = sources.get(addr) if sources else None
+    if source is not None:
+        try:
+            sock.sendmsg(buffers, [*cmsgs, source[2]], 0, addr)
+            return
+        except OSError as err:
+            if err.errno not in SOURCE_GONE:
+                raise
+            if sources.get(addr) is source:
+                del sources[addr]
+    if len(buffers) == 1 and not cmsgs:
+        sock.sendto(buffers[0], addr)
+    else:
+        sock.sendmsg(buffers, cmsgs, 0, addr)
+
+
+def recvfrom_sticky(sock: socket.socket, bufsize: int, sources: dict) -> tuple[bytes, tuple]:
+    """sock.recvfrom for a socket with pktinfo on (enable_pktinfo): also remembers, in `sources`, the
+    local address the datagram arrived at, under its (host, port)."""
+    data, anc, _flags, addr = sock.recvmsg(bufsize, _PKTINFO_SPACE)
+    addr = addr[:2]
+    for level, kind, raw in anc:
+        remember_source(sources, addr, level, kind, raw)
+    return data, addr
