@@ -1,15 +1,21 @@
 """Relay abuse (issue 10 item 5), pure RelayCore on explicit time: junk HELLOs naming a node's key (keys
-are not secret) must not deny it the relay; junk is limited per source; hostile frames never raise."""
+are not secret) must not deny it the relay; junk is limited per source and in all, and junk spoofed from a
+node's confirmed address does not lock its HELLOs out; hostile frames never raise. Node side: forged
+notices (item 10), over UDP and TCP."""
 
 from __future__ import annotations
 
 import os
+import time
+
+import trio
+import trio.testing
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshwg.control import relay_wire as W
-from meshwg.control.relay_client import RelaySession
+from meshwg.control.relay_client import RelaySession, TcpRelayClient
 from meshwg.wg.crypto import clamp, dh_pub as public_key
 from signal_server.relay import RelayCore
 
@@ -114,11 +120,72 @@ def test_a_node_sending_under_a_dead_token_can_still_hello():
     assert _hello(core2, ra, A_SRC, 6.0)
 
 
+def _hello_ok(core, rs, src, now) -> bool:
+    """Whether the relay accepted this HELLO (the session may still be ready from an earlier one)."""
+    before = core.counters["hello_ok"]
+    _hello(core, rs, src, now)
+    return core.counters["hello_ok"] > before
+
+
+def _confirm(core, rs, src, now):
+    """What the node's shell sends right after HELLO_OK (proves it receives at src)."""
+    assert core.handle_untrusted(rs.confirm(), src, now, WALL0 + now) == []
+
+
+def test_junk_spoofed_from_a_nodes_address_does_not_lock_its_hellos_out():
+    """A's address is public (its observed candidate). 100 junk HELLOs a second spoofed from it, naming A's
+    key or B's, for 12 s: A's re-HELLO, retried each second from second 5 on, is accepted within 2 s.
+    (Old code: the junk emptied the source's budget and every HELLO from there was dropped unopened.)"""
+    core, ra, rb = _mesh()
+    pa, pb = public_key(ra.private_key), public_key(rb.private_key)
+    assert _hello(core, ra, A_SRC, 0.0)
+    _confirm(core, ra, A_SRC, 0.0)
+    accepted = None
+    for i in range(100, 1200):
+        now = i / 100
+        core.handle_untrusted(_junk_hello(pa if i % 2 else pb), A_SRC, now, WALL0 + now)
+        if i % 100 == 50 and now >= 5 and accepted is None and _hello_ok(core, ra, A_SRC, now):
+            accepted = now
+    assert accepted is not None and accepted <= 5.5 + 2
+    # only A's key is trusted from there: junk naming B's key is still limited per source (10 + 2/s)
+    assert core.counters["drop_hello_junk_rate"] >= 550 - (10 + 2 * 11)
+
+
+def test_an_unconfirmed_hello_source_gets_no_exemption():
+    """A HELLO that authenticates from a spoofed source (never confirmed: the node never saw the token)
+    does not exempt that source: junk from there naming the key stays limited to 10 + 2/s."""
+    core, ra, _ = _mesh()
+    pa = public_key(ra.private_key)
+    assert _hello(core, ra, ATTACKER, 0.0)     # the HELLO_OK went to ATTACKER; nothing came back from there
+    for i in range(1000):                     # 100 per second for 10 s
+        core.handle_untrusted(_junk_hello(pa), ATTACKER, i / 100, WALL0)
+    assert core.counters["drop_hello_auth"] <= 10 + 2 * 10 + 1
+
+
+def test_junk_from_spoofed_sources_is_capped_in_all():
+    """20,000 junk HELLOs in one second, each from a new (spoofed) source with a fresh per-source budget:
+    at most a few thousand a second are opened (5,000 at once, 5,000/s). A node whose address is confirmed
+    keeps its HELLOs meanwhile. (Old code: all 20,000 opened.)"""
+    core, ra, _ = _mesh()
+    pa = public_key(ra.private_key)
+    assert _hello(core, ra, A_SRC, 0.0)
+    _confirm(core, ra, A_SRC, 0.0)
+    accepted = 0
+    for i in range(20_000):
+        now = 1 + i / 20_000
+        core.handle_untrusted(_junk_hello(pa), (0, (f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 9)), now,
+                              WALL0 + now)
+        if i % 2000 == 1999:
+            accepted += _hello_ok(core, ra, A_SRC, now)
+    assert core.counters["drop_hello_auth"] <= 5000 + 5000 * 1 + 1
+    assert accepted == 10
+
+
 # --- hostile frames, structured
 
 
 def _frames(keys, tokens):
-    key = st.one_of(st.sampled_from(keys), st.binary(min_size=32, max_size=32))
+    key = st.one_of(st.sampled_from(keys + [W.CONFIRM_DST]), st.binary(min_size=32, max_size=32))
     token = st.one_of(st.sampled_from(tokens), st.binary(min_size=8, max_size=8))
     hello = st.builds(lambda k, body: W.MAGIC + bytes([W.T_HELLO]) + k + body, key,
                       st.one_of(st.binary(min_size=W.HELLO_LEN - 37, max_size=W.HELLO_LEN - 37), st.binary(max_size=80)))
@@ -198,3 +265,45 @@ def test_a_notice_inside_the_quiet_second_is_answered_when_it_ends():
     assert ra.get_timer() == 1.0 and not ra.needs_hello(0.9) and ra.needs_hello(1.0)
     ra.hello(1.0, WALL0 + 1)
     assert not ra.needs_hello(2.5) and ra.get_timer() > 20
+
+
+class _FakeRelay:
+    """The relay end of a TCP relay connection: RelayCore behind a memory stream, counting HELLOs."""
+
+    def __init__(self, core, stream):
+        self.core, self.stream, self.hellos = core, stream, 0
+
+    async def run(self):
+        dec = W.TcpFrameDecoder()
+        while data := await self.stream.receive_some(65536):
+            for frame in dec.feed(data):
+                self.hellos += W.frame_type_untrusted(frame) == W.T_HELLO
+                for out, _ in self.core.handle_untrusted(frame, self, time.monotonic(), time.time()):
+                    await self.stream.send_all(W.tcp_frame(out))
+
+    async def notice(self, code):
+        await self.stream.send_all(W.tcp_frame(W.encode_notice(code)))
+
+
+async def test_tcp_client_answers_a_notice_from_its_quiet_second_when_it_ends(nursery):
+    """Over TCP, a re-hello notice right after the HELLO (needs_hello() still false) is answered by one
+    HELLO when the quiet second ends, with no other frame arriving. (Old code: only a later frame woke the
+    reader, so the notice went unanswered: the session stayed dead until the node had traffic.)"""
+    core, ra, _ = _mesh()
+    client_end, relay_end = trio.testing.memory_stream_pair()
+    relay = _FakeRelay(core, relay_end)
+    nursery.start_soon(relay.run)
+    client = TcpRelayClient(client_end, RelaySession(ra.private_key, ra.server_public, os.urandom))
+    await client.rehello()
+    with trio.fail_after(2):
+        assert (await client.receive_event())[0] == "ready"
+    nursery.start_soon(client.receive)         # the shell's TCP reader
+    await relay.notice(W.N_REHELLO)
+    t0 = time.monotonic()
+    with trio.fail_after(3):
+        while relay.hellos < 2:
+            await trio.sleep(0.01)
+    assert time.monotonic() - t0 <= 1.0 + 0.5
+    assert not client.session.needs_hello(time.monotonic())
+    await trio.sleep(0.3)
+    assert relay.hellos == 2                   # one HELLO for the notice, not a stream of them
