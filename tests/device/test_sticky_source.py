@@ -1,0 +1,190 @@
+"""Sticky source addresses (issue 17): a device answers each peer from the local address that peer wrote
+to, in the compiled drain and the pure-Python one, and forgets an address that is gone.
+
+On loopback, 127.0.0.1 and 127.0.0.2 are both ours (127.0.0.0/8 on lo); the kernel's own choice for an
+answer to 127.0.0.1 is 127.0.0.1. In namespaces: the stock `wg` and wireguard-go against meshwg-tun whose
+namespace holds two IPv4 and two IPv6 addresses on one interface.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+import pytest
+
+from conftest import require_real_components  # tests/conftest.py
+from meshwg.io import _fastio, socket_filter, udp
+from meshwg.io import driver as driver_module
+from meshwg.io.driver import Driver
+from meshwg.io.udp import UdpBind
+
+SO_RXQ_OVFL = 40
+TRANSPORT = b"\x04\0\0\0" + bytes(60)  # transport-data shaped: may go out as a GSO run
+
+
+@pytest.fixture(params=["compiled", "python"])
+def impl(request, monkeypatch):
+    """Runs the test once with the compiled drain and send path, once with the pure-Python ones."""
+    module = _fastio if request.param == "compiled" else None
+    monkeypatch.setattr(udp, "fastio", module)
+    monkeypatch.setattr(driver_module, "fastio", module)
+    return request.param
+
+
+@pytest.fixture
+def device():
+    """A device's sockets (wildcard, both families, GRO and pktinfo on) and a driver sending from them."""
+    bind = UdpBind()
+    bind.open(0)
+    driver = Driver(core=None, tun=None, udp=bind)
+    driver._gso_ok = {s.fileno(): True for s in bind.sockets}
+    yield bind, driver
+    bind.close()
+
+
+@pytest.fixture
+def peer4():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(2)
+    yield sock
+    sock.close()
+
+
+def _drain(bind: UdpBind, sock: socket.socket) -> list:
+    """The first non-empty batch (loopback delivery is synchronous, but be patient anyway)."""
+    for _ in range(1000):
+        got = udp.recv_batch(sock, 64, sock.family == socket.AF_INET6, bind.sources)
+        if got:
+            return got
+    return []
+
+
+def _hear(sock: socket.socket, count: int) -> list:
+    return [sock.recvfrom(4096) for _ in range(count)]
+
+
+def test_an_answer_leaves_from_the_address_the_peer_wrote_to(impl, device, peer4):
+    """Old code: every answer from 127.0.0.1, the kernel's choice, whichever address the peer wrote to."""
+    bind, driver = device
+    for local in ("127.0.0.2", "127.0.0.1", "127.0.0.2"):
+        peer4.sendto(b"\x01\0\0\0" + bytes(144), (local, bind.port))
+        [(_, addr)] = _drain(bind, bind.v4)
+        assert addr == peer4.getsockname()
+        assert driver._send_datagrams([(TRANSPORT, addr)], 0) == 1
+        assert _hear(peer4, 1) == [(TRANSPORT, (local, bind.port))]
+        # a GSO run (one sendmsg, the kernel cuts it apart) carries the source too
+        assert driver._send_datagrams([(TRANSPORT, addr)] * 5, 0) == 5
+        assert _hear(peer4, 5) == [(TRANSPORT, (local, bind.port))] * 5
+        # and so do STUN, discovery and relay frames (the mesh agent's send_raw)
+        assert driver.send_raw(b"MWDsco" + bytes(40), addr)
+        assert _hear(peer4, 1) == [(b"MWDsco" + bytes(40), (local, bind.port))]
+        assert bind.sources[addr][:2] == (local, 1)  # lo is interface 1
+    assert driver.stats["gso_disabled"] == 0 and driver.stats["send_error"] == 0
+
+
+def test_the_steady_state_reuses_the_entry(impl, device, peer4):
+    """A bulk stream from one peer to one address rebuilds nothing per datagram."""
+    bind, _ = device
+    peer4.sendto(b"a", ("127.0.0.2", bind.port))
+    [(_, addr)] = _drain(bind, bind.v4)
+    entry = bind.sources[addr]
+    for _ in range(3):
+        peer4.sendto(b"b", ("127.0.0.2", bind.port))
+        assert _drain(bind, bind.v4) == [(b"b", addr)]
+        assert bind.sources[addr] is entry
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
+def test_a_coalesced_read_keeps_its_gro_size_and_its_source_beside_a_drop_count(impl, device, family):
+    """Three cmsgs on one read (the GRO size, the pktinfo, SO_RXQ_OVFL's drop count once the socket
+    filter dropped junk): none is cut off, the read is split and its source remembered."""
+    bind, _ = device
+    local = "127.0.0.2" if family == socket.AF_INET else "::1"
+    sock = bind.v4 if family == socket.AF_INET else bind.v6
+    socket_filter.attach(sock, socket_filter.program(None))
+    sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+    with socket.socket(family, socket.SOCK_DGRAM) as peer:
+        peer.bind(("127.0.0.1" if family == socket.AF_INET else "::1", 0))
+        peer.sendto(b"junk that fits no protocol", (local, bind.port))
+        assert udp.socket_drops(sock) == 1
+        segments = [b"\x04\0\0\0" + bytes([i]) * 96 for i in range(4)] + [b"\x04\0\0\0tail"]
+        peer.sendmsg([b"".join(segments)], [(udp.SOL_UDP, udp.UDP_SEGMENT, (100).to_bytes(2, sys.byteorder))], 0,
+                     (local, bind.port))
+        got = _drain(bind, sock)
+        got += _drain(bind, sock) if len(got) < len(segments) else []
+        assert [data for data, _ in got] == segments
+        assert bind.sources[peer.getsockname()[:2]][0] == local
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
+def test_an_address_that_is_gone_is_forgotten_and_the_kernel_chooses(impl, device, family):
+    """A remembered address that is no longer ours (removed: the send fails with ENETUNREACH for IPv4,
+    EINVAL for IPv6): the entry goes, every datagram still arrives (single and GSO runs), from the
+    kernel's choice, and no send is counted lost nor GSO turned off."""
+    bind, driver = device
+    host, gone = ("127.0.0.1", "192.0.2.1") if family == socket.AF_INET else ("::1", "fd00:dead::1")
+    sock = bind.v4 if family == socket.AF_INET else bind.v6
+    peer = socket.socket(family, socket.SOCK_DGRAM)
+    peer.bind((host, 0))
+    peer.settimeout(2)
+    try:
+        peer.sendto(b"hello", (host, bind.port))
+        [(_, addr)] = _drain(bind, sock)
+        assert bind.sources[addr][0] == host
+        for run in (1, 5):
+            bind.sources[addr] = _planted(family, gone)
+            assert driver._send_datagrams([(TRANSPORT, addr)] * run, 0) == run
+            assert [(d, a[:2]) for d, a in _hear(peer, run)] == [(TRANSPORT, (host, bind.port))] * run
+            assert addr not in bind.sources
+        bind.sources[addr] = _planted(family, gone)
+        assert driver.send_raw(b"stun", addr)
+        assert peer.recvfrom(64)[0] == b"stun" and addr not in bind.sources
+        assert driver.stats["send_error"] == 0 and driver.stats["gso_disabled"] == 0
+    finally:
+        peer.close()
+
+
+def _planted(family: int, host: str) -> tuple:
+    """An entry naming `host` as the local address (as if it had been ours)."""
+    packed = socket.inet_pton(family, host)
+    if family == socket.AF_INET:
+        return host, 1, (socket.IPPROTO_IP, udp.IP_PKTINFO, bytes(4) + packed + bytes(4))
+    return host, 1, (socket.IPPROTO_IPV6, udp.IPV6_PKTINFO, packed + bytes(4))
+
+
+def test_the_map_is_bounded(impl, device):
+    """Datagrams from 4,097 sources (spoofed ones cost the same): the map never holds more than 4,096."""
+    bind, _ = device
+    largest = 0
+    for i in range(4097):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((f"127.1.{i // 256}.{i % 256}", 0))  # one address each: distinct sources
+            s.sendto(b"x", ("127.0.0.2", bind.port))
+        if i % 128 == 127 or i == 4096:
+            while udp.recv_batch(bind.v4, 256, False, bind.sources):
+                largest = max(largest, len(bind.sources))
+    assert 0 < largest <= 4096
+    assert len(bind.sources) <= 4096
+
+
+def test_sockets_without_pktinfo_and_no_map_work_as_before(impl, peer4):
+    """The birthday sockets (no pktinfo) and callers passing no map: plain datagrams, nothing remembered."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.setblocking(False)
+    try:
+        peer4.sendto(b"x", rx.getsockname())
+        sources: dict = {}
+        for _ in range(1000):
+            if got := udp.recv_batch(rx, 8, False, sources):
+                break
+        assert got == [(b"x", peer4.getsockname())] and sources == {}
+        peer4.sendto(b"y", rx.getsockname())
+        for _ in range(1000):
+            if got := udp.recv_batch(rx, 8, False):
+                break
+        assert got == [(b"y", peer4.getsockname())]
+    finally:
+        rx.close()
