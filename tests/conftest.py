@@ -20,3 +20,13 @@ def require_real_components(*names: str) -> None:
     missing = [name for name in (names or REAL_COMPONENTS) if shutil.which(name) is None]
     if missing:
         pytest.fail(f"missing real components: {', '.join(missing)} (scripts/setup installs them)")
+
+
+# Hypothesis profiles: "ci" (the default) is fixed and derandomized so a CI run is reproducible;
+# MESHWG_HYPOTHESIS_PROFILE=long runs ten times the examples with fresh randomness (local bug hunts).
+# Tests that set max_examples themselves keep their count under either profile.
+from hypothesis import settings as _hyp_settings  # noqa: E402
+
+_hyp_settings.register_profile("ci", max_examples=200, derandomize=True, deadline=None, print_blob=True)
+_hyp_settings.register_profile("long", max_examples=2000, deadline=None, print_blob=True)
+_hyp_settings.load_profile(os.environ.get("MESHWG_HYPOTHESIS_PROFILE", "ci"))
