@@ -188,3 +188,91 @@ def test_sockets_without_pktinfo_and_no_map_work_as_before(impl, peer4):
         assert got == [(b"y", peer4.getsockname())]
     finally:
         rx.close()
+
+
+# ---- the issue's case: the stock `wg` and wireguard-go against meshwg-tun, in namespaces -------------
+
+# meshwg's namespace holds two addresses of each family on one interface (eth0): .1 and .3. Per family,
+# the one the kernel chooses to answer 192.168.94.2 / fd00:94::2 from (the primary IPv4 address; for IPv6
+# the longest common prefix) first, then the other: the removal test removes the other one.
+MESHWG_ADDRS = {4: ("192.168.94.1", "192.168.94.3"), 6: ("fd00:94::3", "fd00:94::1")}
+MESHWG_PORT = 51820
+
+
+def _endpoint(host: str) -> str:
+    return f"[{host}]:{MESHWG_PORT}" if ":" in host else f"{host}:{MESHWG_PORT}"
+
+
+@pytest.fixture(scope="module", params=["compiled", "python"])
+def multihomed(request):
+    """meshwg-tun (compiled hot path, or MESHWG_PURE_PYTHON=1) in namespace a with 192.168.94.1 and .3,
+    fd00:94::1 and ::3 on eth0; wireguard-go in b, configured with the stock `wg`, which sets meshwg's
+    endpoint. meshwg has no endpoint for it: it answers whatever address b writes to."""
+    from wgnet import ENV, Pair
+
+    require_real_components("wireguard-go", "wg", "ip", "ping")
+    pair = Pair(94)
+    try:
+        pair.a.run("ip", "-4", "addr", "add", "192.168.94.3/24", "dev", "eth0")
+        pair.a.run("ip", "-6", "addr", "add", "fd00:94::3/64", "dev", "eth0", "nodad")
+        env = {**ENV, "MESHWG_PURE_PYTHON": "1"} if request.param == "python" else None
+        m = pair.device(pair.a, "meshwg", MESHWG_PORT, 1, env=env)
+        g = pair.device(pair.b, "wggo", 51821, 2)
+        m.add_peer(g, ["10.94.0.2/32", "fd94::2/128"])
+        g.add_peer(m, ["10.94.0.1/32", "fd94::1/128"], _endpoint(MESHWG_ADDRS[4][0]))
+        yield pair, m, g
+    finally:
+        pair.close()
+
+
+def _endpoint_seen_by(g, m) -> str:
+    """What `wg show <iface> endpoints` says of meshwg on the other side."""
+    for line in g.wg("show", g.iface, "endpoints").splitlines():
+        key, _, endpoint = line.partition("\t")
+        if key == m.pk:
+            return endpoint.strip()
+    return ""
+
+
+def _write_to(pair, m, g, host: str) -> None:
+    """The other side sets meshwg's endpoint to `host` and pings through the tunnel."""
+    from wgnet import ping
+
+    g.wg("set", g.iface, "peer", m.pk, "endpoint", _endpoint(host))
+    assert ping(pair.b, "10.94.0.1")
+    assert ping(pair.b, "fd94::1")
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_wg_sees_meshwg_answer_from_each_address_it_writes_to(multihomed, family):
+    """Old code: meshwg answered from the kernel's choice (192.168.94.1, fd00:94::3) whichever address
+    the other side wrote to, and wireguard-go roamed to it."""
+    pair, m, g = multihomed
+    chosen, other = MESHWG_ADDRS[family]
+    for host in (other, chosen, other):
+        _write_to(pair, m, g, host)
+        assert _endpoint_seen_by(g, m) == _endpoint(host)
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_removing_the_address_in_use_moves_traffic_to_another(multihomed, family):
+    """The address the other side writes to is removed: meshwg's next datagrams (its own pings) leave
+    from another address, the other side roams to it, and traffic flows both ways again."""
+    from wgnet import ping
+
+    pair, m, g = multihomed
+    keep, gone = MESHWG_ADDRS[family]
+    prefix = "/24" if family == 4 else "/64"
+    _write_to(pair, m, g, gone)
+    assert _endpoint_seen_by(g, m) == _endpoint(gone)
+    pair.a.run("ip", f"-{family}", "addr", "del", gone + prefix, "dev", "eth0")
+    try:
+        assert ping(pair.a, "10.94.0.2")
+        assert ping(pair.a, "fd94::2")
+        assert _endpoint_seen_by(g, m) == _endpoint(keep)
+        assert ping(pair.b, "10.94.0.1")
+    finally:
+        pair.a.run("ip", f"-{family}", "addr", "add", gone + prefix, "dev", "eth0",
+                   *(["nodad"] if family == 6 else []))
