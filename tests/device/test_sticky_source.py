@@ -8,6 +8,7 @@ namespace holds two IPv4 and two IPv6 addresses on one interface.
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 
@@ -276,3 +277,50 @@ def test_removing_the_address_in_use_moves_traffic_to_another(multihomed, family
     finally:
         pair.a.run("ip", f"-{family}", "addr", "add", gone + prefix, "dev", "eth0",
                    *(["nodad"] if family == 6 else []))
+
+
+LINK_LOCAL_PROBE = """
+import socket, sys
+sys.path.insert(0, sys.argv[1])
+from meshwg.io import _fastio, udp
+from meshwg.io import driver as driver_module
+from meshwg.io.driver import Driver
+heard = []
+for impl in (_fastio, None):
+    udp.fastio = driver_module.fastio = impl
+    bind = udp.UdpBind()
+    bind.open(0)
+    driver = Driver(core=None, tun=None, udp=bind)
+    peer = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    peer.bind(("fe80::1%la", 0, 0, socket.if_nametoindex("la")))
+    peer.settimeout(2)
+    for local in ("fe80::2", "fe80::3", "fe80::2"):
+        peer.sendto(b"hello", (local + "%la", bind.port))
+        for _ in range(1000):
+            if got := udp.recv_batch(bind.v6, 8, True, bind.sources):
+                break
+        driver._send_datagrams([(b"\\x04\\0\\0\\0" + bytes(28), got[0][1])], 0)
+        heard.append(peer.recvfrom(64)[1][0].partition("%")[0])
+    bind.close()
+    peer.close()
+print(" ".join(heard))
+"""
+
+
+@pytest.mark.netns
+def test_a_link_local_address_is_answered_from_on_its_interface():
+    """Two link-local addresses on one interface (fe80::2, fe80::3 on lb; the kernel's choice towards
+    fe80::1 is fe80::3): an answer leaves from the one written to, in both implementations. Its entry
+    keeps the interface index, the scope a link-local source needs."""
+    from scenarios.netns import Netns
+
+    require_real_components("ip")
+    with Netns("sticky") as ns:
+        ns.run("ip", "link", "add", "la", "type", "veth", "peer", "name", "lb")
+        for name, addrs in (("la", ["fe80::1/64"]), ("lb", ["fe80::2/64", "fe80::3/64"])):
+            for addr in addrs:
+                ns.run("ip", "-6", "addr", "add", addr, "dev", name, "nodad")
+            ns.run("ip", "link", "set", name, "up")
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        heard = ns.run(sys.executable, "-c", LINK_LOCAL_PROBE, repo).split()
+    assert heard == ["fe80::2", "fe80::3", "fe80::2"] * 2
