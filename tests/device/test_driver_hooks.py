@@ -79,7 +79,8 @@ async def test_driver_moves_packets_and_calls_hooks(rig):
     driver.on_other_datagram = lambda data, addr: others.append((data, addr))
     driver.endpoint_sender = lambda data, ep: relayed.append((data, ep))
     async with trio.open_nursery() as nursery:
-        await nursery.start(driver.run)
+        with trio.fail_after(5):
+            await nursery.start(driver.run)
         # TUN -> core -> UDP, more packets than one batch.
         for i in range(20):
             test_side.send(b"pkt%02d" % i)
@@ -178,7 +179,8 @@ async def test_a_deadline_announced_by_the_core_rearms_the_timer_at_once(rig):
     core = DeadlineCore(rig.far.getsockname())
     driver = Driver(core, rig.tun, rig.udp, clock=trio.current_time)
     async with trio.open_nursery() as nursery:
-        await nursery.start(driver.run)
+        with trio.fail_after(5):
+            await nursery.start(driver.run)
         await trio.sleep(0.1)  # the timer task now sleeps its full TIMER_MAX_SLEEP
         start = trio.current_time()
         core.defer(0.05)

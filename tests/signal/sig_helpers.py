@@ -38,8 +38,17 @@ async def start_server(nursery, tmp_path, **overrides) -> Harness:
     for k, v in overrides.items():
         setattr(cfg, k, v)
     server = SignalServer(cfg)
-    await nursery.start(server.run)
+    await start_task(nursery, server.run)
     return Harness(server, db)
+
+
+START_DEADLINE = 10.0  # a task that has not started by then (a join that keeps failing) fails the test
+
+
+async def start_task(nursery, fn, timeout: float = START_DEADLINE):
+    """nursery.start(fn) with a deadline: ControlClient.run, for one, retries a failing join forever."""
+    with trio.fail_after(timeout):
+        return await nursery.start(fn)
 
 
 def new_key() -> bytes:

@@ -7,7 +7,7 @@ import socket
 import struct
 
 import trio
-from sig_helpers import harness, new_key, start_server, wait_until  # noqa: F401 (fixture)
+from sig_helpers import harness, new_key, start_server, wait_until, start_task  # noqa: F401 (fixture)
 
 from meshwg.control import ControlClient, ControlConnection
 from meshwg.control import protocol as P
@@ -24,7 +24,7 @@ async def raw_session(h, sk=None):
 async def test_garbage_oversized_and_malformed_frames(nursery, tmp_path):
     h = await start_server(nursery, tmp_path, handshake_timeout=0.5)
     good = ControlClient(h.invite(reusable=True), new_key())
-    await nursery.start(good.run)
+    await start_task(nursery, good.run)
     c = h.server.counters
 
     async def send_and_expect_close(payload: bytes):
@@ -72,7 +72,7 @@ async def test_garbage_oversized_and_malformed_frames(nursery, tmp_path):
 
 async def test_message_flood_closes_only_the_flooder(harness, nursery):
     good = ControlClient(harness.invite(), new_key())
-    await nursery.start(good.run)
+    await start_task(nursery, good.run)
     conn = await raw_session(harness)
     try:
         for i in range(2000):
@@ -111,7 +111,7 @@ async def test_slow_client_is_closed(nursery, tmp_path):
 async def test_bogus_join_flood(harness, nursery):
     """Hundreds of failed joins (bad handshakes, forged invites) from one source; good nodes are unaffected."""
     good = ControlClient(harness.invite(reusable=True), new_key())
-    await nursery.start(good.run)
+    await start_task(nursery, good.run)
 
     async def bogus(i):
         try:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import trio
-from sig_helpers import harness, new_key, start_server, wait_until  # noqa: F401 (fixture)
+from sig_helpers import harness, new_key, start_server, wait_until, start_task  # noqa: F401 (fixture)
 
 from meshwg.control import ControlClient, ControlConnection, JoinRefusedError, ServerKeyMismatch
 from meshwg.control import client as ev
@@ -35,11 +35,16 @@ async def test_join_with_valid_invite(harness):
     await conn.aclose()
 
 
-@pytest.mark.parametrize("case", ["expired", "revoked", "reused", "forged_secret", "forged_key"])
+@pytest.mark.parametrize("case", ["expired", "expired_reusable", "revoked", "reused", "forged_secret", "forged_key"])
 async def test_bad_invites_fail_clearly(harness, case):
     inv = harness.invite(expires=time.time() + 3600)
     if case == "expired":
         inv = harness.invite(expires=time.time() - 1)
+    elif case == "expired_reusable":  # it admitted a node while valid; expired, it admits no other
+        inv = harness.invite(reusable=True, expires=time.time() + 0.5)
+        c = await ControlConnection.open(inv, new_key())
+        await c.aclose()
+        await trio.sleep(0.6)
     elif case == "revoked":
         harness.admin.revoke_invite(inv.invite_id)
     elif case == "reused":
@@ -49,8 +54,8 @@ async def test_bad_invites_fail_clearly(harness, case):
         inv = Invite(inv.addrs, inv.server_key, inv.invite_id, b"\x00" * 16)
     elif case == "forged_key":
         inv = Invite(inv.addrs, new_key(), inv.invite_id, inv.secret)
-    expected = {"expired": "invite_expired", "revoked": "invite_revoked", "reused": "invite_used",
-                "forged_secret": "invite_invalid"}
+    expected = {"expired": "invite_expired", "expired_reusable": "invite_expired", "revoked": "invite_revoked",
+                "reused": "invite_used", "forged_secret": "invite_invalid"}
     if case == "forged_key":
         with pytest.raises(ServerKeyMismatch, match="pinned"):
             await ControlConnection.open(inv, new_key())
@@ -58,9 +63,10 @@ async def test_bad_invites_fail_clearly(harness, case):
         with pytest.raises(JoinRefusedError) as info:
             await ControlConnection.open(inv, new_key())
         assert info.value.code == expected[case]
-        words = {"expired": "expired", "revoked": "revoked", "reused": "already used", "forged_secret": "forged"}
+        words = {"expired": "expired", "expired_reusable": "expired", "revoked": "revoked", "reused": "already used",
+                 "forged_secret": "forged"}
         assert words[case] in str(info.value)
-    assert len(harness.admin.list_nodes()) == (1 if case == "reused" else 0)
+    assert len(harness.admin.list_nodes()) == (1 if case in ("reused", "expired_reusable") else 0)
 
 
 async def test_cannot_register_another_nodes_key(harness):
@@ -88,7 +94,7 @@ async def test_directory_updates_removal_and_rename(harness, nursery):
     inv = harness.invite(reusable=True)
     clients = [ControlClient(inv, new_key(), name=f"n{i}", candidates=[("192.168.1.%d" % i, 51820, "local")]) for i in range(3)]
     for c in clients:
-        await nursery.start(c.run)
+        await start_task(nursery, c.run)
     keys = [c.public_key for c in clients]
     await wait_until(lambda: all(len(c.directory) == 2 and all(p.online for p in c.directory.values()) for c in clients))
     assert clients[0].directory[keys[1]].candidates == (("192.168.1.1", 51820, "local"),)
@@ -127,8 +133,8 @@ async def test_directory_updates_removal_and_rename(harness, nursery):
 async def test_expired_node_dropped_and_refused(harness, nursery):
     inv = harness.invite(reusable=True)
     a, b = ControlClient(inv, new_key()), ControlClient(inv, new_key())
-    await nursery.start(a.run)
-    await nursery.start(b.run)
+    await start_task(nursery, a.run)
+    await start_task(nursery, b.run)
     await wait_until(lambda: b.public_key in a.directory)
     harness.admin.expire(2, time.time())
     await wait_until(lambda: b.public_key not in a.directory, timeout=1.0)
@@ -141,8 +147,8 @@ async def test_punch_and_sealed_messages(harness, nursery):
     inv = harness.invite(reusable=True)
     a = ControlClient(inv, new_key(), candidates=[("192.0.2.1", 1111, "stun")])
     b = ControlClient(inv, new_key(), candidates=[("198.51.100.2", 2222, "stun")])
-    await nursery.start(a.run)
-    await nursery.start(b.run)
+    await start_task(nursery, a.run)
+    await start_task(nursery, b.run)
     await wait_until(lambda: b.public_key in a.directory and a.directory[b.public_key].online)
 
     async def next_of(client, kind):
@@ -165,8 +171,8 @@ async def test_reconnect_with_backoff_resyncs(harness, nursery):
     inv = harness.invite(reusable=True)
     a = ControlClient(inv, new_key(), backoff_initial=0.05)
     b = ControlClient(inv, new_key())
-    await nursery.start(a.run)
-    await nursery.start(b.run)
+    await start_task(nursery, a.run)
+    await start_task(nursery, b.run)
     await wait_until(lambda: b.public_key in a.directory)
     # the server drops a's connection; a reconnects (no invite needed) and gets a fresh directory
     harness.server.sessions[a.public_key].scope.cancel()
@@ -179,7 +185,7 @@ async def test_heartbeats_keep_idle_session_alive(nursery, tmp_path):
 
     h = await start_server(nursery, tmp_path, idle_timeout=0.8)
     a = ControlClient(h.invite(), new_key(), heartbeat=0.25)
-    await nursery.start(a.run)
+    await start_task(nursery, a.run)
     await trio.sleep(2.0)  # well past the idle timeout
     assert a.reconnects == 0 and a.public_key in h.server.sessions
     # a session that stops heartbeating is closed by the server

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import trio
-from sig_helpers import harness, new_key, start_server, wait_until  # noqa: F401 (fixture)
+from sig_helpers import harness, new_key, start_server, wait_until, start_task  # noqa: F401 (fixture)
 
 from meshwg.control import ControlClient, ControlConnection, JoinRefusedError, ServerKeyMismatch
 from meshwg.control import client as ev
@@ -82,7 +82,7 @@ def _via(inv: Invite, addr) -> Invite:
 async def _refused_via(harness, nursery, mode: str) -> ConnectionLost:
     """What ControlConnection.open raises through a Proxy in `mode`."""
     proxy = Proxy(harness.control)
-    await nursery.start(proxy.run)
+    await start_task(nursery, proxy.run)
     proxy.mode = mode
     with trio.fail_after(5):
         with pytest.raises(ConnectionLost) as info:
@@ -105,10 +105,10 @@ async def test_registered_client_rides_out_a_dead_backend_and_comes_back(harness
     """Nodes behind a proxy whose backend goes down keep retrying (the old client raised
     ServerKeyMismatch on the first early close and the agent quit, removing its interface)."""
     proxy = Proxy(harness.control)
-    await nursery.start(proxy.run)
+    await start_task(nursery, proxy.run)
     client = ControlClient(_via(harness.invite(), proxy.addr), new_key(), backoff_initial=0.05, backoff_max=0.2)
     with trio.fail_after(5):
-        await nursery.start(client.run)
+        await start_task(nursery, client.run)
     assert client.invite.secret == b"" and client.invite.invite_id == ""  # dropped once registered
     proxy.mode = "close"
     proxy.cut()
@@ -147,7 +147,7 @@ async def test_a_server_without_the_pinned_key_is_retried_not_obeyed(harness, nu
 
 async def test_a_message_2_that_fails_authentication_is_fatal_only_for_a_first_join(harness, nursery):
     proxy = Proxy(harness.control)
-    await nursery.start(proxy.run)
+    await start_task(nursery, proxy.run)
     proxy.mode = "forged"
     inv = _via(harness.invite(reusable=True), proxy.addr)
     with trio.fail_after(5):
@@ -188,7 +188,7 @@ async def test_a_node_removed_while_offline_stops_when_it_returns(harness, nurse
     key = new_key()
     client = ControlClient(harness.invite(), key, backoff_initial=0.05)
     with trio.fail_after(5):
-        await nursery.start(client.run)
+        await start_task(nursery, client.run)
     row = harness.admin.get_node(client.public_key)
     harness.server.sessions[client.public_key].scope.cancel()  # the node drops off...
     harness.admin.remove(row.node_id, time.time())  # ...and is removed before its GONE could reach it

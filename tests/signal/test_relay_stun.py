@@ -8,7 +8,7 @@ import time
 
 import pytest
 import trio
-from sig_helpers import harness, new_key, wait_until  # noqa: F401 (fixture)
+from sig_helpers import harness, new_key, wait_until, start_task  # noqa: F401 (fixture)
 
 from meshwg.control import ControlConnection
 from meshwg.control import relay_wire as W
@@ -126,7 +126,7 @@ async def test_standalone_relay_follows_the_shared_db(harness, nursery):
     (ska, ca), (skb, cb) = await registered(harness), await registered(harness)
     relay = SignalServer(ServerConfig(db=harness.db, control_enabled=False, udp=[("127.0.0.1", 0)], relay_tcp=[],
                                       db_poll=0.05))
-    bound = await nursery.start(relay.run)
+    bound = await start_task(nursery, relay.run)
     assert bound.control == [] and relay.server_pk == harness.server.server_pk
     a = await UdpNode(ska, relay.server_pk, bound.udp[0]).start()
     b = await UdpNode(skb, relay.server_pk, bound.udp[0]).start()
