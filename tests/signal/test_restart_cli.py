@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -55,7 +56,7 @@ class ServerProcess:
 
     def kill9(self):
         os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
+        self.proc.wait(timeout=10)
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
@@ -74,7 +75,32 @@ def server_proc(tmp_path):
     sp.stop()
 
 
-async def test_kill9_restart_keeps_nodes_and_addresses(server_proc):
+def _key_only(inv):
+    """The invite a registered node rejoins with: its key alone, no secret (a lost join gets not_registered)."""
+    return dataclasses.replace(inv, invite_id="", secret=b"")
+
+
+async def _join_then_kill9(sp, inv, key, name=None):
+    """Join, and kill -9 the server the moment it acknowledges (the welcome), before anything (the CLI,
+    another connection, this one closing) could read the row back or give a lazy commit time to land."""
+    with trio.fail_after(10):
+        c = await ControlConnection.open(inv, key, name=name)
+    sp.kill9()
+    await c.aclose()
+    return c.welcome
+
+
+async def _rejoin(inv, key):
+    with trio.fail_after(10):
+        c = await ControlConnection.open(inv, key)
+    await c.aclose()
+    w = c.welcome
+    return w.node_id, w.name, w.ipv4, w.ipv6
+
+
+async def test_kill9_right_after_the_acknowledgement_keeps_every_join(server_proc):
+    """Every acknowledged join survives a kill -9 that follows the welcome at once: the node rejoins on its
+    key alone with the same id, name and addresses, and a consumed one-time invite stays consumed."""
     sp = server_proc
     text = cli(sp.db, "invite", "create", "--reusable", "--expires", "1h", "--tag", "home").strip()
     inv = parse_invite(text)
@@ -83,28 +109,21 @@ async def test_kill9_restart_keeps_nodes_and_addresses(server_proc):
     keys = [new_key() for _ in range(3)]
     before = []
     for i, k in enumerate(keys[:2]):
-        c = await ControlConnection.open(inv, k, name=f"box{i}")
-        before.append(c.welcome)
-        await c.aclose()
-    c = await ControlConnection.open(one_time, keys[2])
-    before.append(c.welcome)
-    await c.aclose()
-    listing = cli(sp.db, "nodes")
-    assert "box0" in listing and before[1].ipv4 in listing and before[1].ipv6 in listing
-    assert "used" in cli(sp.db, "invite", "list")
-
-    sp.kill9()  # no graceful shutdown: every acknowledged join must already be on disk
+        before.append(await _join_then_kill9(sp, inv, k, name=f"box{i}"))
+        sp.start()
+    before.append(await _join_then_kill9(sp, one_time, keys[2]))
     sp.start()
     for k, w in zip(keys, before):
-        c = await ControlConnection.open(inv, k)
-        assert (c.welcome.node_id, c.welcome.name, c.welcome.ipv4, c.welcome.ipv6) == (w.node_id, w.name, w.ipv4, w.ipv6)
-        await c.aclose()
-    with pytest.raises(JoinRefusedError) as info:  # consumed one-time invite stays consumed
-        await ControlConnection.open(one_time, new_key())
+        assert await _rejoin(_key_only(inv), k) == (w.node_id, w.name, w.ipv4, w.ipv6)
+    with pytest.raises(JoinRefusedError) as info:  # the consumed one-time invite stays consumed
+        with trio.fail_after(10):
+            await ControlConnection.open(one_time, new_key())
     assert info.value.code == "invite_used"
-    assert cli(sp.db, "nodes").count("active") == 3
+    listing = cli(sp.db, "nodes")
+    assert listing.count("active") == 3 and "box0" in listing and before[1].ipv4 in listing
+    assert "used" in cli(sp.db, "invite", "list")
     r = subprocess.run([PY, "-c", "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('PRAGMA integrity_check').fetchone()[0])", sp.db],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, timeout=20)
     assert r.stdout.strip() == "ok"
 
 
