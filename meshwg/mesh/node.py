@@ -237,7 +237,14 @@ class MeshNode:
             del self._ep_to_key[ep]
 
     def _change_peer(self, old: PeerSpec, new: PeerSpec, fields, now: float) -> None:
-        peer = self.core.peers[new.key]
+        peer = self.core.peers.get(new.key)
+        if peer is None:
+            # Removed by hand (`wg set IFACE peer K remove` on our UAPI socket): the node owns its mesh
+            # peers, so the directory's view comes back whole rather than a KeyError ending the agent.
+            self.counters["peer_restored_after_hand_removal"] += 1
+            self._remove_peer(new.key)
+            self._add_peer(new, now)
+            return
         pp = self.paths[new.key]
         if "addresses" in fields:
             self.core.set_allowed_ips(peer, list(new.addresses))
