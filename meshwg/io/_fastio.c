@@ -434,12 +434,8 @@ recv_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int fd;
     Py_ssize_t limit;
     PyObject *sources;
-    if (fd_and_limit(args, nargs < 3 ? nargs : 2, "recv_datagrams(fd, limit[, sources])", &fd, &limit) < 0
+    if (fd_and_limit(args, nargs == 3 ? 2 : nargs, "recv_datagrams(fd, limit[, sources])", &fd, &limit) < 0
         || optional_dict(args, nargs, 2, &sources) < 0) {
-        return NULL;
-    }
-    if (nargs > 3) {
-        PyErr_SetString(PyExc_TypeError, "recv_datagrams(fd, limit[, sources])");
         return NULL;
     }
     PyObject *out = PyList_New(0);

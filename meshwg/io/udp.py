@@ -13,9 +13,10 @@ ready for sendmsg. Sends to that endpoint carry it (`send_sticky`, and the compi
 address is gone (removed: EINVAL, EADDRNOTAVAIL or ENETUNREACH on send) the entry is forgotten and
 the datagram goes once more from the kernel's choice. The core keeps plain (host, port) endpoints.
 The map is bounded (MAX_SOURCES, then cleared): spoofed sources cannot grow it, and a peer still
-talking puts its entry back with its next datagram. Like wireguard-go, and unlike kernel WireGuard,
-the entry follows any datagram from the endpoint, not only authenticated ones: a forged datagram
-from a peer's own address and port moves its answers to another of our addresses until its next one.
+talking puts its entry back with its next datagram. Kernel WireGuard and wireguard-go take the source
+from authenticated packets only; here the entry follows any datagram from the endpoint (the shell does
+not know which ones the core accepted), so a forged datagram carrying a peer's own address and port,
+sent to another of our addresses, moves our answers there until the peer's next datagram.
 """
 
 from __future__ import annotations
