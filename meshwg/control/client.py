@@ -151,7 +151,7 @@ def _peer_untrusted(raw) -> PeerInfo | None:
     try:
         cands = P.candidates_untrusted(e.get("cand", [])) or []
         return PeerInfo(e["key"], int(e["id"]), str(e["name"]), str(e["ipv4"]), str(e["ipv6"]), tuple(cands), bool(e["online"]))
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):  # int(inf) is an OverflowError
         return None
 
 

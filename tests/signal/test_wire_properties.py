@@ -10,7 +10,7 @@ import struct
 
 import msgpack
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 from nacl.public import PrivateKey
 
 from meshwg.control import protocol as P
@@ -224,3 +224,105 @@ def test_cipher_state_refuses_a_replayed_frame():
     ct = tx.encrypt(b"once")
     assert rx.decrypt_untrusted(ct) == b"once" and rx.decrypt_untrusted(ct) is None
     assert rx.decrypt_untrusted(tx.encrypt(b"next")) == b"next"
+
+
+# --- the node's relay session: frames from the relay's address (spoofable over UDP)
+
+from meshwg.control.client import PeerInfo, _peer_untrusted  # noqa: E402
+from meshwg.control.relay_client import RelaySession  # noqa: E402
+
+
+def _hello_ok(plain: bytes, nonce: bytes, sk: bytes = SERVER_SK) -> bytes:
+    from nacl.public import Box, PublicKey
+    box = Box(PrivateKey(sk), PublicKey(public_key(NODE_SK)))
+    return W.MAGIC + bytes([W.T_HELLO_OK]) + bytes(box.encrypt(plain, nonce))
+
+
+ADDR_BYTES = st.one_of(
+    st.builds(lambda ip, port: (bytes([4]) + ip.packed + struct.pack("!H", port), (str(ip), port)),
+              st.ip_addresses(v=4), st.integers(0, 65535)),
+    st.builds(lambda ip, port: (bytes([6]) + ip.packed + struct.pack("!H", port), (str(ip), port)),
+              st.ip_addresses(v=6), st.integers(0, 65535)),
+    st.just((b"\x00", None)),
+    st.builds(lambda b: (b, None), st.binary(min_size=1, max_size=24).filter(
+        lambda b: not (b[0] == 4 and len(b) == 7) and not (b[0] == 6 and len(b) == 19))))
+
+
+@given(st.binary(min_size=8, max_size=8), st.integers(0, 65535), ADDR_BYTES, st.binary(min_size=24, max_size=24))
+def test_relay_session_takes_a_hello_ok_from_the_server_only(token, ttl, addr, nonce):
+    """A HELLO_OK boxed by the pinned relay key sets the token, lifetime and observed address exactly
+    (an address that is not 4 or 16 bytes with its family is no address); boxed by anyone else, or cut
+    short, it changes nothing and counts one drop."""
+    raw, want = addr
+    rs = RelaySession(NODE_SK, SERVER_PK, _rand(9))
+    assert rs.handle_untrusted(_hello_ok(token + struct.pack("!H", ttl) + raw, nonce, SK_X), 1.0) is None
+    assert rs.handle_untrusted(_hello_ok((token + struct.pack("!H", ttl))[:draw_cut(ttl)], nonce), 1.0) is None
+    assert rs.token is None and rs.drops == 2
+    assert rs.handle_untrusted(_hello_ok(token + struct.pack("!H", ttl) + raw, nonce), 1.0) == ("ready", want)
+    assert rs.token == token and rs.observed == want and rs.ready_until == 1.0 + ttl and rs.drops == 2
+
+
+def draw_cut(ttl: int) -> int:
+    return ttl % 10   # shorter than token + ttl + one address byte
+
+
+SK_X = clamp(bytes(32 * [0x5A]))
+
+RELAY_FRAME = st.one_of(
+    st.tuples(st.just("recv"), st.builds(lambda k, p: W.encode_recv(k, p), st.binary(min_size=32, max_size=32),
+                                         st.binary(max_size=100))),
+    st.tuples(st.just("notice"), st.builds(lambda c, k: W.encode_notice(c, k), st.integers(0, 255),
+                                           st.binary(min_size=32, max_size=32))),
+    st.tuples(st.just("drop"), st.builds(lambda c, k: W.MAGIC + bytes([W.T_NOTICE, c]) + k, st.integers(0, 255),
+                                         st.binary(max_size=40).filter(lambda k: len(k) != 32))),
+    st.tuples(st.just("drop"), st.builds(lambda t, rest: W.MAGIC + bytes([t]) + rest,
+                                         st.sampled_from([0, W.T_HELLO, W.T_SEND, 6, 255]), st.binary(max_size=60))),
+    st.tuples(st.just("drop"), st.binary(max_size=60)),
+    st.tuples(st.just("drop"), st.builds(lambda rest: W.MAGIC + bytes([W.T_RECV]) + rest, st.binary(max_size=31))),
+)
+
+
+@given(st.lists(RELAY_FRAME, max_size=20))
+def test_relay_session_reads_each_frame_as_its_kind(frames):
+    rs = RelaySession(NODE_SK, SERVER_PK, _rand(9))
+    drops = 0
+    for kind, frame in frames:
+        ev = rs.handle_untrusted(frame, 1.0)
+        if kind == "recv":
+            assert ev == ("recv", frame[5:37], frame[37:])
+        elif kind == "notice":
+            assert ev == ("notice", frame[5], frame[6:])
+        else:
+            drops += 1
+            assert ev is None
+        assert rs.drops == drops and rs.token is None
+
+
+# --- directory entries from the server (peers' names and candidates inside)
+
+ANY_VALUE = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(),
+                      st.sampled_from([float("inf"), float("-inf"), float("nan"), 1e300, -0.0]), st.text(max_size=8),
+                      st.binary(max_size=40), st.lists(st.integers(-2**63, 2**63), max_size=3),
+                      st.dictionaries(st.text(max_size=3), st.integers(-2**63, 2**63), max_size=2))
+GOOD_ENTRY = st.fixed_dictionaries({
+    "key": st.binary(min_size=32, max_size=32), "id": st.integers(1, 2**31), "name": st.text(max_size=20),
+    "ipv4": st.ip_addresses(v=4).map(str), "ipv6": st.ip_addresses(v=6).map(str), "online": st.booleans(),
+    "cand": st.lists(st.tuples(st.ip_addresses(v=4).map(str), st.integers(1, 65535), st.sampled_from(["local", "stun"]))
+                     .map(list), max_size=4)})
+
+
+@pytest.mark.parametrize("field", ["key", "id", "name", "ipv4", "ipv6", "online", "cand", None])
+@settings(max_examples=max(20, settings().max_examples // 4))
+@given(GOOD_ENTRY, ANY_VALUE)
+def test_directory_entries_round_trip_or_are_refused(field, entry, value):
+    """A well-formed entry round-trips; any field replaced by any msgpack value gives a PeerInfo or None,
+    never an exception (the client drops what it cannot use)."""
+    info = _peer_untrusted(P.pack_entry(entry))
+    assert info == PeerInfo(entry["key"], entry["id"], entry["name"], entry["ipv4"], entry["ipv6"],
+                            tuple(tuple(c) for c in entry["cand"]), entry["online"])
+    if field is not None:
+        hostile = dict(entry, **{field: value})
+        got = _peer_untrusted(P.pack_entry(hostile))
+        assert got is None or isinstance(got, PeerInfo)
+        if field == "key":
+            assert got is None or value == entry["key"] or (isinstance(value, bytes) and len(value) == 32)
