@@ -30,3 +30,15 @@ from hypothesis import settings as _hyp_settings  # noqa: E402
 _hyp_settings.register_profile("ci", max_examples=200, derandomize=True, deadline=None, print_blob=True)
 _hyp_settings.register_profile("long", max_examples=2000, deadline=None, print_blob=True)
 _hyp_settings.load_profile(os.environ.get("MESHWG_HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(params=["compiled", "python"])
+def impl(request, monkeypatch):
+    """Runs a test once with the compiled hot path (meshwg/io/_fastio.c) and once with the pure-Python
+    one, in every module that picks between them."""
+    from meshwg.io import _fastio, driver, tun, udp
+
+    module = _fastio if request.param == "compiled" else None
+    for mod in (tun, udp, driver):
+        monkeypatch.setattr(mod, "fastio", module)
+    return request.param

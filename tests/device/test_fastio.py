@@ -18,15 +18,6 @@ from meshwg.io.fastio import fastio
 from meshwg.io.tun import Tun, TunClosed
 
 
-@pytest.fixture(params=["compiled", "python"])
-def impl(request, monkeypatch):
-    """Runs the test once with the compiled drain and once with the pure-Python one."""
-    module = _fastio if request.param == "compiled" else None
-    monkeypatch.setattr(tun, "fastio", module)
-    monkeypatch.setattr(udp, "fastio", module)
-    return request.param
-
-
 def test_the_compiled_module_is_the_one_in_use():
     if os.environ.get("MESHWG_PURE_PYTHON") == "1":
         assert fastio is None

@@ -24,15 +24,6 @@ SO_RXQ_OVFL = 40
 TRANSPORT = b"\x04\0\0\0" + bytes(60)  # transport-data shaped: may go out as a GSO run
 
 
-@pytest.fixture(params=["compiled", "python"])
-def impl(request, monkeypatch):
-    """Runs the test once with the compiled drain and send path, once with the pure-Python ones."""
-    module = _fastio if request.param == "compiled" else None
-    monkeypatch.setattr(udp, "fastio", module)
-    monkeypatch.setattr(driver_module, "fastio", module)
-    return request.param
-
-
 @pytest.fixture
 def device():
     """A device's sockets (wildcard, both families, GRO and pktinfo on) and a driver sending from them."""

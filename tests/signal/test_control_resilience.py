@@ -128,6 +128,18 @@ async def test_registered_client_rides_out_a_dead_backend_and_comes_back(harness
     assert sum(isinstance(e, ev.Connected) for e in got) == 2  # the first welcome and the rejoin, on the key alone
 
 
+async def _fatal_first_then_retried(nursery, inv: Invite, first_error: str, retried_error: str) -> None:
+    """A wrong server key stops a first join (with `first_error`); a node admitted before keeps
+    retrying, slowly, and reports `retried_error`."""
+    with trio.fail_after(5):
+        with pytest.raises(ServerKeyMismatch, match=first_error):
+            await ControlClient(inv, new_key(), backoff_initial=0.05).run()
+    client = ControlClient(inv, new_key(), backoff_initial=0.05, suspect_retry=0.1, registered=True)
+    nursery.start_soon(client.run)
+    await wait_until(lambda: client.failures >= 3, timeout=5)
+    assert client.last_error_kind == R.SUSPECT and retried_error in client.last_error
+
+
 async def test_a_server_without_the_pinned_key_is_retried_not_obeyed(harness, nursery, tmp_path):
     """A server started on the wrong database cannot open message 1, says so and closes: a registered
     node retries slowly (and says why) instead of quitting, whose interface and tunnels would go with it;
@@ -136,27 +148,14 @@ async def test_a_server_without_the_pinned_key_is_retried_not_obeyed(harness, nu
     (tmp_path / "other").mkdir()
     other = await start_server(nursery, tmp_path / "other")  # another identity on another port
     wrong = Invite((join_hostport(*other.control),), inv.server_key, inv.invite_id, inv.secret)
-    with trio.fail_after(5):
-        with pytest.raises(ServerKeyMismatch, match="does not hold the key pinned"):
-            await ControlClient(wrong, new_key(), backoff_initial=0.05).run()
-    client = ControlClient(wrong, new_key(), backoff_initial=0.05, suspect_retry=0.1, registered=True)
-    nursery.start_soon(client.run)
-    await wait_until(lambda: client.failures >= 3, timeout=5)
-    assert client.last_error_kind == R.SUSPECT and "wrong database" in client.last_error
+    await _fatal_first_then_retried(nursery, wrong, "does not hold the key pinned", "wrong database")
 
 
 async def test_a_message_2_that_fails_authentication_is_fatal_only_for_a_first_join(harness, nursery):
     proxy = Proxy(harness.control)
     await start_task(nursery, proxy.run)
     proxy.mode = "forged"
-    inv = _via(harness.invite(reusable=True), proxy.addr)
-    with trio.fail_after(5):
-        with pytest.raises(ServerKeyMismatch, match="pinned"):
-            await ControlClient(inv, new_key(), backoff_initial=0.05).run()
-    registered = ControlClient(inv, new_key(), backoff_initial=0.05, suspect_retry=0.1, registered=True)
-    nursery.start_soon(registered.run)
-    await wait_until(lambda: registered.failures >= 2, timeout=5)
-    assert registered.last_error_kind == R.SUSPECT and "pinned" in registered.last_error
+    await _fatal_first_then_retried(nursery, _via(harness.invite(reusable=True), proxy.addr), "pinned", "pinned")
 
 
 def test_classify_failures():
