@@ -6,7 +6,7 @@ import json
 import os
 import secrets
 
-from meshwg.control.invite import Invite, split_hostport
+from meshwg.signaling.invite import Invite, split_hostport
 from meshwg.wg.crypto import dh_pub as public_key
 from signal_server.invites import SECRET_LEN
 from signal_server.store import Store

@@ -22,7 +22,7 @@ DEFAULT_DB = os.environ.get("MESHWG_SIGNAL_DB", "/var/lib/meshwg-signal/signal.d
 
 
 def _listen_list(values, default):
-    from meshwg.control.invite import split_hostport
+    from meshwg.signaling.invite import split_hostport
 
     if values is None:
         return default

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from meshwg.control.protocol import KIND_OBSERVED, REPORTED_KINDS, pack_entry
+from meshwg.signaling.protocol import KIND_OBSERVED, REPORTED_KINDS, pack_entry
 from meshwg.disco.peer_paths import valid_candidate
 
 MAX_CANDIDATES = 16  # per entry, the server's observation included (nodes refuse longer lists)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from nacl.public import Box, PrivateKey, PublicKey
 
-from meshwg.control import relay_wire as W
+from meshwg.signaling import relay_wire as W
 from meshwg.nonce_cache import NonceCache
 from signal_server.ratelimit import KeyedLimiter, TokenBucket
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import trio
 
 from meshwg.config.keys import key_to_base64
-from meshwg.control import protocol as P
-from meshwg.control import relay_wire as W
-from meshwg.control.invite import join_hostport
-from meshwg.control.noise import HandshakeError, Responder
+from meshwg.signaling import protocol as P
+from meshwg.signaling import relay_wire as W
+from meshwg.signaling.invite import join_hostport
+from meshwg.signaling.noise import HandshakeError, Responder
 from meshwg.io import udp
 from signal_server import metrics
 from signal_server.conn_limits import Refusal, SourceLimits, relay_tcp_caps

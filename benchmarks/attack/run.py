@@ -22,9 +22,9 @@ import time
 
 import trio
 
-from meshwg.control import relay_wire as W
+from meshwg.signaling import relay_wire as W
 from meshwg.control.client import ControlConnection, ControlError
-from meshwg.control.invite import parse_invite
+from meshwg.signaling.invite import parse_invite
 from meshwg.control.relay_client import RelaySession
 from meshwg.disco import stun
 from procstat import rss_kb

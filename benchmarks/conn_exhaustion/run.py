@@ -21,7 +21,7 @@ import resource
 import trio
 
 from meshwg.control.client import ControlConnection
-from meshwg.control.invite import parse_invite
+from meshwg.signaling.invite import parse_invite
 from meshwg.control.relay_client import open_tcp_relay
 from procstat import rss_kb
 from signal_proc import SignalProcess, free_port

@@ -20,9 +20,9 @@ import time
 import msgpack
 import trio
 
-from meshwg.control import protocol as P
+from meshwg.signaling import protocol as P
 from meshwg.control.client import ControlConnection
-from meshwg.control.invite import parse_invite
+from meshwg.signaling.invite import parse_invite
 from procstat import cpu_seconds, rss_kb
 from signal_proc import SignalProcess, free_port
 

@@ -49,7 +49,7 @@ def _join_args(p: argparse.ArgumentParser) -> None:
 def run_join(args) -> int:
     import trio
 
-    from meshwg.control import InviteFormatError, parse_invite
+    from meshwg.signaling.invite import InviteFormatError, parse_invite
     from meshwg.io.agent import Agent, AgentError
 
     if logging.getLogger().level > logging.INFO:
@@ -195,7 +195,7 @@ def classic_stun_test(server: str) -> dict:
     two addresses): they tell the NAT's filtering, which a single-address server cannot."""
     import stun as pystun  # pystun3
 
-    from meshwg.control.invite import split_hostport
+    from meshwg.signaling.invite import split_hostport
 
     host, port = split_hostport(server)
     verdict, ip, ext_port = pystun.get_ip_info(source_ip="0.0.0.0", source_port=0, stun_host=host, stun_port=port)
@@ -216,7 +216,7 @@ def _netcheck_args(p: argparse.ArgumentParser) -> None:
 
 def _server_addrs(args, rep: dict | None) -> list[tuple]:
     """Where the built-in server's STUN answers: --server, else the agent's report, else its cache."""
-    from meshwg.control.invite import split_hostport
+    from meshwg.signaling.invite import split_hostport
 
     if args.server:
         try:

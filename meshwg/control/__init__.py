@@ -1,4 +1,5 @@
-"""Node side of the signal server: control channel client, invites, sealed peer messages, relay client.
+"""Node side of the signal server: the control channel client, its reconnect policy, the relay client (trio).
+The wire formats they share with the server are in meshwg.signaling (pure).
 
 API for `meshwg join` (all keys are raw 32-byte X25519; the WireGuard private key is the node identity):
 
@@ -33,15 +34,24 @@ needs_hello(now), get_timer(), handle_untrusted(data, now) -> ("ready", observed
 STUN codec: meshwg.disco.stun.
 """
 
-from meshwg.control import client as events  # noqa: F401  (event classes live in client)
-from meshwg.control.client import (  # noqa: F401
-    ConnectionLost,
-    ControlClient,
-    ControlConnection,
-    ControlError,
-    JoinRefusedError,
-    PeerInfo,
-    ServerKeyMismatch,
-    Welcome,
-)
-from meshwg.control.invite import Invite, InviteFormatError, parse_invite  # noqa: F401
+import importlib
+
+# Loaded on first use (PEP 562): `meshwg.control.reconnect`, a pure module, must not pull the trio client
+# (and trio) in with its package.
+_LAZY = {
+    "events": ("meshwg.control.client", None),
+    **{name: ("meshwg.control.client", name) for name in (
+        "ConnectionLost", "ControlClient", "ControlConnection", "ControlError", "JoinRefusedError", "PeerInfo",
+        "ServerKeyMismatch", "Welcome")},
+    **{name: ("meshwg.signaling.invite", name) for name in ("Invite", "InviteFormatError", "parse_invite")},
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = importlib.import_module(module)
+    return value if attr is None else getattr(value, attr)

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import trio
 
-from meshwg.control import protocol as P
-from meshwg.control.invite import Invite, split_hostport
+from meshwg.signaling import protocol as P
+from meshwg.signaling.invite import Invite, split_hostport
 from meshwg.control import reconnect as R
-from meshwg.control.noise import HandshakeError, Initiator
+from meshwg.signaling.noise import HandshakeError, Initiator
 from meshwg.wg.crypto import clamp, dh_pub as public_key
-from meshwg.control.sealed import open_untrusted, seal
+from meshwg.signaling.sealed import open_untrusted, seal
 
 log = logging.getLogger("meshwg.control")
 

@@ -16,7 +16,7 @@ import time
 
 import trio
 
-from meshwg.control import relay_wire as W
+from meshwg.signaling import relay_wire as W
 from meshwg.wg.crypto import clamp
 
 NOTICE_HELLO_INTERVAL = 1.0  # notices are unauthenticated: answer them with a HELLO at most this often

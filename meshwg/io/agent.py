@@ -21,7 +21,7 @@ import time
 import trio
 
 from meshwg.control import ControlClient, JoinRefusedError, ServerKeyMismatch, events as CE
-from meshwg.control.invite import Invite, join_hostport, split_hostport
+from meshwg.signaling.invite import Invite, join_hostport, split_hostport
 from meshwg.disco import netcheck as NC
 from meshwg.io import agent_state as S
 from meshwg.io import status_server

@@ -27,7 +27,7 @@ import time
 
 import trio
 
-from meshwg.control import relay_wire as W
+from meshwg.signaling import relay_wire as W
 from meshwg.io import route_plan, rtnl, uapi_server
 from meshwg.io.device import Device, new_core
 from meshwg.io.relay_shell import RelayShell

@@ -13,7 +13,7 @@ import socket
 
 import trio
 
-from meshwg.control.invite import join_hostport
+from meshwg.signaling.invite import join_hostport
 from meshwg.disco import netcheck as NC
 
 DEFAULT_TIMEOUT = 1.0

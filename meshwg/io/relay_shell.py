@@ -17,8 +17,8 @@ from collections import Counter, deque
 
 import trio
 
-from meshwg.control import relay_wire as W
-from meshwg.control.invite import join_hostport
+from meshwg.signaling import relay_wire as W
+from meshwg.signaling.invite import join_hostport
 from meshwg.control.relay_client import RelaySession, open_tcp_relay
 
 log = logging.getLogger("meshwg.relay")

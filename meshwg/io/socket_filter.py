@@ -25,7 +25,7 @@ import os
 import socket
 import struct
 
-from meshwg.control.relay_wire import MAGIC as RELAY_MAGIC
+from meshwg.signaling.relay_wire import MAGIC as RELAY_MAGIC
 from meshwg.disco.messages import MAGIC as DISCO_MAGIC
 from meshwg.disco.stun import HEADER_LEN as STUN_HEADER_LEN
 from meshwg.disco.stun import MAGIC_COOKIE as STUN_COOKIE

@@ -2,12 +2,12 @@
 
 WireGuard: type 1-4 then three zero bytes, with the type's size rule (1: 148 B, 2: 92 B, 3: 64 B,
 4: >= 32 B). STUN: top two bits zero and the magic cookie 0x2112A442 at offset 4. Discovery: our
-b"MWDsco" prefix. Relay frames: b"\xffMWR" prefix (meshwg.control.relay_wire.MAGIC).
+b"MWDsco" prefix. Relay frames: b"\xffMWR" prefix (meshwg.signaling.relay_wire.MAGIC).
 """
 
 from __future__ import annotations
 
-from meshwg.control.relay_wire import MAGIC as _RELAY_MAGIC
+from meshwg.signaling.relay_wire import MAGIC as _RELAY_MAGIC
 from meshwg.disco.messages import MAGIC as _DISCO_MAGIC
 from meshwg.disco.stun import HEADER_LEN as _STUN_HEADER_LEN
 from meshwg.disco.stun import MAGIC_COOKIE

@@ -20,8 +20,8 @@ import functools
 import ipaddress
 from dataclasses import dataclass
 
-from meshwg.control.invite import split_hostport
-from meshwg.control.protocol import KIND_OBSERVED, REPORTED_KINDS
+from meshwg.signaling.invite import split_hostport
+from meshwg.signaling.protocol import KIND_OBSERVED, REPORTED_KINDS
 from meshwg.disco.netcheck import EDM, EIM
 from meshwg.disco.peer_paths import valid_candidate
 from meshwg.mesh.netmap import PeerSpec

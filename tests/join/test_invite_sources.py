@@ -11,8 +11,8 @@ import os
 import pytest
 
 from meshwg.commands import mesh as M
-from meshwg.control import InviteFormatError, parse_invite
-from meshwg.control.invite import Invite
+from meshwg.signaling.invite import InviteFormatError, parse_invite
+from meshwg.signaling.invite import Invite
 from meshwg.errors import UserError
 from meshwg.io import agent_state
 from meshwg.io.agent import cached_invite

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 from mesh_sim import Sim
 from nacl.public import Box, PrivateKey, PublicKey
 
-from meshwg.control import relay_wire as RW
+from meshwg.signaling import relay_wire as RW
 from meshwg.disco import messages as M
 from meshwg.disco import stun
 from meshwg.mesh import demux

@@ -2,7 +2,7 @@
 
 from mesh_sim import Sim
 
-from meshwg.control import relay_wire as W
+from meshwg.signaling import relay_wire as W
 
 
 def _held(node) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from meshwg.control import relay_wire
+from meshwg.signaling import relay_wire
 from meshwg.io import status_server
 from meshwg.mesh import demux
 from scenarios import node_commands as nc

@@ -38,7 +38,7 @@ from mesh_lab import (  # noqa: F401 (logs_on_failure is an autouse fixture)
     wait_until,
 )
 
-from meshwg.control import relay_wire as W
+from meshwg.signaling import relay_wire as W
 from meshwg.disco import paths as P
 from scenarios.nat import NatType
 from scenarios.topology import Lab

@@ -8,7 +8,7 @@ import time
 import pytest
 import trio
 
-from meshwg.control.invite import join_hostport
+from meshwg.signaling.invite import join_hostport
 from signal_server.admin import create_invite
 from signal_server.server import ServerConfig, SignalServer
 from signal_server.store import Store

@@ -10,8 +10,8 @@ import trio
 from sig_helpers import harness, new_key, start_server, wait_until, start_task  # noqa: F401 (fixture)
 
 from meshwg.control import ControlClient, ControlConnection
-from meshwg.control import protocol as P
-from meshwg.control.noise import Initiator
+from meshwg.signaling import protocol as P
+from meshwg.signaling.noise import Initiator
 from signal_server.server import ServerConfig, SignalServer
 
 

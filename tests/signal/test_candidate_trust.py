@@ -9,8 +9,8 @@ import time
 import trio
 
 from meshwg.control import ControlClient, ControlConnection
-from meshwg.control import protocol as P
-from meshwg.control import relay_wire as W
+from meshwg.signaling import protocol as P
+from meshwg.signaling import relay_wire as W
 from meshwg.control.relay_client import RelaySession
 from meshwg.io.relay_shell import RelayShell
 from meshwg.wg.crypto import clamp, dh_pub

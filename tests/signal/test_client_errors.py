@@ -7,7 +7,7 @@ import trio
 
 from meshwg.control import ControlConnection
 from meshwg.control import client as C
-from meshwg.control.invite import Invite
+from meshwg.signaling.invite import Invite
 
 
 async def test_connect_timeout_is_named_in_the_error(monkeypatch):

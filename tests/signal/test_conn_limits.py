@@ -19,8 +19,8 @@ import trio
 from sig_helpers import new_key, start_server, wait_until
 
 from meshwg.control import ControlConnection
-from meshwg.control import protocol as P
-from meshwg.control import relay_wire as W
+from meshwg.signaling import protocol as P
+from meshwg.signaling import relay_wire as W
 from meshwg.control.relay_client import open_tcp_relay
 from meshwg.wg.crypto import dh_pub
 from signal_server import server as server_mod
@@ -270,7 +270,7 @@ async def test_per_source_cap_answers_busy(nursery, tmp_path):
     assert c["control_refused_per_source"] == 1 and c["control_refused_busy"] == 1
     # a node that sends its HELLO at once reads the same answer (not a reset, not a wrong key)
     s = await tcp_from("127.0.0.1", h.control)
-    from meshwg.control.noise import Initiator
+    from meshwg.signaling.noise import Initiator
 
     await s.send_all(P.frame(P.HELLO_MAGIC + Initiator(new_key(), h.server.server_pk, os.urandom).write_message1(b"")))
     with trio.fail_after(1):

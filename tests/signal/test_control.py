@@ -11,9 +11,9 @@ from sig_helpers import harness, new_key, start_server, wait_until, start_task  
 
 from meshwg.control import ControlClient, ControlConnection, JoinRefusedError, ServerKeyMismatch
 from meshwg.control import client as ev
-from meshwg.control.invite import Invite
-from meshwg.control.noise import Initiator
-from meshwg.control import protocol as P
+from meshwg.signaling.invite import Invite
+from meshwg.signaling.noise import Initiator
+from meshwg.signaling import protocol as P
 from signal_server.admin import create_invite
 
 

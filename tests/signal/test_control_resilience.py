@@ -15,10 +15,10 @@ from sig_helpers import harness, new_key, start_server, wait_until, start_task  
 
 from meshwg.control import ControlClient, ControlConnection, JoinRefusedError, ServerKeyMismatch
 from meshwg.control import client as ev
-from meshwg.control import protocol as P
+from meshwg.signaling import protocol as P
 from meshwg.control import reconnect as R
 from meshwg.control.client import ConnectionLost
-from meshwg.control.invite import Invite, join_hostport
+from meshwg.signaling.invite import Invite, join_hostport
 
 
 class Proxy:

@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshwg.control import protocol as P
-from meshwg.control import relay_wire as W
-from meshwg.control.invite import Invite, InviteFormatError, parse_invite
-from meshwg.control.noise import HandshakeError, Initiator, Responder
+from meshwg.signaling import protocol as P
+from meshwg.signaling import relay_wire as W
+from meshwg.signaling.invite import Invite, InviteFormatError, parse_invite
+from meshwg.signaling.noise import HandshakeError, Initiator, Responder
 from meshwg.wg.crypto import clamp, dh_pub as public_key
 from meshwg.control.relay_client import RelaySession
-from meshwg.control.sealed import open_untrusted, seal
+from meshwg.signaling.sealed import open_untrusted, seal
 from meshwg.disco import stun
 from signal_server import ipam
 from signal_server.directory import Directory, Node

@@ -14,7 +14,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshwg.control import relay_wire as W
+from meshwg.signaling import relay_wire as W
 from meshwg.control.relay_client import RelaySession, TcpRelayClient
 from meshwg.wg.crypto import clamp, dh_pub as public_key
 from signal_server.relay import RelayCore

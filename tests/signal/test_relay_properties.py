@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from nacl.public import Box, PrivateKey, PublicKey
 
-from meshwg.control import relay_wire as W
+from meshwg.signaling import relay_wire as W
 from meshwg.control.relay_client import RelaySession
 from meshwg.wg.crypto import clamp, dh_pub as public_key
 from signal_server.relay import RelayCore

@@ -11,7 +11,7 @@ import trio
 from sig_helpers import harness, new_key, wait_until, start_task  # noqa: F401 (fixture)
 
 from meshwg.control import ControlConnection
-from meshwg.control import relay_wire as W
+from meshwg.signaling import relay_wire as W
 from meshwg.control.relay_client import RelaySession, open_tcp_relay
 from meshwg.disco import stun
 

@@ -10,7 +10,7 @@ from sig_helpers import harness, new_key, wait_until  # noqa: F401 (fixture)
 
 from meshwg.control import ControlConnection
 from meshwg.control import client as ev
-from meshwg.control import protocol as P
+from meshwg.signaling import protocol as P
 from meshwg.wg.crypto import clamp, dh_pub
 from signal_server.server import Session
 

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sig_helpers import require_real_components, start_server
 
-from meshwg.control import relay_wire as W
+from meshwg.signaling import relay_wire as W
 from meshwg.disco import netcheck as NC
 from meshwg.disco import stun
 from signal_server.cli import build_parser

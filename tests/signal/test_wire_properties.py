@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from nacl.public import PrivateKey
 
-from meshwg.control import protocol as P
-from meshwg.control import relay_wire as W
-from meshwg.control import sealed
-from meshwg.control.noise import CipherState, HandshakeError, Initiator, Responder
+from meshwg.signaling import protocol as P
+from meshwg.signaling import relay_wire as W
+from meshwg.signaling import sealed
+from meshwg.signaling.noise import CipherState, HandshakeError, Initiator, Responder
 from meshwg.wg.crypto import clamp, dh_pub as public_key
 
 # Curve25519 points of small order (libsodium's blocklist): a DH with them gives the all-zero secret.

@@ -14,7 +14,7 @@ import struct
 
 import msgpack
 
-from meshwg.control.noise import CipherState
+from meshwg.signaling.noise import CipherState
 
 PROTO_VERSION = 1
 HELLO_MAGIC = b"MWC\x01"
