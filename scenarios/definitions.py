@@ -2,8 +2,8 @@
 
 A scenario is plain data. Routers are listed outermost first (a router may sit behind an earlier one:
 double NAT). Every node runs `meshwg join`; the signal server runs on a public host named "signal".
-Expected paths ("direct", "relay", or "either" where both are fine) come from `expected_path` (the measured punch table in ../shared/docs/nat-lab.md) unless
-a scenario overrides a pair.
+Expected paths ("direct", "relay", or "either" where both are fine) come from `expected_path` (what punched
+through in this lab) unless a scenario overrides a pair.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ _RESTRICTIVENESS = [N.NONE, N.FULL_CONE, N.RESTRICTED_CONE, N.PORT_RESTRICTED, N
 
 
 def expected_path(a: NatType, b: NatType) -> str:
-    """Direct or relay for two nodes on different networks (nat-lab.md: what punches through)."""
+    """Direct or relay for two nodes on different networks (measured in this lab: any two cones punch)."""
     if N.UDP_BLOCKED in (a, b):
         return "relay"
     if N.SYMMETRIC in (a, b):

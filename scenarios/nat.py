@@ -1,10 +1,11 @@
 """NAT types and the nftables rulesets that produce them (pure: builds text, runs nothing).
 
-Rules follow ../shared/docs/nat-lab.md (measured on this kind of machine). Every router gets the same
-filter table (INPUT policy drop: see pitfall 1 there), plus a NAT table chosen by its type.
+Rules follow RFC 4787's behaviours, checked in this lab. Every router gets the same filter table (INPUT
+policy drop: with INPUT open, early punch packets leave conntrack entries on the router that clash with the
+host's own flow, and the kernel silently remaps the host's source port), plus a NAT table chosen by its type.
 
 Cone types with inbound filtering rules need to know which inside host owns a public port. Instead of
-one fixed inside host (the doc's minimal rule), a dynamic map is filled at postrouting, right after
+one fixed inside host (the minimal rule), a dynamic map is filled at postrouting, right after
 source NAT, from the connection's original tuple: public port -> inside address . inside port.
 That makes the rules work for any number of hosts behind one router.
 """

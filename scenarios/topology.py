@@ -15,8 +15,8 @@ towards its upstream and a bridge `lan0` that its hosts and nested routers plug 
 
 Every process runs "on a host" through `Host.argv`: inside the host's network namespace and a private
 mount namespace where the host's own directory is bound over /run/wireguard, so wireguard-go UAPI
-sockets of different hosts never clash (nat-lab.md pitfall 3) while all commands on one host (daemon,
-`wg`, status queries) still see the same sockets.
+sockets of different hosts never clash (`ip netns exec` does not separate /var/run/wireguard) while all
+commands on one host (daemon, `wg`, status queries) still see the same sockets.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ class Router:
         return router.wan_ip
 
     def flush_conntrack(self) -> None:
-        """Forget every tracked flow (nat-lab.md pitfall 2); exit 1 just means the table was empty."""
+        """Forget every tracked flow (old ones survive rule changes); exit 1 just means the table was empty."""
         self.ns.run("conntrack", "-F", check=False)
 
 

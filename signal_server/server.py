@@ -645,7 +645,7 @@ class SignalServer:
             recvfrom = functools.partial(sock.recvfrom, bufsize)
         while True:
             await trio.lowlevel.wait_readable(sock)
-            # Drain without paying the scheduler per datagram (see docs/architecture.md, hot path).
+            # Drain without paying the scheduler per datagram (README, "How it is built": hot path).
             now, wall = time.monotonic(), time.time()
             for _ in range(batch):
                 try:

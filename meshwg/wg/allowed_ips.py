@@ -1,4 +1,4 @@
-"""Cryptokey routing: longest-prefix match of IPv4/IPv6 addresses to peers (wireguard-protocol.md §5).
+"""Cryptokey routing: longest-prefix match of IPv4/IPv6 addresses to peers (WireGuard whitepaper §2).
 
 One dict per prefix length, probed from the longest length present; the result per address is cached (the
 cache is cleared on every change), so the per-packet cost is one slice and one dict lookup.

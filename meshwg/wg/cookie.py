@@ -1,4 +1,5 @@
-"""mac1/mac2, cookie replies and the handshake rate limiter (wireguard-protocol.md §4, §8).
+"""mac1/mac2, cookie replies and the handshake rate limiter (WireGuard whitepaper §5.3, §5.4.4, §5.4.7;
+wireguard-go device/cookie.go, ratelimiter/ratelimiter.go).
 
 CookieChecker is the responder side (one per device, keyed by our static key); CookieGenerator is the
 initiator side (one per peer, keyed by the peer's static key).

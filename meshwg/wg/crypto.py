@@ -1,4 +1,5 @@
-"""The only module that touches cryptographic primitives (wireguard-protocol.md §1, §12).
+"""The only module that touches cryptographic primitives (WireGuard whitepaper §5.4,
+the list of HASH, MAC, HMAC, KDFn, DH, AEAD, XAEAD and TAI64N).
 
 Everything else in meshwg.wg calls these helpers, so a primitive can be swapped or audited in one place.
 """

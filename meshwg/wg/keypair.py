@@ -1,4 +1,4 @@
-"""Transport keypairs and a peer's current/previous/next slots (wireguard-protocol.md §5)."""
+"""Transport keypairs and a peer's current/previous/next slots (WireGuard whitepaper §5.4.5-§5.4.6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""WireGuard message codec (wireguard-protocol.md §2). `parse_untrusted` never raises on network bytes."""
+"""WireGuard message codec (WireGuard whitepaper §5.4.2-§5.4.7). `parse_untrusted` never raises on network bytes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Noise_IKpsk2 handshake, both roles (wireguard-protocol.md §3). Pure functions over explicit state.
+"""Noise_IKpsk2 handshake, both roles (WireGuard whitepaper §5.4.2-§5.4.5). Pure functions over explicit state.
 
 The prologue and the payloads are parameters so the generic Noise test vector (cacophony) runs through the
 same code as WireGuard, whose prologue is IDENTIFIER and whose payloads are TAI64N / empty.

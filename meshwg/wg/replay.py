@@ -1,4 +1,4 @@
-"""Sliding replay window, RFC 6479 as in wireguard-go `replay/replay.go` (wireguard-protocol.md §7)."""
+"""Sliding replay window, RFC 6479 as in wireguard-go `replay/replay.go` (WireGuard whitepaper §5.4.6)."""
 
 from __future__ import annotations
 

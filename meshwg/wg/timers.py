@@ -1,4 +1,4 @@
-"""Per-peer timers as deadlines (wireguard-protocol.md §6; wireguard-go timers.go hook names).
+"""Per-peer timers as deadlines (WireGuard whitepaper §6; wireguard-go device/timers.go hook names).
 
 Each attribute is an absolute deadline in monotonic seconds, math.inf when not armed. The hooks only move
 deadlines; the device acts when handle_timer(now) finds one due. The device's hot paths inline the few
@@ -37,29 +37,29 @@ class PeerTimers:
         self.retransmit_handshake = self.send_keepalive = self.new_handshake = INF
         self.zero_keys = self.persistent_keepalive = INF
 
-    # Hooks (rule numbers refer to wireguard-protocol.md §6).
+    # Hooks, named as wireguard-go's timers.go; each comment says which rule it serves.
 
-    def data_sent(self, now: float, jitter: Callable[[], float]) -> None:  # rule 6
+    def data_sent(self, now: float, jitter: Callable[[], float]) -> None:  # no answer in 15 s + jitter: handshake
         if self.new_handshake == INF:
             self.new_handshake = now + NEW_HANDSHAKE_TIMEOUT + jitter()
 
-    def any_authenticated_packet_sent(self) -> None:  # rule 5
+    def any_authenticated_packet_sent(self) -> None:  # passive keepalive: a sent packet suffices
         self.send_keepalive = INF
 
-    def any_authenticated_packet_received(self) -> None:  # rule 6
+    def any_authenticated_packet_received(self) -> None:  # the peer answered: no handshake
         self.new_handshake = INF
 
-    def any_authenticated_packet_traversal(self, now: float, persistent_interval: int) -> None:  # rule 7
+    def any_authenticated_packet_traversal(self, now: float, persistent_interval: int) -> None:  # persistent keepalive
         if persistent_interval:
             self.persistent_keepalive = now + persistent_interval
 
-    def handshake_initiated(self, now: float, jitter: Callable[[], float]) -> None:  # rule 1
+    def handshake_initiated(self, now: float, jitter: Callable[[], float]) -> None:  # retry in 5 s + jitter
         self.retransmit_handshake = now + REKEY_TIMEOUT + jitter()
 
-    def handshake_complete(self) -> None:  # rule 3
+    def handshake_complete(self) -> None:  # stop retrying
         self.retransmit_handshake = INF
         self.handshake_attempts = 0
         self.sent_lastminute_handshake = False
 
-    def session_derived(self, now: float) -> None:  # rule 4
+    def session_derived(self, now: float) -> None:  # erase the keys 540 s later
         self.zero_keys = now + ZERO_KEYS_AFTER

@@ -27,7 +27,7 @@ _ports = itertools.count(20000)
 
 
 def fresh_port() -> int:
-    """A source port no earlier case used (nat-lab.md pitfall 2: old conntrack entries survive)."""
+    """A source port no earlier case used (old conntrack entries survive rule changes)."""
     return next(_ports)
 
 
@@ -165,7 +165,7 @@ def test_hosts_have_private_run_wireguard(lab):
 
 
 def test_same_wireguard_interface_name_on_two_hosts(lab):
-    """wireguard-go's UAPI socket dir is per host in the lab (nat-lab.md pitfall 3)."""
+    """wireguard-go's UAPI socket dir is per host in the lab (`ip netns exec` does not separate /var/run/wireguard)."""
     require_real_components("wireguard-go", "wg")
     hosts = [lab.hosts["lan-a"], lab.hosts["lan-b"]]
     procs = [h.popen("wireguard-go", "-f", "wg0", env={"WG_PROCESS_FOREGROUND": "1"},

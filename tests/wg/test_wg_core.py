@@ -1,4 +1,4 @@
-"""Two cores in memory over explicit time: handshake, timers, rekey, roaming, cookies (protocol §3-§8)."""
+"""Two cores in memory over explicit time: handshake, timers, rekey, roaming, cookies (WireGuard paper §5-§6)."""
 
 from __future__ import annotations
 

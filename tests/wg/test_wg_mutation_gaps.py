@@ -1,7 +1,7 @@
 """Behaviour of meshwg/wg that mutation testing (scripts/mutation) showed no test pinned down: every drop
 reason counted exactly once per bad input under its own name, inner-packet framing, byte accounting, the
 configuration errors, handshake re-sends, index tags, timer jitter, keypair slots, the message codec.
-Bounds are literals from the WireGuard paper / wireguard-protocol.md."""
+Bounds are literals from the WireGuard paper / wireguard-go."""
 
 from __future__ import annotations
 
@@ -334,7 +334,7 @@ def test_index_tag_is_in_the_top_16_bits_of_every_index():
 
 def test_retransmit_jitter_comes_from_two_random_bytes_per_draw():
     # Every random_bytes call returns a known pattern: the jitter pool is 64 LE u16 % 334 ms, used from
-    # the end (wireguard-protocol.md §6: jitter uniform in [0, 333] ms).
+    # the end (wireguard-go RekeyTimeoutJitterMaxMs: jitter uniform in [0, 333] ms).
     def pattern(n: int) -> bytes:
         return bytes((i * 37 + 11) % 256 for i in range(n))
 

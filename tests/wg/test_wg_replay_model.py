@@ -1,6 +1,6 @@
 """The replay window against a naive model (issue 18 item 3: mutants of replay.py that the vector tests let
 through). The model is the specification itself: a counter is accepted once, if it is below the limit and
-no more than 8128 behind the highest accepted (wireguard-protocol.md §7, window (128 - 1) x 64)."""
+no more than 8128 behind the highest accepted (RFC 6479 as wireguard-go replay/replay.go: window (128 - 1) x 64)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Each test fails when its check is removed from meshwg/wg: the replay window on the transport path,
 cryptokey routing of the inner source address (IPv4 and IPv6, a source that belongs to another peer),
 the 120 s cookie secret, the message-count limits, and drop counters that move by exactly one.
-Bounds are literals from the WireGuard paper / wireguard-protocol.md, never the constants under test.
+Bounds are literals from the WireGuard paper / wireguard-go, never the constants under test.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from meshwg.wg import crypto
 C_IP = "10.0.0.3"
 A_IP6, B_IP6, C_IP6 = "fd00::1", "fd00::2", "fd00::3"
 REKEY_AFTER = 2**60  # WireGuard paper §6.1, Rekey-After-Messages
-REJECT_AFTER = 2**64 - 2**13 - 1  # wireguard-go RejectAfterMessages (wireguard-protocol.md §6 table)
+REJECT_AFTER = 2**64 - 2**13 - 1  # wireguard-go RejectAfterMessages (device/constants.go)
 
 
 def ipv6_packet(src: str, dst: str, payload: bytes = b"z" * 48) -> bytes:

@@ -1,4 +1,4 @@
-"""Known-answer tests (wireguard-protocol.md §9)."""
+"""Known-answer tests: published vectors (each source named at its test) and one WireGuard-framed vector."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from meshwg.wg.replay import ReplayWindow
 h = bytes.fromhex
 
 
-# §9.1: wireguard-go device/kdf_test.go, all three vectors, through KDF1, KDF2 and KDF3.
+# wireguard-go device/kdf_test.go, all three vectors, through KDF1, KDF2 and KDF3.
 KDF_VECTORS = [
     ("746573742d6b6579", "746573742d696e707574",
      "6f0e5ad38daba1bea8a0d213688736f19763239305e0f58aba697f9ffc41c633",
@@ -49,7 +49,7 @@ def test_dh_rejects_low_order_point():
         crypto.dh(crypto.clamp(bytes(range(32))), bytes(32))
 
 
-# §9.3: cacophony entry Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s (mcginty/snow tests/vectors/cacophony.txt).
+# cacophony entry Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s (mcginty/snow tests/vectors/cacophony.txt).
 CACO = dict(
     prologue="4a6f686e2047616c74",
     psk="54686973206973206d7920417573747269616e20706572737065637469766521",
@@ -106,7 +106,7 @@ def test_cacophony_ikpsk2():
         assert crypto.aead_decrypt(key, at // 2, h(wire), b"") == h(payload)
 
 
-# §9.4: zinc selftest xenc/xdec 001 (wireguard src/crypto/zinc/selftest/chacha20poly1305.c).
+# zinc selftest xenc/xdec 001 (wireguard src/crypto/zinc/selftest/chacha20poly1305.c).
 XCHACHA_KEY = "1c9240a5eb55d38af333888604f6b5f0473917c1402b80099dca5cbc207075c0"
 XCHACHA_NONCE = "000102030405060708090a0b0c0d0e0f1011121314151617"
 XCHACHA_AAD = "f33388860000000000004e91"
@@ -134,7 +134,7 @@ def test_xchacha20poly1305_enc_dec_001():
     assert crypto.xaead_decrypt(key, nonce, bytes(tampered), aad) is None
 
 
-# §9.5: wireguard-go replay/replay_test.go (port of the kernel's counter selftest).
+# wireguard-go replay/replay_test.go (port of the kernel's counter selftest).
 def test_replay_window_sequence():
     limit = (1 << 64) - (1 << 4) - 1  # the test's own RejectAfterMessages
     T_LIM = 8128 + 1
@@ -170,7 +170,7 @@ def test_replay_window_bulk():
     _bulk(range(W, 0, -1), [(0, True), (W + 1, True)])
 
 
-# §9.7: the WireGuard-framed vector (accepted by wireguard-go).
+# A WireGuard-framed vector made for this project (wireguard-go accepted that initiation).
 def _r(a, b):
     return bytes(range(a, b + 1))
 
