@@ -18,8 +18,12 @@ deadline: a task sleeps until
 can create lies at least 1 s ahead (keepalive 10 s, rekey 5 s, persistent keepalive >= 1 s), so the
 timer task simply never sleeps longer than TIMER_MAX_SLEEP and re-reads the deadline on waking.
 A core that can create a nearer deadline from a packet (the mesh node: a handshake re-send deferred
-to its 0.25 s rate floor) has an `on_earlier_deadline` attribute; the driver sets it to re-arm the
-timer, in O(1). Per-packet callers outside the loop (the relay's TCP reader) use `flush_io()`.
+to its 0.25 s rate floor) calls its `on_earlier_deadline` hook, which the driver sets when it starts
+to re-arm the timer, in O(1). Per-packet callers outside the loop (the relay's TCP reader) use `flush_io()`.
+
+What the driver calls on its core is one typed contract, meshwg.wg.driven.DrivenCore (docs/core-api.md,
+"What the driver calls"): WireGuardCore and MeshNode implement every member, and the driver calls them
+unconditionally, probing for nothing.
 
 Control code (the UAPI server, the mesh layer) mutates the core directly from another task of the
 same trio run (no locks needed: trio is single-threaded), then calls `await driver.flush()` so new
@@ -32,8 +36,8 @@ Hooks for the mesh layer (one UDP socket per family carries WireGuard, STUN and 
 * `driver.on_other_datagram = fn(data: bytes, addr: tuple)`: datagrams that are not WireGuard
   messages (first byte 1-4 followed by three zero bytes) go to `fn` instead of the core. With no
   hook every datagram goes to the core, which drops and counts what it cannot parse.
-  A core with a `receive_wireguard` method (the mesh node) gets the WireGuard ones through it, so it
-  does not demultiplex them again.
+  The WireGuard ones go to the core's `receive_wireguard`, so the mesh node does not demultiplex them
+  again (the plain core's is its receive_datagram).
 * `driver.send_raw(data, addr) -> bool`: send a non-WireGuard datagram (STUN, disco) from the same
   socket, so it uses the same NAT mapping. False if the socket buffer is full (dropped).
 * `driver.endpoint_sender = fn(data: bytes, endpoint)`: core datagrams whose endpoint is not an
@@ -64,6 +68,7 @@ from meshwg.io.fastio import fastio
 from meshwg.io.tun import Tun, TunClosed
 from meshwg.io.udp import OFFLOAD as udp_offload
 from meshwg.io.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, SOL_UDP, UDP_SEGMENT, UdpBind, recv_batch, send_sticky
+from meshwg.wg.driven import DrivenCore
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCH = 64
@@ -128,10 +133,11 @@ def _warn_once_about_pure_python() -> None:
 
 
 class Driver:
-    def __init__(self, core, tun: Tun, udp: UdpBind, *, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, core: DrivenCore, tun: Tun, udp: UdpBind, *, clock: Callable[[], float] = time.monotonic,
                  batch: int = DEFAULT_BATCH, index_tag: int | None = None):
         """`core` is a WireGuardCore or what wraps one (the mesh node); `index_tag` is the core's, for
-        the socket filter (None: every receiver index passes)."""
+        the socket filter (None: every receiver index passes). The driver touches only the core's
+        DrivenCore members, and only once it runs."""
         self.core = core
         self.index_tag = index_tag
         self.tun = tun
@@ -156,13 +162,12 @@ class Driver:
         self.idle_fast_path = True
         self._gso_ok: dict[int, bool] = {}
         self._flush_waited = False
-        if hasattr(core, "on_earlier_deadline"):
-            core.on_earlier_deadline = self._deadline_moved
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled or the TUN disappears. Does not close the shells (their owner does)."""
         _warn_once_about_pure_python()
+        self.core.on_earlier_deadline = self._deadline_moved
         self._epoll = select.epoll()
         self._trio_idle = _TrioIdle.probe() if self.idle_fast_path else None
         if self._trio_idle is not None:
@@ -404,7 +409,7 @@ class Driver:
         send_ip_packet = core.send_ip_packet
         receive = core.receive_datagram
         # What the driver already split off as WireGuard needs no second demultiplexing (the mesh node).
-        receive_wireguard = getattr(core, "receive_wireguard", receive)
+        receive_wireguard = core.receive_wireguard
         epoll = self._epoll
         poll = epoll.poll
         ep_fd = epoll.fileno()

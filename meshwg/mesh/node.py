@@ -2,12 +2,14 @@
 
 Inputs:  receive_datagram(data, addr, now, via=None)   every datagram from the shared UDP socket
                                                         (via=i: it came on birthday extra socket i)
+         receive_wireguard(data, addr, now)             one the driver already told apart as WireGuard
          receive_relay(src_key, data, now)              a datagram the relay delivered from src_key
          send_ip_packet(pkt, now)                       from the TUN
          apply_netmap(desired, now), punch(key, now), set_local_endpoints(addrs, now),
          set_stun_servers(addrs, now), handle_timer(now)
 Outputs: datagrams_to_send() -> [(bytes, dest)]  dest: (ip, port) | RelayEndpoint | SocketEndpoint
          tun_packets_to_write(), pop_events(), get_timer(), status(now)
+The driver drives it through meshwg.wg.driven.DrivenCore (on_earlier_deadline is that contract's hook).
 
 Each mesh peer's WireGuard endpoint is chosen here (peer.roaming = False): RelayEndpoint(key) until a
 disco pong confirms a direct path, the direct address while it stays trusted, back to the relay when

@@ -1,7 +1,8 @@
 """WireGuardCore: the sans-IO WireGuard state machine (docs/core-api.md, wireguard-protocol.md §3-§8).
 
 Inputs: receive_datagram, send_ip_packet, handle_timer (+ configuration calls). Outputs: datagrams_to_send,
-tun_packets_to_write, pop_events, get_timer, drops. No clock, socket or OS access: `now` is monotonic
+tun_packets_to_write, pop_events, get_timer, drops. It implements the driver's contract
+(meshwg.wg.driven.DrivenCore), with receive_wireguard and on_earlier_deadline as below. No clock, socket or OS access: `now` is monotonic
 seconds supplied by the caller; wall time is now + wall_offset; randomness comes from random_bytes.
 
 The type-4 paths (send_ip_packet, the transport branch of receive_datagram) are the hot path: they inline
@@ -87,6 +88,9 @@ class WireGuardCore:
         self._load_window_start = -INF
         self._load_window_count = 0
         self._jitter_pool: list[int] = []
+        # DrivenCore's hook, set by the driver. Never called: every deadline a packet input creates
+        # here lies >= 1 s ahead (keepalive 10 s, rekey 5 s), which the driver's timer task sees anyway.
+        self.on_earlier_deadline: Callable[[float], None] | None = None
         self.set_private_key(private_key)
 
     # ------------------------------------------------------------------ configuration
@@ -345,6 +349,10 @@ class WireGuardCore:
             self.drops["short"] += 1
         else:
             self.drops["unknown_type"] += 1
+
+    # DrivenCore: a datagram the driver already told apart as WireGuard. This core parses every datagram
+    # as WireGuard anyway, so it is the same function (no extra call on the hot path).
+    receive_wireguard = receive_datagram
 
     def _after_transport(self, kp: Keypair, plain: bytes, n: int, addr: object, now: float) -> None:
         """An authenticated, non-replayed transport packet: session, roaming and timer bookkeeping, then

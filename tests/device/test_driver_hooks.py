@@ -19,6 +19,8 @@ class FakeCore:
     """Echo core: a TUN packet goes to `peer_addr` prefixed with a type-4 header; a type-4 datagram
     comes out of the TUN without it. One timer deadline that sends b"tick" when due."""
 
+    on_earlier_deadline = None  # the driver's hook (meshwg.wg.driven.DrivenCore); this core never calls it
+
     def __init__(self, peer_addr):
         self.peer_addr = peer_addr
         self.out, self.tun, self.events = [], [], []
@@ -32,6 +34,8 @@ class FakeCore:
     def receive_datagram(self, data, addr, now):
         self.received.append((data, addr))
         self.tun.append(data[4:])
+
+    receive_wireguard = receive_datagram
 
     def handle_timer(self, now):
         if now >= self.timer:
