@@ -1,9 +1,10 @@
 """WireGuardCore: the sans-IO WireGuard state machine (docs/core-api.md, wireguard-protocol.md §3-§8).
 
 Inputs: receive_datagram, send_ip_packet, handle_timer (+ configuration calls). Outputs: datagrams_to_send,
-tun_packets_to_write, pop_events, get_timer, drops. It implements the driver's contract
-(meshwg.wg.driven.DrivenCore), with receive_wireguard and on_earlier_deadline as below. No clock, socket or OS access: `now` is monotonic
-seconds supplied by the caller; wall time is now + wall_offset; randomness comes from random_bytes.
+tun_packets_to_write, pop_events, get_timer, drops; it implements the driver's contract
+(meshwg.wg.driven.DrivenCore), receive_wireguard and on_earlier_deadline included. No clock, socket or OS
+access: `now` is monotonic seconds supplied by the caller; wall time is now + wall_offset; randomness comes
+from random_bytes.
 
 The type-4 paths (send_ip_packet, the transport branch of receive_datagram) are the hot path: they inline
 padding, sealing and the timer hooks and allocate only the output bytes.
