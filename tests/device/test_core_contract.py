@@ -5,6 +5,7 @@ the contract's members, binding the per-packet ones once per run."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import math
 import os
@@ -14,11 +15,10 @@ import pytest
 import trio
 
 from meshwg.io.driver import Driver
-from meshwg.io.tun import Tun
-from meshwg.io.udp import UdpBind
 from meshwg.mesh.node import MeshNode
 from meshwg.wg.device import WireGuardCore
 from meshwg.wg.driven import DrivenCore
+from test_driver_hooks import FakeCore, rig  # noqa: F401  (rig: a fixture; tests/device is on sys.path)
 
 # The contract as the driver uses it, spelled out: a member added to or dropped from DrivenCore must be
 # reflected here (and in docs/core-api.md).
@@ -59,44 +59,6 @@ def contract_gaps(core, proto=DrivenCore) -> list[str]:
         except TypeError as exc:
             gaps.append(f"{name}: cannot be called as {name}{want}: {exc}")
     return gaps
-
-
-class EchoCore:
-    """A minimal core implementing the contract: a TUN packet goes to `peer` behind a type-4 header, a
-    type-4 datagram comes out of the TUN without it; one settable deadline sends b"tick"."""
-
-    on_earlier_deadline = None
-
-    def __init__(self, peer):
-        self.peer, self.out, self.tun, self.timer, self.other = peer, [], [], math.inf, []
-
-    def receive_datagram(self, data, addr, now):
-        self.other.append(data)
-
-    def receive_wireguard(self, data, addr, now):
-        self.tun.append(data[4:])
-
-    def send_ip_packet(self, packet, now):
-        self.out.append((b"\x04\0\0\0" + packet, self.peer))
-
-    def handle_timer(self, now):
-        if now >= self.timer:
-            self.timer = math.inf
-            self.out.append((b"\x04\0\0\0tick", self.peer))
-
-    def datagrams_to_send(self):
-        out, self.out = self.out, []
-        return out
-
-    def tun_packets_to_write(self):
-        out, self.tun = self.tun, []
-        return out
-
-    def pop_events(self):
-        return []
-
-    def get_timer(self):
-        return self.timer
 
 
 class Recording:
@@ -145,13 +107,13 @@ def _without(cls, name):
 
 @pytest.mark.parametrize("name", sorted(MEMBERS))
 def test_a_core_missing_a_member_fails_the_check(name):
-    core = _without(EchoCore, name)(("127.0.0.1", 9))
-    assert contract_gaps(EchoCore(("127.0.0.1", 9))) == []
+    core = _without(FakeCore, name)(("127.0.0.1", 9))
+    assert contract_gaps(FakeCore(("127.0.0.1", 9))) == []
     assert contract_gaps(core) == [f"{name}: missing"]
 
 
 def test_a_member_the_driver_cannot_call_fails_the_check():
-    class Wrong(EchoCore):
+    class Wrong(FakeCore):
         on_earlier_deadline = 0.5                                  # a hook that is not one
         get_timer = math.inf                                       # not callable
 
@@ -169,18 +131,18 @@ def test_a_member_the_driver_cannot_call_fails_the_check():
                                                "send_ip_packet"]
 
 
-@pytest.fixture
-def rig():
-    far = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    far.bind(("127.0.0.1", 0))
-    far.settimeout(5)
-    tun_side, test_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    udp = UdpBind()
-    udp.open(0)
-    yield far, Tun.from_fd(tun_side.fileno(), "contract0"), test_side, udp
-    udp.close()
-    for sock in (far, tun_side, test_side):
-        sock.close()
+@contextlib.asynccontextmanager
+async def running(core, rig):
+    """A driver on `core` with the mesh hook set (WireGuard-shaped datagrams then go to receive_wireguard),
+    running; yields it and the datagrams the hook got."""
+    driver = Driver(core, rig.tun, rig.udp, clock=trio.current_time)
+    others = []
+    driver.on_other_datagram = lambda data, addr: others.append(data)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(5):
+            await nursery.start(driver.run)
+        yield driver, others
+        nursery.cancel_scope.cancel()
 
 
 async def _recv_tun(test_side) -> bytes:
@@ -193,48 +155,35 @@ async def _recv_tun(test_side) -> bytes:
 
 
 async def test_the_driver_touches_the_contract_only_and_binds_inputs_once(rig):
-    far, tun, test_side, udp = rig
-    echo = EchoCore(far.getsockname())
-    core = Recording(echo)
-    driver = Driver(core, tun, udp, clock=trio.current_time)
-    others = []
-    driver.on_other_datagram = lambda data, addr: others.append(data)
-    async with trio.open_nursery() as nursery:
-        with trio.fail_after(5):
-            await nursery.start(driver.run)
+    fake = FakeCore(rig.far.getsockname())
+    core = Recording(fake)
+    async with running(core, rig) as (driver, others):
         for i in range(5):
-            test_side.send(b"pkt%d" % i)
-        got = [(await trio.to_thread.run_sync(far.recvfrom, 100))[0] for _ in range(5)]
+            rig.test_side.send(b"pkt%d" % i)
+        got = [(await trio.to_thread.run_sync(rig.far.recvfrom, 100))[0] for _ in range(5)]
         assert got == [b"\x04\0\0\0pkt%d" % i for i in range(5)]
         for i in range(5):
-            far.sendto(WG_TRANSPORT[:-1] + bytes([i]), ("127.0.0.1", udp.port))
-            assert await _recv_tun(test_side) == WG_TRANSPORT[4:-1] + bytes([i])
-        echo.timer = trio.current_time() + 0.05
+            rig.far.sendto(WG_TRANSPORT[:-1] + bytes([i]), ("127.0.0.1", rig.udp.port))
+            assert await _recv_tun(rig.test_side) == WG_TRANSPORT[4:-1] + bytes([i])
+        fake.timer = trio.current_time() + 0.05
         await driver.flush()
-        assert (await trio.to_thread.run_sync(far.recvfrom, 100))[0] == b"\x04\0\0\0tick"
-        nursery.cancel_scope.cancel()
+        assert (await trio.to_thread.run_sync(rig.far.recvfrom, 100))[0] == b"\x04\0\0\0tick"
     assert set(core.touched) == MEMBERS
     # The per-packet inputs are looked up once per run, not per packet; the hook is set once.
     for name in ("on_earlier_deadline", "receive_datagram", "receive_wireguard", "send_ip_packet"):
         assert core.touched[name] == 1, name
-    assert echo.on_earlier_deadline == driver._deadline_moved
-    assert echo.other == [] and others == []
+    assert fake.on_earlier_deadline == driver._deadline_moved
+    assert len(fake.received) == 5 and others == []
 
 
 async def test_the_driver_drives_the_plain_core_through_the_contract(rig):
     """With the mesh hook set, a WireGuard datagram reaches the plain core through receive_wireguard
     (checked and counted there), and the driver owns the core's deadline hook."""
-    far, tun, test_side, udp = rig
     core = WireGuardCore(os.urandom(32), random_bytes=os.urandom)
-    driver = Driver(core, tun, udp, clock=trio.current_time)
-    others = []
-    driver.on_other_datagram = lambda data, addr: others.append(data)
-    async with trio.open_nursery() as nursery:
+    async with running(core, rig) as (driver, others):
+        assert core.on_earlier_deadline == driver._deadline_moved
+        rig.far.sendto(WG_TRANSPORT, ("127.0.0.1", rig.udp.port))
         with trio.fail_after(5):
-            await nursery.start(driver.run)
-            assert core.on_earlier_deadline == driver._deadline_moved
-            far.sendto(WG_TRANSPORT, ("127.0.0.1", udp.port))
             while not core.drops:
                 await trio.sleep(0.01)
         assert core.drops == {"unknown_index": 1} and others == []
-        nursery.cancel_scope.cancel()
