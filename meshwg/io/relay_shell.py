@@ -3,31 +3,29 @@
 Sends are non-blocking (the driver calls them from its flush): over UDP a SEND frame goes out of
 the shared socket at once; over TCP it is queued for a writer task; before any session is ready a
 few packets wait in a small queue (the first packets of a WireGuard handshake must not be lost).
-UDP is tried first; if no HELLO_OK came after UDP_GIVE_UP seconds the TCP relay is opened, and
-UDP hellos continue (slowly) so the node moves back to UDP when it starts working.
+Which transport carries them, and when the TCP relay is opened and closed, is meshwg.mesh.relay_policy's
+decision (UDP and TCP raced: TCP opens after 0.3 s without a UDP answer); this shell feeds it events
+and carries out its actions.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections import Counter, deque
 
 import trio
 
+from meshwg.mesh import relay_policy as P
 from meshwg.signaling import relay_wire as W
 from meshwg.signaling.invite import join_hostport
 from meshwg.control.relay_client import RelaySession, open_tcp_relay
 
 log = logging.getLogger("meshwg.relay")
 
-UDP_GIVE_UP = 3.0          # no UDP HELLO_OK this long: open the TCP relay
-UDP_RETRY_WHILE_TCP = 20.0  # while on TCP, try a UDP hello this often
 PENDING_MAX = 128
 TCP_QUEUE = 1024
-TICK = 0.25
 
 
 class RelayShell:
@@ -45,7 +43,8 @@ class RelayShell:
         self.udp_addrs: tuple = ()
         self.tcp_addrs: tuple = ()
         self.session: RelaySession | None = None
-        self.tcp = None
+        self.policy = P.RelayPolicy()
+        self.tcp = None                         # the ready TCP client, while the policy holds one
         self._tcp_send, self._tcp_recv = trio.open_memory_channel(TCP_QUEUE)
         self._pending: deque = deque(maxlen=PENDING_MAX)
         self.latency: float | None = None       # HELLO -> HELLO_OK round trip over UDP (seconds)
@@ -53,12 +52,10 @@ class RelayShell:
         self.observed = None                    # our address as the relay sees it
         self.counters: Counter = Counter()
         self.tx_by_peer: Counter = Counter()     # packets handed to the relay, per destination key
-        self._udp_since = math.inf              # when we started waiting for UDP to answer
-        self._last_refresh = -math.inf          # last hello sent because a peer fell back to the relay
-        self._last_udp_ok = -math.inf
         self._configured = trio.Event()
-        self._tcp_scope: trio.CancelScope | None = None
-        self.mode = "none"                      # "udp" | "tcp" | "none"
+        self._wake = trio.Event()               # an input changed the policy's deadlines
+        self._nursery: trio.Nursery | None = None
+        self._tcp_scopes: dict[int, trio.CancelScope] = {}  # per TCP attempt
 
     @property
     def relay_addr(self):
@@ -70,10 +67,8 @@ class RelayShell:
         if (server_key, udp_addrs, tcp_addrs) == (self.server_key, self.udp_addrs, self.tcp_addrs):
             return
         self.server_key, self.udp_addrs, self.tcp_addrs = server_key, udp_addrs, tcp_addrs
-        self.session = RelaySession(self.private_key, server_key, self._random)
-        self._udp_since = self.clock()
+        self._new_session()
         self._configured.set()
-        self._hello(self.clock())
 
     def server_restarted(self) -> None:
         """The control channel came back: the relay may have restarted and forgotten our session.
@@ -83,22 +78,29 @@ class RelayShell:
         answers to peers, e.g. a handshake response, would be lost)."""
         if self.server_key is None:
             return
+        self._new_session()
+
+    def _new_session(self) -> None:
         self.session = RelaySession(self.private_key, self.server_key, self._random)
-        self._udp_since = self.clock()
-        self._hello(self.clock())
+        now = self.clock()
+        self.policy.configured(now, bool(self.tcp_addrs))
+        self._hello(now)
 
     def refresh(self) -> None:
         """A peer just fell back to the relay: re-open our NAT mapping towards it now.
 
         The relay reaches us only through the mapping our last packet to it created; after a NAT
-        rebinding that mapping is gone until our next periodic hello or STUN (up to ~25 s). One hello
-        per fallback (at most one a second) fixes that."""
+        rebinding that mapping is gone until our next periodic hello or STUN (up to ~25 s)."""
         now = self.clock()
-        if now - self._last_refresh >= 1.0:
-            self._last_refresh = now
+        if self.policy.peer_fell_back(now):
             self._hello(now)
 
     # ---- status ------------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        """"udp" | "tcp" | "none": where sends go now."""
+        return self.policy.transport(self.clock()) or "none"
+
     def ready(self, now: float | None = None) -> bool:
         now = self.clock() if now is None else now
         return (self.session is not None and self.session.is_ready(now)) or self.tcp is not None
@@ -114,10 +116,8 @@ class RelayShell:
     # ---- data path (sync, non-blocking) ------------------------------------------------------
     def send(self, dst: bytes, packet: bytes) -> None:
         self.tx_by_peer[dst] += 1
-        s = self.session
-        now = self.clock()
-        if s is not None and s.is_ready(now):
-            frame = s.encode_send(dst, packet)
+        if self.policy.transport(self.clock()) == P.UDP:
+            frame = self.session.encode_send(dst, packet)
             if frame is not None and self.udp_send(frame, self.relay_addr):
                 self.counters["tx_udp"] += 1
                 return
@@ -147,16 +147,15 @@ class RelayShell:
         elif ev[0] == "ready":
             self.latency = max(0.0, now - s.last_hello)
             self.observed = ev[1]
-            self._last_udp_ok = now
-            if self.mode != "udp":
+            if not self.policy.udp_ready_at(now):
                 log.info("relay: UDP session ready via %s:%s (%.1f ms)", *self.relay_addr, self.latency * 1000)
-            self.mode = "udp"
+            self.policy.udp_ready(now, s.ready_until)
+            self._wake.set()
             self._confirm()
             self._flush_pending(now)
         elif ev[0] == "notice":
             self.counters[f"notice_{ev[1]}"] += 1
-            if ev[1] in (W.N_REHELLO, W.N_STALE_HELLO) and s.needs_hello(now):
-                self._hello(now)  # at most once a second (notices can be forged); run() sends a deferred one
+            self._wake.set()  # a re-hello notice moved the session's hello timer (answered at most 1/s)
 
     def _flush_pending(self, now: float) -> None:
         pending, self._pending = list(self._pending), deque(maxlen=PENDING_MAX)
@@ -171,36 +170,56 @@ class RelayShell:
             self.counters["confirm_udp"] += 1
 
     def _hello(self, now: float) -> None:
+        self.policy.udp_hello_sent(now)
+        self._wake.set()
         if self.session is None or self.relay_addr is None:
             return
         self.udp_send(self.session.hello(now, time.time()), self.relay_addr)
         self.counters["hello_udp"] += 1
 
+    def _rand01(self) -> float:
+        return int.from_bytes(self._random(4), "big") / 2**32
+
     # ---- tasks -------------------------------------------------------------------------------
     async def run(self) -> None:
-        """Keep the UDP session alive; fall back to TCP while UDP does not answer."""
+        """Carry out the policy's actions at its deadlines, and whenever an input may have moved them."""
         await self._configured.wait()
         async with trio.open_nursery() as nursery:
-            while True:
-                now = self.clock()
-                s = self.session
-                udp_ok = s.is_ready(now)
-                if self.tcp is None:
-                    if s.needs_hello(now):
-                        self._hello(now)
-                    if not udp_ok and now - max(self._udp_since, self._last_udp_ok) >= UDP_GIVE_UP and self.tcp_addrs:
-                        await nursery.start(self._run_tcp)
-                        self._udp_since = self.clock()
-                elif udp_ok:
-                    # UDP works again: the relay rebound us to UDP at its HELLO_OK; drop TCP.
-                    if self._tcp_scope is not None:
-                        self._tcp_scope.cancel()
-                elif now - s.last_hello >= UDP_RETRY_WHILE_TCP:
-                    self._hello(now)
-                await trio.sleep(TICK)
+            self._nursery = nursery
+            try:
+                while True:
+                    self._wake = trio.Event()
+                    now = self.clock()
+                    self._apply(now)
+                    deadline = self.policy.next_deadline(now, self.session.get_timer())
+                    # The deadline is on self.clock; trio sleeps on its own clock.
+                    with trio.move_on_at(trio.current_time() + max(0.0, deadline - self.clock())):
+                        await self._wake.wait()
+            finally:
+                self._nursery = None
 
-    async def _run_tcp(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        started = False
+    def _apply(self, now: float) -> None:
+        for action in self.policy.tick(now, self.session.get_timer()):
+            if isinstance(action, P.HelloUdp):
+                self._hello(now)
+            elif isinstance(action, P.OpenTcp):
+                self._nursery.start_soon(self._run_tcp, action.attempt)
+            elif isinstance(action, P.CloseTcp):
+                scope = self._tcp_scopes.get(action.attempt)
+                if scope is not None:
+                    log.info("relay: UDP relay answers again: closing the TCP relay")
+                    scope.cancel()
+
+    async def _run_tcp(self, attempt: int) -> None:
+        with trio.CancelScope() as scope:
+            self._tcp_scopes[attempt] = scope
+            try:
+                await self._tcp_session(attempt)
+            finally:
+                del self._tcp_scopes[attempt]
+
+    async def _tcp_session(self, attempt: int) -> None:
+        client = None
         for host, port in self.tcp_addrs:
             t0 = self.clock()
             try:
@@ -209,27 +228,28 @@ class RelayShell:
                 log.info("relay: TCP %s:%s failed: %s", host, port, exc)
                 continue
             self.tcp_latency = self.clock() - t0
-            self.tcp = client
-            self.mode = "tcp"
-            log.info("relay: using TCP relay %s:%s (UDP relay did not answer)", host, port)
-            task_status.started()
-            started = True
-            try:
-                with trio.CancelScope() as self._tcp_scope:
-                    async with trio.open_nursery() as n:
-                        n.start_soon(self._tcp_writer, client, n.cancel_scope)
-                        n.start_soon(self._tcp_reader, client, n.cancel_scope)
-                        self._flush_pending(self.clock())
-            finally:
-                self.tcp = None
-                self._tcp_scope = None
-                if self.mode == "tcp":
-                    self.mode = "none"
-                with trio.CancelScope(shield=True):
-                    await client.aclose()
             break
-        if not started:
-            task_status.started()
+        self._wake.set()
+        if client is None:
+            self.policy.tcp_failed(self.clock(), attempt, self._rand01())
+            return
+        try:
+            self.policy.tcp_ready(self.clock(), attempt)
+            if not self.policy.tcp_current(attempt):
+                return
+            self.tcp = client
+            log.info("relay: using TCP relay %s:%s (UDP relay did not answer)", host, port)
+            async with trio.open_nursery() as n:
+                n.start_soon(self._tcp_writer, client, n.cancel_scope)
+                n.start_soon(self._tcp_reader, client, n.cancel_scope)
+                self._flush_pending(self.clock())
+            self.policy.tcp_lost(self.clock(), attempt, self._rand01())  # ignored after our own CloseTcp
+        finally:
+            if self.tcp is client:
+                self.tcp = None
+            self._wake.set()
+            with trio.CancelScope(shield=True):
+                await client.aclose()
 
     async def _tcp_reader(self, client, scope) -> None:
         try:
