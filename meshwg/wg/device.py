@@ -1,4 +1,4 @@
-"""WireGuardCore: the sans-IO WireGuard state machine (docs/core-api.md, wireguard-protocol.md §3-§8).
+"""WireGuardCore: the sans-IO WireGuard state machine (docs/core-api.md; WireGuard whitepaper §5-§6).
 
 Inputs: receive_datagram, send_ip_packet, handle_timer (+ configuration calls). Outputs: datagrams_to_send,
 tun_packets_to_write, pop_events, get_timer, drops; it implements the driver's contract
