@@ -74,6 +74,15 @@ class Shell:
         return [t for t, a in self.log if a == "hello" or isinstance(a, P.HelloUdp)]
 
 
+def on_tcp() -> tuple[Shell, P.OpenTcp]:
+    """UDP blocked: the TCP relay opened at ~0.3 s and ready at 0.4 s."""
+    sh = Shell()
+    sh.run_until(0.4)
+    [(_, op)] = sh.opens()
+    sh.p.tcp_ready(0.4, op.attempt)
+    return sh, op
+
+
 def test_udp_works_no_tcp_ever_opened():
     sh = Shell()
     sh.now = 0.02
@@ -117,10 +126,7 @@ def test_without_tcp_addresses_nothing_is_opened():
 
 
 def test_udp_comes_back_while_on_tcp_sends_move_back_and_tcp_closes_after_a_grace():
-    sh = Shell()
-    sh.run_until(0.5)
-    [(_, op)] = sh.opens()
-    sh.p.tcp_ready(0.4, op.attempt)
+    sh, op = on_tcp()
     sh.run_until(30.0)
     assert sh.p.transport(sh.now) == P.TCP
     sh.udp_answers()                                  # the 20 s UDP retry got its HELLO_OK
@@ -136,10 +142,7 @@ def test_udp_comes_back_while_on_tcp_sends_move_back_and_tcp_closes_after_a_grac
 
 
 def test_udp_lapsing_again_during_the_grace_keeps_tcp():
-    sh = Shell()
-    sh.run_until(0.5)
-    [(_, op)] = sh.opens()
-    sh.p.tcp_ready(0.4, op.attempt)
+    sh, op = on_tcp()
     sh.run_until(20.0)
     sh.udp_answers(ttl=0.5)                           # a session that lapses at once (say, an expiry)
     sh.run_until(25.0)
@@ -205,10 +208,7 @@ def test_udp_answer_stops_tcp_retries():
 
 
 def test_tcp_lost_while_udp_silent_reconnects():
-    sh = Shell()
-    sh.run_until(0.5)
-    [(_, op)] = sh.opens()
-    sh.p.tcp_ready(0.4, op.attempt)
+    sh, op = on_tcp()
     sh.run_until(100.0)
     sh.p.tcp_lost(100.0, op.attempt, 0.5)             # after a long session: a fresh backoff
     assert sh.p.transport(100.0) is None
@@ -224,10 +224,7 @@ def test_tcp_lost_while_udp_silent_reconnects():
 def test_relay_restart_on_tcp():
     """The relay restarts: the TCP connection drops, reconnecting fails while it is down (backing off), the
     control channel's return starts a new session (configured), and the race starts over at once."""
-    sh = Shell()
-    sh.run_until(0.5)
-    [(_, op)] = sh.opens()
-    sh.p.tcp_ready(0.4, op.attempt)
+    sh, op = on_tcp()
     sh.run_until(50.0)
     sh.p.tcp_lost(50.0, op.attempt, 0.5)
     for _ in range(4):                                # the relay is down: each attempt fails

@@ -1,0 +1,98 @@
+"""The relay shell carries out meshwg.mesh.relay_policy on trio's (mock) clock: with UDP blocked the TCP relay
+is opened ~0.3 s after the first hello (issue 15: 3 s before) and what waited goes out over it; when UDP
+answers again, sends move back to it and the TCP connection is closed a moment later."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import trio
+
+from meshwg.io import relay_shell
+from meshwg.io.relay_shell import RelayShell
+from meshwg.wg import crypto
+from signal_server.relay import RelayCore
+
+SERVER_SK = bytes(range(100, 132))
+SERVER_PK = crypto.dh_pub(crypto.clamp(SERVER_SK))
+SERVER_ADDR = ("203.0.113.10", 3478)
+NODE_SK, PEER_SK = bytes(range(1, 33)), bytes(range(33, 65))
+NODE_ADDR = ("198.51.100.1", 1000)
+
+
+class FakeTcp:
+    """What open_tcp_relay returns: records sends, receives nothing until closed."""
+
+    def __init__(self):
+        self.sent: list[tuple[bytes, bytes]] = []
+        self.closed_at: float | None = None
+
+    async def send(self, dst, packet):
+        self.sent.append((dst, packet))
+
+    async def receive(self):
+        await trio.sleep_forever()
+
+    async def aclose(self):
+        self.closed_at = trio.current_time()
+
+
+async def test_udp_blocked_tcp_after_a_third_of_a_second_then_back_to_udp(autojump_clock, monkeypatch):
+    opened: list[tuple[float, FakeTcp]] = []
+
+    async def open_tcp_relay(host, port, *_args, **_kw):
+        client = FakeTcp()
+        opened.append((trio.current_time(), client))
+        return client
+
+    monkeypatch.setattr(relay_shell, "open_tcp_relay", open_tcp_relay)
+    relay = RelayCore(SERVER_SK, os.urandom)
+    relay.set_allowed([crypto.dh_pub(crypto.clamp(NODE_SK))])
+    udp = {"works": False}
+    udp_out: list[bytes] = []
+
+    def udp_send(data, dst):
+        assert dst == SERVER_ADDR
+        if udp["works"]:
+            udp_out.append(data)
+        return True  # the socket takes it; a firewall drops it when UDP is blocked
+
+    shell = RelayShell(NODE_SK, udp_send=udp_send, deliver=lambda *_: None, after_rx=None,
+                       clock=trio.current_time)
+    peer = crypto.dh_pub(crypto.clamp(PEER_SK))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(shell.run)
+        t0 = trio.current_time()
+        shell.configure(SERVER_PK, [SERVER_ADDR], [("203.0.113.10", 7301)])
+        shell.send(peer, b"handshake initiation")        # before any session: waits
+        with trio.fail_after(10):
+            while not (opened and shell.mode == "tcp"):
+                await trio.sleep(0.01)
+        t_open, tcp = opened[0]
+        assert 0.25 <= t_open - t0 <= 0.4                   # the issue: TCP after ~0.3 s, not 3 s
+        await trio.sleep(0.05)
+        assert tcp.sent == [(peer, b"handshake initiation")]   # the waiting packet went out over TCP
+        shell.send(peer, b"data")
+        await trio.sleep(0.05)
+        assert tcp.sent[-1] == (peer, b"data") and shell.counters["tx_tcp"] == 2
+
+        # UDP comes back: the next UDP hello (while on TCP, one every 20 s) gets its HELLO_OK.
+        udp["works"] = True
+        with trio.fail_after(30):
+            while not udp_out:
+                await trio.sleep(0.1)
+        t_back = trio.current_time()
+        for data in udp_out:
+            for frame, _ in relay.handle_untrusted(data, NODE_ADDR, t_back, time.time()):
+                shell.handle_udp(frame, SERVER_ADDR, t_back)
+        assert shell.mode == "udp"
+        shell.send(peer, b"over udp")
+        assert shell.counters["tx_udp"] == 1 and len(tcp.sent) == 2
+        with trio.fail_after(10):
+            while tcp.closed_at is None:
+                await trio.sleep(0.05)
+        assert 0.5 <= tcp.closed_at - t_back <= 5.0        # a grace for what the relay already wrote to TCP
+        await trio.sleep(60)
+        assert len(opened) == 1 and shell.mode == "udp"
+        nursery.cancel_scope.cancel()
