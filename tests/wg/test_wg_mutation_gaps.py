@@ -115,11 +115,7 @@ def test_expired_keypair_and_bad_cookie_reply_counted_each_time():
     wires = [kp.seal(ipv4_packet(A_IP, B_IP)) for _ in range(2)]
     assert twice(p.b, lambda: p.b.receive_datagram(wires.pop(), A_ADDR, kp.created + 180.0)) == {"expired_keypair": 2}
     q = Pair()
-    q.b.note_handshake_backlog(500, 0.0)
-    q.a.initiate_handshake(q.pa, 0.0)
-    [(init, _)] = q.a.datagrams_to_send()
-    q.b.receive_datagram(init, A_ADDR, 0.0)
-    [(reply, _)] = q.b.datagrams_to_send()
+    reply = q.cookie_reply()
     bad = reply[:40] + bytes([reply[40] ^ 1]) + reply[41:]
     assert twice(q.a, lambda: q.a.receive_datagram(bad, q.addr[id(q.b)], 0.0)) == {"bad_cookie_reply": 2}
 
@@ -468,13 +464,10 @@ def test_rate_limiter_burst_refill_and_forgetting():
 
 def test_every_message_type_round_trips_with_its_fields():
     p = Pair()
-    p.b.note_handshake_backlog(500, 0.0)
-    p.a.initiate_handshake(p.pa, 0.0)
-    [(init, _)] = p.a.datagrams_to_send()
-    p.b.receive_datagram(init, A_ADDR, 0.0)
-    [(cookie, _)] = p.b.datagrams_to_send()
+    cookie = p.cookie_reply()
     q = Pair()
     q.send_a()
+    init = next(d for _, _, d in q.sent if d[0] == 1)
     resp = next(d for _, _, d in q.sent if d[0] == 2)
     data = next(d for _, _, d in q.sent if d[0] == 4 and len(d) > 32)
     for wire in (init, cookie, resp, data):

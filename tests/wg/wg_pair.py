@@ -52,6 +52,15 @@ class Pair:
         self.events_a: list = []
         self.events_b: list = []
 
+    def cookie_reply(self, now: float = 0.0) -> bytes:
+        """b under load answers a fresh initiation from a with a cookie reply (type 3), returned undelivered."""
+        self.b.note_handshake_backlog(500, now)
+        self.a.initiate_handshake(self.pa, now)
+        [(init, _)] = self.a.datagrams_to_send()
+        self.b.receive_datagram(init, A_ADDR, now)
+        [(reply, _)] = self.b.datagrams_to_send()
+        return reply
+
     def core_at(self, addr):
         if addr == B_ADDR:
             return self.b
