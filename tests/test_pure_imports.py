@@ -18,7 +18,8 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PURE_PACKAGES = ("meshwg/wg", "meshwg/disco", "meshwg/mesh", "meshwg/signaling", "meshwg/config")
+PURE_PACKAGES = ("meshwg/wg", "meshwg/disco", "meshwg/disco/techniques", "meshwg/mesh", "meshwg/signaling",
+                 "meshwg/config")
 PURE_MODULES = (
     "meshwg/token_bucket.py", "meshwg/nonce_cache.py", "meshwg/control/reconnect.py", "meshwg/io/route_plan.py",
     "signal_server/conn_limits.py", "signal_server/directory.py", "signal_server/invites.py", "signal_server/ipam.py",

@@ -13,7 +13,8 @@ sealed datagrams. Policy in short:
   bucket, plus the node's global bucket passed in as `budget` (the node also bounds each address).
 - A ping's source becomes a candidate only once it answered a ping of ours from that same address
   (Tailscale's disco does the same): a sealed ping from a spoofed source earns one ping back, no more.
-- Birthday-paradox mode when exactly one side's NAT maps per destination (see BirthdayPlan).
+- NAT traversal techniques (meshwg.disco.techniques, birthday punching first) run beside the probe rounds:
+  PeerPaths arms and polls them, sends their probes and passes their socket actions on.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import math
 from dataclasses import dataclass
 
 from meshwg.disco import paths as P
-from meshwg.disco.netcheck import EDM, EIM
+from meshwg.disco.netcheck import EDM
+from meshwg.disco.techniques import Probe, Started, Technique
+from meshwg.disco.techniques import birthday as BD
 from meshwg.token_bucket import TokenBucket
 
 MAX_CANDIDATES = 16
@@ -38,23 +41,16 @@ VERIFY_INTERVAL = 1.0        # at most one verification ping a second to an unve
 # Candidate sources, best first when the list must be truncated.
 SOURCE_RANK = {"observed": 0, "stun": 1, "directory": 2, "ping": 3, "cmm": 4, "local": 5}
 
-# Birthday-paradox parameters (Tailscale's numbers: 256 ports x 1024 probes ~ 98 %).
-BIRTHDAY_SOCKETS = 256
-BIRTHDAY_PROBES = 1024
-BIRTHDAY_PROBE_RATE = 200.0   # probes per second from the easy side
-BIRTHDAY_HARD_ROUNDS = 8      # pings per extra socket (one per second) from the hard side
-BIRTHDAY_DELAY = 2.0          # start after a normal round had this long to succeed
-BIRTHDAY_MIN_INTERVAL = 60.0  # at most one attempt per minute per peer
-# Birthday probes get their own accounting: many outstanding txids are expected.
-BIRTHDAY_MAX_PENDING = MAX_PENDING_PINGS + BIRTHDAY_PROBES
+# The NAT traversal techniques every peer runs (one file each in meshwg/disco/techniques).
+TECHNIQUES: tuple[type[Technique], ...] = (BD.Birthday,)
 
 
 @dataclass(frozen=True)
 class SendPing:
     addr: tuple
     txid: bytes
-    via: int | None = None        # extra socket index (birthday mode), None = main socket
-    birthday: bool = False        # a birthday probe (the node bounds these per target IP)
+    via: int | None = None        # extra socket index (a technique's), None = main socket
+    technique: str | None = None  # the technique's probe (the node bounds these per target IP), None = a normal one
 
 
 @dataclass(frozen=True)
@@ -68,37 +64,6 @@ class SendPong:
 @dataclass(frozen=True)
 class SendCallMeMaybe:
     pass
-
-
-@dataclass(frozen=True)
-class OpenSockets:
-    """Birthday mode, hard side: open `count` extra UDP sockets (any port) for this peer, feed what
-    they receive to node.receive_datagram(..., via=i) with i in 1..count, and send the node's
-    SocketEndpoint(i, addr) datagrams from socket i. Close them on CloseSockets."""
-    count: int
-
-
-@dataclass(frozen=True)
-class CloseSockets:
-    keep: tuple = ()               # socket indexes that carry traffic with the peer (keep them open)
-
-
-@dataclass(frozen=True)
-class BirthdayPlan:
-    """What a birthday-paradox attempt does (for status/tests; the actions are emitted over time).
-
-    role "hard": we map per destination. Open `sockets` extra sockets, each pings the peer's observed
-    address `rounds` times (1/s): this creates `sockets` random mappings on our NAT.
-    role "easy": our mapping is stable. Ping the peer's public IP on `probes` distinct random ports at
-    `rate`/s from the main socket; each hit lands on one of the hard side's mappings, which the easy
-    side's own probe has just opened in its filter, so the pong comes back.
-    """
-    role: str
-    target_ip: str
-    sockets: int = 0
-    probes: int = 0
-    rate: float = 0.0
-    rounds: int = 0
 
 
 @dataclass
@@ -165,16 +130,10 @@ class PeerPaths:
         self._pong_bucket = TokenBucket(PONG_RATE, PONG_BURST)
         self._outbox: list = []
         self.counters = {"pings_sent": 0, "pongs_received": 0, "pings_rate_limited": 0,
-                         "pongs_unmatched": 0, "path_changes": 0, "birthday_attempts": 0}
-        # birthday mode
-        self.birthday: BirthdayPlan | None = None
-        self._bd_next = math.inf
-        self._bd_sent = 0
-        self._bd_ports: list[int] = []
-        self._bd_last_attempt = -math.inf
-        self._bd_start_at = math.inf
-        self._bd_end = math.inf
-        self._live_vias: set[int] = set()
+                         "pongs_unmatched": 0, "path_changes": 0}
+        self.techniques: list[Technique] = [t(random_bytes) for t in TECHNIQUES]
+        for t in self.techniques:
+            self.counters[f"{t.name}_attempts"] = 0
         self._verifying: dict[tuple, tuple] = {}   # unverified ping source -> (last ping back, via)
 
     # --- inputs -----------------------------------------------------------------------------
@@ -235,7 +194,7 @@ class PeerPaths:
         self.probe_attempt = 0
         self.next_probe_at = now
         self.want_cmm = True
-        self._maybe_arm_birthday(now)
+        self._arm_techniques(now)
 
     def on_call_me_maybe(self, endpoints, now: float) -> None:
         self.set_candidates("cmm", endpoints, now)
@@ -243,7 +202,7 @@ class PeerPaths:
         # us active nor sends a call-me-maybe back (two idle peers must not keep each other awake).
         self._answer_cmm = True
         if self.active(now):
-            self._maybe_arm_birthday(now)
+            self._arm_techniques(now)
 
     def on_ping(self, txid: bytes, src: tuple, via: int | None, now: float) -> None:
         if not self._pong_bucket.take(now):
@@ -253,7 +212,7 @@ class PeerPaths:
         if not valid_candidate(src):
             return
         if via is not None:
-            self._live_vias.add(via)   # the peer reaches us on this socket: it must stay open
+            self._socket_alive(via)   # the peer reaches us on this socket: it must stay open
         cand = self.candidates.get(src)
         if cand is None:
             self._verify_source(src, via, now)
@@ -305,7 +264,7 @@ class PeerPaths:
         cand.last_pong, cand.latency = now, latency
         if pvia is not None:
             cand.via = pvia
-            self._live_vias.add(pvia)
+            self._socket_alive(pvia)
         scored = P.ScoredPath(addr, latency, advertised=cand.source != "ping")
         if self.best is not None and self.best.addr == addr:
             self.best = scored
@@ -316,8 +275,7 @@ class PeerPaths:
             self.counters["path_changes"] += 1
             self.next_heartbeat_at = now + P.HEARTBEAT_INTERVAL
             self._contend_left = P.CONTENDER_ROUNDS
-            if self.birthday is not None:
-                self._end_birthday()
+            self._stop_techniques()
         self._trim()
         self.unanswered_since = None
         self.probe_attempt = 0
@@ -376,11 +334,10 @@ class PeerPaths:
                     self._ping_contenders(now, budget)
             if now >= self.next_probe_at:
                 self._probe_round(now, wall, budget)
-            if now >= self._bd_start_at:
-                self._start_birthday(now)
-            self._birthday_step(now, budget)
-        elif self.birthday is not None:
-            self._end_birthday()
+            for t in self.techniques:
+                self._run(t, t.poll(self, now, budget), now)
+        else:
+            self._stop_techniques()
         if self.want_cmm and active and now >= self.last_cmm_sent + P.CALL_ME_MAYBE_MIN_INTERVAL:
             self.want_cmm = False
             self.last_cmm_sent = now
@@ -407,7 +364,7 @@ class PeerPaths:
             self.next_probe_at = now + P.probe_interval(self.probe_attempt)
             self.probe_attempt += 1
             self.want_cmm = True
-            self._maybe_arm_birthday(now)
+            self._arm_techniques(now)
         for cand in list(self.candidates.values()):
             self._ping(cand, now, budget)
 
@@ -430,104 +387,59 @@ class PeerPaths:
         cand.last_ping = now
         return True
 
-    def _send_ping(self, addr: tuple, via: int | None, now: float, max_pending: int, birthday: bool = False) -> None:
+    def _send_ping(self, addr: tuple, via: int | None, now: float, max_pending: int,
+                   technique: str | None = None) -> None:
         """Emit a ping and remember its txid, evicting the oldest pending one beyond max_pending."""
         txid = self._random(12)
         if len(self._pending) >= max_pending:
             self._pending.pop(next(iter(self._pending)))
         self._pending[txid] = (addr, now, via)
         self.counters["pings_sent"] += 1
-        self._outbox.append(SendPing(addr, txid, via, birthday))
+        self._outbox.append(SendPing(addr, txid, via, technique))
 
-    # --- birthday paradox ---------------------------------------------------------------------
-    def _observed_addr(self) -> tuple | None:
-        """The peer's address as the signal server saw it: the only one birthday probes aim at (no
+    # --- NAT traversal techniques (meshwg.disco.techniques) ------------------------------------
+    def observed_addr(self) -> tuple | None:
+        """The peer's address as the signal server saw it: the only one a technique's bursts aim at (no
         address a peer reported, nor one it pinged us from: those can name anyone)."""
         return next((c.addr for c in self.candidates.values() if c.source == "observed"), None)
 
+    @property
+    def birthday(self) -> BD.BirthdayPlan | None:
+        """The running birthday attempt, or None."""
+        return self._technique(BD.Birthday.name).plan
+
     def birthday_role(self) -> str | None:
-        if self.local_nat == EDM and self.peer_nat == EIM:
-            return "hard"
-        if self.local_nat == EIM and self.peer_nat == EDM:
-            return "easy"
-        return None
+        return BD.role_for(self.local_nat, self.peer_nat)
 
-    def _maybe_arm_birthday(self, now: float) -> None:
-        if (self.birthday is None and self.birthday_role() and not self.direct(now)
-                and now - self._bd_last_attempt >= BIRTHDAY_MIN_INTERVAL and self._observed_addr()):
-            self._bd_start_at = now + BIRTHDAY_DELAY
+    def holds_sockets(self) -> bool:
+        """A running technique has extra sockets open for this peer (the node closes them if it goes)."""
+        return any(t.holds_sockets for t in self.techniques)
 
-    def _start_birthday(self, now: float) -> None:
-        self._bd_start_at = math.inf
-        role, observed = self.birthday_role(), self._observed_addr()
-        if self.direct(now) or role is None or observed is None:
-            return
-        ip = observed[0]
-        self._bd_last_attempt = now
-        self.counters["birthday_attempts"] += 1
-        self._bd_sent = 0
-        self._bd_next = now
-        if role == "hard":
-            self._live_vias = set()
-            self.birthday = BirthdayPlan("hard", ip, sockets=BIRTHDAY_SOCKETS, rounds=BIRTHDAY_HARD_ROUNDS)
-            self._outbox.append(OpenSockets(BIRTHDAY_SOCKETS))
-            self._bd_next = now + 0.05   # the shell opens the sockets before their first ping
-            self._bd_end = now + BIRTHDAY_HARD_ROUNDS + 2.0
-        else:
-            self.birthday = BirthdayPlan("easy", ip, probes=BIRTHDAY_PROBES, rate=BIRTHDAY_PROBE_RATE)
-            self._bd_ports = self._random_ports(BIRTHDAY_PROBES)
-            self._bd_end = now + BIRTHDAY_PROBES / BIRTHDAY_PROBE_RATE + 3.0
+    def _technique(self, name: str) -> Technique:
+        return next(t for t in self.techniques if t.name == name)
 
-    def _random_ports(self, n: int) -> list[int]:
-        # Distinct ports in 1024..65535 drawn from the injected randomness.
-        seen: set[int] = set()
-        out: list[int] = []
-        while len(out) < n:
-            raw = self._random(2 * (n - len(out)) + 8)
-            for i in range(0, len(raw) - 1, 2):
-                p = 1024 + int.from_bytes(raw[i:i + 2], "big") % (65536 - 1024)
-                if p not in seen:
-                    seen.add(p)
-                    out.append(p)
-                    if len(out) == n:
-                        break
-        return out
+    def _arm_techniques(self, now: float) -> None:
+        for t in self.techniques:
+            t.arm(self, now)
 
-    def _birthday_step(self, now: float, budget) -> None:
-        plan = self.birthday
-        if plan is None:
-            return
-        if now >= self._bd_end or self.direct(now):
-            self._end_birthday()
-            return
-        if now < self._bd_next:
-            return
-        target = self._observed_addr()
-        if plan.role == "hard":
-            if target is None or self._bd_sent >= plan.rounds:
-                self._bd_next = math.inf
-                return
-            for i in range(1, plan.sockets + 1):
-                if budget is not None and not budget(1):
-                    break
-                self._send_ping(target, i, now, BIRTHDAY_MAX_PENDING, birthday=True)
-            self._bd_sent += 1
-            self._bd_next = now + 1.0
-            return
-        # easy side: a paced batch every 50 ms
-        due = int(min(len(self._bd_ports), max(1, BIRTHDAY_PROBE_RATE * 0.05)))
-        for _ in range(due):
-            if not self._bd_ports or (budget is not None and not budget(1)):
-                break
-            self._send_ping((plan.target_ip, self._bd_ports.pop()), None, now, BIRTHDAY_MAX_PENDING, birthday=True)
-        self._bd_next = now + 0.05 if self._bd_ports else math.inf
+    def _stop_techniques(self) -> None:
+        for t in self.techniques:
+            if t.running:
+                self._outbox += t.stop()
 
-    def _end_birthday(self) -> None:
-        if self.birthday is not None and self.birthday.role == "hard":
-            self._outbox.append(CloseSockets(tuple(sorted(self._live_vias))))
-        self.birthday = None
-        self._bd_ports = []
-        self._bd_next = self._bd_end = math.inf
+    def _socket_alive(self, via: int) -> None:
+        for t in self.techniques:
+            t.socket_alive(via)
+
+    def _run(self, t: Technique, actions: list, now: float) -> None:
+        """Carry out a technique's actions: its probes become pings with their own pending bound."""
+        for act in actions:
+            if isinstance(act, Probe):
+                self._send_ping(act.addr, act.via, now, MAX_PENDING_PINGS + t.max_outstanding, technique=t.name)
+            elif isinstance(act, Started):
+                self.counters[f"{t.name}_attempts"] += 1
+            else:
+                self._outbox.append(act)
 
     # --- scheduling ---------------------------------------------------------------------------
     def get_timer(self, now_hint: float | None = None) -> float:
@@ -535,8 +447,8 @@ class PeerPaths:
         if self.last_activity > -math.inf:
             idle_at = self.last_activity + P.SESSION_ACTIVE_TIMEOUT
             if now_hint is None or now_hint < idle_at:
-                t += [self.next_probe_at, self._bd_start_at, self._bd_next,
-                      self._bd_end if self.birthday else math.inf]
+                t.append(self.next_probe_at)
+                t += [tech.deadline() for tech in self.techniques]
                 if self.best is not None:
                     t.append(self.next_heartbeat_at)
                 if self.want_cmm:

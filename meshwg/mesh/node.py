@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from meshwg.disco import netcheck as NC
 from meshwg.disco import stun
 from meshwg.disco.messages import CallMeMaybe, DiscoCodec, Ping, Pong, endpoints_bounded
-from meshwg.disco.peer_paths import (CloseSockets, OpenSockets, PeerPaths, SendCallMeMaybe, SendPing,
-                                     SendPong)
+from meshwg.disco.peer_paths import TECHNIQUES, PeerPaths, SendCallMeMaybe, SendPing, SendPong
+from meshwg.disco.techniques import CloseSockets, OpenSockets
 from meshwg.mesh import demux
 from meshwg.mesh.netmap import AddPeer, ChangePeer, PeerSpec, RemovePeer, diff, route_changes
 from meshwg.token_bucket import KeyedLimiter, TokenBucket
@@ -58,8 +58,6 @@ PROBE_ADDR_BURST = 30.0
 PROBE_IP_RATE = 10.0          # pings a second to any one IP (IPv6: /64), all ports and peers together
 PROBE_IP_BURST = 60.0
 PROBE_CONFIRMED = 30.0        # an address that answered this peer this recently skips the per-IP bound
-BIRTHDAY_IP_BURST = 2048.0    # birthday probes to any one IP: one attempt (256 sockets x 8 rounds)...
-BIRTHDAY_IP_RATE = BIRTHDAY_IP_BURST / 60.0   # ...a minute
 PROBE_ADDR_KEYS = 65536       # addresses tracked; idle ones are forgotten first
 
 
@@ -163,7 +161,8 @@ class MeshNode:
         self._budget = TokenBucket(global_probe_rate, global_probe_burst)
         self._addr_limit = KeyedLimiter(PROBE_ADDR_RATE, PROBE_ADDR_BURST, PROBE_ADDR_KEYS)
         self._ip_limit = KeyedLimiter(PROBE_IP_RATE, PROBE_IP_BURST, PROBE_ADDR_KEYS)
-        self._birthday_limit = KeyedLimiter(BIRTHDAY_IP_RATE, BIRTHDAY_IP_BURST, PROBE_ADDR_KEYS)
+        # A NAT traversal technique's probes have its own per-IP bound instead (birthday: 2,048 a minute).
+        self._technique_limit = {t.name: KeyedLimiter(t.ip_rate, t.ip_burst, PROBE_ADDR_KEYS) for t in TECHNIQUES}
         self.mesh_nets: tuple = ()      # the welcome's prefixes: no probe goes there (set_mesh_prefixes)
         self._now = 0.0
         # our own endpoints
@@ -232,7 +231,7 @@ class MeshNode:
         self.core.remove_peer(key)
         self.codec.remove_peer(key)
         pp = self.paths.pop(key, None)
-        if pp is not None and pp.birthday is not None and pp.birthday.role == "hard":
+        if pp is not None and pp.holds_sockets():
             self._events.append(CloseBirthdaySockets(key, ()))
         ep = self._endpoint.pop(key, None)
         if ep is not None and self._ep_to_key.get(ep) == key:
@@ -430,8 +429,9 @@ class MeshNode:
 
     def _probe_refused(self, key: bytes, ping: SendPing, now: float) -> str | None:
         """The probe bounds (see the module docstring): a counter name when `ping` must not go, else None."""
-        if ping.birthday:
-            return None if self._birthday_limit.allow(ping.addr[0], now) else "probe_birthday_limited"
+        if ping.technique is not None:
+            limit = self._technique_limit[ping.technique]
+            return None if limit.allow(ping.addr[0], now) else f"probe_{ping.technique}_limited"
         if self._answered_recently(key, ping.addr, now):
             return None if self._addr_limit.allow(ping.addr, now) else "probe_addr_limited"
         ip = _probe_ip_key(ping.addr[0])
