@@ -20,7 +20,8 @@ punch notice, disco from the peer through the relay) rather than at the core's 5
 Whatever the directory or the peers say, probing any one address is bounded: at most 2 pings a second
 to one (ip, port) after a burst of 30 (150 in the first minute), and at most 10 a second to one IP (an
 IPv6 /64) after a burst of 60 (660 in the first minute) whatever the ports, all peers together; birthday
-probes have their own bound instead, 2,048 a minute to one IP (one attempt's worth). Pings to an address
+probes have their own bound instead, 2,048 a minute to one IP (one attempt's worth; each NAT traversal
+technique in meshwg.disco.techniques names its own). Pings to an address
 that answered the same peer's ping within the last 30 s skip the per-IP bound (not the per-address one):
 a victim cannot answer a sealed ping, and a busy office NAT may front dozens of peers we heartbeat. A
 hostile entry naming a victim's address (or its IP at many ports) in many peers' candidates thus costs
