@@ -17,9 +17,9 @@ from collections.abc import Callable
 
 import trio
 
-from meshwg.io.device import Device
-from meshwg.io.tun import Tun
-from meshwg.io.uapi_server import UapiListener
+from meshwg.io.dataplane.device import Device
+from meshwg.io.dataplane.tun import Tun
+from meshwg.io.ipc.uapi_server import UapiListener
 
 log = logging.getLogger(__name__)
 DEFAULT_STATS_INTERVAL = 60.0

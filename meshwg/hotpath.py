@@ -3,7 +3,7 @@ or their pure-Python equivalents (same behaviour, a higher per-packet latency)."
 
 from __future__ import annotations
 
-from meshwg.io.fastio import fastio
+from meshwg.io.dataplane.fastio import fastio
 from meshwg.wg import crypto
 
 
@@ -14,7 +14,7 @@ def missing_compiled() -> list[str]:
     if crypto.TRANSPORT_BACKEND == "cryptography":
         missing.append("meshwg.wg._transport")
     if fastio is None:
-        missing.append("meshwg.io._fastio")
+        missing.append("meshwg.io.dataplane._fastio")
     return missing
 
 

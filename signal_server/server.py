@@ -20,7 +20,7 @@ from meshwg.signaling import protocol as P
 from meshwg.signaling import relay_wire as W
 from meshwg.signaling.invite import join_hostport
 from meshwg.signaling.noise import HandshakeError, Responder
-from meshwg.io import udp
+from meshwg.io.dataplane import udp
 from signal_server import metrics
 from signal_server.conn_limits import Refusal, SourceLimits, relay_tcp_caps
 from signal_server.directory import Directory, Node
@@ -126,7 +126,7 @@ class SignalServer:
         self._udp_socks: list[socket.socket] = []  # main ports: STUN + relay (relay dests index these)
         self._stun_socks: list[socket.socket] = []  # main then alternate ports, as the responder numbers them
         # Sockets on a wildcard address answer each node from the local address it wrote to (issue 17):
-        # node (host, port) -> that address (meshwg.io.udp, sticky source addresses).
+        # node (host, port) -> that address (meshwg.io.dataplane.udp, sticky source addresses).
         self._udp_sources: dict[tuple, tuple] = {}
         self._sticky_socks: set[socket.socket] = set()
         self.stun = StunResponder([])

@@ -34,9 +34,9 @@ _hyp_settings.load_profile(os.environ.get("MESHWG_HYPOTHESIS_PROFILE", "ci"))
 
 @pytest.fixture(params=["compiled", "python"])
 def impl(request, monkeypatch):
-    """Runs a test once with the compiled hot path (meshwg/io/_fastio.c) and once with the pure-Python
+    """Runs a test once with the compiled hot path (meshwg/io/dataplane/_fastio.c) and once with the pure-Python
     one, in every module that picks between them."""
-    from meshwg.io import _fastio, driver, tun, udp
+    from meshwg.io.dataplane import _fastio, driver, tun, udp
 
     module = _fastio if request.param == "compiled" else None
     for mod in (tun, udp, driver):

@@ -21,13 +21,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PURE_PACKAGES = ("meshwg/wg", "meshwg/disco", "meshwg/disco/techniques", "meshwg/mesh", "meshwg/signaling",
                  "meshwg/config")
 PURE_MODULES = (
-    "meshwg/token_bucket.py", "meshwg/nonce_cache.py", "meshwg/control/reconnect.py", "meshwg/io/route_plan.py",
+    "meshwg/token_bucket.py", "meshwg/nonce_cache.py", "meshwg/control/reconnect.py", "meshwg/io/oscfg/route_plan.py",
     "signal_server/conn_limits.py", "signal_server/directory.py", "signal_server/invites.py", "signal_server/ipam.py",
     "signal_server/punch.py", "signal_server/ratelimit.py", "signal_server/relay.py", "signal_server/stun_responder.py",
 )
 # Shells whose docstrings mention the pure code they drive, not modules that claim to be pure.
-SHELLS = {"meshwg/control/__init__.py", "meshwg/control/relay_client.py", "meshwg/io/driver.py", "meshwg/io/fastio.py",
-          "meshwg/hotpath.py", "meshwg/io/device.py", "signal_server/server.py", "signal_server/lograte.py"}
+SHELLS = {"meshwg/control/__init__.py", "meshwg/control/relay_client.py", "meshwg/io/dataplane/driver.py", "meshwg/io/dataplane/fastio.py",
+          "meshwg/hotpath.py", "meshwg/io/dataplane/device.py", "meshwg/io/dataplane/__init__.py", "signal_server/server.py",
+          "signal_server/lograte.py"}
 FORBIDDEN = ("trio", "socket", "select", "selectors", "subprocess", "asyncio")
 CLOCK_CALLS = re.compile(r"^(time\.(time|monotonic|perf_counter|sleep)(_ns)?|datetime\.(datetime\.)?(now|utcnow|today))$")
 

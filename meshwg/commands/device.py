@@ -5,7 +5,7 @@ a meshwg-tun daemon configured over UAPI; addresses, MTU, routes for every Allow
 auto/off/N; /0 through a fwmark, policy routing and wg-quick's nftables rules, here in table
 `meshwg-IFACE`), DNS through resolvconf (a one-line warning when it is absent), Pre/Post Up/Down
 hooks with %i, SaveConfig on down. `up` records its config in /var/run/meshwg/IFACE.json so that
-`down IFACE` finds it. All network changes go through meshwg.io.netconfig.
+`down IFACE` finds it. All network changes go through meshwg.io.oscfg.netconfig.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 
 from meshwg.commands.common import IFACE_RE, human_bytes
 from meshwg.errors import UserError
-from meshwg.io.fsutil import atomic_write
+from meshwg.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,8 @@ def _remove_state(iface: str) -> None:
 
 def cmd_up(args) -> int:
     from meshwg.config import wgquick
-    from meshwg.io import netconfig, uapi_client
+    from meshwg.io.oscfg import netconfig
+    from meshwg.io.ipc import uapi_client
 
     iface, path = _resolve_config(args.config)
     if path is None:
@@ -204,14 +205,16 @@ def cmd_down(args) -> int:
 def _is_wireguard(iface: str) -> bool:
     """wg-quick's test (`wg show interfaces`): a UAPI socket, and the link here, so that
     `down eth0` never deletes a link that is not a WireGuard device."""
-    from meshwg.io import netconfig, uapi_client
+    from meshwg.io.oscfg import netconfig
+    from meshwg.io.ipc import uapi_client
 
     return iface in uapi_client.list_interfaces() and netconfig.link_exists(iface)
 
 
 def _teardown(iface: str, config, *, quiet: bool, hooks: bool, save_path: str | None = None) -> None:
     """wg-quick's cmd_down (hooks=True) or its failed-up trap (hooks=False), in its order."""
-    from meshwg.io import netconfig, uapi_client, uapi_server
+    from meshwg.io.oscfg import netconfig
+    from meshwg.io.ipc import uapi_client, uapi_server
 
     itf = config.interface if config is not None else None
     if hooks and itf is not None:
@@ -260,7 +263,8 @@ def running_config(iface: str, config):
     come from the OS (addresses, DNS, MTU) and the file (Table, SaveConfig, hooks); the rest is
     `wg showconf` from UAPI. Comments of the file are kept on the interface and on peers still there."""
     from meshwg.config import wgquick
-    from meshwg.io import netconfig, uapi_client
+    from meshwg.io.oscfg import netconfig
+    from meshwg.io.ipc import uapi_client
 
     old = config.interface
     raw = uapi_client.get(iface)
@@ -340,7 +344,7 @@ def _b64(hex_key: str) -> str:
 
 def _device_json(iface: str) -> dict:
     from meshwg.config.keys import public_key
-    from meshwg.io import uapi_client
+    from meshwg.io.ipc import uapi_client
 
     raw = uapi_client.get(iface)
     out: dict = {"interface": iface, "listen_port": int(raw.get("listen_port", 0)),
@@ -396,7 +400,7 @@ def _print_device(dev: dict) -> None:
 
 
 def cmd_show(args) -> int:
-    from meshwg.io import uapi_client
+    from meshwg.io.ipc import uapi_client
 
     names = [args.interface] if args.interface else uapi_client.list_interfaces()
     devices = []

@@ -1,8 +1,8 @@
 """`meshwg join INVITE`, `meshwg status [--json]`, `meshwg netcheck [--json]`.
 
 `join` runs the node agent in the foreground until SIGTERM/SIGINT (then removes the interface);
-`status` and `netcheck` ask the running agent over its local socket (meshwg.io.status_server); `netcheck`
-adds the RFC 5780 mapping/filtering tests against the signal server's STUN addresses (meshwg.io.netcheck_probe),
+`status` and `netcheck` ask the running agent over its local socket (meshwg.io.ipc.status_server); `netcheck`
+adds the RFC 5780 mapping/filtering tests against the signal server's STUN addresses (meshwg.io.agent.netcheck_probe),
 and runs standalone with `--server HOST:PORT` (no agent needed).
 """
 
@@ -50,7 +50,7 @@ def run_join(args) -> int:
     import trio
 
     from meshwg.signaling.invite import InviteFormatError, parse_invite
-    from meshwg.io.agent import Agent, AgentError
+    from meshwg.io.agent.agent import Agent, AgentError
 
     if logging.getLogger().level > logging.INFO:
         # A daemon should say what it does; the global default is quieter for one-shot commands.
@@ -93,8 +93,8 @@ def _invite_text(args) -> tuple[str | None, str]:
 
 def _load_invite(args, parse_invite, format_error):
     """The invite to join with; a registered node without one uses the server recorded in its state."""
-    from meshwg.io import agent_state
-    from meshwg.io.agent import cached_invite
+    from meshwg.io.agent import agent_state
+    from meshwg.io.agent.agent import cached_invite
 
     text, source = _invite_text(args)
     args.invite = None  # the secret is not kept around longer than needed
@@ -111,7 +111,7 @@ def _load_invite(args, parse_invite, format_error):
 
 
 def _query(args, request: dict) -> dict:
-    from meshwg.io import status_server
+    from meshwg.io.ipc import status_server
 
     try:
         return status_server.query(args.interface, request)
@@ -225,7 +225,7 @@ def _server_addrs(args, rep: dict | None) -> list[tuple]:
             raise UserError(f"netcheck: --server: {err}") from None
     texts = list((rep or {}).get("stun_servers") or [])
     if not texts:
-        from meshwg.io.agent_state import load_cache
+        from meshwg.io.agent.agent_state import load_cache
 
         cache = load_cache(args.state_dir) or {}
         return [tuple(a) for a in (cache.get("welcome") or {}).get("stun", []) if len(a) == 2]
@@ -256,7 +256,7 @@ def _standalone_report(nat: dict | None, classic: dict | None) -> dict:
 def run_netcheck(args) -> int:
     import trio
 
-    from meshwg.io import netcheck_probe
+    from meshwg.io.agent import netcheck_probe
 
     t0 = time.monotonic()
     rep = None

@@ -46,8 +46,8 @@ def launch(iface: str, *, foreground: bool) -> int:
     # Until the trio loop takes over signals, SIGTERM must still unwind through the cleanup
     # (a TERM right after the socket appears would otherwise leave it behind).
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    from meshwg.io.tun import Tun
-    from meshwg.io.uapi_server import UapiListener
+    from meshwg.io.dataplane.tun import Tun
+    from meshwg.io.ipc.uapi_server import UapiListener
 
     try:
         tun = Tun.open(iface)

@@ -133,7 +133,7 @@ def _open_with_cryptography(key: bytes, message: bytes) -> bytes | None:
 # the same two functions on `cryptography`. Same bytes either way (tests/wg/test_transport_crypto.py).
 #   transport_seal(key, header_prefix, counter, packet, padded_len) -> the whole message
 #   transport_open(key, message) -> the padded plaintext, or None if it does not authenticate
-# MESHWG_PURE_PYTHON=1 forces the fallback (as for meshwg.io.fastio).
+# MESHWG_PURE_PYTHON=1 forces the fallback (as for meshwg.io.dataplane.fastio).
 try:
     if os.environ.get("MESHWG_PURE_PYTHON", "") == "1":
         raise ImportError("MESHWG_PURE_PYTHON=1")

@@ -1,4 +1,4 @@
-"""What the driver (meshwg.io.driver) calls on the core it drives: the contract, pure and typed.
+"""What the driver (meshwg.io.dataplane.driver) calls on the core it drives: the contract, pure and typed.
 
 Two cores implement it: `meshwg.wg.device.WireGuardCore` (`meshwg up`, meshwg-tun) and
 `meshwg.mesh.node.MeshNode` (`meshwg join`, wrapping a WireGuardCore). The driver calls every member

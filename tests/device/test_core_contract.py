@@ -14,7 +14,7 @@ import socket
 import pytest
 import trio
 
-from meshwg.io.driver import Driver
+from meshwg.io.dataplane.driver import Driver
 from meshwg.mesh.node import MeshNode
 from meshwg.wg.device import WireGuardCore
 from meshwg.wg.driven import DrivenCore

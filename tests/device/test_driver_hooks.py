@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 import trio
 
-from meshwg.io.device import Device
-from meshwg.io.driver import Driver
-from meshwg.io.tun import Tun
-from meshwg.io.udp import UdpBind
+from meshwg.io.dataplane.device import Device
+from meshwg.io.dataplane.driver import Driver
+from meshwg.io.dataplane.tun import Tun
+from meshwg.io.dataplane.udp import UdpBind
 
 
 class FakeCore:

@@ -1,4 +1,4 @@
-"""The TUN/UDP drain: the compiled module (meshwg/io/_fastio.c) and the pure-Python paths it
+"""The TUN/UDP drain: the compiled module (meshwg/io/dataplane/_fastio.c) and the pure-Python paths it
 replaces behave the same, on real fds (a SOCK_SEQPACKET pair keeps packet boundaries as a TUN
 does; UDP on loopback, with GRO)."""
 
@@ -13,16 +13,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import require_real_components  # tests/conftest.py
-from meshwg.io import _fastio, tun, udp
-from meshwg.io.fastio import fastio
-from meshwg.io.tun import Tun, TunClosed
+from meshwg.io.dataplane import _fastio, tun, udp
+from meshwg.io.dataplane.fastio import fastio
+from meshwg.io.dataplane.tun import Tun, TunClosed
 
 
 def test_the_compiled_module_is_the_one_in_use():
     if os.environ.get("MESHWG_PURE_PYTHON") == "1":
         assert fastio is None
     else:
-        assert fastio is _fastio, "meshwg/io/_fastio.c was not built (gcc; scripts/setup)"
+        assert fastio is _fastio, "meshwg/io/dataplane/_fastio.c was not built (gcc; scripts/setup)"
 
 
 @pytest.fixture
@@ -225,9 +225,9 @@ SO_NO_CHECK = 11  # a UDP socket without checksums cannot use GSO: the kernel an
 def test_a_socket_that_cannot_segment_falls_back_to_plain_datagrams(receivers, monkeypatch, compiled):
     """The driver turns GSO off for a socket the kernel refuses to segment on, counts it once, and
     still delivers every datagram (the refused run included)."""
-    from meshwg.io import driver as driver_module
-    from meshwg.io.driver import Driver
-    from meshwg.io.udp import UdpBind
+    from meshwg.io.dataplane import driver as driver_module
+    from meshwg.io.dataplane.driver import Driver
+    from meshwg.io.dataplane.udp import UdpBind
 
     monkeypatch.setattr(driver_module, "fastio", _fastio if compiled else None)
     bind = UdpBind()
@@ -253,10 +253,10 @@ def test_a_handshake_and_a_shorter_datagram_to_one_peer_both_arrive(monkeypatch,
     """GSO runs carry transport data only. A run [initiation, shorter discovery ping] reached the peer
     as one coalesced read, which its socket filter judged by the initiation's size and dropped whole
     (a handshake then waited for the 5 s retry)."""
-    from meshwg.io import driver as driver_module
-    from meshwg.io import socket_filter
-    from meshwg.io.driver import Driver
-    from meshwg.io.udp import UdpBind
+    from meshwg.io.dataplane import driver as driver_module
+    from meshwg.io.dataplane import socket_filter
+    from meshwg.io.dataplane.driver import Driver
+    from meshwg.io.dataplane.udp import UdpBind
 
     monkeypatch.setattr(driver_module, "fastio", _fastio if compiled else None)
     monkeypatch.setattr(udp, "fastio", _fastio if compiled else None)
@@ -288,9 +288,9 @@ def test_a_handshake_and_a_shorter_datagram_to_one_peer_both_arrive(monkeypatch,
 def test_a_bad_destination_is_not_taken_for_a_path_that_cannot_segment(receivers, monkeypatch, compiled):
     """A run to port 0 fails with EINVAL, as a run the kernel cannot segment does; sending its first
     datagram alone tells them apart: each datagram is counted lost, GSO stays on."""
-    from meshwg.io import driver as driver_module
-    from meshwg.io.driver import Driver
-    from meshwg.io.udp import UdpBind
+    from meshwg.io.dataplane import driver as driver_module
+    from meshwg.io.dataplane.driver import Driver
+    from meshwg.io.dataplane.udp import UdpBind
 
     monkeypatch.setattr(driver_module, "fastio", _fastio if compiled else None)
     bind = UdpBind()
@@ -312,7 +312,7 @@ def test_a_bad_destination_is_not_taken_for_a_path_that_cannot_segment(receivers
 LINK_LOCAL_PROBE = """
 import socket, sys
 sys.path.insert(0, sys.argv[1])
-from meshwg.io import _fastio, udp
+from meshwg.io.dataplane import _fastio, udp
 out = []
 for impl in (_fastio, None):
     udp.fastio = impl

@@ -9,7 +9,7 @@ survive, and its drop counters (logged by meshwg-tun) must account for the junk.
 with no matching peer is dropped and counted as no_route.
 
 The flood rate is 100 k junk datagrams/s (MESHWG_FLOOD_RATE overrides; 0 = unthrottled, as fast as one
-flooder core can send: ~165-185 k/s here). The socket filter (meshwg.io.socket_filter) drops in the
+flooder core can send: ~165-185 k/s here). The socket filter (meshwg.io.dataplane.socket_filter) drops in the
 kernel what is misshapen or names a receiver index the device never issued; only initiation-shaped
 garbage reaches Python, where mac1 fails. Measured on the 2-core machine (the flooder, both devices and
 the TCP ends share it): flood/control 0.94-1.05 at 100 k/s; 0.74-0.90 unthrottled (most runs >= 0.8; 0.89

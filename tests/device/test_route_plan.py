@@ -6,8 +6,8 @@ import ipaddress
 import socket
 import struct
 
-from meshwg.io import rtnl
-from meshwg.io.route_plan import KernelRoute, RoutePlan, plan
+from meshwg.io.oscfg import rtnl
+from meshwg.io.oscfg.route_plan import KernelRoute, RoutePlan, plan
 
 OURS, ETH, DUMMY = 7, 2, 9
 

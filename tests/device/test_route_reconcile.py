@@ -16,7 +16,7 @@ pytestmark = pytest.mark.netns
 
 PROBE = textwrap.dedent("""
     import ipaddress, json, os, subprocess, sys, tempfile, time, trio
-    from meshwg.io import mesh_shell
+    from meshwg.io.agent import mesh_shell
     from meshwg.mesh.netmap import PeerSpec
     from meshwg.wg.crypto import clamp
 

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import require_real_components  # tests/conftest.py
-from meshwg.io import socket_filter, udp
+from meshwg.io.dataplane import socket_filter, udp
 from meshwg.mesh.demux import UNKNOWN, WIREGUARD_EXACT_SIZES, classify
 from meshwg.wg.device import WireGuardCore
 from scenarios.netns import Netns, unique_name
@@ -204,7 +204,7 @@ def test_coalesced_reads_are_split_when_the_kernel_adds_other_cmsgs():
 # Run inside a namespace: a real MeshDevice (TUN, shared UDP socket, the driver that runs the mesh node).
 MESH_DEVICE_PROBE = textwrap.dedent("""
     import json, os, socket, sys, tempfile, trio
-    from meshwg.io.mesh_shell import MeshDevice
+    from meshwg.io.agent.mesh_shell import MeshDevice
     from meshwg.wg.crypto import clamp
 
     async def main():

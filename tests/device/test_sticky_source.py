@@ -15,10 +15,10 @@ import sys
 import pytest
 
 from conftest import require_real_components  # tests/conftest.py
-from meshwg.io import _fastio, socket_filter, udp
-from meshwg.io import driver as driver_module
-from meshwg.io.driver import Driver
-from meshwg.io.udp import UdpBind
+from meshwg.io.dataplane import _fastio, socket_filter, udp
+from meshwg.io.dataplane import driver as driver_module
+from meshwg.io.dataplane.driver import Driver
+from meshwg.io.dataplane.udp import UdpBind
 
 SO_RXQ_OVFL = 40
 TRANSPORT = b"\x04\0\0\0" + bytes(60)  # transport-data shaped: may go out as a GSO run
@@ -273,9 +273,9 @@ def test_removing_the_address_in_use_moves_traffic_to_another(multihomed, family
 LINK_LOCAL_PROBE = """
 import socket, sys
 sys.path.insert(0, sys.argv[1])
-from meshwg.io import _fastio, udp
-from meshwg.io import driver as driver_module
-from meshwg.io.driver import Driver
+from meshwg.io.dataplane import _fastio, udp
+from meshwg.io.dataplane import driver as driver_module
+from meshwg.io.dataplane.driver import Driver
 heard = []
 for impl in (_fastio, None):
     udp.fastio = driver_module.fastio = impl

@@ -12,7 +12,7 @@ import trio
 from nacl.public import PrivateKey
 
 from meshwg.control import events as CE
-from meshwg.io.agent import Agent
+from meshwg.io.agent.agent import Agent
 from meshwg.mesh.node import MeshNode
 from meshwg.wg.device import WireGuardCore
 

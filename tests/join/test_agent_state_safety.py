@@ -9,7 +9,7 @@ import stat
 import pytest
 
 from meshwg.config import keys
-from meshwg.io import agent_state as S
+from meshwg.io.agent import agent_state as S
 
 
 def test_world_writable_state_dir_is_refused(tmp_path):

@@ -11,8 +11,8 @@ from meshwg.control import events as CE
 from meshwg.control.client import PeerInfo
 from meshwg.commands.mesh import format_status
 from meshwg.disco.netcheck import EDM, EIM
-from meshwg.io import agent_state as S
-from meshwg.io.agent import Agent
+from meshwg.io.agent import agent_state as S
+from meshwg.io.agent.agent import Agent
 from meshwg.mesh.peer_entry import entry_policy, peer_spec
 
 WELCOME = CE.Welcome(7, "me", "100.64.0.7", "fd00::7", "100.64.0.0/10", "fd00::/48", (("192.0.2.1", 3478),),
@@ -150,8 +150,8 @@ async def test_directory_events_hand_the_node_every_peers_spec():
 
 
 def test_status_addresses_bracket_ipv6():
-    from meshwg.io.agent import _fmt_addr
-    from meshwg.io.relay_shell import RelayShell
+    from meshwg.io.agent.agent import _fmt_addr
+    from meshwg.io.agent.relay_shell import RelayShell
 
     assert _fmt_addr(("2001:db8::5", 4000)) == "[2001:db8::5]:4000"
     assert _fmt_addr(("198.51.100.7", 4000)) == "198.51.100.7:4000"
@@ -189,7 +189,7 @@ async def test_cached_directory_routes_nothing_outside_the_mesh_nor_the_server()
                "candidates": [["127.0.0.1", 53, "observed"]], "online": True},
               {"key": "Ag" * 21 + "A=", "id": 2, "name": "ok", "ipv4": "100.64.0.2", "ipv6": "fd00::2",
                "candidates": [], "online": True}]
-    from meshwg.io.agent import _peer_from_json
+    from meshwg.io.agent.agent import _peer_from_json
     agent.directory = {p.key: p for p in map(_peer_from_json, cached)}
     await agent._apply_directory()
     routed = {str(n) for spec in desired.values() for n in spec.addresses}

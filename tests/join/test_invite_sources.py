@@ -14,8 +14,8 @@ from meshwg.commands import mesh as M
 from meshwg.signaling.invite import InviteFormatError, parse_invite
 from meshwg.signaling.invite import Invite
 from meshwg.errors import UserError
-from meshwg.io import agent_state
-from meshwg.io.agent import cached_invite
+from meshwg.io.agent import agent_state
+from meshwg.io.agent.agent import cached_invite
 
 INVITE = Invite(("192.0.2.1:7300", "[2001:db8::1]:7300"), bytes(range(32)), "inv1", b"s" * 16)
 

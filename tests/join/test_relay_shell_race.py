@@ -9,8 +9,8 @@ import time
 
 import trio
 
-from meshwg.io import relay_shell
-from meshwg.io.relay_shell import RelayShell
+from meshwg.io.agent import relay_shell
+from meshwg.io.agent.relay_shell import RelayShell
 from meshwg.wg import crypto
 from signal_server.relay import RelayCore
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 
-from meshwg.io.relay_shell import RelayShell
+from meshwg.io.agent.relay_shell import RelayShell
 from meshwg.wg import crypto
 from signal_server.relay import RelayCore
 

@@ -14,7 +14,7 @@ from meshwg.mesh import relay_policy as P
 
 
 class Shell:
-    """Stands in for meshwg.io.relay_shell: a session timed as RelaySession is (an unanswered first hello
+    """Stands in for meshwg.io.agent.relay_shell: a session timed as RelaySession is (an unanswered first hello
     retried every 2 s, a ready session re-helloed every 25 s and at its expiry), a relay that answers UDP
     hellos at once while `udp_works`, and a log of the policy's actions with their times."""
 

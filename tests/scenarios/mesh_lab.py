@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from meshwg.signaling import relay_wire
-from meshwg.io import status_server
+from meshwg.io.ipc import status_server
 from meshwg.mesh import demux
 from scenarios import node_commands as nc
 from scenarios.nat import NatType

@@ -12,7 +12,7 @@ from meshwg.control import ControlClient, ControlConnection
 from meshwg.signaling import protocol as P
 from meshwg.signaling import relay_wire as W
 from meshwg.control.relay_client import RelaySession
-from meshwg.io.relay_shell import RelayShell
+from meshwg.io.agent.relay_shell import RelayShell
 from meshwg.wg.crypto import clamp, dh_pub
 from signal_server.directory import Directory, Node
 from signal_server.relay import RelayCore

@@ -393,7 +393,7 @@ async def test_meshwg_netcheck_standalone_against_our_server(nursery, tmp_path):
     argv = [sys.executable, "-m", "meshwg", "netcheck", "--interface", "nc-none0", "--state-dir", str(tmp_path)]
     r = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False, cwd=REPO)
     assert r.returncode != 0 and b"no meshwg agent" in r.stderr
-    from meshwg.io.agent_state import save_cache
+    from meshwg.io.agent.agent_state import save_cache
 
     save_cache(str(tmp_path), {"stun": [[ip, port], ["127.0.0.2", port]]}, [])
     r = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False, cwd=REPO)

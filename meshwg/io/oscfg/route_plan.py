@@ -1,6 +1,6 @@
 """Which of the routes a device wants are missing from the kernel, and which are someone else's.
 
-Pure: the shell dumps the kernel's routes (meshwg.io.rtnl) and adds what `plan` says. A prefix
+Pure: the shell dumps the kernel's routes (meshwg.io.oscfg.rtnl) and adds what `plan` says. A prefix
 routed through another interface is reported, never taken over: another agent, NetworkManager or
 the admin put it there, and fighting over it would flap both.
 """

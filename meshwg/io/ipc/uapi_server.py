@@ -17,7 +17,7 @@ import os
 import trio
 
 from meshwg.config import uapi
-from meshwg.io.unix_listener import UnixListener, serve_connections
+from meshwg.io.ipc.unix_listener import UnixListener, serve_connections
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-from meshwg.io.uapi_server import RUN_DIR, socket_path
+from meshwg.io.ipc.uapi_server import RUN_DIR, socket_path
 
 
 class UapiClientError(OSError):

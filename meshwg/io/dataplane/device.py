@@ -2,7 +2,7 @@
 
 The Device is the UAPI handler: it turns a parsed `set` request (meshwg.config.uapi) into core
 calls, and a snapshot of the core into a `get` reply. The mesh layer can reach the driver hooks
-through `device.driver` (see meshwg.io.driver).
+through `device.driver` (see meshwg.io.dataplane.driver).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import trio
 
 from meshwg.config import uapi
 from meshwg.config.keys import nonzero
-from meshwg.io import uapi_server
-from meshwg.io.driver import Driver
-from meshwg.io.tun import Tun
-from meshwg.io.udp import UdpBind
+from meshwg.io.ipc import uapi_server
+from meshwg.io.dataplane.driver import Driver
+from meshwg.io.dataplane.tun import Tun
+from meshwg.io.dataplane.udp import UdpBind
 from meshwg.wg.device import WireGuardCore
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ import socket
 
 import trio
 
-from meshwg.io.uapi_server import RUN_DIR  # next to the UAPI socket
-from meshwg.io.unix_listener import UnixListener, serve_connections
+from meshwg.io.ipc.uapi_server import RUN_DIR  # next to the UAPI socket
+from meshwg.io.ipc.unix_listener import UnixListener, serve_connections
 
 log = logging.getLogger("meshwg.status")
 

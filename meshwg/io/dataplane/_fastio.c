@@ -16,7 +16,7 @@
  * recv_datagrams(fd, limit[, sources]) -> list[tuple[bytes, tuple[str, int]]]
  *     Up to `limit` datagrams with their (host, port); [] when the socket would block. ICMP-reported
  *     errors (ECONNREFUSED, EHOSTUNREACH, ENETUNREACH, EMSGSIZE) end the drain quietly.
- *     With a `sources` dict (the UDP shell's sticky source map, see meshwg/io/udp.py) and IP_PKTINFO /
+ *     With a `sources` dict (the UDP shell's sticky source map, see meshwg/io/dataplane/udp.py) and IP_PKTINFO /
  *     IPV6_RECVPKTINFO on the socket, sources[(host, port)] becomes the local address the datagram
  *     arrived at: (local host, ifindex, (level, type, pktinfo to send)). The value already there is
  *     compared, not rebuilt (the steady state allocates nothing); a full map is cleared first.
@@ -247,7 +247,7 @@ source_tuple(const struct sockaddr_storage *source, socklen_t length)
 
 /* ---- Sticky source addresses: answer a peer from the local address it wrote to ----
  * A host with several addresses must answer from the one the peer sent to, or the peer's NAT or
- * firewall drops the answer (issue 17). The UDP shell's map (a dict, meshwg/io/udp.py) holds, per
+ * firewall drops the answer (issue 17). The UDP shell's map (a dict, meshwg/io/dataplane/udp.py) holds, per
  * remote (host, port), (local host, ifindex, (level, type, pktinfo to send)); the drain fills it and
  * the send path reads it. */
 
@@ -754,7 +754,7 @@ static PyMethodDef fastio_methods[] = {
 
 static struct PyModuleDef fastio_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "meshwg.io._fastio",
+    .m_name = "meshwg.io.dataplane._fastio",
     .m_doc = "Batched non-blocking TUN/UDP I/O for the driver (see the C source for why).",
     .m_size = -1,
     .m_methods = fastio_methods,

@@ -1,6 +1,6 @@
 """Just enough rtnetlink to read the kernel's routes and hear when they change.
 
-Changes still go through `ip` (meshwg.io.mesh_shell.ip_batch); this module only reads: a dump of
+Changes still go through `ip` (meshwg.io.agent.mesh_shell.ip_batch); this module only reads: a dump of
 every IPv4/IPv6 route (one socket round trip, no subprocess) and a socket subscribed to route and
 link events. Parsing never raises: a malformed message ends the parse of its buffer.
 """
@@ -12,7 +12,7 @@ import ipaddress
 import socket
 import struct
 
-from meshwg.io.route_plan import KernelRoute
+from meshwg.io.oscfg.route_plan import KernelRoute
 
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300

@@ -11,7 +11,7 @@ syscalls and the transport AEAD run in compiled code where it was built (meshwg.
 Kernel offloads: transport datagrams to one endpoint with one size leave as one UDP GSO sendmsg,
 and the sockets have UDP_GRO on (udp.recv_batch splits coalesced reads). Every datagram, WireGuard
 or not, leaves from the local address its endpoint last wrote to (`udp.sources`, filled by the
-drain; see meshwg.io.udp, sticky source addresses). The core's timer is one
+drain; see meshwg.io.dataplane.udp, sticky source addresses). The core's timer is one
 deadline: a task sleeps until
 `core.get_timer()` and is re-armed by `flush()` whenever the deadline moves earlier.
 `core.get_timer()` is O(peers), so the hot loop does not call it: every deadline the core's data path
@@ -31,7 +31,7 @@ datagrams go out and the timer is re-armed.
 
 Hooks for the mesh layer (one UDP socket per family carries WireGuard, STUN and discovery):
 
-* A kernel filter on the sockets (meshwg.io.socket_filter) drops what no hook or the core would
+* A kernel filter on the sockets (meshwg.io.dataplane.socket_filter) drops what no hook or the core would
   accept, and WireGuard messages naming receiver indices the core never issued (`index_tag`).
 * `driver.on_other_datagram = fn(data: bytes, addr: tuple)`: datagrams that are not WireGuard
   messages (first byte 1-4 followed by three zero bytes) go to `fn` instead of the core. With no
@@ -63,11 +63,11 @@ import trio
 import trio.testing
 
 from meshwg import hotpath
-from meshwg.io import socket_filter
-from meshwg.io.fastio import fastio
-from meshwg.io.tun import Tun, TunClosed
-from meshwg.io.udp import OFFLOAD as udp_offload
-from meshwg.io.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, SOL_UDP, UDP_SEGMENT, UdpBind, recv_batch, send_sticky
+from meshwg.io.dataplane import socket_filter
+from meshwg.io.dataplane.fastio import fastio
+from meshwg.io.dataplane.tun import Tun, TunClosed
+from meshwg.io.dataplane.udp import OFFLOAD as udp_offload
+from meshwg.io.dataplane.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, SOL_UDP, UDP_SEGMENT, UdpBind, recv_batch, send_sticky
 from meshwg.wg.driven import DrivenCore
 
 log = logging.getLogger(__name__)

@@ -23,9 +23,9 @@ import trio
 from meshwg.control import ControlClient, JoinRefusedError, ServerKeyMismatch, events as CE
 from meshwg.signaling.invite import Invite, join_hostport, split_hostport
 from meshwg.disco import netcheck as NC
-from meshwg.io import agent_state as S
-from meshwg.io import status_server
-from meshwg.io.mesh_shell import MeshDevice, interface_addresses
+from meshwg.io.agent import agent_state as S
+from meshwg.io.ipc import status_server
+from meshwg.io.agent.mesh_shell import MeshDevice, interface_addresses
 from meshwg.mesh import node as N
 from meshwg.mesh.netmap import PeerSpec
 from meshwg.mesh.peer_entry import entry_policy, host_cidr, peer_spec

@@ -12,7 +12,7 @@ import os
 import socket
 import struct
 
-from meshwg.io.fastio import fastio
+from meshwg.io.dataplane.fastio import fastio
 
 TUNSETIFF = 0x400454CA
 SIOCGIFMTU = 0x8921

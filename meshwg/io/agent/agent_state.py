@@ -15,7 +15,7 @@ import os
 import stat
 
 from meshwg.config import keys
-from meshwg.io.fsutil import atomic_write
+from meshwg.fsutil import atomic_write
 
 KEY_FILE = "private.key"
 CACHE_FILE = "netmap.json"

@@ -10,7 +10,7 @@ device's. This module adds what only the mesh needs:
     sockets opened/closed, local endpoint changes handed to the agent;
   * routes kept in step with the kernel: re-checked on route/link events and every
     ROUTE_RECHECK_PERIOD, missing ones re-added, a prefix routed through another interface left
-    alone with one warning (meshwg.io.route_plan decides, meshwg.io.rtnl reads the kernel).
+    alone with one warning (meshwg.io.oscfg.route_plan decides, meshwg.io.oscfg.rtnl reads the kernel).
 The WireGuardCore stays the UAPI handler's core, so `wg show` sees the real peers and counters.
 """
 
@@ -28,11 +28,12 @@ import time
 import trio
 
 from meshwg.signaling import relay_wire as W
-from meshwg.io import route_plan, rtnl, uapi_server
-from meshwg.io.device import Device, new_core
-from meshwg.io.relay_shell import RelayShell
-from meshwg.io.tun import Tun
-from meshwg.io.udp import recv_batch
+from meshwg.io.oscfg import route_plan, rtnl
+from meshwg.io.ipc import uapi_server
+from meshwg.io.dataplane.device import Device, new_core
+from meshwg.io.agent.relay_shell import RelayShell
+from meshwg.io.dataplane.tun import Tun
+from meshwg.io.dataplane.udp import recv_batch
 from meshwg.mesh import node as N
 
 log = logging.getLogger("meshwg.mesh")
@@ -187,7 +188,7 @@ class MeshDevice:
         self.driver.on_other_datagram = self._on_other_datagram
         self.driver.endpoint_sender = self._send_to_endpoint
         self.driver.on_event = self._on_event
-        # flush_io, not flush: after_rx runs once per TCP-relayed packet (see meshwg.io.driver).
+        # flush_io, not flush: after_rx runs once per TCP-relayed packet (see meshwg.io.dataplane.driver).
         self.relay = RelayShell(private_key, udp_send=self.driver.send_raw, deliver=self._deliver_relayed,
                                 after_rx=self.driver.flush_io)
         self.birthday = BirthdaySockets()

@@ -26,7 +26,7 @@ import os
 import socket
 import sys
 
-from meshwg.io.fastio import fastio
+from meshwg.io.dataplane.fastio import fastio
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
 # Linux UDP offloads (not named by Python 3.11's socket module). GSO: one sendmsg carries up to

@@ -1,0 +1,1 @@
+"""Local IPC: the UAPI socket (served and as a client) and the agent's status socket."""
