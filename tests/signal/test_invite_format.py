@@ -22,10 +22,32 @@ def spec_text(fields, *, check: bytes | None = None) -> str:
     return "mwg1_" + base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+# What the user reads for each reason (the CLI prints it).
+MESSAGES = {
+    "mwg1_": "not a meshwg invite (it should start with 'mwg1_')",
+    "base64": "invite is not valid base64 (truncated or mistyped?)",
+    "checksum": "invite checksum mismatch (truncated or mistyped?)",
+    "malformed": "invite content is malformed",
+    "no server address": "invite has no server address",
+}
+
+
 def refusal(text: str) -> str:
     with pytest.raises(InviteFormatError) as info:
         parse_invite(text)
-    return str(info.value)
+    message = str(info.value)
+    assert message in MESSAGES.values()
+    return message
+
+
+def test_an_invite_whose_text_ends_in_any_letter_round_trips():
+    ends = {}
+    for i in range(2000):
+        inv = Invite(("a:1",), KEY, f"id{i}", SECRET)
+        ends.setdefault(inv.encode()[-1], inv)
+    assert "X" in ends and len(ends) == 64
+    for inv in ends.values():
+        assert parse_invite(inv.encode()) == inv
 
 
 @pytest.mark.parametrize("invite_id", ["a", "ab", "abc", "abcd1234"])  # every base64 padding length
@@ -120,7 +142,7 @@ def test_split_hostport_accepts(addr, want):
 
 @pytest.mark.parametrize("addr", [
     "", "host", "host:", ":80", "host:0", "host:65536", "host:-1", "host:8o", "host: 80", "[::1]", "[]:80",
-    "[::1]:", "[::1]:0", "[::1]:65536",
+    "[::1]:", "[::1]:0", "[::1]:65536", "[::1]X53",
 ])
 def test_split_hostport_refuses(addr):
     with pytest.raises(ValueError, match="bad address"):
