@@ -549,46 +549,60 @@ class SignalServer:
         return kept
 
     def _on_message(self, s: Session, m: dict, now: float) -> None:
-        t = m["type"]
         self.counters["control_messages"] += 1
-        if t == P.T_HEARTBEAT:
-            self._enqueue(s, {"type": P.T_HEARTBEAT_ACK, "seq": m.get("seq", 0)})
-        elif t == P.T_CANDIDATES:
-            cands = P.candidates_untrusted(m.get("candidates"))
-            if cands is None:
-                self.counters["control_bad_candidates"] += 1
-                return
-            if self.directory.update(s.key, candidates=self._reported(cands)):
-                self._wake_all()
-        elif t == P.T_PUNCH_REQUEST:
-            peer = m.get("peer")
-            if not isinstance(peer, bytes) or len(peer) != 32:
-                self.counters["control_bad_punch"] += 1
-                return
-            out, err = self.punch.plan(self.directory, s.key, peer, now)
-            if err:
-                self.counters[f"punch_{err}"] += 1
-                self._enqueue(s, {"type": "punch_fail", "peer": peer, "reason": err})
-            for key, msg in out:
-                target = self.sessions.get(key)
-                if target is not None:
-                    self._enqueue(target, msg)
-            if out:
-                self.counters["punches"] += 1
-        elif t == P.T_SEAL_SEND:
-            to, blob = m.get("to"), m.get("blob")
-            if not isinstance(to, bytes) or not isinstance(blob, bytes) or len(blob) > MAX_SEAL_BLOB:
-                self.counters["control_bad_sealed"] += 1
-                return
-            target = self.sessions.get(to)
-            if target is None:
-                self.counters["sealed_peer_offline"] += 1
-                self._enqueue(s, {"type": "seal_fail", "to": to, "reason": "peer_offline"})
-                return
-            self.counters["sealed_forwarded"] += 1
-            self._enqueue(target, {"type": P.T_SEALED, "from": s.key, "blob": blob})
-        else:
+        handler = self._HANDLERS.get(m["type"])  # the codec guarantees a str type
+        if handler is None:
             self.counters["control_unknown_type"] += 1
+            return
+        handler(self, s, m, now)
+
+    def _on_heartbeat(self, s: Session, m: dict, now: float) -> None:
+        self._enqueue(s, {"type": P.T_HEARTBEAT_ACK, "seq": m.get("seq", 0)})
+
+    def _on_candidates(self, s: Session, m: dict, now: float) -> None:
+        cands = P.candidates_untrusted(m.get("candidates"))
+        if cands is None:
+            self.counters["control_bad_candidates"] += 1
+            return
+        if self.directory.update(s.key, candidates=self._reported(cands)):
+            self._wake_all()
+
+    def _on_punch_request(self, s: Session, m: dict, now: float) -> None:
+        peer = m.get("peer")
+        if not isinstance(peer, bytes) or len(peer) != 32:
+            self.counters["control_bad_punch"] += 1
+            return
+        out, err = self.punch.plan(self.directory, s.key, peer, now)
+        if err:
+            self.counters[f"punch_{err}"] += 1
+            self._enqueue(s, {"type": "punch_fail", "peer": peer, "reason": err})
+        for key, msg in out:
+            target = self.sessions.get(key)
+            if target is not None:
+                self._enqueue(target, msg)
+        if out:
+            self.counters["punches"] += 1
+
+    def _on_seal_send(self, s: Session, m: dict, now: float) -> None:
+        to, blob = m.get("to"), m.get("blob")
+        if not isinstance(to, bytes) or not isinstance(blob, bytes) or len(blob) > MAX_SEAL_BLOB:
+            self.counters["control_bad_sealed"] += 1
+            return
+        target = self.sessions.get(to)
+        if target is None:
+            self.counters["sealed_peer_offline"] += 1
+            self._enqueue(s, {"type": "seal_fail", "to": to, "reason": "peer_offline"})
+            return
+        self.counters["sealed_forwarded"] += 1
+        self._enqueue(target, {"type": P.T_SEALED, "from": s.key, "blob": blob})
+
+    # A message type a node may send on an open session -> its handler; anything else is counted and dropped.
+    _HANDLERS = {
+        P.T_HEARTBEAT: _on_heartbeat,
+        P.T_CANDIDATES: _on_candidates,
+        P.T_PUNCH_REQUEST: _on_punch_request,
+        P.T_SEAL_SEND: _on_seal_send,
+    }
 
     def _coalesce_window(self) -> float:
         """Directory flush interval per session: grows with the mesh so total frames/s stay bounded

@@ -17,8 +17,8 @@ import stat
 from dataclasses import dataclass
 
 from meshwg.config.keys import generate_private_key, key_to_base64
-from signal_server import ipam
-from signal_server.invites import InviteRow, JoinRefused, check_invite, hash_secret, normalize_name
+from signal_server import ipam, registry
+from signal_server.invites import InviteRow, hash_secret, normalize_name
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB);
@@ -81,7 +81,7 @@ class NodeRow:
 
     def live(self, wall: float) -> bool:
         """Not expired at wall-clock time `wall`."""
-        return self.expires is None or self.expires > wall
+        return registry.live(self.expires, wall)
 
 
 _NODE_COLS = "id, pubkey, name, ipv4, ipv6, created, last_seen, expires, invite_id, tag"
@@ -254,61 +254,48 @@ class Store:
 
     def join(self, key: bytes, invite_id: str | None, secret: bytes | None, name: str | None, wall: float,
              prefix4, prefix6) -> tuple[NodeRow, bool]:
-        """Register key (or reconnect a registered one). Returns (node, created). Raises JoinRefused."""
+        """Register key (or reconnect a registered one). Returns (node, created). Raises JoinRefused.
+
+        registry.decide_join holds the rules; this reads what they need and writes what they decided,
+        all in one transaction so two joins cannot take the same address or name."""
         with self._tx():
             existing = self.get_node(key)
-            if existing is not None and existing.live(wall):
-                return existing, False
-            if not invite_id or secret is None:
-                # A registered node rejoins on its key alone: it must hear that it was removed (and
-                # stop) even when the removal happened while it was offline and its GONE never came.
-                if self.db.execute("SELECT 1 FROM removed_keys WHERE pubkey=?", (key,)).fetchone() is not None:
-                    raise JoinRefused("key_removed", "this node was removed from the mesh")
-                if existing is not None:
-                    raise JoinRefused("node_expired", "this node has expired; join again with a new invite")
-                raise JoinRefused("not_registered", "this key is not registered; join with an invite")
-            inv = self._invite(invite_id)
-            check_invite(inv, secret, wall)
             removed = self.db.execute("SELECT removed_at FROM removed_keys WHERE pubkey=?", (key,)).fetchone()
-            if removed is not None and inv.created <= removed[0]:
-                raise JoinRefused("key_removed", "this key was removed; it needs an invite created after the removal")
+            invite = self._invite(invite_id) if invite_id and secret is not None else None
+            d = registry.decide_join(existing, removed and removed[0], invite_id, secret, invite, wall)
+            if isinstance(d, registry.Refuse):
+                raise d.error()
+            if isinstance(d, registry.Reconnect):
+                return existing, False
             self.db.execute("UPDATE invites SET uses=uses+1 WHERE id=?", (invite_id,))
-            if existing is not None:  # expired node re-admitted: same id, same addresses
-                self.db.execute("UPDATE nodes SET expires=NULL, last_seen=? WHERE id=?", (wall, existing.node_id))
+            if isinstance(d, registry.Readmit):
+                self.db.execute("UPDATE nodes SET expires=NULL, last_seen=? WHERE id=?", (wall, d.node_id))
                 return self.get_node(key), False
-            self.db.execute("DELETE FROM removed_keys WHERE pubkey=?", (key,))
-            count = self.db.execute("SELECT count(*) FROM nodes").fetchone()[0]
-            v4, v6 = self._allocate(key, count, prefix4, prefix6)
-            base = normalize_name(name or "")
-            nm = self._free_name(base) if base else "pending-" + key.hex()
-            cur = self.db.execute(
-                "INSERT INTO nodes(pubkey, name, ipv4, ipv6, created, last_seen, invite_id, tag) VALUES(?,?,?,?,?,?,?,?)",
-                (key, nm, str(v4), str(v6), wall, wall, invite_id, inv.tag),
-            )
-            if not base:  # default names carry the id so they are unique and stable
-                nm = self._free_name(f"node-{cur.lastrowid}")
-                self.db.execute("UPDATE nodes SET name=? WHERE id=?", (nm, cur.lastrowid))
-            return self.get_node(key), True
+            return self._admit(key, d, name, invite_id, wall, prefix4, prefix6), True
 
-    def _allocate(self, key: bytes, count: int, prefix4, prefix6):
-        """(IPv4, IPv6) addresses for a new node. A full pool is the administrator's to fix, so the join
-        is refused with a code the node stops on (not a server error it would retry forever)."""
-        try:
-            # Indexed lookups per candidate address: no full-table scan per join.
-            return (ipam.allocate(prefix4, key, lambda a: self._exists("ipv4", str(a)), count),
-                    ipam.allocate(prefix6, key, lambda a: self._exists("ipv6", str(a)), count))
-        except ipam.PoolExhausted as exc:
-            raise JoinRefused("pool_full", f"no free mesh address ({exc}); ask the administrator to "
-                                           "remove unused nodes or choose a larger prefix") from None
+    def _admit(self, key: bytes, d: registry.Admit, name: str | None, invite_id: str, wall: float,
+               prefix4, prefix6) -> NodeRow:
+        """Write a new node (inside join's transaction)."""
+        self.db.execute("DELETE FROM removed_keys WHERE pubkey=?", (key,))
+        count = self.db.execute("SELECT count(*) FROM nodes").fetchone()[0]
+        # Indexed lookups per candidate address: no full-table scan per join.
+        addrs = registry.addresses(key, count, prefix4, prefix6,
+                                   lambda a: self._exists("ipv4", str(a)), lambda a: self._exists("ipv6", str(a)))
+        if isinstance(addrs, registry.Refuse):
+            raise addrs.error()
+        v4, v6 = addrs
+        taken = lambda n: self._exists("name", n)  # noqa: E731
+        nm, placeholder = registry.first_name(name, key, taken)
+        cur = self.db.execute(
+            "INSERT INTO nodes(pubkey, name, ipv4, ipv6, created, last_seen, invite_id, tag) VALUES(?,?,?,?,?,?,?,?)",
+            (key, nm, str(v4), str(v6), wall, wall, invite_id, d.tag),
+        )
+        if placeholder:
+            self.db.execute("UPDATE nodes SET name=? WHERE id=?", (registry.default_name(cur.lastrowid, taken), cur.lastrowid))
+        return self.get_node(key)
 
     def _exists(self, column: str, value: str) -> bool:
         return self.db.execute(f"SELECT 1 FROM nodes WHERE {column}=?", (value,)).fetchone() is not None
-
-    def _free_name(self, base: str) -> str:
-        name, i = base, 2
-        while self._exists("name", name):
-            name, i = f"{base[:58]}-{i}", i + 1
-        return name
 
     def rename(self, node_id: int, name: str) -> str:
         nm = normalize_name(name)
