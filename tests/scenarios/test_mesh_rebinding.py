@@ -261,7 +261,7 @@ def test_after_a_rebinding_cutting_the_direct_path_still_falls_back_to_the_relay
     pings within 5 s (the issue's failover bound), as it does without the rebinding.
 
     A fresh pair, with one cut-and-heal cycle first (a direct path that failed over once in the last
-    30 s, so no new punch is requested at the fallback: agent.PUNCH_RELAYED_INTERVAL). All of it
+    30 s, so no new punch is requested at the fallback: mesh/punch_policy.PUNCH_RELAYED_INTERVAL). All of it
     happens before d's periodic packets to the relay's address (STUN every 20-26 s, relay HELLO every
     25 s, both first sent at the join) could re-open d's mapping by chance; what d sent there is read
     off the wire and printed."""

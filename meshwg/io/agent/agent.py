@@ -2,9 +2,10 @@
 
 Tasks: the mesh device (driver drain loops, UAPI, routes, birthday sockets, relay), the control
 client (registration, directory, punch notices; reconnects with backoff by itself), the directory ->
-netmap task, a punch watcher (asks the server to coordinate a punch when traffic to a relayed peer
-starts, and when a peer's candidates appear or change), a local-address watcher (re-STUN on network
-change), the candidate reporter, the netmap cache writer and the status socket.
+netmap task, a punch watcher (sends the punch requests meshwg.mesh.punch_policy decides: traffic to a
+relayed peer starting, a peer's candidates appearing or changing), a local-address watcher (re-STUN on
+network change), the candidate reporter (what and when: punch_policy too), the netmap cache writer and the
+status socket.
 
 Outage tolerance: the data plane never waits on the control channel. While the server is down the
 tunnels keep their paths; a restart with the server down brings up the cached netmap.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import math
 import signal
 import time
 
@@ -29,18 +29,13 @@ from meshwg.io.agent.mesh_shell import MeshDevice, interface_addresses
 from meshwg.mesh import node as N
 from meshwg.mesh.netmap import PeerSpec
 from meshwg.mesh.peer_entry import entry_policy, host_cidr, peer_spec
-from meshwg.token_bucket import TokenBucket
+from meshwg.mesh.punch_policy import PUNCH_WATCH_INTERVAL, CandidateReport, PathState, PunchPolicy, local_candidates
 
 log = logging.getLogger("meshwg.agent")
 
 LOCAL_WATCH_INTERVAL = 10.0     # how often interface addresses are re-read (network change -> re-STUN)
-PUNCH_WATCH_INTERVAL = 0.1
-PUNCH_MIN_INTERVAL = 1.0        # per peer, between punch requests we make
-PUNCH_RELAYED_INTERVAL = 30.0   # while a peer is active and still relayed, ask again this often
-PUNCH_GLOBAL_RATE = 20.0        # punch requests per second, all peers
 CACHE_MIN_INTERVAL = 2.0
 RECONNECT_BACKOFF_MAX = 8.0     # a returning server sees its nodes back within seconds
-NAT_KIND = {NC.EIM: "stun-eim", NC.EDM: "stun-edm"}  # our NAT kind rides on the STUN candidate's kind
 
 
 class AgentError(Exception):
@@ -111,10 +106,8 @@ class Agent:
         self.started_wall = time.time()
         self._cand_dirty = trio.Event()
         self._cache_dirty = trio.Event()
-        self._last_punch: dict[bytes, float] = {}
-        self._was_active: dict[bytes, bool] = {}
-        self._punch_budget = TokenBucket(PUNCH_GLOBAL_RATE, PUNCH_GLOBAL_RATE)
-        self._pending_punch: set[bytes] = set()
+        self._punch = PunchPolicy()
+        self._cand_report = CandidateReport()
         self._cancel: trio.CancelScope | None = None
 
     # ---- main --------------------------------------------------------------------------------
@@ -208,18 +201,18 @@ class Agent:
                 old = self.directory.get(ev.peer.key)
                 self.directory[ev.peer.key] = ev.peer
                 await self._apply_directory(ev.peer.key)
-                came_online = old is not None and not old.online
-                if ev.peer.online and ev.peer.candidates and (
-                        old is None or came_online or old.candidates != ev.peer.candidates):
-                    self._pending_punch.add(ev.peer.key)
+                self._punch.peer_changed(ev.peer.key, ev.peer.online, ev.peer.candidates,
+                                         None if old is None else (old.online, old.candidates))
             elif isinstance(ev, CE.PeerRemoved):
                 self.directory.pop(ev.key, None)
                 await self._apply_directory(ev.key)
+                self._punch.peer_removed(ev.key)
             elif isinstance(ev, CE.PunchNotice):
                 self.directory[ev.peer.key] = ev.peer  # the freshest candidates the server has
                 await self._apply_directory(ev.peer.key)
-                self.dev.node.punch(ev.peer.key, time.monotonic())
-                self._last_punch[ev.peer.key] = time.monotonic()
+                now = time.monotonic()
+                self.dev.node.punch(ev.peer.key, now)
+                self._punch.punched(ev.peer.key, now)
                 await self.dev.driver.flush()
             elif isinstance(ev, CE.PunchFailed):
                 log.debug("punch to %s failed: %s", ev.key[:4].hex(), ev.reason)
@@ -261,33 +254,17 @@ class Agent:
 
     # ---- background duties -------------------------------------------------------------------
     async def _punch_watch(self) -> None:
-        """Ask the server to coordinate a punch when a relayed peer gets traffic or new candidates."""
+        """Send the punch requests the policy asks for (a relayed peer with traffic, new candidates)."""
         while True:
             await trio.sleep(PUNCH_WATCH_INTERVAL)
-            if not self.connected:
-                continue
             now = time.monotonic()
-            node = self.dev.node
-            want = set(self._pending_punch)
-            self._pending_punch.clear()
-            for key, pp in node.paths.items():
-                active = pp.active(now)
-                if active and not pp.direct(now):
-                    became = not self._was_active.get(key, False)
-                    if became or now - self._last_punch.get(key, -math.inf) >= PUNCH_RELAYED_INTERVAL:
-                        want.add(key)
-                self._was_active[key] = active
-            for key in want:
-                if key not in node.paths or now - self._last_punch.get(key, -math.inf) < PUNCH_MIN_INTERVAL:
-                    continue
-                peer = self.directory.get(key)
-                if peer is None or not peer.online or node.paths[key].direct(now):
-                    continue
-                if not self._punch_budget.take(now):
-                    self._pending_punch.add(key)
-                    continue
-                self._last_punch[key] = now
+            paths = {k: PathState(pp.active(now), pp.direct(now)) for k, pp in self.dev.node.paths.items()}
+            for key in self._punch.tick(now, self.connected, paths, self._peer_online):
                 await self.client.request_punch(key)
+
+    def _peer_online(self, key: bytes) -> bool:
+        peer = self.directory.get(key)
+        return peer is not None and peer.online
 
     async def _refresh_local(self) -> bool:
         ips = await trio.to_thread.run_sync(interface_addresses, {self.dev.name})
@@ -305,21 +282,17 @@ class Agent:
 
     def _candidates(self) -> list:
         node = self.dev.node
-        kind = NAT_KIND.get(node.local_nat, "stun")
-        out = [(ip, port, kind) for ip, port in node.reflexive]
-        out += [(ip, port, "local") for ip, port in node.iface_endpoints if (ip, port) not in node.reflexive]
-        return out[:16]
+        return local_candidates(node.reflexive, node.iface_endpoints, node.local_nat)
 
     async def _candidate_reporter(self) -> None:
-        last = None
         while True:
             await self._cand_dirty.wait()
             self._cand_dirty = trio.Event()
             cands = self._candidates()
             self.client.candidates = list(cands)  # re-sent at every reconnect
-            if cands != last and self.connected:
+            if self._cand_report.due(cands, self.connected):
                 if await self.client.report_candidates(cands):
-                    last = cands
+                    self._cand_report.accepted(cands)
             await trio.sleep(0.05)
 
     async def _cache_writer(self) -> None:

@@ -1,0 +1,112 @@
+"""What the node tells the signal server for NAT traversal, and when. Pure: `now` is an input.
+
+PunchPolicy decides which peers to ask the server to coordinate a punch for:
+- a peer with traffic that goes over the relay: when it becomes active, then every PUNCH_RELAYED_INTERVAL
+  while it stays active and relayed;
+- a peer whose candidates appeared or changed, or that came online (peer_changed);
+- never one that is gone, offline or already direct; at most once per PUNCH_MIN_INTERVAL per peer
+  (a punch the server started for us counts, punched()); at most PUNCH_GLOBAL_RATE a second over all
+  peers, a request refused by that budget waiting for the next tick.
+
+CandidateReport decides what to report as our candidates (local_candidates) and whether a report is due
+(the list changed since the last one the server took, and the control channel is up).
+
+The agent feeds events in, calls tick(now, connected, paths, online) every PUNCH_WATCH_INTERVAL and sends
+one punch request per key it returns.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, NamedTuple
+
+from meshwg.disco import netcheck as NC
+from meshwg.token_bucket import TokenBucket
+
+PUNCH_WATCH_INTERVAL = 0.1
+PUNCH_MIN_INTERVAL = 1.0        # per peer, between punch requests we make
+PUNCH_RELAYED_INTERVAL = 30.0   # while a peer is active and still relayed, ask again this often
+PUNCH_GLOBAL_RATE = 20.0        # punch requests per second, all peers
+MAX_CANDIDATES = 16             # what one report carries
+NAT_KIND = {NC.EIM: "stun-eim", NC.EDM: "stun-edm"}  # our NAT kind rides on the STUN candidate's kind
+
+
+class PathState(NamedTuple):
+    """A peer's path as the node sees it at `now`."""
+    active: bool    # traffic flowed recently
+    direct: bool    # a trusted direct path carries it (else the relay)
+
+
+class PunchPolicy:
+    def __init__(self, rate: float = PUNCH_GLOBAL_RATE) -> None:
+        self._last: dict[bytes, float] = {}        # when we last asked for (or were told of) a punch per peer
+        self._was_active: dict[bytes, bool] = {}
+        self._pending: set[bytes] = set()
+        self._budget = TokenBucket(rate, rate)
+
+    def peer_changed(self, key: bytes, online: bool, candidates, before: tuple[bool, tuple] | None) -> None:
+        """A directory entry was set; `before`: its (online, candidates) until now, None for a new peer.
+        New candidates are new chances to go direct: punch when they appear, change or come back online."""
+        if not (online and candidates):
+            return
+        if before is None or not before[0] or tuple(before[1]) != tuple(candidates):
+            self._pending.add(key)
+
+    def peer_removed(self, key: bytes) -> None:
+        self._last.pop(key, None)
+        self._was_active.pop(key, None)
+        self._pending.discard(key)
+
+    def punched(self, key: bytes, now: float) -> None:
+        """The server coordinated a punch with this peer (its notice): no request of ours for a while."""
+        self._last[key] = now
+
+    def tick(self, now: float, connected: bool, paths: Mapping[bytes, PathState],
+             online: Callable[[bytes], bool]) -> list[bytes]:
+        """The peers to request a punch for now, each recorded as asked. Nothing while disconnected (the
+        pending ones wait for the connection)."""
+        if not connected:
+            return []
+        want = self._pending
+        self._pending = set()
+        for key, st in paths.items():
+            if st.active and not st.direct:
+                became = not self._was_active.get(key, False)
+                if became or now - self._last.get(key, -math.inf) >= PUNCH_RELAYED_INTERVAL:
+                    want.add(key)
+            self._was_active[key] = st.active
+        out = []
+        for key in want:
+            st = paths.get(key)
+            if st is None or st.direct or not online(key):
+                continue
+            if now - self._last.get(key, -math.inf) < PUNCH_MIN_INTERVAL:
+                continue
+            if not self._budget.take(now):
+                self._pending.add(key)
+                continue
+            self._last[key] = now
+            out.append(key)
+        return out
+
+
+def local_candidates(reflexive, iface_endpoints, local_nat: str | None) -> list[tuple[str, int, str]]:
+    """Our candidates as reported: reflexive ones first (they work across NATs), kind naming our NAT,
+    then interface addresses not already listed; at most MAX_CANDIDATES."""
+    kind = NAT_KIND.get(local_nat, "stun")
+    out = [(ip, port, kind) for ip, port in reflexive]
+    out += [(ip, port, "local") for ip, port in iface_endpoints if (ip, port) not in reflexive]
+    return out[:MAX_CANDIDATES]
+
+
+class CandidateReport:
+    """Reports only what the server has not taken yet."""
+
+    def __init__(self) -> None:
+        self.last: list | None = None   # the last list the server accepted
+
+    def due(self, candidates: list, connected: bool) -> bool:
+        return connected and candidates != self.last
+
+    def accepted(self, candidates: list) -> None:
+        self.last = list(candidates)
