@@ -218,3 +218,19 @@ def test_an_unhonourable_change_spends_no_answer_budget():
     for _ in range(60):
         assert r.handle_untrusted(0, request(attr(3, struct.pack("!I", 4))), SRC, 0.0)[1] == ("stun_change_unsupported",)
     assert r.handle_untrusted(0, request(), SRC, 0.0)[0] is not None
+
+
+def test_xor_mapped_address_is_laid_out_as_rfc_5389_says():
+    resp = stun.build_binding_response(TXID, ("192.0.2.1", 32853), software=False, fingerprint=False, mapped=False)
+    # type 0x0020, length 8, reserved 0, family 1, port ^ 0x2112, address ^ the cookie
+    assert resp[20:] == struct.pack("!HHBBH", 0x0020, 8, 0, 1, 32853 ^ 0x2112) + bytes(
+        a ^ b for a, b in zip(bytes([192, 0, 2, 1]), COOKIE))
+
+
+def test_classic_requests_are_built_as_rfc_3489_says():
+    txid = b"\x05" * 16
+    assert stun.build_classic_binding_request(txid) == struct.pack("!HH", 1, 0) + txid
+    for change in (2, 4, 6):
+        assert stun.build_classic_binding_request(txid, change) == classic(change, txid)
+    assert stun.build_binding_request(TXID, change=2) == request(attr(3, struct.pack("!I", 2)))
+    assert stun.build_binding_request(TXID) == request()
