@@ -100,6 +100,7 @@ def relay_tcp_caps(nofile_soft: int, share: float, total: int | None = None,
         total = max(1, int(nofile_soft * share))
     if per_source is None:
         # A site that blocks UDP has only the TCP relay: the floor keeps a household or an office on it
-        # even where the descriptor limit is small.
-        per_source = max(64, total // 8)
+        # even where the descriptor limit is small; the ceiling keeps one address from holding tens of
+        # thousands where it is large (`serve` raises its soft limit to the hard one).
+        per_source = min(max(64, total // 8), 4096)
     return total, min(per_source, total)

@@ -102,7 +102,8 @@ def test_relay_caps_from_the_descriptor_limit():
     assert relay_tcp_caps(1024, 0.25, total=100) == (100, 64)
     assert relay_tcp_caps(1024, 0.25, per_source=500) == (256, 256)  # never above the total
     assert relay_tcp_caps(64, 0.25) == (16, 16)
-    assert relay_tcp_caps(-1, 0.5) == (1 << 19, 1 << 16)  # RLIM_INFINITY: a bounded budget all the same
+    assert relay_tcp_caps(-1, 0.5) == (1 << 19, 4096)  # RLIM_INFINITY: a bounded budget all the same
+    assert relay_tcp_caps(1 << 20, 0.25) == (1 << 18, 4096)  # a huge hard limit: one address still holds 4,096 at most
 
 
 # --- pure: repeated log lines
