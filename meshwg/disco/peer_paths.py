@@ -76,6 +76,19 @@ class Candidate:
     latency: float | None = None
 
 
+def parse_network(text):
+    """An ip_network from a prefix text ("100.64.0.0/10"; host bits allowed), None if empty or not one."""
+    try:
+        return ipaddress.ip_network(str(text), strict=False) if text else None
+    except ValueError:
+        return None
+
+
+def in_networks(ip, nets) -> bool:
+    """`ip` (an ip_address) lies in one of `nets` (ip_networks of either family)."""
+    return any(ip.version == net.version and ip in net for net in nets)
+
+
 def valid_candidate(addr: object, blocked=()) -> bool:
     """Drop candidates no honest peer would advertise, or that would aim probes at no peer: loopback (our
     own host), unspecified, multicast (link-local included), broadcast, reserved, and the `blocked`
@@ -91,7 +104,7 @@ def valid_candidate(addr: object, blocked=()) -> bool:
         return False
     if ip.is_unspecified or ip.is_multicast or ip.is_reserved or ip.is_loopback:
         return False
-    if any(ip.version == net.version and ip in net for net in blocked):
+    if in_networks(ip, blocked):
         return False
     if ip.version == 4 and ip_s == "255.255.255.255":
         return False

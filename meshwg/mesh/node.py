@@ -43,7 +43,8 @@ from dataclasses import dataclass
 from meshwg.disco import netcheck as NC
 from meshwg.disco import stun
 from meshwg.disco.messages import CallMeMaybe, DiscoCodec, Ping, Pong, endpoints_bounded
-from meshwg.disco.peer_paths import TECHNIQUES, PeerPaths, SendCallMeMaybe, SendPing, SendPong
+from meshwg.disco.peer_paths import (TECHNIQUES, PeerPaths, SendCallMeMaybe, SendPing, SendPong, in_networks,
+                                     parse_network)
 from meshwg.disco.techniques import CloseSockets, OpenSockets
 from meshwg.mesh import demux
 from meshwg.mesh.netmap import AddPeer, ChangePeer, PeerSpec, RemovePeer, diff, route_changes
@@ -286,13 +287,7 @@ class MeshNode:
         """The mesh's prefixes (the welcome's prefix4/prefix6; empty or invalid ones are skipped): peers'
         call-me-maybe endpoints and ping sources inside them are dropped (our own mesh address and
         unassigned ones included: a ping there reaches local services or nobody)."""
-        nets = []
-        for p in prefixes:
-            try:
-                nets.append(ipaddress.ip_network(str(p), strict=False))
-            except ValueError:
-                continue
-        self.mesh_nets = tuple(nets)
+        self.mesh_nets = tuple(n for n in map(parse_network, prefixes) if n is not None)
 
     def set_stun_servers(self, servers, now: float) -> None:
         self.stun_servers = tuple(tuple(s) for s in servers)
@@ -467,7 +462,7 @@ class MeshNode:
             ip = ipaddress.ip_address(addr[0])
         except (ValueError, TypeError, IndexError, KeyError):
             return False  # not an address: PeerPaths drops it
-        if any(ip.version == n.version and ip in n for n in self.mesh_nets):
+        if in_networks(ip, self.mesh_nets):
             return True
         return self._routed_in_mesh(ip)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from meshwg.signaling.invite import split_hostport
 from meshwg.signaling.protocol import KIND_OBSERVED, REPORTED_KINDS
 from meshwg.disco.netcheck import EDM, EIM
-from meshwg.disco.peer_paths import valid_candidate
+from meshwg.disco.peer_paths import in_networks, parse_network, valid_candidate
 from meshwg.mesh.netmap import PeerSpec
 
 
@@ -42,7 +42,7 @@ class EntryPolicy:
             return "drop_peer_addr_server"
         if ip in self.own_ips:
             return "drop_peer_addr_own"
-        if not any(ip.version == n.version and ip in n for n in self.mesh_nets):
+        if not in_networks(ip, self.mesh_nets):
             return "drop_peer_addr_outside_mesh"
         return None
 
@@ -67,13 +67,6 @@ def _ip(host):
         return None
 
 
-def _net(text):
-    try:
-        return ipaddress.ip_network(str(text), strict=False) if text else None
-    except ValueError:
-        return None
-
-
 def host_cidr(addr) -> str | None:
     """A mesh address ("100.64.0.3" or "100.64.0.3/10") as a host route ("100.64.0.3/32"); None if empty
     or not an address."""
@@ -87,7 +80,7 @@ def entry_policy(welcome, control_addrs: tuple = ()) -> EntryPolicy:
     addresses ("host:port"). No welcome yet: nothing is routed (there is no mesh prefix to trust)."""
     if welcome is None:
         return EntryPolicy()
-    nets = tuple(n for n in (_net(welcome.prefix4), _net(welcome.prefix6)) if n is not None)
+    nets = tuple(n for n in map(parse_network, (welcome.prefix4, welcome.prefix6)) if n is not None)
     endpoints = set()
     for host, port in (*welcome.stun, *welcome.relay_udp, *welcome.relay_tcp):
         if _ip(host) is not None:
