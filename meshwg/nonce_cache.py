@@ -27,6 +27,8 @@ class NonceCache:
         return nonce in expiry
 
     def add(self, nonce: Hashable, until: float) -> None:
+        """Remember `nonce` until `until`; one added again moves to the newest end (expiries stay ordered)."""
+        self._expiry.pop(nonce, None)
         self._expiry[nonce] = until
         if len(self._expiry) > self.capacity:
             self._expiry.popitem(last=False)

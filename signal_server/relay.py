@@ -73,7 +73,7 @@ class RelayCore:
         self.junk_hello_limit = KeyedLimiter(JUNK_HELLO_RATE, JUNK_HELLO_BURST, JUNK_SOURCES)
         self.notice_limit = KeyedLimiter(NOTICE_RATE, NOTICE_BURST, JUNK_SOURCES)
         self.junk_global = TokenBucket(JUNK_GLOBAL_RATE, JUNK_GLOBAL_BURST)
-        self._proven: OrderedDict[tuple, float] = OrderedDict()  # (UDP source, key) -> until (monotonic)
+        self._proven = NonceCache(PROVEN_MAX)  # (UDP source, key) pairs, each until (monotonic) PROVEN_TTL on
         self.session_ttl = session_ttl
         self.counters: Counter = Counter()
         self.observed_events: list[tuple[bytes, tuple]] = []
@@ -191,15 +191,10 @@ class RelayCore:
             self.junk_global.take(now)
 
     def _prove(self, src, key: bytes, now: float) -> None:
-        proven = self._proven
-        proven.pop((src, key), None)  # re-inserted last: the entries stay in expiry order
-        proven[(src, key)] = now + PROVEN_TTL
-        while len(proven) > PROVEN_MAX or next(iter(proven.values())) < now:
-            proven.popitem(last=False)
+        self._proven.add((src, key), now + PROVEN_TTL)
 
     def _is_proven(self, src, key: bytes, now: float) -> bool:
-        until = self._proven.get((src, key))
-        return until is not None and until >= now
+        return self._proven.seen((src, key), now)
 
     def _notice(self, code: int, key: bytes, dest, src, now: float) -> list[tuple[bytes, object]]:
         """An unauthenticated hint, at most NOTICE_RATE a second per source (notices answer junk)."""
