@@ -1,0 +1,472 @@
+"""signal_server.plain_ingress (issue 12): real WireGuard messages from the project's sans-IO core, a "phone" core
+(a stock WireGuard app: one fixed Endpoint, the server's plain port) and "node" cores (reached over their relay
+sessions), routed through the ingress core only. It never decrypts, so every pass here is WireGuard itself
+completing handshakes and accepting transport data that went through it."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import ipaddress
+import pathlib
+import random
+import struct
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from meshwg.wg import crypto
+from meshwg.wg.constants import INITIATION_MAC1_OFFSET
+from meshwg.wg.cookie import CookieGenerator
+from meshwg.wg.device import WireGuardCore
+from meshwg.wg.events import HandshakeCompleted
+from signal_server.plain_ingress import PlainIngress
+
+_spec = importlib.util.spec_from_file_location(
+    "_wg_pair", pathlib.Path(__file__).resolve().parents[1] / "wg" / "wg_pair.py")
+_wg_pair = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_wg_pair)
+ipv4_packet = _wg_pair.ipv4_packet
+
+WALL = 1_700_000_000.0
+SERVER = ("203.0.113.1", 51820)  # the server's plain-WireGuard address, the phone's Endpoint
+PHONE_WIFI, PHONE_LTE = ("198.51.100.7", 40000), ("192.0.2.99", 61000)
+ATTACKER = ("203.0.113.66", 6666)
+PHONE_IP = "10.77.0.9"
+
+
+class Relay:
+    """The node's endpoint for its plain peers: the relay session (an opaque object to the core)."""
+
+    def __repr__(self) -> str:
+        return "Relay()"
+
+
+RELAY = Relay()
+
+
+def _sent(core):
+    return core.datagrams_to_send()
+
+
+class Lab:
+    """One phone with a [Peer] per node; nodes[i] holds the phone as an ordinary peer whose endpoint is the relay.
+    The phone's datagrams reach the ingress from `phone_addr` (its NAT mapping); a node datagram the ingress sends
+    to any other address is lost (recorded in `misrouted`)."""
+
+    def __init__(self, seed: int = 1, nodes: int = 1, targets: list[int] | None = None, ingress=None):
+        rng = random.Random(seed)
+        self.phone = WireGuardCore(crypto.clamp(rng.randbytes(32)), rng.randbytes, wall_offset=WALL)
+        self.nodes = [WireGuardCore(crypto.clamp(rng.randbytes(32)), rng.randbytes, wall_offset=WALL,
+                                    index_tag=0x1200 + i) for i in range(nodes)]
+        self.node_ips = [f"10.77.1.{i + 1}" for i in range(nodes)]
+        self.phone_peers = []
+        for node, ip in zip(self.nodes, self.node_ips):
+            pp = self.phone.add_peer(node.public_key)
+            self.phone.set_endpoint(pp, SERVER)
+            self.phone.set_allowed_ips(pp, [ipaddress.ip_network(ip + "/32")])
+            self.phone_peers.append(pp)
+            np_ = node.add_peer(self.phone.public_key)
+            node.set_endpoint(np_, RELAY)
+            node.set_allowed_ips(np_, [ipaddress.ip_network(PHONE_IP + "/32")])
+        self.ingress = ingress or PlainIngress()
+        self.ingress.set_targets({self.nodes[i].public_key for i in (range(nodes) if targets is None else targets)})
+        self.phone_addr = PHONE_WIFI
+        self.now = 0.0
+        self.tun_phone: list[bytes] = []
+        self.tun_nodes: list[list[bytes]] = [[] for _ in range(nodes)]
+        self.events_phone: list = []
+        self.events_nodes: list[list] = [[] for _ in range(nodes)]
+        self.misrouted: list[tuple[object, bytes]] = []
+        self.node_received: list[list[bytes]] = [[] for _ in range(nodes)]
+        self.from_phone: list[bytes] = []  # every datagram the phone sent (what an on-path observer sees)
+        self.from_nodes: list[bytes] = []
+
+    def node_by_key(self, key):
+        for i, node in enumerate(self.nodes):
+            if node.public_key == key:
+                return i
+        return None
+
+    def deliver(self) -> None:
+        for _ in range(1000):
+            moved = False
+            for data, addr in _sent(self.phone):
+                moved = True
+                assert addr == SERVER
+                self.from_phone.append(data)
+                key = self.ingress.route_from_plain(data, self.phone_addr, self.now)
+                i = self.node_by_key(key)
+                if i is not None:
+                    self.node_received[i].append(data)
+                    self.nodes[i].receive_datagram(data, RELAY, self.now)
+            for node in self.nodes:
+                for data, addr in _sent(node):
+                    moved = True
+                    assert addr is RELAY
+                    self.from_nodes.append(data)
+                    dst = self.ingress.route_from_node(node.public_key, data, self.now)
+                    if dst == self.phone_addr:
+                        self.phone.receive_datagram(data, SERVER, self.now)
+                    elif dst is not None:
+                        self.misrouted.append((dst, data))
+            self.tun_phone += self.phone.tun_packets_to_write()
+            self.events_phone += self.phone.pop_events()
+            for i, node in enumerate(self.nodes):
+                self.tun_nodes[i] += node.tun_packets_to_write()
+                self.events_nodes[i] += node.pop_events()
+            if not moved:
+                return
+        raise AssertionError("datagram ping-pong did not settle")
+
+    def run_until(self, t_end: float, each_step=None) -> None:
+        self.deliver()
+        cores = [self.phone, *self.nodes]
+        while True:
+            nxt = min(c.get_timer() for c in cores)
+            if nxt > t_end:
+                break
+            self.now = max(self.now, nxt)
+            for c in cores:
+                c.handle_timer(self.now)
+            self.deliver()
+        self.now = t_end
+        self.deliver()
+
+    def phone_sends(self, i: int = 0, payload: bytes = b"p" * 64) -> bytes:
+        pkt = ipv4_packet(PHONE_IP, self.node_ips[i], payload)
+        self.phone.send_ip_packet(pkt, self.now)
+        self.deliver()
+        return pkt
+
+    def node_sends(self, i: int = 0, payload: bytes = b"n" * 64) -> bytes:
+        pkt = ipv4_packet(self.node_ips[i], PHONE_IP, payload)
+        self.nodes[i].send_ip_packet(pkt, self.now)
+        self.deliver()
+        return pkt
+
+    def phone_index_for(self, i: int = 0) -> int:
+        """The phone's receiver index of its current session with node i (what the node's data carries)."""
+        return self.phone_peers[i].keypairs.current.local_index
+
+    def node_index_for(self, i: int = 0) -> int:
+        return self.phone_peers[i].keypairs.current.remote_index
+
+
+def fake_initiation(node_key: bytes, sender: int, seed: int = 0) -> bytes:
+    """An initiation with a valid mac1 for node_key and garbage inside (anyone who knows the node's public key
+    can make these: it is what a flood looks like)."""
+    body = struct.pack("<II", 1, sender) + random.Random(seed).randbytes(INITIATION_MAC1_OFFSET - 8)
+    return CookieGenerator(node_key).add_macs(body, 0.0)
+
+
+def fake_response(sender: int, receiver: int) -> bytes:
+    return struct.pack("<III", 2, sender, receiver) + bytes(92 - 12)
+
+
+def transport(receiver: int, counter: int = 0, size: int = 32) -> bytes:
+    return struct.pack("<IIQ", 4, receiver, counter) + bytes(size - 16)
+
+
+def established(**kw) -> Lab:
+    lab = Lab(**kw)
+    lab.phone_sends()
+    lab.node_sends()
+    return lab
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_handshake_completes_and_data_flows_both_ways():
+    lab = Lab()
+    sent = lab.phone_sends()
+    assert lab.tun_nodes[0] == [sent]
+    back = lab.node_sends()
+    assert lab.tun_phone == [back]
+    assert HandshakeCompleted(lab.nodes[0].public_key) in lab.events_phone
+    assert HandshakeCompleted(lab.phone.public_key) in lab.events_nodes[0]
+    c = lab.ingress.counters
+    assert c["forward_initiation"] == 1 and c["forward_response"] == 1
+    assert c["forward_transport_to_node"] == 1 and c["forward_transport_to_plain"] == 1  # the staged packet confirms the keys
+    assert lab.misrouted == []
+    assert not [k for k in c if k.startswith("drop_")]
+    # the node's view: the phone is behind the relay, and its replies went there
+    assert lab.nodes[0].peers[lab.phone.public_key].endpoint is RELAY
+
+
+def test_many_packets_both_ways_over_ten_minutes_with_rekeys():
+    """Sessions end after 180 s; the phone re-handshakes every 120 s: traffic never stops through the ingress."""
+    lab = established()
+    got_node, got_phone = len(lab.tun_nodes[0]), len(lab.tun_phone)
+    for step in range(120):
+        lab.run_until(lab.now + 5.0)
+        lab.phone_sends(payload=b"%d" % step)
+        lab.node_sends(payload=b"%d" % step)
+    assert len(lab.tun_nodes[0]) == got_node + 120
+    assert len(lab.tun_phone) == got_phone + 120
+    assert lab.ingress.counters["forward_response"] >= 5  # 600 s: several handshakes
+    assert lab.ingress.pair_count <= 3  # old pairs expired (2 live sessions at most, + one replaced)
+    assert lab.misrouted == []
+
+
+def test_the_phone_roams_to_a_new_address_and_keeps_working():
+    lab = established()
+    lab.phone_addr = PHONE_LTE  # Wi-Fi -> mobile data: a new NAT mapping, the old one is gone
+    sent = lab.phone_sends(payload=b"after roaming")
+    assert lab.tun_nodes[0][-1] == sent
+    back = lab.node_sends(payload=b"to the new address")
+    assert lab.tun_phone[-1] == back
+    assert lab.misrouted == []
+    assert lab.ingress.counters["roam"] == 1
+    assert lab.ingress.phone_address(lab.nodes[0].public_key, lab.phone_index_for()) == PHONE_LTE
+
+
+def test_only_transport_data_moves_the_phone():
+    """A cookie reply (or initiation) for a known index from elsewhere does not roam the pair."""
+    lab = established()
+    node_idx = lab.node_index_for()
+    cookie = struct.pack("<II", 3, node_idx) + bytes(56)
+    assert lab.ingress.route_from_plain(cookie, ATTACKER, lab.now) == lab.nodes[0].public_key
+    assert lab.ingress.phone_address(lab.nodes[0].public_key, lab.phone_index_for()) == PHONE_WIFI
+    assert lab.ingress.counters["roam"] == 0
+
+
+def test_an_initiation_for_a_node_plain_peers_may_not_reach_never_leaves():
+    lab = Lab(nodes=2, targets=[0])
+    lab.phone_sends(i=1)
+    assert lab.node_received == [[], []]  # the initiation reached no node at all
+    assert lab.tun_nodes[1] == []
+    assert lab.ingress.counters["drop_init_no_target"] == 1
+    assert lab.ingress.pending_count == 0
+    # node 0 is reachable at the same time
+    sent = lab.phone_sends(i=0)
+    assert lab.tun_nodes[0] == [sent]
+
+
+def test_a_node_leaving_the_targets_loses_its_pairs_at_once():
+    lab = established(nodes=2)
+    assert lab.ingress.pair_count == 1
+    lab.ingress.set_targets({lab.nodes[1].public_key})
+    assert lab.ingress.pair_count == 0
+    before = len(lab.tun_nodes[0])
+    lab.phone_sends(payload=b"revoked")
+    assert len(lab.tun_nodes[0]) == before
+    assert lab.ingress.counters["drop_unknown_index"] >= 1
+
+
+def test_cookie_reply_from_a_node_under_load_reaches_the_phone_and_the_handshake_completes():
+    lab = Lab()
+    lab.nodes[0].note_handshake_backlog(500, lab.now)  # under load for 1 s: initiations need mac2
+    lab.phone_sends()
+    assert lab.ingress.counters["forward_cookie_to_plain"] == 1
+    assert lab.phone_peers[0].cookie.cookie is not None  # the phone decrypted the node's cookie
+    assert lab.tun_nodes[0] == []
+    lab.run_until(10.0)  # the phone retries after 5 s with mac2; the node is no longer under load anyway
+    assert HandshakeCompleted(lab.nodes[0].public_key) in lab.events_phone
+    assert len(lab.tun_nodes[0]) == 1
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_junk_short_unknown_and_unknown_index_datagrams_are_dropped_and_counted():
+    lab = established()
+    ing = lab.ingress
+    node_key = lab.nodes[0].public_key
+    before = ing.counters.copy()
+    junk = [
+        (b"", "drop_short"), (b"\x04", "drop_short"), (transport(lab.node_index_for())[:31], "drop_short"),
+        (b"\x05\0\0\0" + bytes(60), "drop_unknown_type"),
+        (b"\x04\0\0\x01" + transport(lab.node_index_for())[4:], "drop_unknown_type"),  # reserved byte set
+        (b"\x01\0\0\0" + bytes(143), "drop_malformed"),  # initiation of the wrong size
+        (b"\x03\0\0\0" + bytes(63), "drop_malformed"),
+        (transport(0xDEADBEEF), "drop_unknown_index"),
+        (struct.pack("<II", 3, 0xDEADBEEF) + bytes(56), "drop_unknown_index"),
+        (fake_response(1, 2), "drop_unsolicited_response"),
+    ]
+    for data, reason in junk:
+        assert ing.route_from_plain(data, lab.phone_addr, lab.now) is None, reason
+    from_node = [
+        (b"\x04\0\0\0", "drop_node_short"),
+        (transport(0xDEADBEEF), "drop_node_unknown_index"),
+        (fake_response(5, 0xDEADBEEF), "drop_node_unknown_index"),  # answers no pending initiation
+        (struct.pack("<II", 3, 0xDEADBEEF) + bytes(56), "drop_node_unknown_index"),
+        (fake_initiation(lab.phone.public_key, 9), "drop_node_initiation"),
+        (b"\x09\0\0\0" + bytes(60), "drop_node_unknown_type"),
+    ]
+    for data, reason in from_node:
+        assert ing.route_from_node(node_key, data, lab.now) is None, reason
+    # a node that is not the pair's node cannot send on it
+    other = crypto.dh_pub(crypto.clamp(bytes(32 * [7])))
+    assert ing.route_from_node(other, transport(lab.phone_index_for()), lab.now) is None
+    diff = ing.counters - before
+    expected = {}
+    for _, reason in junk + from_node + [(None, "drop_node_unknown_index")]:
+        expected[reason] = expected.get(reason, 0) + 1
+    assert dict(diff) == expected
+    assert lab.phone_addr == PHONE_WIFI and ing.counters["roam"] == 0
+
+
+def test_a_flood_from_one_source_is_limited_and_another_sources_initiation_still_passes():
+    lab = Lab()
+    node_key = lab.nodes[0].public_key
+    forwarded = sum(lab.ingress.route_from_plain(fake_initiation(node_key, i), ATTACKER, 0.5) is not None
+                    for i in range(1000))
+    assert forwarded <= 20  # a small burst per source, not 1,000 mac1 checks and forwards
+    assert lab.ingress.counters["drop_init_ratelimited"] >= 980
+    lab.now = 0.5
+    sent = lab.phone_sends()
+    assert lab.tun_nodes[0] == [sent]
+
+
+def test_a_flood_from_many_sources_is_bounded_in_all():
+    ing = PlainIngress()
+    key = crypto.dh_pub(crypto.clamp(bytes(32 * [5])))
+    ing.set_targets({key})
+    data = fake_initiation(key, 1)
+    forwarded = sum(ing.route_from_plain(data, (f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 1), 0.0) is not None
+                    for i in range(5000))
+    assert forwarded <= 2000  # about 2,000 mac1 rounds a second in all
+    assert ing.counters["drop_init_global_limit"] >= 3000
+
+
+def test_one_ipv6_host_cannot_use_its_many_addresses_for_fresh_budgets():
+    ing = PlainIngress()
+    key = crypto.dh_pub(crypto.clamp(bytes(32 * [5])))
+    ing.set_targets({key})
+    forwarded = sum(ing.route_from_plain(fake_initiation(key, i), (f"2001:db8:1:2::{i:x}", 1), 0.0) is not None
+                    for i in range(1000))
+    assert forwarded <= 20
+
+
+def test_a_replayed_initiation_from_elsewhere_cannot_take_the_response():
+    """The node answers the first copy only; a copy replayed from another address must not redirect the answer."""
+    lab = Lab()
+    pp = lab.phone_peers[0]
+    lab.phone.initiate_handshake(pp, lab.now)
+    [(init, _)] = lab.phone.datagrams_to_send()
+    key = lab.nodes[0].public_key
+    assert lab.ingress.route_from_plain(init, PHONE_WIFI, lab.now) == key
+    assert lab.ingress.route_from_plain(init, ATTACKER, lab.now) is None
+    assert lab.ingress.counters["drop_init_index_taken"] == 1
+    lab.nodes[0].receive_datagram(init, RELAY, lab.now)
+    [(resp, _)] = lab.nodes[0].datagrams_to_send()
+    assert lab.ingress.route_from_node(key, resp, lab.now) == PHONE_WIFI
+
+
+def test_a_source_guessing_indexes_cannot_roam_the_phone_away():
+    lab = established()
+    key, node_idx, phone_idx = lab.nodes[0].public_key, lab.node_index_for(), lab.phone_index_for()
+    rng = random.Random(3)
+    for _ in range(1000):
+        lab.ingress.route_from_plain(transport(rng.getrandbits(32)), ATTACKER, lab.now)
+    assert lab.ingress.route_from_plain(transport(node_idx, 99), ATTACKER, lab.now) is None  # the guess that hits
+    assert lab.ingress.phone_address(key, phone_idx) == PHONE_WIFI
+    assert lab.ingress.counters["drop_roam_refused"] == 1
+    # the phone itself still roams
+    lab.phone_addr = PHONE_LTE
+    sent = lab.phone_sends(payload=b"roamed")
+    assert lab.tun_nodes[0][-1] == sent
+    assert lab.ingress.phone_address(key, phone_idx) == PHONE_LTE
+
+
+def test_pairs_and_pending_initiations_expire():
+    lab = established()
+    key, node_idx = lab.nodes[0].public_key, lab.node_index_for()
+    t0 = lab.now
+    lab.ingress.route_from_plain(fake_initiation(key, 77), PHONE_WIFI, t0)
+    assert lab.ingress.pending_count == 1
+    # a response 20 s later (four times REKEY_TIMEOUT) answers no initiation the phone still waits on
+    assert lab.ingress.route_from_node(key, fake_response(5, 77), t0 + 20.0) is None
+    # the session is usable for 180 s (REJECT_AFTER_TIME) ...
+    assert lab.ingress.route_from_plain(transport(node_idx, 10**6), PHONE_WIFI, t0 + 179.0) == key
+    # ... and forgotten after 3 x 180 s at the latest
+    assert lab.ingress.route_from_plain(transport(node_idx, 10**6 + 1), PHONE_WIFI, t0 + 540.0) is None
+    assert lab.ingress.pair_count == 0 and lab.ingress.pending_count == 0
+
+
+def test_the_pending_table_is_bounded():
+    ing = PlainIngress()
+    key = crypto.dh_pub(crypto.clamp(bytes(32 * [5])))
+    ing.set_targets({key})
+    now = 0.0
+    for i in range(6000):
+        now += 0.001
+        ing.route_from_plain(fake_initiation(key, i), (f"10.0.{i >> 8}.{i & 255}", 1), now)
+    assert ing.counters["forward_initiation"] >= 5000
+    assert ing.pending_count <= 4096
+    assert ing.counters["evict_pending"] >= 900
+    # the newest is still answered
+    assert ing.route_from_node(key, fake_response(1, 5999), now) == ("10.0.23.111", 1)
+
+
+@pytest.mark.slow
+def test_the_pair_table_is_bounded():
+    ing = PlainIngress()
+    key = crypto.dh_pub(crypto.clamp(bytes(32 * [5])))
+    ing.set_targets({key})
+    now = 0.0
+    for i in range(70_000):
+        now += 0.001
+        src = (f"10.{i >> 16}.{i >> 8 & 255}.{i & 255}", 1)
+        assert ing.route_from_plain(fake_initiation(key, i), src, now) == key
+        assert ing.route_from_node(key, fake_response(0x10000000 + i, i), now) == src
+    assert ing.pair_count <= 65_536
+    assert ing.counters["evict_pair"] >= 4000
+    assert ing.route_from_plain(transport(0x10000000 + 69_999), ("10.1.17.111", 1), now) == key
+    assert ing.route_from_plain(transport(0x10000000), ("10.0.0.0", 1), now) is None  # the oldest went first
+
+
+def test_a_node_index_collision_replaces_the_older_pair():
+    ing = PlainIngress()
+    k1, k2 = (crypto.dh_pub(crypto.clamp(bytes(32 * [b]))) for b in (5, 6))
+    ing.set_targets({k1, k2})
+    a, b = ("10.0.0.1", 1), ("10.0.0.2", 1)
+    assert ing.route_from_plain(fake_initiation(k1, 1), a, 0.0) == k1
+    assert ing.route_from_plain(fake_initiation(k2, 2), b, 0.0) == k2
+    assert ing.route_from_node(k1, fake_response(42, 1), 0.0) == a
+    assert ing.route_from_node(k2, fake_response(42, 2), 0.0) == b  # same node index from another node
+    assert ing.route_from_plain(transport(42), b, 0.0) == k2
+    assert ing.route_from_node(k1, transport(1), 0.0) is None
+    assert ing.pair_count == 1 and ing.counters["replace_pair"] == 1
+
+
+# ---------------------------------------------------------------- properties
+
+
+_LAB = established()
+_VALID_PLAIN = list(_LAB.from_phone)
+_VALID_NODE = list(_LAB.from_nodes)
+_INDEXES = [_LAB.node_index_for(), _LAB.phone_index_for(), 0, 0xFFFFFFFF]
+_SOURCES = [PHONE_WIFI, PHONE_LTE, ATTACKER, ("2001:db8::1", 5), ("not an ip", 1), ("fe80::1%eth0", 9), (), None,
+            "opaque", (1, 2)]
+
+
+def _moved(before, after):
+    return sum(v for k, v in (after - before).items() if k.startswith(("drop_", "forward_")))
+
+
+datagrams = st.one_of(
+    st.binary(max_size=200),
+    st.builds(lambda t, i, rest: struct.pack("<II", t, _INDEXES[i % len(_INDEXES)]) + rest,
+              st.integers(0, 6), st.integers(0, 10), st.binary(max_size=160)),
+    st.builds(lambda i, pos, x: bytes(b ^ (x if j == pos % len(d) else 0) for j, b in enumerate(d))
+              if (d := (_VALID_PLAIN + _VALID_NODE)[i % (len(_VALID_PLAIN) + len(_VALID_NODE))]) else d,
+              st.integers(0, 100), st.integers(0, 2000), st.integers(0, 255)),
+)
+
+
+@settings(max_examples=400)
+@given(datagrams, st.integers(0, len(_SOURCES) - 1), st.floats(0, 1000, allow_nan=False), st.booleans())
+def test_arbitrary_bytes_never_raise_and_move_exactly_one_counter(data, src_i, dt, from_node):
+    ing = copy.deepcopy(_LAB.ingress)  # every example starts from the live session
+    before = ing.counters.copy()
+    node_key = _LAB.nodes[0].public_key
+    if from_node:
+        out = ing.route_from_node(node_key, data, _LAB.now + dt)
+        assert out is None or out in _SOURCES
+    else:
+        out = ing.route_from_plain(data, _SOURCES[src_i], _LAB.now + dt)
+        assert out is None or out == node_key
+    assert _moved(before, ing.counters) == 1
