@@ -9,7 +9,7 @@ import secrets
 from meshwg.signaling.invite import Invite, split_hostport
 from meshwg.wg.crypto import dh_pub as public_key
 from signal_server.invites import SECRET_LEN
-from signal_server.store import Store
+from signal_server.store_api import Store
 
 
 def create_invite(store: Store, *, wall: float, reusable: bool = False, expires: float | None = None,

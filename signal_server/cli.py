@@ -1,8 +1,9 @@
 """meshwg-signal: serve | relay | invite create/list/revoke | nodes [list/rename/expire/remove] | status | pubkey
 | backup | restore.
 
-Admin commands open the SQLite file directly (safe while the server runs: WAL + busy timeout); the running
-server notices their commits within --db-poll (0.1 s) and pushes removals/renames to every peer.
+Admin commands open the SQLite file directly (safe while the server runs: WAL + busy timeout); every change
+they make lands in the store's change feed, which the running server reads within --db-poll (0.1 s) and
+pushes removals/renames to every peer.
 Only `serve --init` creates a database (and with it the server's identity); everything else needs one.
 """
 
@@ -160,9 +161,9 @@ def _setup_logging(level: str) -> None:
 
 
 def _store(args):
-    from signal_server.store import Store
+    from signal_server.store_api import open_store
 
-    return Store(args.db)
+    return open_store(args.db)
 
 
 def server_config(args, control: bool):

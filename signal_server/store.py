@@ -1,8 +1,11 @@
-"""SQLite state (stdlib sqlite3, WAL). Every mutation commits before the caller acknowledges it.
+"""SQLite state (stdlib sqlite3, WAL): the default `store_api.Store` backend. Every mutation commits before
+the caller acknowledges it, and appends its change-feed record (store_api.Change) in the same transaction.
 
 The admin CLI opens the same file from another process while the server runs; WAL lets readers and one
 writer coexist, busy_timeout waits out short write locks, and the server notices admin writes through
-PRAGMA data_version (changes committed by *other* connections).
+PRAGMA data_version (changes committed by *other* connections), then reads only changes_since.
+
+The schema is versioned (meta `schema_version`); MIGRATIONS upgrade an older database when it is opened.
 
 The file holds the server's private key: the database, its -wal and -shm files are created 0600 (SQLite
 gives the -wal and -shm files the main file's mode), and nothing but `serve --init` (init=True) ever
@@ -14,13 +17,15 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
-from dataclasses import dataclass
-
 from meshwg.config.keys import generate_private_key, key_to_base64
 from signal_server import ipam, registry
+from signal_server import store_api as api
 from signal_server.invites import InviteRow, hash_secret, normalize_name
+from signal_server.store_api import Change, NodeRow, NoIdentity, StoreError  # noqa: F401 (re-exported)
 
-SCHEMA = """
+# Schema version N is MIGRATIONS[N - 1]; a database opened by older code (no schema_version) is version 1.
+MIGRATIONS = (
+    """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB);
 CREATE TABLE IF NOT EXISTS invites (
   id TEXT PRIMARY KEY, secret_hash BLOB NOT NULL, reusable INTEGER NOT NULL, expires REAL,
@@ -31,19 +36,19 @@ CREATE TABLE IF NOT EXISTS nodes (
   ipv4 TEXT NOT NULL UNIQUE, ipv6 TEXT NOT NULL UNIQUE, created REAL NOT NULL, last_seen REAL,
   expires REAL, invite_id TEXT, tag TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS removed_keys (pubkey BLOB PRIMARY KEY, removed_at REAL NOT NULL);
-"""
+""",
+    # 2: the change feed (AUTOINCREMENT: a seq is never reused, also after pruning)
+    """
+CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, pubkey BLOB, node_id INTEGER);
+""",
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+CHANGES_KEEP = 10_000  # change records kept for readers that lag (a longer lag costs one full re-read)
+PRUNE_EVERY = 256  # prune once per this many changes, not per write
 
 DEFAULT_PREFIX4 = "100.64.0.0/10"
 KEY_META = "server_private_key"
 SIDE_FILES = ("-wal", "-shm")
-
-
-class StoreError(Exception):
-    """The database cannot be used as it is (missing, no identity, not SQLite); str() is one line naming it."""
-
-
-class NoIdentity(StoreError):
-    """The path holds no server identity: a missing file, an empty one, or a database without a key."""
 
 
 def _create_private(path: str) -> None:
@@ -66,38 +71,24 @@ def wide_modes(path: str) -> list[tuple[str, int]]:
     return found
 
 
-@dataclass
-class NodeRow:
-    node_id: int
-    key: bytes
-    name: str
-    ipv4: str
-    ipv6: str
-    created: float
-    last_seen: float | None
-    expires: float | None
-    invite_id: str | None
-    tag: str
-
-    def live(self, wall: float) -> bool:
-        """Not expired at wall-clock time `wall`."""
-        return registry.live(self.expires, wall)
-
-
 _NODE_COLS = "id, pubkey, name, ipv4, ipv6, created, last_seen, expires, invite_id, tag"
 _INVITE_COLS = "id, secret_hash, reusable, expires, tag, created, revoked, uses"
 
 
-class Store:
-    """An existing server database, or (init=True) a new one with a new server identity.
+class SqliteStore:
+    """An existing server database, or (init=True) a new one with a new server identity (a store_api.Store).
 
     Raises NoIdentity when `path` holds no identity and init is False (nothing is created or written
-    then), StoreError when the file is not a usable SQLite database."""
+    then), StoreError when the file is not a usable SQLite database or its schema is newer than this code.
+    changes_keep: change records kept for lagging readers (tests make it small)."""
 
-    def __init__(self, path: str, *, synchronous: str = "NORMAL", init: bool = False, random_bytes=os.urandom) -> None:
+    def __init__(self, path: str, *, synchronous: str = "NORMAL", init: bool = False, random_bytes=os.urandom,
+                 changes_keep: int = CHANGES_KEEP) -> None:
         self.path = path
         self.created_identity = False
+        self.changes_keep = changes_keep
         self.db = None
+        self._data_version = None
         try:
             self._open(init, synchronous, random_bytes)
         except (sqlite3.Error, StoreError) as exc:
@@ -126,14 +117,33 @@ class Store:
         self.db.execute(f"PRAGMA synchronous={synchronous}")
         self.db.execute("PRAGMA foreign_keys=ON")
         with self._tx():
-            for stmt in SCHEMA.strip().split(";"):
-                if stmt.strip():
-                    self.db.execute(stmt)
+            self._migrate(has_key)
             if not has_key:
                 self.db.execute("INSERT INTO meta(k, v) VALUES(?, ?)", (KEY_META, generate_private_key(random_bytes)))
                 self.created_identity = True
         if self.created_identity:
             self._tighten_side_files()
+
+    def _migrate(self, has_key: bool) -> None:
+        """Bring the schema to SCHEMA_VERSION (inside open's transaction: all steps or none)."""
+        version = self.schema_version() if has_key else 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: database schema {version} is newer than this meshwg-signal "
+                             f"({SCHEMA_VERSION}); upgrade meshwg-signal")
+        for step in MIGRATIONS[version:]:
+            for stmt in step.strip().split(";"):
+                if stmt.strip():
+                    self.db.execute(stmt)
+        if version < SCHEMA_VERSION:
+            self.db.execute("INSERT INTO meta(k, v) VALUES('schema_version', ?) "
+                            "ON CONFLICT(k) DO UPDATE SET v=excluded.v", (SCHEMA_VERSION,))
+
+    def schema_version(self) -> int:
+        """The database's schema version; one made before versioning (it has a meta table) is 1."""
+        if self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone() is None:
+            return 0
+        row = self.db.execute("SELECT v FROM meta WHERE k='schema_version'").fetchone()
+        return 1 if row is None else int(row[0])
 
     def _has_identity(self) -> bool:
         if self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone() is None:
@@ -165,10 +175,49 @@ class Store:
             return False
 
     def _tx(self):
-        return Store._Tx(self.db)
+        return SqliteStore._Tx(self.db)
 
     def data_version(self) -> int:
         return self.db.execute("PRAGMA data_version").fetchone()[0]
+
+    # --- change feed
+
+    def _log(self, kind: str, key: bytes | None = None, node_id: int | None = None) -> None:
+        """Append a change (inside the mutation's transaction); now and then drop the oldest records."""
+        seq = self.db.execute("INSERT INTO changes(kind, pubkey, node_id) VALUES(?, ?, ?)",
+                              (kind, key, node_id)).lastrowid
+        if seq % max(1, min(PRUNE_EVERY, self.changes_keep // 4)) == 0 and seq > self.changes_keep:
+            cut = seq - self.changes_keep
+            self.db.execute("DELETE FROM changes WHERE seq <= ?", (cut,))
+            self.db.execute("INSERT INTO meta(k, v) VALUES('changes_pruned', ?) "
+                            "ON CONFLICT(k) DO UPDATE SET v=max(v, excluded.v)", (cut,))
+
+    def change_head(self) -> int:
+        """The newest change's seq (0 before any): a reader starting from a full read starts here."""
+        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='changes'").fetchone()
+        return row[0] if row else 0
+
+    def changes_since(self, seq: int) -> tuple[list[Change], int]:
+        """(changes after seq, the seq to ask from next time); [RESYNC] when some were pruned unread."""
+        self.db.execute("BEGIN")  # one snapshot: the pruned mark and the rows agree
+        try:
+            pruned = int(self.meta_get("changes_pruned") or 0)
+            head = self.change_head()
+            if seq < pruned:
+                return [Change(head, api.RESYNC)], head
+            rows = self.db.execute("SELECT seq, kind, pubkey, node_id FROM changes WHERE seq > ? ORDER BY seq",
+                                   (seq,)).fetchall()
+        finally:
+            self.db.execute("COMMIT")
+        changes = [Change(r[0], r[1], None if r[2] is None else bytes(r[2]), r[3]) for r in rows]
+        return changes, (changes[-1].seq if changes else seq)
+
+    def may_have_changes(self) -> bool:
+        """Cheap: True when another connection committed since the last call (PRAGMA data_version; our own
+        commits do not count, the caller applied those already)."""
+        version = self.data_version()
+        changed, self._data_version = version != self._data_version, version
+        return changed
 
     # --- meta
 
@@ -179,6 +228,7 @@ class Store:
     def meta_set(self, k: str, v) -> None:
         with self._tx():
             self.db.execute("INSERT INTO meta(k, v) VALUES(?, ?) ON CONFLICT(k) DO UPDATE SET v=excluded.v", (k, v))
+            self._log(api.META)
 
     def meta_get_or_create(self, k: str, make):
         with self._tx():
@@ -187,6 +237,7 @@ class Store:
                 return row[0]
             v = make()
             self.db.execute("INSERT INTO meta(k, v) VALUES(?, ?)", (k, v))
+            self._log(api.META)
             return v
 
     def server_private_key(self, random_bytes=None) -> bytes:
@@ -218,6 +269,7 @@ class Store:
                 "INSERT INTO invites(id, secret_hash, reusable, expires, tag, created) VALUES(?,?,?,?,?,?)",
                 (invite_id, hash_secret(secret), int(reusable), expires, tag, wall),
             )
+            self._log(api.INVITE)
 
     def _invite(self, invite_id) -> InviteRow | None:
         row = self.db.execute(f"SELECT {_INVITE_COLS} FROM invites WHERE id=?", (invite_id,)).fetchone()
@@ -229,7 +281,10 @@ class Store:
 
     def revoke_invite(self, invite_id: str) -> bool:
         with self._tx():
-            return self.db.execute("UPDATE invites SET revoked=1 WHERE id=?", (invite_id,)).rowcount > 0
+            found = self.db.execute("UPDATE invites SET revoked=1 WHERE id=?", (invite_id,)).rowcount > 0
+            if found:
+                self._log(api.INVITE)
+            return found
 
     # --- nodes
 
@@ -270,8 +325,11 @@ class Store:
             self.db.execute("UPDATE invites SET uses=uses+1 WHERE id=?", (invite_id,))
             if isinstance(d, registry.Readmit):
                 self.db.execute("UPDATE nodes SET expires=NULL, last_seen=? WHERE id=?", (wall, d.node_id))
+                self._log(api.READMIT, key, d.node_id)
                 return self.get_node(key), False
-            return self._admit(key, d, name, invite_id, wall, prefix4, prefix6), True
+            row = self._admit(key, d, name, invite_id, wall, prefix4, prefix6)
+            self._log(api.JOIN, key, row.node_id)
+            return row, True
 
     def _admit(self, key: bytes, d: registry.Admit, name: str | None, invite_id: str, wall: float,
                prefix4, prefix6) -> NodeRow:
@@ -306,11 +364,18 @@ class Store:
             if row and row[0] != node_id:
                 raise ValueError(f"name {nm!r} is taken")
             self.db.execute("UPDATE nodes SET name=? WHERE id=?", (nm, node_id))
+            self._log_node(api.RENAME, node_id)
         return nm
+
+    def _log_node(self, kind: str, node_id: int) -> None:
+        row = self.db.execute("SELECT pubkey FROM nodes WHERE id=?", (node_id,)).fetchone()
+        if row is not None:  # nothing changed for an unknown id
+            self._log(kind, bytes(row[0]), node_id)
 
     def expire(self, node_id: int, when: float) -> None:
         with self._tx():
             self.db.execute("UPDATE nodes SET expires=? WHERE id=?", (when, node_id))
+            self._log_node(api.EXPIRE, node_id)
 
     def remove(self, node_id: int, wall: float) -> bool:
         with self._tx():
@@ -323,11 +388,13 @@ class Store:
                 "ON CONFLICT(pubkey) DO UPDATE SET removed_at=excluded.removed_at",
                 (row[0], wall),
             )
+            self._log(api.REMOVE, bytes(row[0]), node_id)
             return True
 
     def touch(self, key: bytes, wall: float) -> None:
         with self._tx():
-            self.db.execute("UPDATE nodes SET last_seen=? WHERE pubkey=?", (wall, key))
+            if self.db.execute("UPDATE nodes SET last_seen=? WHERE pubkey=?", (wall, key)).rowcount:
+                self._log(api.TOUCH, key)
 
     def backup_to(self, dest: str) -> None:
         """A consistent, self-contained copy (WAL content included) in a new file `dest`, created 0600.
@@ -389,3 +456,6 @@ def restore_copy(backup: str, dest: str) -> None:
 
 def _invite_row(row) -> InviteRow:
     return InviteRow(row[0], bytes(row[1]), bool(row[2]), row[3], row[4], row[5], bool(row[6]), row[7])
+
+
+Store = SqliteStore  # the name the CLI, tests and older code import

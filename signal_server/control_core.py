@@ -1,0 +1,189 @@
+"""The signal server's session and registry core. Pure (sans-IO): it takes decoded control messages, session
+starts and ends, rows the change feed named and the time, and returns effects for the shells to carry out.
+
+It owns the peer directory's membership and liveness. The shells own the connections: `connected` is the
+control listener's session table, read here only to know who can be reached now. Effects:
+  Send(to, msg)     a control message for the session of `to` (dropped if it has none)
+  Drop(key, reason) the node left the mesh ("removed"/"expired"): tell its session GONE and close it, and
+                    the relay forgets the key
+  Allow(key)        the relay may admit this key (a registered, live node)
+  DIR_CHANGED       the directory changed: push it (coalesced) to every subscriber
+Join rules are registry.decide_join's (applied inside the store's transaction), not this module's.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Container
+from dataclasses import dataclass
+
+from meshwg.signaling import protocol as P
+from signal_server.directory import Directory, Node
+from signal_server.punch import PunchCoordinator
+
+MAX_SEAL_BLOB = 16 * 1024
+
+
+@dataclass(frozen=True)
+class Send:
+    to: bytes
+    msg: dict
+
+
+@dataclass(frozen=True)
+class Drop:
+    key: bytes
+    reason: str
+
+
+@dataclass(frozen=True)
+class Allow:
+    key: bytes
+
+
+class _DirChanged:
+    def __repr__(self) -> str:
+        return "DIR_CHANGED"
+
+
+DIR_CHANGED = _DirChanged()
+
+
+def node_from_row(row) -> Node:
+    """A directory node for a store row (store_api.NodeRow)."""
+    return Node(row.node_id, row.key, row.name, row.ipv4, row.ipv6, expires=row.expires, tag=row.tag)
+
+
+class ControlCore:
+    def __init__(self, directory: Directory, connected: Container, counters: Counter | None = None,
+                 punch: PunchCoordinator | None = None) -> None:
+        self.directory = directory
+        self.connected = connected
+        self.counters = Counter() if counters is None else counters
+        self.punch = punch or PunchCoordinator()
+
+    # --- candidates
+
+    def reported(self, cands: list) -> list:
+        """What a node may say about its own candidates (Directory.reported); the rest is counted."""
+        kept, refused = self.directory.reported(cands)
+        if refused:
+            self.counters["control_candidates_refused"] += refused
+        return kept
+
+    def observed(self, events) -> list:
+        """Relay sources (key, addr) become the nodes' "observed" candidates."""
+        changed = False
+        for key, obs in events:
+            changed |= self.directory.set_observed(key, obs)  # False for a key no longer in the directory
+        return [DIR_CHANGED] if changed else []
+
+    # --- sessions
+
+    def session_started(self, key: bytes, row) -> list:
+        """A registered node's session begins (before its welcome): its node is in the directory."""
+        if key in self.directory.nodes:
+            return []
+        self.directory.put(node_from_row(row))
+        return [Allow(key)]
+
+    def session_ready(self, key: bytes, candidates: list) -> list:
+        """Welcome and snapshot sent: the node is online with the candidates of its register."""
+        self.directory.update(key, online=True, candidates=candidates)
+        return [DIR_CHANGED]
+
+    def session_ended(self, key: bytes) -> list:
+        self.directory.unsubscribe(key)
+        changed = self.directory.update(key, online=False, candidates=[], observed=[])
+        return [DIR_CHANGED] if changed else []
+
+    # --- messages on an open session
+
+    def on_message(self, key: bytes, m: dict, now: float) -> list:
+        self.counters["control_messages"] += 1
+        handler = self._HANDLERS.get(m["type"])  # the codec guarantees a str type
+        if handler is None:
+            self.counters["control_unknown_type"] += 1
+            return []
+        return handler(self, key, m, now)
+
+    def _on_heartbeat(self, key: bytes, m: dict, now: float) -> list:
+        return [Send(key, {"type": P.T_HEARTBEAT_ACK, "seq": m.get("seq", 0)})]
+
+    def _on_candidates(self, key: bytes, m: dict, now: float) -> list:
+        cands = P.candidates_untrusted(m.get("candidates"))
+        if cands is None:
+            self.counters["control_bad_candidates"] += 1
+            return []
+        return [DIR_CHANGED] if self.directory.update(key, candidates=self.reported(cands)) else []
+
+    def _on_punch_request(self, key: bytes, m: dict, now: float) -> list:
+        peer = m.get("peer")
+        if not isinstance(peer, bytes) or len(peer) != 32:
+            self.counters["control_bad_punch"] += 1
+            return []
+        out, err = self.punch.plan(self.directory, key, peer, now)
+        effects = []
+        if err:
+            self.counters[f"punch_{err}"] += 1
+            effects.append(Send(key, {"type": "punch_fail", "peer": peer, "reason": err}))
+        effects += [Send(to, msg) for to, msg in out]
+        if out:
+            self.counters["punches"] += 1
+        return effects
+
+    def _on_seal_send(self, key: bytes, m: dict, now: float) -> list:
+        to, blob = m.get("to"), m.get("blob")
+        if not isinstance(to, bytes) or not isinstance(blob, bytes) or len(blob) > MAX_SEAL_BLOB:
+            self.counters["control_bad_sealed"] += 1
+            return []
+        if to not in self.connected:
+            self.counters["sealed_peer_offline"] += 1
+            return [Send(key, {"type": "seal_fail", "to": to, "reason": "peer_offline"})]
+        self.counters["sealed_forwarded"] += 1
+        return [Send(to, {"type": P.T_SEALED, "from": key, "blob": blob})]
+
+    # A message type a node may send on an open session -> its handler; anything else is counted and dropped.
+    _HANDLERS = {
+        P.T_HEARTBEAT: _on_heartbeat,
+        P.T_CANDIDATES: _on_candidates,
+        P.T_PUNCH_REQUEST: _on_punch_request,
+        P.T_SEAL_SEND: _on_seal_send,
+    }
+
+    # --- registry changes (the change feed, expiry)
+
+    def drop(self, key: bytes, reason: str) -> list:
+        self.directory.remove(key)
+        self.counters[f"nodes_{reason}"] += 1
+        return [Drop(key, reason), DIR_CHANGED]
+
+    def apply_row(self, key: bytes, row, wall: float) -> list:
+        """The store's current row for `key` (None: gone), which the change feed said changed."""
+        node = self.directory.nodes.get(key)
+        if row is None or not row.live(wall):
+            return self.drop(key, "removed" if row is None else "expired") if node is not None else []
+        if node is not None and node.node_id != row.node_id:
+            # Removed and joined again between two reads: the old node (and its session) is gone.
+            return self.drop(key, "removed") + self.apply_row(key, row, wall)
+        if node is None:
+            self.directory.put(node_from_row(row))
+            return [Allow(key), DIR_CHANGED]
+        return [DIR_CHANGED] if self.directory.update(key, name=row.name, expires=row.expires) else []
+
+    def resync(self, rows, wall: float) -> list:
+        """Every node row (at start, or after the feed was pruned past us): bring the directory in line."""
+        by_key = {r.key: r for r in rows}
+        effects = []
+        for key in list(self.directory.nodes):
+            if key not in by_key:
+                effects += self.apply_row(key, None, wall)
+        for key, row in by_key.items():
+            effects += self.apply_row(key, row, wall)
+        return effects
+
+    def expire(self, wall: float) -> list:
+        effects = []
+        for key in self.directory.expired(wall):
+            effects += self.drop(key, "expired")
+        return effects

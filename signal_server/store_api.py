@@ -1,0 +1,108 @@
+"""What the signal server and its admin CLI need of a database: the `Store` protocol, its row types and
+its change feed. Every backend (SQLite in store.py; PostgreSQL to come) implements it and passes
+tests/signal/test_store_conformance.py.
+
+The change feed: every mutation appends a Change (seq, kind, node key and id) in the same transaction as
+the mutation itself, so a reader that has seen seq N learns every later change with changes_since(N) and
+re-reads only the rows those changes name. Old changes are pruned; a reader whose seq fell behind the
+pruned range gets one RESYNC change and re-reads the whole node table once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, runtime_checkable
+
+from signal_server import registry
+from signal_server.invites import InviteRow
+
+
+class StoreError(Exception):
+    """The database cannot be used as it is (missing, no identity, not SQLite); str() is one line naming it."""
+
+
+class NoIdentity(StoreError):
+    """The path holds no server identity: a missing file, an empty one, or a database without a key."""
+
+
+@dataclass
+class NodeRow:
+    node_id: int
+    key: bytes
+    name: str
+    ipv4: str
+    ipv6: str
+    created: float
+    last_seen: float | None
+    expires: float | None
+    invite_id: str | None
+    tag: str
+
+    def live(self, wall: float) -> bool:
+        """Not expired at wall-clock time `wall`."""
+        return registry.live(self.expires, wall)
+
+
+# Change kinds. A node kind names the node whose row changed (re-read it); the others carry no node.
+JOIN, READMIT, RENAME, EXPIRE, REMOVE, TOUCH = "join", "readmit", "rename", "expire", "remove", "touch"
+INVITE, META = "invite", "meta"
+RESYNC = "resync"  # the reader missed pruned changes: re-read every node once
+NODE_KINDS = frozenset({JOIN, READMIT, RENAME, EXPIRE, REMOVE})  # what peers or the relay see changed
+KINDS = NODE_KINDS | {TOUCH, INVITE, META, RESYNC}
+
+
+@dataclass(frozen=True)
+class Change:
+    seq: int
+    kind: str
+    key: bytes | None = None
+    node_id: int | None = None
+
+
+@runtime_checkable
+class Store(Protocol):
+    """A server database. Mutations commit before they return; each appends its Change in its transaction."""
+
+    created_identity: bool  # this open created the server identity (serve --init on an empty database)
+
+    # --- identity and meta
+    def server_private_key(self, random_bytes=None) -> bytes: ...
+    def meta_get(self, k: str): ...
+    def meta_set(self, k: str, v) -> None: ...
+    def meta_get_or_create(self, k: str, make: Callable): ...
+    def prefixes(self, random_bytes, prefix4: str | None = None, prefix6: str | None = None): ...
+    def schema_version(self) -> int: ...
+
+    # --- invites
+    def create_invite(self, invite_id: str, secret: bytes, reusable: bool, expires: float | None, tag: str,
+                      wall: float) -> None: ...
+    def list_invites(self) -> list[InviteRow]: ...
+    def revoke_invite(self, invite_id: str) -> bool: ...
+
+    # --- nodes (registry.decide_join holds the join rules; the store reads and writes for them)
+    def get_node(self, key: bytes) -> NodeRow | None: ...
+    def list_nodes(self) -> list[NodeRow]: ...
+    def find_node(self, ident: str) -> NodeRow | None: ...
+    def join(self, key: bytes, invite_id: str | None, secret: bytes | None, name: str | None, wall: float,
+             prefix4, prefix6) -> tuple[NodeRow, bool]: ...
+    def rename(self, node_id: int, name: str) -> str: ...
+    def expire(self, node_id: int, when: float) -> None: ...
+    def remove(self, node_id: int, wall: float) -> bool: ...
+    def touch(self, key: bytes, wall: float) -> None: ...
+
+    # --- change feed
+    def change_head(self) -> int: ...
+    def changes_since(self, seq: int) -> tuple[list[Change], int]: ...
+    def may_have_changes(self) -> bool: ...
+
+    # --- maintenance
+    def backup_to(self, dest: str) -> None: ...
+    def integrity_ok(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+def open_store(db: str, **kw) -> Store:
+    """The backend for `db` (today a SQLite file path; a postgresql:// URL will pick that backend)."""
+    from signal_server.store import SqliteStore
+
+    return SqliteStore(db, **kw)
