@@ -1,8 +1,10 @@
 """MeshNode: the WireGuard core plus discovery on one shared UDP socket. Sans-IO.
 
-Inputs:  receive_datagram(data, addr, now, via=None)   every datagram from the shared UDP socket
-                                                        (via=i: it came on birthday extra socket i)
-         receive_wireguard(data, addr, now)             one the driver already told apart as WireGuard
+Inputs:  receive_datagram(data, addr, now, via=None)   any datagram, classified here (demux.classify): the
+                                                        birthday extra sockets' (via=i: on socket i)
+         receive_wireguard(data, addr, now)             the driver classified the datagram (demux.dispatch):
+         receive_disco(data, addr, now, via=None)         one input per kind, none tests the bytes for
+         receive_stun(data, addr, now)                    their kind again
          receive_relay(src_key, data, now)              a datagram the relay delivered from src_key
          send_ip_packet(pkt, now)                       from the TUN
          apply_netmap(desired, now), punch(key, now), set_local_endpoints(addrs, now),
@@ -10,6 +12,7 @@ Inputs:  receive_datagram(data, addr, now, via=None)   every datagram from the s
 Outputs: datagrams_to_send() -> [(bytes, dest)]  dest: (ip, port) | RelayEndpoint | SocketEndpoint
          tun_packets_to_write(), pop_events(), get_timer(), status(now)
 The driver drives it through meshwg.wg.driven.DrivenCore (on_earlier_deadline is that contract's hook).
+Counters follow meshwg.counters' convention (`node.counters`; `node.drops` is the older merged view).
 
 Each mesh peer's WireGuard endpoint is chosen here (peer.roaming = False): RelayEndpoint(key) until a
 disco pong confirms a direct path, the direct address while it stays trusted, back to the relay when
@@ -40,6 +43,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from meshwg import counters
 from meshwg.disco import netcheck as NC
 from meshwg.disco import stun
 from meshwg.disco.messages import CallMeMaybe, DiscoCodec, Ping, Pong, endpoints_bounded
@@ -244,7 +248,7 @@ class MeshNode:
         if peer is None:
             # Removed by hand (`wg set IFACE peer K remove` on our UAPI socket): the node owns its mesh
             # peers, so the directory's view comes back whole rather than a KeyError ending the agent.
-            self.counters["peer_restored_after_hand_removal"] += 1
+            self.counters["restore_peer_after_hand_removal"] += 1
             self._remove_peer(new.key)
             self._add_peer(new, now)
             return
@@ -263,7 +267,7 @@ class MeshNode:
         self._now = now
         pp = self.paths.get(peer_key)
         if pp is None:
-            self.counters["punch_unknown_peer"] += 1
+            self.counters["ignore_punch_unknown_peer"] += 1
             return
         pp.on_punch(now)
         self._service(peer_key, now)
@@ -300,15 +304,14 @@ class MeshNode:
 
     # --- inputs -----------------------------------------------------------------------------
     def receive_datagram(self, data: bytes, addr, now: float, via: int | None = None) -> None:
-        self._now = now
+        """A datagram nobody classified yet (the birthday sockets'): classify it, then the kind's input."""
         kind = demux.classify(data)
         if kind == demux.WIREGUARD:
-            self.core.receive_datagram(data, addr if via is None else SocketEndpoint(via, addr), now)
-            self._flush_core(now, activity=False)
+            self.receive_wireguard(data, addr if via is None else SocketEndpoint(via, addr), now)
         elif kind == demux.DISCO:
-            self._receive_disco(data, addr, via, None, now)
+            self.receive_disco(data, addr, now, via)
         elif kind == demux.STUN:
-            self._receive_stun(data, addr, now)
+            self.receive_stun(data, addr, now)
         elif kind == demux.RELAY:
             # The shell hands main-socket relay frames to the relay session; one here came on another
             # socket (a birthday one) where no relay session listens. Count it, keep nothing.
@@ -317,11 +320,21 @@ class MeshNode:
             self.counters["drop_unknown_datagram"] += 1
 
     def receive_wireguard(self, data: bytes, addr, now: float) -> None:
-        """A datagram the driver already told apart as WireGuard (type 1-4, three zero bytes): straight
-        to the core, which checks sizes and counts what it drops, without demultiplexing it again."""
+        """A datagram classified as WireGuard: straight to the core, which validates sizes and counts
+        what it drops."""
         self._now = now
         self.core.receive_datagram(data, addr, now)
         self._flush_core(now, activity=False)
+
+    def receive_disco(self, data: bytes, addr, now: float, via: int | None = None) -> None:
+        """A datagram classified as discovery (on birthday extra socket `via`, or the shared one)."""
+        self._now = now
+        self._receive_disco(data, addr, via, None, now)
+
+    def receive_stun(self, data: bytes, addr, now: float) -> None:
+        """A datagram classified as STUN: an answer to one of our requests, or dropped and counted."""
+        self._now = now
+        self._receive_stun(data, addr, now)
 
     def receive_relay(self, src_key: bytes, data: bytes, now: float) -> None:
         """A datagram the relay delivered, claimed to come from src_key (the relay authenticated it)."""
@@ -372,24 +385,24 @@ class MeshNode:
             self._resend_handshake(sender, now)
         if isinstance(msg, Ping):
             if relay_src is not None:
-                self.counters["disco_ping_via_relay_ignored"] += 1
+                self.counters["ignore_disco_ping_via_relay"] += 1
                 return
             if self._in_mesh(addr):
                 # Only through a tunnel or from this host: no pong, and never a path (it would loop).
                 self.counters["drop_disco_ping_mesh_source"] += 1
                 return
-            self.counters["disco_ping_rx"] += 1
+            self.counters["recv_disco_ping"] += 1
             pp.on_ping(msg.txid, addr, via, now)
         elif isinstance(msg, Pong):
             if relay_src is not None:
-                self.counters["disco_pong_via_relay_ignored"] += 1
+                self.counters["ignore_disco_pong_via_relay"] += 1
                 return
             if pp.on_pong(msg.txid, now, via, addr):
-                self.counters["disco_pong_rx"] += 1
+                self.counters["recv_disco_pong"] += 1
             else:
                 self.counters["drop_disco_pong_unmatched"] += 1
         elif isinstance(msg, CallMeMaybe):
-            self.counters["disco_cmm_rx"] += 1
+            self.counters["recv_disco_cmm"] += 1
             pp.on_call_me_maybe(self._outside_mesh(msg.endpoints), now)
         self._service(sender, now)
 
@@ -402,21 +415,21 @@ class MeshNode:
             if isinstance(act, SendPing):
                 refused = self._probe_refused(key, act, now)
                 if refused:
-                    self.counters["probe_addr_limited"] += 1   # every refusal, as before
-                    if refused != "probe_addr_limited":
+                    self.counters["limit_probe_addr"] += 1   # every refusal, as before
+                    if refused != "limit_probe_addr":
                         self.counters[refused] += 1
                     continue
                 data = self.codec.seal(key, Ping(act.txid, self.public_key), wall)
                 self._out.append((data, _socket_dest(act.addr, act.via)))
-                self.counters["disco_ping_tx"] += 1
+                self.counters["send_disco_ping"] += 1
             elif isinstance(act, SendPong):
                 data = self.codec.seal(key, Pong(act.txid, act.observed), wall)
                 self._out.append((data, _socket_dest(act.addr, act.via)))
-                self.counters["disco_pong_tx"] += 1
+                self.counters["send_disco_pong"] += 1
             elif isinstance(act, SendCallMeMaybe):
                 data = self.codec.seal(key, CallMeMaybe(self.endpoints), wall)
                 self._out.append((data, RelayEndpoint(key)))
-                self.counters["disco_cmm_tx"] += 1
+                self.counters["send_disco_cmm"] += 1
             elif isinstance(act, OpenSockets):
                 self._events.append(OpenBirthdaySockets(key, act.count))
             elif isinstance(act, CloseSockets):
@@ -427,16 +440,16 @@ class MeshNode:
         """The probe bounds (see the module docstring): a counter name when `ping` must not go, else None."""
         if ping.technique is not None:
             limit = self._technique_limit[ping.technique]
-            return None if limit.allow(ping.addr[0], now) else f"probe_{ping.technique}_limited"
+            return None if limit.allow(ping.addr[0], now) else f"limit_probe_{ping.technique}"
         if self._answered_recently(key, ping.addr, now):
-            return None if self._addr_limit.allow(ping.addr, now) else "probe_addr_limited"
+            return None if self._addr_limit.allow(ping.addr, now) else "limit_probe_addr"
         ip = _probe_ip_key(ping.addr[0])
         # Look before spending, so a ping one bound refuses costs the other nothing.
         if self._ip_limit.exhausted(ip, now):
-            return "probe_ip_limited"
+            return "limit_probe_ip"
         if self._addr_limit.exhausted(ping.addr, now) or not self._addr_limit.allow(ping.addr, now):
-            return "probe_addr_limited"
-        return None if self._ip_limit.allow(ip, now) else "probe_ip_limited"
+            return "limit_probe_addr"
+        return None if self._ip_limit.allow(ip, now) else "limit_probe_ip"
 
     def _answered_recently(self, key: bytes, addr: tuple, now: float) -> bool:
         """addr answered a ping of ours to this peer lately: the peer is there, not a victim."""
@@ -497,7 +510,7 @@ class MeshNode:
         self._endpoint[key] = ep
         self._ep_to_key[ep] = key
         self.core.set_endpoint(self.core.peers[key], ep)
-        self.counters["path_switches"] += 1
+        self.counters["switch_path"] += 1
         self._events.append(PathChanged(key, ep, latency, reason))
         if old is not None:
             # A pending initiation went to the old path; the new one was just confirmed (or is the relay).
@@ -513,7 +526,7 @@ class MeshNode:
         if when is None or when <= now:
             self._resend_at.pop(key, None)
             if when is not None:
-                self.counters["handshake_resent_on_path"] += 1
+                self.counters["resend_handshake_on_path"] += 1
                 self._flush_core(now, activity=False)
         elif defer:
             self._resend_at[key] = min(when, self._resend_at.get(key, math.inf))
@@ -545,7 +558,7 @@ class MeshNode:
                 txid = self._random(12)
                 self._stun_pending[txid] = server
                 self._out.append((stun.build_binding_request(txid), server))
-                self.counters["stun_tx"] += 1
+                self.counters["send_stun"] += 1
             self._stun_round_end = now + STUN_TIMEOUT
             jitter = int.from_bytes(self._random(2), "big") / 65535.0
             self._next_stun = now + STUN_INTERVAL[0] + jitter * (STUN_INTERVAL[1] - STUN_INTERVAL[0])
@@ -560,7 +573,7 @@ class MeshNode:
         if server is None:
             self.counters["drop_stun_unmatched"] += 1
             return
-        self.counters["stun_rx"] += 1
+        self.counters["recv_stun"] += 1
         self._stun_results.append(NC.StunResult(server, tuple(mapped)))
         if not self._stun_pending:
             self._finish_stun_round()
@@ -612,11 +625,17 @@ class MeshNode:
         t = min(t, self._next_stun, self._stun_round_end, *self._resend_at.values())
         return t
 
+    def component_counters(self) -> dict[str, collections.Counter]:
+        """The node's and its discovery codec's counters, for meshwg.counters.merge (the core's are the
+        device's to report: it serves the core)."""
+        return {"node": self.counters, "disco": counters.as_drops(self.codec.drops)}
+
     @property
     def drops(self) -> collections.Counter:
-        """What this node dropped: discovery messages and its own inputs (the device adds the rest)."""
+        """Older view, kept for `meshwg status`'s "drops": the codec's reasons as they are (`disco_replay`)
+        and the node's own drop_* counters."""
         c = collections.Counter(self.codec.drops)
-        c.update({k: v for k, v in self.counters.items() if k.startswith("drop_")})
+        c.update(counters.drops(self.counters))
         return c
 
     def status(self, now: float) -> list[dict]:

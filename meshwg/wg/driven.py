@@ -24,10 +24,10 @@ class DrivenCore(Protocol):
 
     # inputs; bad bytes never raise (dropped and counted)
     def receive_datagram(self, data: bytes, addr: object, now: float) -> None:
-        """Any datagram from the UDP sockets (every one, when the driver has no on_other_datagram hook)."""
+        """Any datagram from the UDP sockets, unclassified (every one, when the driver has no datagram handlers)."""
 
     def receive_wireguard(self, data: bytes, addr: object, now: float) -> None:
-        """A datagram the driver already told apart as WireGuard (type 1-4, three zero bytes)."""
+        """A datagram meshwg.mesh.demux classified as WireGuard (the driver's handler for that kind)."""
 
     def send_ip_packet(self, packet: bytes, now: float) -> None:
         """An IP packet read from the TUN."""

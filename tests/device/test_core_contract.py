@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from meshwg.io.dataplane.driver import Driver
+from meshwg.mesh import demux
 from meshwg.mesh.node import MeshNode
 from meshwg.wg.device import WireGuardCore
 from meshwg.wg.driven import DrivenCore
@@ -133,11 +134,12 @@ def test_a_member_the_driver_cannot_call_fails_the_check():
 
 @contextlib.asynccontextmanager
 async def running(core, rig):
-    """A driver on `core` with the mesh hook set (WireGuard-shaped datagrams then go to receive_wireguard),
-    running; yields it and the datagrams the hook got."""
+    """A driver on `core` with handlers for the other kinds set (WireGuard datagrams then go to
+    receive_wireguard), running; yields it and the datagrams the handlers got."""
     driver = Driver(core, rig.tun, rig.udp, clock=trio.current_time)
     others = []
-    driver.on_other_datagram = lambda data, addr: others.append(data)
+    driver.set_datagram_handlers({kind: lambda data, addr, now: others.append(data)
+                                  for kind in (demux.STUN, demux.DISCO, demux.RELAY)})
     async with trio.open_nursery() as nursery:
         with trio.fail_after(5):
             await nursery.start(driver.run)
@@ -177,7 +179,7 @@ async def test_the_driver_touches_the_contract_only_and_binds_inputs_once(rig):
 
 
 async def test_the_driver_drives_the_plain_core_through_the_contract(rig):
-    """With the mesh hook set, a WireGuard datagram reaches the plain core through receive_wireguard
+    """With datagram handlers set, a WireGuard datagram reaches the plain core through receive_wireguard
     (checked and counted there), and the driver owns the core's deadline hook."""
     core = WireGuardCore(os.urandom(32), random_bytes=os.urandom)
     async with running(core, rig) as (driver, others):

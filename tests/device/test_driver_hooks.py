@@ -13,6 +13,7 @@ from meshwg.io.dataplane.device import Device
 from meshwg.io.dataplane.driver import Driver
 from meshwg.io.dataplane.tun import Tun
 from meshwg.io.dataplane.udp import UdpBind
+from meshwg.mesh import demux
 
 
 class FakeCore:
@@ -80,7 +81,7 @@ async def test_driver_moves_packets_and_calls_hooks(rig):
     core = FakeCore(far.getsockname())
     driver = Driver(core, rig.tun, udp, clock=trio.current_time, batch=8)
     others, relayed = [], []
-    driver.on_other_datagram = lambda data, addr: others.append((data, addr))
+    driver.set_datagram_handlers({demux.STUN: lambda data, addr, now: others.append((data, addr))})
     driver.endpoint_sender = lambda data, ep: relayed.append((data, ep))
     async with trio.open_nursery() as nursery:
         with trio.fail_after(5):
@@ -91,7 +92,7 @@ async def test_driver_moves_packets_and_calls_hooks(rig):
         got = [await trio.to_thread.run_sync(far.recvfrom, 100) for _ in range(20)]
         assert [d for d, _ in got] == [b"\x04\0\0\0pkt%02d" % i for i in range(20)]
         assert got[0][1][1] == udp.port
-        # UDP -> core -> TUN; non-WireGuard bytes go to the hook instead of the core.
+        # UDP -> core -> TUN; STUN goes to its handler instead of the core.
         # (Shaped to pass the socket filter: a transport message is >= 32 bytes, STUN has its cookie;
         # the junk in between is dropped by the kernel and reaches neither.)
         hello = b"hello".ljust(28, b".")
@@ -234,7 +235,7 @@ def test_drop_counts_gather_the_core_the_tun_and_the_driver():
         assert device.drop_counts() == {}
         device.core.receive_datagram(b"\x04\0\0\0" + bytes(40), ("198.51.100.9", 4000), 1.0)
         tun.write_drops = 2
-        device.driver.stats["send_error"] += 3
+        device.driver.counters["drop_send_error"] += 3
         assert device.drop_counts() == {"unknown_index": 1, "tun_write": 2, "send_error": 3}
     finally:
         device.udp.close()

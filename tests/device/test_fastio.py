@@ -240,10 +240,10 @@ def test_a_socket_that_cannot_segment_falls_back_to_plain_datagrams(receivers, m
         dest = receivers[socket.AF_INET].getsockname()[:2]
         datagrams = [(b"\x04\0\0\0" + bytes([i]) * 200, dest) for i in range(5)]  # transport data: a GSO run
         assert driver._send_datagrams(datagrams, 0) == 5
-        assert driver.stats["gso_disabled"] == 1 and not driver._gso_ok[bind.v4.fileno()]
+        assert driver.counters["disable_gso"] == 1 and not driver._gso_ok[bind.v4.fileno()]
         assert _received(receivers[socket.AF_INET]) == [d for d, _ in datagrams]
         assert driver._send_datagrams(datagrams, 0) == 5  # plain from now on, not refused again
-        assert driver.stats["gso_disabled"] == 1
+        assert driver.counters["disable_gso"] == 1
     finally:
         bind.v4.close()
 
@@ -302,7 +302,7 @@ def test_a_bad_destination_is_not_taken_for_a_path_that_cannot_segment(receivers
         dest = receivers[socket.AF_INET].getsockname()[:2]
         datagrams = [(b"\x04\0\0\0" + bytes(100), ("127.0.0.1", 0))] * 3 + [(b"\x04\0\0\0" + bytes(100), dest)] * 2
         assert driver._send_datagrams(datagrams, 0) == 5
-        assert driver.stats["send_error"] == 3 and driver.stats["gso_disabled"] == 0
+        assert driver.counters["drop_send_error"] == 3 and driver.counters["disable_gso"] == 0
         assert driver._gso_ok[bind.v4.fileno()] is True
         assert len(_received(receivers[socket.AF_INET])) == 2
     finally:

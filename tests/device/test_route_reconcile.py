@@ -45,7 +45,7 @@ PROBE = textwrap.dedent("""
         return None
 
     def counter(dev, name):
-        return getattr(dev, "route_counters", {}).get(name)
+        return dev.route_status().get(name)
 
     def no_events():
         raise OSError("events disabled by the test")
@@ -89,7 +89,7 @@ PROBE = textwrap.dedent("""
                 result["conflict_seen_after"] = await wait_until(lambda: counter(dev, "conflicts") == 2, 15)
                 result["replaced_kept"] = ("10.77.0.2/32" in routes_via(other)
                                            and "10.77.0.2/32" not in routes_via(iface))
-                result["counters"] = getattr(dev, "route_counters", None)
+                result["counters"] = dev.route_status()
                 nursery.cancel_scope.cancel()
         finally:
             dev.close()

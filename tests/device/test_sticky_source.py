@@ -73,7 +73,7 @@ def test_an_answer_leaves_from_the_address_the_peer_wrote_to(impl, device, peer4
         assert driver.send_raw(b"MWDsco" + bytes(40), addr)
         assert _hear(peer4, 1) == [(b"MWDsco" + bytes(40), (local, bind.port))]
         assert bind.sources[addr][:2] == (local, 1)  # lo is interface 1
-    assert driver.stats["gso_disabled"] == 0 and driver.stats["send_error"] == 0
+    assert driver.counters["disable_gso"] == 0 and driver.counters["drop_send_error"] == 0
 
 
 def test_the_steady_state_reuses_the_entry(impl, device, peer4):
@@ -133,7 +133,7 @@ def test_an_address_that_is_gone_is_forgotten_and_the_kernel_chooses(impl, devic
         bind.sources[addr] = _planted(family, gone)
         assert driver.send_raw(b"stun", addr)
         assert peer.recvfrom(64)[0] == b"stun" and addr not in bind.sources
-        assert driver.stats["send_error"] == 0 and driver.stats["gso_disabled"] == 0
+        assert driver.counters["drop_send_error"] == 0 and driver.counters["disable_gso"] == 0
     finally:
         peer.close()
 

@@ -64,7 +64,7 @@ def test_relayed_call_me_maybe_alone_resends():
     sim.run(4.0)
     done = handshake_times(e)
     assert done and done[0] - 2.0 < 0.2, done
-    assert e.node.counters["handshake_resent_on_path"] >= 1
+    assert e.node.counters["resend_handshake_on_path"] >= 1
 
 
 def test_direct_path_confirmed_resends_on_the_new_path():

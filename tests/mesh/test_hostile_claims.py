@@ -120,7 +120,7 @@ def test_probing_one_address_is_bounded_whatever_the_directory_says():
     traffic(sim, "a", [p.ipv4 for p in entries], 1.0, 61.0)
     sim.run(61.0)
     assert len(sent_to(sim, lambda dest: dest == target)) <= 150
-    assert sim.hosts["a"].node.counters["probe_addr_limited"] > 0
+    assert sim.hosts["a"].node.counters["limit_probe_addr"] > 0
 
 
 def test_birthday_probes_at_one_ip_are_bounded():

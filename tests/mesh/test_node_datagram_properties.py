@@ -186,7 +186,7 @@ def test_each_datagram_kind_moves_exactly_its_drop_counter(kind, data):
     else:
         assert pongs == []
     if kind == "stun_answer":
-        assert a.counters["stun_rx"] == 1 and any(type(e).__name__ == "NetcheckDone" for e in a.pop_events())
+        assert a.counters["recv_stun"] == 1 and any(type(e).__name__ == "NetcheckDone" for e in a.pop_events())
 
 
 def _opened(receiver, out) -> list:

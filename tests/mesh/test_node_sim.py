@@ -218,7 +218,7 @@ def test_stun_rounds_learn_reflexive_and_nat_kind():
     assert b.reflexive == (("203.0.113.2", 41641),)
     assert b.endpoints[0] == ("203.0.113.2", 41641)
     sim.run(60.0)
-    assert 2 <= a.counters["stun_tx"] // 2 <= 4     # re-STUN every 20-26 s
+    assert 2 <= a.counters["send_stun"] // 2 <= 4     # re-STUN every 20-26 s
 
 
 def test_birthday_paradox_port_restricted_vs_symmetric_bounded():

@@ -41,7 +41,7 @@ def test_one_ip_on_many_ports_gets_660_pings_a_minute_at_most():
         mine = [t for t, n, _ in at_victim if n == name]
         assert mine and min(mine) >= 1.0 and max(mine) <= 61.0
         assert len(mine) <= 660, (name, len(mine))
-        assert sim.hosts[name].node.counters["probe_ip_limited"] > 0
+        assert sim.hosts[name].node.counters["limit_probe_ip"] > 0
 
 
 def test_one_ipv6_64_on_many_addresses_is_one_ip():

@@ -3,7 +3,8 @@
 The MeshNode has the core's shape (receive_datagram, send_ip_packet, handle_timer, get_timer and
 the three outputs), so the stock Driver drives it: the drain loops, batching and timer stay the
 device's. This module adds what only the mesh needs:
-  * relay frames on the shared socket go to the relay shell, everything else to the MeshNode;
+  * the driver classifies each datagram on the shared socket once (meshwg.mesh.demux.dispatch): relay
+    frames go to the relay shell, WireGuard, discovery and STUN to the MeshNode's input for that kind;
   * datagrams whose endpoint is a RelayEndpoint go through the relay, SocketEndpoint ones out of
     the birthday sockets (one epoll fd for all of them, so 256 sockets cost one trio wait);
   * node events: OS routes in step with RoutesChanged (`ip -batch`, off the event loop), birthday
@@ -12,6 +13,7 @@ device's. This module adds what only the mesh needs:
     ROUTE_RECHECK_PERIOD, missing ones re-added, a prefix routed through another interface left
     alone with one warning (meshwg.io.oscfg.route_plan decides, meshwg.io.oscfg.rtnl reads the kernel).
 The WireGuardCore stays the UAPI handler's core, so `wg show` sees the real peers and counters.
+One clock, the driver's (`clock=`, time.monotonic by default), times every input of the node and the relay.
 """
 
 from __future__ import annotations
@@ -22,18 +24,19 @@ import logging
 import os
 import select
 import socket
+import collections
 import subprocess
 import time
 
 import trio
 
-from meshwg.signaling import relay_wire as W
 from meshwg.io.oscfg import route_plan, rtnl
 from meshwg.io.ipc import uapi_server
 from meshwg.io.dataplane.device import Device, new_core
 from meshwg.io.agent.relay_shell import RelayShell
 from meshwg.io.dataplane.tun import Tun
 from meshwg.io.dataplane.udp import recv_batch
+from meshwg.mesh import demux
 from meshwg.mesh import node as N
 
 log = logging.getLogger("meshwg.mesh")
@@ -96,7 +99,7 @@ class BirthdaySockets:
         self.owners: dict[int, set] = {}
         self.ep = select.epoll()
         self._by_fd: dict[int, int] = {}
-        self.counters = {"opened": 0, "closed": 0, "send_errors": 0}
+        self.counters: collections.Counter = collections.Counter()
 
     def open(self, owner: bytes, count: int) -> None:
         for i in range(1, min(count, BIRTHDAY_MAX_SOCKETS) + 1):
@@ -110,7 +113,7 @@ class BirthdaySockets:
                 self.socks[i] = s
                 self._by_fd[s.fileno()] = i
                 self.ep.register(s.fileno(), select.EPOLLIN)
-                self.counters["opened"] += 1
+                self.counters["open_socket"] += 1
             self.owners.setdefault(i, set()).add(owner)
 
     def close_for(self, owner: bytes, keep: tuple) -> None:
@@ -132,17 +135,17 @@ class BirthdaySockets:
         except OSError:
             pass
         s.close()
-        self.counters["closed"] += 1
+        self.counters["close_socket"] += 1
 
     def send(self, i: int, data: bytes, addr) -> None:
         s = self.socks.get(i)
         if s is None:
-            self.counters["send_errors"] += 1
+            self.counters["drop_send_error"] += 1
             return
         try:
             s.sendto(data, addr)
         except OSError:
-            self.counters["send_errors"] += 1
+            self.counters["drop_send_error"] += 1
 
     def ready(self) -> list[tuple[int, socket.socket]]:
         out = []
@@ -162,7 +165,7 @@ class MeshDevice:
     """Owns the TUN, the shared UDP socket(s), the UAPI socket, the MeshNode and the relay shell."""
 
     def __init__(self, iface: str, private_key: bytes, *, listen_port: int = 0, uapi_dir: str = uapi_server.RUN_DIR,
-                 on_local_endpoints=None):
+                 on_local_endpoints=None, clock=time.monotonic):
         self.tun = Tun.open(iface)
         try:
             self.listener = uapi_server.UapiListener(self.tun.name, uapi_dir)
@@ -175,22 +178,24 @@ class MeshDevice:
             # The Device serves UAPI on the core; its driver runs the node.
             try:
                 self.device = Device(self.tun, self.listener, listen_port=listen_port, core=self.core,
-                                     driven=self.node)
+                                     driven=self.node, clock=clock)
             except OSError:
                 if not listen_port:
                     raise
-                self.device = Device(self.tun, self.listener, listen_port=0, core=self.core, driven=self.node)
+                self.device = Device(self.tun, self.listener, listen_port=0, core=self.core, driven=self.node,
+                                     clock=clock)
         except BaseException:
             self.listener.close()
             self.tun.close()
             raise
         self.driver = self.device.driver
-        self.driver.on_other_datagram = self._on_other_datagram
+        self.clock = self.driver.clock
         self.driver.endpoint_sender = self._send_to_endpoint
         self.driver.on_event = self._on_event
         # flush_io, not flush: after_rx runs once per TCP-relayed packet (see meshwg.io.dataplane.driver).
         self.relay = RelayShell(private_key, udp_send=self.driver.send_raw, deliver=self._deliver_relayed,
                                 after_rx=self.driver.flush_io)
+        self.driver.set_datagram_handlers(self.datagram_handlers())
         self.birthday = BirthdaySockets()
         self.on_local_endpoints = on_local_endpoints
         self._routes_send, self._routes_recv = trio.open_memory_channel(ROUTE_QUEUE)
@@ -199,7 +204,7 @@ class MeshDevice:
         self._conflicts_warned: set[str] = set()
         self._last_route_error = ""
         self._adding: set[str] = set()  # what the last check failed to add (or some of it)
-        self.route_counters = {"added": 0, "restored": 0, "conflicts": 0, "check_errors": 0}
+        self.route_counters: collections.Counter = collections.Counter()
         self.addresses: list[str] = []
         self._closed = False
 
@@ -212,14 +217,14 @@ class MeshDevice:
         return self.device.udp.port
 
     # ---- driver hooks (sync, hot path) ---------------------------------------------------------
-    def _on_other_datagram(self, data: bytes, addr) -> None:
-        if data[:4] == W.MAGIC:
-            self.relay.handle_udp(data, addr, time.monotonic())
-        else:
-            self.node.receive_datagram(data, addr, time.monotonic())
+    def datagram_handlers(self) -> dict:
+        """Where the driver sends each kind of datagram from the shared socket (WireGuard: the node's
+        receive_wireguard, the driver's default; a kind with none is dropped and counted by the driver)."""
+        return {demux.RELAY: self.relay.handle_udp, demux.DISCO: self.node.receive_disco,
+                demux.STUN: self.node.receive_stun}
 
     def _deliver_relayed(self, src: bytes, packet: bytes) -> None:
-        self.node.receive_relay(src, packet, time.monotonic())
+        self.node.receive_relay(src, packet, self.clock())
 
     def _send_to_endpoint(self, data: bytes, ep) -> None:
         if isinstance(ep, N.RelayEndpoint):
@@ -285,7 +290,7 @@ class MeshDevice:
             found = await trio.to_thread.run_sync(rtnl.dump_routes)
         except OSError as exc:
             # Without a view of the kernel, do what the node asked (as before) and retry the check later.
-            self.route_counters["check_errors"] += 1
+            self.route_counters["fail_route_check"] += 1
             log.warning("route check: %s", exc)
             lines = [f"route del {p} dev {self.name}" for p in sorted(removes)]
             lines += [f"route add {p} dev {self.name}" for p in sorted(fresh)]
@@ -305,8 +310,8 @@ class MeshDevice:
         if restored:
             log.warning("routes through %s were removed by someone else; adding them back: %s",
                         self.name, " ".join(restored))
-        self.route_counters["added"] += len(plan.add)
-        self.route_counters["restored"] += len(restored)
+        self.route_counters["add_route"] += len(plan.add)
+        self.route_counters["restore_route"] += len(restored)
         error = await trio.to_thread.run_sync(functools.partial(ip_batch, lines, warn=False))
         # The same failure every period (e.g. the link is down) is logged once.
         if error and error != self._last_route_error:
@@ -316,14 +321,16 @@ class MeshDevice:
 
     def route_status(self) -> dict:
         """For `meshwg status`: what the route task did, and the prefixes another interface holds."""
-        return {**self.route_counters, "conflicting": sorted(self._conflicts_warned)}
+        c = self.route_counters
+        return {"added": c["add_route"], "restored": c["restore_route"], "conflicts": c["warn_route_conflict"],
+                "check_errors": c["fail_route_check"], "conflicting": sorted(self._conflicts_warned)}
 
     def _warn_conflicts(self, conflicts: tuple) -> None:
         """One warning per prefix while another interface holds it (again if it is lost and retaken)."""
         current = {prefix for prefix, _ in conflicts}
         for prefix, route in conflicts:
             if prefix not in self._conflicts_warned:
-                self.route_counters["conflicts"] += 1
+                self.route_counters["warn_route_conflict"] += 1
                 log.warning("%s is routed through %s, not %s: leaving that route alone; the peer "
                             "owning it is unreachable at that prefix", prefix, _dev_names(route.devs), self.name)
         self._conflicts_warned = current
@@ -365,7 +372,7 @@ class MeshDevice:
                     datagrams = recv_batch(sock, 64, False)  # birthday sockets are IPv4
                 except OSError:
                     continue
-                now = time.monotonic()
+                now = self.clock()
                 for data, addr in datagrams:
                     node.receive_datagram(data, addr, now, via=i)
             await flush()
@@ -392,3 +399,8 @@ class MeshDevice:
 
     def peer_status(self, now: float) -> list[dict]:
         return self.node.status(now)
+
+    def component_counters(self) -> dict:
+        """Every counter of the mesh device by component, for meshwg.counters.merge (`meshwg status`)."""
+        return {**self.node.component_counters(), **self.device.component_counters(), "relay": self.relay.counters,
+                "routes": self.route_counters, "birthday": self.birthday.counters}

@@ -7,6 +7,7 @@ through `device.driver` (see meshwg.io.dataplane.driver).
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -14,6 +15,7 @@ import time
 
 import trio
 
+from meshwg import counters
 from meshwg.config import uapi
 from meshwg.config.keys import nonzero
 from meshwg.io.ipc import uapi_server
@@ -39,15 +41,16 @@ def new_core(tun: Tun, private_key: bytes | None = None) -> WireGuardCore:
 
 class Device:
     def __init__(self, tun: Tun, listener: uapi_server.UapiListener | None, *, listen_port: int = 0,
-                 core: WireGuardCore | None = None, driven=None):
+                 core: WireGuardCore | None = None, driven=None, clock=time.monotonic):
         """UAPI always works on `core`; the driver drives `driven` (default: the core), e.g. a
-        mesh node wrapping it. The socket filter gets the core's index tag either way."""
+        mesh node wrapping it. The socket filter gets the core's index tag either way. `clock` is the
+        device's one clock (the driver's; UAPI changes are timed with it too)."""
         self.tun = tun
         self.listener = listener
         self.core = core or new_core(tun)
         self.udp = UdpBind()
         self.udp.open(listen_port)
-        self.driver = Driver(self.core if driven is None else driven, tun, self.udp, clock=time.monotonic,
+        self.driver = Driver(self.core if driven is None else driven, tun, self.udp, clock=clock,
                              index_tag=self.core.index_tag)
         self.stopped = trio.Event()
         self.stop_reason: str | None = None
@@ -102,17 +105,32 @@ class Device:
         self.udp.close()
         self.tun.close()
 
+    def component_counters(self) -> dict[str, collections.Counter]:
+        """Every counter of the device by component, in meshwg.counters' convention, for counters.merge:
+        the core's drops, the driver's, TUN writes the kernel refused, and what the kernel dropped on our
+        UDP sockets (junk refused by the socket filter, or a full receive buffer)."""
+        return {"core": counters.as_drops(self.core.drops), "driver": self.driver.counters,
+                "tun": collections.Counter(drop_write=self.tun.write_drops),
+                "socket": collections.Counter(drop_kernel=self.udp.kernel_drops())}
+
+    # The older drop view's names for the keys that had other ones (meshwg-tun's log, `meshwg status`).
+    _LEGACY_DROP_NAMES = {"tun.drop_write": "tun_write", "socket.drop_kernel": "socket",
+                          "driver.drop_send_error": "send_error", "driver.drop_send_no_socket": "send_no_socket",
+                          "driver.drop_send_no_sender": "send_no_sender",
+                          "driver.drop_send_raw_error": "send_raw_error", "driver.disable_gso": "gso_disabled"}
+
     def drop_counts(self) -> dict[str, int]:
-        """Every packet the device dropped, by reason: the core's (bad datagrams, no route, ...),
-        the kernel's on our UDP sockets, TUN writes the kernel refused, and the driver's send failures."""
+        """Older view of the device's drops, kept for meshwg-tun's log and `meshwg status`'s "drops": the
+        core's reasons as they are (`unknown_index`), then the others under their former names
+        (`tun_write`, `socket`, `send_error`, ...; the driver's other drops as named in its counters)."""
         counts = {k: v for k, v in self.core.drops.items() if v}
-        if self.tun.write_drops:
-            counts["tun_write"] = self.tun.write_drops
-        if kernel := self.udp.kernel_drops():
-            counts["socket"] = kernel  # junk refused by the socket filter, or a full receive buffer
-        for key in ("send_error", "send_no_socket", "send_no_sender", "send_raw_error", "gso_disabled"):
-            if self.driver.stats[key]:
-                counts[key] = self.driver.stats[key]
+        merged = counters.merge({k: v for k, v in self.component_counters().items() if k != "core"})
+        drops = counters.drops(merged)
+        for key, n in merged.items():
+            if key in self._LEGACY_DROP_NAMES:
+                counts[self._LEGACY_DROP_NAMES[key]] = n
+            elif key in drops:
+                counts[key.partition(".")[2]] = n
         return counts
 
     # ---- UAPI handler ----------------------------------------------------------------------
@@ -153,7 +171,7 @@ class Device:
 
     async def apply(self, request: uapi.SetRequest) -> None:
         core = self.core
-        now = time.monotonic()
+        now = self.driver.clock()
         if request.private_key is not None:
             core.set_private_key(nonzero(request.private_key))  # the same key again changes nothing
         if request.listen_port is not None or request.fwmark is not None:

@@ -33,17 +33,20 @@ Hooks for the mesh layer (one UDP socket per family carries WireGuard, STUN and 
 
 * A kernel filter on the sockets (meshwg.io.dataplane.socket_filter) drops what no hook or the core would
   accept, and WireGuard messages naming receiver indices the core never issued (`index_tag`).
-* `driver.on_other_datagram = fn(data: bytes, addr: tuple)`: datagrams that are not WireGuard
-  messages (first byte 1-4 followed by three zero bytes) go to `fn` instead of the core. With no
-  hook every datagram goes to the core, which drops and counts what it cannot parse.
-  The WireGuard ones go to the core's `receive_wireguard`, so the mesh node does not demultiplex them
-  again (the plain core's is its receive_datagram).
+* `driver.set_datagram_handlers({kind: fn(data: bytes, addr: tuple, now: float)})`, kinds from
+  meshwg.mesh.demux: each datagram is classified once, by `demux.dispatch`, and goes to its kind's
+  handler, which does not test the bytes for their kind again. WireGuard ones go to the core's
+  `receive_wireguard` (unless a handler is given for demux.WIREGUARD); a kind with no handler is
+  dropped and counted here (`drop_<kind>_datagram`). With no handlers at all (the plain device) every
+  datagram goes to the core's `receive_datagram`, which drops and counts what it cannot parse.
 * `driver.send_raw(data, addr) -> bool`: send a non-WireGuard datagram (STUN, disco) from the same
   socket, so it uses the same NAT mapping. False if the socket buffer is full (dropped).
 * `driver.endpoint_sender = fn(data: bytes, endpoint)`: core datagrams whose endpoint is not an
   `(ip, port)` tuple (e.g. a relay endpoint object) are passed to `fn`, which must not block
   (queue and send from its own task if needed). With no sender they are dropped and counted.
 * `driver.on_event = fn(event)`: the core's events (HandshakeCompleted, ...) after each flush.
+* `driver.clock`: the one clock of the device; the mesh shell reads it too (handlers get its `now`).
+* `driver.counters`: meshwg.counters' convention (`drop_send_error`, `disable_gso`, ...).
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ from meshwg.io.dataplane.fastio import fastio
 from meshwg.io.dataplane.tun import Tun, TunClosed
 from meshwg.io.dataplane.udp import OFFLOAD as udp_offload
 from meshwg.io.dataplane.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, SOL_UDP, UDP_SEGMENT, UdpBind, recv_batch, send_sticky
+from meshwg.mesh import demux
 from meshwg.wg.driven import DrivenCore
 
 log = logging.getLogger(__name__)
@@ -144,10 +148,12 @@ class Driver:
         self.udp = udp
         self.clock = clock
         self.batch = batch
-        self.on_other_datagram: Callable[[bytes, tuple], None] | None = None
+        self._handlers: dict[str, Callable[[bytes, tuple, float], None]] = {}
+        self._dispatch_table: dict | None = None  # kind -> handler, every kind; None: all to the core
+        self._receive_wireguard: Callable | None = None  # the core's, bound once per run
         self.endpoint_sender: Callable[[bytes, object], None] | None = None
         self.on_event: Callable[[object], None] | None = None
-        self.stats: Counter = Counter()
+        self.counters: Counter = Counter()
         self.stopped_reason: str | None = None
         self.stopped = trio.Event()  # set by stop(): the owner waits on it instead of polling
         self._timer_scope = trio.CancelScope()
@@ -162,6 +168,37 @@ class Driver:
         self.idle_fast_path = True
         self._gso_ok: dict[int, bool] = {}
         self._flush_waited = False
+
+    @property
+    def stats(self) -> Counter:
+        """Old name of `counters`."""
+        return self.counters
+
+    def set_datagram_handlers(self, handlers: dict[str, Callable[[bytes, tuple, float], None]]) -> None:
+        """Route each kind of datagram (meshwg.mesh.demux's kinds) to its handler; see the module docstring."""
+        unknown = set(handlers) - set(demux.KINDS)
+        if unknown:
+            raise ValueError(f"not datagram kinds: {sorted(unknown)}")
+        self._handlers = dict(handlers)
+        self._build_dispatch_table()
+
+    def _build_dispatch_table(self) -> None:
+        """The data loop's kind -> handler table; built when the loop starts (it binds the core's
+        receive_wireguard once per run) and again when the handlers change while it runs."""
+        if not self._handlers or self._receive_wireguard is None:
+            self._dispatch_table = None
+            return
+        table = {kind: self._handlers.get(kind) or self._counting_drop(kind) for kind in demux.KINDS}
+        if demux.WIREGUARD not in self._handlers:
+            table[demux.WIREGUARD] = self._receive_wireguard
+        self._dispatch_table = table
+
+    def _counting_drop(self, kind: str) -> Callable[[bytes, tuple, float], None]:
+        key = f"drop_{kind}_datagram"
+
+        def drop(data: bytes, addr: tuple, now: float) -> None:
+            self.counters[key] += 1
+        return drop
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -274,7 +311,7 @@ class Driver:
             i, status, errors = fastio.send_datagrams(datagrams, start, fd4, fd6, gso_ok.get(fd4, False),
                                                       gso_ok.get(fd6, False), sources)
             if errors:
-                self.stats["send_error"] += errors
+                self.counters["drop_send_error"] += errors
             if status == fastio.SENT_ALL or status == fastio.WOULD_BLOCK:
                 return i
             if status == fastio.GSO_REFUSED:  # datagrams[i - 1] went out alone
@@ -294,7 +331,7 @@ class Driver:
         """This socket's path cannot segment (no checksum offload, route MTU below the size, ...):
         plain datagrams from now on."""
         self._gso_ok[fd] = False
-        self.stats["gso_disabled"] += 1
+        self.counters["disable_gso"] += 1
 
     def _send_datagrams_python(self, datagrams: list, start: int, stop: int) -> int:
         """_send_datagrams for datagrams[start:stop] in Python; returns the index that would block, or stop."""
@@ -308,12 +345,12 @@ class Driver:
                 if self.endpoint_sender is not None:
                     self.endpoint_sender(data, addr)
                 else:
-                    self.stats["send_no_sender"] += 1
+                    self.counters["drop_send_no_sender"] += 1
                 i += 1
                 continue
             sock = v6 if ":" in addr[0] else v4
             if sock is None:
-                self.stats["send_no_socket"] += 1
+                self.counters["drop_send_no_socket"] += 1
                 i += 1
                 continue
             # Extend a GSO run of transport data (as _fastio.c does, and why): same endpoint, same
@@ -349,13 +386,13 @@ class Driver:
                     except BlockingIOError:
                         return i
                     except OSError:
-                        self.stats["send_error"] += 1
+                        self.counters["drop_send_error"] += 1
                     else:
                         self._gso_refused(sock.fileno())
                     i += 1
                     continue
                 # Unreachable network, firewall EPERM, ...: the packets are lost, as on a wire.
-                self.stats["send_error"] += j - i
+                self.counters["drop_send_error"] += j - i
             i = j
         return n
 
@@ -369,7 +406,7 @@ class Driver:
             send_sticky(sock, [data], [], addr, self.udp.sources)
             return True
         except OSError:
-            self.stats["send_raw_error"] += 1
+            self.counters["drop_send_raw_error"] += 1
             return False
 
     # ---- input loop ------------------------------------------------------------------------
@@ -389,7 +426,7 @@ class Driver:
                 try:
                     socket_filter.attach(sock, program)
                 except OSError:
-                    self.stats["socket_filter_unavailable"] += 1  # junk then costs Python, nothing else
+                    self.counters["fail_socket_filter"] += 1  # junk then costs Python, nothing else
         self._gso_ok = {fd: udp_offload for fd in self._udp_by_fd}
         for fd in self._udp_by_fd:
             for ep in epolls:
@@ -408,8 +445,9 @@ class Driver:
         sched_yield = os.sched_yield
         send_ip_packet = core.send_ip_packet
         receive = core.receive_datagram
-        # What the driver already split off as WireGuard needs no second demultiplexing (the mesh node).
-        receive_wireguard = core.receive_wireguard
+        self._receive_wireguard = core.receive_wireguard
+        self._build_dispatch_table()
+        dispatch = demux.dispatch
         epoll = self._epoll
         poll = epoll.poll
         ep_fd = epoll.fileno()
@@ -488,16 +526,12 @@ class Driver:
                 if datagrams:
                     got += len(datagrams)
                     now = clock()
-                    other = self.on_other_datagram
-                    if other is None:
+                    table = self._dispatch_table
+                    if table is None:
                         for data, addr in datagrams:
                             receive(data, addr, now)
                     else:
-                        for data, addr in datagrams:
-                            if len(data) >= 4 and 1 <= data[0] <= 4 and data[1:4] == b"\0\0\0":
-                                receive_wireguard(data, addr, now)
-                            else:
-                                other(data, addr)
+                        dispatch(datagrams, now, table)
                     await self.flush_io()
             if tun_ready:
                 try:
