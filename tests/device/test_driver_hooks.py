@@ -237,5 +237,45 @@ def test_drop_counts_gather_the_core_the_tun_and_the_driver():
         tun.write_drops = 2
         device.driver.counters["drop_send_error"] += 3
         assert device.drop_counts() == {"unknown_index": 1, "tun_write": 2, "send_error": 3}
+        # The same, in meshwg.counters' convention, by component.
+        from meshwg import counters
+        assert counters.merge(device.component_counters()) == {
+            "core.drop_unknown_index": 1, "tun.drop_write": 2, "driver.drop_send_error": 3}
     finally:
         device.udp.close()
+
+
+async def test_each_datagram_reaches_its_kinds_handler_once_and_unhandled_kinds_are_counted(rig):
+    """Through the real socket (and its kernel filter): WireGuard to the core, STUN and relay frames to
+    their handlers with the driver's `now`, discovery (no handler) dropped and counted by the driver."""
+    core = FakeCore(rig.far.getsockname())
+    driver = Driver(core, rig.tun, rig.udp, clock=lambda: 42.0)
+    got = []
+    driver.set_datagram_handlers({kind: (lambda k: lambda data, addr, now: got.append((k, data, now)))(kind)
+                                  for kind in (demux.STUN, demux.RELAY)})
+    stun = b"\x00\x01\x00\x00\x21\x12\xa4\x42" + b"transaction!"
+    relay = b"\xffMWR" + bytes(20)
+    disco = b"MWDsco" + bytes(60)
+    transport = b"\x04\0\0\0" + b"data".ljust(28, b".")
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(5):
+            await nursery.start(driver.run)
+        for data in (stun, transport, relay, disco):
+            rig.far.sendto(data, ("127.0.0.1", rig.udp.port))
+        with trio.fail_after(5):
+            while len(got) < 2 or not core.received or not driver.counters["drop_disco_datagram"]:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert got == [(demux.STUN, stun, 42.0), (demux.RELAY, relay, 42.0)]
+    assert [data for data, _ in core.received] == [transport]
+    assert driver.counters["drop_disco_datagram"] == 1
+
+
+def test_datagram_handlers_name_known_kinds_only():
+    udp = UdpBind()
+    try:
+        driver = Driver(FakeCore(("127.0.0.1", 9)), None, udp)
+        with pytest.raises(ValueError):
+            driver.set_datagram_handlers({"wireguard ": lambda data, addr, now: None})
+    finally:
+        udp.close()
