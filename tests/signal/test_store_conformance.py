@@ -1,0 +1,200 @@
+"""Every Store backend behaves alike (store_api.Store): identity, invites, joins, admin changes and the
+change feed. A backend joins by adding a Backend class and its name to BACKENDS (a PostgreSQL one starts
+its throwaway cluster in its fixture); every test here then runs against it too."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+
+import pytest
+
+from signal_server import store_api as api
+from signal_server.invites import JoinRefused
+
+SECRET = b"s" * 32
+P4 = ipaddress.ip_network("100.64.0.0/10")
+P6 = ipaddress.ip_network("fd00:1::/48")
+
+
+class SqliteBackend:
+    def __init__(self, tmp_path) -> None:
+        self.path = str(tmp_path / "signal.db")
+
+    def open(self, init: bool = False, **kw) -> api.Store:
+        from signal_server.store import SqliteStore
+
+        return SqliteStore(self.path, init=init, **kw)
+
+    def close(self) -> None:
+        pass
+
+
+BACKENDS = {"sqlite": SqliteBackend}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request, tmp_path):
+    b = BACKENDS[request.param](tmp_path)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def store(backend):
+    st = backend.open(init=True)
+    yield st
+    st.close()
+
+
+def key() -> bytes:
+    return os.urandom(32)
+
+
+def join(st, k, name=None, wall=1000.0, invite="inv"):
+    return st.join(k, invite, SECRET, name, wall, P4, P6)
+
+
+def kinds(changes) -> list[tuple]:
+    return [(c.kind, c.key, c.node_id) for c in changes]
+
+
+@pytest.fixture
+def invited(store):
+    store.create_invite("inv", SECRET, True, None, "", 500.0)
+    return store
+
+
+def test_is_a_store(store):
+    assert isinstance(store, api.Store)
+    assert store.schema_version() == 2
+
+
+def test_identity_is_created_once_and_kept(backend):
+    st = backend.open(init=True)
+    sk, created = st.server_private_key(), st.created_identity
+    st.meta_set("x", "1")
+    st.close()
+    again = backend.open()
+    assert created and not again.created_identity
+    assert again.server_private_key() == sk and again.meta_get("x") == "1"
+    assert again.meta_get_or_create("y", lambda: "made") == "made" and again.meta_get_or_create("y", lambda: "no") == "made"
+    again.close()
+
+
+def test_prefixes_are_chosen_once(store):
+    p4, p6 = store.prefixes(os.urandom)
+    assert str(p4) == "100.64.0.0/10" and p6.prefixlen == 48
+    assert store.prefixes(os.urandom) == (p4, p6)
+    assert store.prefixes(os.urandom, "10.10.0.0/16")[0] == ipaddress.ip_network("10.10.0.0/16")
+
+
+def test_invites(store):
+    store.create_invite("a", SECRET, False, 2000.0, "home", 1000.0)
+    [inv] = store.list_invites()
+    assert (inv.invite_id, inv.reusable, inv.expires, inv.tag, inv.revoked, inv.uses) == ("a", False, 2000.0, "home", False, 0)
+    assert store.revoke_invite("a") and not store.revoke_invite("nope")
+    assert store.list_invites()[0].revoked
+
+
+def test_join_lifecycle(invited):
+    st = invited
+    k = key()
+    row, created = join(st, k, name="alpha")
+    assert created and row.name == "alpha" and row.key == k and ipaddress.ip_address(row.ipv4) in P4
+    assert join(st, k) == (row, False)  # reconnect
+    assert st.get_node(k) == row and st.list_nodes() == [row]
+    assert st.find_node("alpha") == row and st.find_node(str(row.node_id)) == row
+    assert st.rename(row.node_id, "beta") == "beta" and st.get_node(k).name == "beta"
+    st.touch(k, 1500.0)
+    assert st.get_node(k).last_seen == 1500.0
+    st.expire(row.node_id, 1600.0)
+    assert not st.get_node(k).live(1700.0)
+    again, created = join(st, k, wall=1700.0)  # an expired node comes back with its id and addresses
+    assert not created and (again.node_id, again.ipv4) == (row.node_id, row.ipv4) and again.live(1700.0)
+    assert st.remove(row.node_id, 1800.0) and st.get_node(k) is None and not st.remove(row.node_id, 1800.0)
+    with pytest.raises(JoinRefused) as info:
+        join(st, k, wall=1900.0)  # the reusable invite is older than the removal
+    assert info.value.code == "key_removed"
+
+
+def test_every_mutation_is_in_the_feed(invited):
+    st = invited
+    start = st.change_head()
+    k = key()
+    row, _ = join(st, k, name="alpha")
+    join(st, k)  # a reconnect changes nothing
+    st.rename(row.node_id, "beta")
+    st.touch(k, 1500.0)
+    st.expire(row.node_id, 1600.0)
+    join(st, k, wall=1700.0)
+    st.remove(row.node_id, 1800.0)
+    st.create_invite("b", SECRET, False, None, "", 1900.0)
+    st.revoke_invite("b")
+    st.meta_set("m", "v")
+    changes, seq = st.changes_since(start)
+    i = row.node_id
+    assert kinds(changes) == [
+        ("join", k, i), ("rename", k, i), ("touch", k, None), ("expire", k, i), ("readmit", k, i),
+        ("remove", k, i), ("invite", None, None), ("invite", None, None), ("meta", None, None)]
+    assert seq == changes[-1].seq == st.change_head()
+    assert [c.seq for c in changes] == sorted({c.seq for c in changes})
+    assert st.changes_since(seq) == ([], seq)
+    assert kinds(st.changes_since(changes[-3].seq)[0]) == kinds(changes[-2:])
+
+
+def test_a_refused_mutation_leaves_no_change(invited):
+    """The change is written in the mutation's transaction: a mutation that fails leaves none."""
+    st = invited
+    a, _ = join(st, key(), name="alpha")
+    b, _ = join(st, key(), name="bravo")
+    head = st.change_head()
+    with pytest.raises(ValueError):
+        st.rename(b.node_id, "alpha")
+    with pytest.raises(JoinRefused):
+        st.join(key(), "inv", b"x" * 32, None, 1000.0, P4, P6)
+    st.expire(999, 1.0)  # no such node
+    st.touch(key(), 1.0)
+    assert not st.remove(999, 1.0)
+    assert st.changes_since(head) == ([], head)
+
+
+def test_other_connections_changes_are_noticed(backend, invited):
+    st = invited
+    st.may_have_changes()
+    assert not st.may_have_changes()
+    join(st, key())  # our own write: we applied it already
+    assert not st.may_have_changes()
+    other = backend.open()
+    head = st.change_head()
+    row, _ = join(other, key(), name="elsewhere")
+    assert st.may_have_changes()
+    assert kinds(st.changes_since(head)[0]) == [("join", row.key, row.node_id)]
+    other.close()
+
+
+def test_the_feed_is_bounded_and_a_lagging_reader_resyncs_once(backend):
+    st = backend.open(init=True, changes_keep=8)
+    st.create_invite("inv", SECRET, True, None, "", 500.0)
+    lagging = keeping_up = st.change_head()
+    for _ in range(40):
+        row, _ = join(st, key())
+        changes, keeping_up = st.changes_since(keeping_up)  # a reader that keeps up never resyncs
+        assert kinds(changes) == [("join", row.key, row.node_id)]
+    changes, seq = st.changes_since(lagging)
+    assert [c.kind for c in changes] == ["resync"] and seq == st.change_head()
+    # After its one full read, the lagging reader follows the feed again from where the resync put it.
+    last, _ = join(st, key(), name="late")
+    assert kinds(st.changes_since(seq)[0]) == [("join", last.key, last.node_id)]
+    # Bounded: the last 8 changes are kept, but not many more (8 plus one pruning interval of 2).
+    head = st.change_head()
+    assert len(st.changes_since(head - 8)[0]) == 8
+    assert [c.kind for c in st.changes_since(head - 11)[0]] == ["resync"]
+    st.close()
+
+
+def test_backup_and_integrity(store, tmp_path):
+    assert store.integrity_ok()
+    dest = str(tmp_path / "copy.db")
+    store.backup_to(dest)
+    assert os.path.getsize(dest) > 0

@@ -1,0 +1,71 @@
+"""A database written by the code before schema versioning is upgraded when opened: its rows stay, the
+change feed starts working, and the upgrade is recorded; a database newer than the code is refused."""
+
+from __future__ import annotations
+
+import ipaddress
+import sqlite3
+
+import pytest
+
+from signal_server.store import SqliteStore, StoreError
+
+# The schema as the code before versioning created it (signal_server/store.py SCHEMA), copied verbatim:
+# it must not follow later edits of the migrations.
+OLD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB);
+CREATE TABLE IF NOT EXISTS invites (
+  id TEXT PRIMARY KEY, secret_hash BLOB NOT NULL, reusable INTEGER NOT NULL, expires REAL,
+  tag TEXT NOT NULL DEFAULT '', created REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0,
+  uses INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS nodes (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, pubkey BLOB NOT NULL UNIQUE, name TEXT NOT NULL UNIQUE,
+  ipv4 TEXT NOT NULL UNIQUE, ipv6 TEXT NOT NULL UNIQUE, created REAL NOT NULL, last_seen REAL,
+  expires REAL, invite_id TEXT, tag TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS removed_keys (pubkey BLOB PRIMARY KEY, removed_at REAL NOT NULL);
+"""
+SERVER_KEY = bytes(range(32))
+KEY_A, KEY_B = b"a" * 32, b"b" * 32
+
+
+def old_database(path: str) -> None:
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)
+    db.executemany("INSERT INTO meta(k, v) VALUES(?, ?)", [
+        ("server_private_key", SERVER_KEY), ("prefix4", "100.64.0.0/10"), ("prefix6", "fd00:1::/48")])
+    db.execute("INSERT INTO invites(id, secret_hash, reusable, created) VALUES('inv', ?, 1, 10.0)", (b"h" * 32,))
+    db.executemany("INSERT INTO nodes(pubkey, name, ipv4, ipv6, created, invite_id) VALUES(?,?,?,?,?,?)", [
+        (KEY_A, "alpha", "100.64.0.1", "fd00:1::1", 20.0, "inv"), (KEY_B, "bravo", "100.64.0.2", "fd00:1::2", 21.0, "inv")])
+    db.commit()
+    db.close()
+
+
+def test_an_old_database_is_upgraded_and_keeps_its_rows(tmp_path):
+    path = str(tmp_path / "old.db")
+    old_database(path)
+    st = SqliteStore(path)
+    assert st.schema_version() == 2 and not st.created_identity
+    assert st.server_private_key() == SERVER_KEY
+    assert [(n.node_id, n.key, n.name) for n in st.list_nodes()] == [(1, KEY_A, "alpha"), (2, KEY_B, "bravo")]
+    assert [i.invite_id for i in st.list_invites()] == ["inv"]
+    assert st.prefixes(lambda n: b"\0" * n)[1] == ipaddress.ip_network("fd00:1::/48")
+    head = st.change_head()
+    st.rename(2, "charlie")  # the feed works on the upgraded database
+    [change], _ = st.changes_since(head)
+    assert (change.kind, change.key, change.node_id) == ("rename", KEY_B, 2)
+    st.close()
+    again = SqliteStore(path)  # opening again changes nothing
+    assert again.schema_version() == 2 and again.get_node(KEY_B).name == "charlie"
+    again.close()
+
+
+def test_a_newer_database_is_refused_in_one_line(tmp_path):
+    path = str(tmp_path / "new.db")
+    SqliteStore(path, init=True).close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET v=99 WHERE k='schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError) as info:
+        SqliteStore(path)
+    assert "schema 99 is newer" in str(info.value) and "\n" not in str(info.value)
