@@ -17,8 +17,8 @@ API for `meshwg join` (all keys are raw 32-byte X25519; the WireGuard private ke
             Connected(welcome) | Disconnected(reason) | DirectoryReset(peers: {key: PeerInfo}) |
             PeerChanged(peer) | PeerRemoved(key) | PunchNotice(peer, role) | PunchFailed(key, reason) |
             SealedMessage(sender, plaintext) | Removed(reason)      # after Removed, run() returns
-        client.directory                            # {key: PeerInfo(key, node_id, name, ipv4, ipv6,
-                                                    #   candidates=((ip, port, kind), ...), online)}
+        # PeerInfo(key, node_id, name, ipv4, ipv6, candidates=((ip, port, kind), ...), online); the client
+        # keeps no directory: the agent core (meshwg.mesh.agent_core) folds these events into the one it owns
         await client.report_candidates([(ip, port, "local"|"stun"|...), ...])   # kept and re-sent on reconnect
         await client.request_punch(peer_key)        # both sides get PunchNotice at once
         await client.send_sealed(peer_key, b"...")  # NaCl box end to end; the server only forwards
@@ -39,10 +39,11 @@ import importlib
 # Loaded on first use (PEP 562): `meshwg.control.reconnect`, a pure module, must not pull the trio client
 # (and trio) in with its package.
 _LAZY = {
-    "events": ("meshwg.control.client", None),
+    "events": ("meshwg.control.events", None),
     **{name: ("meshwg.control.client", name) for name in (
-        "ConnectionLost", "ControlClient", "ControlConnection", "ControlError", "JoinRefusedError", "PeerInfo",
-        "ServerKeyMismatch", "Welcome")},
+        "ConnectionLost", "ControlClient", "ControlConnection", "ControlError", "JoinRefusedError",
+        "ServerKeyMismatch")},
+    **{name: ("meshwg.control.events", name) for name in ("PeerInfo", "Welcome")},
     **{name: ("meshwg.signaling.invite", name) for name in ("Invite", "InviteFormatError", "parse_invite")},
 }
 __all__ = sorted(_LAZY)

@@ -7,10 +7,11 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass
 
 import trio
 
+from meshwg.control.events import (Connected, DirectoryReset, Disconnected, PeerChanged, PeerInfo, PeerRemoved,
+                                   PunchFailed, PunchNotice, Removed, SealedMessage, Welcome)
 from meshwg.signaling import protocol as P
 from meshwg.signaling.invite import Invite, split_hostport
 from meshwg.control import reconnect as R
@@ -50,89 +51,6 @@ class ConnectionLost(ControlError):
         self.retry_after = retry_after
 
 
-@dataclass(frozen=True)
-class Welcome:
-    node_id: int
-    name: str
-    ipv4: str
-    ipv6: str
-    prefix4: str
-    prefix6: str
-    stun: tuple  # ((host, port), ...)
-    relay_udp: tuple
-    relay_tcp: tuple
-    heartbeat: float
-    server_key: bytes
-
-
-@dataclass(frozen=True)
-class PeerInfo:
-    key: bytes
-    node_id: int
-    name: str
-    ipv4: str
-    ipv6: str
-    candidates: tuple  # ((ip, port, kind), ...) kind: local | stun | observed | ...
-    online: bool
-
-
-# --- events delivered to the node
-
-
-@dataclass(frozen=True)
-class Connected:
-    welcome: Welcome
-
-
-@dataclass(frozen=True)
-class Disconnected:
-    reason: str
-
-
-@dataclass(frozen=True)
-class DirectoryReset:
-    """A full directory (after each (re)connect): replace everything known about peers."""
-
-    peers: dict
-
-
-@dataclass(frozen=True)
-class PeerChanged:
-    peer: PeerInfo
-
-
-@dataclass(frozen=True)
-class PeerRemoved:
-    key: bytes
-
-
-@dataclass(frozen=True)
-class PunchNotice:
-    """Punch towards `peer` now; the peer was told the same about us at the same moment."""
-
-    peer: PeerInfo
-    role: str  # "initiator" (we asked) or "responder"
-
-
-@dataclass(frozen=True)
-class PunchFailed:
-    key: bytes
-    reason: str
-
-
-@dataclass(frozen=True)
-class SealedMessage:
-    sender: bytes
-    plaintext: bytes
-
-
-@dataclass(frozen=True)
-class Removed:
-    """This node was removed or expired by the administrator; the client stops."""
-
-    reason: str
-
-
 def _addr_list(values) -> tuple:
     out = []
     for v in values or ():
@@ -163,7 +81,8 @@ class ControlConnection:
         self.chan = chan
         self.private_key = private_key
         self.welcome = welcome
-        self.directory: dict[bytes, PeerInfo] = {}
+        # The one directory is the agent core's (meshwg.mesh.agent_core); here only a full directory
+        # arriving in chunks is put together.
         self._full: dict | None = None
         self._pending = pending
         self.last_rx = time.monotonic()
@@ -318,20 +237,19 @@ class ControlConnection:
                 if p:
                     self._full[p.key] = p
             if m.get("last"):
-                self.directory, self._full = self._full, None
-                return [DirectoryReset(dict(self.directory))]
+                full, self._full = self._full, None
+                return [DirectoryReset(full)]
             return []
         if t == P.T_DIR_UPDATE:
             out = []
             for raw in m.get("upsert") or []:
                 p = _peer_untrusted(raw)
                 if p:
-                    self.directory[p.key] = p
                     out.append(PeerChanged(p))
                 else:
                     self.drops += 1
             for key in m.get("remove") or []:
-                if isinstance(key, bytes) and self.directory.pop(key, None) is not None:
+                if isinstance(key, bytes):  # an unknown key is the directory owner's to ignore
                     out.append(PeerRemoved(key))
             return out
         if t == P.T_PUNCH:
@@ -369,7 +287,7 @@ class ControlClient:
     def __init__(self, invite: Invite, private_key: bytes, *, name: str | None = None, candidates=(),
                  backoff_initial: float = 0.5, backoff_max: float = 30.0, suspect_retry: float = 60.0,
                  heartbeat: float | None = None, registered: bool = False, event_buffer: int = 4096,
-                 random_bytes=os.urandom, jitter=random.random) -> None:
+                 random_bytes=os.urandom, jitter=random.random, clock=time.monotonic) -> None:
         self.invite = invite
         self.private_key = clamp(private_key)
         self.public_key = public_key(self.private_key)
@@ -380,15 +298,15 @@ class ControlClient:
         self.registered = registered
         self._random = random_bytes
         self._jitter = jitter
+        self.clock = clock  # what retry_at is read against (the agent passes its own)
         self._send_events, self.events = trio.open_memory_channel(event_buffer)
         self.conn: ControlConnection | None = None
         self.welcome: Welcome | None = None
-        self.directory: dict[bytes, PeerInfo] = {}
         self.reconnects = 0
         self.failures = 0  # attempts that failed since the last welcome
         self.last_error: str | None = None
         self.last_error_kind: str | None = None
-        self.retry_at: float | None = None  # trio.current_time() of the next attempt while waiting
+        self.retry_at: float | None = None  # clock() of the next attempt while waiting
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         started = False
@@ -429,7 +347,7 @@ class ControlClient:
         level = logging.WARNING if kind == R.SUSPECT or self.failures in (1, 10) else logging.INFO
         log.log(level, "control: %s; %sretrying in %.1f s", exc,
                 "tunnels keep running; " if self.registered else "", delay)
-        self.retry_at = trio.current_time() + delay
+        self.retry_at = self.clock() + delay
         try:
             await trio.sleep(delay)
         finally:
@@ -443,12 +361,6 @@ class ControlClient:
                 try:
                     while True:
                         for ev in await conn.receive_events():
-                            if isinstance(ev, DirectoryReset):
-                                self.directory = dict(ev.peers)
-                            elif isinstance(ev, PeerChanged):
-                                self.directory[ev.peer.key] = ev.peer
-                            elif isinstance(ev, PeerRemoved):
-                                self.directory.pop(ev.key, None)
                             await self._send_events.send(ev)
                             if isinstance(ev, Removed):
                                 result[0] = None

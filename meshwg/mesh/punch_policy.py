@@ -9,10 +9,10 @@ PunchPolicy decides which peers to ask the server to coordinate a punch for:
   peers, a request refused by that budget waiting for the next tick.
 
 CandidateReport decides what to report as our candidates (local_candidates) and whether a report is due
-(the list changed since the last one the server took, and the control channel is up).
+(the list changed since the last one the server took, none is on its way, and the control channel is up).
 
-The agent feeds events in, calls tick(now, connected, paths, online) every PUNCH_WATCH_INTERVAL and sends
-one punch request per key it returns.
+The agent core (meshwg.mesh.agent_core) feeds events in, calls tick(now, connected, paths, online) every
+PUNCH_WATCH_INTERVAL and asks for one punch request per key it returns.
 """
 
 from __future__ import annotations
@@ -100,13 +100,21 @@ def local_candidates(reflexive, iface_endpoints, local_nat: str | None) -> list[
 
 
 class CandidateReport:
-    """Reports only what the server has not taken yet."""
+    """Reports only what the server has not taken yet, one report at a time (in order, never twice)."""
 
     def __init__(self) -> None:
-        self.last: list | None = None   # the last list the server accepted
+        self.last: list | None = None       # the last list the server accepted
+        self.sending: list | None = None    # a report on its way
 
     def due(self, candidates: list, connected: bool) -> bool:
-        return connected and candidates != self.last
+        return connected and self.sending is None and candidates != self.last
+
+    def sent(self, candidates: list) -> None:
+        self.sending = list(candidates)
 
     def accepted(self, candidates: list) -> None:
-        self.last = list(candidates)
+        self.last, self.sending = list(candidates), None
+
+    def connection_changed(self) -> None:
+        """A report on the lost connection is not waited for: the next connection decides afresh."""
+        self.sending = None

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 
-import trio
 from nacl.public import PrivateKey
 
 from meshwg.control import events as CE
-from meshwg.io.agent.agent import Agent
+from meshwg.mesh.agent_core import AgentCore, CacheLoaded
 from meshwg.mesh.node import MeshNode
 from meshwg.wg.device import WireGuardCore
 
@@ -24,28 +23,8 @@ def _rb(n: int) -> bytes:
     return bytes(range(n))
 
 
-async def test_the_welcome_gives_the_node_its_mesh_prefixes():
+def test_the_welcome_gives_the_node_its_mesh_prefixes():
     sk = bytes(PrivateKey.generate())
     node = MeshNode(WireGuardCore(private_key=sk, random_bytes=_rb), sk, _rb)
-
-    class Relay:
-        def configure(self, *a):
-            pass
-
-    class Driver:
-        async def flush(self):
-            pass
-
-    class Dev:
-        relay, driver = Relay(), Driver()
-
-        async def set_addresses(self, addrs):
-            pass
-
-    Dev.node = node
-    agent = Agent(None, name=None, state_dir="/nonexistent", iface="unused0")
-    agent.dev = Dev()
-    with trio.fail_after(5):
-        await agent._apply_welcome(WELCOME, from_cache=True)
+    AgentCore(node).apply([CacheLoaded(WELCOME, ())], 0.0)
     assert set(node.mesh_nets) == {ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("fd00::/48")}
-

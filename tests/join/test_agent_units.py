@@ -1,8 +1,8 @@
-"""Fast tests of the agent's pure helpers: state directory, directory entry -> PeerSpec, status text."""
+"""Fast tests of the agent's pure helpers: state directory, directory entry -> PeerSpec, status text.
+The agent's decisions are tested on the core: tests/mesh/test_agent_core.py."""
 
 from __future__ import annotations
 
-import collections
 import ipaddress
 import os
 import stat
@@ -12,7 +12,6 @@ from meshwg.control.client import PeerInfo
 from meshwg.commands.mesh import format_status
 from meshwg.disco.netcheck import EDM, EIM
 from meshwg.io.agent import agent_state as S
-from meshwg.io.agent.agent import Agent
 from meshwg.mesh.peer_entry import entry_policy, peer_spec
 
 WELCOME = CE.Welcome(7, "me", "100.64.0.7", "fd00::7", "100.64.0.0/10", "fd00::/48", (("192.0.2.1", 3478),),
@@ -90,65 +89,6 @@ def test_status_text_says_why_the_control_channel_is_down_and_which_routes_are_h
     assert "100.64.0.2/32 routed through another interface" in text
 
 
-async def test_directory_events_hand_the_node_every_peers_spec():
-    """Specs are kept per event, not rebuilt: the node must still get exactly what a full rebuild gives."""
-    def info(n: int, cand_port: int = 4000) -> PeerInfo:
-        return PeerInfo(bytes([n]) * 32, n, f"p{n}", f"100.64.0.{n}", f"fd00::{n}",
-                        ((f"192.168.1.{n}", cand_port, "local"), (f"198.51.100.{n}", cand_port, "stun-eim")), True)
-
-    class Events:
-        def __init__(self, evs):
-            self.evs = evs
-
-        def __aiter__(self):
-            return self._gen()
-
-        async def _gen(self):
-            for ev in self.evs:
-                yield ev
-
-    agent = Agent(None, name=None, state_dir="/nonexistent", iface="unused0")
-    agent.welcome = WELCOME
-    applied = []
-
-    class Node:
-        counters = collections.Counter()
-
-        def apply_netmap(self, desired, now):
-            full = {k: peer_spec(p, entry_policy(WELCOME)) for k, p in agent.directory.items()}
-            applied.append((list(desired.items()), list(full.items())))
-
-        def punch(self, key, now):
-            pass
-
-    class Driver:
-        async def flush(self):
-            pass
-
-    class Dev:
-        node, driver = Node(), Driver()
-
-    class Client:
-        events = Events([
-            CE.DirectoryReset({info(n).key: info(n) for n in (1, 2, 3)}),
-            CE.PeerChanged(info(4)),                     # new
-            CE.PeerChanged(info(2, cand_port=5000)),     # changed in place
-            CE.PeerRemoved(info(1).key),
-            CE.PeerRemoved(bytes(32)),                   # unknown: nothing to drop
-            CE.PunchNotice(info(3, cand_port=6000), "initiator"),
-            CE.PeerChanged(info(1)),                     # back, at the end
-            CE.DirectoryReset({info(n).key: info(n) for n in (5, 2)}),
-            CE.PeerChanged(info(6)),
-        ])
-
-    agent.dev, agent.client = Dev(), Client()
-    await agent._events_task()
-    assert len(applied) == 9
-    for got, want in applied:
-        assert got == want and all(spec.addresses for _, spec in got)
-    assert [k[0] for k, _ in applied[-1][0]] == [5, 2, 6]
-
-
 def test_status_addresses_bracket_ipv6():
     from meshwg.io.agent.agent import _fmt_addr
     from meshwg.io.agent.relay_shell import RelayShell
@@ -163,38 +103,3 @@ def test_status_addresses_bracket_ipv6():
     assert st["udp"] == ["[fd00::1]:3478", "192.0.2.1:3478"] and st["tcp"] == ["[fd00::1]:443"]
     assert st["observed"] == "[2001:db8::5]:4000"
 
-
-async def test_cached_directory_routes_nothing_outside_the_mesh_nor_the_server():
-    """A corrupted entry (from the server or the cache) naming the server's address, or an address outside
-    the mesh prefixes, as a peer's must not be routed: every node lost its server that way, for good."""
-    agent = Agent(None, name=None, state_dir="/nonexistent", iface="unused0")
-    agent.welcome = WELCOME
-    desired = {}
-
-    class Node:
-        counters = collections.Counter()
-
-        def apply_netmap(self, specs, now):
-            desired.update(specs)
-
-    class Driver:
-        async def flush(self):
-            pass
-
-    class Dev:
-        node, driver = Node(), Driver()
-
-    agent.dev = Dev()
-    cached = [{"key": "AQ" * 21 + "A=", "id": 1, "name": "evil", "ipv4": "192.0.2.1", "ipv6": "2001:db8::1",
-               "candidates": [["127.0.0.1", 53, "observed"]], "online": True},
-              {"key": "Ag" * 21 + "A=", "id": 2, "name": "ok", "ipv4": "100.64.0.2", "ipv6": "fd00::2",
-               "candidates": [], "online": True}]
-    from meshwg.io.agent.agent import _peer_from_json
-    agent.directory = {p.key: p for p in map(_peer_from_json, cached)}
-    await agent._apply_directory()
-    routed = {str(n) for spec in desired.values() for n in spec.addresses}
-    assert routed == {"100.64.0.2/32", "fd00::2/128"}
-    assert all(not spec.observed and not spec.candidates for spec in desired.values())
-    drops = Dev.node.counters
-    assert drops["drop_peer_addr_server"] == 1 and drops["drop_peer_addr_outside_mesh"] == 1
-    assert drops["drop_peer_candidate_addr"] == 1

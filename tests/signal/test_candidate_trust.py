@@ -17,6 +17,7 @@ from meshwg.wg.crypto import clamp, dh_pub
 from signal_server.directory import Directory, Node
 from signal_server.relay import RelayCore
 
+from follow import follow
 from sig_helpers import harness, new_key, wait_until  # noqa: F401 (fixture)
 
 KEY = b"\x01" * 32
@@ -74,19 +75,20 @@ async def test_server_drops_hostile_candidates_at_registration_and_later(harness
     honest = ControlClient(inv, new_key(), name="honest")
     for c in (evil, honest):
         await nursery.start(c.run)
-    await wait_until(lambda: evil.public_key in honest.directory and honest.directory[evil.public_key].online)
-    await wait_until(lambda: honest.directory[evil.public_key].candidates == (HONEST[0],))
+    seen = follow(nursery, honest).directory
+    await wait_until(lambda: evil.public_key in seen and seen[evil.public_key].online)
+    await wait_until(lambda: seen[evil.public_key].candidates == (HONEST[0],))
     counters = harness.server.counters
     assert counters["control_candidates_refused"] == 9
 
     await evil.report_candidates(HONEST[1:] + hostile)
-    await wait_until(lambda: honest.directory[evil.public_key].candidates == (HONEST[1],))
+    await wait_until(lambda: seen[evil.public_key].candidates == (HONEST[1],))
     assert counters["control_candidates_refused"] == 18
 
     # the relay's observation reaches the directory through the server's own path only
     harness.server.relay.observed_events.append((evil.public_key, ("198.51.100.66", 40000)))
     harness.server._publish_observed()
-    await wait_until(lambda: honest.directory[evil.public_key].candidates
+    await wait_until(lambda: seen[evil.public_key].candidates
                      == (("198.51.100.66", 40000, "observed"), HONEST[1]))
 
 

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import trio
+from follow import follow
 from sig_helpers import harness, new_key, start_server, wait_until, start_task  # noqa: F401 (fixture)
 
 from meshwg.control import ControlClient, ControlConnection, JoinRefusedError, ServerKeyMismatch
@@ -96,26 +97,27 @@ async def test_directory_updates_removal_and_rename(harness, nursery):
     for c in clients:
         await start_task(nursery, c.run)
     keys = [c.public_key for c in clients]
-    await wait_until(lambda: all(len(c.directory) == 2 and all(p.online for p in c.directory.values()) for c in clients))
-    assert clients[0].directory[keys[1]].candidates == (("192.168.1.1", 51820, "local"),)
+    views = [follow(nursery, c) for c in clients]
+    await wait_until(lambda: all(len(v.directory) == 2 and all(p.online for p in v.directory.values()) for v in views))
+    assert views[0].directory[keys[1]].candidates == (("192.168.1.1", 51820, "local"),)
 
     # endpoint change propagates
     await clients[2].report_candidates([("10.0.0.9", 4000, "local"), ("203.0.113.7", 60000, "stun")])
-    await wait_until(lambda: all(c.directory[keys[2]].candidates[-1] == ("203.0.113.7", 60000, "stun") for c in clients[:2]))
+    await wait_until(lambda: all(v.directory[keys[2]].candidates[-1] == ("203.0.113.7", 60000, "stun") for v in views[:2]))
 
     # admin rename (another DB connection, like the CLI) reaches peers
     harness.admin.rename(2, "renamed")
-    await wait_until(lambda: clients[0].directory[keys[1]].name == "renamed")
+    await wait_until(lambda: views[0].directory[keys[1]].name == "renamed")
 
     # removal reaches every peer within 1 s and the removed node is told and stops
     t0 = time.monotonic()
     harness.admin.remove(3, time.time())
-    await wait_until(lambda: keys[2] not in clients[0].directory and keys[2] not in clients[1].directory, timeout=1.0)
+    await wait_until(lambda: keys[2] not in views[0].directory and keys[2] not in views[1].directory, timeout=1.0)
     assert time.monotonic() - t0 < 1.0
     removed_events = []
     while True:
         try:
-            e = clients[2].events.receive_nowait()
+            e = views[2].events.receive_nowait()
         except trio.WouldBlock:
             break
         removed_events.append(e)
@@ -135,9 +137,10 @@ async def test_expired_node_dropped_and_refused(harness, nursery):
     a, b = ControlClient(inv, new_key()), ControlClient(inv, new_key())
     await start_task(nursery, a.run)
     await start_task(nursery, b.run)
-    await wait_until(lambda: b.public_key in a.directory)
+    va = follow(nursery, a)
+    await wait_until(lambda: b.public_key in va.directory)
     harness.admin.expire(2, time.time())
-    await wait_until(lambda: b.public_key not in a.directory, timeout=1.0)
+    await wait_until(lambda: b.public_key not in va.directory, timeout=1.0)
     conn = await ControlConnection.open(inv, b.private_key)  # a valid invite re-admits, same addresses
     assert conn.welcome.node_id == 2
     await conn.aclose()
@@ -149,21 +152,22 @@ async def test_punch_and_sealed_messages(harness, nursery):
     b = ControlClient(inv, new_key(), candidates=[("198.51.100.2", 2222, "stun")])
     await start_task(nursery, a.run)
     await start_task(nursery, b.run)
-    await wait_until(lambda: b.public_key in a.directory and a.directory[b.public_key].online)
+    va, vb = follow(nursery, a), follow(nursery, b)
+    await wait_until(lambda: b.public_key in va.directory and va.directory[b.public_key].online)
 
-    async def next_of(client, kind):
+    async def next_of(view, kind):
         with trio.fail_after(2):
-            async for e in client.events:
+            async for e in view.events:
                 if isinstance(e, kind):
                     return e
 
     await a.request_punch(b.public_key)
-    pa, pb = await next_of(a, ev.PunchNotice), await next_of(b, ev.PunchNotice)
+    pa, pb = await next_of(va, ev.PunchNotice), await next_of(vb, ev.PunchNotice)
     assert pa.role == "initiator" and pa.peer.candidates == (("198.51.100.2", 2222, "stun"),)
     assert pb.role == "responder" and pb.peer.key == a.public_key
 
     await a.send_sealed(b.public_key, b"call me maybe")
-    m = await next_of(b, ev.SealedMessage)
+    m = await next_of(vb, ev.SealedMessage)
     assert m.sender == a.public_key and m.plaintext == b"call me maybe"
 
 
@@ -173,11 +177,12 @@ async def test_reconnect_with_backoff_resyncs(harness, nursery):
     b = ControlClient(inv, new_key())
     await start_task(nursery, a.run)
     await start_task(nursery, b.run)
-    await wait_until(lambda: b.public_key in a.directory)
+    va, vb = follow(nursery, a), follow(nursery, b)
+    await wait_until(lambda: b.public_key in va.directory)
     # the server drops a's connection; a reconnects (no invite needed) and gets a fresh directory
     harness.server.sessions[a.public_key].scope.cancel()
     await wait_until(lambda: a.reconnects >= 1 and a.conn is not None and a.public_key in harness.server.sessions)
-    await wait_until(lambda: b.public_key in a.directory and b.directory[a.public_key].online)
+    await wait_until(lambda: b.public_key in va.directory and vb.directory[a.public_key].online)
 
 
 async def test_heartbeats_keep_idle_session_alive(nursery, tmp_path):

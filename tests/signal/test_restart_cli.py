@@ -16,6 +16,7 @@ from sig_helpers import new_key
 
 from meshwg.control import ControlConnection, JoinRefusedError, parse_invite
 from meshwg.control import client as ev
+from meshwg.mesh.agent_core import update_directory
 
 PY = sys.executable
 
@@ -133,17 +134,20 @@ async def test_cli_admin_while_running(server_proc):
     a = await ControlConnection.open(inv, new_key(), name="alpha")
     b = await ControlConnection.open(inv, new_key(), name="beta")
     # alpha sees beta appear (directory push from the real process)
+    seen: dict = {}
     with trio.fail_after(3):
-        while len(a.directory) < 1:
-            await a.receive_events()
+        while len(seen) < 1:
+            for e in await a.receive_events():
+                update_directory(seen, e)
 
     out = cli(sp.db, "status")
     assert "connected nodes 2" in out and "registered nodes: 2" in out
 
     cli(sp.db, "nodes", "rename", "beta", "gamma")
     with trio.fail_after(2):
-        while not any(p.name == "gamma" for p in a.directory.values()):
-            await a.receive_events()
+        while not any(p.name == "gamma" for p in seen.values()):
+            for e in await a.receive_events():
+                update_directory(seen, e)
 
     t0 = time.monotonic()
     cli(sp.db, "nodes", "remove", "gamma")

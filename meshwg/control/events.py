@@ -1,0 +1,92 @@
+"""What the control client tells the node: the welcome, directory entries and the events carrying them.
+
+Plain frozen data with no I/O, so the agent's sans-IO core (meshwg.mesh.agent_core) takes these events
+as its inputs without loading the trio client that produces them (meshwg.control.client).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Welcome:
+    node_id: int
+    name: str
+    ipv4: str
+    ipv6: str
+    prefix4: str
+    prefix6: str
+    stun: tuple  # ((host, port), ...)
+    relay_udp: tuple
+    relay_tcp: tuple
+    heartbeat: float
+    server_key: bytes
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    key: bytes
+    node_id: int
+    name: str
+    ipv4: str
+    ipv6: str
+    candidates: tuple  # ((ip, port, kind), ...) kind: local | stun | observed | ...
+    online: bool
+
+
+# --- events delivered to the node
+
+
+@dataclass(frozen=True)
+class Connected:
+    welcome: Welcome
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    reason: str
+
+
+@dataclass(frozen=True)
+class DirectoryReset:
+    """A full directory (after each (re)connect): replace everything known about peers."""
+
+    peers: dict
+
+
+@dataclass(frozen=True)
+class PeerChanged:
+    peer: PeerInfo
+
+
+@dataclass(frozen=True)
+class PeerRemoved:
+    key: bytes
+
+
+@dataclass(frozen=True)
+class PunchNotice:
+    """Punch towards `peer` now; the peer was told the same about us at the same moment."""
+
+    peer: PeerInfo
+    role: str  # "initiator" (we asked) or "responder"
+
+
+@dataclass(frozen=True)
+class PunchFailed:
+    key: bytes
+    reason: str
+
+
+@dataclass(frozen=True)
+class SealedMessage:
+    sender: bytes
+    plaintext: bytes
+
+
+@dataclass(frozen=True)
+class Removed:
+    """This node was removed or expired by the administrator; the client stops."""
+
+    reason: str

@@ -1,0 +1,314 @@
+"""The join agent's decisions, sans-IO: the one peer directory and what follows from it. Pure: `now` is an input.
+
+    actions = core.apply(inputs, now)    # the only entry point; the shell carries the actions out in
+                                         # order, then flushes the driver once
+
+The core owns the directory (key -> PeerInfo, folded from the control client's events), the PeerSpec of
+each entry, the welcome, whether the control channel is up, PunchPolicy and CandidateReport, and drives
+the MeshNode (pure too) directly: netmap, mesh prefixes, STUN servers, punches, local endpoints.
+The trio shell (meshwg.io.agent.agent) only turns events into inputs and actions into I/O.
+
+Inputs:  the control client's events (meshwg.control.events): Connected, Disconnected, DirectoryReset,
+         PeerChanged, PeerRemoved, PunchNotice, PunchFailed, Removed, SealedMessage (not the agent's);
+         CacheLoaded(welcome, peers, listen_port)  the cached netmap at start, before the server answers
+         LocalAddresses(ips, port)                 the host's interface addresses, read now
+         LocalEndpointsChanged (the node's event)  our reflexive addresses or NAT kind changed
+         CandidatesAccepted(candidates)            a ReportCandidates went out on the connection
+         Restun()                                  STUN again now (netcheck)
+         Tick()                                    every TICK_INTERVAL: punch requests, a deferred cache write
+Actions: SetAddresses(addresses)                   the interface's mesh addresses (CIDR)
+         ConfigureRelay(server_key, udp, tcp)      the relay servers from the welcome
+         RelayServerRestarted()                    the control channel came back: hello the relay now
+         RequestPunch(key)                         ask the server to coordinate a punch with key
+         RegisterCandidates(candidates)            what the client's next registration carries
+         ReportCandidates(candidates)              send them on the live connection; CandidatesAccepted back
+         WriteCache(welcome, peers, listen_port)   the netmap cache
+         Stop(reason)                              this node's membership ended
+         Log(level, message)                       level: "debug" | "info" | "warning"
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+from meshwg.control.events import (Connected, DirectoryReset, Disconnected, PeerChanged, PeerInfo, PeerRemoved,
+                                   PunchFailed, PunchNotice, Removed, SealedMessage, Welcome)
+from meshwg.mesh.netmap import PeerSpec
+from meshwg.mesh.node import LocalEndpointsChanged, MeshNode
+from meshwg.mesh.peer_entry import entry_policy, host_cidr, peer_spec
+from meshwg.mesh.punch_policy import PUNCH_WATCH_INTERVAL, CandidateReport, PathState, PunchPolicy, local_candidates
+
+TICK_INTERVAL = PUNCH_WATCH_INTERVAL
+CACHE_MIN_INTERVAL = 2.0    # a burst of directory changes is one cache write
+
+
+# ---- inputs (besides the control events and the node's LocalEndpointsChanged) ---------------------
+@dataclass(frozen=True)
+class CacheLoaded:
+    welcome: Welcome
+    peers: tuple            # PeerInfo
+    listen_port: int = 0    # the port the cache was written with
+
+
+@dataclass(frozen=True)
+class LocalAddresses:
+    ips: tuple              # global unicast addresses of the host's interfaces
+    port: int               # the shared UDP socket's port
+
+
+@dataclass(frozen=True)
+class CandidatesAccepted:
+    candidates: tuple
+
+
+@dataclass(frozen=True)
+class Restun:
+    pass
+
+
+@dataclass(frozen=True)
+class Tick:
+    pass
+
+
+# ---- actions --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SetAddresses:
+    addresses: tuple
+
+
+@dataclass(frozen=True)
+class ConfigureRelay:
+    server_key: bytes
+    udp: tuple
+    tcp: tuple
+
+
+@dataclass(frozen=True)
+class RelayServerRestarted:
+    pass
+
+
+@dataclass(frozen=True)
+class RequestPunch:
+    key: bytes
+
+
+@dataclass(frozen=True)
+class RegisterCandidates:
+    candidates: tuple
+
+
+@dataclass(frozen=True)
+class ReportCandidates:
+    candidates: tuple
+
+
+@dataclass(frozen=True)
+class WriteCache:
+    welcome: Welcome
+    peers: tuple
+    listen_port: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Log:
+    level: str
+    message: str
+
+
+def update_directory(peers: dict[bytes, PeerInfo], ev) -> bool:
+    """Fold one control event into `peers` (key -> PeerInfo); True when an entry changed. A punch notice
+    carries the freshest entry the server has; other events leave the directory alone."""
+    if isinstance(ev, DirectoryReset):
+        if ev.peers == peers:
+            return False
+        peers.clear()
+        peers.update(ev.peers)
+        return True
+    if isinstance(ev, (PeerChanged, PunchNotice)):
+        if peers.get(ev.peer.key) == ev.peer:
+            return False
+        peers[ev.peer.key] = ev.peer
+        return True
+    if isinstance(ev, PeerRemoved):
+        return peers.pop(ev.key, None) is not None
+    return False
+
+
+class AgentCore:
+    def __init__(self, node: MeshNode, control_addrs: tuple = ()) -> None:
+        self.node = node
+        self.control_addrs = tuple(control_addrs)   # the invite's "host:port": never routed into the mesh
+        self.peers: dict[bytes, PeerInfo] = {}
+        self.specs: dict[bytes, PeerSpec] = {}      # peer_spec() of each entry, kept in step with peers
+        self.welcome: Welcome | None = None
+        self.connected = False
+        self.punch = PunchPolicy()
+        self.report = CandidateReport()
+        self.port: int | None = None
+        self._registered: list | None = None       # the candidates the client registers with
+        self._cache_dirty = False
+        self._cache_port: int | None = None         # the listen port the cache holds
+        self._cache_next = -math.inf                # no cache write before then
+        self._handlers = {
+            Connected: self._connected, Disconnected: self._disconnected, DirectoryReset: self._reset,
+            PeerChanged: self._peer_changed, PeerRemoved: self._peer_removed, PunchNotice: self._punch_notice,
+            PunchFailed: self._punch_failed, Removed: self._removed, SealedMessage: _ignore,
+            CacheLoaded: self._cache_loaded, LocalAddresses: self._local_addresses,
+            LocalEndpointsChanged: _ignore,  # the candidates are looked at after every batch
+            CandidatesAccepted: self._accepted, Restun: self._restun, Tick: self._tick,
+        }
+
+    def apply(self, inputs: Iterable, now: float) -> list:
+        """Take a batch of inputs at `now`; the actions for the shell, in order."""
+        out: list = []
+        for inp in inputs:
+            handler = self._handlers.get(type(inp))
+            if handler is None:
+                raise TypeError(f"not an agent core input: {inp!r}")
+            handler(inp, now, out)
+        self._candidates(out)
+        self._cache(now, out)
+        return out
+
+    def online(self, key: bytes) -> bool:
+        peer = self.peers.get(key)
+        return peer is not None and peer.online
+
+    # ---- the control channel -------------------------------------------------------------------
+    def _connected(self, ev: Connected, now: float, out: list) -> None:
+        reconnected = self.welcome is not None and not self.connected
+        self.connected = True
+        self.report.connection_changed()
+        self._set_welcome(ev.welcome, now, out, from_server=True)
+        if reconnected:
+            out.append(Log("info", "control connection back"))
+            # The server (and its relay) may have restarted: without a fresh hello the relay drops
+            # what peers send us until the periodic hello, up to HELLO_INTERVAL later.
+            out.append(RelayServerRestarted())
+
+    def _disconnected(self, ev: Disconnected, now: float, out: list) -> None:
+        self.connected = False
+        self.report.connection_changed()
+        out.append(Log("warning", f"control connection lost ({ev.reason}); tunnels keep running, reconnecting"))
+
+    def _removed(self, ev: Removed, now: float, out: list) -> None:
+        out.append(Stop(f"this node was removed from the mesh ({ev.reason})"))
+
+    def _set_welcome(self, w: Welcome, now: float, out: list, from_server: bool) -> None:
+        if w == self.welcome:
+            return
+        self.welcome = w
+        self.node.set_mesh_prefixes((w.prefix4, w.prefix6))   # no disco probe goes into the mesh
+        addrs = tuple(a for a in (host_cidr(w.ipv4), host_cidr(w.ipv6)) if a)
+        out.append(SetAddresses(addrs))
+        if tuple(w.stun) != self.node.stun_servers:
+            self.node.set_stun_servers(w.stun, now)
+        out.append(ConfigureRelay(w.server_key, w.relay_udp, w.relay_tcp))
+        if from_server:
+            out.append(Log("info", f"joined as {w.name}: {', '.join(addrs)}"))
+            self._cache_dirty = True
+
+    # ---- the directory -------------------------------------------------------------------------
+    def _reset(self, ev: DirectoryReset, now: float, out: list) -> None:
+        self._cache_dirty |= update_directory(self.peers, ev)
+        self._hand_to_node(None, now)   # even unchanged: the welcome (the entry policy) may be new
+
+    def _peer_changed(self, ev: PeerChanged, now: float, out: list) -> None:
+        p = ev.peer
+        old = self.peers.get(p.key)
+        if update_directory(self.peers, ev):
+            self._cache_dirty = True
+            self._hand_to_node(p.key, now)
+        self.punch.peer_changed(p.key, p.online, p.candidates, None if old is None else (old.online, old.candidates))
+
+    def _peer_removed(self, ev: PeerRemoved, now: float, out: list) -> None:
+        if update_directory(self.peers, ev):
+            self._cache_dirty = True
+            self._hand_to_node(ev.key, now)
+        self.punch.peer_removed(ev.key)
+
+    def _punch_notice(self, ev: PunchNotice, now: float, out: list) -> None:
+        if update_directory(self.peers, ev):   # the freshest candidates first, then the punch uses them
+            self._cache_dirty = True
+            self._hand_to_node(ev.peer.key, now)
+        self.node.punch(ev.peer.key, now)
+        self.punch.punched(ev.peer.key, now)
+
+    def _punch_failed(self, ev: PunchFailed, now: float, out: list) -> None:
+        out.append(Log("debug", f"punch to {ev.key[:4].hex()} failed: {ev.reason}"))
+
+    def _cache_loaded(self, ev: CacheLoaded, now: float, out: list) -> None:
+        out.append(Log("info", f"bringing up {len(ev.peers)} cached peers while the server answers"))
+        self._set_welcome(ev.welcome, now, out, from_server=False)
+        self.peers = {p.key: p for p in ev.peers}
+        self._cache_port = ev.listen_port
+        self._hand_to_node(None, now)
+
+    def _hand_to_node(self, changed: bytes | None, now: float) -> None:
+        """The directory to the node. `changed`: the one key just set or removed, so only its spec is
+        rebuilt (one event must not cost O(peers) spec parsing); None: every spec is rebuilt."""
+        # Cached entries too: nothing outside the mesh prefixes, nor a server's address, is routed.
+        policy = entry_policy(self.welcome, self.control_addrs)
+        drops = self.node.counters
+        if changed is None:
+            self.specs = {k: peer_spec(p, policy, drops) for k, p in self.peers.items()}
+        elif changed in self.peers:
+            self.specs[changed] = peer_spec(self.peers[changed], policy, drops)
+        else:
+            self.specs.pop(changed, None)
+        self.node.apply_netmap(self.specs, now)
+
+    # ---- our own endpoints ---------------------------------------------------------------------
+    def _local_addresses(self, ev: LocalAddresses, now: float, out: list) -> None:
+        self.port = ev.port
+        before = self.node.iface_endpoints
+        self.node.set_local_endpoints([(ip, ev.port) for ip in ev.ips], now)
+        # Before a welcome names STUN servers there is nothing to ask again.
+        if self.node.iface_endpoints != before and self.node.stun_servers:
+            out.append(Log("info", "local addresses changed: re-STUN"))
+            self.node.restun(now)
+
+    def _restun(self, ev: Restun, now: float, out: list) -> None:
+        self.node.restun(now)
+
+    def _accepted(self, ev: CandidatesAccepted, now: float, out: list) -> None:
+        self.report.accepted(list(ev.candidates))
+
+    def _candidates(self, out: list) -> None:
+        node = self.node
+        cands = local_candidates(node.reflexive, node.iface_endpoints, node.local_nat)
+        if cands != self._registered:   # a reconnect registers with the newest
+            self._registered = cands
+            out.append(RegisterCandidates(tuple(cands)))
+        if self.report.due(cands, self.connected):
+            self.report.sent(cands)
+            out.append(ReportCandidates(tuple(cands)))
+
+    # ---- timed duties --------------------------------------------------------------------------
+    def _tick(self, ev: Tick, now: float, out: list) -> None:
+        paths = {k: PathState(pp.active(now), pp.direct(now)) for k, pp in self.node.paths.items()}
+        for key in self.punch.tick(now, self.connected, paths, self.online):
+            out.append(RequestPunch(key))
+
+    def _cache(self, now: float, out: list) -> None:
+        """Write the cache after a change (the port the socket got is one), at most every CACHE_MIN_INTERVAL."""
+        if self.welcome is None or now < self._cache_next:
+            return
+        if not self._cache_dirty and self.port in (None, self._cache_port):
+            return
+        port = self.port or 0
+        out.append(WriteCache(self.welcome, tuple(self.peers.values()), port))
+        self._cache_dirty, self._cache_port, self._cache_next = False, port, now + CACHE_MIN_INTERVAL
+
+
+def _ignore(ev, now: float, out: list) -> None:
+    pass

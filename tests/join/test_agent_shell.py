@@ -1,0 +1,164 @@
+"""The agent's trio shell (meshwg/io/agent/agent.py) on trio's MockClock: it times the core's inputs on
+its one clock, feeds queued events as one batch and flushes once, and gives the core's answers back.
+
+A stand-in device (a real MeshNode, a counting driver, a recording relay) and control client (an events
+channel, recorded sends) replace the TUN and the server; nothing sleeps in real time.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import trio
+from nacl.public import PrivateKey
+
+from meshwg.control import reconnect as R
+from meshwg.control.client import ConnectionLost
+from meshwg.control.events import Connected, DirectoryReset, PeerChanged, PeerInfo, Welcome
+from meshwg.io.agent.agent import Agent
+from meshwg.mesh import agent_core as A
+from meshwg.mesh.node import MeshNode
+from meshwg.signaling.invite import Invite
+from meshwg.wg.device import WireGuardCore
+
+INVITE = Invite(("192.0.2.1:7300",), bytes(range(32)), "", b"")
+WELCOME = Welcome(7, "me", "100.64.0.7", "fd00::7", "100.64.0.0/10", "fd00::/48", (("192.0.2.1", 3478),),
+                  (("192.0.2.1", 3478),), (("192.0.2.1", 7301),), 10.0, bytes(32))
+
+
+def key(n: int) -> bytes:
+    return bytes(PrivateKey(bytes([n]) * 32).public_key)
+
+
+def peer(n: int, port: int | None = 4000) -> PeerInfo:
+    cands = () if port is None else ((f"198.51.100.{n}", port, "stun-eim"),)
+    return PeerInfo(key(n), n, f"p{n}", f"100.64.0.{n}", f"fd00::{n}", cands, True)
+
+
+class Driver:
+    def __init__(self) -> None:
+        self.flushes = 0
+
+    async def flush(self) -> None:
+        self.flushes += 1
+
+
+class Relay:
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def configure(self, *args) -> None:
+        self.calls.append("configure")
+
+    def server_restarted(self) -> None:
+        self.calls.append("restarted")
+
+
+class Dev:
+    name, port = "mesh0", 5000
+
+    def __init__(self, node: MeshNode) -> None:
+        self.node, self.driver, self.relay, self.addresses = node, Driver(), Relay(), []
+
+    async def set_addresses(self, addresses) -> None:
+        self.addresses = list(addresses)
+
+
+class Client:
+    def __init__(self) -> None:
+        self.send, self.events = trio.open_memory_channel(math.inf)
+        self.invite, self.candidates, self.punches, self.reports = INVITE, [], [], []
+
+    async def request_punch(self, peer_key: bytes) -> bool:
+        self.punches.append((trio.current_time(), peer_key))
+        return True
+
+    async def report_candidates(self, candidates) -> bool:
+        self.reports.append(list(candidates))
+        return True
+
+
+def new_agent(clock=trio.current_time) -> tuple[Agent, Client]:
+    r = random.Random(1)
+    rb = lambda n: r.getrandbits(8 * n).to_bytes(n, "big")  # noqa: E731
+    sk = bytes(PrivateKey(rb(32)))
+    agent = Agent(INVITE, name=None, state_dir="/nonexistent", iface="unused0", clock=clock)
+    agent.dev = Dev(MeshNode(WireGuardCore(private_key=sk, random_bytes=rb), sk, rb))
+    agent.core = A.AgentCore(agent.dev.node, INVITE.addrs)
+    agent.client = Client()
+    agent.cache_writes = []
+
+    async def write_cache(act):   # the file I/O runs in a thread, which a MockClock test must not wait on
+        agent.cache_writes.append(act)
+
+    agent._write_cache = write_cache
+    return agent, agent.client
+
+
+async def test_punch_requests_go_out_at_the_next_tick_timed_on_the_agents_clock(autojump_clock):
+    agent, client = new_agent()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            n.start_soon(agent._events_task)
+            n.start_soon(agent._ticks)
+            client.send.send_nowait(Connected(WELCOME))
+            client.send.send_nowait(DirectoryReset({key(1): peer(1, port=None)}))
+            await trio.sleep(5.0)
+            assert client.punches == []                  # no candidates, no traffic: nothing to ask
+            t0 = trio.current_time()
+            client.send.send_nowait(PeerChanged(peer(1, port=4000)))   # candidates appear
+            await trio.sleep(0.5)
+            assert [k for _, k in client.punches] == [key(1)]
+            asked = client.punches[0][0]
+            assert t0 < asked <= t0 + 0.1 + 1e-6         # at the next tick, 0.1 s apart
+            await trio.sleep_until(asked + 0.3)
+            client.send.send_nowait(PeerChanged(peer(1, port=5000)))   # within the second: not asked
+            await trio.sleep_until(asked + 1.05)
+            assert len(client.punches) == 1
+            t1 = trio.current_time()                     # a second on, on the agent's clock:
+            client.send.send_nowait(PeerChanged(peer(1, port=6000)))   # new candidates are asked for again
+            await trio.sleep(0.5)
+            assert [k for _, k in client.punches] == [key(1), key(1)]
+            assert t1 < client.punches[1][0] <= t1 + 0.1 + 1e-6
+            n.cancel_scope.cancel()
+
+
+async def test_queued_events_are_one_batch_and_one_flush(autojump_clock):
+    agent, client = new_agent()
+    for ev in (Connected(WELCOME), DirectoryReset({key(1): peer(1)}), PeerChanged(peer(2)), PeerChanged(peer(3))):
+        client.send.send_nowait(ev)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            n.start_soon(agent._events_task)
+            await trio.sleep(1.0)
+            n.cancel_scope.cancel()
+    assert agent.dev.driver.flushes == 1
+    assert set(agent.dev.node.core.peers) == {key(1), key(2), key(3)}
+    assert agent.dev.addresses == ["100.64.0.7/32", "fd00::7/128"] and agent.dev.relay.calls == ["configure"]
+
+
+async def test_a_report_that_went_out_is_given_back_so_the_next_change_is_reported(autojump_clock):
+    agent, client = new_agent()
+    with trio.fail_after(60):
+        await agent._step(A.LocalAddresses(("192.168.1.5",), 5000))
+        assert client.candidates == [("192.168.1.5", 5000, "local")] and client.reports == []
+        await agent._step(Connected(WELCOME), A.Tick())
+        await agent._step(A.Tick())
+        assert client.reports == [[("192.168.1.5", 5000, "local")]]
+        await agent._step(A.LocalAddresses(("192.168.1.6",), 5000))
+        assert client.reports[-1] == [("192.168.1.6", 5000, "local")] and len(client.reports) == 2
+
+
+async def test_status_reads_retry_in_on_the_clock_the_client_set_it_on(autojump_clock):
+    # The agent's clock on another base than trio's, as time.monotonic is.
+    agent, _ = new_agent(clock=lambda: trio.current_time() + 1000.0)
+    agent.client = agent._control_client(bytes(range(32)), registered=True)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            n.start_soon(agent.client._wait_retry, ConnectionLost("busy", "server busy, retry in 7 s", 7.0),
+                         R.TRANSIENT)
+            await trio.sleep(1.0)
+            retry_in = agent._control_status(agent.clock())["retry_in"]
+            assert 7.0 * 0.8 - 1.0 <= retry_in <= 7.0 * 1.2 - 1.0   # the server's 7 s, jittered, 1 s on
+            n.cancel_scope.cancel()
