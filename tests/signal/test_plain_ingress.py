@@ -12,7 +12,6 @@ import pathlib
 import random
 import struct
 
-import pytest
 from hypothesis import given, settings, strategies as st
 
 from meshwg.wg import crypto
@@ -32,7 +31,6 @@ WALL = 1_700_000_000.0
 SERVER = ("203.0.113.1", 51820)  # the server's plain-WireGuard address, the phone's Endpoint
 PHONE_WIFI, PHONE_LTE = ("198.51.100.7", 40000), ("192.0.2.99", 61000)
 ATTACKER = ("203.0.113.66", 6666)
-PHONE_IP = "10.77.0.9"
 
 
 class Relay:
@@ -45,42 +43,53 @@ class Relay:
 RELAY = Relay()
 
 
-def _sent(core):
-    return core.datagrams_to_send()
-
-
 class Lab:
-    """One phone with a [Peer] per node; nodes[i] holds the phone as an ordinary peer whose endpoint is the relay.
-    The phone's datagrams reach the ingress from `phone_addr` (its NAT mapping); a node datagram the ingress sends
-    to any other address is lost (recorded in `misrouted`)."""
+    """Phones with a [Peer] per node; each node holds each phone as an ordinary peer whose endpoint is the relay.
+    Phone k's datagrams reach the ingress from addrs[k] (its NAT mapping); a node datagram the ingress sends to an
+    address no phone has is lost (recorded in `misrouted`). `phone`, `phone_addr`, `phone_peers`, `tun_phone` and
+    `events_phone` are phone 0's."""
 
-    def __init__(self, seed: int = 1, nodes: int = 1, targets: list[int] | None = None, ingress=None):
+    def __init__(self, seed: int = 1, nodes: int = 1, targets: list[int] | None = None, phones: int = 1):
         rng = random.Random(seed)
-        self.phone = WireGuardCore(crypto.clamp(rng.randbytes(32)), rng.randbytes, wall_offset=WALL)
+        self.phones = [WireGuardCore(crypto.clamp(rng.randbytes(32)), rng.randbytes, wall_offset=WALL)
+                       for _ in range(phones)]
+        self.phone = self.phones[0]
+        self.phone_ips = [f"10.77.0.{9 + k}" for k in range(phones)]
         self.nodes = [WireGuardCore(crypto.clamp(rng.randbytes(32)), rng.randbytes, wall_offset=WALL,
                                     index_tag=0x1200 + i) for i in range(nodes)]
         self.node_ips = [f"10.77.1.{i + 1}" for i in range(nodes)]
-        self.phone_peers = []
-        for node, ip in zip(self.nodes, self.node_ips):
-            pp = self.phone.add_peer(node.public_key)
-            self.phone.set_endpoint(pp, SERVER)
-            self.phone.set_allowed_ips(pp, [ipaddress.ip_network(ip + "/32")])
-            self.phone_peers.append(pp)
-            np_ = node.add_peer(self.phone.public_key)
-            node.set_endpoint(np_, RELAY)
-            node.set_allowed_ips(np_, [ipaddress.ip_network(PHONE_IP + "/32")])
-        self.ingress = ingress or PlainIngress()
+        self.peers_of = [[] for _ in range(phones)]  # peers_of[k][i]: phone k's peer for node i
+        for k, phone in enumerate(self.phones):
+            for node, ip in zip(self.nodes, self.node_ips):
+                pp = phone.add_peer(node.public_key)
+                phone.set_endpoint(pp, SERVER)
+                phone.set_allowed_ips(pp, [ipaddress.ip_network(ip + "/32")])
+                self.peers_of[k].append(pp)
+                np_ = node.add_peer(phone.public_key)
+                node.set_endpoint(np_, RELAY)
+                node.set_allowed_ips(np_, [ipaddress.ip_network(self.phone_ips[k] + "/32")])
+        self.phone_peers = self.peers_of[0]
+        self.ingress = PlainIngress()
         self.ingress.set_targets({self.nodes[i].public_key for i in (range(nodes) if targets is None else targets)})
-        self.phone_addr = PHONE_WIFI
+        self.addrs = [PHONE_WIFI] + [(f"198.51.100.{50 + k}", 40000 + k) for k in range(1, phones)]
         self.now = 0.0
-        self.tun_phone: list[bytes] = []
-        self.tun_nodes: list[list[bytes]] = [[] for _ in range(nodes)]
+        self.tun_phones: list[list[bytes]] = [[] for _ in range(phones)]
+        self.tun_phone = self.tun_phones[0]
         self.events_phone: list = []
+        self.tun_nodes: list[list[bytes]] = [[] for _ in range(nodes)]
         self.events_nodes: list[list] = [[] for _ in range(nodes)]
         self.misrouted: list[tuple[object, bytes]] = []
         self.node_received: list[list[bytes]] = [[] for _ in range(nodes)]
-        self.from_phone: list[bytes] = []  # every datagram the phone sent (what an on-path observer sees)
+        self.from_phone: list[bytes] = []  # every datagram the phones sent (what an on-path observer sees)
         self.from_nodes: list[bytes] = []
+
+    @property
+    def phone_addr(self):
+        return self.addrs[0]
+
+    @phone_addr.setter
+    def phone_addr(self, addr) -> None:
+        self.addrs[0] = addr
 
     def node_by_key(self, key):
         for i, node in enumerate(self.nodes):
@@ -91,26 +100,28 @@ class Lab:
     def deliver(self) -> None:
         for _ in range(1000):
             moved = False
-            for data, addr in _sent(self.phone):
-                moved = True
-                assert addr == SERVER
-                self.from_phone.append(data)
-                key = self.ingress.route_from_plain(data, self.phone_addr, self.now)
-                i = self.node_by_key(key)
-                if i is not None:
-                    self.node_received[i].append(data)
-                    self.nodes[i].receive_datagram(data, RELAY, self.now)
+            for k, phone in enumerate(self.phones):
+                for data, addr in phone.datagrams_to_send():
+                    moved = True
+                    assert addr == SERVER
+                    self.from_phone.append(data)
+                    key = self.ingress.route_from_plain(data, self.addrs[k], self.now)
+                    i = self.node_by_key(key)
+                    if i is not None:
+                        self.node_received[i].append(data)
+                        self.nodes[i].receive_datagram(data, RELAY, self.now)
             for node in self.nodes:
-                for data, addr in _sent(node):
+                for data, addr in node.datagrams_to_send():
                     moved = True
                     assert addr is RELAY
                     self.from_nodes.append(data)
                     dst = self.ingress.route_from_node(node.public_key, data, self.now)
-                    if dst == self.phone_addr:
-                        self.phone.receive_datagram(data, SERVER, self.now)
+                    if dst in self.addrs:
+                        self.phones[self.addrs.index(dst)].receive_datagram(data, SERVER, self.now)
                     elif dst is not None:
                         self.misrouted.append((dst, data))
-            self.tun_phone += self.phone.tun_packets_to_write()
+            for k, phone in enumerate(self.phones):
+                self.tun_phones[k] += phone.tun_packets_to_write()
             self.events_phone += self.phone.pop_events()
             for i, node in enumerate(self.nodes):
                 self.tun_nodes[i] += node.tun_packets_to_write()
@@ -119,9 +130,9 @@ class Lab:
                 return
         raise AssertionError("datagram ping-pong did not settle")
 
-    def run_until(self, t_end: float, each_step=None) -> None:
+    def run_until(self, t_end: float) -> None:
         self.deliver()
-        cores = [self.phone, *self.nodes]
+        cores = [*self.phones, *self.nodes]
         while True:
             nxt = min(c.get_timer() for c in cores)
             if nxt > t_end:
@@ -133,24 +144,24 @@ class Lab:
         self.now = t_end
         self.deliver()
 
-    def phone_sends(self, i: int = 0, payload: bytes = b"p" * 64) -> bytes:
-        pkt = ipv4_packet(PHONE_IP, self.node_ips[i], payload)
-        self.phone.send_ip_packet(pkt, self.now)
+    def phone_sends(self, i: int = 0, payload: bytes = b"p" * 64, k: int = 0) -> bytes:
+        pkt = ipv4_packet(self.phone_ips[k], self.node_ips[i], payload)
+        self.phones[k].send_ip_packet(pkt, self.now)
         self.deliver()
         return pkt
 
-    def node_sends(self, i: int = 0, payload: bytes = b"n" * 64) -> bytes:
-        pkt = ipv4_packet(self.node_ips[i], PHONE_IP, payload)
+    def node_sends(self, i: int = 0, payload: bytes = b"n" * 64, k: int = 0) -> bytes:
+        pkt = ipv4_packet(self.node_ips[i], self.phone_ips[k], payload)
         self.nodes[i].send_ip_packet(pkt, self.now)
         self.deliver()
         return pkt
 
-    def phone_index_for(self, i: int = 0) -> int:
-        """The phone's receiver index of its current session with node i (what the node's data carries)."""
-        return self.phone_peers[i].keypairs.current.local_index
+    def phone_index_for(self, i: int = 0, k: int = 0) -> int:
+        """Phone k's receiver index of its current session with node i (what the node's data carries)."""
+        return self.peers_of[k][i].keypairs.current.local_index
 
-    def node_index_for(self, i: int = 0) -> int:
-        return self.phone_peers[i].keypairs.current.remote_index
+    def node_index_for(self, i: int = 0, k: int = 0) -> int:
+        return self.peers_of[k][i].keypairs.current.remote_index
 
 
 def fake_initiation(node_key: bytes, sender: int, seed: int = 0) -> bytes:
@@ -188,7 +199,8 @@ def test_handshake_completes_and_data_flows_both_ways():
     assert HandshakeCompleted(lab.phone.public_key) in lab.events_nodes[0]
     c = lab.ingress.counters
     assert c["forward_initiation"] == 1 and c["forward_response"] == 1
-    assert c["forward_transport_to_node"] == 1 and c["forward_transport_to_plain"] == 1  # the staged packet confirms the keys
+    # one each way: the phone's staged packet is its key confirmation, no extra keepalive
+    assert c["forward_transport_to_node"] == 1 and c["forward_transport_to_plain"] == 1
     assert lab.misrouted == []
     assert not [k for k in c if k.startswith("drop_")]
     # the node's view: the phone is behind the relay, and its replies went there
@@ -220,6 +232,21 @@ def test_the_phone_roams_to_a_new_address_and_keeps_working():
     assert lab.misrouted == []
     assert lab.ingress.counters["roam"] == 1
     assert lab.ingress.phone_address(lab.nodes[0].public_key, lab.phone_index_for()) == PHONE_LTE
+
+
+def test_phones_behind_one_address_and_a_phone_with_two_nodes_each_get_their_own_traffic():
+    lab = Lab(nodes=2, phones=3)
+    lab.addrs[1] = (PHONE_WIFI[0], PHONE_WIFI[1] + 1)  # phones 0 and 1 share a carrier-grade NAT address
+    for k in range(3):
+        for i in range(2):
+            sent = lab.phone_sends(i=i, k=k, payload=b"from %d to %d" % (k, i))
+            assert lab.tun_nodes[i][-1] == sent
+            back = lab.node_sends(i=i, k=k, payload=b"from %d to %d" % (i, k))
+            assert lab.tun_phones[k][-1] == back
+    assert [len(t) for t in lab.tun_phones] == [2, 2, 2]
+    assert [len(t) for t in lab.tun_nodes] == [3, 3]
+    assert lab.ingress.pair_count == 6 and lab.misrouted == []
+    assert lab.ingress.counters["roam"] == 0
 
 
 def test_only_transport_data_moves_the_phone():
@@ -401,7 +428,6 @@ def test_the_pending_table_is_bounded():
     assert ing.route_from_node(key, fake_response(1, 5999), now) == ("10.0.23.111", 1)
 
 
-@pytest.mark.slow
 def test_the_pair_table_is_bounded():
     ing = PlainIngress()
     key = crypto.dh_pub(crypto.clamp(bytes(32 * [5])))
