@@ -66,7 +66,7 @@ class ServerConfig:
     relay_tcp_fd_share: float = 0.25  # the other descriptors stay for the control listener and its sessions
     relay_hello_timeout: float = 3.0  # a relay TCP connection without a relay session this long is closed
     log_repeat_interval: float = 30.0  # the same log line (accept errors, ...) at most this often
-    db_poll: float = 0.1
+    db_poll: float = 0.1  # how often the change feed is checked for other processes' writes (admin CLI, relay)
     control_enabled: bool = True  # False: `meshwg-signal relay` (relay + STUN only)
     synchronous: str = "NORMAL"  # SQLite: NORMAL survives kill -9; FULL also survives power loss
     init: bool = False  # create the database and a new server identity if `db` has none (`serve --init`)
