@@ -197,7 +197,6 @@ class AgentCore:
 
     def _disconnected(self, ev: Disconnected, now: float, out: list) -> None:
         self.connected = False
-        self.report.connection_changed()
         out.append(Log("warning", f"control connection lost ({ev.reason}); tunnels keep running, reconnecting"))
 
     def _removed(self, ev: Removed, now: float, out: list) -> None:

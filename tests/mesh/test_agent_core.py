@@ -238,7 +238,8 @@ def test_the_cache_is_written_only_after_a_change_and_at_most_every_2s():
 
 def test_a_cache_the_server_confirms_is_not_rewritten_unless_the_port_moved():
     core = new_core()
-    core.apply([A.LocalAddresses((), 5000), A.CacheLoaded(WELCOME, (peer(1),), 5000)], 0.0)
+    assert not of(core.apply([A.LocalAddresses((), 5000), A.CacheLoaded(WELCOME, (peer(1),), 5000)], 0.0),
+                  A.WriteCache)
     assert not of(core.apply([Connected(WELCOME), reset(peer(1)), A.Tick()], 1.0), A.WriteCache)
     moved = new_core()
     acts = moved.apply([A.LocalAddresses((), 5001), A.CacheLoaded(WELCOME, (peer(1),), 5000)], 0.0)

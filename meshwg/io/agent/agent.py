@@ -3,8 +3,9 @@
 The decisions are the agent core's (meshwg.mesh.agent_core, sans-IO): the one peer directory, what the
 node gets from it, when to punch, which candidates to report, when to write the cache. This shell only
 turns events into the core's inputs and its actions into I/O, through one door (`_step`): feed a batch,
-carry out the actions in order, flush the driver once. One clock (`clock`, the driver's by default) times
-every batch and the control client's retry; wall time is read only to format the status.
+carry out the actions in order, flush the driver once. One clock (`clock`, time.monotonic by default) is
+the device's (its driver times the node), times every batch and the control client's retry; wall time is read
+only to format the status.
 
 Tasks: the mesh device (driver drain loops, UAPI, routes, birthday sockets, relay), the control
 client (registration, directory, punch notices; reconnects with backoff by itself), the control
@@ -116,7 +117,7 @@ class Agent:
         cache = S.load_cache(self.state_dir)
         cached_port = int((cache or {}).get("listen_port", 0) or 0)
         self.dev = MeshDevice(self.iface, key, listen_port=self.listen_port or cached_port, uapi_dir=self.uapi_dir,
-                              on_local_endpoints=self._on_local_endpoints)
+                              on_local_endpoints=self._on_local_endpoints, clock=self.clock)
         self.core = A.AgentCore(self.dev.node, tuple(self.invite.addrs))
         status = None
         try:

@@ -86,10 +86,14 @@ async def probe(server, *, extra_servers=(), timeout: float = DEFAULT_TIMEOUT, b
                         send_errors += 1
                 if nat.done:
                     break
+                got = None
                 with trio.move_on_at(nat.get_timer()):
-                    i, data, src = await recv_ch.receive()
-                    nat.receive_datagram(i, data, src, trio.current_time())
-                nat.handle_timer(trio.current_time())
+                    got = await recv_ch.receive()
+                # One clock, trio's (get_timer's deadlines are move_on_at's), read once per input.
+                now = trio.current_time()
+                if got is not None:
+                    nat.receive_datagram(*got, now)
+                nat.handle_timer(now)
             nursery.cancel_scope.cancel()
     finally:
         for s in socks:
