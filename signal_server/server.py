@@ -220,10 +220,12 @@ class SignalServer:
             task_status.started(bound)
 
     def _publish_addresses(self) -> None:
-        """Let the admin CLI build invites and find /metrics without being told the ports."""
-        ctl = advertised(self.bound.control, self.cfg.advertise)
-        self.store.meta_set("control_addrs", json.dumps(ctl))
-        self.store.meta_set("metrics_addrs", json.dumps([join_hostport(h, p) for h, p in self.bound.metrics]))
+        """Let the admin CLI build invites and find /metrics without being told the ports. Only what this
+        process serves: a relay-only process beside the server must not erase the server's addresses."""
+        if self.bound.control:
+            self.store.meta_set("control_addrs", json.dumps(advertised(self.bound.control, self.cfg.advertise)))
+        if self.bound.metrics:
+            self.store.meta_set("metrics_addrs", json.dumps([join_hostport(h, p) for h, p in self.bound.metrics]))
 
     # --- the change feed and expiry
 
