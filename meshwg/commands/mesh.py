@@ -1,4 +1,4 @@
-"""`meshwg join INVITE`, `meshwg status [--json]`, `meshwg netcheck [--json]`.
+"""`meshwg join INVITE`, `meshwg status [-d] [--json]`, `meshwg netcheck [--json]`.
 
 `join` runs the node agent in the foreground until SIGTERM/SIGINT (then removes the interface);
 `status` and `netcheck` ask the running agent over its local socket (meshwg.io.ipc.status_server); `netcheck`
@@ -166,6 +166,9 @@ def format_status(st: dict) -> str:
         lines.append(f"    path: {path}")
         lines.append(f"    handshake: {_ago(p['last_handshake_ago'])}  "
                      f"transfer: {human_bytes(p['rx_bytes'])} received, {human_bytes(p['tx_bytes'])} sent")
+    if "counters" in st:
+        lines.append("  counters:" + ("" if st["counters"] else " none"))
+        lines += [f"    {key} {n}" for key, n in st["counters"].items()]
     return "\n".join(lines)
 
 
@@ -173,6 +176,8 @@ def run_status(args) -> int:
     st = _query(args, {"op": "status"})
     if "error" in st:
         raise UserError(f"status: {st['error']}")
+    if not args.detail:
+        st.pop("counters", None)
     print(json.dumps(st, indent=1) if args.json else format_status(st))
     return 0
 
@@ -180,6 +185,12 @@ def run_status(args) -> int:
 def _status_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _common(p)
+
+
+def _status_only_args(p: argparse.ArgumentParser) -> None:
+    _status_args(p)
+    p.add_argument("-d", "--detail", action="store_true",
+                   help="also every counter, by component (<component>.<verb>_<object>; drop_* for what was lost)")
 
 
 # pystun3's RFC 3489 verdicts -> (mapping, filtering) in RFC 4787 terms.
@@ -317,7 +328,7 @@ def run_netcheck(args) -> int:
 
 COMMANDS = {
     "join": ("Join a mesh with an invite and run the node agent (foreground).", _join_args, run_join),
-    "status": ("Show the mesh peers of the running agent: path, latency, handshake, transfer.", _status_args,
+    "status": ("Show the mesh peers of the running agent: path, latency, handshake, transfer.", _status_only_args,
                run_status),
     "netcheck": ("Report NAT mapping/filtering, reflexive addresses and relay latency.", _netcheck_args, run_netcheck),
 }

@@ -19,6 +19,7 @@ sealed datagrams. Policy in short:
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import math
 from dataclasses import dataclass
@@ -142,11 +143,8 @@ class PeerPaths:
         self._ping_bucket = TokenBucket(PEER_PING_RATE, PEER_PING_BURST)
         self._pong_bucket = TokenBucket(PONG_RATE, PONG_BURST)
         self._outbox: list = []
-        self.counters = {"pings_sent": 0, "pongs_received": 0, "pings_rate_limited": 0,
-                         "pongs_unmatched": 0, "path_changes": 0}
+        self.counters: collections.Counter = collections.Counter()   # meshwg.counters' convention
         self.techniques: list[Technique] = [t(random_bytes) for t in TECHNIQUES]
-        for t in self.techniques:
-            self.counters[f"{t.name}_attempts"] = 0
         self._verifying: dict[tuple, tuple] = {}   # unverified ping source -> (last ping back, via)
 
     # --- inputs -----------------------------------------------------------------------------
@@ -219,7 +217,7 @@ class PeerPaths:
 
     def on_ping(self, txid: bytes, src: tuple, via: int | None, now: float) -> None:
         if not self._pong_bucket.take(now):
-            self.counters["pings_rate_limited"] += 1
+            self.counters["limit_pong_rate"] += 1
             return
         self._outbox.append(SendPong(src, txid, src, via))
         if not valid_candidate(src):
@@ -247,10 +245,10 @@ class PeerPaths:
         # Birthday hits (via set) are always verified: they are the whole point of the attempt.
         if (last is None and via is None
                 and sum(1 for _, v in self._verifying.values() if v is None) >= MAX_PEER_REFLEXIVE):
-            self.counters["pings_rate_limited"] += 1
+            self.counters["limit_ping_verifying"] += 1
             return
         if not self._ping_bucket.take(now):
-            self.counters["pings_rate_limited"] += 1
+            self.counters["limit_ping_rate"] += 1
             return
         self._verifying[src] = (now, via)
         self._send_ping(src, via, now, MAX_PENDING_PINGS)
@@ -260,16 +258,16 @@ class PeerPaths:
         pinged address)."""
         entry = self._pending.get(txid)
         if entry is None:
-            self.counters["pongs_unmatched"] += 1
+            self.counters["drop_pong_unmatched"] += 1
             return False
         addr, sent_at, pvia = entry
         cand = self.candidates.get(addr)
         if pvia != via or (cand is None and src is not None and src != addr):
             # A ping source is verified only by an answer from that very address.
-            self.counters["pongs_unmatched"] += 1
+            self.counters["drop_pong_unmatched"] += 1
             return False
         del self._pending[txid]
-        self.counters["pongs_received"] += 1
+        self.counters["recv_pong"] += 1
         latency = max(0.0, now - sent_at)
         if cand is None:
             self._verifying.pop(addr, None)
@@ -285,7 +283,7 @@ class PeerPaths:
         elif self.best is None or now >= self.trust_until or P.better_path(scored, self.best):
             self.best, self.best_via = scored, cand.via
             self.trust_until = now + P.TRUST_DURATION
-            self.counters["path_changes"] += 1
+            self.counters["switch_path"] += 1
             self.next_heartbeat_at = now + P.HEARTBEAT_INTERVAL
             self._contend_left = P.CONTENDER_ROUNDS
             self._stop_techniques()
@@ -394,7 +392,7 @@ class PeerPaths:
 
     def _ping(self, cand: Candidate, now: float, budget) -> bool:
         if not self._ping_bucket.take(now) or (budget is not None and not budget(1)):
-            self.counters["pings_rate_limited"] += 1
+            self.counters["limit_ping_rate"] += 1
             return False
         self._send_ping(cand.addr, cand.via, now, MAX_PENDING_PINGS)
         cand.last_ping = now
@@ -407,7 +405,7 @@ class PeerPaths:
         if len(self._pending) >= max_pending:
             self._pending.pop(next(iter(self._pending)))
         self._pending[txid] = (addr, now, via)
-        self.counters["pings_sent"] += 1
+        self.counters["send_ping"] += 1
         self._outbox.append(SendPing(addr, txid, via, technique))
 
     # --- NAT traversal techniques (meshwg.disco.techniques) ------------------------------------
@@ -450,7 +448,7 @@ class PeerPaths:
             if isinstance(act, Probe):
                 self._send_ping(act.addr, act.via, now, MAX_PENDING_PINGS + t.max_outstanding, technique=t.name)
             elif isinstance(act, Started):
-                self.counters[f"{t.name}_attempts"] += 1
+                self.counters[f"attempt_{t.name}"] += 1
             else:
                 self._outbox.append(act)
 

@@ -70,3 +70,30 @@ async def test_birthday_socket_datagrams_are_timed_with_the_drivers_clock(mesh_d
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
     assert seen == [(b"MWDsco" + bytes(60), 1234.5, 1)]
+
+
+def test_the_relay_shell_runs_on_the_drivers_clock(mesh_device, monkeypatch):
+    """Its hello time, the policy's deadlines and `now` from the driver's handle_udp are on one clock."""
+    dev = mesh_device
+    monkeypatch.setattr(dev.relay, "udp_send", lambda data, addr: True)   # nothing leaves the test
+    dev.relay.configure(b"s" * 32, [("192.0.2.1", 3478)], [])
+    assert dev.relay.session.last_hello == 1234.5
+
+
+def test_status_shows_every_drop_by_component_and_the_full_view(mesh_device):
+    """`meshwg status`: "drops" and "counters" come from the one merged view (meshwg.counters.merge), so the
+    same reason counted by the main socket's driver and by a birthday socket shows twice, each named."""
+    from meshwg.io.agent.agent import Agent
+    from meshwg.mesh.agent_core import AgentCore
+    from meshwg.signaling.invite import Invite
+
+    dev = mesh_device
+    agent = Agent(Invite(("192.0.2.1:7300",), bytes(range(32)), "", b""), name=None, state_dir="/nonexistent",
+                  iface="unused0", clock=dev.clock)
+    agent.dev, agent.core = dev, AgentCore(dev.node, ("192.0.2.1:7300",))
+    dev.driver.counters["drop_send_error"] += 2          # the main socket refused two datagrams
+    dev.birthday.send(3, b"x", ("127.0.0.1", 9))          # no such birthday socket: a lost datagram
+    dev.relay.counters["send_hello_udp"] += 1
+    st = agent.status()
+    assert st["drops"] == {"driver.drop_send_error": 2, "birthday.drop_send_error": 1}
+    assert st["counters"] == {"driver.drop_send_error": 2, "birthday.drop_send_error": 1, "relay.send_hello_udp": 1}

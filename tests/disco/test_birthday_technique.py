@@ -188,7 +188,7 @@ def test_peer_paths_runs_any_technique_through_the_interface(monkeypatch):
     pp.set_candidates("observed", [OBSERVED], 0.0)
     pp.on_punch(0.0)
     out = pp.poll(0.0, 0.0, None)
-    assert pp.counters["knock_attempts"] == 1 and "birthday_attempts" not in pp.counters
+    assert pp.counters["attempt_knock"] == 1 and "attempt_birthday" not in pp.counters
     assert [a for a in out if isinstance(a, SendPing) and a.technique == "knock"][0].via == 3
     assert OpenSockets(1) in out
     assert pp.birthday_role() == "easy"

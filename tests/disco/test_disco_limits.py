@@ -37,7 +37,7 @@ def test_pongs_to_one_peer_are_limited():
     assert all(n <= 21 for n in per_second[1:]), per_second   # 20 a second (+1: a refill at the boundary)
     assert sum(per_second) <= 20 + 10 * 20
     assert per_second[0] >= 20 and min(per_second[1:]) >= 19   # the honest share is still answered
-    assert pp.counters["pings_rate_limited"] >= 10_000 - (20 + 10 * 20)
+    assert pp.counters["limit_pong_rate"] >= 10_000 - (20 + 10 * 20)
 
 
 def test_a_slow_pinger_gets_every_pong():

@@ -89,6 +89,29 @@ def test_status_text_says_why_the_control_channel_is_down_and_which_routes_are_h
     assert "100.64.0.2/32 routed through another interface" in text
 
 
+def test_status_counters_only_with_detail(monkeypatch, capsys):
+    """`meshwg status -d` adds every counter (text and --json); without it neither output has them."""
+    import json
+
+    from meshwg import cli
+    from meshwg.commands import mesh
+
+    st = {"interface": "mesh0", "name": "a", "addresses": [], "listen_port": 1, "control": {"connected": True},
+          "relay": {"mode": "udp"}, "nat": {"mapping": None, "reflexive": []}, "peers": [],
+          "drops": {"birthday.drop_send_error": 1},
+          "counters": {"birthday.drop_send_error": 1, "relay.send_hello_udp": 3}}
+    monkeypatch.setattr(mesh, "_query", lambda args, req: json.loads(json.dumps(st)))
+    outputs = {}
+    for argv in (["status"], ["status", "-d"], ["status", "--json"], ["status", "-d", "--json"]):
+        args = cli.build_parser().parse_args(argv)
+        assert args.run(args) == 0
+        outputs[" ".join(argv)] = capsys.readouterr().out
+    assert "counters" not in outputs["status"] and "relay.send_hello_udp" not in outputs["status"]
+    assert "  counters:\n    birthday.drop_send_error 1\n    relay.send_hello_udp 3" in outputs["status -d"]
+    assert json.loads(outputs["status --json"]) == {k: v for k, v in st.items() if k != "counters"}
+    assert json.loads(outputs["status -d --json"]) == st
+
+
 def test_status_addresses_bracket_ipv6():
     from meshwg.io.agent.agent import _fmt_addr
     from meshwg.io.agent.relay_shell import RelayShell

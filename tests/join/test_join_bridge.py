@@ -58,6 +58,14 @@ def test_two_nodes_direct_outage_cache_and_shutdown():
         text = subprocess.run(a.ns.argv(sys.executable, "-m", "meshwg", "status", "--interface", a.iface),
                               capture_output=True, env=ENV, cwd=REPO, timeout=20).stdout.decode()
         assert "peer beta" in text and f"direct {b.ip}:" in text
+        # -d: every counter by component (meshwg.counters' convention); "drops" are the drop_ ones among them.
+        res = subprocess.run(a.ns.argv(sys.executable, "-m", "meshwg", "status", "-d", "--json", "--interface", a.iface),
+                             capture_output=True, env=ENV, cwd=REPO, timeout=20)
+        detail = json.loads(res.stdout)
+        c = detail["counters"]
+        assert c["relay.send_hello_udp"] >= 1 and c["node.send_disco_ping"] >= 1 and c["node.recv_disco_pong"] >= 1
+        assert detail["drops"] == {k: n for k, n in c.items() if k.rpartition(".")[2].startswith("drop_")}
+        assert "counters" not in st
 
         # Stock wg(8) talks to the agent's UAPI socket.
         dump = a.ns.run("wg", "show", a.iface, "dump").splitlines()

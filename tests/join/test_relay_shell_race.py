@@ -75,7 +75,7 @@ async def test_udp_blocked_tcp_after_a_third_of_a_second_then_back_to_udp(autoju
         assert tcp.sent == [(peer, b"handshake initiation")]   # the waiting packet went out over TCP
         shell.send(peer, b"data")
         await trio.sleep(0.05)
-        assert tcp.sent[-1] == (peer, b"data") and shell.counters["tx_tcp"] == 2
+        assert tcp.sent[-1] == (peer, b"data") and shell.counters["send_tcp"] == 2
 
         # UDP comes back: the next UDP hello (while on TCP, one every 20 s) gets its HELLO_OK.
         udp["works"] = True
@@ -88,7 +88,7 @@ async def test_udp_blocked_tcp_after_a_third_of_a_second_then_back_to_udp(autoju
                 shell.handle_udp(frame, SERVER_ADDR, t_back)
         assert shell.mode == "udp"
         shell.send(peer, b"over udp")
-        assert shell.counters["tx_udp"] == 1 and len(tcp.sent) == 2
+        assert shell.counters["send_udp"] == 1 and len(tcp.sent) == 2
         with trio.fail_after(10):
             while tcp.closed_at is None:
                 await trio.sleep(0.05)

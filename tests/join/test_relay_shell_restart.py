@@ -69,7 +69,33 @@ def test_server_restarted_holds_sends_until_the_new_session_is_ready():
     net.deliver()                        # y's new session is up
     x.server_restarted()                 # x's HELLO is still on its way ...
     x.send(pk_y, b"answer")              # ... when x answers y (a handshake response, say)
-    assert x.counters["queued_not_ready"] == 1
+    assert x.counters["queue_not_ready"] == 1
     net.deliver()
     assert net.got[-1] == ("y", pk_x, b"answer")
     assert net.relay.counters["refused_no_session"] == 0
+
+
+def test_relay_shell_counters_follow_the_convention():
+    """meshwg.counters' convention: verb first, drop_<reason> for what is lost; a notice code is named, and
+    one we do not know (anyone can forge a notice) is one key, not one per code."""
+    from meshwg.signaling import relay_wire as W
+
+    sk_x, sk_y = bytes(range(1, 33)), bytes(range(33, 65))
+    pk_x, pk_y = crypto.dh_pub(crypto.clamp(sk_x)), crypto.dh_pub(crypto.clamp(sk_y))
+    net = Net()
+    net.relay.set_allowed([pk_x, pk_y])
+    x = net.shell("x", sk_x, ("198.51.100.1", 1000))
+    y = net.shell("y", sk_y, ("198.51.100.2", 2000))
+    x.send(pk_y, b"early")                   # no session yet: it waits
+    for sh in (x, y):
+        sh.configure(crypto.dh_pub(crypto.clamp(SERVER_SK)), [SERVER_ADDR], [])
+    net.deliver()
+    x.send(pk_y, b"later")
+    net.deliver()
+    assert x.counters == {"queue_not_ready": 1, "send_hello_udp": 1, "send_confirm_udp": 1, "send_udp": 2}
+    for code in (W.N_REHELLO, 200, 201):
+        y.handle_udp(W.encode_notice(code), SERVER_ADDR, net.now)
+    y.handle_udp(W.encode_notice(W.N_REHELLO), ("192.0.2.66", 3478), net.now)
+    y.handle_udp(b"\xffMWR\x09", SERVER_ADDR, net.now)
+    assert y.counters == {"send_hello_udp": 1, "send_confirm_udp": 1, "recv_udp": 2, "recv_notice_rehello": 1,
+                          "recv_notice_unknown": 2, "drop_not_from_relay": 1, "drop_bad_frame": 1}

@@ -79,7 +79,7 @@ def test_loopback_claims_in_an_entry_send_nothing_there():
     traffic(sim, "b", ["100.64.0.9"], 1.0, 60.0)
     sim.run(60.0)
     assert sent_to(sim, in_net("127.0.0.0/8")) == []
-    assert all(h.node.paths[evil.key].birthday is None and h.node.paths[evil.key].counters["birthday_attempts"] == 0
+    assert all(h.node.paths[evil.key].birthday is None and h.node.paths[evil.key].counters["attempt_birthday"] == 0
                for h in sim.hosts.values())
 
 
@@ -104,7 +104,7 @@ def test_a_registered_node_cannot_aim_birthday_bursts_at_a_victim():
     at_victim = sent_to(sim, lambda dest: dest[0] == VICTIM)
     assert {dest for _, _, dest in at_victim} <= {(VICTIM, 53)}   # no spray over its ports
     assert len(at_victim) <= 2 * 20                                # probe rounds, per honest node
-    assert all(h.node.paths[key].counters["birthday_attempts"] >= 1 for h in sim.hosts.values())
+    assert all(h.node.paths[key].counters["attempt_birthday"] >= 1 for h in sim.hosts.values())
     assert all(h.node.paths[key].birthday is None or h.node.paths[key].birthday.target_ip == "198.51.100.66"
                for h in sim.hosts.values())
 

@@ -22,7 +22,7 @@ When PeerPaths calls it:
 What it returns (actions): Probe(addr, via) for PeerPaths to send as a sealed ping (PeerPaths keeps the txid;
 the node bounds these probes per target IP with the technique's `ip_rate`/`ip_burst`, counting refusals as
 `probe_<name>_limited`), OpenSockets/CloseSockets for the mesh shell's extra sockets, and Started() once per
-attempt (PeerPaths counts it as `<name>_attempts`).
+attempt (PeerPaths counts it as `attempt_<name>`).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class CloseSockets:
 
 @dataclass(frozen=True)
 class Started:
-    """An attempt began (counted as `<name>_attempts`)."""
+    """An attempt began (counted as `attempt_<name>`)."""
 
 
 class PeerView(Protocol):

@@ -26,6 +26,7 @@ import time
 
 import trio
 
+from meshwg import counters
 from meshwg.control import ControlClient, JoinRefusedError, ServerKeyMismatch, events as CE
 from meshwg.signaling.invite import Invite, join_hostport, split_hostport
 from meshwg.disco import netcheck as NC
@@ -293,6 +294,8 @@ class Agent:
             })
         rep = node.last_report
         w = core.welcome
+        # By component: a drop reason two components count (the main and a birthday socket) shows under each.
+        merged = counters.merge(dev.component_counters())
         return {
             "interface": dev.name, "name": w.name if w else self.name,
             "public_key": base64.b64encode(node.public_key).decode(),
@@ -303,7 +306,8 @@ class Agent:
             "relay": dev.relay.status(),
             "routes": dev.route_status(),
             "local_endpoints": [_fmt_addr(a) for a in node.iface_endpoints],
-            "drops": {**node.drops, **dev.device.drop_counts()},  # discovery's, then the device's
+            "drops": counters.drops(merged),
+            "counters": merged,                       # `meshwg status -d` shows them
             "peers": sorted(peers, key=lambda p: p["name"]),
         }
 

@@ -194,7 +194,7 @@ class MeshDevice:
         self.driver.on_event = self._on_event
         # flush_io, not flush: after_rx runs once per TCP-relayed packet (see meshwg.io.dataplane.driver).
         self.relay = RelayShell(private_key, udp_send=self.driver.send_raw, deliver=self._deliver_relayed,
-                                after_rx=self.driver.flush_io)
+                                after_rx=self.driver.flush_io, clock=self.clock)
         self.driver.set_datagram_handlers(self.datagram_handlers())
         self.birthday = BirthdaySockets()
         self.on_local_endpoints = on_local_endpoints

@@ -5,7 +5,7 @@ the shared socket at once; over TCP it is queued for a writer task; before any s
 few packets wait in a small queue (the first packets of a WireGuard handshake must not be lost).
 Which transport carries them, and when the TCP relay is opened and closed, is meshwg.mesh.relay_policy's
 decision (UDP and TCP raced: TCP opens after 0.3 s without a UDP answer); this shell feeds it events
-and carries out its actions.
+and carries out its actions. Its counters follow meshwg.counters' convention (`send_udp`, `recv_tcp`, `drop_...`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ log = logging.getLogger("meshwg.relay")
 
 PENDING_MAX = 128
 TCP_QUEUE = 1024
+# Counter names of the relay's notices (`recv_notice_rehello`, ...): a code we do not know is `recv_notice_unknown`.
+NOTICE_NAMES = {W.N_REHELLO: "rehello", W.N_NOT_REGISTERED: "not_registered", W.N_PEER_ABSENT: "peer_absent",
+                W.N_RATE_LIMITED: "rate_limited", W.N_STALE_HELLO: "stale_hello"}
 
 
 class RelayShell:
@@ -119,17 +122,17 @@ class RelayShell:
         if self.policy.transport(self.clock()) == P.UDP:
             frame = self.session.encode_send(dst, packet)
             if frame is not None and self.udp_send(frame, self.relay_addr):
-                self.counters["tx_udp"] += 1
+                self.counters["send_udp"] += 1
                 return
         if self.tcp is not None:
             try:
                 self._tcp_send.send_nowait((dst, packet))
-                self.counters["tx_tcp"] += 1
+                self.counters["send_tcp"] += 1
             except trio.WouldBlock:
                 self.counters["drop_tcp_queue_full"] += 1
             return
         self._pending.append((dst, packet))
-        self.counters["queued_not_ready"] += 1
+        self.counters["queue_not_ready"] += 1
 
     def handle_udp(self, data: bytes, addr, now: float) -> None:
         """A relay frame that arrived on the shared socket."""
@@ -142,7 +145,7 @@ class RelayShell:
             self.counters["drop_bad_frame"] += 1
             return
         if ev[0] == "recv":
-            self.counters["rx_udp"] += 1
+            self.counters["recv_udp"] += 1
             self.deliver(ev[1], ev[2])
         elif ev[0] == "ready":
             self.latency = max(0.0, now - s.last_hello)
@@ -154,7 +157,7 @@ class RelayShell:
             self._confirm()
             self._flush_pending(now)
         elif ev[0] == "notice":
-            self.counters[f"notice_{ev[1]}"] += 1
+            self.counters["recv_notice_" + NOTICE_NAMES.get(ev[1], "unknown")] += 1
             self._wake.set()  # a re-hello notice moved the session's hello timer (answered at most 1/s)
 
     def _flush_pending(self, now: float) -> None:
@@ -167,7 +170,7 @@ class RelayShell:
         that as our observed address now rather than at our next relayed packet."""
         frame = self.session.confirm()
         if frame is not None and self.udp_send(frame, self.relay_addr):
-            self.counters["confirm_udp"] += 1
+            self.counters["send_confirm_udp"] += 1
 
     def _hello(self, now: float) -> None:
         self.policy.udp_hello_sent(now)
@@ -175,7 +178,7 @@ class RelayShell:
         if self.session is None or self.relay_addr is None:
             return
         self.udp_send(self.session.hello(now, time.time()), self.relay_addr)
-        self.counters["hello_udp"] += 1
+        self.counters["send_hello_udp"] += 1
 
     def _rand01(self) -> float:
         return int.from_bytes(self._random(4), "big") / 2**32
@@ -255,7 +258,7 @@ class RelayShell:
         try:
             while True:
                 src, packet = await client.receive()
-                self.counters["rx_tcp"] += 1
+                self.counters["recv_tcp"] += 1
                 self.deliver(src, packet)
                 await self.after_rx()
         except (EOFError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
