@@ -50,6 +50,8 @@ from meshwg.disco.messages import CallMeMaybe, DiscoCodec, Ping, Pong, endpoints
 from meshwg.disco.peer_paths import (TECHNIQUES, PeerPaths, SendCallMeMaybe, SendPing, SendPong, in_networks,
                                      parse_network)
 from meshwg.disco.techniques import CloseSockets, OpenSockets
+from meshwg.config.keys import nonzero
+from meshwg.config.uapi_apply import apply_peer_update
 from meshwg.mesh import demux
 from meshwg.mesh.netmap import AddPeer, ChangePeer, PeerSpec, RemovePeer, diff, route_changes
 from meshwg.token_bucket import KeyedLimiter, TokenBucket
@@ -243,15 +245,45 @@ class MeshNode:
         if ep is not None and self._ep_to_key.get(ep) == key:
             del self._ep_to_key[ep]
 
+    # --- UAPI (`wg set` on the mesh interface) --------------------------------------------------
+    def apply_set_request(self, request, now: float) -> None:
+        """A parsed UAPI `set` (meshwg.config.uapi.SetRequest). The node is its core's one writer: peers
+        added by hand are applied as WireGuard does; a mesh peer may be removed (it stays out until the
+        directory next changes, then comes back whole) or given a preshared key or keepalive, but its
+        endpoint and AllowedIPs are the directory's and the node's. A refused request changes nothing
+        (ValueError, which the UAPI answers with EINVAL)."""
+        self._now = now
+        if request.private_key is not None and nonzero(request.private_key) != self.core.private_key:
+            raise ValueError("the mesh interface's private key is the node's identity; it cannot be set")
+        for update in request.peers:
+            if update.public_key in self.specs and not update.remove and (
+                    update.endpoint is not None or update.replace_allowed_ips or update.allowed_ips):
+                raise ValueError(f"peer {update.public_key[:4].hex()} is a mesh peer: the directory sets its "
+                                 "endpoint and allowed IPs")
+        if request.replace_peers:
+            for key in [k for k in self.core.peers if k not in self.specs]:
+                self.core.remove_peer(key)
+        for update in request.peers:
+            if update.public_key in self.specs:
+                if update.remove:
+                    self._remove_by_hand(update.public_key)
+                else:
+                    apply_peer_update(self.core, update, now)  # preshared key, keepalive: the core's own
+            else:
+                apply_peer_update(self.core, update, now)
+        self._flush_core(now, activity=False)
+
+    def _remove_by_hand(self, key: bytes) -> None:
+        kept = {k: v for k, v in self.specs.items() if k != key}
+        rc = route_changes(self.specs, kept)
+        self._remove_peer(key)
+        self.specs = kept  # the next netmap puts it back whole, as an added peer
+        self.counters["remove_peer_by_hand"] += 1
+        if rc:
+            self._events.append(RoutesChanged(tuple(rc.add), tuple(rc.remove)))
+
     def _change_peer(self, old: PeerSpec, new: PeerSpec, fields, now: float) -> None:
-        peer = self.core.peers.get(new.key)
-        if peer is None:
-            # Removed by hand (`wg set IFACE peer K remove` on our UAPI socket): the node owns its mesh
-            # peers, so the directory's view comes back whole rather than a KeyError ending the agent.
-            self.counters["restore_peer_after_hand_removal"] += 1
-            self._remove_peer(new.key)
-            self._add_peer(new, now)
-            return
+        peer = self.core.peers[new.key]  # the node is its core's one writer: a mesh peer is there
         pp = self.paths[new.key]
         if "addresses" in fields:
             self.core.set_allowed_ips(peer, list(new.addresses))

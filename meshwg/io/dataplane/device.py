@@ -17,7 +17,7 @@ import trio
 
 from meshwg import counters
 from meshwg.config import uapi
-from meshwg.config.keys import nonzero
+from meshwg.config.uapi_apply import CoreWriter
 from meshwg.io.ipc import uapi_server
 from meshwg.io.dataplane.driver import Driver
 from meshwg.io.dataplane.tun import Tun
@@ -41,13 +41,14 @@ def new_core(tun: Tun, private_key: bytes | None = None) -> WireGuardCore:
 
 class Device:
     def __init__(self, tun: Tun, listener: uapi_server.UapiListener | None, *, listen_port: int = 0,
-                 core: WireGuardCore | None = None, driven=None, clock=time.monotonic):
-        """UAPI always works on `core`; the driver drives `driven` (default: the core), e.g. a
-        mesh node wrapping it. The socket filter gets the core's index tag either way. `clock` is the
+                 core: WireGuardCore | None = None, driven=None, writer=None, clock=time.monotonic):
+        """UAPI reads `core` and changes it through its one writer, `writer` (default: a CoreWriter; a mesh
+        node for a mesh device); the driver drives `driven` (default: the core), e.g. a mesh node wrapping it. The socket filter gets the core's index tag either way. `clock` is the
         device's one clock (the driver's; UAPI changes are timed with it too)."""
         self.tun = tun
         self.listener = listener
         self.core = core or new_core(tun)
+        self.writer = writer or CoreWriter(self.core)
         self.udp = UdpBind()
         self.udp.open(listen_port)
         self.driver = Driver(self.core if driven is None else driven, tun, self.udp, clock=clock,
@@ -170,34 +171,9 @@ class Device:
         return 0
 
     async def apply(self, request: uapi.SetRequest) -> None:
-        core = self.core
-        now = self.driver.clock()
-        if request.private_key is not None:
-            core.set_private_key(nonzero(request.private_key))  # the same key again changes nothing
+        # The writer first: a request it refuses (ValueError) changes nothing, the socket included. What it
+        # queues (a keepalive turned on) leaves at the flush after the rebind, from the new socket.
+        self.writer.apply_set_request(request, self.driver.clock())
         if request.listen_port is not None or request.fwmark is not None:
             port = self.udp.port if request.listen_port is None else request.listen_port
             await self.driver.rebind(port, request.fwmark)
-        if request.replace_peers:
-            for public_key in list(core.peers):
-                core.remove_peer(public_key)
-        for update in request.peers:
-            if update.remove:
-                core.remove_peer(update.public_key)
-                continue
-            if update.update_only and update.public_key not in core.peers:
-                continue
-            peer = core.add_peer(update.public_key)
-            if update.preshared_key is not None:
-                core.set_preshared_key(peer, update.preshared_key)
-            if update.endpoint is not None:
-                core.set_endpoint(peer, update.endpoint)
-            if update.replace_allowed_ips:
-                core.set_allowed_ips(peer, [])
-            for change in update.allowed_ips:
-                if change.remove:
-                    core.remove_allowed_ip(peer, change.network)
-                else:
-                    core.add_allowed_ip(peer, change.network)
-            if update.persistent_keepalive_interval is not None:
-                # Last, like wg-go: turning keepalive on sends one at once, to the endpoint just set.
-                core.set_persistent_keepalive(peer, update.persistent_keepalive_interval, now)
