@@ -59,7 +59,7 @@ def test_two_nodes_direct_outage_cache_and_shutdown():
                               capture_output=True, env=ENV, cwd=REPO, timeout=20).stdout.decode()
         assert "peer beta" in text and f"direct {b.ip}:" in text
         # -d: every counter by component (meshwg.counters' convention); "drops" are the drop_ ones among them.
-        res = subprocess.run(a.ns.argv(sys.executable, "-m", "meshwg", "status", "-d", "--json", "--interface", a.iface),
+        res = subprocess.run(a.ns.argv(sys.executable, "-m", "meshwg", "status", "-d", "--json", "-i", a.iface),
                              capture_output=True, env=ENV, cwd=REPO, timeout=20)
         detail = json.loads(res.stdout)
         c = detail["counters"]
