@@ -72,6 +72,16 @@ def test_two_nodes_direct_outage_cache_and_shutdown():
         peer_line = dump[1].split("\t")
         assert peer_line[0] == pb["public_key"] and peer_line[2] == pb["endpoint"]
         assert f"{ip_b}/32" in peer_line[3]
+        # `wg set` goes through the node, its core's one writer: a mesh peer's endpoint is the directory's
+        # (refused, nothing changes); a peer added by hand works as in WireGuard.
+        res = subprocess.run(a.ns.argv("wg", "set", a.iface, "peer", pb["public_key"], "endpoint", "192.0.2.1:9"),
+                             capture_output=True, text=True, timeout=10)
+        assert res.returncode != 0
+        assert a.ns.run("wg", "show", a.iface, "dump").splitlines()[1].split("\t")[2] == pb["endpoint"]
+        hand_key = a.ns.run("wg", "pubkey", input=a.ns.run("wg", "genkey").encode()).strip()
+        a.ns.run("wg", "set", a.iface, "peer", hand_key, "allowed-ips", "10.99.0.0/24")
+        assert hand_key in a.ns.run("wg", "show", a.iface, "peers")
+        assert a.ping(ip_b)
 
         # Server down: the tunnel keeps working.
         net.stop_server()

@@ -175,15 +175,15 @@ class MeshDevice:
         self.core = new_core(self.tun, private_key)
         try:
             self.node = N.MeshNode(self.core, private_key, os.urandom, wall_offset=self.core.wall_offset)
-            # The Device serves UAPI on the core; its driver runs the node.
+            # UAPI reads the core and changes it through the node, its one writer; the driver runs the node.
             try:
                 self.device = Device(self.tun, self.listener, listen_port=listen_port, core=self.core,
-                                     driven=self.node, clock=clock)
+                                     driven=self.node, writer=self.node, clock=clock)
             except OSError:
                 if not listen_port:
                     raise
                 self.device = Device(self.tun, self.listener, listen_port=0, core=self.core, driven=self.node,
-                                     clock=clock)
+                                     writer=self.node, clock=clock)
         except BaseException:
             self.listener.close()
             self.tun.close()
