@@ -31,6 +31,9 @@ SESSION_TTL = 90.0
 # An empty SEND to this key forwards nothing: a node sends one after each HELLO_OK to prove it receives at
 # the HELLO's source, which the relay then publishes as its "observed" address.
 CONFIRM_DST = bytes(32)
+# The source key of a RECV carrying a plain WireGuard peer's datagram (a phone reaching the server's plain port):
+# the relay cannot know its key (it is encrypted in the handshake), so the node's WireGuard identifies the peer.
+PLAIN_SOURCE = bytes(32)
 
 
 def is_relay_untrusted(data: bytes) -> bool:
