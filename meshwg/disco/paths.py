@@ -27,6 +27,9 @@ SWITCH_MARGIN = 1.0              # points a challenger needs above the incumbent
 # path's first packet): this much of a latency gain is noise and earns no points. Without it a noisy
 # first sample (2.7 ms vs 1.6 ms = 40 points) outweighed the LAN bonus and parked LAN peers on the NAT.
 MIN_ABS_GAIN = 0.002
+# A path's latency is the least of its last few samples (one pong in four may be late on a busy host
+# without moving traffic off the peer's LAN address: seen in the lab, a 10 ms sample against the hairpin's 1 ms).
+LATENCY_SAMPLES = 4
 CONTENDER_ROUNDS = 3             # heartbeats after a switch that also re-ping higher-bonus candidates
 
 

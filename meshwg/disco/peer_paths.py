@@ -22,7 +22,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from meshwg.disco import paths as P
 from meshwg.disco.netcheck import EDM
@@ -74,7 +74,13 @@ class Candidate:
     via: int | None = None
     last_ping: float = -math.inf
     last_pong: float | None = None
-    latency: float | None = None
+    latency: float | None = None  # the least of the recent samples: queueing on a busy host only adds
+    samples: collections.deque = field(default_factory=lambda: collections.deque(maxlen=P.LATENCY_SAMPLES))
+
+    def sample(self, rtt: float) -> float:
+        self.samples.append(rtt)
+        self.latency = min(self.samples)
+        return self.latency
 
 
 def parse_network(text):
@@ -268,11 +274,11 @@ class PeerPaths:
             return False
         del self._pending[txid]
         self.counters["recv_pong"] += 1
-        latency = max(0.0, now - sent_at)
         if cand is None:
             self._verifying.pop(addr, None)
             cand = self.candidates[addr] = Candidate(addr, "ping", via=pvia)
-        cand.last_pong, cand.latency = now, latency
+        cand.last_pong = now
+        latency = cand.sample(max(0.0, now - sent_at))
         if pvia is not None:
             cand.via = pvia
             self._socket_alive(pvia)

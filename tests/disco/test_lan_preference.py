@@ -154,3 +154,26 @@ def test_slow_direct_path_still_gets_full_upgrade_rounds():
     for addr in (PUBLIC, OTHER):
         times = [t for t, a in log if a == addr]
         assert times and max(times) >= P.UPGRADE_INTERVAL, addr
+
+
+def test_one_late_pong_on_the_lan_path_does_not_hand_traffic_to_the_hairpin():
+    """Lab flake (CI, hairpin case): settled on the peer's own LAN address, one heartbeat's pong came 10 ms
+    late on a busy host while the router's address (the hairpin's source, verified from the peer's ping)
+    answered in 1 ms; scored on that one sample the LAN bonus lost and traffic left the LAN path."""
+    pp = _peer()
+    sent = _pings(pp.poll(0.0, 0.0, None))
+    pp.on_pong(sent[OWN], 0.001)
+    pp.on_pong(sent[PUBLIC], 0.0012)
+    assert pp.endpoint(0.01)[0] == OWN
+    t = pp.next_heartbeat_at
+    sent = _pings(pp.poll(t, t, None))
+    pp.on_pong(sent[OWN], t + 0.001)
+    t = pp.next_heartbeat_at
+    sent = _pings(pp.poll(t, t, None))
+    pp.on_pong(sent[OWN], t + 0.010)          # the late one
+    # the peer pings us from behind the hairpin: its source is verified with a ping of ours
+    pp.on_ping(b"t" * 12, ROUTER, None, t + 0.011)
+    verify = _pings(pp.poll(t + 0.011, t + 0.011, None))
+    assert ROUTER in verify
+    pp.on_pong(verify[ROUTER], t + 0.012, src=ROUTER)
+    assert pp.endpoint(t + 0.013)[0] == OWN, "one late sample moved traffic off the LAN address"
