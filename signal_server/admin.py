@@ -6,10 +6,14 @@ import json
 import os
 import secrets
 
+from meshwg.config.keys import generate_private_key, key_from_base64, key_to_base64
 from meshwg.signaling.invite import Invite, split_hostport
+from meshwg.wg.crypto import dh_pub
 from meshwg.wg.crypto import dh_pub as public_key
 from signal_server.invites import SECRET_LEN
-from signal_server.store_api import Store
+from signal_server.plain_config import TargetNode, render_config
+from signal_server.store_api import NODE, Store
+from signal_server.stun_responder import WILDCARDS
 
 
 def create_invite(store: Store, *, wall: float, reusable: bool = False, expires: float | None = None,
@@ -24,3 +28,89 @@ def create_invite(store: Store, *, wall: float, reusable: bool = False, expires:
     secret = secrets.token_bytes(SECRET_LEN)
     store.create_invite(invite_id, secret, reusable, expires, tag, wall)
     return Invite(tuple(addrs), public_key(store.server_private_key(os.urandom)), invite_id, secret)
+
+
+# --- plain WireGuard peers (issue 12): phones with a stock WireGuard app, reached through the relay's plain port
+
+def find_target(store: Store, ident: str):
+    """A node (not a plain peer) by id, name or key; ValueError naming `ident` otherwise."""
+    row = store.find_node(ident)
+    if row is None or row.kind != NODE:
+        raise ValueError(f"no node {ident!r} (use an id, a name or a public key)")
+    return row
+
+
+def find_plain(store: Store, ident: str):
+    for row in store.list_plain():
+        if ident in (str(row.node_id), row.name, key_to_base64(row.key)):
+            return row
+    raise ValueError(f"no plain peer {ident!r} (`meshwg-signal plain list` shows them)")
+
+
+def _device_key(public_key: str | None, random_bytes) -> tuple[bytes, bytes | None]:
+    """(public key, private key or None): the device's own key when given, else a new one kept for its config."""
+    if public_key is not None:
+        try:
+            return key_from_base64(public_key), None
+        except ValueError as exc:
+            raise ValueError(f"bad public key {public_key!r}: {exc}") from None
+    sk = generate_private_key(random_bytes)
+    return dh_pub(sk), sk
+
+
+def add_plain(store: Store, *, name: str, to: list[str], wall: float, public_key: str | None = None,
+              exit_node: str | None = None, random_bytes=os.urandom):
+    """Record a plain peer that may reach the nodes `to` (the exit node among them); its row."""
+    targets = [find_target(store, t).node_id for t in to]
+    exit_id = None
+    if exit_node is not None:
+        exit_id = find_target(store, exit_node).node_id
+        if exit_id not in targets:
+            targets.append(exit_id)  # the phone's internet traffic goes to it: it must reach it
+    pub, priv = _device_key(public_key, random_bytes)
+    p4, p6 = store.prefixes(random_bytes)  # the server's; chosen now if it never ran
+    return store.add_plain(name, pub, priv, targets, exit_id, wall, p4, p6)
+
+
+def rotate_plain(store: Store, row, public_key: str | None = None, random_bytes=os.urandom):
+    """A new key for the plain peer `row` (made here, or the device's own); its row."""
+    if public_key is None and row.private_key is None:
+        raise ValueError(f"plain peer {row.name!r} holds its own key: give its new public key with --public-key")
+    pub, priv = _device_key(public_key, random_bytes)
+    return store.set_plain_key(row.node_id, pub, priv)
+
+
+def plain_endpoint(store: Store, endpoint: str | None) -> tuple[str, int]:
+    """Where phones send: --endpoint, else the plain-WireGuard address the server published."""
+    if endpoint:
+        return split_hostport(endpoint)
+    addrs = json.loads(store.meta_get("plain_addrs") or "[]")
+    if not addrs:
+        raise ValueError("the server has published no plain WireGuard address (serve binds one unless "
+                         "--plain-udp none); pass --endpoint HOST:PORT")
+    host, port = split_hostport(addrs[0])
+    if host in WILDCARDS:
+        raise ValueError(f"the server's plain WireGuard address {addrs[0]} is a wildcard; start serve with "
+                         "--advertise HOST, or pass --endpoint HOST:PORT")
+    return host, port
+
+
+def refuse_direct() -> None:
+    """`plain add --direct`: a node's endpoint in the config needs one that accepts unsolicited packets (a port
+    forward). Nodes report no such candidate kind (protocol.REPORTED_KINDS), so this is refused, not guessed."""
+    raise ValueError("--direct: no node reports a port-forwarded public endpoint (meshwg has no such candidate "
+                     "kind yet); the config goes through the server's plain WireGuard port")
+
+
+def plain_config(store: Store, row, *, wall: float, endpoint: str | None = None) -> str:
+    """The wg-quick config of the plain peer `row`: one [Peer] per live target node."""
+    server = plain_endpoint(store, endpoint)
+    nodes = {n.node_id: n for n in store.list_nodes() if n.kind == NODE and n.live(wall)}
+    targets = [TargetNode(n.name, n.key, [f"{n.ipv4}/32", f"{n.ipv6}/128"])
+               for n in (nodes.get(i) for i in row.targets) if n is not None]
+    if not targets:
+        raise ValueError(f"plain peer {row.name!r}: none of the nodes it may reach is in the mesh any more")
+    exit_node = nodes[row.exit_node].key if row.exit_node in nodes else None
+    return render_config(name=row.name, addresses=[f"{row.ipv4}/32", f"{row.ipv6}/128"], targets=targets,
+                         server_endpoint=server, private_key=row.private_key,
+                         public_key=row.key if row.private_key is None else None, exit_node=exit_node)

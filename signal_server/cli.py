@@ -1,5 +1,5 @@
-"""meshwg-signal: serve | relay | invite create/list/revoke | nodes [list/rename/expire/remove] | status | pubkey
-| backup | restore.
+"""meshwg-signal: serve | relay | invite create/list/revoke | nodes [list/rename/expire/remove]
+| plain add/list/config/rotate/remove | status | pubkey | backup | restore.
 
 Admin commands open the SQLite file directly (safe while the server runs: WAL + busy timeout); every change
 they make lands in the store's change feed, which the running server reads within --db-poll (0.1 s) and
@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "Default: the --udp port + 1; 'none' disables")
         sp.add_argument("--relay-tcp", action="append", metavar="HOST:PORT", help="TCP relay fallback (default 0.0.0.0:7301; 'none')")
         sp.add_argument("--metrics", action="append", metavar="HOST:PORT", help="Prometheus /metrics listener (e.g. 127.0.0.1:9300)")
+        sp.add_argument("--plain-udp", metavar="HOST:PORT",
+                        help="UDP port for plain WireGuard peers (phones; `plain add`) (default 0.0.0.0:51820, "
+                             "skipped with a warning if taken; 'none')")
         lim = sp.add_argument_group("limits against floods (per source: one IPv4 address or IPv6 /64)")
         if control:
             lim.add_argument("--max-unauthenticated", type=_positive_int, default=512, metavar="N",
@@ -146,6 +149,28 @@ def build_parser() -> argparse.ArgumentParser:
     rm = na.add_parser("remove", parents=[common])
     rm.add_argument("node")
 
+    plain = sub.add_parser("plain", help="plain WireGuard peers: phones with a stock WireGuard app reaching nodes "
+                                         "through the relay").add_subparsers(dest="action", required=True)
+    pa = plain.add_parser("add", parents=[common], help="add one and print its wg-quick config")
+    pa.add_argument("name")
+    pa.add_argument("--to", action="append", required=True, metavar="NODE", help="a node it may reach (repeatable)")
+    pa.add_argument("--public-key", metavar="KEY", help="the device's own public key (its private key stays on it)")
+    pa.add_argument("--exit-node", metavar="NODE", help="send all its internet traffic through this node")
+    pa.add_argument("--direct", action="store_true", help="the node's own public endpoint instead of the relay")
+    plain.add_parser("list", parents=[common])
+    pc = plain.add_parser("config", parents=[common], help="print its wg-quick config again")
+    pc.add_argument("name")
+    for sp in (pa, pc):
+        sp.add_argument("--qr", action="store_true", help="also print the config as a QR code")
+        sp.add_argument("--qr-png", metavar="FILE", help="write the config's QR code as a PNG (mode 0600)")
+        sp.add_argument("--endpoint", metavar="HOST:PORT", help="the server's plain WireGuard address "
+                                                                 "(default: the one the server published)")
+    pr = plain.add_parser("rotate", parents=[common], help="a new key (print the new config with `plain config`)")
+    pr.add_argument("name")
+    pr.add_argument("--public-key", metavar="KEY", help="the device's new public key (for one added with --public-key)")
+    prm = plain.add_parser("remove", parents=[common])
+    prm.add_argument("name")
+
     sub.add_parser("status", parents=[common], help="connected nodes, relay throughput and errors")
     sub.add_parser("pubkey", parents=[common], help="print the server's public key")
     b = sub.add_parser("backup", parents=[common], help="copy the database (safe while the server runs) to a new file")
@@ -183,6 +208,9 @@ def server_config(args, control: bool):
     cfg.stun_alt_port = args.stun_alt_port
     cfg.relay_tcp = _listen_list(args.relay_tcp, cfg.relay_tcp)
     cfg.metrics = _listen_list(args.metrics, [])
+    if args.plain_udp is not None:
+        cfg.plain_udp = None if args.plain_udp == "none" else _listen_list([args.plain_udp], [])[0]
+        cfg.plain_udp_strict = True
     if control:
         cfg.max_unauthenticated = args.max_unauthenticated
         cfg.max_unauthenticated_per_source = args.max_unauthenticated_per_source
@@ -250,6 +278,8 @@ def cmd_nodes(args) -> int:
         wall = time.time()
         print(f"{'ID':>4} {'NAME':20} {'IPV4':15} {'IPV6':24} {'STATE':8} {'LAST SEEN':19} KEY")
         for n in st.list_nodes():
+            if n.kind != "node":
+                continue  # `plain list`
             state = "expired" if n.expires and n.expires <= wall else "active"
             print(f"{n.node_id:>4} {n.name:20} {n.ipv4:15} {n.ipv6:24} {state:8} {_fmt_time(n.last_seen):19} "
                   f"{key_to_base64(n.key)}")
@@ -275,14 +305,66 @@ def cmd_nodes(args) -> int:
     return 0
 
 
+def cmd_plain(args) -> int:
+    from signal_server import admin
+
+    st = _store(args)
+    wall = time.time()
+    if args.action == "list":
+        names = {n.node_id: n.name for n in st.list_nodes()}
+        print(f"{'ID':>4} {'NAME':20} {'IPV4':15} {'IPV6':24} {'KEY':8} {'EXIT':10} REACHES")
+        for p in st.list_plain():
+            reaches = ",".join(names.get(i, f"#{i}(gone)") for i in p.targets)
+            print(f"{p.node_id:>4} {p.name:20} {p.ipv4:15} {p.ipv6:24} {'device' if p.private_key is None else 'server':8} "
+                  f"{names.get(p.exit_node, '-') if p.exit_node else '-':10} {reaches}")
+        return 0
+    if args.action == "add":
+        if args.direct:
+            admin.refuse_direct()
+        admin.plain_endpoint(st, args.endpoint)  # refused before anything is written
+        row = admin.add_plain(st, name=args.name, to=args.to, wall=wall, public_key=args.public_key,
+                              exit_node=args.exit_node)
+        print(f"plain peer {row.name} ({row.ipv4}, {row.ipv6}) added", file=sys.stderr)
+        return _print_config(st, row, args, wall)
+    row = admin.find_plain(st, args.name)
+    if args.action == "config":
+        return _print_config(st, row, args, wall)
+    if args.action == "rotate":
+        row = admin.rotate_plain(st, row, args.public_key)
+        print(f"plain peer {row.name} has a new key; `meshwg-signal plain config {row.name}` prints its config",
+              file=sys.stderr)
+        return 0
+    if args.action == "remove":
+        st.remove(row.node_id, wall)
+        print(f"plain peer {row.name} removed")
+        return 0
+    return 2
+
+
+def _print_config(st, row, args, wall: float) -> int:
+    from signal_server import admin
+    from signal_server.plain_config import qr_terminal, write_qr_png
+
+    text = admin.plain_config(st, row, wall=wall, endpoint=args.endpoint)
+    sys.stdout.write(text)
+    if args.qr:
+        sys.stdout.write(qr_terminal(text))
+    if args.qr_png:
+        write_qr_png(text, args.qr_png)
+        print(f"wrote the QR code to {args.qr_png}", file=sys.stderr)
+    return 0
+
+
 def cmd_status(args) -> int:
     from signal_server.metrics import parse_text
 
     st = _store(args)
     addrs = json.loads(st.meta_get("metrics_addrs") or "[]")
     wall = time.time()
-    nodes = st.list_nodes()
-    print(f"registered nodes: {len(nodes)} ({sum(1 for n in nodes if n.expires and n.expires <= wall)} expired)")
+    rows = st.list_nodes()
+    nodes = [n for n in rows if n.kind == "node"]
+    print(f"registered nodes: {len(nodes)} ({sum(1 for n in nodes if n.expires and n.expires <= wall)} expired), "
+          f"plain peers: {len(rows) - len(nodes)}")
     for a in addrs:
         try:
             with urllib.request.urlopen(f"http://{a}/metrics", timeout=2) as resp:
@@ -295,6 +377,9 @@ def cmd_status(args) -> int:
               f"relay sessions {g('relay_sessions')}")
         print(f"relay: {g('forwarded_packets_total')} packets, {g('forwarded_bytes_total')} bytes forwarded; "
               f"{g('drop_rate_limited_total')} rate-limited, {g('refused_unregistered_total')} refused unregistered")
+        print(f"plain wireguard: {g('forwarded_from_plain_packets_total')} packets to nodes, "
+              f"{g('forwarded_to_plain_packets_total')} to plain peers, {g('plain_sessions')} sessions, "
+              f"{g('plain_targets')} nodes reachable")
         errors = {k[len('meshwg_signal_'):]: int(v) for k, v in m.items()
                   if any(w in k for w in ("error", "refused", "drop", "closed", "bad", "timeout")) and v}
         print("errors: " + (", ".join(f"{k}={v}" for k, v in sorted(errors.items())) or "none"))
@@ -366,6 +451,6 @@ def cmd_pubkey(args) -> int:
 def _dispatch(args) -> int:
     if args.cmd in ("serve", "relay"):
         return cmd_serve(args, args.cmd == "serve")
-    commands = {"invite": cmd_invite, "nodes": cmd_nodes, "status": cmd_status, "pubkey": cmd_pubkey,
+    commands = {"invite": cmd_invite, "nodes": cmd_nodes, "plain": cmd_plain, "status": cmd_status, "pubkey": cmd_pubkey,
                 "backup": cmd_backup, "restore": cmd_restore}
     return commands[args.cmd](args) if args.cmd in commands else 2

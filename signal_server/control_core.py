@@ -8,6 +8,8 @@ control listener's session table, read here only to know who can be reached now.
                     the relay forgets the key
   Allow(key)        the relay may admit this key (a registered, live node)
   DIR_CHANGED       the directory changed: push it (coalesced) to every subscriber
+  PLAIN_CHANGED     plain peers or the nodes they target changed: the relay's plain keys and the plain
+                    ingress's targets follow (Directory.plain, Directory.plain_targets)
 Join rules are registry.decide_join's (applied inside the store's transaction), not this module's.
 """
 
@@ -18,7 +20,7 @@ from collections.abc import Container
 from dataclasses import dataclass
 
 from meshwg.signaling import protocol as P
-from signal_server.directory import Directory, Node
+from signal_server.directory import PLAIN, Directory, Node
 from signal_server.punch import PunchCoordinator
 
 MAX_SEAL_BLOB = 16 * 1024
@@ -49,9 +51,18 @@ class _DirChanged:
 DIR_CHANGED = _DirChanged()
 
 
+class _PlainChanged:
+    def __repr__(self) -> str:
+        return "PLAIN_CHANGED"
+
+
+PLAIN_CHANGED = _PlainChanged()
+
+
 def node_from_row(row) -> Node:
     """A directory node for a store row (store_api.NodeRow)."""
-    return Node(row.node_id, row.key, row.name, row.ipv4, row.ipv6, expires=row.expires, tag=row.tag)
+    return Node(row.node_id, row.key, row.name, row.ipv4, row.ipv6, expires=row.expires, tag=row.tag,
+                kind=row.kind, targets=frozenset(row.targets))
 
 
 class ControlCore:
@@ -85,7 +96,7 @@ class ControlCore:
         if key in self.directory.nodes:
             return []
         self.directory.put(node_from_row(row))
-        return [Allow(key)]
+        return [Allow(key)] + self._plain_changed(row.kind)
 
     def session_ready(self, key: bytes, candidates: list) -> list:
         """Welcome and snapshot sent: the node is online with the candidates of its register."""
@@ -153,10 +164,15 @@ class ControlCore:
 
     # --- registry changes (the change feed, expiry)
 
+    def _plain_changed(self, kind: str) -> list:
+        """PLAIN_CHANGED when a plain peer, or a node while plain peers exist, came or went."""
+        return [PLAIN_CHANGED] if kind == PLAIN or self.directory.plain else []
+
     def drop(self, key: bytes, reason: str) -> list:
-        self.directory.remove(key)
-        self.counters[f"nodes_{reason}"] += 1
-        return [Drop(key, reason), DIR_CHANGED]
+        node = self.directory.remove(key)
+        kind = node.kind if node is not None else "node"
+        self.counters[f"{'plain' if kind == PLAIN else 'nodes'}_{reason}"] += 1
+        return [Drop(key, reason), DIR_CHANGED] + self._plain_changed(kind)
 
     def apply_row(self, key: bytes, row, wall: float) -> list:
         """The store's current row for `key` (None: gone), which the change feed said changed."""
@@ -168,8 +184,11 @@ class ControlCore:
             return self.drop(key, "removed") + self.apply_row(key, row, wall)
         if node is None:
             self.directory.put(node_from_row(row))
-            return [Allow(key), DIR_CHANGED]
-        return [DIR_CHANGED] if self.directory.update(key, name=row.name, expires=row.expires) else []
+            # A plain peer never gets a relay session: nodes' frames to its key go to the plain port.
+            return ([] if row.kind == PLAIN else [Allow(key)]) + [DIR_CHANGED] + self._plain_changed(row.kind)
+        if self.directory.update(key, name=row.name, expires=row.expires, targets=frozenset(row.targets)):
+            return [DIR_CHANGED] + ([PLAIN_CHANGED] if row.kind == PLAIN else [])
+        return []
 
     def resync(self, rows, wall: float) -> list:
         """Every node row (at start, or after the feed was pruned past us): bring the directory in line."""

@@ -8,6 +8,10 @@ Candidates: what a node reports about itself keeps only the kinds of P.REPORTED_
 peer could be reached at (no loopback, unspecified, multicast, broadcast, nor the mesh's own prefixes);
 "observed" is set here alone, from where the server saw the node's relay traffic, and keeps its slot in
 the entry however many candidates the node reports. Every node filters entries again (meshwg/mesh/peer_entry).
+
+Plain WireGuard peers (kind "plain", issue 12) are entries too, visible only to their target nodes (`visible`):
+no other subscriber is ever sent their key, in a snapshot, an update or a removal. Their entry says
+`"kind": "plain"`, has no candidates and is never online; they subscribe to nothing (they have no session).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from meshwg.signaling.protocol import KIND_OBSERVED, REPORTED_KINDS, pack_entry
 from meshwg.disco.peer_paths import valid_candidate
 
 MAX_CANDIDATES = 16  # per entry, the server's observation included (nodes refuse longer lists)
+PLAIN = "plain"  # Node.kind of a plain WireGuard peer (store_api.PLAIN)
 
 
 @dataclass
@@ -33,6 +38,8 @@ class Node:
     candidates: list = field(default_factory=list)  # reported by the node: [(ip, port, kind)], filtered
     observed: list = field(default_factory=list)  # seen by the server: [(ip, port, "observed")]
     online: bool = False
+    kind: str = "node"  # or PLAIN
+    targets: frozenset = frozenset()  # a plain peer's: the node ids that may see it
     _packed: bytes | None = None
 
     def entry(self) -> dict:
@@ -40,7 +47,7 @@ class Node:
         # candidate at the same address stays too: its kind may carry the node's NAT hint ("stun-edm").
         obs = [list(c) for c in self.observed[:1]]
         cands = obs + [list(c) for c in self.candidates[: MAX_CANDIDATES - len(obs)]]
-        return {
+        e = {
             "key": self.key,
             "id": self.node_id,
             "name": self.name,
@@ -49,6 +56,9 @@ class Node:
             "cand": cands,
             "online": self.online,
         }
+        if self.kind == PLAIN:
+            e.update(cand=[], online=False, kind=PLAIN)  # reached through the relay's plain port, never directly
+        return e
 
     def packed(self) -> bytes:
         if self._packed is None:
@@ -60,6 +70,7 @@ class Directory:
     def __init__(self, mesh_nets=()) -> None:
         self.nodes: dict[bytes, Node] = {}
         self._dirty: dict[bytes, set[bytes]] = {}  # subscriber key -> changed node keys
+        self.plain: dict[bytes, Node] = {}  # the plain peers among `nodes`
         # The mesh prefixes (networks or their text): never a candidate, reported or observed.
         self.mesh_nets = tuple(ipaddress.ip_network(str(n), strict=False) for n in mesh_nets if n)
 
@@ -84,13 +95,16 @@ class Directory:
     def put(self, node: Node) -> None:
         """Insert or replace a node (same key keeps its live state if the caller copied it)."""
         node._packed = None
+        old = self.nodes.get(node.key)
         self.nodes[node.key] = node
-        self._mark(node.key)
+        self._set_plain(node)
+        self._mark(node.key, node, old)
 
     def remove(self, key: bytes) -> Node | None:
         node = self.nodes.pop(key, None)
         if node is not None:
-            self._mark(key)
+            self.plain.pop(key, None)
+            self._mark(key, node)
             self._dirty.pop(key, None)
         return node
 
@@ -99,6 +113,8 @@ class Directory:
         node = self.nodes.get(key)
         if node is None:
             return False
+        # Who may see it can change only for a plain peer (or a node becoming one): keep what it was.
+        before = _visibility_copy(node) if node.kind == PLAIN or "kind" in changes else None
         changed = False
         for name, value in changes.items():
             if getattr(node, name) != value:
@@ -106,12 +122,29 @@ class Directory:
                 changed = True
         if changed:
             node._packed = None
-            self._mark(key)
+            self._set_plain(node)
+            self._mark(key, node, before)
         return changed
 
-    def _mark(self, key: bytes) -> None:
+    def _set_plain(self, node: Node) -> None:
+        if node.kind == PLAIN:
+            self.plain[node.key] = node
+        else:
+            self.plain.pop(node.key, None)
+
+    def visible(self, sub: bytes, node: Node) -> bool:
+        """Whether subscriber `sub` may see `node`'s entry: every node's, a plain peer's only as its target."""
+        if node.kind != PLAIN:
+            return True
+        me = self.nodes.get(sub)
+        return me is not None and me.kind != PLAIN and me.node_id in node.targets
+
+    def _mark(self, key: bytes, *states: Node | None) -> None:
+        """Dirty for each subscriber that may see one of the node's states (before or after the change): it
+        gets the entry, or its removal, and no one else hears of it."""
+        states = [n for n in states if n is not None]
         for sub, dirty in self._dirty.items():
-            if sub != key:
+            if sub != key and any(self.visible(sub, n) for n in states):
                 dirty.add(key)
 
     # --- subscribers
@@ -119,7 +152,7 @@ class Directory:
     def subscribe(self, sub: bytes) -> list[bytes]:
         """Start tracking changes for sub; returns the full snapshot (packed entries, sub excluded)."""
         self._dirty[sub] = set()
-        return [n.packed() for k, n in self.nodes.items() if k != sub]
+        return [n.packed() for k, n in self.nodes.items() if k != sub and self.visible(sub, n)]
 
     def unsubscribe(self, sub: bytes) -> None:
         self._dirty.pop(sub, None)
@@ -136,14 +169,25 @@ class Directory:
         ups, rems = [], []
         for k in dirty:
             n = self.nodes.get(k)
-            if n is None:
+            if n is None or not self.visible(sub, n):  # marked only for those that saw it: a removal for them
                 rems.append(k)
             else:
                 ups.append(n.packed())
         return ups, rems
 
+    def plain_targets(self) -> set[bytes]:
+        """The keys of the nodes at least one plain peer may reach (the plain ingress's mac1 targets)."""
+        ids = set()
+        for p in self.plain.values():
+            ids |= p.targets
+        return {k for k, n in self.nodes.items() if n.kind != PLAIN and n.node_id in ids} if ids else set()
+
     def expired(self, wall: float) -> list[bytes]:
         return [k for k, n in self.nodes.items() if n.expires is not None and n.expires <= wall]
+
+
+def _visibility_copy(node: Node) -> Node:
+    return Node(node.node_id, node.key, node.name, node.ipv4, node.ipv6, kind=node.kind, targets=node.targets)
 
 
 def _is_loopback(ip: str) -> bool:

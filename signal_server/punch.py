@@ -21,8 +21,8 @@ class PunchCoordinator:
         """(list of (recipient_key, message), error_reason | None)."""
         a = directory.nodes.get(requester)
         b = directory.nodes.get(target)
-        if a is None or b is None or requester == target:
-            return [], "unknown_peer"
+        if a is None or b is None or requester == target or b.kind != "node":
+            return [], "unknown_peer"  # a plain peer is reached through the relay only, and may be another's
         if not b.online:
             return [], "peer_offline"
         if not self.limiter.allow((requester, target), now):

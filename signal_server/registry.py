@@ -16,11 +16,14 @@ from typing import Callable, Protocol
 from signal_server import ipam
 from signal_server.invites import InviteRow, JoinRefused, check_invite, normalize_name
 
+PLAIN = "plain"  # store_api.PLAIN (the row kind of a plain WireGuard peer)
+
 
 class KnownNode(Protocol):
     """What the rules read of a registered node (store.NodeRow has it)."""
     node_id: int
     expires: float | None
+    kind: str  # "node", or "plain": a stock WireGuard device the server manages, which never joins
 
 
 def live(expires: float | None, wall: float) -> bool:
@@ -64,6 +67,10 @@ def decide_join(existing: KnownNode | None, removed_at: float | None, invite_id:
     existing: the key's node row or None; removed_at: when the key was last removed (None if never or since
     readmitted); invite_id/secret: what the node presented (either may be missing); invite: the row of
     invite_id, None if unknown."""
+    if existing is not None and existing.kind == PLAIN:
+        # Its private key may be in a phone's config (or the server's database): holding it must not make a
+        # session, a relay binding or an online entry of it.
+        return Refuse("plain_peer", "this key is a plain WireGuard peer; it cannot join over the control channel")
     if existing is not None and live(existing.expires, wall):
         return Reconnect()
     if not invite_id or secret is None:

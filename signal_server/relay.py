@@ -9,6 +9,10 @@ A HELLO's UDP source becomes the node's published "observed" address (a birthday
 peer) only once a SEND under the new token comes back from it: a node that spoofs its HELLO's source never
 sees the HELLO_OK, so it cannot name another host. Nodes send an empty SEND to W.CONFIRM_DST right after
 HELLO_OK for this; the relay forwards it nowhere.
+
+Plain WireGuard peers (issue 12; `plain`, a plain_ingress.PlainIngress): a datagram from the plain port goes to
+the node the ingress names, as a RECV from W.PLAIN_SOURCE (handle_plain_untrusted); a SEND to a plain peer's key
+(`plain_keys`, which never get sessions) goes out of the plain port to the address the ingress names (ToPlain).
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ NOTICE_RATE, NOTICE_BURST = 5.0, 20.0
 JUNK_SOURCES = 65_536
 
 
+@dataclass(frozen=True)
+class ToPlain:
+    """A destination on the plain-WireGuard port: the datagram goes out unframed to `addr`."""
+    addr: object
+
+
 @dataclass
 class Session:
     key: bytes
@@ -55,8 +65,11 @@ class Session:
 
 class RelayCore:
     def __init__(self, server_private: bytes, random_bytes, *, pkt_rate: float = 4000.0, pkt_burst: float = 8000.0,
-                 byte_rate: float = 16e6, hello_rate: float = 5.0, session_ttl: float = W.SESSION_TTL) -> None:
+                 byte_rate: float = 16e6, hello_rate: float = 5.0, session_ttl: float = W.SESSION_TTL,
+                 plain=None) -> None:
         self._sk = PrivateKey(server_private)
+        self.plain = plain  # a PlainIngress, or None (no plain port)
+        self.plain_keys: frozenset[bytes] = frozenset()
         self._random = random_bytes
         self.allowed: set[bytes] = set()
         self.by_token: dict[bytes, Session] = {}
@@ -84,6 +97,14 @@ class RelayCore:
         self.allowed = set(keys)
         for k in [k for k in self.by_key if k not in self.allowed]:
             self.drop_key(k)
+
+    def set_plain(self, keys, targets) -> None:
+        """The plain peers' keys (never a session) and the nodes they may reach (the ingress's targets)."""
+        self.plain_keys = frozenset(keys)
+        for k in self.plain_keys:
+            self.drop_key(k)
+        if self.plain is not None:
+            self.plain.set_targets(targets)
 
     def drop_key(self, key: bytes) -> None:
         s = self.by_key.pop(key, None)
@@ -226,6 +247,8 @@ class RelayCore:
         if not self.pkt_limit.allow(s.key, now) or not self.byte_limit.allow(s.key, now, len(packet)):
             self.counters["drop_rate_limited"] += 1
             return []
+        if dst_key in self.plain_keys:
+            return self._to_plain(s.key, packet, now)
         peer = self.by_key.get(dst_key)
         if peer is None or peer.expires < now:
             self.counters["drop_peer_absent"] += 1
@@ -233,6 +256,36 @@ class RelayCore:
         self.counters["forwarded_packets"] += 1
         self.counters["forwarded_bytes"] += len(packet)
         return [(W.encode_recv(s.key, packet), peer.dest)]
+
+    def _to_plain(self, node_key: bytes, packet: bytes, now: float) -> list[tuple[bytes, object]]:
+        """A node's datagram for one of its plain peers: to the address the ingress learned for it."""
+        addr = None if self.plain is None else self.plain.route_from_node(node_key, packet, now)
+        if addr is None:
+            self.counters["drop_plain_unrouted"] += 1  # the ingress counts why
+            return []
+        self.counters["forwarded_to_plain_packets"] += 1
+        self.counters["forwarded_to_plain_bytes"] += len(packet)
+        return [(packet, ToPlain(addr))]
+
+    def handle_plain_untrusted(self, data: bytes, src, now: float) -> list[tuple[bytes, object]]:
+        """A datagram from the plain port: to the node the ingress names, as a RECV from W.PLAIN_SOURCE."""
+        if self.plain is None:
+            return []
+        node_key = self.plain.route_from_plain(data, src, now)
+        if node_key is None:
+            return []  # the ingress counted it
+        peer = self.by_key.get(node_key)
+        if peer is None or peer.expires < now:
+            self.counters["drop_plain_node_absent"] += 1
+            return []
+        # The plain peers of one node share one sender's budget, as one node's traffic does.
+        limit_key = (W.PLAIN_SOURCE, node_key)
+        if not self.pkt_limit.allow(limit_key, now) or not self.byte_limit.allow(limit_key, now, len(data)):
+            self.counters["drop_plain_rate_limited"] += 1
+            return []
+        self.counters["forwarded_from_plain_packets"] += 1
+        self.counters["forwarded_from_plain_bytes"] += len(data)
+        return [(W.encode_recv(W.PLAIN_SOURCE, data), peer.dest)]
 
     def expire(self, now: float) -> None:
         for s in [s for s in self.by_key.values() if s.expires < now]:

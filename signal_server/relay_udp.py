@@ -1,5 +1,6 @@
-"""Trio shell of the UDP listeners: the main ports (STUN + the UDP relay) and the STUN-only alternate ports.
-Datagrams go to RelayCore and StunResponder; this file reads and writes sockets, nothing else."""
+"""Trio shell of the UDP listeners: the main ports (STUN + the UDP relay), the STUN-only alternate ports and the
+plain-WireGuard port (phones with a stock WireGuard app, issue 12). Datagrams go to RelayCore and StunResponder;
+this file reads and writes sockets, nothing else."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import trio
 
 from meshwg.io.dataplane import udp
 from meshwg.signaling import relay_wire as W
+from signal_server.relay import ToPlain
 from signal_server.stun_responder import WILDCARDS, StunResponder, StunSocket
 
 log = logging.getLogger("signal")
@@ -30,10 +32,25 @@ class RelayUdp:
         self.sources: dict[tuple, tuple] = {}
         self.sticky: set[socket.socket] = set()
         self.stun = StunResponder([])
+        self.plain_sock: socket.socket | None = None
 
     def close(self) -> None:
         for sock in self.stun_socks or self.socks:  # UDP sockets are ours; trio owns the TCP listeners
             sock.close()
+        if self.plain_sock is not None:
+            self.plain_sock.close()
+
+    def bind_plain(self, nursery, addr) -> list:
+        """The plain-WireGuard port (None: none); its bound address, as a list."""
+        if addr is None:
+            return []
+        self.plain_sock = udp_socket(*addr)
+        nursery.start_soon(self._recv_loop, 0, self.plain_sock, 512, 65535, self.on_plain)
+        return [self.plain_sock.getsockname()[:2]]
+
+    def on_plain(self, _idx: int, data: bytes, addr, now: float, _wall: float) -> None:
+        for frame, dest in self.srv.relay.handle_plain_untrusted(data, addr, now):
+            self.relay_send(frame, dest)
 
     def bind(self, nursery, addrs, alt_port) -> tuple[list, list]:
         """Binds the main ports and their alternates, starts their loops; (main, alternate) addresses."""
@@ -135,6 +152,10 @@ class RelayUdp:
         if isinstance(dest, tuple):
             idx, addr = dest
             self._send(self.socks[idx], frame, addr)
+            return
+        if isinstance(dest, ToPlain):
+            if self.plain_sock is not None:
+                self._send(self.plain_sock, frame, dest.addr)
             return
         try:
             dest.send_nowait(frame)

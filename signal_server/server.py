@@ -21,10 +21,11 @@ from meshwg.signaling.invite import join_hostport
 from signal_server import metrics
 from signal_server import store_api as api
 from signal_server.conn_limits import SourceLimits, relay_tcp_caps
-from signal_server.control_core import DIR_CHANGED, Allow, ControlCore, Drop, Send
+from signal_server.control_core import DIR_CHANGED, PLAIN_CHANGED, Allow, ControlCore, Drop, Send
 from signal_server.control_listener import ControlListener, Session, advertised
 from signal_server.directory import Directory
 from signal_server.lograte import RepeatLimiter, install_repeat_filter
+from signal_server.plain_ingress import PlainIngress
 from signal_server.ratelimit import KeyedLimiter
 from signal_server.relay import RelayCore
 from signal_server.relay_tcp import RelayTcp
@@ -45,6 +46,11 @@ class ServerConfig:
     # (ephemeral when the main one is; skipped with a warning if taken), an int, or None (disabled).
     stun_alt_port: int | str | None = "auto"
     relay_tcp: list = field(default_factory=lambda: [("0.0.0.0", 7301)])  # [] disables
+    # The plain-WireGuard port: phones with a stock WireGuard app reach their target nodes through it (None disables)
+    plain_udp: tuple | None = ("0.0.0.0", 51820)
+    # False (the default address): a port taken (the host's own WireGuard) is a warning and no plain port;
+    # True (asked for): it is an error, as for the other listeners.
+    plain_udp_strict: bool = False
     metrics: list = field(default_factory=list)  # e.g. [("127.0.0.1", 9300)]
     advertise: str | None = None  # host put into invites/welcome when listening on a wildcard
     prefix4: str | None = None
@@ -79,6 +85,7 @@ class Bound:
     stun_alt: list = field(default_factory=list)  # the alternate STUN ports (same order as udp)
     relay_tcp: list = field(default_factory=list)
     metrics: list = field(default_factory=list)
+    plain: list = field(default_factory=list)  # the plain-WireGuard port ([] when disabled)
 
 
 class SignalServer:
@@ -97,7 +104,8 @@ class SignalServer:
             log.warning("%s is mode %04o: it holds the server's private key; chmod 600 it", name, mode)
         self.prefix4, self.prefix6 = self.store.prefixes(os.urandom, config.prefix4, config.prefix6)
         self.directory = Directory(mesh_nets=(self.prefix4, self.prefix6))
-        self.relay = RelayCore(self.server_sk, os.urandom)
+        self.plain = PlainIngress()
+        self.relay = RelayCore(self.server_sk, os.urandom, plain=self.plain)
         self.sessions: dict[bytes, Session] = {}  # the control listener's; the core reads who is connected
         self.counters: Counter = Counter()
         self.core = ControlCore(self.directory, self.sessions, self.counters)
@@ -125,13 +133,20 @@ class SignalServer:
         self.failures.allow(ip, now)  # spends a token; the answer is moot, exhausted() does the refusing
 
     def _sync_relay_allowed(self) -> None:
-        self.relay.set_allowed(self.directory.nodes.keys())
+        self.relay.set_allowed(k for k, n in self.directory.nodes.items() if k not in self.directory.plain)
+        self._sync_plain()
+
+    def _sync_plain(self) -> None:
+        self.relay.set_plain(self.directory.plain.keys(), self.directory.plain_targets())
 
     def apply(self, effects) -> None:
         """Carries out the control core's effects."""
+        plain_changed = False
         for e in effects:
             if e is DIR_CHANGED:
                 self.control_listener.wake_all()
+            elif e is PLAIN_CHANGED:
+                plain_changed = True  # once per batch: a resync brings every row at once
             elif isinstance(e, Send):
                 s = self.sessions.get(e.to)
                 if s is not None:
@@ -140,6 +155,8 @@ class SignalServer:
                 self.relay.allowed.add(e.key)
             elif isinstance(e, Drop):
                 self._drop(e.key, e.reason)
+        if plain_changed:
+            self._sync_plain()
 
     def _drop(self, key: bytes, reason: str) -> None:
         self.relay.drop_key(key)
@@ -147,7 +164,8 @@ class SignalServer:
         s = self.sessions.get(key)
         if s is not None:
             s.gone(reason)
-        log.info("node %s %s; peers notified", key_to_base64(key), reason)
+        log.info("%s %s %s; peers notified", "plain peer" if key in self.relay.plain_keys else "node",
+                 key_to_base64(key), reason)
 
     # Entry points tests drive directly.
     async def _run_session(self, s: Session) -> None:
@@ -161,7 +179,11 @@ class SignalServer:
 
     def gauges(self) -> dict:
         return {
-            "nodes_registered": len(self.directory.nodes),
+            "nodes_registered": len(self.directory.nodes) - len(self.directory.plain),
+            "plain_peers": len(self.directory.plain),
+            "plain_targets": len(self.plain.targets),
+            "plain_pending_handshakes": self.plain.pending_count,
+            "plain_sessions": self.plain.pair_count,
             "nodes_connected": len(self.sessions),
             "relay_sessions": len(self.relay.by_key),
             "relay_tcp_connections": self.relay_limits.active,
@@ -171,7 +193,8 @@ class SignalServer:
         }
 
     def render_metrics(self) -> str:
-        return metrics.render(self.counters + self.relay.counters, self.gauges())
+        plain = Counter({f"plain_{k}": v for k, v in self.plain.counters.items()})  # the ingress's, apart
+        return metrics.render(self.counters + self.relay.counters + plain, self.gauges())
 
     # --- run
 
@@ -205,6 +228,7 @@ class SignalServer:
             bound.udp, bound.stun_alt = self.relay_udp.bind(nursery, cfg.udp, cfg.stun_alt_port)
             for host, port in cfg.relay_tcp:
                 bound.relay_tcp += await self.relay_tcp_listener.listen(nursery, host, port)
+            bound.plain = self._bind_plain(nursery)
             for host, port in cfg.metrics:
                 ls = await trio.open_tcp_listeners(port, host=host)
                 bound.metrics += [l.socket.getsockname()[:2] for l in ls]
@@ -213,11 +237,22 @@ class SignalServer:
             nursery.start_soon(self._housekeeping)
             nursery.start_soon(self.control_listener.flusher)
             log.info(
-                "serving: control %s, udp (stun+relay) %s, stun alternate %s, relay tcp %s, metrics %s; server key %s",
-                bound.control, bound.udp, bound.stun_alt, bound.relay_tcp, bound.metrics,
+                "serving: control %s, udp (stun+relay) %s, stun alternate %s, relay tcp %s, plain wireguard %s, "
+                "metrics %s; server key %s",
+                bound.control, bound.udp, bound.stun_alt, bound.relay_tcp, bound.plain, bound.metrics,
                 key_to_base64(self.server_pk),
             )
             task_status.started(bound)
+
+    def _bind_plain(self, nursery) -> list:
+        try:
+            return self.relay_udp.bind_plain(nursery, self.cfg.plain_udp)
+        except OSError as exc:
+            if self.cfg.plain_udp_strict:
+                raise
+            log.warning("no plain WireGuard port %s (%s): phones cannot reach nodes through this server; "
+                        "choose one with --plain-udp", join_hostport(*self.cfg.plain_udp), exc)
+            return []
 
     def _publish_addresses(self) -> None:
         """Let the admin CLI build invites and find /metrics without being told the ports. Only what this
@@ -226,6 +261,8 @@ class SignalServer:
             self.store.meta_set("control_addrs", json.dumps(advertised(self.bound.control, self.cfg.advertise)))
         if self.bound.metrics:
             self.store.meta_set("metrics_addrs", json.dumps([join_hostport(h, p) for h, p in self.bound.metrics]))
+        if self.bound.plain:  # the Endpoint of plain peers' configs (`meshwg-signal plain add/config`)
+            self.store.meta_set("plain_addrs", json.dumps(advertised(self.bound.plain, self.cfg.advertise)))
 
     # --- the change feed and expiry
 

@@ -14,6 +14,7 @@ creates a database: a wrong or empty path must not silently become a new server 
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import stat
@@ -40,6 +41,14 @@ CREATE TABLE IF NOT EXISTS removed_keys (pubkey BLOB PRIMARY KEY, removed_at REA
     # 2: the change feed (AUTOINCREMENT: a seq is never reused, also after pruning)
     """
 CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, pubkey BLOB, node_id INTEGER);
+""",
+    # 3: plain WireGuard peers are node rows of kind 'plain' (issue 12): their private key (NULL when only the
+    # public key was given), the node ids they may reach (JSON) and their exit node's id
+    """
+ALTER TABLE nodes ADD COLUMN kind TEXT NOT NULL DEFAULT 'node';
+ALTER TABLE nodes ADD COLUMN private_key BLOB;
+ALTER TABLE nodes ADD COLUMN targets TEXT;
+ALTER TABLE nodes ADD COLUMN exit_node INTEGER;
 """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -71,7 +80,7 @@ def wide_modes(path: str) -> list[tuple[str, int]]:
     return found
 
 
-_NODE_COLS = "id, pubkey, name, ipv4, ipv6, created, last_seen, expires, invite_id, tag"
+_NODE_COLS = "id, pubkey, name, ipv4, ipv6, created, last_seen, expires, invite_id, tag, kind, private_key, targets, exit_node"
 _INVITE_COLS = "id, secret_hash, reusable, expires, tag, created, revoked, uses"
 
 
@@ -289,7 +298,9 @@ class SqliteStore:
     # --- nodes
 
     def _node(self, row) -> NodeRow:
-        return NodeRow(row[0], bytes(row[1]), *row[2:])
+        priv, targets = row[11], row[12]
+        return NodeRow(row[0], bytes(row[1]), *row[2:11], None if priv is None else bytes(priv),
+                       tuple(json.loads(targets)) if targets else (), row[13])
 
     def get_node(self, key: bytes) -> NodeRow | None:
         row = self.db.execute(f"SELECT {_NODE_COLS} FROM nodes WHERE pubkey=?", (key,)).fetchone()
@@ -390,6 +401,65 @@ class SqliteStore:
             )
             self._log(api.REMOVE, bytes(row[0]), node_id)
             return True
+
+    # --- plain WireGuard peers
+
+    def add_plain(self, name: str, public_key: bytes, private_key: bytes | None, targets: list[int],
+                  exit_node: int | None, wall: float, prefix4=None, prefix6=None) -> NodeRow:
+        """A new plain peer with mesh addresses from the node pool. Raises ValueError (one line, naming the
+        value) for a bad or taken name, a key already in the mesh, a target or exit node that is no node."""
+        nm = normalize_name(name)
+        if nm is None:
+            raise ValueError(f"bad name {name!r} (letters, digits and '-')")
+        with self._tx():
+            if self._exists("name", nm):
+                raise ValueError(f"name {nm!r} is taken")
+            if self.db.execute("SELECT 1 FROM nodes WHERE pubkey=?", (public_key,)).fetchone():
+                raise ValueError(f"key {key_to_base64(public_key)} is already in the mesh")
+            targets = list(dict.fromkeys(targets))
+            for node_id in targets + ([] if exit_node is None else [exit_node]):
+                if not self.db.execute("SELECT 1 FROM nodes WHERE id=? AND kind='node'", (node_id,)).fetchone():
+                    raise ValueError(f"no node {node_id}")
+            if not targets:
+                raise ValueError("a plain peer needs at least one node to reach")
+            p4 = prefix4 or ipam.parse_prefix(self._meta_or("prefix4"))
+            p6 = prefix6 or ipam.parse_prefix(self._meta_or("prefix6"))
+            count = self.db.execute("SELECT count(*) FROM nodes").fetchone()[0]
+            addrs = registry.addresses(public_key, count, p4, p6, lambda a: self._exists("ipv4", str(a)),
+                                       lambda a: self._exists("ipv6", str(a)))
+            if isinstance(addrs, registry.Refuse):
+                raise ValueError(addrs.message)
+            cur = self.db.execute(
+                "INSERT INTO nodes(pubkey, name, ipv4, ipv6, created, kind, private_key, targets, exit_node) "
+                "VALUES(?,?,?,?,?,?,?,?,?)",
+                (public_key, nm, str(addrs[0]), str(addrs[1]), wall, api.PLAIN, private_key, json.dumps(targets),
+                 exit_node))
+            self._log(api.JOIN, public_key, cur.lastrowid)
+            return self.get_node(public_key)
+
+    def _meta_or(self, k: str) -> str:
+        v = self.meta_get(k)
+        if v is None:
+            raise ValueError("the server has not run yet (no mesh prefixes); start meshwg-signal serve once")
+        return v
+
+    def list_plain(self) -> list[NodeRow]:
+        return [self._node(r) for r in self.db.execute(f"SELECT {_NODE_COLS} FROM nodes WHERE kind=? ORDER BY id",
+                                                       (api.PLAIN,))]
+
+    def set_plain_key(self, node_id: int, public_key: bytes, private_key: bytes | None) -> NodeRow:
+        """A plain peer's new key (rotate): its old key leaves the directory, the new one comes in (a REMOVE of
+        the old key and a JOIN of the new one, same id and addresses). Raises ValueError."""
+        with self._tx():
+            row = self.db.execute("SELECT pubkey FROM nodes WHERE id=? AND kind=?", (node_id, api.PLAIN)).fetchone()
+            if row is None:
+                raise ValueError(f"no plain peer {node_id}")
+            if self.db.execute("SELECT 1 FROM nodes WHERE pubkey=?", (public_key,)).fetchone():
+                raise ValueError(f"key {key_to_base64(public_key)} is already in the mesh")
+            self.db.execute("UPDATE nodes SET pubkey=?, private_key=? WHERE id=?", (public_key, private_key, node_id))
+            self._log(api.REMOVE, bytes(row[0]), node_id)
+            self._log(api.JOIN, public_key, node_id)
+            return self.get_node(public_key)
 
     def touch(self, key: bytes, wall: float) -> None:
         with self._tx():

@@ -37,6 +37,13 @@ class NodeRow:
     expires: float | None
     invite_id: str | None
     tag: str
+    # "node" (joins over the control channel) or "plain" (a stock WireGuard device the server manages, issue 12:
+    # it never registers; its entry goes only to `targets`, node ids; private_key is None when only its
+    # public key was given; exit_node: a node id, or None).
+    kind: str = "node"
+    private_key: bytes | None = None
+    targets: tuple = ()
+    exit_node: int | None = None
 
     def live(self, wall: float) -> bool:
         """Not expired at wall-clock time `wall`."""
@@ -46,6 +53,7 @@ class NodeRow:
 # Change kinds. A node kind names the node whose row changed (re-read it); the others carry no node.
 JOIN, READMIT, RENAME, EXPIRE, REMOVE, TOUCH = "join", "readmit", "rename", "expire", "remove", "touch"
 INVITE, META = "invite", "meta"
+NODE, PLAIN = "node", "plain"  # NodeRow.kind
 RESYNC = "resync"  # the reader missed pruned changes: re-read every node once
 NODE_KINDS = frozenset({JOIN, READMIT, RENAME, EXPIRE, REMOVE})  # what peers or the relay see changed
 KINDS = NODE_KINDS | {TOUCH, INVITE, META, RESYNC}
@@ -89,6 +97,12 @@ class Store(Protocol):
     def expire(self, node_id: int, when: float) -> None: ...
     def remove(self, node_id: int, wall: float) -> bool: ...
     def touch(self, key: bytes, wall: float) -> None: ...
+
+    # --- plain WireGuard peers (rows of the node table with kind PLAIN; remove() removes them too)
+    def add_plain(self, name: str, public_key: bytes, private_key: bytes | None, targets: list[int],
+                  exit_node: int | None, wall: float, prefix4=None, prefix6=None) -> NodeRow: ...
+    def list_plain(self) -> list[NodeRow]: ...
+    def set_plain_key(self, node_id: int, public_key: bytes, private_key: bytes | None) -> NodeRow: ...
 
     # --- change feed
     def change_head(self) -> int: ...

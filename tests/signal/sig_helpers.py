@@ -24,6 +24,7 @@ class Harness:
         self.udp = b.udp[0] if b.udp else None
         self.relay_tcp = b.relay_tcp[0] if b.relay_tcp else None
         self.metrics = b.metrics[0] if b.metrics else None
+        self.plain = b.plain[0] if b.plain else None
 
     def invite(self, **kw):
         return create_invite(self.admin, wall=time.time(), addrs=[join_hostport(*self.control)], **kw)
@@ -34,6 +35,7 @@ async def start_server(nursery, tmp_path, **overrides) -> Harness:
     cfg = ServerConfig(
         db=db, control=[("127.0.0.1", 0)], udp=[("127.0.0.1", 0)], relay_tcp=[("127.0.0.1", 0)],
         metrics=[("127.0.0.1", 0)], heartbeat=1.0, idle_timeout=4.0, coalesce=0.02, db_poll=0.05, init=True,
+        plain_udp=None,  # tests that want the plain-WireGuard port ask for ("127.0.0.1", 0)
     )
     for k, v in overrides.items():
         setattr(cfg, k, v)

@@ -21,6 +21,7 @@ KEY = bytes(range(32))
 class Node:
     node_id: int
     expires: float | None
+    kind: str = "node"
 
 
 def invite(*, reusable=False, expires=None, created=WALL - 100.0, revoked=False, uses=0, tag="home") -> InviteRow:
@@ -30,6 +31,16 @@ def invite(*, reusable=False, expires=None, created=WALL - 100.0, revoked=False,
 def code(d) -> str:
     assert isinstance(d, Refuse), d
     return d.code
+
+
+# --- a plain WireGuard peer's key never joins, with or without an invite (issue 12)
+
+
+@pytest.mark.parametrize("with_invite", [False, True])
+def test_a_plain_peers_key_is_refused(with_invite):
+    args = ("inv1", SECRET, invite()) if with_invite else (None, None, None)
+    d = decide_join(Node(7, None, "plain"), None, *args, WALL)
+    assert code(d) == "plain_peer" and "plain WireGuard peer" in d.message and "\n" not in d.message
 
 
 # --- a node that is registered and live reconnects on its key, whatever else it presents

@@ -17,7 +17,7 @@ async def test_a_relay_only_process_leaves_the_servers_control_addresses(nursery
     assert published == [f"127.0.0.1:{h.control[1]}"]
 
     relay = SignalServer(ServerConfig(db=h.db, control_enabled=False, udp=[("127.0.0.1", 0)],
-                                      relay_tcp=[], metrics=[]))
+                                      relay_tcp=[], metrics=[], plain_udp=None))
     with trio.fail_after(START_DEADLINE):
         await nursery.start(relay.run)
     assert json.loads(h.admin.meta_get("control_addrs")) == published

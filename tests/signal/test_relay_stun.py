@@ -125,6 +125,7 @@ async def test_standalone_relay_follows_the_shared_db(harness, nursery):
 
     (ska, ca), (skb, cb) = await registered(harness), await registered(harness)
     relay = SignalServer(ServerConfig(db=harness.db, control_enabled=False, udp=[("127.0.0.1", 0)], relay_tcp=[],
+                                      plain_udp=None,
                                       db_poll=0.05))
     bound = await start_task(nursery, relay.run)
     assert bound.control == [] and relay.server_pk == harness.server.server_pk

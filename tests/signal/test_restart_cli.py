@@ -43,7 +43,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [PY, "-m", "signal_server", "serve", "--init", "--db", self.db, "--listen", f"127.0.0.1:{self.ctl}",
              "--udp", f"127.0.0.1:{self.udp}", "--relay-tcp", f"127.0.0.1:{self.rtcp}",
-             "--metrics", f"127.0.0.1:{self.met}", "--heartbeat", "1", "--log-level", "warning"],
+             "--metrics", f"127.0.0.1:{self.met}", "--plain-udp", "none", "--heartbeat", "1", "--log-level", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + 10

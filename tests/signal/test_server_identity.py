@@ -34,7 +34,7 @@ def free_port(kind=socket.SOCK_STREAM) -> int:
 def serve(db: str, *extra: str) -> subprocess.CompletedProcess:
     """`meshwg-signal serve` that is expected to exit by itself (bounded: a server that runs is a failure)."""
     argv = [PY, "-m", "signal_server", "serve", "--db", db, "--listen", f"127.0.0.1:{free_port()}",
-            "--udp", "none", "--relay-tcp", "none", *extra]
+            "--udp", "none", "--relay-tcp", "none", "--plain-udp", "none", *extra]
     return subprocess.run(argv, capture_output=True, text=True, timeout=10)
 
 
