@@ -158,11 +158,14 @@ def format_status(st: dict) -> str:
     if not st["peers"]:
         lines.append("  no peers")
     for p in st["peers"]:
-        if p["path"] == "direct":
+        if p.get("plain"):
+            path = "plain (relay)"  # a stock WireGuard device: always through the relay, never online itself
+        elif p["path"] == "direct":
             path = f"direct {p['endpoint']}" + (f", {p['latency_ms']:.2f} ms" if p["latency_ms"] is not None else "")
         else:
             path = f"relay ({p['relay_reason']})" if p.get("relay_reason") else "relay"
-        lines.append(f"  peer {p['name']}  {', '.join(p['addresses'])}{'' if p.get('online') else '  (offline)'}")
+        offline = "" if p.get("online") or p.get("plain") else "  (offline)"
+        lines.append(f"  peer {p['name']}  {', '.join(p['addresses'])}{offline}")
         lines.append(f"    path: {path}")
         lines.append(f"    handshake: {_ago(p['last_handshake_ago'])}  "
                      f"transfer: {human_bytes(p['rx_bytes'])} received, {human_bytes(p['tx_bytes'])} sent")

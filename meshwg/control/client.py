@@ -10,8 +10,8 @@ import time
 
 import trio
 
-from meshwg.control.events import (Connected, DirectoryReset, Disconnected, PeerChanged, PeerInfo, PeerRemoved,
-                                   PunchFailed, PunchNotice, Removed, SealedMessage, Welcome)
+from meshwg.control.events import (PEER_KINDS, Connected, DirectoryReset, Disconnected, PeerChanged, PeerInfo,
+                                   PeerRemoved, PunchFailed, PunchNotice, Removed, SealedMessage, Welcome)
 from meshwg.signaling import protocol as P
 from meshwg.signaling.invite import Invite, split_hostport
 from meshwg.control import reconnect as R
@@ -67,8 +67,12 @@ def _peer_untrusted(raw) -> PeerInfo | None:
     if not e:
         return None
     try:
+        kind = e.get("kind", "node")  # servers before issue 12 send no kind: every entry is a node
+        if kind not in PEER_KINDS:  # a kind this node cannot handle safely (a newer server's): not a peer at all
+            return None
         cands = P.candidates_untrusted(e.get("cand", [])) or []
-        return PeerInfo(e["key"], int(e["id"]), str(e["name"]), str(e["ipv4"]), str(e["ipv6"]), tuple(cands), bool(e["online"]))
+        return PeerInfo(e["key"], int(e["id"]), str(e["name"]), str(e["ipv4"]), str(e["ipv6"]), tuple(cands),
+                        bool(e["online"]), kind)
     except (KeyError, TypeError, ValueError, OverflowError):  # int(inf) is an OverflowError
         return None
 

@@ -33,6 +33,12 @@ class PeerInfo:
     ipv6: str
     candidates: tuple  # ((ip, port, kind), ...) kind: local | stun | observed | ...
     online: bool
+    # "node": a mesh node (discovery, candidates); "plain": a stock WireGuard device the server manages, reached
+    # only through the relay's plain port (issue 12). PEER_KINDS lists them; any other kind is dropped on arrival.
+    kind: str = "node"
+
+
+PEER_KINDS = ("node", "plain")
 
 
 # --- events delivered to the node

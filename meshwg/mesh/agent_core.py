@@ -183,6 +183,10 @@ class AgentCore:
         peer = self.peers.get(key)
         return peer is not None and peer.online
 
+    def _plain(self, key: bytes) -> bool:
+        spec = self.specs.get(key)
+        return spec is not None and spec.plain
+
     # ---- the control channel -------------------------------------------------------------------
     def _connected(self, ev: Connected, now: float, out: list) -> None:
         reconnected = self.welcome is not None and not self.connected
@@ -227,6 +231,9 @@ class AgentCore:
         if update_directory(self.peers, ev):
             self._cache_dirty = True
             self._hand_to_node(p.key, now)
+        if self._plain(p.key):  # reached through the relay only: never a punch (a node turned plain forgets its)
+            self.punch.peer_removed(p.key)
+            return
         self.punch.peer_changed(p.key, p.online, p.candidates, None if old is None else (old.online, old.candidates))
 
     def _peer_removed(self, ev: PeerRemoved, now: float, out: list) -> None:
@@ -294,7 +301,9 @@ class AgentCore:
 
     # ---- timed duties --------------------------------------------------------------------------
     def _tick(self, ev: Tick, now: float, out: list) -> None:
-        paths = {k: PathState(pp.active(now), pp.direct(now)) for k, pp in self.node.paths.items()}
+        # Plain peers have no paths in the node; they are left out here too, whatever the node holds.
+        paths = {k: PathState(pp.active(now), pp.direct(now)) for k, pp in self.node.paths.items()
+                 if not self._plain(k)}
         for key in self.punch.tick(now, self.connected, paths, self.online):
             out.append(RequestPunch(key))
 

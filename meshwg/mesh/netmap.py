@@ -18,12 +18,17 @@ class PeerSpec:
     candidates: tuple = ()         # (ip, port) from the directory: local + STUN-reflexive
     observed: tuple = ()           # (ip, port) the server saw the peer's socket at
     nat: str | None = None         # "endpoint-independent" / "endpoint-dependent" / None
+    plain: bool = False            # a stock WireGuard device, reached through the relay only: no discovery
 
     @staticmethod
-    def make(key: bytes, name: str = "", addresses=(), candidates=(), observed=(), nat=None) -> "PeerSpec":
-        """Normalise user/directory input: networks parsed, tuples sorted and deduplicated."""
+    def make(key: bytes, name: str = "", addresses=(), candidates=(), observed=(), nat=None,
+             plain: bool = False) -> "PeerSpec":
+        """Normalise user/directory input: networks parsed, tuples sorted and deduplicated. A plain peer has
+        no candidates, observation or NAT kind: nothing of ours ever probes it."""
         nets = tuple(sorted({ipaddress.ip_network(a, strict=False) for a in addresses},
                             key=lambda n: (n.version, n)))
+        if plain:
+            return PeerSpec(bytes(key), name, nets, plain=True)
         cands = tuple(dict.fromkeys(tuple(c) for c in candidates))
         obs = tuple(dict.fromkeys(tuple(c) for c in observed))
         return PeerSpec(bytes(key), name, nets, cands, obs, nat)
@@ -56,7 +61,7 @@ class RouteChanges:
         return bool(self.add or self.remove)
 
 
-_FIELDS = ("name", "addresses", "candidates", "observed", "nat")
+_FIELDS = ("name", "addresses", "candidates", "observed", "nat", "plain")
 
 
 def diff(current: dict[bytes, PeerSpec], desired: dict[bytes, PeerSpec]) -> list:

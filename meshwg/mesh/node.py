@@ -30,6 +30,11 @@ a victim cannot answer a sealed ping, and a busy office NAT may front dozens of 
 hostile entry naming a victim's address (or its IP at many ports) in many peers' candidates thus costs
 the victim a trickle, not a flood.
 
+Plain peers (PeerSpec.plain: a stock WireGuard device, issue 12) are core peers whose endpoint is
+RelayEndpoint(their key) for good: no PeerPaths, disco, STUN target, punch, call-me-maybe or birthday for
+them, and roaming off. Their datagrams arrive from the relay as RECVs from PLAIN_SOURCE (the relay cannot
+know their key): WireGuard goes to the core, whose handshake identifies the peer; anything else is dropped.
+
 Nor do our probes go into the mesh: call-me-maybe endpoints and ping sources inside the mesh prefixes
 (set_mesh_prefixes, from the welcome), our own mesh address and unassigned ones included, or routed to
 a peer, are dropped and counted; the directory's candidates are filtered the same way (peer_entry).
@@ -54,6 +59,7 @@ from meshwg.config.keys import nonzero
 from meshwg.config.uapi_apply import apply_peer_update
 from meshwg.mesh import demux
 from meshwg.mesh.netmap import AddPeer, ChangePeer, PeerSpec, RemovePeer, diff, route_changes
+from meshwg.signaling.relay_wire import PLAIN_SOURCE
 from meshwg.token_bucket import KeyedLimiter, TokenBucket
 
 GLOBAL_PROBE_RATE = 300.0     # disco pings per second, all peers together
@@ -160,6 +166,7 @@ class MeshNode:
         self._endpoint: dict[bytes, object] = {}
         self._ep_to_key: dict[object, bytes] = {}
         self._resend_at: dict[bytes, float] = {}    # deferred handshake re-sends (see _resend_handshake)
+        self.plain: dict[bytes, None] = {}          # the plain peers' keys, in the order they came
         # Called with a new timer deadline that may be earlier than get_timer() said before, from the
         # packet inputs (which the driver flushes without re-reading the O(peers) timer).
         self.on_earlier_deadline: Callable[[float], None] | None = None
@@ -227,6 +234,13 @@ class MeshNode:
         peer = self.core.add_peer(spec.key)
         peer.roaming = False  # the mesh layer moves endpoints, not the source of the last packet
         self.core.set_allowed_ips(peer, list(spec.addresses))
+        if spec.plain:
+            # Reached only through the relay, which routes our datagrams to it by receiver index; its own come
+            # from PLAIN_SOURCE, which must never become its endpoint (roaming is off).
+            self.plain[spec.key] = None
+            self._endpoint[spec.key] = RelayEndpoint(spec.key)
+            self.core.set_endpoint(peer, RelayEndpoint(spec.key))
+            return
         self.codec.add_peer(spec.key)
         pp = PeerPaths(spec.key, self._random, local_nat=self.local_nat, peer_nat=spec.nat)
         pp.set_candidates("directory", spec.candidates, now)
@@ -236,6 +250,7 @@ class MeshNode:
 
     def _remove_peer(self, key: bytes) -> None:
         self._resend_at.pop(key, None)
+        self.plain.pop(key, None)
         self.core.remove_peer(key)
         self.codec.remove_peer(key)
         pp = self.paths.pop(key, None)
@@ -283,10 +298,17 @@ class MeshNode:
             self._events.append(RoutesChanged(tuple(rc.add), tuple(rc.remove)))
 
     def _change_peer(self, old: PeerSpec, new: PeerSpec, fields, now: float) -> None:
+        if "plain" in fields:
+            # A node became a plain peer or back: nothing of the old kind's state applies (paths, disco).
+            self._remove_peer(new.key)
+            self._add_peer(new, now)
+            return
         peer = self.core.peers[new.key]  # the node is its core's one writer: a mesh peer is there
-        pp = self.paths[new.key]
         if "addresses" in fields:
             self.core.set_allowed_ips(peer, list(new.addresses))
+        if new.plain:
+            return  # no discovery state: candidates, observation and NAT kind are always empty
+        pp = self.paths[new.key]
         if "candidates" in fields:
             pp.set_candidates("directory", new.candidates, now)
         if "observed" in fields:
@@ -297,6 +319,9 @@ class MeshNode:
     def punch(self, peer_key: bytes, now: float) -> None:
         """The signaling server says peer_key wants to talk to us now (and tells it the same)."""
         self._now = now
+        if peer_key in self.plain:
+            self.counters["ignore_punch_plain_peer"] += 1  # no path to punch: it is reached through the relay
+            return
         pp = self.paths.get(peer_key)
         if pp is None:
             self.counters["ignore_punch_unknown_peer"] += 1
@@ -369,9 +394,13 @@ class MeshNode:
         self._receive_stun(data, addr, now)
 
     def receive_relay(self, src_key: bytes, data: bytes, now: float) -> None:
-        """A datagram the relay delivered, claimed to come from src_key (the relay authenticated it)."""
+        """A datagram the relay delivered, claimed to come from src_key (the relay authenticated it), or
+        from a plain peer (src_key PLAIN_SOURCE: the core's handshake tells which, or refuses it)."""
         self._now = now
         kind = demux.classify(data)
+        if src_key == PLAIN_SOURCE:
+            self._receive_plain(data, kind, now)
+            return
         if kind == demux.WIREGUARD:
             self.core.receive_datagram(data, RelayEndpoint(src_key), now)
             self._flush_core(now, activity=False)
@@ -379,6 +408,16 @@ class MeshNode:
             self._receive_disco(data, RelayEndpoint(src_key), None, src_key, now)
         else:
             self.counters["drop_relay_unknown"] += 1
+
+    def _receive_plain(self, data: bytes, kind, now: float) -> None:
+        """A plain peer's datagram: WireGuard only (a plain peer speaks nothing else, and has no disco key).
+        Its source is RelayEndpoint(PLAIN_SOURCE), which with roaming off never becomes a peer's endpoint."""
+        if kind != demux.WIREGUARD:
+            self.counters["drop_relay_plain_not_wireguard"] += 1
+            return
+        self.counters["recv_relay_plain"] += 1
+        self.core.receive_datagram(data, RelayEndpoint(PLAIN_SOURCE), now)
+        self._flush_core(now, activity=False)
 
     def send_ip_packet(self, pkt: bytes, now: float) -> None:
         self._now = now
@@ -569,15 +608,31 @@ class MeshNode:
     def _flush_core(self, now: float, activity: bool) -> None:
         touched = None
         for data, ep in self.core.datagrams_to_send():
+            if ep.__class__ is RelayEndpoint and ep.peer_key == PLAIN_SOURCE:
+                ep = self._plain_reply_endpoint()
+                if ep is None:
+                    continue
             self._out.append((data, ep))
             if activity and not _is_keepalive(data):
                 key = self._ep_to_key.get(ep)
-                if key is not None and self.paths[key].note_activity(now):
+                pp = self.paths.get(key) if key is not None else None
+                if pp is not None and pp.note_activity(now):
                     touched = touched or []
                     touched.append(key)
         if touched:
             for key in touched:
                 self._service(key, now)
+
+    def _plain_reply_endpoint(self):
+        """Where a datagram the core sent to the source of a plain peer's message goes (a cookie reply under
+        load: the one message WireGuard answers to the source, not to a peer's endpoint, before knowing the
+        peer). The relay routes datagrams to plain peers by their receiver index, so any plain peer's key
+        carries it; with none, nobody could have sent it and it is dropped."""
+        for key in self.plain:
+            self.counters["send_plain_source_reply"] += 1
+            return RelayEndpoint(key)
+        self.counters["drop_plain_source_reply"] += 1
+        return None
 
     # --- STUN -------------------------------------------------------------------------------
     def _stun_timer(self, now: float) -> None:
@@ -674,6 +729,9 @@ class MeshNode:
         wall = self._wall(now)
         out = []
         for key, spec in self.specs.items():
+            if spec.plain:
+                out.append(self._plain_status(key, spec))
+                continue
             pp = self.paths[key]
             peer = self.core.peers.get(key)
             ep = self._endpoint.get(key)
@@ -692,5 +750,14 @@ class MeshNode:
                 "rx_bytes": getattr(peer, "rx_bytes", 0),
                 "tx_bytes": getattr(peer, "tx_bytes", 0),
                 "birthday": pp.birthday.role if pp.birthday else None,
+                "plain": False,
             })
         return out
+
+    def _plain_status(self, key: bytes, spec: PeerSpec) -> dict:
+        peer = self.core.peers.get(key)
+        return {"public_key": key, "name": spec.name, "addresses": [str(a) for a in spec.addresses],
+                "path": "relay", "endpoint": None, "latency": None, "reason": "plain WireGuard peer",
+                "active": False, "candidates": [], "birthday": None, "plain": True,
+                "last_handshake": getattr(peer, "last_handshake_wall", None),
+                "rx_bytes": getattr(peer, "rx_bytes", 0), "tx_bytes": getattr(peer, "tx_bytes", 0)}

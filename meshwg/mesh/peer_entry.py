@@ -98,10 +98,23 @@ def entry_policy(welcome, control_addrs: tuple = ()) -> EntryPolicy:
 
 
 def peer_spec(p, policy: EntryPolicy, drops: collections.Counter | None = None) -> PeerSpec:
-    """Directory entry (PeerInfo: key, name, ipv4, ipv6, candidates) -> PeerSpec for the MeshNode.
-    What the policy refuses is left out and counted in `drops` (counter name -> count)."""
+    """Directory entry (PeerInfo: key, name, ipv4, ipv6, candidates, kind) -> PeerSpec for the MeshNode.
+    What the policy refuses is left out and counted in `drops` (counter name -> count). A plain peer's
+    addresses follow the same rules; it has no candidates (any the entry names are ignored and counted)."""
     if drops is None:
         drops = collections.Counter()
+    addrs = _addresses(p, policy, drops)
+    if p.kind == "plain":
+        if p.candidates:
+            drops["drop_peer_candidate_plain"] += len(p.candidates)
+        return PeerSpec.make(p.key, p.name, addrs, plain=True)
+    cands, observed, nat = _candidates(p, policy, drops)
+    # One observation: the server sets one, and a birthday attempt aims at one address.
+    return PeerSpec.make(p.key, p.name, addrs, cands, observed[:1], nat)
+
+
+def _addresses(p, policy: EntryPolicy, drops: collections.Counter) -> list:
+    """The entry's mesh addresses as host routes, those the policy allows."""
     addrs = []
     for a in (p.ipv4, p.ipv6):
         cidr = host_cidr(a)
@@ -114,6 +127,11 @@ def peer_spec(p, policy: EntryPolicy, drops: collections.Counter | None = None) 
             drops[reason] += 1
         else:
             addrs.append(cidr)
+    return addrs
+
+
+def _candidates(p, policy: EntryPolicy, drops: collections.Counter) -> tuple:
+    """(candidates, observed, nat hint) of a node's entry, those the policy allows."""
     cands, observed, nat = [], [], None
     for c in p.candidates:
         if not isinstance(c, (tuple, list)) or len(c) not in (2, 3):
@@ -131,5 +149,4 @@ def peer_spec(p, policy: EntryPolicy, drops: collections.Counter | None = None) 
             nat = EDM
         elif kind == "stun-eim" and nat is None:
             nat = EIM
-    # One observation: the server sets one, and a birthday attempt aims at one address.
-    return PeerSpec.make(p.key, p.name, addrs, cands, observed[:1], nat)
+    return cands, observed, nat

@@ -50,12 +50,21 @@ class AgentError(Exception):
 
 def _peer_to_json(p) -> dict:
     return {"key": base64.b64encode(p.key).decode(), "id": p.node_id, "name": p.name, "ipv4": p.ipv4,
-            "ipv6": p.ipv6, "candidates": [list(c) for c in p.candidates], "online": p.online}
+            "ipv6": p.ipv6, "candidates": [list(c) for c in p.candidates], "online": p.online, "kind": p.kind}
 
 
 def _peer_from_json(d: dict):
+    """A cached entry; None for a kind this node does not know (as the control client drops it). Caches written
+    before plain peers existed hold nodes only."""
+    kind = d.get("kind", "node")
+    if kind not in CE.PEER_KINDS:
+        return None
     return CE.PeerInfo(base64.b64decode(d["key"]), int(d.get("id", 0)), str(d["name"]), str(d["ipv4"]),
-                       str(d["ipv6"]), tuple(tuple(c) for c in d.get("candidates", [])), bool(d.get("online")))
+                       str(d["ipv6"]), tuple(tuple(c) for c in d.get("candidates", [])), bool(d.get("online")), kind)
+
+
+def _peers_from_json(entries) -> tuple:
+    return tuple(p for p in map(_peer_from_json, entries) if p is not None)
 
 
 def _welcome_to_json(w) -> dict:
@@ -131,7 +140,7 @@ class Agent:
                     await self._step(await self._local_addresses())   # the registration's candidates
                     nursery.start_soon(self._control_task)
                     if cache is not None:
-                        peers = tuple(map(_peer_from_json, cache["peers"]))
+                        peers = _peers_from_json(cache["peers"])
                         await self._step(A.CacheLoaded(_welcome_from_json(cache["welcome"]), peers, cached_port))
                     for task in (self._events_task, self._ticks, self._local_watch, self._endpoints_watch,
                                  self._signals, self._watch_device):
@@ -291,6 +300,7 @@ class Agent:
                 "rx_bytes": st["rx_bytes"], "tx_bytes": st["tx_bytes"],
                 "relay_tx_packets": dev.relay.tx_by_peer.get(st["public_key"], 0),
                 "candidates": [_fmt_addr(c) for c in st["candidates"]], "birthday": st["birthday"],
+                "plain": st["plain"],
             })
         rep = node.last_report
         w = core.welcome
