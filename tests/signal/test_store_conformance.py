@@ -198,3 +198,96 @@ def test_backup_and_integrity(store, tmp_path):
     dest = str(tmp_path / "copy.db")
     store.backup_to(dest)
     assert os.path.getsize(dest) > 0
+
+
+# --- plain WireGuard peers (issue 12): rows of kind "plain"
+
+
+def test_plain_peer_lifecycle(invited):
+    st = invited
+    home, _ = join(st, key(), name="home")
+    office, _ = join(st, key(), name="office")
+    pk, sk = key(), key()
+    head = st.change_head()
+    phone = st.add_plain("Phone", pk, sk, [home.node_id, office.node_id, home.node_id], office.node_id, 1100.0, P4, P6)
+    assert (phone.kind, phone.name, phone.key, phone.private_key) == ("plain", "phone", pk, sk)
+    assert phone.targets == (home.node_id, office.node_id) and phone.exit_node == office.node_id
+    assert ipaddress.ip_address(phone.ipv4) in P4 and ipaddress.ip_address(phone.ipv6) in P6
+    assert phone.ipv4 not in (home.ipv4, office.ipv4) and phone.ipv6 not in (home.ipv6, office.ipv6)
+    assert (home.kind, home.private_key, home.targets, home.exit_node) == ("node", None, (), None)
+    assert st.list_plain() == [phone] and st.get_node(pk) == phone and phone in st.list_nodes()
+    own = st.add_plain("tablet", key(), None, [home.node_id], None, 1200.0, P4, P6)
+    assert own.private_key is None and own.exit_node is None and st.list_plain() == [phone, own]
+    # rotate: same id and addresses, a new key; the feed says the old key left and the new one came
+    pk2, sk2 = key(), key()
+    rotated = st.set_plain_key(phone.node_id, pk2, sk2)
+    assert (rotated.node_id, rotated.ipv4, rotated.ipv6, rotated.key, rotated.private_key) == (
+        phone.node_id, phone.ipv4, phone.ipv6, pk2, sk2)
+    assert st.get_node(pk) is None and st.get_node(pk2) == rotated
+    assert st.remove(own.node_id, 1300.0) and st.list_plain() == [rotated]
+    changes, _ = st.changes_since(head)
+    assert kinds(changes) == [("join", pk, phone.node_id), ("join", own.key, own.node_id),
+                              ("remove", pk, phone.node_id), ("join", pk2, phone.node_id),
+                              ("remove", own.key, own.node_id)]
+
+
+def test_a_plain_key_never_joins(invited):
+    st = invited
+    home, _ = join(st, key(), name="home")
+    pk = key()
+    st.add_plain("phone", pk, None, [home.node_id], None, 1100.0, P4, P6)
+    head = st.change_head()
+    for invite in ("inv", None):
+        with pytest.raises(JoinRefused) as info:
+            st.join(pk, invite, SECRET if invite else None, None, 1200.0, P4, P6)
+        assert info.value.code == "plain_peer"
+    assert st.changes_since(head) == ([], head) and st.get_node(pk).kind == "plain"
+
+
+@pytest.mark.parametrize("case", ["bad_name", "taken_name", "node_key", "plain_key", "no_target", "plain_target",
+                                  "unknown_exit", "no_prefix"])
+def test_add_plain_refusals_name_the_value_and_change_nothing(invited, case):
+    st = invited
+    home, _ = join(st, key(), name="home")
+    other = st.add_plain("other", key(), None, [home.node_id], None, 1100.0, P4, P6)
+    head, before = st.change_head(), st.list_nodes()
+    name, k, targets, exit_node, prefixes = "phone", key(), [home.node_id], None, (P4, P6)
+    if case == "bad_name":
+        name = "!!!"
+    elif case == "taken_name":
+        name = "HOME"
+    elif case == "node_key":
+        k = home.key
+    elif case == "plain_key":
+        k = other.key
+    elif case == "no_target":
+        targets = []
+    elif case == "plain_target":
+        targets = [other.node_id]
+    elif case == "unknown_exit":
+        exit_node = 999
+    elif case == "no_prefix":
+        prefixes = (None, None)  # read from the database, where the server keeps them; none there yet
+    if case == "no_prefix" and st.meta_get("prefix4") is not None:
+        pytest.skip("prefixes already chosen")
+    with pytest.raises(ValueError) as info:
+        st.add_plain(name, k, None, targets, exit_node, 1200.0, *prefixes)
+    msg = str(info.value)
+    assert "\n" not in msg
+    expected = {"bad_name": "'!!!'", "taken_name": "'home'", "node_key": "already in the mesh",
+                "plain_key": "already in the mesh", "no_target": "at least one node", "plain_target": str(other.node_id),
+                "unknown_exit": "999", "no_prefix": "has not run"}[case]
+    assert expected in msg
+    assert st.changes_since(head) == ([], head) and st.list_nodes() == before
+
+
+def test_rotating_to_a_taken_key_or_a_node_is_refused(invited):
+    st = invited
+    home, _ = join(st, key(), name="home")
+    phone = st.add_plain("phone", key(), None, [home.node_id], None, 1100.0, P4, P6)
+    head = st.change_head()
+    with pytest.raises(ValueError, match="already in the mesh"):
+        st.set_plain_key(phone.node_id, home.key, None)
+    with pytest.raises(ValueError, match=f"no plain peer {home.node_id}"):
+        st.set_plain_key(home.node_id, key(), None)
+    assert st.changes_since(head) == ([], head)

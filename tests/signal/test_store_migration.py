@@ -69,3 +69,34 @@ def test_a_newer_database_is_refused_in_one_line(tmp_path):
     with pytest.raises(StoreError) as info:
         SqliteStore(path)
     assert "schema 99 is newer" in str(info.value) and "\n" not in str(info.value)
+
+
+# Schema 2 (the change feed), as that code created it, copied verbatim.
+SCHEMA_2 = OLD_SCHEMA + """
+CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, pubkey BLOB, node_id INTEGER);
+"""
+
+
+def test_a_schema_2_database_gets_plain_peers_and_keeps_its_nodes_and_feed(tmp_path):
+    path = str(tmp_path / "v2.db")
+    old_database(path)
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA_2)
+    db.execute("INSERT INTO meta(k, v) VALUES('schema_version', 2)")
+    db.execute("INSERT INTO changes(kind, pubkey, node_id) VALUES('join', ?, 1)", (KEY_A,))
+    db.commit()
+    db.close()
+    st = SqliteStore(path)
+    assert st.schema_version() == 3
+    assert [(n.node_id, n.key, n.name, n.kind, n.private_key, n.targets, n.exit_node) for n in st.list_nodes()] == [
+        (1, KEY_A, "alpha", "node", None, (), None), (2, KEY_B, "bravo", "node", None, (), None)]
+    assert st.list_plain() == [] and st.change_head() == 1
+    p4, p6 = st.prefixes(lambda n: b"\0" * n)
+    phone = st.add_plain("phone", b"p" * 32, b"s" * 32, [1], None, 30.0, p4, p6)
+    assert phone.node_id == 3 and phone.kind == "plain" and phone.targets == (1,)
+    changes, _ = st.changes_since(1)
+    assert [(c.kind, c.key, c.node_id) for c in changes] == [("join", b"p" * 32, 3)]
+    st.close()
+    again = SqliteStore(path)  # opening again changes nothing
+    assert again.schema_version() == 3 and again.list_plain() == [phone]
+    again.close()
