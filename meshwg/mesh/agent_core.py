@@ -231,9 +231,6 @@ class AgentCore:
         if update_directory(self.peers, ev):
             self._cache_dirty = True
             self._hand_to_node(p.key, now)
-        if self._plain(p.key):  # reached through the relay only: never a punch (a node turned plain forgets its)
-            self.punch.peer_removed(p.key)
-            return
         self.punch.peer_changed(p.key, p.online, p.candidates, None if old is None else (old.online, old.candidates))
 
     def _peer_removed(self, ev: PeerRemoved, now: float, out: list) -> None:
@@ -301,7 +298,8 @@ class AgentCore:
 
     # ---- timed duties --------------------------------------------------------------------------
     def _tick(self, ev: Tick, now: float, out: list) -> None:
-        # Plain peers have no paths in the node; they are left out here too, whatever the node holds.
+        # Plain peers are reached through the relay only: never a punch (the node keeps no paths for them; they
+        # are left out here too, whatever it holds).
         paths = {k: PathState(pp.active(now), pp.direct(now)) for k, pp in self.node.paths.items()
                  if not self._plain(k)}
         for key in self.punch.tick(now, self.connected, paths, self.online):
