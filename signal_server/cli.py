@@ -315,8 +315,9 @@ def cmd_plain(args) -> int:
         print(f"{'ID':>4} {'NAME':20} {'IPV4':15} {'IPV6':24} {'KEY':8} {'EXIT':10} REACHES")
         for p in st.list_plain():
             reaches = ",".join(names.get(i, f"#{i}(gone)") for i in p.targets)
-            print(f"{p.node_id:>4} {p.name:20} {p.ipv4:15} {p.ipv6:24} {'device' if p.private_key is None else 'server':8} "
-                  f"{names.get(p.exit_node, '-') if p.exit_node else '-':10} {reaches}")
+            holder = "device" if p.private_key is None else "server"  # who holds its private key
+            exit_name = names.get(p.exit_node, "-") if p.exit_node else "-"
+            print(f"{p.node_id:>4} {p.name:20} {p.ipv4:15} {p.ipv6:24} {holder:8} {exit_name:10} {reaches}")
         return 0
     if args.action == "add":
         if args.direct:
@@ -451,6 +452,6 @@ def cmd_pubkey(args) -> int:
 def _dispatch(args) -> int:
     if args.cmd in ("serve", "relay"):
         return cmd_serve(args, args.cmd == "serve")
-    commands = {"invite": cmd_invite, "nodes": cmd_nodes, "plain": cmd_plain, "status": cmd_status, "pubkey": cmd_pubkey,
-                "backup": cmd_backup, "restore": cmd_restore}
+    commands = {"invite": cmd_invite, "nodes": cmd_nodes, "plain": cmd_plain, "status": cmd_status,
+                "pubkey": cmd_pubkey, "backup": cmd_backup, "restore": cmd_restore}
     return commands[args.cmd](args) if args.cmd in commands else 2

@@ -258,3 +258,23 @@ async def test_a_plain_key_gets_no_relay_session(nursery, tmp_path):
     with pytest.raises(PermissionError):
         await open_tcp_relay(*h.relay_tcp, row.private_key, h.server.server_pk, os.urandom)
     assert row.key not in h.server.relay.by_key
+
+
+async def test_a_taken_plain_port_is_a_warning_by_default_and_an_error_when_asked_for(nursery, tmp_path, caplog):
+    import socket
+
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind(("127.0.0.1", 0))
+    try:
+        with caplog.at_level("WARNING", logger="signal"):
+            h = await start_server(nursery, tmp_path, plain_udp=taken.getsockname())
+        assert h.plain is None and h.admin.meta_get("plain_addrs") is None
+        assert any("no plain WireGuard port" in r.getMessage() for r in caplog.records)
+        refused = False
+        try:
+            await start_server(nursery, tmp_path, plain_udp=taken.getsockname(), plain_udp_strict=True)
+        except* OSError:
+            refused = True
+        assert refused
+    finally:
+        taken.close()
