@@ -247,7 +247,9 @@ class RelayCore:
         if not self.pkt_limit.allow(s.key, now) or not self.byte_limit.allow(s.key, now, len(packet)):
             self.counters["drop_rate_limited"] += 1
             return []
-        if dst_key in self.plain_keys:
+        if dst_key in self.plain_keys or dst_key == W.PLAIN_SOURCE:
+            # PLAIN_SOURCE: what the node's WireGuard answers to a plain datagram's source (a cookie reply
+            # under load) before it knows the peer; the ingress routes both by receiver index.
             return self._to_plain(s.key, packet, now)
         peer = self.by_key.get(dst_key)
         if peer is None or peer.expires < now:

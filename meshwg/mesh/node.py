@@ -608,10 +608,6 @@ class MeshNode:
     def _flush_core(self, now: float, activity: bool) -> None:
         touched = None
         for data, ep in self.core.datagrams_to_send():
-            if ep.__class__ is RelayEndpoint and ep.peer_key == PLAIN_SOURCE:
-                ep = self._plain_reply_endpoint()
-                if ep is None:
-                    continue
             self._out.append((data, ep))
             if activity and not _is_keepalive(data):
                 key = self._ep_to_key.get(ep)
@@ -622,17 +618,6 @@ class MeshNode:
         if touched:
             for key in touched:
                 self._service(key, now)
-
-    def _plain_reply_endpoint(self):
-        """Where a datagram the core sent to the source of a plain peer's message goes (a cookie reply under
-        load: the one message WireGuard answers to the source, not to a peer's endpoint, before knowing the
-        peer). The relay routes datagrams to plain peers by their receiver index, so any plain peer's key
-        carries it; with none, nobody could have sent it and it is dropped."""
-        for key in self.plain:
-            self.counters["send_plain_source_reply"] += 1
-            return RelayEndpoint(key)
-        self.counters["drop_plain_source_reply"] += 1
-        return None
 
     # --- STUN -------------------------------------------------------------------------------
     def _stun_timer(self, now: float) -> None:

@@ -278,3 +278,21 @@ async def test_a_taken_plain_port_is_a_warning_by_default_and_an_error_when_aske
         assert refused
     finally:
         taken.close()
+
+
+async def test_a_cookie_reply_to_plain_source_reaches_the_phone(nursery, tmp_path):
+    """Under load the node's WireGuard answers an initiation with a cookie reply to its source, which for a
+    plain peer is PLAIN_SOURCE (it does not know the peer yet); the relay routes it by receiver index."""
+    h, phone, nodes, row, ips = await lab(nursery, tmp_path)
+    home = nodes["home"]
+    now = trio.current_time
+    home.core.note_handshake_backlog(200, now())  # under load: an initiation without mac2 gets a cookie
+    phone.core.send_ip_packet(ipv4_packet(row.ipv4, ips["home"], b"x"), now())
+    await phone.flush()
+    await home.receive()
+    out = home.core.datagrams_to_send()
+    assert [d[0] for d, _ in out] == [3]
+    await home.relay.send(W.PLAIN_SOURCE, out[0][0])
+    reply = await phone.receive()
+    assert reply[0] == 3 and phone.core.peers[home.core.public_key].cookie.cookie is not None
+    assert h.server.plain.counters["forward_cookie_to_plain"] == 1
