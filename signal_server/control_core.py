@@ -10,6 +10,9 @@ control listener's session table, read here only to know who can be reached now.
   DIR_CHANGED       the directory changed: push it (coalesced) to every subscriber
   PLAIN_CHANGED     plain peers or the nodes they target changed: the relay's plain keys and the plain
                     ingress's targets follow (Directory.plain, Directory.plain_targets)
+  AdvertiseRoutes(key, routes, exit_node)  store the node's new advertisement (store.advertise_routes with
+                    self.policy.forbidden), then hand the result to routes_recorded
+  Log(level, text)  a line for the operator (refused or pending routes, once per change)
 Join rules are registry.decide_join's (applied inside the store's transaction), not this module's.
 """
 
@@ -19,7 +22,10 @@ from collections import Counter
 from collections.abc import Container
 from dataclasses import dataclass
 
+import logging
+
 from meshwg.signaling import protocol as P
+from signal_server import routes as R
 from signal_server.directory import PLAIN, Directory, Node
 from signal_server.punch import PunchCoordinator
 
@@ -41,6 +47,19 @@ class Drop:
 @dataclass(frozen=True)
 class Allow:
     key: bytes
+
+
+@dataclass(frozen=True)
+class AdvertiseRoutes:
+    key: bytes
+    routes: tuple
+    exit_node: bool
+
+
+@dataclass(frozen=True)
+class Log:
+    level: int
+    text: str
 
 
 class _DirChanged:
@@ -72,6 +91,11 @@ class ControlCore:
         self.connected = connected
         self.counters = Counter() if counters is None else counters
         self.punch = punch or PunchCoordinator()
+        # What no route may cover: the mesh prefixes, the server's own addresses (set_server_ips).
+        self.policy = R.Policy.make(directory.mesh_nets)
+        self._advertised: dict[bytes, tuple] = {}  # key -> the last advertisement sent to the store
+        self._routes_of: dict[bytes, tuple] = {}  # key -> (its row's routes, is_exit), before the policy
+        self._route_notes: dict[bytes, frozenset] = {}  # key -> what was last logged about its routes
 
     # --- candidates
 
@@ -96,6 +120,7 @@ class ControlCore:
         if key in self.directory.nodes:
             return []
         self.directory.put(node_from_row(row))
+        self._set_routes(key, row.routes, row.is_exit)
         return [Allow(key)] + self._plain_changed(row.kind)
 
     def session_ready(self, key: bytes, candidates: list) -> list:
@@ -154,13 +179,70 @@ class ControlCore:
         self.counters["sealed_forwarded"] += 1
         return [Send(to, {"type": P.T_SEALED, "from": key, "blob": blob})]
 
+    def _on_routes(self, key: bytes, m: dict, now: float) -> list:
+        parsed = P.routes_untrusted(m)
+        if parsed is None:
+            self.counters["control_bad_routes"] += 1
+            return []
+        sent = m.get("routes") or []
+        if len(sent) > len(parsed[0]):
+            self.counters["control_routes_dropped"] += len(sent) - len(parsed[0])  # junk, duplicates, over the cap
+        if self._advertised.get(key) == parsed or key not in self.directory.nodes:
+            return []  # said before (every reconnect repeats it): no write
+        self._advertised[key] = parsed
+        return [AdvertiseRoutes(key, *parsed)]
+
     # A message type a node may send on an open session -> its handler; anything else is counted and dropped.
     _HANDLERS = {
         P.T_HEARTBEAT: _on_heartbeat,
         P.T_CANDIDATES: _on_candidates,
         P.T_PUNCH_REQUEST: _on_punch_request,
         P.T_SEAL_SEND: _on_seal_send,
+        P.T_ROUTES: _on_routes,
     }
+
+    # --- subnet routes and exit nodes
+
+    def routes_recorded(self, key: bytes, row, plan, wall: float) -> list:
+        """The store took the node's advertisement (store.advertise_routes): its row, and the routes.Plan for
+        the log. Refused and pending routes are logged once per change of what there is to say."""
+        if row is None:
+            self._advertised.pop(key, None)
+            return []
+        effects = self.apply_row(key, row, wall)
+        notes = frozenset([(p, r) for p, r in plan.refused] + [(p, None) for p in plan.pending])
+        new = notes - self._route_notes.get(key, frozenset())
+        self._route_notes[key] = notes
+        for p in plan.auto_approved:
+            effects.append(Log(logging.INFO, f"node {row.name}: route {p} approved by its invite"))
+        for p, reason in sorted(new, key=lambda n: n[0]):
+            if reason is None:
+                effects.append(Log(logging.INFO, f"node {row.name} advertises {p}, pending approval "
+                                                 f"(meshwg-signal routes approve {row.name} {p})"))
+            else:
+                self.counters["routes_refused"] += 1
+                effects.append(Log(logging.WARNING, f"node {row.name}: route {p} refused: {reason}"))
+        return effects
+
+    def set_server_ips(self, ips) -> list:
+        """The addresses the server is reached at changed: no route may contain one (every node's again)."""
+        policy = R.Policy.make(self.directory.mesh_nets, ips)
+        if policy == self.policy:
+            return []
+        self.policy = policy
+        changed = False
+        for key, (subnets, is_exit) in self._routes_of.items():
+            changed |= self._set_routes(key, subnets, is_exit)
+        return [DIR_CHANGED] if changed else []
+
+    def _set_routes(self, key: bytes, subnets: tuple, is_exit: bool) -> bool:
+        """The node's routes as its row has them; peers get those the policy allows. True when its entry changed."""
+        if subnets or is_exit:
+            self._routes_of[key] = (subnets, is_exit)
+        else:
+            self._routes_of.pop(key, None)
+        shown, exit_ok = R.visible([*subnets, *([R.EXIT] if is_exit else [])], self.policy.forbidden)
+        return self.directory.update(key, routes=shown, is_exit=exit_ok)
 
     # --- registry changes (the change feed, expiry)
 
@@ -169,6 +251,8 @@ class ControlCore:
         return [PLAIN_CHANGED] if kind == PLAIN or self.directory.plain else []
 
     def drop(self, key: bytes, reason: str) -> list:
+        for table in (self._advertised, self._routes_of, self._route_notes):
+            table.pop(key, None)
         node = self.directory.remove(key)
         kind = node.kind if node is not None else "node"
         self.counters[f"{'plain' if kind == PLAIN else 'nodes'}_{reason}"] += 1
@@ -184,11 +268,13 @@ class ControlCore:
             return self.drop(key, "removed") + self.apply_row(key, row, wall)
         if node is None:
             self.directory.put(node_from_row(row))
+            self._set_routes(key, row.routes, row.is_exit)
             # A plain peer never gets a relay session: nodes' frames to its key go to the plain port.
             return ([] if row.kind == PLAIN else [Allow(key)]) + [DIR_CHANGED] + self._plain_changed(row.kind)
+        changed = self._set_routes(key, row.routes, row.is_exit)
         if self.directory.update(key, name=row.name, expires=row.expires, targets=frozenset(row.targets)):
             return [DIR_CHANGED] + ([PLAIN_CHANGED] if row.kind == PLAIN else [])
-        return []
+        return [DIR_CHANGED] if changed else []
 
     def resync(self, rows, wall: float) -> list:
         """Every node row (at start, or after the feed was pruned past us): bring the directory in line."""

@@ -119,6 +119,7 @@ class ControlListener:
                 srv.control_limits.release(peer_ip)
             if session is not None:
                 session.local_host = local_host
+                await srv.note_local_address(local_host)  # no approved route may contain it
                 await self.run_session(session)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError):
             self.counters["control_io_errors"] += 1

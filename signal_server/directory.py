@@ -9,6 +9,9 @@ peer could be reached at (no loopback, unspecified, multicast, broadcast, nor th
 "observed" is set here alone, from where the server saw the node's relay traffic, and keeps its slot in
 the entry however many candidates the node reports. Every node filters entries again (meshwg/mesh/peer_entry).
 
+A node's entry carries its approved, advertised subnet routes ("routes": [cidr...], omitted when none) and
+"exit": true when it is an approved exit node (issue 12; signal_server/routes.py decides what is approved).
+
 Plain WireGuard peers (kind "plain", issue 12) are entries too, visible only to their target nodes (`visible`):
 no other subscriber is ever sent their key, in a snapshot, an update or a removal. Their entry says
 `"kind": "plain"`, has no candidates and is never online; they subscribe to nothing (they have no session).
@@ -40,6 +43,8 @@ class Node:
     online: bool = False
     kind: str = "node"  # or PLAIN
     targets: frozenset = frozenset()  # a plain peer's: the node ids that may see it
+    routes: tuple = ()  # its approved, advertised subnet routes (canonical CIDR text, sorted)
+    is_exit: bool = False  # an approved exit node that advertises itself as one
     _packed: bytes | None = None
 
     def entry(self) -> dict:
@@ -56,6 +61,10 @@ class Node:
             "cand": cands,
             "online": self.online,
         }
+        if self.routes:  # omitted when none: old clients ignore unknown fields, new ones read absent as none
+            e["routes"] = list(self.routes)
+        if self.is_exit:
+            e["exit"] = True
         if self.kind == PLAIN:
             e.update(cand=[], online=False, kind=PLAIN)  # reached through the relay's plain port, never directly
         return e

@@ -29,6 +29,9 @@ class InviteRow:
     created: float
     revoked: bool
     uses: int
+    # Routes a node joined with this invite has approved as soon as it advertises them (CIDR text, or "exit";
+    # routes.auto_covers). A revoked invite approves nothing more.
+    auto_routes: tuple = ()
 
 
 def hash_secret(secret: bytes) -> bytes:

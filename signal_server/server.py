@@ -21,7 +21,7 @@ from meshwg.signaling.invite import join_hostport
 from signal_server import metrics
 from signal_server import store_api as api
 from signal_server.conn_limits import SourceLimits, relay_tcp_caps
-from signal_server.control_core import DIR_CHANGED, PLAIN_CHANGED, Allow, ControlCore, Drop, Send
+from signal_server.control_core import DIR_CHANGED, PLAIN_CHANGED, AdvertiseRoutes, Allow, ControlCore, Drop, Log, Send
 from signal_server.control_listener import ControlListener, Session, advertised
 from signal_server.directory import Directory
 from signal_server.lograte import RepeatLimiter, install_repeat_filter
@@ -31,6 +31,7 @@ from signal_server.relay import RelayCore
 from signal_server.relay_tcp import RelayTcp
 from signal_server.relay_udp import RelayUdp
 from signal_server.store import wide_modes
+from signal_server.stun_responder import WILDCARDS
 
 __all__ = ["Bound", "ServerConfig", "Session", "SignalServer"]
 
@@ -72,6 +73,7 @@ class ServerConfig:
     relay_tcp_fd_share: float = 0.25  # the other descriptors stay for the control listener and its sessions
     relay_hello_timeout: float = 3.0  # a relay TCP connection without a relay session this long is closed
     log_repeat_interval: float = 30.0  # the same log line (accept errors, ...) at most this often
+    routes_interval: float = 0.05  # node advertisements are written at most this often (a burst merges)
     db_poll: float = 0.1  # how often the change feed is checked for other processes' writes (admin CLI, relay)
     control_enabled: bool = True  # False: `meshwg-signal relay` (relay + STUN only)
     synchronous: str = "NORMAL"  # SQLite: NORMAL survives kill -9; FULL also survives power loss
@@ -118,6 +120,9 @@ class SignalServer:
         self.relay_udp = RelayUdp(self)
         self.relay_tcp_listener = RelayTcp(self, self.relay_udp.relay_send)
         self.started = time.monotonic()
+        self._routes_pending: dict[bytes, AdvertiseRoutes] = {}  # the newest advertisement of each node not written
+        self._routes_wake = trio.Event()
+        self._server_ips: set[str] = set()  # where nodes reach us (no route may contain one)
         # The feed from here on; the full read below covers what came before (a change seen twice is harmless).
         self._seq = self.store.change_head()
         self.apply(self.core.resync(self.store.list_nodes(), time.time()))
@@ -154,7 +159,13 @@ class SignalServer:
             elif isinstance(e, Allow):
                 self.relay.allowed.add(e.key)
             elif isinstance(e, Drop):
+                self._routes_pending.pop(e.key, None)
                 self._drop(e.key, e.reason)
+            elif isinstance(e, AdvertiseRoutes):
+                self._routes_pending[e.key] = e  # the newest replaces one not yet written
+                self._routes_wake.set()
+            elif isinstance(e, Log):
+                log.log(e.level, "%s", e.text)
         if plain_changed:
             self._sync_plain()
 
@@ -235,6 +246,7 @@ class SignalServer:
                 nursery.start_soon(metrics.serve_metrics, ls, self.render_metrics)
             self._publish_addresses()
             nursery.start_soon(self._housekeeping)
+            nursery.start_soon(self._routes_writer)
             nursery.start_soon(self.control_listener.flusher)
             log.info(
                 "serving: control %s, udp (stun+relay) %s, stun alternate %s, relay tcp %s, plain wireguard %s, "
@@ -263,6 +275,52 @@ class SignalServer:
             self.store.meta_set("metrics_addrs", json.dumps([join_hostport(h, p) for h, p in self.bound.metrics]))
         if self.bound.plain:  # the Endpoint of plain peers' configs (`meshwg-signal plain add/config`)
             self.store.meta_set("plain_addrs", json.dumps(advertised(self.bound.plain, self.cfg.advertise)))
+        if self.cfg.control_enabled:
+            b = self.bound
+            bound = [h for h, _ in (*b.control, *b.udp, *b.stun_alt, *b.relay_tcp, *b.plain) if h not in WILDCARDS]
+            if self._add_server_ips([*bound, self.cfg.advertise or ""]):
+                self.store.meta_set("server_addrs", json.dumps(sorted(self._server_ips)))
+
+    # --- subnet routes and exit nodes
+
+    def _add_server_ips(self, ips) -> bool:
+        """Where nodes reach us (bound addresses, --advertise, the local address of each control session): the
+        core refuses routes containing one. True when the set grew: the caller publishes it then (meta
+        server_addrs, which `meshwg-signal routes approve` reads)."""
+        new = {ip for ip in ips if ip and ip not in WILDCARDS} - self._server_ips
+        if not new:
+            return False
+        self._server_ips |= new
+        self.apply(self.core.set_server_ips(self._server_ips))
+        return True
+
+    async def note_local_address(self, host: str) -> None:
+        """A control session reached us at `host`: one more address no route may contain."""
+        if self._add_server_ips([host]):
+            await self._db(self.store.meta_set, "server_addrs", json.dumps(sorted(self._server_ips)))
+
+    async def _routes_writer(self) -> None:
+        """Writes the nodes' advertisements (the store decides what its invite approves) and applies the rows:
+        peers hear of a change at the next directory flush. At most one write round per routes_interval, so a
+        node that keeps changing its advertisement costs a bounded share of the database."""
+        while True:
+            await self._routes_wake.wait()
+            self._routes_wake = trio.Event()
+            pending, self._routes_pending = self._routes_pending, {}
+            for key, adv in pending.items():
+                try:
+                    row, plan = await self._db(self.store.advertise_routes, key, adv.routes, adv.exit_node,
+                                               self.core.policy.forbidden)
+                except Exception:  # a busy database: tried again next round, unless a newer one came meanwhile
+                    self.log_repeat.log(log, logging.ERROR, "routes_db", time.monotonic(),
+                                        "storing the routes of %s failed; will retry", key_to_base64(key),
+                                        exc_info=True)
+                    self.counters["db_errors"] += 1
+                    self._routes_pending.setdefault(key, adv)
+                    self._routes_wake.set()
+                    continue
+                self.apply(self.core.routes_recorded(key, row, plan, time.time()))
+            await trio.sleep(self.cfg.routes_interval)
 
     # --- the change feed and expiry
 

@@ -19,10 +19,10 @@ import os
 import sqlite3
 import stat
 from meshwg.config.keys import generate_private_key, key_to_base64
-from signal_server import ipam, registry
+from signal_server import ipam, registry, routes
 from signal_server import store_api as api
 from signal_server.invites import InviteRow, hash_secret, normalize_name
-from signal_server.store_api import Change, NodeRow, NoIdentity, StoreError  # noqa: F401 (re-exported)
+from signal_server.store_api import Change, NodeRow, NoIdentity, RouteRow, StoreError  # noqa: F401 (re-exported)
 
 # Schema version N is MIGRATIONS[N - 1]; a database opened by older code (no schema_version) is version 1.
 MIGRATIONS = (
@@ -49,6 +49,15 @@ ALTER TABLE nodes ADD COLUMN kind TEXT NOT NULL DEFAULT 'node';
 ALTER TABLE nodes ADD COLUMN private_key BLOB;
 ALTER TABLE nodes ADD COLUMN targets TEXT;
 ALTER TABLE nodes ADD COLUMN exit_node INTEGER;
+""",
+    # 4: subnet routes and exit nodes (issue 12; routes.py): per node and prefix (or 'exit') whether the node
+    # advertises it and the administrator's decision (NULL pending, 1 approved, 0 rejected); invites carry the
+    # routes they approve at once (JSON list)
+    """
+CREATE TABLE IF NOT EXISTS routes (
+  node_id INTEGER NOT NULL, prefix TEXT NOT NULL, advertised INTEGER NOT NULL DEFAULT 0, approved INTEGER,
+  PRIMARY KEY (node_id, prefix));
+ALTER TABLE invites ADD COLUMN auto_routes TEXT;
 """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -81,7 +90,7 @@ def wide_modes(path: str) -> list[tuple[str, int]]:
 
 
 _NODE_COLS = "id, pubkey, name, ipv4, ipv6, created, last_seen, expires, invite_id, tag, kind, private_key, targets, exit_node"
-_INVITE_COLS = "id, secret_hash, reusable, expires, tag, created, revoked, uses"
+_INVITE_COLS = "id, secret_hash, reusable, expires, tag, created, revoked, uses, auto_routes"
 
 
 class SqliteStore:
@@ -272,11 +281,13 @@ class SqliteStore:
 
     # --- invites
 
-    def create_invite(self, invite_id: str, secret: bytes, reusable: bool, expires: float | None, tag: str, wall: float):
+    def create_invite(self, invite_id: str, secret: bytes, reusable: bool, expires: float | None, tag: str, wall: float,
+                      auto_routes: tuple = ()):
         with self._tx():
             self.db.execute(
-                "INSERT INTO invites(id, secret_hash, reusable, expires, tag, created) VALUES(?,?,?,?,?,?)",
-                (invite_id, hash_secret(secret), int(reusable), expires, tag, wall),
+                "INSERT INTO invites(id, secret_hash, reusable, expires, tag, created, auto_routes) VALUES(?,?,?,?,?,?,?)",
+                (invite_id, hash_secret(secret), int(reusable), expires, tag, wall,
+                 json.dumps(list(auto_routes)) if auto_routes else None),
             )
             self._log(api.INVITE)
 
@@ -297,17 +308,25 @@ class SqliteStore:
 
     # --- nodes
 
-    def _node(self, row) -> NodeRow:
+    def _node(self, row, live_routes=None) -> NodeRow:
+        """A NodeRow; live_routes: its advertised and approved prefixes (read here when not given)."""
         priv, targets = row[11], row[12]
+        if live_routes is None:
+            live_routes = [r[0] for r in self.db.execute(
+                "SELECT prefix FROM routes WHERE node_id=? AND advertised=1 AND approved=1", (row[0],))]
+        subnets, is_exit = routes.visible(live_routes, lambda p: None)
         return NodeRow(row[0], bytes(row[1]), *row[2:11], None if priv is None else bytes(priv),
-                       tuple(json.loads(targets)) if targets else (), row[13])
+                       tuple(json.loads(targets)) if targets else (), row[13], subnets, is_exit)
 
     def get_node(self, key: bytes) -> NodeRow | None:
         row = self.db.execute(f"SELECT {_NODE_COLS} FROM nodes WHERE pubkey=?", (key,)).fetchone()
         return self._node(row) if row else None
 
     def list_nodes(self) -> list[NodeRow]:
-        return [self._node(r) for r in self.db.execute(f"SELECT {_NODE_COLS} FROM nodes ORDER BY id")]
+        live: dict[int, list] = {}
+        for node_id, prefix in self.db.execute("SELECT node_id, prefix FROM routes WHERE advertised=1 AND approved=1"):
+            live.setdefault(node_id, []).append(prefix)
+        return [self._node(r, live.get(r[0], [])) for r in self.db.execute(f"SELECT {_NODE_COLS} FROM nodes ORDER BY id")]
 
     def find_node(self, ident: str) -> NodeRow | None:
         """By id, name, or (a prefix of) the base64/hex public key."""
@@ -394,6 +413,7 @@ class SqliteStore:
             if row is None:
                 return False
             self.db.execute("DELETE FROM nodes WHERE id=?", (node_id,))
+            self.db.execute("DELETE FROM routes WHERE node_id=?", (node_id,))
             self.db.execute(
                 "INSERT INTO removed_keys(pubkey, removed_at) VALUES(?, ?) "
                 "ON CONFLICT(pubkey) DO UPDATE SET removed_at=excluded.removed_at",
@@ -461,6 +481,80 @@ class SqliteStore:
             self._log(api.JOIN, public_key, node_id)
             return self.get_node(public_key)
 
+    # --- subnet routes and exit nodes
+
+    def advertise_routes(self, key: bytes, prefixes: tuple, exit_node: bool, forbidden):
+        """The node `key` advertises `prefixes` (canonical CIDR text) and, if exit_node, itself as an exit node:
+        its whole advertisement. Routes its invite auto-approves are approved now (routes.plan_advertisement;
+        forbidden: routes.Policy.forbidden). Returns (its row, the routes.Plan), (None, None) for no node;
+        appends a ROUTES change when something changed."""
+        with self._tx():
+            row = self.db.execute("SELECT id, invite_id, kind FROM nodes WHERE pubkey=?", (key,)).fetchone()
+            if row is None or row[2] != api.NODE:
+                return None, None
+            node_id, invite_id = row[0], row[1]
+            stored = {p: (bool(a), None if d is None else bool(d)) for p, a, d in self.db.execute(
+                "SELECT prefix, advertised, approved FROM routes WHERE node_id=?", (node_id,))}
+            invite = self._invite(invite_id) if invite_id else None
+            auto = invite.auto_routes if invite is not None and not invite.revoked else None
+            plan = routes.plan_advertisement(prefixes, exit_node, {p: d for p, (_, d) in stored.items()}, auto,
+                                             self._approved_elsewhere(node_id), forbidden)
+            if plan.rows != stored:
+                self.db.execute("DELETE FROM routes WHERE node_id=?", (node_id,))
+                self.db.executemany(
+                    "INSERT INTO routes(node_id, prefix, advertised, approved) VALUES(?,?,?,?)",
+                    [(node_id, p, int(a), None if d is None else int(d)) for p, (a, d) in plan.rows.items()])
+                self._log(api.ROUTES, key, node_id)
+            return self.get_node(key), plan
+
+    def _approved_elsewhere(self, node_id: int) -> list[tuple[str, str]]:
+        """The (node name, prefix) approved routes of every other node (advertised now or not)."""
+        return [(r[0], r[1]) for r in self.db.execute(
+            "SELECT nodes.name, routes.prefix FROM routes JOIN nodes ON nodes.id = routes.node_id "
+            "WHERE routes.approved=1 AND routes.node_id != ? ORDER BY nodes.id, routes.prefix", (node_id,))]
+
+    def list_routes(self) -> list[RouteRow]:
+        rows = self.db.execute("SELECT node_id, prefix, advertised, approved FROM routes ORDER BY node_id, prefix")
+        return [RouteRow(n, p, bool(a), None if d is None else bool(d)) for n, p, a, d in rows]
+
+    def _route_node(self, node_id: int) -> bytes:
+        row = self.db.execute("SELECT pubkey, kind FROM nodes WHERE id=?", (node_id,)).fetchone()
+        if row is None or row[1] != api.NODE:
+            raise ValueError(f"no node {node_id}")
+        return bytes(row[0])
+
+    def _decide_route(self, node_id: int, prefix: str, decision: bool) -> RouteRow:
+        key = self._route_node(node_id)
+        old = self.db.execute("SELECT advertised, approved FROM routes WHERE node_id=? AND prefix=?",
+                              (node_id, prefix)).fetchone()
+        if old is not None and old[1] is not None and bool(old[1]) == decision:
+            return RouteRow(node_id, prefix, bool(old[0]), decision)  # nothing changes, nothing to tell
+        self.db.execute("INSERT INTO routes(node_id, prefix, advertised, approved) VALUES(?,?,0,?) "
+                        "ON CONFLICT(node_id, prefix) DO UPDATE SET approved=excluded.approved",
+                        (node_id, prefix, int(decision)))
+        self._log(api.ROUTES, key, node_id)
+        return RouteRow(node_id, prefix, bool(old and old[0]), decision)
+
+    def approve_route(self, node_id: int, prefix: str) -> RouteRow:
+        """Approve `prefix` (canonical CIDR text or routes.EXIT) for the node, advertised or not yet. Raises
+        ValueError (one line) for no such node or an overlap with another node's approved route; the caller
+        checks routes.Policy.forbidden first (it knows the mesh prefixes and the server's addresses)."""
+        with self._tx():
+            self._route_node(node_id)
+            reason = routes.overlap(prefix, self._approved_elsewhere(node_id))
+            if reason is not None:
+                raise ValueError(f"{prefix} {reason}")
+            return self._decide_route(node_id, prefix, True)
+
+    def reject_route(self, node_id: int, prefix: str) -> RouteRow:
+        """Reject `prefix` for the node: peers lose it, and it is not approved again, by an invite either, until
+        approved by hand. Raises ValueError for no such node or a route the node neither advertises nor had."""
+        with self._tx():
+            self._route_node(node_id)
+            if self.db.execute("SELECT 1 FROM routes WHERE node_id=? AND prefix=?", (node_id, prefix)).fetchone() is None:
+                raise ValueError(f"node {node_id} has no route {prefix} (`meshwg-signal routes list` shows them)")
+            return self._decide_route(node_id, prefix, False)
+
     def touch(self, key: bytes, wall: float) -> None:
         with self._tx():
             if self.db.execute("UPDATE nodes SET last_seen=? WHERE pubkey=?", (wall, key)).rowcount:
@@ -525,7 +619,8 @@ def restore_copy(backup: str, dest: str) -> None:
 
 
 def _invite_row(row) -> InviteRow:
-    return InviteRow(row[0], bytes(row[1]), bool(row[2]), row[3], row[4], row[5], bool(row[6]), row[7])
+    return InviteRow(row[0], bytes(row[1]), bool(row[2]), row[3], row[4], row[5], bool(row[6]), row[7],
+                     tuple(json.loads(row[8])) if row[8] else ())
 
 
 Store = SqliteStore  # the name the CLI, tests and older code import

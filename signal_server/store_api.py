@@ -44,6 +44,10 @@ class NodeRow:
     private_key: bytes | None = None
     targets: tuple = ()
     exit_node: int | None = None
+    # A node's subnet routes that are advertised and approved (canonical CIDR text, sorted; routes.py), and
+    # whether it is an advertised and approved exit node: what its peers route through it.
+    routes: tuple = ()
+    is_exit: bool = False
 
     def live(self, wall: float) -> bool:
         """Not expired at wall-clock time `wall`."""
@@ -53,9 +57,10 @@ class NodeRow:
 # Change kinds. A node kind names the node whose row changed (re-read it); the others carry no node.
 JOIN, READMIT, RENAME, EXPIRE, REMOVE, TOUCH = "join", "readmit", "rename", "expire", "remove", "touch"
 INVITE, META = "invite", "meta"
+ROUTES = "routes"  # a node's advertised routes or their approval changed (its row's routes/is_exit)
 NODE, PLAIN = "node", "plain"  # NodeRow.kind
 RESYNC = "resync"  # the reader missed pruned changes: re-read every node once
-NODE_KINDS = frozenset({JOIN, READMIT, RENAME, EXPIRE, REMOVE})  # what peers or the relay see changed
+NODE_KINDS = frozenset({JOIN, READMIT, RENAME, EXPIRE, REMOVE, ROUTES})  # what peers or the relay see changed
 KINDS = NODE_KINDS | {TOUCH, INVITE, META, RESYNC}
 
 
@@ -65,6 +70,16 @@ class Change:
     kind: str
     key: bytes | None = None
     node_id: int | None = None
+
+
+@dataclass(frozen=True)
+class RouteRow:
+    """One (node, prefix) of the routes table: prefix is canonical CIDR text or routes.EXIT; advertised: the node
+    advertises it now; decision: None (pending), True (approved) or False (rejected)."""
+    node_id: int
+    prefix: str
+    advertised: bool
+    decision: bool | None
 
 
 @runtime_checkable
@@ -83,7 +98,7 @@ class Store(Protocol):
 
     # --- invites
     def create_invite(self, invite_id: str, secret: bytes, reusable: bool, expires: float | None, tag: str,
-                      wall: float) -> None: ...
+                      wall: float, auto_routes: tuple = ()) -> None: ...
     def list_invites(self) -> list[InviteRow]: ...
     def revoke_invite(self, invite_id: str) -> bool: ...
 
@@ -103,6 +118,12 @@ class Store(Protocol):
                   exit_node: int | None, wall: float, prefix4=None, prefix6=None) -> NodeRow: ...
     def list_plain(self) -> list[NodeRow]: ...
     def set_plain_key(self, node_id: int, public_key: bytes, private_key: bytes | None) -> NodeRow: ...
+
+    # --- subnet routes and exit nodes (routes.py holds the rules; every change appends a ROUTES change)
+    def advertise_routes(self, key: bytes, prefixes: tuple, exit_node: bool, forbidden: Callable): ...
+    def list_routes(self) -> list[RouteRow]: ...
+    def approve_route(self, node_id: int, prefix: str) -> RouteRow: ...
+    def reject_route(self, node_id: int, prefix: str) -> RouteRow: ...
 
     # --- change feed
     def change_head(self) -> int: ...

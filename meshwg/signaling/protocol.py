@@ -47,6 +47,9 @@ T_HEARTBEAT = "hb"  # {seq}
 T_CANDIDATES = "candidates"  # {candidates}
 T_PUNCH_REQUEST = "punch_req"  # {peer: key32}
 T_SEAL_SEND = "seal_send"  # {to: key32, blob: bytes}
+# {routes: [cidr...], exit_node: bool}: the node's whole advertisement of subnet routes (replaces the last one);
+# sent after every welcome and on each change. Default routes are never in "routes": exit_node says that.
+T_ROUTES = "routes"
 # server -> node
 T_WELCOME = "welcome"  # {node_id, name, ipv4, ipv6, prefixes, stun, relay_udp, relay_tcp, proto}
 T_ERROR = "error"  # {code, message}; the server closes after sending it
@@ -209,3 +212,33 @@ def candidates_untrusted(value, limit: int = 16) -> list[tuple[str, int, str]] |
             return None
         out.append((ip, port, kind))
     return out
+
+
+MAX_ROUTES = 64  # prefixes in one advertisement (and in a directory entry's "routes")
+_MAX_CIDR_TEXT = 64  # longer than any IPv6 prefix in text: junk, not parsed
+
+
+def routes_untrusted(msg) -> tuple[tuple[str, ...], bool] | None:
+    """(canonical prefixes, exit_node) of a T_ROUTES message, None when it is malformed (routes not a list,
+    exit_node not a bool). Prefixes that are not CIDR text with the host bits clear are dropped (the caller
+    counts len(routes) - len(result)); the rest come back canonical (ipaddress's text), deduplicated, sorted,
+    at most MAX_ROUTES of them."""
+    import ipaddress
+
+    if not isinstance(msg, dict):
+        return None
+    routes, exit_node = msg.get("routes", []), msg.get("exit_node", False)
+    if not isinstance(routes, (list, tuple)) or not isinstance(exit_node, bool):
+        return None
+    nets = set()
+    for text in routes:
+        if len(nets) >= MAX_ROUTES:
+            break
+        if not isinstance(text, str) or len(text) > _MAX_CIDR_TEXT or "/" not in text:
+            continue  # a bare address is no prefix: the node means a /32 or /128, and must say so
+        try:
+            nets.add(ipaddress.ip_network(text, strict=True))
+        except ValueError:
+            continue
+    ordered = sorted(nets, key=lambda n: (n.version, n.network_address, n.prefixlen))
+    return tuple(str(n) for n in ordered), exit_node
