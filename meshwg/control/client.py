@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import random
@@ -72,9 +73,31 @@ def _peer_untrusted(raw) -> PeerInfo | None:
             return None
         cands = P.candidates_untrusted(e.get("cand", [])) or []
         return PeerInfo(e["key"], int(e["id"]), str(e["name"]), str(e["ipv4"]), str(e["ipv6"]), tuple(cands),
-                        bool(e["online"]), kind)
+                        bool(e["online"]), kind, entry_routes_untrusted(e.get("routes")), e.get("exit") is True)
     except (KeyError, TypeError, ValueError, OverflowError):  # int(inf) is an OverflowError
         return None
+
+
+MAX_ENTRY_ROUTES = 64   # as many as a node may advertise (the routes contract)
+
+
+def entry_routes_untrusted(value) -> tuple:
+    """An entry's "routes" field as canonical CIDR texts; a bad prefix (not text, host bits set, a default route)
+    is dropped alone, a non-list or one past MAX_ENTRY_ROUTES counts as none. Whether each may be routed here is
+    meshwg.mesh.peer_entry's call."""
+    if not isinstance(value, list) or len(value) > MAX_ENTRY_ROUTES:
+        return ()
+    out = []
+    for text in value:
+        if not isinstance(text, str) or len(text) > 64:
+            continue
+        try:
+            net = ipaddress.ip_network(text, strict=True)
+        except ValueError:
+            continue
+        if net.prefixlen and str(net) not in out:
+            out.append(str(net))
+    return tuple(out)
 
 
 class ControlConnection:

@@ -36,6 +36,10 @@ class PeerInfo:
     # "node": a mesh node (discovery, candidates); "plain": a stock WireGuard device the server manages, reached
     # only through the relay's plain port (issue 12). PEER_KINDS lists them; any other kind is dropped on arrival.
     kind: str = "node"
+    # Subnet routes and exit nodes (issue 12): the peer's APPROVED routes (canonical CIDR text, never a default
+    # route) and whether it is an approved exit node. What this node routes to it is meshwg.mesh.peer_entry's call.
+    routes: tuple = ()
+    exit_node: bool = False
 
 
 PEER_KINDS = ("node", "plain")

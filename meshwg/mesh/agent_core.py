@@ -16,6 +16,8 @@ Inputs:  the control client's events (meshwg.control.events): Connected, Disconn
          CandidatesAccepted(candidates)            a ReportCandidates went out on the connection
          Restun()                                  STUN again now (netcheck)
          Tick()                                    every TICK_INTERVAL: punch requests, a deferred cache write
+         SetRouting(choice)                        what we advertise, which exit node we use (a RoutingChoice);
+                                                   check it first with routing_refused()
 Actions: SetAddresses(addresses)                   the interface's mesh addresses (CIDR)
          ConfigureRelay(server_key, udp, tcp)      the relay servers from the welcome
          RelayServerRestarted()                    the control channel came back: hello the relay now
@@ -25,6 +27,11 @@ Actions: SetAddresses(addresses)                   the interface's mesh addresse
          WriteCache(welcome, peers, listen_port)   the netmap cache
          Stop(reason)                              this node's membership ended
          Log(level, message)                       level: "debug" | "info" | "warning"
+         ReportRoutes(routes, exit_node)           send our advertisement (T_ROUTES): after every welcome and on
+                                                   a change while connected
+         Advertise(choice)                         the OS side of advertising: forwarding, masquerade
+         UseExitNode(key, name)                    policy routing through that peer's 0.0.0.0/0, ::/0 (key None:
+                                                   none in use, the rules removed)
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ from meshwg.control.events import (Connected, DirectoryReset, Disconnected, Peer
                                    PunchFailed, PunchNotice, Removed, SealedMessage, Welcome)
 from meshwg.mesh.netmap import PeerSpec
 from meshwg.mesh.node import LocalEndpointsChanged, MeshNode
-from meshwg.mesh.peer_entry import entry_policy, host_cidr, peer_spec
+from meshwg.mesh.peer_entry import entry_policy, host_cidr, peer_routes, peer_spec, resolve_routes
+from meshwg.mesh.routing import RoutingChoice, mesh_overlap
 from meshwg.mesh.punch_policy import PUNCH_WATCH_INTERVAL, CandidateReport, PathState, PunchPolicy, local_candidates
 
 TICK_INTERVAL = PUNCH_WATCH_INTERVAL
@@ -56,6 +64,12 @@ class CacheLoaded:
 class LocalAddresses:
     ips: tuple              # global unicast addresses of the host's interfaces
     port: int               # the shared UDP socket's port
+    prefixes: tuple = ()    # the networks of those interfaces (CIDR texts): never routed into the mesh
+
+
+@dataclass(frozen=True)
+class SetRouting:
+    choice: RoutingChoice
 
 
 @dataclass(frozen=True)
@@ -124,6 +138,23 @@ class Log:
     message: str
 
 
+@dataclass(frozen=True)
+class ReportRoutes:
+    routes: tuple
+    exit_node: bool
+
+
+@dataclass(frozen=True)
+class Advertise:
+    choice: RoutingChoice
+
+
+@dataclass(frozen=True)
+class UseExitNode:
+    key: bytes | None
+    name: str | None
+
+
 def update_directory(peers: dict[bytes, PeerInfo], ev) -> bool:
     """Fold one control event into `peers` (key -> PeerInfo); True when an entry changed. A punch notice
     carries the freshest entry the server has; other events leave the directory alone."""
@@ -158,13 +189,19 @@ class AgentCore:
         self._cache_dirty = False
         self._cache_port: int | None = None         # the listen port the cache holds
         self._cache_next = -math.inf                # no cache write before then
+        self.routing = RoutingChoice()              # what we advertise, which exit node we use
+        self.lan: tuple = ()                        # our non-mesh interfaces' networks (LocalAddresses)
+        self._accepted: dict[bytes, tuple] = {}     # each peer's routes the entry policy allows
+        self._kept: dict[bytes, tuple] = {}         # ... after overlaps between peers (resolve_routes)
+        self.exit_key: bytes | None = None          # the exit node in use (chosen, present, approved)
         self._handlers = {
             Connected: self._connected, Disconnected: self._disconnected, DirectoryReset: self._reset,
             PeerChanged: self._peer_changed, PeerRemoved: self._peer_removed, PunchNotice: self._punch_notice,
             PunchFailed: self._punch_failed, Removed: self._removed, SealedMessage: _ignore,
             CacheLoaded: self._cache_loaded, LocalAddresses: self._local_addresses,
             LocalEndpointsChanged: _ignore,  # the candidates are looked at after every batch
-            CandidatesAccepted: self._accepted, Restun: self._restun, Tick: self._tick,
+            CandidatesAccepted: self._candidates_accepted, Restun: self._restun, Tick: self._tick,
+            SetRouting: self._set_routing,
         }
 
     def apply(self, inputs: Iterable, now: float) -> list:
@@ -193,6 +230,8 @@ class AgentCore:
         self.connected = True
         self.report.connection_changed()
         self._set_welcome(ev.welcome, now, out, from_server=True)
+        # Every welcome: the server keeps no advertisement across our connections (nor its own restarts).
+        out.append(ReportRoutes(self.routing.advertise, self.routing.advertise_exit))
         if reconnected:
             out.append(Log("info", "control connection back"))
             # The server (and its relay) may have restarted: without a fresh hello the relay drops
@@ -223,26 +262,26 @@ class AgentCore:
     # ---- the directory -------------------------------------------------------------------------
     def _reset(self, ev: DirectoryReset, now: float, out: list) -> None:
         self._cache_dirty |= update_directory(self.peers, ev)
-        self._hand_to_node(None, now)   # even unchanged: the welcome (the entry policy) may be new
+        self._hand_to_node(None, now, out)   # even unchanged: the welcome (the entry policy) may be new
 
     def _peer_changed(self, ev: PeerChanged, now: float, out: list) -> None:
         p = ev.peer
         old = self.peers.get(p.key)
         if update_directory(self.peers, ev):
             self._cache_dirty = True
-            self._hand_to_node(p.key, now)
+            self._hand_to_node(p.key, now, out)
         self.punch.peer_changed(p.key, p.online, p.candidates, None if old is None else (old.online, old.candidates))
 
     def _peer_removed(self, ev: PeerRemoved, now: float, out: list) -> None:
         if update_directory(self.peers, ev):
             self._cache_dirty = True
-            self._hand_to_node(ev.key, now)
+            self._hand_to_node(ev.key, now, out)
         self.punch.peer_removed(ev.key)
 
     def _punch_notice(self, ev: PunchNotice, now: float, out: list) -> None:
         if update_directory(self.peers, ev):   # the freshest candidates first, then the punch uses them
             self._cache_dirty = True
-            self._hand_to_node(ev.peer.key, now)
+            self._hand_to_node(ev.peer.key, now, out)
         self.node.punch(ev.peer.key, now)
         self.punch.punched(ev.peer.key, now)
 
@@ -254,25 +293,110 @@ class AgentCore:
         self._set_welcome(ev.welcome, now, out, from_server=False)
         self.peers = {p.key: p for p in ev.peers}
         self._cache_port = ev.listen_port
-        self._hand_to_node(None, now)
+        self._hand_to_node(None, now, out)
 
-    def _hand_to_node(self, changed: bytes | None, now: float) -> None:
+    def _hand_to_node(self, changed: bytes | None, now: float, out: list | None = None) -> None:
         """The directory to the node. `changed`: the one key just set or removed, so only its spec is
-        rebuilt (one event must not cost O(peers) spec parsing); None: every spec is rebuilt."""
+        rebuilt (one event must not cost O(peers) spec parsing), and the specs of peers whose routes or
+        exit role it changed; None: every spec is rebuilt."""
         # Cached entries too: nothing outside the mesh prefixes, nor a server's address, is routed.
-        policy = entry_policy(self.welcome, self.control_addrs)
+        policy = entry_policy(self.welcome, self.control_addrs, self.lan)
         drops = self.node.counters
         if changed is None:
-            self.specs = {k: peer_spec(p, policy, drops) for k, p in self.peers.items()}
-        elif changed in self.peers:
-            self.specs[changed] = peer_spec(self.peers[changed], policy, drops)
+            dirty = set(self.peers) | set(self.specs)
+            self._accepted = {k: r for k, p in self.peers.items() if (r := peer_routes(p, policy, drops))}
+            routes_moved = True
         else:
-            self.specs.pop(changed, None)
+            dirty = {changed}
+            before = self._accepted.pop(changed, ())
+            if changed in self.peers and (r := peer_routes(self.peers[changed], policy, drops)):
+                self._accepted[changed] = r
+            routes_moved = before != self._accepted.get(changed, ())
+        if routes_moved:
+            order = sorted(self._accepted, key=lambda k: (self.peers[k].node_id, k))
+            kept = resolve_routes([(k, self._accepted[k]) for k in order], drops)
+            dirty |= {k for k in set(kept) | set(self._kept) if kept.get(k) != self._kept.get(k)}
+            self._kept = kept
+        dirty |= self._update_exit(changed, out)
+        if changed is None:
+            self.specs = {}   # rebuilt in the directory's order
+        for k in (self.peers if changed is None else dirty):
+            if k in self.peers:
+                self.specs[k] = peer_spec(self.peers[k], policy, drops, self._kept.get(k, ()), k == self.exit_key)
+            else:
+                self.specs.pop(k, None)
         self.node.apply_netmap(self.specs, now)
+
+    def _update_exit(self, changed: bytes | None, out: list | None) -> set:
+        """Follow the exit node in use (the chosen name, present as an approved exit node); the keys whose
+        spec that changes. Looks the name up only when it can have moved (not O(peers) per event)."""
+        name, old = self.routing.exit_node, self.exit_key
+        cur = self.peers.get(old) if old is not None else None
+        if name is None:
+            new = None
+        elif changed is None or changed == old or cur is None or (
+                changed in self.peers and self.peers[changed].name == name):
+            new = next((k for k, p in self.peers.items() if p.name == name and p.exit_node and p.kind == "node"),
+                       None)
+        else:
+            new = old
+        if new == old:
+            return set()
+        self.exit_key = new
+        if out is not None:
+            out.append(UseExitNode(new, name if new is not None else None))
+            out.append(Log("info", f"exit node {name}: in use" if new is not None else
+                           f"exit node {name or self._exit_name(old)}: not in use"))
+        return {k for k in (old, new) if k is not None}
+
+    def _exit_name(self, key) -> str:
+        p = self.peers.get(key)
+        return p.name if p else "(gone)"
+
+    # ---- subnet routes and exit nodes ------------------------------------------------------------
+    def routing_refused(self, choice: RoutingChoice) -> str | None:
+        """A one-line reason a SetRouting must not be applied (naming the value), else None."""
+        w = self.welcome
+        if w is not None:
+            err = mesh_overlap(choice.advertise, (w.prefix4, w.prefix6))
+            if err:
+                return err
+        name = choice.exit_node
+        if name is not None and name != self.routing.exit_node:
+            if w is not None and name == w.name:
+                return f"exit node {name!r} is this node"
+            if not any(p.name == name for p in self.peers.values()):
+                return f"no peer named {name!r}"
+        return None
+
+    def _set_routing(self, ev: SetRouting, now: float, out: list) -> None:
+        old, new = self.routing, ev.choice
+        if new == old:
+            return
+        self.routing = new
+        if (new.advertise, new.advertise_exit, new.snat) != (old.advertise, old.advertise_exit, old.snat):
+            out.append(Advertise(new))
+        if (new.advertise, new.advertise_exit) != (old.advertise, old.advertise_exit) and self.connected:
+            out.append(ReportRoutes(new.advertise, new.advertise_exit))
+        if new.exit_node != old.exit_node:
+            self._update_exit_by_name(now, out)
+
+    def _update_exit_by_name(self, now: float, out: list) -> None:
+        dirty = self._update_exit(None, out)
+        if dirty:
+            policy = entry_policy(self.welcome, self.control_addrs, self.lan)
+            for k in dirty:
+                self.specs[k] = peer_spec(self.peers[k], policy, self.node.counters, self._kept.get(k, ()),
+                                          k == self.exit_key)
+            self.node.apply_netmap(self.specs, now)
 
     # ---- our own endpoints ---------------------------------------------------------------------
     def _local_addresses(self, ev: LocalAddresses, now: float, out: list) -> None:
         self.port = ev.port
+        if tuple(ev.prefixes) != self.lan:
+            self.lan = tuple(ev.prefixes)   # our LAN changed: which peers' routes may be routed here too
+            if self._accepted or any(p.routes for p in self.peers.values()):
+                self._hand_to_node(None, now, out)
         before = self.node.iface_endpoints
         self.node.set_local_endpoints([(ip, ev.port) for ip in ev.ips], now)
         # Before a welcome names STUN servers there is nothing to ask again.
@@ -283,7 +407,7 @@ class AgentCore:
     def _restun(self, ev: Restun, now: float, out: list) -> None:
         self.node.restun(now)
 
-    def _accepted(self, ev: CandidatesAccepted, now: float, out: list) -> None:
+    def _candidates_accepted(self, ev: CandidatesAccepted, now: float, out: list) -> None:
         self.report.accepted(list(ev.candidates))
 
     def _candidates(self, out: list) -> None:

@@ -10,6 +10,13 @@ corrupted server, or a stale cache, must not be able to:
   (no loopback, unspecified, multicast, broadcast, nor mesh addresses), the server's STUN and relay
   endpoints are no candidates, kinds come from a short list, and only the server's own observation
   ("observed") becomes a birthday target; a peer's "stun-eim"/"stun-edm" is a hint about its NAT only.
+- route what it should not through a peer's subnet routes (issue 12). A route overlapping the mesh
+  prefixes, containing a server's address, overlapping one of our own LAN prefixes (the networks on our
+  non-mesh interfaces: routing our own LAN into the tunnel cuts this node off it) or special space
+  (loopback, link-local, multicast), and a default route, is dropped and counted; of two peers' overlapping
+  routes the first in a stable order (node id, key) is kept and the other counted. 0.0.0.0/0 and ::/0 go
+  only to the exit node this node chose, and only while it is an approved exit node; the OS routes them by
+  policy routing, which keeps the server's and the LAN's traffic out of the tunnel.
 Server host names (an advertised DNS name) are not resolved here: only IP literals are excluded.
 """
 
@@ -33,6 +40,7 @@ class EntryPolicy:
     server_ips: frozenset = frozenset()         # control, STUN and relay hosts: never routed into the mesh
     server_endpoints: frozenset = frozenset()   # STUN and relay (ip, port): never a candidate
     own_ips: frozenset = frozenset()            # our own mesh addresses
+    lan_nets: tuple = ()                        # networks on our non-mesh interfaces: never routed into the mesh
 
     def address_refused(self, ip) -> str | None:
         """Why a peer's mesh address must not be routed to it (a drop counter name), else None."""
@@ -46,6 +54,20 @@ class EntryPolicy:
             return "drop_peer_addr_outside_mesh"
         return None
 
+    def route_refused(self, net) -> str | None:
+        """Why a peer's subnet route must not be routed to it (a drop counter name), else None."""
+        if net.prefixlen == 0:
+            return "drop_peer_route_default"
+        if any(_overlap(net, n) for n in _SPECIAL_NETS):
+            return "drop_peer_route_special"
+        if any(_overlap(net, n) for n in self.mesh_nets):
+            return "drop_peer_route_mesh"
+        if any(ip in net for ip in self.server_ips):
+            return "drop_peer_route_server"
+        if any(_overlap(net, n) for n in self.lan_nets):
+            return "drop_peer_route_lan"
+        return None
+
     def candidate_refused(self, addr: tuple, kind) -> str | None:
         """Why a peer's candidate must not be probed (a drop counter name), else None."""
         if not isinstance(kind, str) or (kind != KIND_OBSERVED and kind not in REPORTED_KINDS):
@@ -55,6 +77,15 @@ class EntryPolicy:
         if (_ip(addr[0]), addr[1]) in self.server_endpoints:
             return "drop_peer_candidate_server"
         return None
+
+
+_SPECIAL_NETS = tuple(ipaddress.ip_network(n) for n in (
+    "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "255.255.255.255/32", "::1/128", "fe80::/10", "ff00::/8"))
+DEFAULT_ROUTES = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+
+
+def _overlap(a, b) -> bool:
+    return a.version == b.version and a.overlaps(b)
 
 
 def _ip(host):
@@ -75,11 +106,13 @@ def host_cidr(addr) -> str | None:
 
 
 @functools.lru_cache(maxsize=8)
-def entry_policy(welcome, control_addrs: tuple = ()) -> EntryPolicy:
-    """The policy for a welcome (prefixes, our addresses, STUN and relay servers) and the invite's control
-    addresses ("host:port"). No welcome yet: nothing is routed (there is no mesh prefix to trust)."""
+def entry_policy(welcome, control_addrs: tuple = (), lan: tuple = ()) -> EntryPolicy:
+    """The policy for a welcome (prefixes, our addresses, STUN and relay servers), the invite's control
+    addresses ("host:port") and our LAN prefixes (CIDR texts of our non-mesh interfaces' networks).
+    No welcome yet: nothing is routed (there is no mesh prefix to trust)."""
     if welcome is None:
         return EntryPolicy()
+    lan_nets = tuple(n for n in map(parse_network, lan) if n is not None)
     nets = tuple(n for n in map(parse_network, (welcome.prefix4, welcome.prefix6)) if n is not None)
     endpoints = set()
     for host, port in (*welcome.stun, *welcome.relay_udp, *welcome.relay_tcp):
@@ -94,23 +127,75 @@ def entry_policy(welcome, control_addrs: tuple = ()) -> EntryPolicy:
         if ip is not None:
             server_ips.add(ip)
     own = {_ip(a.split("/")[0]) for a in (welcome.ipv4, welcome.ipv6) if isinstance(a, str) and a}
-    return EntryPolicy(nets, frozenset(server_ips), frozenset(endpoints), frozenset(own - {None}))
+    return EntryPolicy(nets, frozenset(server_ips), frozenset(endpoints), frozenset(own - {None}), lan_nets)
 
 
-def peer_spec(p, policy: EntryPolicy, drops: collections.Counter | None = None) -> PeerSpec:
-    """Directory entry (PeerInfo: key, name, ipv4, ipv6, candidates, kind) -> PeerSpec for the MeshNode.
-    What the policy refuses is left out and counted in `drops` (counter name -> count). A plain peer's
-    addresses follow the same rules; it has no candidates (any the entry names are ignored and counted)."""
+def peer_spec(p, policy: EntryPolicy, drops: collections.Counter | None = None, routes=None,
+              exit_node: bool = False) -> PeerSpec:
+    """Directory entry (PeerInfo: key, name, ipv4, ipv6, candidates, kind, routes, exit_node) -> PeerSpec for
+    the MeshNode. What the policy refuses is left out and counted in `drops` (counter name -> count). A plain
+    peer's addresses follow the same rules; it has no candidates (any the entry names are ignored and counted).
+    routes: the peer's subnet routes after every check (resolve_routes); None: peer_routes(p) alone (no other
+    peer to overlap). exit_node: this node chose this peer as its exit node; 0.0.0.0/0 and ::/0 are added only
+    if the entry says it is an approved exit node too."""
     if drops is None:
         drops = collections.Counter()
     addrs = _addresses(p, policy, drops)
     if p.kind == "plain":
         if p.candidates:
             drops["drop_peer_candidate_plain"] += len(p.candidates)
+        if routes is None:
+            peer_routes(p, policy, drops)   # counted: a plain peer routes nothing
         return PeerSpec.make(p.key, p.name, addrs, plain=True)
+    addrs += peer_routes(p, policy, drops) if routes is None else list(routes)
+    if exit_node and p.exit_node:
+        addrs += DEFAULT_ROUTES
     cands, observed, nat = _candidates(p, policy, drops)
     # One observation: the server sets one, and a birthday attempt aims at one address.
     return PeerSpec.make(p.key, p.name, addrs, cands, observed[:1], nat)
+
+
+def peer_routes(p, policy: EntryPolicy, drops: collections.Counter) -> tuple:
+    """A node's approved subnet routes that the policy allows (ip networks, entry order). A plain peer routes
+    nothing: its routes are ignored and counted."""
+    routes = getattr(p, "routes", ()) or ()
+    if p.kind == "plain":
+        if routes:
+            drops["drop_peer_route_plain"] += len(routes)
+        return ()
+    if not policy.mesh_nets:
+        return ()   # no welcome yet: nothing is routed (as for addresses)
+    out = []
+    for text in routes:
+        net = parse_network(text) if isinstance(text, str) else None
+        if net is None or str(net) != text:
+            drops["drop_peer_route_invalid"] += 1
+            continue
+        reason = policy.route_refused(net)
+        if reason:
+            drops[reason] += 1
+        elif net not in out:
+            out.append(net)
+    return tuple(out)
+
+
+def resolve_routes(candidates, drops: collections.Counter) -> dict:
+    """Overlapping routes of different peers: the first in the given order keeps its route, a later one
+    overlapping any kept route is dropped and counted. candidates: [(key, routes)] in a stable order (the
+    agent sorts by node id, then key); returns key -> the routes kept (peers with none left out)."""
+    kept: dict = {}
+    taken: list = []
+    for key, routes in candidates:
+        mine = []
+        for net in routes:
+            if any(_overlap(net, t) for t in taken):
+                drops["drop_peer_route_overlap"] += 1
+                continue
+            mine.append(net)
+        taken += mine
+        if mine:
+            kept[key] = tuple(mine)
+    return kept
 
 
 def _addresses(p, policy: EntryPolicy, drops: collections.Counter) -> list:
