@@ -10,6 +10,7 @@ from meshwg.config.keys import generate_private_key, key_from_base64, key_to_bas
 from meshwg.signaling.invite import Invite, split_hostport
 from meshwg.wg.crypto import dh_pub
 from meshwg.wg.crypto import dh_pub as public_key
+from signal_server import routes
 from signal_server.invites import SECRET_LEN
 from signal_server.plain_config import TargetNode, render_config
 from signal_server.store_api import NODE, Store
@@ -17,16 +18,18 @@ from signal_server.stun_responder import WILDCARDS
 
 
 def create_invite(store: Store, *, wall: float, reusable: bool = False, expires: float | None = None,
-                  tag: str = "", addrs=None) -> Invite:
-    """Record a new invite and return it; addrs default to the control addresses the server published."""
+                  tag: str = "", addrs=None, auto_routes=()) -> Invite:
+    """Record a new invite and return it; addrs default to the control addresses the server published.
+    auto_routes: CIDRs (or "exit") whose routes the nodes joining with it have approved as they advertise them."""
     addrs = list(addrs or json.loads(store.meta_get("control_addrs") or "[]"))
     if not addrs:
         raise ValueError("the server has not run yet; pass --addr HOST:PORT")
     for a in addrs:
         split_hostport(a)
+    auto = tuple(dict.fromkeys(_auto_route(store, r) for r in auto_routes))
     invite_id = secrets.token_hex(4)
     secret = secrets.token_bytes(SECRET_LEN)
-    store.create_invite(invite_id, secret, reusable, expires, tag, wall)
+    store.create_invite(invite_id, secret, reusable, expires, tag, wall, auto)
     return Invite(tuple(addrs), public_key(store.server_private_key(os.urandom)), invite_id, secret)
 
 
@@ -64,7 +67,9 @@ def add_plain(store: Store, *, name: str, to: list[str], wall: float, public_key
     targets = [find_target(store, t).node_id for t in to]
     exit_id = None
     if exit_node is not None:
-        exit_id = find_target(store, exit_node).node_id
+        exit_row = find_target(store, exit_node)
+        _require_exit(exit_row, route_policy(store))
+        exit_id = exit_row.node_id
         if exit_id not in targets:
             targets.append(exit_id)  # the phone's internet traffic goes to it: it must reach it
     pub, priv = _device_key(public_key, random_bytes)
@@ -106,11 +111,70 @@ def plain_config(store: Store, row, *, wall: float, endpoint: str | None = None)
     """The wg-quick config of the plain peer `row`: one [Peer] per live target node."""
     server = plain_endpoint(store, endpoint)
     nodes = {n.node_id: n for n in store.list_nodes() if n.kind == NODE and n.live(wall)}
-    targets = [TargetNode(n.name, n.key, [f"{n.ipv4}/32", f"{n.ipv6}/128"])
+    policy = route_policy(store)
+    # Each node's mesh addresses and its approved subnet routes: the phone reaches the node's LAN through it.
+    targets = [TargetNode(n.name, n.key, [f"{n.ipv4}/32", f"{n.ipv6}/128", *peer_routes(n, policy)[0]])
                for n in (nodes.get(i) for i in row.targets) if n is not None]
     if not targets:
         raise ValueError(f"plain peer {row.name!r}: none of the nodes it may reach is in the mesh any more")
-    exit_node = nodes[row.exit_node].key if row.exit_node in nodes else None
+    exit_node = None
+    if row.exit_node in nodes:
+        _require_exit(nodes[row.exit_node], policy)  # approval taken back since: say so, not a config without it
+        exit_node = nodes[row.exit_node].key
     return render_config(name=row.name, addresses=[f"{row.ipv4}/32", f"{row.ipv6}/128"], targets=targets,
                          server_endpoint=server, private_key=row.private_key,
                          public_key=row.key if row.private_key is None else None, exit_node=exit_node)
+
+
+# --- subnet routes and exit nodes (issue 12; routes.py holds the rules)
+
+def route_policy(store: Store) -> routes.Policy:
+    """What no route may cover, as the server published it: the mesh prefixes and the addresses it is reached at."""
+    ips = list(json.loads(store.meta_get("server_addrs") or "[]"))
+    for k in ("control_addrs", "plain_addrs"):
+        ips += [split_hostport(a)[0] for a in json.loads(store.meta_get(k) or "[]")]
+    return routes.Policy.make([store.meta_get("prefix4"), store.meta_get("prefix6")], ips)
+
+
+def _auto_route(store: Store, text: str) -> str:
+    route = routes.parse_route(text)
+    reason = route_policy(store).forbidden(route)
+    if reason is not None:
+        raise ValueError(f"--auto-approve-routes {route}: {reason}")
+    return route
+
+
+def approve_route(store: Store, node: str, route: str):
+    """Approve NODE's route (CIDR or "exit"): (the node's row, the RouteRow). ValueError (one line, naming the
+    value) for an unknown node, a bad CIDR, a forbidden route or an overlap with another node's approved route."""
+    row = find_target(store, node)
+    prefix = routes.parse_route(route)
+    reason = route_policy(store).forbidden(prefix)
+    try:
+        if reason is not None:
+            raise ValueError(reason)
+        return row, store.approve_route(row.node_id, prefix)
+    except ValueError as exc:
+        raise ValueError(f"cannot approve {prefix} for {row.name}: {exc}") from None
+
+
+def reject_route(store: Store, node: str, route: str):
+    """Reject NODE's route (CIDR or "exit"): (the node's row, the RouteRow). ValueError for an unknown node or
+    route, or a bad CIDR."""
+    row = find_target(store, node)
+    prefix = routes.parse_route(route)
+    try:
+        return row, store.reject_route(row.node_id, prefix)
+    except ValueError:
+        raise ValueError(f"{row.name} has no route {prefix} (`meshwg-signal routes list` shows them)") from None
+
+
+def peer_routes(row, policy: routes.Policy) -> tuple[tuple[str, ...], bool]:
+    """(subnet routes, is an exit node) of a node as its peers see them (the server's directory does the same)."""
+    return routes.visible([*row.routes, *([routes.EXIT] if row.is_exit else [])], policy.forbidden)
+
+
+def _require_exit(row, policy: routes.Policy) -> None:
+    if not peer_routes(row, policy)[1]:
+        raise ValueError(f"{row.name!r} is not an approved exit node (it must advertise itself as one, and "
+                         f"`meshwg-signal routes approve {row.name} exit`)")

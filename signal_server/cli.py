@@ -1,5 +1,5 @@
 """meshwg-signal: serve | relay | invite create/list/revoke | nodes [list/rename/expire/remove]
-| plain add/list/config/rotate/remove | status | pubkey | backup | restore.
+| plain add/list/config/rotate/remove | routes list/approve/reject | status | pubkey | backup | restore.
 
 Admin commands open the SQLite file directly (safe while the server runs: WAL + busy timeout); every change
 they make lands in the store's change feed, which the running server reads within --db-poll (0.1 s) and
@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--expires", default="24h", help="lifetime, e.g. 30m, 24h, 7d, or 'never' (default 24h)")
     c.add_argument("--tag", default="")
     c.add_argument("--addr", action="append", metavar="HOST:PORT", help="control address(es) to embed (default: the server's)")
+    c.add_argument("--auto-approve-routes", action="append", default=[], metavar="CIDR",
+                   help="approve at once the routes inside CIDR that nodes joining with it advertise; 'exit' approves "
+                        "them as exit nodes (repeatable)")
     inv.add_parser("list", parents=[common])
     r = inv.add_parser("revoke", parents=[common])
     r.add_argument("invite_id")
@@ -148,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--in", dest="after", default="0s", help="expire after this duration (default: now)")
     rm = na.add_parser("remove", parents=[common])
     rm.add_argument("node")
+
+    rt = sub.add_parser("routes", help="subnet routes and exit nodes the nodes advertise: list, approve, reject"
+                        ).add_subparsers(dest="action", required=True)
+    rt.add_parser("list", parents=[common], help="every node's advertised or decided routes and their state")
+    for action, what in (("approve", "peers route it through the node while it advertises it"),
+                         ("reject", "peers stop routing it through the node (until approved again)")):
+        sp = rt.add_parser(action, parents=[common], help=what)
+        sp.add_argument("node", help="id, name or public key")
+        sp.add_argument("route", metavar="CIDR|exit", help="a subnet route, or 'exit' for an exit node")
 
     plain = sub.add_parser("plain", help="plain WireGuard peers: phones with a stock WireGuard app reaching nodes "
                                          "through the relay").add_subparsers(dest="action", required=True)
@@ -241,15 +253,19 @@ def cmd_serve(args, control: bool) -> int:
 def cmd_invite(args) -> int:
     from signal_server.admin import create_invite
     from signal_server.invites import parse_duration
+    from signal_server.routes import parse_route
 
     st = _store(args)
     if args.action == "create":
         wall = time.time()
         expires = None if args.expires == "never" else wall + parse_duration(args.expires)
-        inv = create_invite(st, wall=wall, reusable=args.reusable, expires=expires, tag=args.tag, addrs=args.addr)
+        inv = create_invite(st, wall=wall, reusable=args.reusable, expires=expires, tag=args.tag, addrs=args.addr,
+                            auto_routes=args.auto_approve_routes)
         print(inv.encode())
+        auto = ",".join(dict.fromkeys(parse_route(r) for r in args.auto_approve_routes))
         print(f"invite {inv.invite_id}: {'reusable' if args.reusable else 'one-time'}, expires {_fmt_time(expires)}"
-              + (f", tag {args.tag}" if args.tag else ""), file=sys.stderr)
+              + (f", tag {args.tag}" if args.tag else "") + (f", auto-approves {auto}" if auto else ""),
+              file=sys.stderr)
         return 0
     if args.action == "list":
         wall = time.time()
@@ -257,7 +273,8 @@ def cmd_invite(args) -> int:
         for i in st.list_invites():
             state = ("revoked" if i.revoked else "expired" if i.expires and i.expires <= wall
                      else "used" if not i.reusable and i.uses else "valid")
-            print(f"{i.invite_id:10} {'reusable' if i.reusable else 'one-time':9} {state:8} {i.uses:>4} {_fmt_time(i.expires):19} {i.tag}")
+            auto = f" (auto-approves {','.join(i.auto_routes)})" if i.auto_routes else ""
+            print(f"{i.invite_id:10} {'reusable' if i.reusable else 'one-time':9} {state:8} {i.uses:>4} {_fmt_time(i.expires):19} {i.tag}{auto}")
         return 0
     if args.action == "revoke":
         if not st.revoke_invite(args.invite_id):
@@ -338,6 +355,33 @@ def cmd_plain(args) -> int:
     if args.action == "remove":
         st.remove(row.node_id, wall)
         print(f"plain peer {row.name} removed")
+        return 0
+    return 2
+
+
+def cmd_routes(args) -> int:
+    from signal_server import admin
+    from signal_server.routes import state_text
+
+    st = _store(args)
+    if args.action == "list":
+        policy = admin.route_policy(st)
+        names = {n.node_id: n.name for n in st.list_nodes()}
+        print(f"{'NODE':20} {'ROUTE':43} STATE")
+        for r in st.list_routes():
+            state = state_text(r.advertised, r.decision)
+            reason = policy.forbidden(r.prefix) if r.decision is not False else None
+            print(f"{names.get(r.node_id, f'#{r.node_id}'):20} {r.prefix:43} {state}"
+                  + (f"; refused: {reason}" if reason else ""))
+        return 0
+    if args.action == "approve":
+        row, route = admin.approve_route(st, args.node, args.route)
+        print(f"approved {route.prefix} for {row.name}" + ("" if route.advertised else
+              " (it does not advertise it now: peers get it when it does)"))
+        return 0
+    if args.action == "reject":
+        row, route = admin.reject_route(st, args.node, args.route)
+        print(f"rejected {route.prefix} for {row.name}")
         return 0
     return 2
 
@@ -452,6 +496,6 @@ def cmd_pubkey(args) -> int:
 def _dispatch(args) -> int:
     if args.cmd in ("serve", "relay"):
         return cmd_serve(args, args.cmd == "serve")
-    commands = {"invite": cmd_invite, "nodes": cmd_nodes, "plain": cmd_plain, "status": cmd_status,
+    commands = {"invite": cmd_invite, "nodes": cmd_nodes, "plain": cmd_plain, "routes": cmd_routes, "status": cmd_status,
                 "pubkey": cmd_pubkey, "backup": cmd_backup, "restore": cmd_restore}
     return commands[args.cmd](args) if args.cmd in commands else 2

@@ -61,6 +61,8 @@ class Policy:
                 addr = ipaddress.ip_address(str(ip).split("%")[0])
             except ValueError:
                 continue  # a host name: not an address a prefix can contain
+            if addr.is_unspecified:
+                continue  # a wildcard bind, not an address
             ips.append(addr.ipv4_mapped if addr.version == 6 and addr.ipv4_mapped else addr)
         return cls(nets, tuple(sorted(set(ips), key=lambda a: (a.version, a))))
 

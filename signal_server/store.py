@@ -543,7 +543,7 @@ class SqliteStore:
             self._route_node(node_id)
             reason = routes.overlap(prefix, self._approved_elsewhere(node_id))
             if reason is not None:
-                raise ValueError(f"{prefix} {reason}")
+                raise ValueError(f"{prefix} {reason}")  # "... overlaps NODE's approved route PREFIX"
             return self._decide_route(node_id, prefix, True)
 
     def reject_route(self, node_id: int, prefix: str) -> RouteRow:
@@ -552,7 +552,7 @@ class SqliteStore:
         with self._tx():
             self._route_node(node_id)
             if self.db.execute("SELECT 1 FROM routes WHERE node_id=? AND prefix=?", (node_id, prefix)).fetchone() is None:
-                raise ValueError(f"node {node_id} has no route {prefix} (`meshwg-signal routes list` shows them)")
+                raise ValueError(f"node {node_id} has no route {prefix}")
             return self._decide_route(node_id, prefix, False)
 
     def touch(self, key: bytes, wall: float) -> None:

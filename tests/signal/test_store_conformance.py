@@ -291,3 +291,113 @@ def test_rotating_to_a_taken_key_or_a_node_is_refused(invited):
     with pytest.raises(ValueError, match=f"no plain peer {home.node_id}"):
         st.set_plain_key(home.node_id, key(), None)
     assert st.changes_since(head) == ([], head)
+
+
+# --- subnet routes and exit nodes (issue 12): the routes table, invites' auto-approval, ROUTES changes
+
+def allow_all(prefix):
+    return None
+
+
+def routes_of(st, node_id) -> dict:
+    return {r.prefix: (r.advertised, r.decision) for r in st.list_routes() if r.node_id == node_id}
+
+
+def test_routes_lifecycle_and_feed(invited):
+    st = invited
+    home, _ = join(st, key(), name="home")
+    head = st.change_head()
+    row, plan = st.advertise_routes(home.key, ("192.168.1.0/24", "fd12::/64"), True, allow_all)
+    assert plan.pending == ("192.168.1.0/24", "fd12::/64", "exit")
+    assert (row.routes, row.is_exit) == ((), False)  # pending: peers see nothing yet
+    assert routes_of(st, home.node_id) == {"192.168.1.0/24": (True, None), "fd12::/64": (True, None),
+                                           "exit": (True, None)}
+    assert st.advertise_routes(home.key, ("192.168.1.0/24", "fd12::/64"), True, allow_all)[1].rows  # the same again
+    st.approve_route(home.node_id, "192.168.1.0/24")
+    st.approve_route(home.node_id, "exit")
+    st.approve_route(home.node_id, "exit")  # approved already: no change recorded
+    got = st.get_node(home.key)
+    assert (got.routes, got.is_exit) == (("192.168.1.0/24",), True)
+    assert [n for n in st.list_nodes() if n.node_id == home.node_id] == [got]
+    # the node stops advertising: peers lose the routes, the approvals wait for them, pending ones go
+    row, _ = st.advertise_routes(home.key, (), False, allow_all)
+    assert (row.routes, row.is_exit) == ((), False)
+    assert routes_of(st, home.node_id) == {"192.168.1.0/24": (False, True), "exit": (False, True)}
+    row, _ = st.advertise_routes(home.key, ("192.168.1.0/24",), True, allow_all)
+    assert (row.routes, row.is_exit) == (("192.168.1.0/24",), True)
+    st.reject_route(home.node_id, "exit")
+    assert st.get_node(home.key).is_exit is False and routes_of(st, home.node_id)["exit"] == (True, False)
+    changes, _ = st.changes_since(head)
+    k, i = home.key, home.node_id
+    assert kinds(changes) == [("routes", k, i)] * 6  # advertise, approve x2, withdraw, re-advertise, reject
+    assert all(c.kind in api.NODE_KINDS for c in changes)  # followers re-read the node's row
+
+
+def test_approval_refuses_overlap_with_another_nodes_approved_route(invited):
+    st = invited
+    home, _ = join(st, key(), name="home")
+    office, _ = join(st, key(), name="office")
+    st.advertise_routes(home.key, ("192.168.0.0/16",), False, allow_all)
+    st.approve_route(home.node_id, "192.168.0.0/16")
+    st.advertise_routes(office.key, ("192.168.1.0/24", "10.0.0.0/8"), True, allow_all)
+    head = st.change_head()
+    with pytest.raises(ValueError) as info:
+        st.approve_route(office.node_id, "192.168.1.0/24")
+    assert str(info.value) == "192.168.1.0/24 overlaps home's approved route 192.168.0.0/16"
+    st.advertise_routes(home.key, (), False, allow_all)  # withdrawn, but still approved: still in the way
+    head = st.change_head()
+    with pytest.raises(ValueError, match="home's approved route"):
+        st.approve_route(office.node_id, "192.168.1.0/24")
+    assert st.changes_since(head) == ([], head)
+    st.approve_route(office.node_id, "exit")  # exit nodes never overlap
+    st.approve_route(home.node_id, "exit")
+    st.reject_route(home.node_id, "192.168.0.0/16")
+    st.approve_route(office.node_id, "192.168.1.0/24")
+    assert st.get_node(office.key).routes == ("192.168.1.0/24",)
+
+
+def test_route_decisions_refused_for_unknown_nodes_and_routes(invited):
+    st = invited
+    home, _ = join(st, key(), name="home")
+    phone = st.add_plain("phone", key(), None, [home.node_id], None, 1100.0, P4, P6)
+    head = st.change_head()
+    for node_id in (999, phone.node_id):
+        with pytest.raises(ValueError, match=f"no node {node_id}"):
+            st.approve_route(node_id, "10.0.0.0/8")
+    with pytest.raises(ValueError, match="has no route 10.0.0.0/8"):
+        st.reject_route(home.node_id, "10.0.0.0/8")
+    assert st.advertise_routes(phone.key, ("10.0.0.0/8",), False, allow_all) == (None, None)
+    assert st.advertise_routes(key(), ("10.0.0.0/8",), False, allow_all) == (None, None)
+    assert st.changes_since(head) == ([], head) and st.list_routes() == []
+
+
+def test_an_invites_auto_approve_routes(invited):
+    st = invited
+    st.create_invite("auto", SECRET, True, None, "", 600.0, ("192.168.0.0/16", "exit"))
+    assert [i.auto_routes for i in st.list_invites()] == [(), ("192.168.0.0/16", "exit")]
+    auto, _ = st.join(key(), "auto", SECRET, "auto", 1000.0, P4, P6)
+    plain, _ = join(st, key(), name="plain")
+    forbid = lambda p: "no" if p == "192.168.9.0/24" else None  # noqa: E731
+    row, plan = st.advertise_routes(auto.key, ("192.168.1.0/24", "192.168.9.0/24", "10.0.0.0/8"), True, forbid)
+    assert (row.routes, row.is_exit) == (("192.168.1.0/24",), True)
+    assert plan.auto_approved == ("192.168.1.0/24", "exit") and plan.refused == (("192.168.9.0/24", "no"),)
+    assert plan.pending == ("10.0.0.0/8",)
+    row, _ = st.advertise_routes(plain.key, ("172.16.0.0/12",), True, allow_all)
+    assert (row.routes, row.is_exit) == ((), False)  # the other invite approves nothing
+    # a rejection stands against the invite; a revoked invite approves nothing more
+    st.reject_route(auto.node_id, "exit")
+    assert st.advertise_routes(auto.key, ("192.168.1.0/24",), True, allow_all)[0].is_exit is False
+    st.revoke_invite("auto")
+    row, plan = st.advertise_routes(auto.key, ("192.168.1.0/24", "192.168.2.0/24"), True, allow_all)
+    assert row.routes == ("192.168.1.0/24",) and plan.pending == ("192.168.2.0/24",)
+
+
+def test_removing_a_node_removes_its_routes(invited):
+    st = invited
+    home, _ = join(st, key(), name="home")
+    office, _ = join(st, key(), name="office")
+    st.advertise_routes(home.key, ("192.168.1.0/24",), False, allow_all)
+    st.approve_route(home.node_id, "192.168.1.0/24")
+    st.remove(home.node_id, 1100.0)
+    assert st.list_routes() == []
+    st.approve_route(office.node_id, "192.168.1.0/24")  # no longer in the way

@@ -100,3 +100,41 @@ def test_a_schema_2_database_gets_plain_peers_and_keeps_its_nodes_and_feed(tmp_p
     again = SqliteStore(path)  # opening again changes nothing
     assert again.schema_version() == 4 and again.list_plain() == [phone]
     again.close()
+
+
+# Schema 3 (plain peers), as that code created it, copied verbatim.
+SCHEMA_3 = SCHEMA_2 + """
+ALTER TABLE nodes ADD COLUMN kind TEXT NOT NULL DEFAULT 'node';
+ALTER TABLE nodes ADD COLUMN private_key BLOB;
+ALTER TABLE nodes ADD COLUMN targets TEXT;
+ALTER TABLE nodes ADD COLUMN exit_node INTEGER;
+"""
+
+
+def test_a_schema_3_database_gets_routes_and_keeps_its_nodes_plain_peers_and_invites(tmp_path):
+    path = str(tmp_path / "v3.db")
+    old_database(path)
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA_3.replace(OLD_SCHEMA, ""))
+    db.execute("INSERT INTO meta(k, v) VALUES('schema_version', 3)")
+    db.execute("INSERT INTO nodes(pubkey, name, ipv4, ipv6, created, kind, targets, exit_node) "
+               "VALUES(?, 'phone', '100.64.0.3', 'fd00:1::3', 22.0, 'plain', '[1]', 2)", (b"p" * 32,))
+    db.execute("INSERT INTO changes(kind, pubkey, node_id) VALUES('join', ?, 3)", (b"p" * 32,))
+    db.commit()
+    db.close()
+    st = SqliteStore(path)
+    assert st.schema_version() == 4
+    nodes = st.list_nodes()
+    assert [(n.node_id, n.name, n.kind, n.targets, n.exit_node, n.routes, n.is_exit) for n in nodes] == [
+        (1, "alpha", "node", (), None, (), False), (2, "bravo", "node", (), None, (), False),
+        (3, "phone", "plain", (1,), 2, (), False)]
+    assert [(i.invite_id, i.auto_routes) for i in st.list_invites()] == [("inv", ())]
+    assert st.list_routes() == [] and st.change_head() == 1
+    row, _ = st.advertise_routes(KEY_A, ("192.168.1.0/24",), True, lambda p: None)
+    st.approve_route(1, "192.168.1.0/24")
+    changes, _ = st.changes_since(1)
+    assert [(c.kind, c.key, c.node_id) for c in changes] == [("routes", KEY_A, 1)] * 2
+    st.close()
+    again = SqliteStore(path)  # opening again changes nothing
+    assert again.schema_version() == 4 and again.get_node(KEY_A).routes == ("192.168.1.0/24",)
+    again.close()
