@@ -88,6 +88,10 @@ async def test_add_config_rotate_remove_round_trip(nursery, tmp_path, capsys):
 
 async def test_a_device_key_an_exit_node_and_qr_codes(nursery, tmp_path, capsys):
     h, nodes, rows = await mesh(nursery, tmp_path)
+    # office offers itself as an exit node and is approved as one (`plain add --exit-node` needs that)
+    await nodes["office"].conn.send({"type": "routes", "routes": [], "exit_node": True})
+    assert (await run_cli(capsys, h, "routes", "approve", "office", "exit"))[0] == 0
+    await wait_until(lambda: h.admin.get_node(rows["office"].key).is_exit)
     sk = clamp(new_key())
     pub = keys.key_to_base64(dh_pub(sk))
     png = str(tmp_path / "phone.png")
