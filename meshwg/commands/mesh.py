@@ -1,9 +1,10 @@
-"""`meshwg join INVITE`, `meshwg status [-d] [--json]`, `meshwg netcheck [--json]`.
+"""`meshwg join INVITE`, `meshwg status [-d] [--json]`, `meshwg netcheck [--json]`, `meshwg set ...`.
 
 `join` runs the node agent in the foreground until SIGTERM/SIGINT (then removes the interface);
 `status` and `netcheck` ask the running agent over its local socket (meshwg.io.ipc.status_server); `netcheck`
 adds the RFC 5780 mapping/filtering tests against the signal server's STUN addresses (meshwg.io.agent.netcheck_probe),
-and runs standalone with `--server HOST:PORT` (no agent needed).
+and runs standalone with `--server HOST:PORT` (no agent needed). `set` changes the running agent's subnet routes and
+exit node (issue 12) the same way.
 """
 
 from __future__ import annotations
@@ -43,7 +44,44 @@ def _join_args(p: argparse.ArgumentParser) -> None:
                    help="read the invite from FILE ('-': standard input)")
     p.add_argument("--name", help="node name shown to other nodes (default: chosen by the server)")
     p.add_argument("--listen-port", type=int, default=0, help="UDP port (default: the last one used, else random)")
+    _routing_args(p, join=True)
     _common(p)
+
+
+def _routing_args(p: argparse.ArgumentParser, join: bool) -> None:
+    """Subnet routes and exit nodes: the same flags for `join` (kept in the state directory) and `set`."""
+    p.add_argument("--advertise-routes", metavar="CIDR[,CIDR...]",
+                   help="offer to route these prefixes (e.g. the home LAN) for the mesh; the server's administrator "
+                        "approves them ('none': stop)")
+    if join:
+        p.add_argument("--advertise-exit-node", action="store_const", const="on",
+                       help="offer to be an exit node (the mesh's internet traffic through this node)")
+    else:
+        p.add_argument("--advertise-exit-node", metavar="on|off", help="offer to be an exit node, or stop")
+    p.add_argument("--exit-node", metavar="NAME|none",
+                   help="send all internet traffic through that node (an approved exit node); 'none': stop")
+    p.add_argument("--snat-routes", metavar="on|off",
+                   help="masquerade what the mesh sends through this node's routes (default on; off keeps the "
+                        "source addresses, the LAN then needs a route back to the mesh)")
+
+
+def _routing_overrides(args, what: str) -> dict:
+    """The routing flags given, as RoutingChoice fields (exit_node None: 'none'); one-line errors naming the value."""
+    from meshwg.mesh import routing as RT
+
+    out: dict = {}
+    try:
+        if args.advertise_routes is not None:
+            out["advertise"] = RT.parse_advertised(args.advertise_routes)
+        if args.advertise_exit_node is not None:
+            out["advertise_exit"] = RT.parse_on_off(args.advertise_exit_node, "--advertise-exit-node")
+        if args.snat_routes is not None:
+            out["snat"] = RT.parse_on_off(args.snat_routes, "--snat-routes")
+        if args.exit_node is not None:
+            out["exit_node"] = RT.parse_exit_node(args.exit_node)
+    except ValueError as err:
+        raise UserError(f"{what}: {err}") from None
+    return out
 
 
 def run_join(args) -> int:
@@ -57,8 +95,9 @@ def run_join(args) -> int:
         logging.getLogger("meshwg").setLevel(logging.INFO)
     # No local name holds the invite: once registered, the agent's copy loses its secret and nothing
     # else keeps it alive.
+    routing = _routing_overrides(args, "join")
     agent = Agent(_load_invite(args, parse_invite, InviteFormatError), name=args.name, state_dir=args.state_dir,
-                  iface=args.interface, listen_port=args.listen_port)
+                  iface=args.interface, listen_port=args.listen_port, routing=routing)
     try:
         trio.run(agent.run)
     except AgentError as err:
@@ -145,6 +184,37 @@ def _control_text(c: dict) -> str:
     return text
 
 
+def run_set(args) -> int:
+    """`meshwg set`: the running agent's subnet routes and exit node, without a restart."""
+    _routing_overrides(args, "set")   # the same one-line errors before asking the agent
+    req = {"op": "set", "advertise_routes": args.advertise_routes, "advertise_exit_node": args.advertise_exit_node,
+           "exit_node": args.exit_node, "snat_routes": args.snat_routes}
+    if all(v is None for k, v in req.items() if k != "op"):
+        raise UserError("set: nothing to change (give --advertise-routes, --advertise-exit-node, --exit-node or "
+                        "--snat-routes)")
+    rep = _query(args, req)
+    if "error" in rep:
+        raise UserError(f"set: {rep['error']}")
+    print(_routing_text(rep["routing"]))
+    return 0
+
+
+def _set_args(p: argparse.ArgumentParser) -> None:
+    _routing_args(p, join=False)
+    _common(p)
+
+
+def _routing_text(r: dict) -> str:
+    adv = ", ".join(r["advertise_routes"]) or "-"
+    line = f"  advertising: routes {adv}; exit node {'yes' if r['advertise_exit_node'] else 'no'}"
+    if r["advertise_routes"] or r["advertise_exit_node"]:
+        line += f"; masquerade {'on' if r['snat_routes'] else 'off'}"
+    if r.get("exit_node"):
+        line += f"\n  exit node: {r['exit_node']}" + (" (in use)" if r.get("exit_node_in_use") else
+                                                      " (not in use: not an approved exit node in the directory)")
+    return line
+
+
 def format_status(st: dict) -> str:
     lines = [f"{st['interface']}: {st['name']}  {', '.join(st['addresses']) or '(no address yet)'}  "
              f"port {st['listen_port']}",
@@ -155,6 +225,8 @@ def format_status(st: dict) -> str:
     held = (st.get("routes") or {}).get("conflicting")
     if held:
         lines.append(f"  routes: {', '.join(held)} routed through another interface (left alone: unreachable here)")
+    if st.get("routing"):
+        lines.append(_routing_text(st["routing"]))
     if not st["peers"]:
         lines.append("  no peers")
     for p in st["peers"]:
@@ -165,7 +237,12 @@ def format_status(st: dict) -> str:
         else:
             path = f"relay ({p['relay_reason']})" if p.get("relay_reason") else "relay"
         offline = "" if p.get("online") or p.get("plain") else "  (offline)"
-        lines.append(f"  peer {p['name']}  {', '.join(p['addresses'])}{offline}")
+        mark = "  [exit node" + (", in use]" if p.get("exit_node_in_use") else "]") if p.get("exit_node") else ""
+        lines.append(f"  peer {p['name']}  {', '.join(p['addresses'])}{offline}{mark}")
+        if p.get("routes"):
+            refused = sorted(set(p["routes"]) - set(p.get("routed") or ()))
+            lines.append(f"    routes: {', '.join(p['routes'])}"
+                         + (f" (not routed here: {', '.join(refused)})" if refused else ""))
         lines.append(f"    path: {path}")
         lines.append(f"    handshake: {_ago(p['last_handshake_ago'])}  "
                      f"transfer: {human_bytes(p['rx_bytes'])} received, {human_bytes(p['tx_bytes'])} sent")
@@ -334,4 +411,6 @@ COMMANDS = {
     "status": ("Show the mesh peers of the running agent: path, latency, handshake, transfer.", _status_only_args,
                run_status),
     "netcheck": ("Report NAT mapping/filtering, reflexive addresses and relay latency.", _netcheck_args, run_netcheck),
+    "set": ("Change the running agent's advertised routes, exit node offer and the exit node it uses.", _set_args,
+            run_set),
 }

@@ -16,11 +16,13 @@ from meshwg.control.events import (PEER_KINDS, Connected, DirectoryReset, Discon
 from meshwg.signaling import protocol as P
 from meshwg.signaling.invite import Invite, split_hostport
 from meshwg.control import reconnect as R
+from meshwg.control.tcp import open_tcp_stream, set_stream_mark
 from meshwg.signaling.noise import HandshakeError, Initiator
 from meshwg.wg.crypto import clamp, dh_pub as public_key
 from meshwg.signaling.sealed import open_untrusted, seal
 
 log = logging.getLogger("meshwg.control")
+T_ROUTES = "routes"   # the routes contract's message type; P.T_ROUTES once meshwg/signaling/protocol.py has it
 
 
 class ControlError(Exception):
@@ -118,14 +120,15 @@ class ControlConnection:
 
     @classmethod
     async def open(cls, invite: Invite, private_key: bytes, *, name: str | None = None, candidates=(),
-                   timeout: float = 5.0, random_bytes=os.urandom) -> "ControlConnection":
-        """Connect to the first reachable address of the invite, handshake, register; returns after the welcome."""
+                   timeout: float = 5.0, random_bytes=os.urandom, fwmark: int = 0) -> "ControlConnection":
+        """Connect to the first reachable address of the invite, handshake, register; returns after the welcome.
+        fwmark: SO_MARK of the socket (an exit node's policy routing keeps marked traffic out of the tunnel)."""
         errors, mismatch, hints = [], None, []
         for addr in invite.addrs:
             host, port = split_hostport(addr)
             try:
                 with trio.fail_after(timeout):
-                    stream = await trio.open_tcp_stream(host, port)
+                    stream = await open_tcp_stream(host, port, fwmark)
             except (OSError, trio.TooSlowError) as exc:
                 # TooSlowError has no message (and an exception object is always truthy).
                 errors.append(f"{addr}: {str(exc) or 'connect timed out'}")
@@ -222,6 +225,10 @@ class ControlConnection:
 
     async def request_punch(self, peer_key: bytes) -> None:
         await self.send({"type": P.T_PUNCH_REQUEST, "peer": peer_key})
+
+    async def report_routes(self, routes, exit_node: bool) -> None:
+        """Our whole advertisement of subnet routes (canonical CIDR texts) and exit node (the routes contract)."""
+        await self.send({"type": T_ROUTES, "routes": list(routes), "exit_node": bool(exit_node)})
 
     async def send_sealed(self, peer_key: bytes, plaintext: bytes) -> None:
         await self.send({"type": P.T_SEAL_SEND, "to": peer_key, "blob": seal(self.private_key, peer_key, plaintext)})
@@ -334,13 +341,15 @@ class ControlClient:
         self.last_error: str | None = None
         self.last_error_kind: str | None = None
         self.retry_at: float | None = None  # clock() of the next attempt while waiting
+        self.fwmark = 0  # SO_MARK of the control socket (set_fwmark)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         started = False
         while True:
             try:
                 conn = await ControlConnection.open(self.invite, self.private_key, name=self.name,
-                                                    candidates=self.candidates, random_bytes=self._random)
+                                                    candidates=self.candidates, random_bytes=self._random,
+                                                    fwmark=self.fwmark)
             except ControlError as exc:
                 kind = R.classify(exc.code, authenticated_refusal=isinstance(exc, JoinRefusedError),
                                   registered=self.registered)
@@ -431,6 +440,15 @@ class ControlClient:
 
     async def request_punch(self, peer_key: bytes) -> bool:
         return await self._send(ControlConnection.request_punch, peer_key)
+
+    async def report_routes(self, routes, exit_node: bool) -> bool:
+        return await self._send(ControlConnection.report_routes, routes, exit_node)
+
+    def set_fwmark(self, fwmark: int) -> None:
+        """Mark the control socket from now on: the live connection's and every later one's."""
+        self.fwmark = fwmark
+        if self.conn is not None:
+            set_stream_mark(self.conn.stream, fwmark)
 
     async def send_sealed(self, peer_key: bytes, plaintext: bytes) -> bool:
         return await self._send(ControlConnection.send_sealed, peer_key, plaintext)

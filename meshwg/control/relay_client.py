@@ -16,6 +16,7 @@ import time
 
 import trio
 
+from meshwg.control.tcp import open_tcp_stream
 from meshwg.signaling import relay_wire as W
 from meshwg.wg.crypto import clamp
 
@@ -146,10 +147,11 @@ class TcpRelayClient:
 
 
 async def open_tcp_relay(host: str, port: int, private_key: bytes, server_public: bytes, random_bytes,
-                         timeout: float = 5.0) -> TcpRelayClient:
-    """Connect, prove key possession, wait for HELLO_OK. Raises PermissionError if the relay refuses the key."""
+                         timeout: float = 5.0, fwmark: int = 0) -> TcpRelayClient:
+    """Connect, prove key possession, wait for HELLO_OK. Raises PermissionError if the relay refuses the key.
+    fwmark: SO_MARK of the socket (kept out of an exit node's tunnel)."""
     with trio.fail_after(timeout):
-        stream = await trio.open_tcp_stream(host, port)
+        stream = await open_tcp_stream(host, port, fwmark)
         client = TcpRelayClient(stream, RelaySession(private_key, server_public, random_bytes))
         try:
             await client.rehello()

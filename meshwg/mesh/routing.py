@@ -110,3 +110,11 @@ def mesh_overlap(routes, prefixes) -> str | None:
             if net.version == m.version and net.overlaps(m):
                 return f"route {r} overlaps the mesh prefix {m}"
     return None
+
+
+def network_text(cidr: str) -> str | None:
+    """"192.168.1.5/24" -> "192.168.1.0/24"; None if not an address with a prefix length."""
+    try:
+        return str(ipaddress.ip_network(cidr, strict=False))
+    except ValueError:
+        return None

@@ -60,6 +60,10 @@ class Dev:
 
     def __init__(self, node: MeshNode) -> None:
         self.node, self.driver, self.relay, self.addresses = node, Driver(), Relay(), []
+        self.fwmark = 0
+
+    async def set_fwmark(self, fwmark: int) -> None:
+        self.fwmark = fwmark
 
     async def set_addresses(self, addresses) -> None:
         self.addresses = list(addresses)
@@ -69,6 +73,15 @@ class Client:
     def __init__(self) -> None:
         self.send, self.events = trio.open_memory_channel(math.inf)
         self.invite, self.candidates, self.punches, self.reports = INVITE, [], [], []
+        self.routes: list = []
+        self.fwmark = 0
+
+    async def report_routes(self, routes, exit_node) -> bool:
+        self.routes.append((list(routes), exit_node))
+        return True
+
+    def set_fwmark(self, fwmark: int) -> None:
+        self.fwmark = fwmark
 
     async def request_punch(self, peer_key: bytes) -> bool:
         self.punches.append((trio.current_time(), peer_key))
@@ -162,3 +175,72 @@ async def test_status_reads_retry_in_on_the_clock_the_client_set_it_on(autojump_
             retry_in = agent._control_status(agent.clock())["retry_in"]
             assert 7.0 * 0.8 - 1.0 <= retry_in <= 7.0 * 1.2 - 1.0   # the server's 7 s, jittered, 1 s on
             n.cancel_scope.cancel()
+
+
+class Subnet:
+    """Records what the agent asks of the host (forwarding, masquerade, exit rules) instead of doing it."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+        self.forwarding = False
+
+    def apply(self, *, forwarding, masquerade, exit_mark) -> None:
+        self.forwarding = forwarding
+        self.calls.append((forwarding, masquerade, exit_mark))
+
+    def choose_mark(self) -> int:
+        return 51820
+
+
+def routing_agent(tmp_path):
+    agent, client = new_agent()
+    agent.state_dir = str(tmp_path)
+    agent.subnet = Subnet()
+    agent.fwmark = 51820   # chosen already (the choice reads the kernel's tables, in a thread)
+
+    async def apply_os():   # no thread under the MockClock
+        c = agent.core.routing
+        agent.subnet.apply(forwarding=c.advertising, masquerade=c.snat,
+                           exit_mark=agent.fwmark if agent.exit_name else None)
+
+    agent._apply_os = apply_os
+    return agent, client
+
+
+async def test_set_changes_routes_at_runtime_reports_them_and_persists(autojump_clock, tmp_path):
+    from meshwg.io.agent import agent_state as S
+
+    agent, client = routing_agent(tmp_path)
+    with trio.fail_after(60):
+        await agent._step(Connected(WELCOME), DirectoryReset({key(1): peer(1)}))
+        assert client.routes == [([], False)]                     # after the welcome, even with nothing to say
+        rep = await agent.handle_query({"op": "set", "advertise_routes": "10.77.0.0/24,10.78.0.0/24"})
+        assert rep["ok"] and rep["routing"]["advertise_routes"] == ["10.77.0.0/24", "10.78.0.0/24"]
+        assert client.routes[-1] == (["10.77.0.0/24", "10.78.0.0/24"], False)
+        assert agent.subnet.calls[-1] == (True, True, None)        # forwarding and masquerade on
+        assert S.load_routing(str(tmp_path))["advertise_routes"] == ["10.77.0.0/24", "10.78.0.0/24"]
+        # one-line errors naming the value; nothing changes
+        for req, err in (({"advertise_routes": "10.77.0.1/24"}, "bad CIDR '10.77.0.1/24'"),
+                         ({"exit_node": "nas"}, "no peer named 'nas'"),
+                         ({"advertise_routes": "100.64.1.0/24"}, "route 100.64.1.0/24 overlaps the mesh prefix"),
+                         ({"advertise_exit_node": "maybe"}, "want on or off, not 'maybe'")):
+            rep = await agent.handle_query({"op": "set", **req})
+            assert err in rep["error"] and "\n" not in rep["error"]
+        assert len(client.routes) == 2
+        await agent.handle_query({"op": "set", "advertise_routes": "none"})
+        assert client.routes[-1] == ([], False) and agent.subnet.calls[-1] == (False, True, None)
+
+
+async def test_exit_node_marks_sockets_then_routes_and_unmarks_after(autojump_clock, tmp_path):
+    import dataclasses
+
+    agent, client = routing_agent(tmp_path)
+    home = dataclasses.replace(peer(1), name="home", exit_node=True)
+    with trio.fail_after(60):
+        await agent._step(Connected(WELCOME), DirectoryReset({key(1): home}))
+        rep = await agent.handle_query({"op": "set", "exit_node": "home"})
+        assert rep["routing"]["exit_node_in_use"] == "home"
+        assert agent.dev.fwmark == client.fwmark == 51820 and agent.subnet.calls[-1] == (False, True, 51820)
+        await agent._step(PeerChanged(dataclasses.replace(home, exit_node=False)))   # approval withdrawn
+        assert agent.subnet.calls[-1] == (False, True, None) and agent.dev.fwmark == client.fwmark == 0
+        assert agent._routing_status()["exit_node"] == "home" and agent._routing_status()["exit_node_in_use"] is None

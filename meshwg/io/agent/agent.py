@@ -32,9 +32,11 @@ from meshwg.signaling.invite import Invite, join_hostport, split_hostport
 from meshwg.disco import netcheck as NC
 from meshwg.io.agent import agent_state as S
 from meshwg.io.ipc import status_server
-from meshwg.io.agent.mesh_shell import MeshDevice, interface_addresses
+from meshwg.io.agent.mesh_shell import MeshDevice, interface_cidrs
+from meshwg.io.oscfg.subnet_routes import SubnetRouting
 from meshwg.mesh import agent_core as A
 from meshwg.mesh import node as N
+from meshwg.mesh import routing as RT
 
 log = logging.getLogger("meshwg.agent")
 
@@ -50,7 +52,8 @@ class AgentError(Exception):
 
 def _peer_to_json(p) -> dict:
     return {"key": base64.b64encode(p.key).decode(), "id": p.node_id, "name": p.name, "ipv4": p.ipv4,
-            "ipv6": p.ipv6, "candidates": [list(c) for c in p.candidates], "online": p.online, "kind": p.kind}
+            "ipv6": p.ipv6, "candidates": [list(c) for c in p.candidates], "online": p.online, "kind": p.kind,
+            "routes": list(p.routes), "exit": p.exit_node}
 
 
 def _peer_from_json(d: dict):
@@ -59,8 +62,11 @@ def _peer_from_json(d: dict):
     kind = d.get("kind", "node")
     if kind not in CE.PEER_KINDS:
         return None
+    from meshwg.control.client import entry_routes_untrusted
+
     return CE.PeerInfo(base64.b64decode(d["key"]), int(d.get("id", 0)), str(d["name"]), str(d["ipv4"]),
-                       str(d["ipv6"]), tuple(tuple(c) for c in d.get("candidates", [])), bool(d.get("online")), kind)
+                       str(d["ipv6"]), tuple(tuple(c) for c in d.get("candidates", [])), bool(d.get("online")), kind,
+                       entry_routes_untrusted(d.get("routes")), d.get("exit") is True)
 
 
 def _peers_from_json(entries) -> tuple:
@@ -103,7 +109,8 @@ def _fmt_addr(a) -> str | None:
 
 class Agent:
     def __init__(self, invite: Invite, *, name: str | None, state_dir: str, iface: str, listen_port: int = 0,
-                 status_dir: str = status_server.RUN_DIR, uapi_dir: str | None = None, clock=time.monotonic):
+                 status_dir: str = status_server.RUN_DIR, uapi_dir: str | None = None, clock=time.monotonic,
+                 routing: dict | None = None):
         self.invite = invite
         self.name = name
         self.state_dir = state_dir
@@ -120,6 +127,11 @@ class Agent:
         self._endpoints_news: N.LocalEndpointsChanged | None = None
         self._step_lock = trio.Lock()
         self._cancel: trio.CancelScope | None = None
+        # The routing choice: the saved one, with what the command line gave (routing: RoutingChoice fields).
+        self._routing_overrides = dict(routing or {})
+        self.subnet: SubnetRouting | None = None
+        self.fwmark = 0              # the exit policy routing's mark, chosen the first time it is needed
+        self.exit_name: str | None = None   # the exit node in use (None: none)
 
     # ---- main --------------------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -129,6 +141,7 @@ class Agent:
         self.dev = MeshDevice(self.iface, key, listen_port=self.listen_port or cached_port, uapi_dir=self.uapi_dir,
                               on_local_endpoints=self._on_local_endpoints, clock=self.clock)
         self.core = A.AgentCore(self.dev.node, tuple(self.invite.addrs))
+        self.subnet = SubnetRouting(self.dev.name)
         status = None
         try:
             status = status_server.StatusListener(self.dev.name, self.status_dir)
@@ -138,6 +151,7 @@ class Agent:
                     await nursery.start(status_server.serve, status, self.handle_query)
                     self.client = self._control_client(key, registered=cache is not None)
                     await self._step(await self._local_addresses())   # the registration's candidates
+                    await self._step(A.SetRouting(self._initial_routing()))
                     nursery.start_soon(self._control_task)
                     if cache is not None:
                         peers = _peers_from_json(cache["peers"])
@@ -149,6 +163,7 @@ class Agent:
         finally:
             if status is not None:
                 status.close()
+            self.subnet.close()   # rules, nftables table, forwarding as they were
             self.dev.close()
         if self.fatal:
             raise AgentError(self.fatal)
@@ -221,6 +236,12 @@ class Agent:
                 self.stop(reason)
             case A.Log(level, message):
                 log.log(_LEVELS[level], "%s", message)
+            case A.ReportRoutes(routes, exit_node):
+                await self.client.report_routes(list(routes), exit_node)   # re-sent after the next welcome
+            case A.Advertise():
+                await self._apply_os()
+            case A.UseExitNode(key, name):
+                await self._use_exit(key, name)
             case _:
                 raise TypeError(f"unknown agent action {act!r}")
         return None
@@ -244,8 +265,13 @@ class Agent:
             await self._step(A.Tick())
 
     async def _local_addresses(self) -> A.LocalAddresses:
-        ips = await trio.to_thread.run_sync(interface_addresses, {self.dev.name})
-        return A.LocalAddresses(tuple(ips), self.dev.port)
+        cidrs = await trio.to_thread.run_sync(interface_cidrs, {self.dev.name})
+        nets = []
+        for c in cidrs:
+            net = RT.network_text(c)
+            if net is not None and net not in nets:
+                nets.append(net)
+        return A.LocalAddresses(tuple(c.split("/")[0] for c in cidrs), self.dev.port, tuple(nets))
 
     async def _local_watch(self) -> None:
         while True:
@@ -275,6 +301,74 @@ class Agent:
         except OSError as exc:
             log.warning("cannot write the netmap cache: %s", exc)
 
+    # ---- subnet routes and exit nodes --------------------------------------------------------
+    def _initial_routing(self) -> RT.RoutingChoice:
+        choice = RT.choice_from_json_untrusted(S.load_routing(self.state_dir))
+        choice = choice.merged(**self._routing_overrides)
+        if self._routing_overrides.get("exit_node", 1) is None:   # --exit-node none
+            choice = RT.RoutingChoice(choice.advertise, choice.advertise_exit, None, choice.snat)
+        self._save_routing(choice)
+        return choice
+
+    def _save_routing(self, choice: RT.RoutingChoice) -> None:
+        try:
+            S.save_routing(self.state_dir, choice.to_json())
+        except OSError as exc:
+            log.warning("cannot save the routing choice: %s", exc)
+
+    async def _apply_os(self) -> None:
+        """Forwarding and masquerade as the choice says, the exit policy routing as the exit node in use says."""
+        choice = self.core.routing
+        apply = functools.partial(self.subnet.apply, forwarding=choice.advertising, masquerade=choice.snat,
+                                  exit_mark=self.fwmark if self.exit_name else None)
+        await trio.to_thread.run_sync(apply)
+
+    async def _use_exit(self, key, name) -> None:
+        """Mark our sockets before the rules send everything else into the tunnel; unmark after they left."""
+        if key is not None:
+            if not self.fwmark:
+                self.fwmark = await trio.to_thread.run_sync(self.subnet.choose_mark)
+            await self.dev.set_fwmark(self.fwmark)
+            self.client.set_fwmark(self.fwmark)
+            self.exit_name = name
+            await self._apply_os()
+            log.info("exit node %s: all traffic goes through it (fwmark/table %d)", name, self.fwmark)
+        else:
+            self.exit_name = None
+            await self._apply_os()
+            await self.dev.set_fwmark(0)
+            self.client.set_fwmark(0)
+
+    async def _set_routing(self, req: dict) -> dict:
+        """`meshwg set`: the new choice, checked by the core, applied, saved."""
+        try:
+            changes = {}
+            if req.get("advertise_routes") is not None:
+                changes["advertise"] = RT.parse_advertised(str(req["advertise_routes"]))
+            if req.get("advertise_exit_node") is not None:
+                changes["advertise_exit"] = RT.parse_on_off(str(req["advertise_exit_node"]), "--advertise-exit-node")
+            if req.get("snat_routes") is not None:
+                changes["snat"] = RT.parse_on_off(str(req["snat_routes"]), "--snat-routes")
+            exit_text = req.get("exit_node")
+            exit_node = RT.parse_exit_node(str(exit_text)) if exit_text is not None else None
+        except ValueError as exc:
+            return {"error": str(exc)}
+        choice = self.core.routing.merged(**changes)
+        if exit_text is not None:
+            choice = RT.RoutingChoice(choice.advertise, choice.advertise_exit, exit_node, choice.snat)
+        refused = self.core.routing_refused(choice)
+        if refused:
+            return {"error": refused}
+        await self._step(A.SetRouting(choice))
+        self._save_routing(choice)
+        return {"ok": True, "routing": self._routing_status()}
+
+    def _routing_status(self) -> dict:
+        choice = self.core.routing
+        return {"advertise_routes": list(choice.advertise), "advertise_exit_node": choice.advertise_exit,
+                "snat_routes": choice.snat, "forwarding": self.subnet.forwarding if self.subnet else False,
+                "exit_node": choice.exit_node, "exit_node_in_use": self.exit_name}
+
     # ---- queries -----------------------------------------------------------------------------
     async def handle_query(self, req: dict) -> dict:
         op = req.get("op", "status")
@@ -282,6 +376,8 @@ class Agent:
             return self.status()
         if op == "netcheck":
             return await self.netcheck()
+        if op == "set":
+            return await self._set_routing(req)
         return {"error": f"unknown op {op!r}"}
 
     def status(self) -> dict:
@@ -301,6 +397,10 @@ class Agent:
                 "relay_tx_packets": dev.relay.tx_by_peer.get(st["public_key"], 0),
                 "candidates": [_fmt_addr(c) for c in st["candidates"]], "birthday": st["birthday"],
                 "plain": st["plain"],
+                "routes": list(_info(core, st).routes), "exit_node": _info(core, st).exit_node,
+                "exit_node_in_use": st["public_key"] == core.exit_key,
+                "routed": [str(n) for n in (core.specs.get(st["public_key"]).addresses
+                                            if st["public_key"] in core.specs else ()) if n.prefixlen < n.max_prefixlen],
             })
         rep = node.last_report
         w = core.welcome
@@ -315,6 +415,7 @@ class Agent:
                     "reflexive": [_fmt_addr(a) for a in node.reflexive]},
             "relay": dev.relay.status(),
             "routes": dev.route_status(),
+            "routing": self._routing_status(),
             "local_endpoints": [_fmt_addr(a) for a in node.iface_endpoints],
             "drops": counters.drops(merged),
             "counters": merged,                       # `meshwg status -d` shows them
@@ -346,6 +447,11 @@ class Agent:
                "summary": rep.summary() if rep else "no STUN answer yet",
                "relay": relay, "relay_latency_ms": relay["latency_ms"]}
         return out
+
+
+def _info(core, st: dict):
+    """The directory entry of a status row (an empty one for a peer added by hand)."""
+    return core.peers.get(st["public_key"]) or CE.PeerInfo(st["public_key"], 0, "", "", "", (), False)
 
 
 def _online(peer) -> bool | None:

@@ -19,6 +19,7 @@ from meshwg.fsutil import atomic_write
 
 KEY_FILE = "private.key"
 CACHE_FILE = "netmap.json"
+ROUTING_FILE = "routing.json"   # what the node advertises and which exit node it uses (a restart keeps it)
 
 
 class UnsafeStateError(OSError):
@@ -80,3 +81,17 @@ def load_cache(state_dir: str) -> dict | None:
     if not isinstance(data.get("welcome"), dict) or not isinstance(data.get("peers"), list):
         return None
     return data
+
+
+def save_routing(state_dir: str, choice: dict) -> None:
+    atomic_write(os.path.join(state_dir, ROUTING_FILE), json.dumps(choice, indent=1).encode())
+
+
+def load_routing(state_dir: str) -> dict | None:
+    """The saved routing choice (a dict for meshwg.mesh.routing.choice_from_json_untrusted), None if none."""
+    try:
+        with open(os.path.join(state_dir, ROUTING_FILE), "rb") as f:
+            data = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

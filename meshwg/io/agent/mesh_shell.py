@@ -35,7 +35,7 @@ from meshwg.io.ipc import uapi_server
 from meshwg.io.dataplane.device import Device, new_core
 from meshwg.io.agent.relay_shell import RelayShell
 from meshwg.io.dataplane.tun import Tun
-from meshwg.io.dataplane.udp import recv_batch
+from meshwg.io.dataplane.udp import SO_MARK as udp_socket_mark, recv_batch
 from meshwg.mesh import demux
 from meshwg.mesh import node as N
 
@@ -65,6 +65,11 @@ def ip_batch(lines: list[str], *, warn: bool = True) -> str:
 
 def interface_addresses(exclude: set[str]) -> list[str]:
     """Global unicast addresses of the host's interfaces (loopback and `exclude` left out)."""
+    return [a.split("/")[0] for a in interface_cidrs(exclude)]
+
+
+def interface_cidrs(exclude: set[str]) -> list[str]:
+    """Global unicast addresses of the host's interfaces with their prefix length ("192.168.1.5/24")."""
     proc = subprocess.run(["ip", "-j", "address", "show"], capture_output=True, text=True)
     try:
         links = json.loads(proc.stdout or "[]")
@@ -77,8 +82,15 @@ def interface_addresses(exclude: set[str]) -> list[str]:
         for a in link.get("addr_info", []):
             if a.get("scope") != "global" or a.get("tentative") or a.get("dadfailed"):
                 continue
-            out.append(a["local"])
+            out.append(f"{a['local']}/{a.get('prefixlen', 128 if ':' in a['local'] else 32)}")
     return out
+
+
+def _main_table(prefixes) -> set[str]:
+    """The prefixes routed in the main table: all but the default routes of an exit node, which go through
+    policy routing only (meshwg.io.oscfg.subnet_routes), so the node's own traffic never follows them."""
+    out = {route_plan.normalise(n) for n in prefixes}
+    return {p for p in out if not p.endswith("/0")}
 
 
 def _dev_names(devs) -> str:
@@ -100,12 +112,23 @@ class BirthdaySockets:
         self.ep = select.epoll()
         self._by_fd: dict[int, int] = {}
         self.counters: collections.Counter = collections.Counter()
+        self.fwmark = 0   # SO_MARK: punching traffic stays out of an exit node's tunnel
+
+    def set_fwmark(self, fwmark: int) -> None:
+        self.fwmark = fwmark
+        for s in self.socks.values():
+            try:
+                s.setsockopt(socket.SOL_SOCKET, udp_socket_mark, fwmark)
+            except OSError:
+                pass
 
     def open(self, owner: bytes, count: int) -> None:
         for i in range(1, min(count, BIRTHDAY_MAX_SOCKETS) + 1):
             if i not in self.socks:
                 try:
                     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+                    if self.fwmark:
+                        s.setsockopt(socket.SOL_SOCKET, udp_socket_mark, self.fwmark)
                     s.bind(("0.0.0.0", 0))
                 except OSError as exc:
                     log.warning("birthday: cannot open socket %d: %s", i, exc)
@@ -251,6 +274,13 @@ class MeshDevice:
                 self.on_local_endpoints(ev)
 
     # ---- OS configuration ---------------------------------------------------------------------
+    async def set_fwmark(self, fwmark: int) -> None:
+        """SO_MARK on every socket of ours that talks outside the mesh: the shared UDP socket (WireGuard, STUN,
+        disco, UDP relay), the birthday sockets and the TCP relay (the control client is the agent's)."""
+        await self.driver.rebind(self.port, fwmark)
+        self.birthday.set_fwmark(fwmark)
+        self.relay.set_fwmark(fwmark)
+
     async def set_addresses(self, addresses: list[str]) -> None:
         """Put the node's mesh addresses (CIDR) on the interface and bring it up."""
         old, new = set(self.addresses), set(addresses)
@@ -276,7 +306,7 @@ class MeshDevice:
             adds, removes = set(), set()
             for ev in batch:
                 if ev is not _RECHECK:
-                    a, r = {route_plan.normalise(n) for n in ev.add}, {route_plan.normalise(n) for n in ev.remove}
+                    a, r = _main_table(ev.add), _main_table(ev.remove)
                     adds = (adds - r) | a
                     removes = (removes - a) | r
             removes &= self._routes

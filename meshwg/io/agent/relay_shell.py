@@ -21,6 +21,7 @@ from meshwg.mesh import relay_policy as P
 from meshwg.signaling import relay_wire as W
 from meshwg.signaling.invite import join_hostport
 from meshwg.control.relay_client import RelaySession, open_tcp_relay
+from meshwg.control.tcp import set_stream_mark
 
 log = logging.getLogger("meshwg.relay")
 
@@ -59,6 +60,13 @@ class RelayShell:
         self._wake = trio.Event()               # an input changed the policy's deadlines
         self._nursery: trio.Nursery | None = None
         self._tcp_scopes: dict[int, trio.CancelScope] = {}  # per TCP attempt
+        self.fwmark = 0                         # SO_MARK of the TCP relay socket (an exit node's policy routing)
+
+    def set_fwmark(self, fwmark: int) -> None:
+        """Mark the TCP relay socket (the live one's and later ones'): it never loops into an exit node."""
+        self.fwmark = fwmark
+        if self.tcp is not None:
+            set_stream_mark(self.tcp.stream, fwmark)
 
     @property
     def relay_addr(self):
@@ -226,7 +234,8 @@ class RelayShell:
         for host, port in self.tcp_addrs:
             t0 = self.clock()
             try:
-                client = await open_tcp_relay(host, port, self.private_key, self.server_key, self._random)
+                client = await open_tcp_relay(host, port, self.private_key, self.server_key, self._random,
+                                              fwmark=self.fwmark)
             except (OSError, trio.TooSlowError, PermissionError, EOFError) as exc:
                 log.info("relay: TCP %s:%s failed: %s", host, port, exc)
                 continue
