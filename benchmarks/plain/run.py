@@ -260,7 +260,7 @@ def print_table(r: dict, seconds: int, pings: int) -> None:
     else:
         after = fp["reply"] - fp["init"]
         def ms(t):
-            return "-" if t is None else f"+{(t - fp['init']) * 1000:.1f} ms"
+            return "-" if t is None else f"{(t - fp['init']) * 1000:+.1f} ms"
 
         print(f"first answered ping: {after:.3f} s after the phone's first handshake initiation "
               f"(goal <= 1 s: {'met' if after <= 1.0 else 'NOT met'})")
