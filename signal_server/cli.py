@@ -61,6 +61,16 @@ _positive_int = _positive(int, "a whole number")
 _positive_float = _positive(float, "a number")
 
 
+def _non_negative_float(text: str) -> float:
+    """0 (no limit) or a number above zero."""
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass
+    return _positive_float(text)
+
+
 def _raise_fd_limit() -> None:
     """Every connection costs a descriptor, and the soft limit is often 1024: take what the hard limit
     allows, so the relay's share (and the rest, kept for the control listener) are worth having."""
@@ -123,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="relay TCP connections in all (default: a quarter of the descriptor limit)")
         lim.add_argument("--relay-tcp-max-per-source", type=_positive_int, metavar="N",
                          help="relay TCP connections from one source (default: an eighth of --relay-tcp-max)")
+        rl = sp.add_argument_group("relay bandwidth (drops counted in `status` and /metrics)")
+        rl.add_argument("--relay-node-rate", type=_positive_float, default=400.0, metavar="MBIT",
+                        help="Mbit/s the relay carries for one node (default 400)")
+        rl.add_argument("--relay-node-pps", type=_positive_float, metavar="N",
+                        help="packets a second the relay carries for one node (default: 1 per 512 bytes of "
+                             "--relay-node-rate)")
+        rl.add_argument("--relay-total-rate", type=_non_negative_float, default=0.0, metavar="MBIT",
+                        help="Mbit/s the relay carries in all (default 0: no limit but the CPU)")
 
     server_opts(sub.add_parser("serve", parents=[common], help="run the control server, STUN and relay"), True)
     server_opts(sub.add_parser("relay", parents=[common], help="run only STUN + relay (shares the server's DB file)"), False)
@@ -228,6 +246,8 @@ def server_config(args, control: bool):
         cfg.max_unauthenticated_per_source = args.max_unauthenticated_per_source
     cfg.accept_rate, cfg.accept_burst = args.accept_rate, 4 * args.accept_rate
     cfg.relay_tcp_max, cfg.relay_tcp_max_per_source = args.relay_tcp_max, args.relay_tcp_max_per_source
+    cfg.relay_node_rate, cfg.relay_node_pps = args.relay_node_rate, args.relay_node_pps
+    cfg.relay_total_rate = args.relay_total_rate
     return cfg
 
 
@@ -421,7 +441,8 @@ def cmd_status(args) -> int:
         print(f"server: up {m.get('meshwg_signal_uptime_seconds', 0):.0f} s, connected nodes {g('nodes_connected')}, "
               f"relay sessions {g('relay_sessions')}")
         print(f"relay: {g('forwarded_packets_total')} packets, {g('forwarded_bytes_total')} bytes forwarded; "
-              f"{g('drop_rate_limited_total')} rate-limited, {g('refused_unregistered_total')} refused unregistered")
+              f"{g('drop_rate_limited_total')} rate-limited (node limit {g('drop_relay_node_limit_total')}, total limit "
+              f"{g('drop_relay_total_limit_total')}), {g('refused_unregistered_total')} refused unregistered")
         print(f"plain wireguard: {g('forwarded_from_plain_packets_total')} packets to nodes, "
               f"{g('forwarded_to_plain_packets_total')} to plain peers, {g('plain_sessions')} sessions, "
               f"{g('plain_targets')} nodes reachable")

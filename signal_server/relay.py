@@ -10,6 +10,12 @@ peer) only once a SEND under the new token comes back from it: a node that spoof
 sees the HELLO_OK, so it cannot name another host. Nodes send an empty SEND to W.CONFIRM_DST right after
 HELLO_OK for this; the relay forwards it nowhere.
 
+Fast path (issue 16): with `fast_updates` a list (the UDP shell sets it when it has the compiled forwarder),
+each confirmed UDP session is announced there as ("set", Session) and its end as ("remove", key). The shell
+pushes them into meshwg/io/dataplane/_fastio.c's table, which forwards that session's SENDs to other such
+sessions on its own, within `limits()`; everything else still comes here. This core stays the one that admits,
+expires and limits sessions: the table holds only what it was told, and only until told otherwise.
+
 Plain WireGuard peers (issue 12; `plain`, a plain_ingress.PlainIngress): a datagram from the plain port goes to
 the node the ingress names, as a RECV from W.PLAIN_SOURCE (handle_plain_untrusted); a SEND to a plain peer's key
 (`plain_keys`, which never get sessions) goes out of the plain port to the address the ingress names (ToPlain).
@@ -47,6 +53,23 @@ NOTICE_RATE, NOTICE_BURST = 5.0, 20.0
 JUNK_SOURCES = 65_536
 
 
+# The server's relay limits (`serve`/`relay` --relay-node-rate, --relay-node-pps, --relay-total-rate). A node's
+# relayed video calls and file copies need hundreds of Mbit/s (issue 16: at least 200 by default); the packet
+# rate guards the CPU against floods of tiny packets: 1 packet per 512 bytes of the byte rate is ~98 k packets/s
+# at 400 Mbit/s (full-sized data at that rate is ~36 k, plus the TCP acks coming back).
+NODE_RATE_MBIT = 400.0
+BYTES_PER_PACKET_ALLOWED = 512
+MIN_NODE_PPS = 4000.0
+
+
+def limit_kwargs(node_mbit: float, node_pps: float | None, total_mbit: float) -> dict:
+    """RelayCore's keyword arguments for these limits: Mbit/s per node, packets/s per node (None: derived
+    from the rate), Mbit/s of all relayed traffic (0: no total limit; the server's CPU is the cap then)."""
+    byte_rate = node_mbit * 1e6 / 8
+    pps = node_pps if node_pps else max(MIN_NODE_PPS, byte_rate / BYTES_PER_PACKET_ALLOWED)
+    return {"pkt_rate": pps, "pkt_burst": 2 * pps, "byte_rate": byte_rate, "total_rate": total_mbit * 1e6 / 8}
+
+
 @dataclass(frozen=True)
 class ToPlain:
     """A destination on the plain-WireGuard port: the datagram goes out unframed to `addr`."""
@@ -61,12 +84,19 @@ class Session:
     expires: float
     observed: object = None  # the HELLO's UDP source, published once a SEND proves the node receives there
     confirmed: bool = False  # a SEND under this token came from dest
+    recv_header: bytes = b""  # MAGIC | T_RECV | key: the head of every RECV frame this session's SENDs become
+    fast: bool = False  # announced to the fast path (fast_updates)
+
+    def __post_init__(self) -> None:
+        self.recv_header = W.encode_recv(self.key, b"")
 
 
 class RelayCore:
     def __init__(self, server_private: bytes, random_bytes, *, pkt_rate: float = 4000.0, pkt_burst: float = 8000.0,
                  byte_rate: float = 16e6, hello_rate: float = 5.0, session_ttl: float = W.SESSION_TTL,
-                 plain=None) -> None:
+                 plain=None, total_rate: float = 0.0) -> None:
+        """pkt_rate, byte_rate: per node key (bursts pkt_burst and 2 s of byte_rate); total_rate: bytes a second
+        of all relayed traffic (burst 1 s of it), 0 for none."""
         self._sk = PrivateKey(server_private)
         self.plain = plain  # a PlainIngress, or None (no plain port)
         self.plain_keys: frozenset[bytes] = frozenset()
@@ -78,6 +108,8 @@ class RelayCore:
         self._seen_nonces = NonceCache(HELLO_NONCE_CACHE)  # HELLO replay guard
         self.pkt_limit = KeyedLimiter(pkt_rate, pkt_burst)
         self.byte_limit = KeyedLimiter(byte_rate, byte_rate * 2)
+        self.total_limit = TokenBucket(total_rate, total_rate) if total_rate > 0 else None
+        self.fast_updates: list | None = None  # see the module docstring
         # Per node key, spent only by HELLOs that authenticate: junk naming a key cannot use up its budget.
         self.hello_limit = KeyedLimiter(hello_rate, hello_rate * 4)
         # Per source, charged for every HELLO that fails; once empty, that source's HELLOs are dropped
@@ -110,12 +142,33 @@ class RelayCore:
         s = self.by_key.pop(key, None)
         if s is not None:
             self.by_token.pop(s.token, None)
+            self._unfast(s)
+
+    def _unfast(self, s: Session) -> None:
+        if s.fast:
+            s.fast = False
+            if self.fast_updates is not None:
+                self.fast_updates.append(("remove", s.key))
+
+    def limits(self) -> tuple:
+        """(pkts/s, pkt burst, bytes/s, byte burst) per node and (bytes/s, burst) in all (0: none), as the
+        fast path must apply them (read each batch: a change here reaches it at once)."""
+        total = self.total_limit
+        return (self.pkt_limit.rate, self.pkt_limit.burst, self.byte_limit.rate, self.byte_limit.burst,
+                total.rate if total else 0.0, total.burst if total else 0.0)
+
+    def pop_fast_updates(self) -> list:
+        out = self.fast_updates or []
+        if out:
+            self.fast_updates = []
+        return out
 
     def drop_dest(self, dest) -> None:
         """A TCP connection went away."""
         for s in [s for s in self.by_key.values() if s.dest is dest]:
             self.by_key.pop(s.key, None)
             self.by_token.pop(s.token, None)
+            self._unfast(s)
         src = _source(dest)
         self.junk_hello_limit.forget(src)
         self.notice_limit.forget(src)
@@ -175,6 +228,7 @@ class RelayCore:
         old = self.by_key.get(key)
         if old is not None:
             self.by_token.pop(old.token, None)
+            self._unfast(old)
         token = self._random(W.TOKEN_LEN)
         # `observed` waits for a SEND under this token from `dest` (see the module's docstring).
         s = Session(key, token, dest, now + self.session_ttl, observed)
@@ -190,6 +244,9 @@ class RelayCore:
         s.confirmed = True
         if isinstance(s.dest, tuple):
             self._prove(s.dest, s.key, now)
+            if self.fast_updates is not None:
+                s.fast = True
+                self.fast_updates.append(("set", s))
         if s.observed is not None:
             self.observed_events.append((s.key, s.observed))
 
@@ -246,6 +303,11 @@ class RelayCore:
             return []
         if not self.pkt_limit.allow(s.key, now) or not self.byte_limit.allow(s.key, now, len(packet)):
             self.counters["drop_rate_limited"] += 1
+            self.counters["drop_relay_node_limit"] += 1
+            return []
+        if self.total_limit is not None and not self.total_limit.take(now, len(packet)):
+            self.counters["drop_rate_limited"] += 1
+            self.counters["drop_relay_total_limit"] += 1
             return []
         if dst_key in self.plain_keys or dst_key == W.PLAIN_SOURCE:
             # PLAIN_SOURCE: what the node's WireGuard answers to a plain datagram's source (a cookie reply
@@ -257,7 +319,7 @@ class RelayCore:
             return []
         self.counters["forwarded_packets"] += 1
         self.counters["forwarded_bytes"] += len(packet)
-        return [(W.encode_recv(s.key, packet), peer.dest)]
+        return [(s.recv_header + packet, peer.dest)]
 
     def _to_plain(self, node_key: bytes, packet: bytes, now: float) -> list[tuple[bytes, object]]:
         """A node's datagram for one of its plain peers: to the address the ingress learned for it."""
@@ -284,6 +346,10 @@ class RelayCore:
         limit_key = (W.PLAIN_SOURCE, node_key)
         if not self.pkt_limit.allow(limit_key, now) or not self.byte_limit.allow(limit_key, now, len(data)):
             self.counters["drop_plain_rate_limited"] += 1
+            return []
+        if self.total_limit is not None and not self.total_limit.take(now, len(data)):
+            self.counters["drop_plain_rate_limited"] += 1
+            self.counters["drop_relay_total_limit"] += 1
             return []
         self.counters["forwarded_from_plain_packets"] += 1
         self.counters["forwarded_from_plain_bytes"] += len(data)

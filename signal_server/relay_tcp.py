@@ -9,6 +9,7 @@ import trio
 
 from meshwg.signaling import relay_wire as W
 
+WRITE_BATCH = 256  # relay frames joined into one send at most
 RELAY_TCP_UNAUTH_BYTES = 4096  # a relay TCP connection without a session: a HELLO or two (~95 bytes each)
 
 
@@ -47,8 +48,15 @@ class RelayTcp:
             async with trio.open_nursery() as n:
                 async def writer():
                     async for frame in recv_ch:
+                        # Every frame queued by now in one send (one syscall, one wakeup per burst).
+                        frames = [W.tcp_frame(frame)]
+                        while len(frames) < WRITE_BATCH:
+                            try:
+                                frames.append(W.tcp_frame(recv_ch.receive_nowait()))
+                            except (trio.WouldBlock, trio.EndOfChannel):
+                                break
                         with trio.fail_after(self.cfg.send_timeout):
-                            await stream.send_all(W.tcp_frame(frame))
+                            await stream.send_all(b"".join(frames) if len(frames) > 1 else frames[0])
                 n.start_soon(writer)
                 await self._reader(stream, conn)
                 n.cancel_scope.cancel()

@@ -27,7 +27,7 @@ from signal_server.directory import Directory
 from signal_server.lograte import RepeatLimiter, install_repeat_filter
 from signal_server.plain_ingress import PlainIngress
 from signal_server.ratelimit import KeyedLimiter
-from signal_server.relay import RelayCore
+from signal_server.relay import RelayCore, limit_kwargs
 from signal_server.relay_tcp import RelayTcp
 from signal_server.relay_udp import RelayUdp
 from signal_server.store import wide_modes
@@ -72,6 +72,9 @@ class ServerConfig:
     relay_tcp_max_per_source: int | None = None  # per IPv4 address or IPv6 /64; None: relay_tcp_max / 8 (>= 4)
     relay_tcp_fd_share: float = 0.25  # the other descriptors stay for the control listener and its sessions
     relay_hello_timeout: float = 3.0  # a relay TCP connection without a relay session this long is closed
+    relay_node_rate: float = 400.0  # Mbit/s relayed per node (issue 16; relay.limit_kwargs)
+    relay_node_pps: float | None = None  # packets/s relayed per node; None: derived from relay_node_rate
+    relay_total_rate: float = 0.0  # Mbit/s relayed in all; 0: no limit
     log_repeat_interval: float = 30.0  # the same log line (accept errors, ...) at most this often
     routes_interval: float = 0.05  # node advertisements are written at most this often (a burst merges)
     db_poll: float = 0.1  # how often the change feed is checked for other processes' writes (admin CLI, relay)
@@ -107,7 +110,8 @@ class SignalServer:
         self.prefix4, self.prefix6 = self.store.prefixes(os.urandom, config.prefix4, config.prefix6)
         self.directory = Directory(mesh_nets=(self.prefix4, self.prefix6))
         self.plain = PlainIngress()
-        self.relay = RelayCore(self.server_sk, os.urandom, plain=self.plain)
+        self.relay = RelayCore(self.server_sk, os.urandom, plain=self.plain, **limit_kwargs(
+            config.relay_node_rate, config.relay_node_pps, config.relay_total_rate))
         self.sessions: dict[bytes, Session] = {}  # the control listener's; the core reads who is connected
         self.counters: Counter = Counter()
         self.core = ControlCore(self.directory, self.sessions, self.counters)

@@ -740,6 +740,709 @@ send_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(nin)", i, status, errors);
 }
 
+/* ---- The signal server's UDP relay: SEND frames of established sessions forwarded in C ----
+ * The server's pure RelayCore (signal_server/relay.py) admits sessions, expires them and limits them; it
+ * pushes each confirmed UDP session down here (token -> the sender, key -> where its RECV frames go), with the
+ * limits it applies. relay_forward drains a socket with recvmmsg and, for a SEND whose token is known, came
+ * from the session's own (socket, address), has not expired, names a destination key with a live session here
+ * and fits the per-node and total budgets, rewrites the frame in place as the RECV (the 45-byte SEND header
+ * becomes the 37-byte RECV header) and sends it with sendmmsg, runs to one destination as one UDP GSO send.
+ * Everything else (HELLOs, unknown or stale tokens, a token from another source, destinations over TCP or
+ * plain peers, STUN, junk) goes back to Python as (bytes, (host, port)) pairs, as recv_datagrams returns
+ * them: RelayCore decides, counts and answers those as before.
+ *
+ * relay_new(max_sessions) -> table (a capsule)
+ * relay_set(table, token8, key32, fd, (host, port), expires, source) -> bool
+ *     The session of `key` (replacing that key's previous one), bound to `fd` and the address; `expires` on
+ *     time.monotonic()'s clock; `source`: None or the sticky source entry's (level, type, pktinfo) to answer
+ *     from. False when the table is full or the address is not one this module resolves (scoped IPv6):
+ *     that session stays on the Python path.
+ * relay_remove(table, key32) -> bool
+ * relay_limits(table, node_pps, node_pkt_burst, node_bytes_s, node_byte_burst, total_bytes_s, total_burst)
+ *     Per-session packet and byte buckets, one bucket for all forwarded bytes; a rate of 0: unlimited.
+ * relay_forward(table, fd, limit[, sources]) -> list[(bytes, (host, port))]   (the datagrams for Python)
+ * relay_take_counters(table) -> (forwarded_packets, forwarded_bytes, drop_node_limit, drop_total_limit,
+ *                                send_errors, send_would_block): counts since the last call.
+ */
+#include <stdint.h>
+#include <time.h>
+
+#define RELAY_TOKEN_LEN 8
+#define RELAY_KEY_LEN 32
+#define RELAY_SEND_HEADER (5 + RELAY_TOKEN_LEN + RELAY_KEY_LEN)
+#define RELAY_RECV_HEADER (5 + RELAY_KEY_LEN)
+#define RELAY_T_SEND 3
+#define RELAY_T_RECV 4
+#define RELAY_BATCH 64
+#define RELAY_BUFFER 65536  /* above the largest UDP payload: a datagram is never cut */
+#define RELAY_CAPSULE "meshwg.relay_table"
+
+static const unsigned char relay_magic[4] = {0xff, 'M', 'W', 'R'};
+
+struct relay_bucket {
+    double rate, burst, tokens, stamp;  /* rate 0: unlimited */
+};
+
+struct relay_session {
+    int used;
+    unsigned char token[RELAY_TOKEN_LEN], key[RELAY_KEY_LEN];
+    int fd;
+    struct sockaddr_storage addr;
+    socklen_t addr_len;
+    struct local_source source;  /* len 0: the kernel chooses */
+    double expires;
+    struct relay_bucket pkts, bytes;
+};
+
+struct relay_out {
+    int32_t dest;
+    unsigned char *data;
+    size_t len;
+};
+
+struct relay_table {
+    Py_ssize_t max_sessions, cap;  /* cap: slots of each index, a power of two >= 2 * max_sessions */
+    struct relay_session *sessions;
+    int32_t *by_token, *by_key;    /* session numbers, -1: empty (linear probing) */
+    int32_t *free_list;
+    Py_ssize_t n_free;
+    uint64_t seed;
+    double node_pps, node_pkt_burst, node_bytes, node_byte_burst;
+    struct relay_bucket total;
+    int gso;
+    unsigned long long forwarded_packets, forwarded_bytes, drop_node, drop_total, send_errors, send_would_block;
+    unsigned char *buffers;        /* RELAY_BATCH x RELAY_BUFFER */
+};
+
+static double
+monotonic_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);  /* time.monotonic()'s clock on Linux */
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int
+bucket_take(struct relay_bucket *b, double now, double cost)
+{
+    if (b->rate <= 0) {
+        return 1;
+    }
+    if (now > b->stamp) {
+        b->tokens += (now - b->stamp) * b->rate;
+        if (b->tokens > b->burst) {
+            b->tokens = b->burst;
+        }
+        b->stamp = now;
+    }
+    if (b->tokens >= cost) {
+        b->tokens -= cost;
+        return 1;
+    }
+    return 0;
+}
+
+static void
+bucket_set(struct relay_bucket *b, double rate, double burst, double now)
+{
+    int fresh = b->rate <= 0;
+    b->rate = rate;
+    b->burst = burst;
+    if (fresh || b->tokens > burst) {
+        b->tokens = burst;
+    }
+    b->stamp = now;
+}
+
+static uint64_t
+relay_hash(const struct relay_table *t, const unsigned char *bytes)
+{
+    uint64_t x;
+    memcpy(&x, bytes, sizeof x);
+    x ^= t->seed;  /* splitmix64's finalizer: keys chosen to collide would need the seed */
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
+static const unsigned char *
+index_field(const struct relay_table *t, const int32_t *index, int32_t n)
+{
+    return index == t->by_token ? t->sessions[n].token : t->sessions[n].key;
+}
+
+/* The slot holding the session whose field is `bytes`, or the empty slot where it would go. */
+static Py_ssize_t
+index_slot(const struct relay_table *t, const int32_t *index, const unsigned char *bytes, size_t len)
+{
+    Py_ssize_t mask = t->cap - 1, i = (Py_ssize_t)(relay_hash(t, bytes) & (uint64_t)mask);
+    while (index[i] >= 0 && memcmp(index_field(t, index, index[i]), bytes, len) != 0) {
+        i = (i + 1) & mask;
+    }
+    return i;
+}
+
+static int32_t
+index_find(const struct relay_table *t, const int32_t *index, const unsigned char *bytes, size_t len)
+{
+    return index[index_slot(t, index, bytes, len)];
+}
+
+/* Removes slot i, shifting back the entries of its probe run (no tombstones). */
+static void
+index_delete(struct relay_table *t, int32_t *index, Py_ssize_t i)
+{
+    Py_ssize_t mask = t->cap - 1, j = i;
+    index[i] = -1;
+    for (;;) {
+        j = (j + 1) & mask;
+        if (index[j] < 0) {
+            return;
+        }
+        Py_ssize_t home = (Py_ssize_t)(relay_hash(t, index_field(t, index, index[j])) & (uint64_t)mask);
+        /* Move j back to i unless its home lies cyclically in (i, j]. */
+        int stays = i <= j ? (home > i && home <= j) : (home > i || home <= j);
+        if (!stays) {
+            index[i] = index[j];
+            index[j] = -1;
+            i = j;
+        }
+    }
+}
+
+static void
+session_remove(struct relay_table *t, int32_t n)
+{
+    struct relay_session *s = &t->sessions[n];
+    index_delete(t, t->by_token, index_slot(t, t->by_token, s->token, RELAY_TOKEN_LEN));
+    index_delete(t, t->by_key, index_slot(t, t->by_key, s->key, RELAY_KEY_LEN));
+    s->used = 0;
+    t->free_list[t->n_free++] = n;
+}
+
+static void
+relay_table_free(PyObject *capsule)
+{
+    struct relay_table *t = PyCapsule_GetPointer(capsule, RELAY_CAPSULE);
+    if (t == NULL) {
+        return;
+    }
+    PyMem_Free(t->sessions);
+    PyMem_Free(t->by_token);
+    PyMem_Free(t->by_key);
+    PyMem_Free(t->free_list);
+    PyMem_Free(t->buffers);
+    PyMem_Free(t);
+}
+
+static struct relay_table *
+as_table(PyObject *obj)
+{
+    return PyCapsule_GetPointer(obj, RELAY_CAPSULE);  /* NULL with an exception set when not one */
+}
+
+static PyObject *
+relay_new(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t max = nargs == 1 ? PyLong_AsSsize_t(args[0]) : -1;
+    if (max < 1 || max > (1 << 24)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_ValueError, "relay_new(max_sessions): 1 .. 2**24");
+        }
+        return NULL;
+    }
+    struct relay_table *t = PyMem_Calloc(1, sizeof *t);
+    if (t == NULL) {
+        return PyErr_NoMemory();
+    }
+    t->max_sessions = max;
+    t->cap = 2;
+    while (t->cap < 2 * max) {
+        t->cap <<= 1;
+    }
+    t->sessions = PyMem_Calloc((size_t)max, sizeof *t->sessions);
+    t->by_token = PyMem_Malloc((size_t)t->cap * sizeof(int32_t));
+    t->by_key = PyMem_Malloc((size_t)t->cap * sizeof(int32_t));
+    t->free_list = PyMem_Malloc((size_t)max * sizeof(int32_t));
+    t->buffers = PyMem_Malloc((size_t)RELAY_BATCH * RELAY_BUFFER);
+    PyObject *capsule = PyCapsule_New(t, RELAY_CAPSULE, relay_table_free);
+    if (capsule == NULL) {
+        PyMem_Free(t->sessions); PyMem_Free(t->by_token); PyMem_Free(t->by_key);
+        PyMem_Free(t->free_list); PyMem_Free(t->buffers); PyMem_Free(t);
+        return NULL;
+    }
+    if (t->sessions == NULL || t->by_token == NULL || t->by_key == NULL || t->free_list == NULL || t->buffers == NULL) {
+        Py_DECREF(capsule);
+        return PyErr_NoMemory();
+    }
+    memset(t->by_token, 0xff, (size_t)t->cap * sizeof(int32_t));
+    memset(t->by_key, 0xff, (size_t)t->cap * sizeof(int32_t));
+    for (Py_ssize_t i = 0; i < max; i++) {
+        t->free_list[i] = (int32_t)(max - 1 - i);
+    }
+    t->n_free = max;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    t->seed = ((uint64_t)ts.tv_nsec << 32) ^ (uint64_t)ts.tv_sec ^ (uint64_t)(uintptr_t)t;
+    t->gso = 1;
+    return capsule;
+}
+
+/* A bytes object of exactly `len` bytes, or NULL with a TypeError set. */
+static const unsigned char *
+exact_bytes(PyObject *obj, Py_ssize_t len, const char *what)
+{
+    if (!PyBytes_Check(obj) || PyBytes_GET_SIZE(obj) != len) {
+        PyErr_Format(PyExc_TypeError, "%s must be %zd bytes", what, len);
+        return NULL;
+    }
+    return (const unsigned char *)PyBytes_AS_STRING(obj);
+}
+
+static PyObject *
+relay_set(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "relay_set(table, token, key, fd, addr, expires, source)");
+        return NULL;
+    }
+    struct relay_table *t = as_table(args[0]);
+    const unsigned char *token = t ? exact_bytes(args[1], RELAY_TOKEN_LEN, "token") : NULL;
+    const unsigned char *key = token ? exact_bytes(args[2], RELAY_KEY_LEN, "key") : NULL;
+    int fd = key ? as_fd(args[3]) : -1;
+    double expires = fd >= 0 ? PyFloat_AsDouble(args[5]) : -1.0;
+    if (fd < 0 || (expires == -1.0 && PyErr_Occurred())) {
+        return NULL;
+    }
+    struct local_source source = {.len = 0};
+    PyObject *src = args[6];
+    if (src != Py_None) {
+        if (!PyTuple_CheckExact(src) || PyTuple_GET_SIZE(src) != 3 || !PyBytes_CheckExact(PyTuple_GET_ITEM(src, 2))
+            || PyBytes_GET_SIZE(PyTuple_GET_ITEM(src, 2)) > PKTINFO_MAX) {
+            PyErr_SetString(PyExc_TypeError, "source must be None or (level, type, pktinfo)");
+            return NULL;
+        }
+        source.level = (int)PyLong_AsLong(PyTuple_GET_ITEM(src, 0));
+        source.type = (int)PyLong_AsLong(PyTuple_GET_ITEM(src, 1));
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        source.len = (size_t)PyBytes_GET_SIZE(PyTuple_GET_ITEM(src, 2));
+        memcpy(source.info, PyBytes_AS_STRING(PyTuple_GET_ITEM(src, 2)), source.len);
+    }
+    struct sockaddr_storage sa;
+    socklen_t sa_len;
+    if (!resolve_dest(args[4], &sa, &sa_len)) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_FALSE;
+    }
+    int32_t old = index_find(t, t->by_key, key, RELAY_KEY_LEN);
+    if (old >= 0) {
+        session_remove(t, old);
+    }
+    old = index_find(t, t->by_token, token, RELAY_TOKEN_LEN);
+    if (old >= 0) {
+        session_remove(t, old);
+    }
+    if (t->n_free == 0) {
+        Py_RETURN_FALSE;
+    }
+    int32_t n = t->free_list[--t->n_free];
+    struct relay_session *s = &t->sessions[n];
+    memset(s, 0, sizeof *s);
+    s->used = 1;
+    memcpy(s->token, token, RELAY_TOKEN_LEN);
+    memcpy(s->key, key, RELAY_KEY_LEN);
+    s->fd = fd;
+    memcpy(&s->addr, &sa, sa_len);
+    s->addr_len = sa_len;
+    s->source = source;
+    s->expires = expires;
+    double now = monotonic_now();
+    bucket_set(&s->pkts, t->node_pps, t->node_pkt_burst, now);
+    bucket_set(&s->bytes, t->node_bytes, t->node_byte_burst, now);
+    t->by_token[index_slot(t, t->by_token, token, RELAY_TOKEN_LEN)] = n;
+    t->by_key[index_slot(t, t->by_key, key, RELAY_KEY_LEN)] = n;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+relay_remove(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "relay_remove(table, key)");
+        return NULL;
+    }
+    struct relay_table *t = as_table(args[0]);
+    const unsigned char *key = t ? exact_bytes(args[1], RELAY_KEY_LEN, "key") : NULL;
+    if (key == NULL) {
+        return NULL;
+    }
+    int32_t n = index_find(t, t->by_key, key, RELAY_KEY_LEN);
+    if (n < 0) {
+        Py_RETURN_FALSE;
+    }
+    session_remove(t, n);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+relay_limits(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    double v[6];
+    struct relay_table *t = nargs == 7 ? as_table(args[0]) : NULL;
+    if (t == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "relay_limits(table, node_pps, node_pkt_burst, node_bytes_s, "
+                                             "node_byte_burst, total_bytes_s, total_burst)");
+        }
+        return NULL;
+    }
+    for (int i = 0; i < 6; i++) {
+        v[i] = PyFloat_AsDouble(args[i + 1]);
+        if (v[i] == -1.0 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (!(v[i] >= 0)) {  /* NaN too */
+            PyErr_SetString(PyExc_ValueError, "limits must be >= 0");
+            return NULL;
+        }
+    }
+    double now = monotonic_now();
+    t->node_pps = v[0];
+    t->node_pkt_burst = v[1];
+    t->node_bytes = v[2];
+    t->node_byte_burst = v[3];
+    bucket_set(&t->total, v[4], v[5], now);
+    for (Py_ssize_t i = 0; i < t->max_sessions; i++) {
+        if (t->sessions[i].used) {
+            bucket_set(&t->sessions[i].pkts, v[0], v[1], now);
+            bucket_set(&t->sessions[i].bytes, v[2], v[3], now);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+relay_take_counters(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct relay_table *t = nargs == 1 ? as_table(args[0]) : NULL;
+    if (t == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "relay_take_counters(table)");
+        }
+        return NULL;
+    }
+    PyObject *out = Py_BuildValue("(KKKKKK)", t->forwarded_packets, t->forwarded_bytes, t->drop_node, t->drop_total,
+                                  t->send_errors, t->send_would_block);
+    if (out != NULL) {
+        t->forwarded_packets = t->forwarded_bytes = t->drop_node = t->drop_total = 0;
+        t->send_errors = t->send_would_block = 0;
+    }
+    return out;
+}
+
+static int
+same_addr(const struct relay_session *s, const struct sockaddr_storage *sa, socklen_t len)
+{
+    if (sa->ss_family != s->addr.ss_family) {
+        return 0;
+    }
+    if (sa->ss_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)sa, *b = (const struct sockaddr_in *)&s->addr;
+        return a->sin_port == b->sin_port && a->sin_addr.s_addr == b->sin_addr.s_addr;
+    }
+    if (sa->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)sa, *b = (const struct sockaddr_in6 *)&s->addr;
+        /* A scoped source never matches: such sessions are not pushed down (resolve_dest refuses them). */
+        return a->sin6_port == b->sin6_port && a->sin6_scope_id == 0
+               && memcmp(&a->sin6_addr, &b->sin6_addr, sizeof a->sin6_addr) == 0;
+    }
+    return 0;
+}
+
+/* The session a datagram's SEND is forwarded for, and its destination's; 0 when Python must decide. */
+static int
+fast_pair(struct relay_table *t, int fd, const unsigned char *data, ssize_t n, const struct sockaddr_storage *sa,
+          socklen_t sa_len, double now, int32_t *from, int32_t *to)
+{
+    static const unsigned char zero_key[RELAY_KEY_LEN];
+    if (n < RELAY_SEND_HEADER || memcmp(data, relay_magic, 4) != 0 || data[4] != RELAY_T_SEND) {
+        return 0;
+    }
+    int32_t a = index_find(t, t->by_token, data + 5, RELAY_TOKEN_LEN);
+    if (a < 0 || t->sessions[a].fd != fd || !same_addr(&t->sessions[a], sa, sa_len) || t->sessions[a].expires < now) {
+        return 0;  /* unknown token, another source's, or stale: RelayCore refuses and counts it */
+    }
+    const unsigned char *dst = data + 5 + RELAY_TOKEN_LEN;
+    if (memcmp(dst, zero_key, RELAY_KEY_LEN) == 0) {
+        return 0;  /* CONFIRM_DST / PLAIN_SOURCE */
+    }
+    int32_t b = index_find(t, t->by_key, dst, RELAY_KEY_LEN);
+    if (b < 0 || t->sessions[b].expires < now) {
+        return 0;  /* over TCP, a plain peer, absent: RelayCore knows */
+    }
+    *from = a;
+    *to = b;
+    return 1;
+}
+
+static size_t
+put_cmsgs(char *control, size_t room, uint16_t segment, const struct local_source *src)
+{
+    size_t used = 0;
+    memset(control, 0, room);
+    if (segment) {
+        struct cmsghdr *c = (struct cmsghdr *)control;
+        c->cmsg_level = SOL_UDP;
+        c->cmsg_type = UDP_SEGMENT;
+        c->cmsg_len = CMSG_LEN(sizeof segment);
+        memcpy(CMSG_DATA(c), &segment, sizeof segment);
+        used += CMSG_SPACE(sizeof segment);
+    }
+    if (src != NULL && src->len) {
+        struct cmsghdr *c = (struct cmsghdr *)(control + used);
+        c->cmsg_level = src->level;
+        c->cmsg_type = src->type;
+        c->cmsg_len = CMSG_LEN(src->len);
+        memcpy(CMSG_DATA(c), src->info, src->len);
+        used += CMSG_SPACE(src->len);
+    }
+    return used;
+}
+
+#define RELAY_CONTROL (CMSG_SPACE(sizeof(uint16_t)) + CMSG_SPACE(PKTINFO_MAX))
+
+/* Sends the queued frames: grouped per destination (its order kept), runs of one size as one GSO send. */
+static void
+relay_flush(struct relay_table *t, struct relay_out *q, int count)
+{
+    struct mmsghdr msgs[RELAY_BATCH];
+    struct iovec iov[RELAY_BATCH];
+    int frames[RELAY_BATCH], fds[RELAY_BATCH];
+    const struct local_source *dests[RELAY_BATCH];
+    char done[RELAY_BATCH] = {0};
+    static union {
+        char raw[RELAY_BATCH][RELAY_CONTROL];
+        struct cmsghdr align;
+    } control;
+    int nmsg = 0, niov = 0;
+    for (int i = 0; i < count; i++) {
+        if (done[i]) {
+            continue;
+        }
+        struct relay_session *d = &t->sessions[q[i].dest];
+        int first = niov, segs = 0;
+        size_t total = 0, size = q[i].len;
+        for (int j = i; j < count; j++) {
+            if (done[j] || q[j].dest != q[i].dest) {
+                continue;
+            }
+            int joins = segs == 0 || (t->gso && segs < GSO_MAX_SEGMENTS && q[j].len <= size && q[j].len > 0
+                                      && total + q[j].len <= GSO_MAX_BYTES && iov[niov - 1].iov_len == size);
+            if (!joins) {
+                break;  /* the rest for this destination start the next message, in order */
+            }
+            iov[niov].iov_base = q[j].data;
+            iov[niov].iov_len = q[j].len;
+            niov++;
+            segs++;
+            total += q[j].len;
+            done[j] = 1;
+        }
+        struct msghdr *m = &msgs[nmsg].msg_hdr;
+        memset(m, 0, sizeof *m);
+        m->msg_name = &d->addr;
+        m->msg_namelen = d->addr_len;
+        m->msg_iov = &iov[first];
+        m->msg_iovlen = (size_t)segs;
+        m->msg_control = control.raw[nmsg];
+        m->msg_controllen = put_cmsgs(control.raw[nmsg], RELAY_CONTROL, segs > 1 ? (uint16_t)size : 0, &d->source);
+        if (m->msg_controllen == 0) {
+            m->msg_control = NULL;
+        }
+        frames[nmsg] = segs;
+        fds[nmsg] = d->fd;
+        dests[nmsg] = &d->source;
+        nmsg++;
+    }
+    int start = 0;
+    while (start < nmsg) {
+        int end = start + 1;
+        while (end < nmsg && fds[end] == fds[start]) {
+            end++;
+        }
+        int rc = sendmmsg(fds[start], &msgs[start], (unsigned int)(end - start), 0);
+        if (rc > 0) {
+            start += rc;
+            continue;
+        }
+        if (rc < 0 && errno == EINTR) {
+            continue;
+        }
+        if (rc < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            for (int k = start; k < end; k++) {
+                t->send_would_block += (unsigned long long)frames[k];
+            }
+            start = end;
+            continue;
+        }
+        /* msgs[start] failed alone: a GSO run the path cannot segment goes again one by one, GSO off from
+         * now on; a remembered source address that is gone is forgotten; anything else is lost, as on a wire. */
+        int err = rc < 0 ? errno : EIO;
+        struct msghdr *m = &msgs[start].msg_hdr;
+        if (frames[start] > 1 && (err == EIO || err == EINVAL || err == EMSGSIZE || err == ENOPROTOOPT
+                                  || err == EOPNOTSUPP)) {
+            t->gso = 0;
+            for (size_t k = 0; k < m->msg_iovlen; k++) {
+                struct msghdr one = *m;
+                one.msg_iov = &m->msg_iov[k];
+                one.msg_iovlen = 1;
+                union {
+                    char raw[RELAY_CONTROL];
+                    struct cmsghdr align;
+                } ctl;
+                one.msg_controllen = put_cmsgs(ctl.raw, RELAY_CONTROL, 0, dests[start]);
+                one.msg_control = one.msg_controllen ? ctl.raw : NULL;
+                if (sendmsg(fds[start], &one, 0) < 0) {
+                    t->send_errors++;
+                }
+            }
+        } else if (m->msg_controllen > 0 && source_gone(err)) {
+            m->msg_control = NULL;
+            m->msg_controllen = 0;
+            if (sendmsg(fds[start], m, 0) < 0) {
+                t->send_errors += (unsigned long long)frames[start];
+            }
+        } else {
+            t->send_errors += (unsigned long long)frames[start];
+        }
+        start++;
+    }
+}
+
+static PyObject *
+relay_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct relay_table *t = (nargs == 3 || nargs == 4) ? as_table(args[0]) : NULL;
+    if (t == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "relay_forward(table, fd, limit[, sources])");
+        }
+        return NULL;
+    }
+    int fd;
+    Py_ssize_t limit;
+    PyObject *sources;
+    if (fd_and_limit(args + 1, 2, "relay_forward(table, fd, limit[, sources])", &fd, &limit) < 0
+        || optional_dict(args, nargs, 3, &sources) < 0) {
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL) {
+        return NULL;
+    }
+    struct mmsghdr msgs[RELAY_BATCH];
+    struct iovec iov[RELAY_BATCH];
+    struct sockaddr_storage names[RELAY_BATCH];
+    static union {
+        char raw[RELAY_BATCH][4 * CMSG_SPACE(sizeof(int)) + CMSG_SPACE(sizeof(struct in6_pktinfo))];
+        struct cmsghdr align;
+    } control;
+    struct relay_out q[RELAY_BATCH];
+    double now = monotonic_now();
+    Py_ssize_t received = 0;
+    while (received < limit) {
+        int want = limit - received < RELAY_BATCH ? (int)(limit - received) : RELAY_BATCH;
+        for (int k = 0; k < want; k++) {
+            iov[k].iov_base = t->buffers + (size_t)k * RELAY_BUFFER;
+            iov[k].iov_len = RELAY_BUFFER;
+            memset(&msgs[k], 0, sizeof msgs[k]);
+            msgs[k].msg_hdr.msg_name = &names[k];
+            msgs[k].msg_hdr.msg_namelen = sizeof names[k];
+            msgs[k].msg_hdr.msg_iov = &iov[k];
+            msgs[k].msg_hdr.msg_iovlen = 1;
+            msgs[k].msg_hdr.msg_control = control.raw[k];
+            msgs[k].msg_hdr.msg_controllen = sizeof control.raw[k];
+        }
+        int n = recvmmsg(fd, msgs, (unsigned int)want, MSG_DONTWAIT, NULL);
+        if (n < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ECONNREFUSED || errno == EHOSTUNREACH
+                || errno == ENETUNREACH || errno == EMSGSIZE || PyList_GET_SIZE(out) > 0) {
+                break;
+            }
+            PyErr_SetFromErrno(PyExc_OSError);
+            Py_DECREF(out);
+            return NULL;
+        }
+        received += n;
+        int queued = 0, failed = 0;
+        for (int k = 0; k < n; k++) {
+            unsigned char *data = iov[k].iov_base;
+            ssize_t len = (ssize_t)msgs[k].msg_len;
+            struct local_source local = {.len = 0};
+            for (struct cmsghdr *c = CMSG_FIRSTHDR(&msgs[k].msg_hdr); c != NULL; c = CMSG_NXTHDR(&msgs[k].msg_hdr, c)) {
+                parse_pktinfo(c, &local);
+            }
+            int32_t from, to;
+            if (!failed && fast_pair(t, fd, data, len, &names[k], msgs[k].msg_hdr.msg_namelen, now, &from, &to)) {
+                struct relay_session *s = &t->sessions[from];
+                double size = (double)(len - RELAY_SEND_HEADER);
+                if (!bucket_take(&s->pkts, now, 1.0) || !bucket_take(&s->bytes, now, size)) {
+                    t->drop_node++;
+                    continue;
+                }
+                if (!bucket_take(&t->total, now, size)) {
+                    t->drop_total++;
+                    continue;
+                }
+                if (local.len) {
+                    s->source = local;  /* answer it from where it writes to (sticky source) */
+                }
+                unsigned char *frame = data + (RELAY_SEND_HEADER - RELAY_RECV_HEADER);
+                memcpy(frame, relay_magic, 4);
+                frame[4] = RELAY_T_RECV;
+                memcpy(frame + 5, s->key, RELAY_KEY_LEN);
+                q[queued].dest = to;
+                q[queued].data = frame;
+                q[queued].len = (size_t)(len - RELAY_SEND_HEADER + RELAY_RECV_HEADER);
+                queued++;
+                t->forwarded_packets++;
+                t->forwarded_bytes += (unsigned long long)size;
+                continue;
+            }
+            if (failed) {
+                continue;
+            }
+            PyObject *bytes = PyBytes_FromStringAndSize((const char *)data, len);
+            PyObject *addr = bytes != NULL ? source_tuple(&names[k], msgs[k].msg_hdr.msg_namelen) : NULL;
+            int ok = addr != NULL && (local.len == 0 || sources == NULL || remember_source(sources, addr, &local) == 0);
+            if (ok && append_new(out, PyTuple_Pack(2, bytes, addr)) < 0) {
+                ok = 0;
+            }
+            Py_XDECREF(bytes);
+            Py_XDECREF(addr);
+            if (!ok) {
+                failed = 1;  /* the frames queued so far still go out; then the exception */
+            }
+        }
+        relay_flush(t, q, queued);
+        if (failed) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        if (n < want) {
+            break;
+        }
+    }
+    return out;
+}
+
 static PyMethodDef fastio_methods[] = {
     {"read_packets", (PyCFunction)(void (*)(void))read_packets, METH_FASTCALL,
      "read_packets(fd, limit) -> list[bytes]"},
@@ -749,6 +1452,17 @@ static PyMethodDef fastio_methods[] = {
      "recv_datagrams(fd, limit[, sources]) -> list[(bytes, (host, port))]"},
     {"send_datagrams", (PyCFunction)(void (*)(void))send_datagrams, METH_FASTCALL,
      "send_datagrams(datagrams, start, v4_fd, v6_fd, v4_gso, v6_gso[, sources]) -> (index, status, errors)"},
+    {"relay_new", (PyCFunction)(void (*)(void))relay_new, METH_FASTCALL, "relay_new(max_sessions) -> table"},
+    {"relay_set", (PyCFunction)(void (*)(void))relay_set, METH_FASTCALL,
+     "relay_set(table, token, key, fd, addr, expires, source) -> bool"},
+    {"relay_remove", (PyCFunction)(void (*)(void))relay_remove, METH_FASTCALL, "relay_remove(table, key) -> bool"},
+    {"relay_limits", (PyCFunction)(void (*)(void))relay_limits, METH_FASTCALL,
+     "relay_limits(table, node_pps, node_pkt_burst, node_bytes_s, node_byte_burst, total_bytes_s, total_burst)"},
+    {"relay_forward", (PyCFunction)(void (*)(void))relay_forward, METH_FASTCALL,
+     "relay_forward(table, fd, limit[, sources]) -> list[(bytes, (host, port))] for Python"},
+    {"relay_take_counters", (PyCFunction)(void (*)(void))relay_take_counters, METH_FASTCALL,
+     "relay_take_counters(table) -> (forwarded_packets, forwarded_bytes, drop_node_limit, drop_total_limit, "
+     "send_errors, send_would_block)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,0 +1,142 @@
+"""The signal server's UDP relay on its batched, compiled path (issue 16), on loopback: a batch mixing valid
+SENDs, a token stolen by another source, junk and traffic over the per-node limit is counted reason by reason
+and only the valid SENDs arrive; sessions the core ends stop at once; --relay-node-rate cuts a node to about it."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import trio
+from sig_helpers import new_key, start_server, wait_until  # noqa: F401
+
+from meshwg.control import ControlConnection
+from meshwg.control.relay_client import RelaySession
+from meshwg.signaling import relay_wire as W
+from meshwg.wg.crypto import clamp, dh_pub
+from signal_server import cli
+
+
+class Node:
+    def __init__(self, sk: bytes, server_pk: bytes, relay_addr) -> None:
+        self.sk, self.pub = sk, dh_pub(clamp(sk))
+        self.rs = RelaySession(sk, server_pk, os.urandom)
+        self.relay_addr = relay_addr
+        self.sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+
+    async def start(self) -> "Node":
+        await self.sock.bind(("127.0.0.1", 0))
+        await self.sock.sendto(self.rs.hello(time.monotonic(), time.time()), self.relay_addr)
+        assert (await self.event())[0] == "ready"
+        await self.sock.sendto(self.rs.confirm(), self.relay_addr)
+        return self
+
+    async def event(self, timeout: float = 2.0):
+        with trio.fail_after(timeout):
+            while True:
+                data, _ = await self.sock.recvfrom(65535)
+                e = self.rs.handle_untrusted(data, time.monotonic())
+                if e is not None:
+                    return e
+
+    async def received(self, quiet: float = 0.3) -> list:
+        """The relayed packets arriving until `quiet` seconds pass without one."""
+        out = []
+        while True:
+            with trio.move_on_after(quiet):
+                data, _ = await self.sock.recvfrom(65535)
+                e = self.rs.handle_untrusted(data, time.monotonic())
+                if e is not None and e[0] == "recv":
+                    out.append(e[2])
+                continue
+            return out
+
+    async def send(self, dst: bytes, packet: bytes) -> None:
+        await self.sock.sendto(self.rs.encode_send(dst, packet), self.relay_addr)
+
+
+async def pair(h):
+    nodes, conns = [], []
+    for _ in range(2):
+        sk = new_key()
+        conns.append(await ControlConnection.open(h.invite(), sk))
+        nodes.append(await Node(sk, h.server.server_pk, h.udp).start())
+    return nodes, conns
+
+
+async def test_a_mixed_batch_is_counted_by_reason_and_only_valid_sends_arrive(nursery, tmp_path):
+    h = await start_server(nursery, tmp_path)
+    relay = h.server.relay
+    (a, b), conns = await pair(h)
+    await a.send(b.pub, b"warm-up")  # the session's first SEND: confirmed in the core, then in the table
+    assert await b.received() == [b"warm-up"]
+    assert h.server.relay_udp.fast is not None and relay.fast_updates == []
+    relay.pkt_limit.rate, relay.pkt_limit.burst = 1.0, 10.0  # the next SENDs: 10 pass, the rest are over
+    thief = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await thief.bind(("127.0.0.1", 0))
+    before = dict(relay.counters)
+    valid = [b"\x04" + bytes([i]) * 99 for i in range(10)]
+    for i, p in enumerate(valid):
+        await a.send(b.pub, p)
+        if i == 2:
+            await thief.sendto(a.rs.encode_send(b.pub, b"stolen"), h.udp)  # A's token, another source
+            await a.sock.sendto(W.MAGIC + bytes([W.T_SEND]) + b"junk", h.udp)
+            await a.sock.sendto(W.MAGIC + bytes([9]) + b"junk", h.udp)
+    for _ in range(5):
+        await a.send(b.pub, b"over the limit")
+    assert await b.received() == valid
+    delta = {k: relay.counters[k] - before.get(k, 0) for k in relay.counters}
+    assert delta.get("forwarded_packets") == 10
+    assert delta.get("refused_no_session") == 1 and delta.get("drop_bad_send") == 1
+    assert delta.get("drop_bad_frame") == 1
+    assert delta.get("drop_relay_node_limit") == 5 and delta.get("drop_rate_limited") == 5
+    thief.close()
+    for c in conns:
+        await c.aclose()
+    h.admin.close()
+
+
+async def test_a_session_the_core_ends_is_not_forwarded_to_or_from_any_more(nursery, tmp_path):
+    h = await start_server(nursery, tmp_path)
+    relay = h.server.relay
+    (a, b), conns = await pair(h)
+    await a.send(b.pub, b"one")
+    await b.send(a.pub, b"back")
+    assert await b.received() == [b"one"] and await a.received() == [b"back"]
+    relay.drop_key(b.pub)  # as a node's removal or expiry does
+    await a.send(b.pub, b"to b")
+    await b.send(a.pub, b"from b")
+    assert await b.received() == [] and await a.received() == []
+    assert relay.counters["drop_peer_absent"] == 1 and relay.counters["refused_no_session"] == 1
+    for c in conns:
+        await c.aclose()
+    h.admin.close()
+
+
+async def test_the_relay_node_rate_flag_cuts_a_node_to_about_its_rate(nursery, tmp_path):
+    """--relay-node-rate 2 (Mbit/s: 250 kB/s, burst 2 s): ~1.2 MB offered in 1 s arrives as ~750 kB."""
+    args = cli.build_parser().parse_args(["relay", "--db", str(tmp_path / "x.db"), "--relay-node-rate", "2"])
+    cfg = cli.server_config(args, False)
+    assert cfg.relay_node_rate == 2.0
+    h = await start_server(nursery, tmp_path, relay_node_rate=cfg.relay_node_rate)
+    (a, b), conns = await pair(h)
+    packet = b"\x04" + os.urandom(1199)
+    got = 0
+
+    async def count():
+        nonlocal got
+        got += len(await b.received(quiet=0.5))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(count)
+        t_end = trio.current_time() + 1.0
+        while trio.current_time() < t_end:
+            for _ in range(10):
+                await a.send(b.pub, packet)
+            await trio.sleep(0.01)
+    delivered = got * len(packet)
+    assert 500_000 <= delivered <= 900_000, delivered  # 500 kB burst + 250 kB/s for 1 s
+    assert h.server.relay.counters["drop_relay_node_limit"] > 0
+    for c in conns:
+        await c.aclose()
+    h.admin.close()
