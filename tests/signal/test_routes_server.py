@@ -234,3 +234,19 @@ async def test_the_server_publishes_where_it_is_reached(harness, nursery):
     await wait_until(lambda: "127.0.0.1" in (h.admin.meta_get("server_addrs") or ""))
     assert h.server._server_ips == {"127.0.0.1"}
     assert ipaddress.ip_address("127.0.0.1") in h.server.core.policy.server_ips
+
+
+async def test_the_node_sides_own_messages_and_parser_agree(harness, nursery):
+    """The node's ControlConnection.report_routes and its entry parser (meshwg/control/client.py) with this server."""
+    from meshwg.control.client import _peer_untrusted
+
+    h = harness
+    inv = h.invite(reusable=True, auto_routes=[LAN, "exit"])
+    home = await recording_node(nursery, inv, "home")
+    office = await recording_node(nursery, inv, "office")
+    await home.conn.report_routes([LAN, "10.3.0.0/16"], True)
+    await within_1s(lambda: routes_in(office, home) == ((LAN,), True))
+    admin.approve_route(h.admin, "home", "10.3.0.0/16")
+    await within_1s(lambda: routes_in(office, home) == (("10.3.0.0/16", LAN), True))
+    info = _peer_untrusted(P.pack_entry(office.entries[home.key]))
+    assert (set(info.routes), info.exit_node) == ({LAN, "10.3.0.0/16"}, True)
