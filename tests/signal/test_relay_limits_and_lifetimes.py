@@ -193,7 +193,7 @@ def test_confirm_forwards_nothing_but_an_empty_packet_to_a_peer_is_forwarded():
     c = core()
     ta, _ = join(c, PK_A, A_SRC), join(c, PK_B, B_SRC)
     assert send(c, ta, bytes(32), b"", A_SRC) == [] and c.counters["confirm"] == 1
-    assert send(c, ta, bytes(32), b"x", A_SRC) == [] and c.counters["drop_peer_absent"] == 1
+    assert send(c, ta, bytes(32), b"x", A_SRC) == [] and c.counters["drop_plain_unrouted"] == 1  # for the plain port: no pair
     assert delivered(send(c, ta, PK_B, b"", A_SRC), PK_A, b"", B_SRC)
     assert c.counters["confirm"] == 1
 
