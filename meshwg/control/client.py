@@ -22,7 +22,6 @@ from meshwg.wg.crypto import clamp, dh_pub as public_key
 from meshwg.signaling.sealed import open_untrusted, seal
 
 log = logging.getLogger("meshwg.control")
-T_ROUTES = "routes"   # the routes contract's message type; P.T_ROUTES once meshwg/signaling/protocol.py has it
 
 
 class ControlError(Exception):
@@ -228,7 +227,7 @@ class ControlConnection:
 
     async def report_routes(self, routes, exit_node: bool) -> None:
         """Our whole advertisement of subnet routes (canonical CIDR texts) and exit node (the routes contract)."""
-        await self.send({"type": T_ROUTES, "routes": list(routes), "exit_node": bool(exit_node)})
+        await self.send({"type": P.T_ROUTES, "routes": list(routes), "exit_node": bool(exit_node)})
 
     async def send_sealed(self, peer_key: bytes, plaintext: bytes) -> None:
         await self.send({"type": P.T_SEAL_SEND, "to": peer_key, "blob": seal(self.private_key, peer_key, plaintext)})

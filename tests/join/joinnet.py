@@ -24,11 +24,16 @@ class Node:
         self.log = Path(net.dir) / f"join-{name}.log"
         self.proc = None
 
-    def start(self, invite: str) -> None:
+    def start(self, invite: str, *extra: str) -> None:
         with open(self.log, "ab") as log:
             self.proc = self.ns.popen(PY, "-m", "meshwg", "join", invite, "--name", self.name, "--state-dir",
-                                      str(self.state), "--interface", self.iface, env=ENV, stdout=log,
+                                      str(self.state), "--interface", self.iface, *extra, env=ENV, stdout=log,
                                       stderr=subprocess.STDOUT, cwd=REPO)
+
+    def meshwg(self, *args: str) -> subprocess.CompletedProcess:
+        """`meshwg ARGS --interface IFACE` in the node's namespace (e.g. `set ...`)."""
+        return subprocess.run(self.ns.argv(PY, "-m", "meshwg", *args, "--interface", self.iface),
+                              capture_output=True, text=True, env=ENV, cwd=REPO, timeout=20)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -99,8 +104,17 @@ class BridgeNet:
         self.nodes.append(node)
         return node
 
+    @property
+    def db(self) -> str:
+        return os.path.join(self.dir, "signal.db")
+
+    def signal(self, *args: str) -> subprocess.CompletedProcess:
+        """`meshwg-signal ARGS --db DB` in the server's namespace."""
+        return subprocess.run(self.srv.argv(PY, "-m", "signal_server", *args, "--db", self.db), capture_output=True,
+                              text=True, env=ENV, cwd=REPO, timeout=30)
+
     def start_server(self) -> str:
-        db = os.path.join(self.dir, "signal.db")
+        db = self.db
         ip1, ip2 = f"10.{self.n}.0.1", f"10.{self.n}.0.254"
         with open(os.path.join(self.dir, "signal.log"), "ab") as log:
             self.server = self.srv.popen(PY, "-m", "signal_server", "serve", "--init", "--db", db, "--listen", f"{ip1}:7300",
