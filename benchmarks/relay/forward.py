@@ -118,7 +118,8 @@ def run(pairs: int, seconds: float, size: int, server_args: list[str], profile: 
         counters[k] = int(v)
     fwd = counters.get("forwarded_packets", 0)
     cpu = cpu1 - cpu0
-    return {"pairs": pairs, "size": size, "offered_pkt_s": rate or "flood", "forwarded": fwd, "server_cpu_s": round(cpu, 2),
+    return {"pairs": pairs, "size": size, "offered_pkt_s": rate or "flood", "forwarded": fwd,
+            "server_cpu_s": round(cpu, 2),
             "wall_s": round(t1 - t0, 2), "pkt_s": round(fwd / (t1 - t0)),
             "pkt_s_per_core": round(fwd / cpu) if cpu else 0,
             "us_per_pkt": round(cpu * 1e6 / fwd, 2) if fwd else 0,
