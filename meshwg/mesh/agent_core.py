@@ -331,11 +331,9 @@ class AgentCore:
         """Follow the exit node in use (the chosen name, present as an approved exit node); the keys whose
         spec that changes. Looks the name up only when it can have moved (not O(peers) per event)."""
         name, old = self.routing.exit_node, self.exit_key
-        cur = self.peers.get(old) if old is not None else None
         if name is None:
             new = None
-        elif changed is None or changed == old or cur is None or (
-                changed in self.peers and self.peers[changed].name == name):
+        elif changed is None or changed == old or (changed in self.peers and self.peers[changed].name == name):
             new = next((k for k, p in self.peers.items() if p.name == name and p.exit_node and p.kind == "node"),
                        None)
         else:
