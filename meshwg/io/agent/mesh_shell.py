@@ -217,7 +217,10 @@ class MeshDevice:
         self.driver.on_event = self._on_event
         # flush_io, not flush: after_rx runs once per TCP-relayed packet (see meshwg.io.dataplane.driver).
         self.relay = RelayShell(private_key, udp_send=self.driver.send_raw, deliver=self._deliver_relayed,
-                                after_rx=self.driver.flush_io, clock=self.clock)
+                                after_rx=self.driver.flush_io, clock=self.clock, endpoint_type=N.RelayEndpoint,
+                                endpoint_for=self._relay_endpoint_for)
+        # Relayed transport data on the driver's compiled send and batch receive (the relay shell's route).
+        self.driver.relay_route = self.relay.route
         self.driver.set_datagram_handlers(self.datagram_handlers())
         self.birthday = BirthdaySockets()
         self.on_local_endpoints = on_local_endpoints
@@ -249,6 +252,11 @@ class MeshDevice:
     def _deliver_relayed(self, src: bytes, packet: bytes) -> None:
         self.node.receive_relay(src, packet, self.clock())
 
+    def _relay_endpoint_for(self, key: bytes):
+        """The endpoint the core gets relayed transport data from `key` with (what receive_relay gives it), when
+        `key` is a mesh peer's; None for anyone else (a plain peer's PLAIN_SOURCE, a key we do not know)."""
+        return N.RelayEndpoint(key) if key in self.node.paths else None
+
     def _send_to_endpoint(self, data: bytes, ep) -> None:
         if isinstance(ep, N.RelayEndpoint):
             self.relay.send(ep.peer_key, data)
@@ -265,6 +273,8 @@ class MeshDevice:
             self.birthday.open(ev.peer_key, ev.count)
         elif isinstance(ev, N.CloseBirthdaySockets):
             self.birthday.close_for(ev.peer_key, ev.keep)
+        elif isinstance(ev, N.PeersChanged):
+            self.relay.forget_endpoints()
         elif isinstance(ev, N.PathChanged):
             log.info("peer %s: path -> %s (%s)", ev.peer_key[:4].hex(), ev.endpoint, ev.reason)
             if isinstance(ev.endpoint, N.RelayEndpoint):

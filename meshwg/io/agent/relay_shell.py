@@ -6,6 +6,16 @@ few packets wait in a small queue (the first packets of a WireGuard handshake mu
 Which transport carries them, and when the TCP relay is opened and closed, is meshwg.mesh.relay_policy's
 decision (UDP and TCP raced: TCP opens after 0.3 s without a UDP answer); this shell feeds it events
 and carries out its actions. Its counters follow meshwg.counters' convention (`send_udp`, `recv_tcp`, `drop_...`).
+
+The compiled path (issue 16). The shell stays the owner of the session (hello, token, UDP/TCP policy) and of
+what the driver's compiled send and receive may do on its behalf (`route`, a meshwg.io.dataplane.udp
+RelayRoute, None without the compiled drain): the SEND header of each destination the Python path has sent
+to under the current token (rebuilt on a new token, off while UDP is not the transport or the session
+lapsed), and the endpoint object of each source key `endpoint_for` calls a peer of ours (learnt from its
+first RECV through the Python path; forgotten when the peers change). With those, the driver frames and
+batches relayed sends and splits relayed transport data out of its batch receive (`send_udp_fast`,
+`recv_udp_fast`); everything else (the first packets, handshakes and disco, frames from another address,
+unknown keys, plain peers, bad frames) still comes here, and is checked and counted as before.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from meshwg.signaling import relay_wire as W
 from meshwg.signaling.invite import join_hostport
 from meshwg.control.relay_client import RelaySession, open_tcp_relay
 from meshwg.control.tcp import set_stream_mark
+from meshwg.io.dataplane.udp import new_relay_route
 
 log = logging.getLogger("meshwg.relay")
 
@@ -34,9 +45,11 @@ NOTICE_NAMES = {W.N_REHELLO: "rehello", W.N_NOT_REGISTERED: "not_registered", W.
 
 class RelayShell:
     def __init__(self, private_key: bytes, *, udp_send, deliver, after_rx, clock=time.monotonic,
-                 random_bytes=os.urandom):
+                 random_bytes=os.urandom, endpoint_type: type | None = None, endpoint_for=None):
         """udp_send(data, addr) -> bool sends from the shared socket; deliver(src_key, packet) feeds
-        the mesh node (sync); after_rx() is awaited after TCP deliveries (flushes the node)."""
+        the mesh node (sync); after_rx() is awaited after TCP deliveries (flushes the node).
+        endpoint_type (the node's RelayEndpoint) and endpoint_for(key) -> endpoint or None (None: not a
+        peer whose relayed transport data may skip this shell) enable the compiled path (`route`)."""
         self.private_key = private_key
         self.udp_send = udp_send
         self.deliver = deliver
@@ -54,8 +67,16 @@ class RelayShell:
         self.latency: float | None = None       # HELLO -> HELLO_OK round trip over UDP (seconds)
         self.tcp_latency: float | None = None
         self.observed = None                    # our address as the relay sees it
-        self.counters: Counter = Counter()
+        self._counters: Counter = Counter()
         self.tx_by_peer: Counter = Counter()     # packets handed to the relay, per destination key
+        # The compiled path's state (see the module docstring); the dicts are shared with `route`.
+        self._headers: dict[bytes, bytes] = {}   # destination key -> SEND header under _header_token
+        self._header_token: bytes | None = None
+        self._endpoints: dict[bytes, object] = {}  # source key -> the peer's endpoint object
+        self.endpoint_for = endpoint_for
+        self.route = None
+        if endpoint_type is not None and endpoint_for is not None:
+            self.route = new_relay_route(endpoint_type, self._headers, self._endpoints, self.tx_by_peer)
         self._configured = trio.Event()
         self._wake = trio.Event()               # an input changed the policy's deadlines
         self._nursery: trio.Nursery | None = None
@@ -95,7 +116,35 @@ class RelayShell:
         self.session = RelaySession(self.private_key, self.server_key, self._random)
         now = self.clock()
         self.policy.configured(now, bool(self.tcp_addrs))
+        self._sync_route()
         self._hello(now)
+
+    @property
+    def counters(self) -> Counter:
+        """The shell's counters, the compiled path's included (`send_udp_fast`, `recv_udp_fast`, ...)."""
+        if self.route is not None:
+            for key, value in self.route.counters().items():
+                if value:
+                    self._counters[key] = value
+        return self._counters
+
+    def _sync_route(self) -> None:
+        """Tell the compiled path where sends go and until when: the UDP relay while its session holds
+        (the policy's UDP deadline), nowhere otherwise. A new token makes every cached header stale."""
+        route, s = self.route, self.session
+        if route is None:
+            return
+        if s is None or s.token is None or self.relay_addr is None or not self.policy.udp_ready_at(self.clock()):
+            route.set(None, 0.0)
+            return
+        if s.token != self._header_token:
+            self._headers.clear()
+            self._header_token = s.token
+        route.set(self.relay_addr, self.policy.udp_until)
+
+    def forget_endpoints(self) -> None:
+        """The peers changed: source keys are learnt again (a removed peer's frames come here)."""
+        self._endpoints.clear()
 
     def refresh(self) -> None:
         """A peer just fell back to the relay: re-open our NAT mapping towards it now.
@@ -130,7 +179,9 @@ class RelayShell:
         if self.policy.transport(self.clock()) == P.UDP:
             frame = self.session.encode_send(dst, packet)
             if frame is not None and self.udp_send(frame, self.relay_addr):
-                self.counters["send_udp"] += 1
+                self._counters["send_udp"] += 1
+                if self.route is not None and self.session.token == self._header_token and dst not in self._headers:
+                    self._headers[dst] = W.encode_send(self._header_token, dst, b"")  # the compiled path's from now on
                 return
         if self.tcp is not None:
             try:
@@ -146,27 +197,36 @@ class RelayShell:
         """A relay frame that arrived on the shared socket."""
         s = self.session
         if s is None or addr != self.relay_addr:
-            self.counters["drop_not_from_relay"] += 1
+            self._counters["drop_not_from_relay"] += 1
             return
         ev = s.handle_untrusted(data, now)
         if ev is None:
-            self.counters["drop_bad_frame"] += 1
+            self._counters["drop_bad_frame"] += 1
             return
         if ev[0] == "recv":
-            self.counters["recv_udp"] += 1
+            self._counters["recv_udp"] += 1
             self.deliver(ev[1], ev[2])
+            if self.route is not None and ev[1] not in self._endpoints:
+                self._learn_endpoint(ev[1])
         elif ev[0] == "ready":
             self.latency = max(0.0, now - s.last_hello)
             self.observed = ev[1]
             if not self.policy.udp_ready_at(now):
                 log.info("relay: UDP session ready via %s:%s (%.1f ms)", *self.relay_addr, self.latency * 1000)
             self.policy.udp_ready(now, s.ready_until)
+            self._sync_route()
             self._wake.set()
             self._confirm()
             self._flush_pending(now)
         elif ev[0] == "notice":
-            self.counters["recv_notice_" + NOTICE_NAMES.get(ev[1], "unknown")] += 1
+            self._counters["recv_notice_" + NOTICE_NAMES.get(ev[1], "unknown")] += 1
             self._wake.set()  # a re-hello notice moved the session's hello timer (answered at most 1/s)
+
+    def _learn_endpoint(self, src: bytes) -> None:
+        """A RECV from `src` came through here: if it is a peer of ours, its next ones may skip us."""
+        endpoint = self.endpoint_for(src)
+        if endpoint is not None:
+            self._endpoints[src] = endpoint
 
     def _flush_pending(self, now: float) -> None:
         pending, self._pending = list(self._pending), deque(maxlen=PENDING_MAX)
@@ -178,7 +238,7 @@ class RelayShell:
         that as our observed address now rather than at our next relayed packet."""
         frame = self.session.confirm()
         if frame is not None and self.udp_send(frame, self.relay_addr):
-            self.counters["send_confirm_udp"] += 1
+            self._counters["send_confirm_udp"] += 1
 
     def _hello(self, now: float) -> None:
         self.policy.udp_hello_sent(now)
@@ -186,7 +246,7 @@ class RelayShell:
         if self.session is None or self.relay_addr is None:
             return
         self.udp_send(self.session.hello(now, time.time()), self.relay_addr)
-        self.counters["send_hello_udp"] += 1
+        self._counters["send_hello_udp"] += 1
 
     def _rand01(self) -> float:
         return int.from_bytes(self._random(4), "big") / 2**32

@@ -13,14 +13,16 @@
  * write_packets(fd, packets) -> int
  *     Writes each packet; returns how many were dropped (queue full, packet refused). OSError for
  *     errors that mean the device is gone (EBADF, EBADFD, EIO, ENODEV).
- * recv_datagrams(fd, limit[, sources]) -> list[tuple[bytes, tuple[str, int]]]
+ * recv_datagrams(fd, limit[, sources[, route]]) -> list[tuple[bytes, tuple[str, int]]]
  *     Up to `limit` datagrams with their (host, port); [] when the socket would block. ICMP-reported
  *     errors (ECONNREFUSED, EHOSTUNREACH, ENETUNREACH, EMSGSIZE) end the drain quietly.
  *     With a `sources` dict (the UDP shell's sticky source map, see meshwg/io/dataplane/udp.py) and IP_PKTINFO /
  *     IPV6_RECVPKTINFO on the socket, sources[(host, port)] becomes the local address the datagram
  *     arrived at: (local host, ifindex, (level, type, pktinfo to send)). The value already there is
  *     compared, not rebuilt (the steady state allocates nothing); a full map is cleared first.
- * send_datagrams(datagrams, start, v4_fd, v6_fd, v4_gso, v6_gso[, sources]) -> (index, status, errors)
+ *     With a node relay `route`, RECV frames of relayed transport data come back as (inner datagram,
+ *     the source peer's endpoint) (see "The node's relay path" below).
+ * send_datagrams(datagrams, start, v4_fd, v6_fd, v4_gso, v6_gso[, sources[, route, now]]) -> (index, status, errors)
  *     Sends datagrams[start:] ((bytes, (host, port)) pairs; fd -1: no socket for that family),
  *     each endpoint from its entry in `sources` (an IP_PKTINFO / IPV6_PKTINFO cmsg) when it has one.
  *     A send that fails because that source is gone (EINVAL, EADDRNOTAVAIL, ENETUNREACH: the address
@@ -32,6 +34,8 @@
  *     GSO_REFUSED (the kernel refused to segment a run whose first datagram then went out alone:
  *     `index` is the one after it; the caller turns GSO off for that family and calls again).
  *     `errors`: datagrams lost to other send errors (unreachable, EPERM, ...), as on a wire.
+ *     With a node relay `route` (and the caller's clock reading `now`), datagrams to relay endpoints with a
+ *     cached SEND header leave here too, framed, batched (sendmmsg) and GSO'd where the path allows.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -428,16 +432,414 @@ optional_dict(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t index, PyObjec
     return 0;
 }
 
+static size_t put_cmsgs(char *control, size_t room, uint16_t segment, const struct local_source *src);
+
+/* ---- The node's relay path: relayed transport data on the batched path (issue 16) ----
+ * A mesh peer that cannot be reached directly is reached through the signal server's UDP relay: every
+ * datagram to it leaves as a SEND frame (MAGIC, T_SEND, our session token, its key, the datagram) and every
+ * datagram from it arrives as a RECV frame (MAGIC, T_RECV, its key, the datagram). The relay shell
+ * (meshwg/io/agent/relay_shell.py) owns the session: it builds each destination's 45-byte SEND header once
+ * (the token changes only with a new HELLO_OK) into `headers`, and puts the peers' endpoint objects into
+ * `endpoints`. Here:
+ *   send_datagrams: a datagram whose endpoint is an `endpoint_type` with a header in `headers` (while
+ *     now < until) goes to the relay address as header + datagram (two iovecs, no copy); consecutive ones
+ *     leave in one sendmmsg, runs of transport data to one peer as one UDP GSO message where the path takes
+ *     that segment size (a full-size frame does not fit a 1500-byte path: refused once, then never tried
+ *     above that size on this route). Anything else (no header yet, the session lapsed) goes to Python.
+ *   recv_datagrams: a RECV frame from the relay's own address carrying transport data (type 4, >= 32 bytes)
+ *     from a key in `endpoints` comes back as (inner datagram, endpoint), beside the direct datagrams of the
+ *     batch, so the core gets it as the relay shell would hand it over. Every other frame (another source, a
+ *     short or foreign frame, another type, an unknown or plain key, a handshake or disco inside) comes back
+ *     whole as (frame, (host, port)): the relay shell checks, counts and delivers or drops it as before.
+ *
+ * node_relay_new(endpoint_type, headers, endpoints, tx_counts) -> route (a capsule)
+ *     The three dicts stay the relay shell's (it fills and clears them); tx_counts[key] += packets sent.
+ * node_relay_set(route, addr, until) -> bool
+ *     The UDP relay's (host, port), or None: off. Headers are used while now < until (the session's end).
+ *     False (and off) when addr is not a numeric (host, port) this module resolves.
+ * node_relay_counters(route) -> (sent, received, send_errors, gso_refused)   (totals)
+ */
+#define NODE_RELAY_CAPSULE "meshwg.node_relay"
+#define NODE_SEND_HEADER 45  /* MAGIC 4 + type 1 + token 8 + key 32 */
+#define NODE_RECV_HEADER 37  /* MAGIC 4 + type 1 + key 32 */
+#define NODE_KEY_OFFSET 5
+#define NODE_KEY_LEN 32
+#define NODE_RELAY_BATCH 64
+#define TRANSPORT_MIN 32
+
+static const unsigned char node_relay_magic[4] = {0xff, 'M', 'W', 'R'};
+
+struct node_relay {
+    PyObject *endpoint_type, *headers, *endpoints, *tx_counts, *addr_tuple;  /* addr_tuple NULL: off */
+    struct sockaddr_storage addr;
+    socklen_t addr_len;
+    double until;
+    Py_ssize_t gso_max;  /* largest segment a GSO message may carry on this route (a larger one was refused) */
+    unsigned long long sent, received, send_errors, gso_refused;
+};
+
+static PyObject *str_peer_key;  /* "peer_key", interned */
+
+static void
+node_relay_free(PyObject *capsule)
+{
+    struct node_relay *r = PyCapsule_GetPointer(capsule, NODE_RELAY_CAPSULE);
+    if (r == NULL) {
+        return;
+    }
+    Py_XDECREF(r->endpoint_type);
+    Py_XDECREF(r->headers);
+    Py_XDECREF(r->endpoints);
+    Py_XDECREF(r->tx_counts);
+    Py_XDECREF(r->addr_tuple);
+    PyMem_Free(r);
+}
+
+/* The route argument: NULL for None or a missing argument, -1 with an exception set when not a route. */
+static int
+optional_route(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t index, struct node_relay **out)
+{
+    *out = NULL;
+    if (nargs <= index || args[index] == Py_None) {
+        return 0;
+    }
+    *out = PyCapsule_GetPointer(args[index], NODE_RELAY_CAPSULE);
+    return *out == NULL ? -1 : 0;
+}
+
+static PyObject *
+node_relay_new(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyType_Check(args[0]) || !PyDict_Check(args[1]) || !PyDict_Check(args[2])
+        || !PyDict_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "node_relay_new(endpoint_type, headers: dict, endpoints: dict, "
+                                         "tx_counts: dict)");
+        return NULL;
+    }
+    if (str_peer_key == NULL && (str_peer_key = PyUnicode_InternFromString("peer_key")) == NULL) {
+        return NULL;
+    }
+    struct node_relay *r = PyMem_Calloc(1, sizeof *r);
+    if (r == NULL) {
+        return PyErr_NoMemory();
+    }
+    PyObject *capsule = PyCapsule_New(r, NODE_RELAY_CAPSULE, node_relay_free);
+    if (capsule == NULL) {
+        PyMem_Free(r);
+        return NULL;
+    }
+    r->endpoint_type = Py_NewRef(args[0]);
+    r->headers = Py_NewRef(args[1]);
+    r->endpoints = Py_NewRef(args[2]);
+    r->tx_counts = Py_NewRef(args[3]);
+    r->gso_max = GSO_MAX_BYTES;
+    return capsule;
+}
+
+static int resolve_dest(PyObject *dest, struct sockaddr_storage *sa, socklen_t *len);
+
+static PyObject *
+node_relay_set(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct node_relay *r = nargs == 3 ? PyCapsule_GetPointer(args[0], NODE_RELAY_CAPSULE) : NULL;
+    if (r == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "node_relay_set(route, addr, until)");
+        }
+        return NULL;
+    }
+    double until = PyFloat_AsDouble(args[2]);
+    if (until == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *addr = args[1];
+    if (addr == Py_None) {
+        Py_CLEAR(r->addr_tuple);
+        Py_RETURN_TRUE;
+    }
+    struct sockaddr_storage sa;
+    socklen_t len;
+    if (!resolve_dest(addr, &sa, &len)) {
+        Py_CLEAR(r->addr_tuple);
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_FALSE;
+    }
+    if (r->addr_tuple == NULL || len != r->addr_len || memcmp(&sa, &r->addr, len) != 0) {
+        r->gso_max = GSO_MAX_BYTES;  /* another path: it may segment what the old one refused */
+    }
+    memcpy(&r->addr, &sa, len);
+    r->addr_len = len;
+    r->until = until;
+    Py_INCREF(addr);
+    Py_XSETREF(r->addr_tuple, addr);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+node_relay_counters(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct node_relay *r = nargs == 1 ? PyCapsule_GetPointer(args[0], NODE_RELAY_CAPSULE) : NULL;
+    if (r == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "node_relay_counters(route)");
+        }
+        return NULL;
+    }
+    return Py_BuildValue("(KKKK)", r->sent, r->received, r->send_errors, r->gso_refused);
+}
+
+static int
+same_sockaddr(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
+{
+    if (a->ss_family != b->ss_family) {
+        return 0;
+    }
+    if (a->ss_family == AF_INET) {
+        const struct sockaddr_in *x = (const struct sockaddr_in *)a, *y = (const struct sockaddr_in *)b;
+        return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
+    }
+    if (a->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *x = (const struct sockaddr_in6 *)a, *y = (const struct sockaddr_in6 *)b;
+        return x->sin6_port == y->sin6_port && x->sin6_scope_id == y->sin6_scope_id
+               && memcmp(&x->sin6_addr, &y->sin6_addr, sizeof x->sin6_addr) == 0;
+    }
+    return 0;
+}
+
+/* A RECV frame carrying transport data: its header and the inner datagram's look right. */
+static int
+is_relayed_transport(const unsigned char *frame, Py_ssize_t size)
+{
+    static const unsigned char transport[4] = {4, 0, 0, 0};
+    return size >= NODE_RECV_HEADER + TRANSPORT_MIN && memcmp(frame, node_relay_magic, 4) == 0 && frame[4] == 4
+           && memcmp(frame + NODE_RECV_HEADER, transport, 4) == 0;
+}
+
+/* The endpoint object of the RECV frame's source key (a new reference), or NULL (no exception) when the relay
+ * shell has none for it. `last_key`/`last_endpoint` cache the previous lookup of this drain. */
+static PyObject *
+relay_endpoint(struct node_relay *r, const unsigned char *key, unsigned char *last_key, PyObject **last_endpoint)
+{
+    if (*last_endpoint != NULL && memcmp(key, last_key, NODE_KEY_LEN) == 0) {
+        return Py_NewRef(*last_endpoint);
+    }
+    PyObject *k = PyBytes_FromStringAndSize((const char *)key, NODE_KEY_LEN);
+    if (k == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    PyObject *endpoint = PyDict_GetItemWithError(r->endpoints, k);  /* bytes keys: no Python code runs */
+    Py_DECREF(k);
+    if (endpoint == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    memcpy(last_key, key, NODE_KEY_LEN);
+    Py_XSETREF(*last_endpoint, Py_NewRef(endpoint));
+    return Py_NewRef(endpoint);
+}
+
+/* The key (new reference) and SEND header (borrowed) of a datagram for `dest`, when it goes to the relay
+ * on this path; 0 otherwise (no exception). */
+static int
+relay_header(struct node_relay *r, PyObject *dest, PyObject **key, PyObject **header)
+{
+    /* Exact type only: a subclass could run Python code from its attribute lookup. */
+    if ((PyObject *)Py_TYPE(dest) != r->endpoint_type) {
+        return 0;
+    }
+    PyObject *k = PyObject_GetAttr(dest, str_peer_key);
+    if (k == NULL || !PyBytes_CheckExact(k)) {
+        PyErr_Clear();
+        Py_XDECREF(k);
+        return 0;
+    }
+    PyObject *h = PyDict_GetItemWithError(r->headers, k);
+    if (h == NULL || !PyBytes_CheckExact(h) || PyBytes_GET_SIZE(h) != NODE_SEND_HEADER) {
+        PyErr_Clear();
+        Py_DECREF(k);
+        return 0;
+    }
+    *key = k;
+    *header = h;
+    return 1;
+}
+
+static void
+count_tx(struct node_relay *r, PyObject *key, Py_ssize_t packets)
+{
+    PyObject *old = PyDict_GetItemWithError(r->tx_counts, key);
+    long long before = old != NULL && PyLong_CheckExact(old) ? PyLong_AsLongLong(old) : 0;
+    PyObject *now = PyLong_FromLongLong(before + packets);
+    if (now == NULL || PyDict_SetItem(r->tx_counts, key, now) < 0) {
+        PyErr_Clear();
+    }
+    Py_XDECREF(now);
+}
+
+struct relay_item {
+    PyObject *key;       /* owned */
+    const char *header;
+    const char *data;
+    size_t size;
+};
+
+/* One message of a relay batch: items [first, first + count), GSO segments of `segment` bytes when count > 1. */
+struct relay_msg {
+    int first, count;
+    uint16_t segment;
+};
+
+/* Sends datagrams[i:] that go to the relay (relay_header) as SEND frames, up to the first that does not
+ * or NODE_RELAY_BATCH of them. Returns the index of the first datagram not handled; *status WOULD_BLOCK when
+ * the socket is full there. Send errors are counted in *errors (lost, as on a wire). */
+static Py_ssize_t
+send_relay(struct node_relay *r, PyObject *datagrams, Py_ssize_t i, Py_ssize_t n, int fd, int gso_on,
+           PyObject *sources, int *status, Py_ssize_t *errors)
+{
+    struct relay_item items[NODE_RELAY_BATCH];
+    int count = 0;
+    while (i + count < n && count < NODE_RELAY_BATCH) {
+        PyObject *item = PyList_GET_ITEM(datagrams, i + count);
+        PyObject *key, *header;
+        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2 || !PyBytes_CheckExact(PyTuple_GET_ITEM(item, 0))
+            || !relay_header(r, PyTuple_GET_ITEM(item, 1), &key, &header)) {
+            break;
+        }
+        PyObject *data = PyTuple_GET_ITEM(item, 0);
+        items[count].key = key;
+        items[count].header = PyBytes_AS_STRING(header);
+        items[count].data = PyBytes_AS_STRING(data);
+        items[count].size = (size_t)PyBytes_GET_SIZE(data);
+        count++;
+    }
+    /* Group: a run of transport data to one peer with one size (the last may be shorter) is one GSO message. */
+    struct relay_msg msgs[NODE_RELAY_BATCH];
+    int nmsg = 0;
+    for (int k = 0; k < count;) {
+        size_t seg = NODE_SEND_HEADER + items[k].size, total = seg;
+        int run = 1;
+        int gso = gso_on && (Py_ssize_t)seg <= r->gso_max && items[k].size > 0 && items[k].data[0] == 4;
+        while (gso && k + run < count && run < GSO_MAX_SEGMENTS) {
+            const struct relay_item *next = &items[k + run];
+            size_t m = NODE_SEND_HEADER + next->size;
+            if (next->key != items[k].key && PyObject_RichCompareBool(next->key, items[k].key, Py_EQ) != 1) {
+                break;  /* bytes == bytes: no Python code */
+            }
+            if (m > seg || next->size == 0 || next->data[0] != 4 || total + m > GSO_MAX_BYTES) {
+                break;
+            }
+            total += m;
+            run++;
+            if (m < seg) {
+                break;
+            }
+        }
+        msgs[nmsg].first = k;
+        msgs[nmsg].count = run;
+        msgs[nmsg].segment = (uint16_t)seg;
+        nmsg++;
+        k += run;
+    }
+    struct iovec iov[2 * NODE_RELAY_BATCH];
+    for (int k = 0; k < count; k++) {
+        iov[2 * k].iov_base = (void *)items[k].header;
+        iov[2 * k].iov_len = NODE_SEND_HEADER;
+        iov[2 * k + 1].iov_base = (void *)items[k].data;
+        iov[2 * k + 1].iov_len = items[k].size;
+    }
+    struct local_source local;
+    int v6 = r->addr.ss_family == AF_INET6;
+    int sticky = sources != NULL && lookup_source(sources, r->addr_tuple, v6, &local);
+    struct mmsghdr mm[NODE_RELAY_BATCH];
+    static union {
+        char raw[NODE_RELAY_BATCH][CMSG_SPACE(sizeof(uint16_t)) + CMSG_SPACE(PKTINFO_MAX)];
+        struct cmsghdr align;
+    } control;
+    int start = 0;
+    while (start < nmsg) {
+        for (int m = start; m < nmsg; m++) {
+            struct msghdr *h = &mm[m].msg_hdr;
+            memset(h, 0, sizeof *h);
+            h->msg_name = &r->addr;
+            h->msg_namelen = r->addr_len;
+            h->msg_iov = &iov[2 * msgs[m].first];
+            h->msg_iovlen = 2 * (size_t)msgs[m].count;
+            h->msg_controllen = put_cmsgs(control.raw[m], sizeof control.raw[m], msgs[m].count > 1 ? msgs[m].segment : 0,
+                                          sticky ? &local : NULL);
+            h->msg_control = h->msg_controllen ? control.raw[m] : NULL;
+        }
+        int rc = sendmmsg(fd, &mm[start], (unsigned int)(nmsg - start), 0);
+        if (rc > 0) {
+            for (int m = start; m < start + rc; m++) {
+                r->sent += (unsigned long long)msgs[m].count;
+                count_tx(r, items[msgs[m].first].key, msgs[m].count);
+            }
+            start += rc;
+            continue;
+        }
+        if (rc < 0 && errno == EINTR) {
+            continue;
+        }
+        if (rc < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            *status = WOULD_BLOCK;
+            break;
+        }
+        int err = rc < 0 ? errno : EIO;
+        if (sticky && source_gone(err)) {
+            forget_source(sources, r->addr_tuple);  /* the address it wrote to is gone: the kernel chooses */
+            sticky = 0;
+            continue;
+        }
+        if (msgs[start].count > 1 && (err == EIO || err == EINVAL || err == EMSGSIZE || err == ENOPROTOOPT
+                                      || err == EOPNOTSUPP)) {
+            /* The path does not take segments this big (a frame over its MTU) or cannot segment at all:
+             * these go one by one, and no GSO message carries a segment this big on this route again. */
+            r->gso_max = err == EINVAL || err == EMSGSIZE ? (Py_ssize_t)msgs[start].segment - 1 : 0;
+            r->gso_refused++;
+            struct relay_msg whole = msgs[start];
+            int extra = whole.count - 1;
+            if (nmsg + extra > NODE_RELAY_BATCH) {
+                extra = 0;  /* cannot happen: one message per item at most */
+            }
+            memmove(&msgs[start + whole.count], &msgs[start + 1], (size_t)(nmsg - start - 1) * sizeof msgs[0]);
+            for (int s = 0; s < whole.count; s++) {
+                msgs[start + s].first = whole.first + s;
+                msgs[start + s].count = 1;
+                msgs[start + s].segment = 0;
+            }
+            nmsg += extra;
+            continue;
+        }
+        /* Unreachable, EPERM, ...: this message is lost, as on a wire. */
+        *errors += msgs[start].count;
+        r->send_errors += (unsigned long long)msgs[start].count;
+        count_tx(r, items[msgs[start].first].key, msgs[start].count);
+        start++;
+    }
+    Py_ssize_t done = start < nmsg ? msgs[start].first : count;
+    for (int k = 0; k < count; k++) {
+        Py_DECREF(items[k].key);
+    }
+    return i + done;
+}
+
 static PyObject *
 recv_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     int fd;
     Py_ssize_t limit;
     PyObject *sources;
-    if (fd_and_limit(args, nargs == 3 ? 2 : nargs, "recv_datagrams(fd, limit[, sources])", &fd, &limit) < 0
-        || optional_dict(args, nargs, 2, &sources) < 0) {
+    struct node_relay *route;
+    if (fd_and_limit(args, nargs == 3 || nargs == 4 ? 2 : nargs, "recv_datagrams(fd, limit[, sources[, route]])",
+                     &fd, &limit) < 0
+        || optional_dict(args, nargs, 2, &sources) < 0 || optional_route(args, nargs, 3, &route) < 0) {
         return NULL;
     }
+    unsigned char last_key[NODE_KEY_LEN];
+    PyObject *last_endpoint = NULL;  /* the previous RECV's source: bulk traffic comes from one peer */
     PyObject *out = PyList_New(0);
     if (out == NULL) {
         return NULL;
@@ -483,25 +885,40 @@ recv_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         /* Copy every segment out of the shared buffer first: bytes objects are not tracked by the
          * garbage collector, but the tuples below are, and a collection may run arbitrary code. */
         Py_ssize_t count = n > 0 ? (n + segment - 1) / segment : 1;
-        PyObject **parts = PyMem_Malloc((size_t)count * sizeof(PyObject *));
+        /* parts[k]: segment k's bytes; parts[count + k]: its relayed source's endpoint, or NULL. */
+        PyObject **parts = PyMem_Calloc(2 * (size_t)count, sizeof(PyObject *));
         if (parts == NULL) {
             PyErr_NoMemory();
             goto fail;
         }
+        int from_relay = route != NULL && route->addr_tuple != NULL && same_sockaddr(&source, &route->addr);
         Py_ssize_t made = 0;
         for (; made < count; made++) {
             Py_ssize_t offset = made * segment, size = n - offset < segment ? n - offset : segment;
-            if ((parts[made] = PyBytes_FromStringAndSize((const char *)buffer + offset, size)) == NULL) {
+            const unsigned char *frame = buffer + offset;
+            PyObject *endpoint = from_relay && is_relayed_transport(frame, size)
+                                 ? relay_endpoint(route, frame + NODE_KEY_OFFSET, last_key, &last_endpoint) : NULL;
+            if (endpoint != NULL) {
+                parts[count + made] = endpoint;
+                frame += NODE_RECV_HEADER;
+                size -= NODE_RECV_HEADER;
+                route->received++;
+            }
+            if ((parts[made] = PyBytes_FromStringAndSize((const char *)frame, size)) == NULL) {
                 break;
             }
         }
         PyObject *addr = made == count ? source_tuple(&source, msg.msg_namelen) : NULL;
         int ok = addr != NULL && (local.len == 0 || remember_source(sources, addr, &local) == 0);
         for (Py_ssize_t k = 0; k < made; k++) {
-            if (ok && append_new(out, PyTuple_Pack(2, parts[k], addr)) < 0) {
+            PyObject *from = parts[count + k] != NULL ? parts[count + k] : addr;
+            if (ok && append_new(out, PyTuple_Pack(2, parts[k], from)) < 0) {
                 ok = 0;
             }
             Py_DECREF(parts[k]);
+        }
+        for (Py_ssize_t k = 0; k < count; k++) {
+            Py_XDECREF(parts[count + k]);
         }
         PyMem_Free(parts);
         Py_XDECREF(addr);
@@ -509,8 +926,10 @@ recv_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto fail;
         }
     }
+    Py_XDECREF(last_endpoint);
     return out;
 fail:
+    Py_XDECREF(last_endpoint);
     Py_DECREF(out);
     return NULL;
 }
@@ -626,16 +1045,24 @@ static PyObject *
 send_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *sources;
-    if ((nargs != 6 && nargs != 7) || !PyList_Check(args[0])) {
+    struct node_relay *route;
+    if (nargs < 6 || nargs > 9 || !PyList_Check(args[0])) {
         PyErr_SetString(PyExc_TypeError,
-                        "send_datagrams(datagrams: list, start, v4_fd, v6_fd, v4_gso, v6_gso[, sources])");
+                        "send_datagrams(datagrams: list, start, v4_fd, v6_fd, v4_gso, v6_gso[, sources[, route, now]])");
         return NULL;
     }
     PyObject *datagrams = args[0];
     Py_ssize_t i = PyLong_AsSsize_t(args[1]);
     int v4_fd, v6_fd;
     if (PyErr_Occurred() || fd_or_none(args[2], &v4_fd) < 0 || fd_or_none(args[3], &v6_fd) < 0
-        || optional_dict(args, nargs, 6, &sources) < 0) {
+        || optional_dict(args, nargs, 6, &sources) < 0 || optional_route(args, nargs, 7, &route) < 0) {
+        return NULL;
+    }
+    double now = 0.0;
+    if (route != NULL && (nargs != 9 || ((now = PyFloat_AsDouble(args[8])) == -1.0 && PyErr_Occurred()))) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "send_datagrams: a route needs `now`");
+        }
         return NULL;
     }
     int v4_gso = PyObject_IsTrue(args[4]), v6_gso = PyObject_IsTrue(args[5]);
@@ -655,6 +1082,20 @@ send_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         socklen_t sa_len;
         if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2 || !PyBytes_CheckExact(PyTuple_GET_ITEM(item, 0))
             || !resolve_dest(PyTuple_GET_ITEM(item, 1), &sa, &sa_len)) {
+            if (route != NULL && route->addr_tuple != NULL && now < route->until) {
+                int v6r = route->addr.ss_family == AF_INET6;
+                int rfd = v6r ? v6_fd : v4_fd;
+                Py_ssize_t next = rfd < 0 ? i : send_relay(route, datagrams, i, n, rfd, v6r ? v6_gso : v4_gso,
+                                                           sources, &status, &errors);
+                if (status == WOULD_BLOCK) {
+                    i = next;
+                    break;
+                }
+                if (next > i) {
+                    i = next;
+                    continue;
+                }
+            }
             status = NEEDS_PYTHON;
             break;
         }
@@ -1449,9 +1890,16 @@ static PyMethodDef fastio_methods[] = {
     {"write_packets", (PyCFunction)(void (*)(void))write_packets, METH_FASTCALL,
      "write_packets(fd, packets) -> number dropped"},
     {"recv_datagrams", (PyCFunction)(void (*)(void))recv_datagrams, METH_FASTCALL,
-     "recv_datagrams(fd, limit[, sources]) -> list[(bytes, (host, port))]"},
+     "recv_datagrams(fd, limit[, sources[, route]]) -> list[(bytes, (host, port) or endpoint)]"},
     {"send_datagrams", (PyCFunction)(void (*)(void))send_datagrams, METH_FASTCALL,
-     "send_datagrams(datagrams, start, v4_fd, v6_fd, v4_gso, v6_gso[, sources]) -> (index, status, errors)"},
+     "send_datagrams(datagrams, start, v4_fd, v6_fd, v4_gso, v6_gso[, sources[, route, now]]) -> (index, status, "
+     "errors)"},
+    {"node_relay_new", (PyCFunction)(void (*)(void))node_relay_new, METH_FASTCALL,
+     "node_relay_new(endpoint_type, headers, endpoints, tx_counts) -> route"},
+    {"node_relay_set", (PyCFunction)(void (*)(void))node_relay_set, METH_FASTCALL,
+     "node_relay_set(route, addr, until) -> bool"},
+    {"node_relay_counters", (PyCFunction)(void (*)(void))node_relay_counters, METH_FASTCALL,
+     "node_relay_counters(route) -> (sent, received, send_errors, gso_refused)"},
     {"relay_new", (PyCFunction)(void (*)(void))relay_new, METH_FASTCALL, "relay_new(max_sessions) -> table"},
     {"relay_set", (PyCFunction)(void (*)(void))relay_set, METH_FASTCALL,
      "relay_set(table, token, key, fd, addr, expires, source) -> bool"},

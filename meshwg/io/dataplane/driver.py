@@ -44,6 +44,10 @@ Hooks for the mesh layer (one UDP socket per family carries WireGuard, STUN and 
 * `driver.endpoint_sender = fn(data: bytes, endpoint)`: core datagrams whose endpoint is not an
   `(ip, port)` tuple (e.g. a relay endpoint object) are passed to `fn`, which must not block
   (queue and send from its own task if needed). With no sender they are dropped and counted.
+* `driver.relay_route`: a meshwg.io.dataplane.udp.RelayRoute (the relay shell's) or None: datagrams to relay
+  endpoints it has a header for leave framed from the compiled send, and the relay's RECV frames of transport
+  data come out of the compiled drain as (inner datagram, the peer's endpoint), to the WireGuard handler
+  with the direct datagrams of the same batch.
 * `driver.on_event = fn(event)`: the core's events (HandshakeCompleted, ...) after each flush.
 * `driver.clock`: the one clock of the device; the mesh shell reads it too (handlers get its `now`).
 * `driver.counters`: meshwg.counters' convention (`drop_send_error`, `disable_gso`, ...).
@@ -70,7 +74,8 @@ from meshwg.io.dataplane import socket_filter
 from meshwg.io.dataplane.fastio import fastio
 from meshwg.io.dataplane.tun import Tun, TunClosed
 from meshwg.io.dataplane.udp import OFFLOAD as udp_offload
-from meshwg.io.dataplane.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, SOL_UDP, UDP_SEGMENT, UdpBind, recv_batch, send_sticky
+from meshwg.io.dataplane.udp import (GSO_MAX_BYTES, GSO_MAX_SEGMENTS, SOL_UDP, UDP_SEGMENT, RelayRoute, UdpBind,
+                                     recv_batch, send_sticky)
 from meshwg.mesh import demux
 from meshwg.wg.driven import DrivenCore
 
@@ -152,6 +157,7 @@ class Driver:
         self._dispatch_table: dict | None = None  # kind -> handler, every kind; None: all to the core
         self._receive_wireguard: Callable | None = None  # the core's, bound once per run
         self.endpoint_sender: Callable[[bytes, object], None] | None = None
+        self.relay_route: RelayRoute | None = None
         self.on_event: Callable[[object], None] | None = None
         self.counters: Counter = Counter()
         self.stopped_reason: str | None = None
@@ -274,7 +280,7 @@ class Driver:
             start = self._send_datagrams(datagrams, 0)
             while start < len(datagrams):
                 # Socket buffer full: wait for room rather than drop (TCP inside would see loss).
-                sock = self.udp.socket_for(datagrams[start][1][0])
+                sock = self._socket_for_dest(datagrams[start][1])
                 self._flush_waited = True  # trio ran other tasks meanwhile (the data loop's idle path)
                 try:
                     await trio.lowlevel.wait_writable(sock)
@@ -292,6 +298,13 @@ class Driver:
             for event in events:
                 self.on_event(event)
 
+    def _socket_for_dest(self, dest) -> socket.socket | None:
+        """The socket a datagram for `dest` leaves from: a relay endpoint's, the relay's address family's."""
+        if type(dest) is not tuple:
+            route = self.relay_route
+            dest = route.addr if route is not None and route.addr is not None else ("0.0.0.0", 0)
+        return self.udp.socket_for(dest[0])
+
     def _send_datagrams(self, datagrams: list, start: int) -> int:
         """Send from index `start`; return the index of the first datagram that would block.
 
@@ -307,9 +320,15 @@ class Driver:
         gso_ok = self._gso_ok
         sources = self.udp.sources
         n = len(datagrams)
+        route = self.relay_route
         while True:
-            i, status, errors = fastio.send_datagrams(datagrams, start, fd4, fd6, gso_ok.get(fd4, False),
-                                                      gso_ok.get(fd6, False), sources)
+            if route is None:
+                i, status, errors = fastio.send_datagrams(datagrams, start, fd4, fd6, gso_ok.get(fd4, False),
+                                                          gso_ok.get(fd6, False), sources)
+            else:
+                i, status, errors = fastio.send_datagrams(datagrams, start, fd4, fd6, gso_ok.get(fd4, False),
+                                                          gso_ok.get(fd6, False), sources, route.capsule,
+                                                          self.clock())
             if errors:
                 self.counters["drop_send_error"] += errors
             if status == fastio.SENT_ALL or status == fastio.WOULD_BLOCK:
@@ -518,7 +537,8 @@ class Driver:
                 if entry is None:
                     continue  # a socket rebind() just replaced
                 try:
-                    datagrams = recv_batch(entry[0], batch if fd in was_ready else 1, entry[1], sources)
+                    datagrams = recv_batch(entry[0], batch if fd in was_ready else 1, entry[1], sources,
+                                           self.relay_route)
                 except OSError:
                     if fd not in self._udp_by_fd:
                         continue

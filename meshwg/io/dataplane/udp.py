@@ -185,15 +185,44 @@ class UdpBind:
 _PASSING_RECV_ERRORS = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EMSGSIZE)
 
 
+class RelayRoute:
+    """The node relay's compiled path (meshwg/io/dataplane/_fastio.c, "The node's relay path"): the driver's
+    batched send frames datagrams for relay endpoints with the SEND header in `headers`, and its batched
+    receive splits the relay's RECV frames of transport data from peers in `endpoints`. The relay shell owns
+    the three dicts and says where the relay is and until when its session holds (`set`)."""
+
+    def __init__(self, endpoint_type: type, headers: dict, endpoints: dict, tx_counts: dict) -> None:
+        self.capsule = fastio.node_relay_new(endpoint_type, headers, endpoints, tx_counts)
+        self.addr: tuple | None = None
+
+    def set(self, addr: tuple | None, until: float) -> None:
+        """Frame sends to `addr` while the caller's clock is below `until`; None: off."""
+        ok = fastio.node_relay_set(self.capsule, addr, until)
+        self.addr = addr if ok else None
+
+    def counters(self) -> dict:
+        sent, received, errors, gso_refused = fastio.node_relay_counters(self.capsule)
+        return {"send_udp_fast": sent, "recv_udp_fast": received, "drop_send_udp_fast_error": errors,
+                "disable_relay_gso_size": gso_refused}
+
+
+def new_relay_route(endpoint_type: type, headers: dict, endpoints: dict, tx_counts: dict) -> RelayRoute | None:
+    """A RelayRoute, or None without the compiled drain (the relay shell's Python path then does it all)."""
+    return None if fastio is None else RelayRoute(endpoint_type, headers, endpoints, tx_counts)
+
+
 def recv_batch(sock: socket.socket, limit: int, v6: bool | None = None,
-               sources: dict | None = None) -> list[tuple[bytes, tuple]]:
+               sources: dict | None = None, relay: RelayRoute | None = None) -> list[tuple[bytes, tuple]]:
     """Up to `limit` datagrams as (data, (host, port)); empty when the socket would block. On a socket
     with UDP_GRO on, a coalesced read is split back into its datagrams (equal-sized segments, the last
     one possibly shorter). A link-local IPv6 source keeps its scope in the host ("fe80::1%eth0"), the
     form sendto needs to answer it. An error after some datagrams were read returns those (the error
     comes back on the next call). `v6` saves the (slow, enum-building) `sock.family` lookup.
-    With `sources` (UdpBind.sources), each source's entry becomes the local address it wrote to."""
+    With `sources` (UdpBind.sources), each source's entry becomes the local address it wrote to.
+    With a `relay` route, the relay's RECV frames of transport data come as (inner datagram, endpoint)."""
     if fastio is not None:
+        if relay is not None:
+            return fastio.recv_datagrams(sock.fileno(), limit, sources, relay.capsule)
         return fastio.recv_datagrams(sock.fileno(), limit, sources)
     out: list[tuple[bytes, tuple]] = []
     recvmsg = sock.recvmsg
