@@ -12,6 +12,7 @@ UDP use (the node's one socket carries WireGuard, STUN, disco and relay frames):
 from __future__ import annotations
 
 import math
+import struct
 import time
 
 import trio
@@ -93,8 +94,16 @@ class RelaySession:
         return None
 
 
+_RECV_PREFIX = W.MAGIC + bytes([W.T_RECV])
+_RECV_HEADER = len(_RECV_PREFIX) + 32
+_LENGTH = struct.Struct("!H")
+
+
 class TcpRelayClient:
-    """Relay over TCP for networks that block UDP. `await open_tcp_relay(...)` returns a ready client."""
+    """Relay over TCP for networks that block UDP. `await open_tcp_relay(...)` returns a ready client.
+
+    Bulk use (issue 16): send_many writes many SEND frames in one send (each destination's header built once
+    per token), receive_many returns every RECV of a read at once."""
 
     def __init__(self, stream, session: RelaySession) -> None:
         self.stream = stream
@@ -102,13 +111,28 @@ class TcpRelayClient:
         self._dec = W.TcpFrameDecoder()
         self._queue: list = []
         self._lock = trio.Lock()
+        self._headers: dict[bytes, bytes] = {}  # destination key -> SEND header under _header_token
+        self._header_token: bytes | None = None
 
     async def send(self, dst: bytes, packet: bytes) -> None:
-        frame = self.session.encode_send(dst, packet)
-        if frame is None:
+        await self.send_many([(dst, packet)])
+
+    async def send_many(self, items) -> None:
+        """(dst, packet) pairs as SEND frames, in one write."""
+        token = self.session.token
+        if token is None:
             raise RuntimeError("relay session not ready")
+        if token != self._header_token:
+            self._headers.clear()
+            self._header_token = token
+        headers, pack, parts = self._headers, _LENGTH.pack, []
+        for dst, packet in items:
+            header = headers.get(dst)
+            if header is None:
+                header = headers[dst] = W.encode_send(token, dst, b"")
+            parts += (pack(len(header) + len(packet)), header, packet)
         async with self._lock:
-            await self.stream.send_all(W.tcp_frame(frame))
+            await self.stream.send_all(b"".join(parts))
 
     async def rehello(self) -> None:
         async with self._lock:
@@ -137,6 +161,34 @@ class TcpRelayClient:
                 return ev[1], ev[2]
             if self.session.needs_hello(time.monotonic()):
                 await self.rehello()
+
+    async def receive_many(self) -> list[tuple[bytes, bytes]]:
+        """The relayed packets (src_key, packet) of the next read that carried any; re-hellos as receive() does."""
+        while True:
+            got = None
+            with trio.move_on_at(self._timer_deadline()):
+                got = await self._receive_read()
+            if got:
+                return got
+            if self.session.needs_hello(time.monotonic()):
+                await self.rehello()
+
+    async def _receive_read(self) -> list[tuple[bytes, bytes]]:
+        """The RECVs of what is queued, else of one read. Other frames (HELLO_OK, notices, junk) go through the
+        session, which checks, applies and counts them; then [] lets the caller look at the session's timer."""
+        frames, self._queue = self._queue, []
+        if not frames:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise EOFError("relay closed the connection")
+            frames = self._dec.feed(data)
+        out = []
+        for frame in frames:
+            if len(frame) >= _RECV_HEADER and frame[:5] == _RECV_PREFIX:
+                out.append((frame[5:_RECV_HEADER], frame[_RECV_HEADER:]))
+            else:
+                self.session.handle_untrusted(frame, time.monotonic())
+        return out
 
     def _timer_deadline(self) -> float:
         """session.get_timer() (time.monotonic()) on trio's clock."""

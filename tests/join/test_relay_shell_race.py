@@ -28,10 +28,10 @@ class FakeTcp:
         self.sent: list[tuple[bytes, bytes]] = []
         self.closed_at: float | None = None
 
-    async def send(self, dst, packet):
-        self.sent.append((dst, packet))
+    async def send_many(self, items):
+        self.sent.extend(items)
 
-    async def receive(self):
+    async def receive_many(self):
         await trio.sleep_forever()
 
     async def aclose(self):

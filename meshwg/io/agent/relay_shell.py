@@ -62,7 +62,8 @@ class RelayShell:
         self.session: RelaySession | None = None
         self.policy = P.RelayPolicy()
         self.tcp = None                         # the ready TCP client, while the policy holds one
-        self._tcp_send, self._tcp_recv = trio.open_memory_channel(TCP_QUEUE)
+        self._tcp_out: deque = deque()           # (dst, packet) for the TCP writer, TCP_QUEUE at most
+        self._tcp_wake: trio.Event | None = None  # set when the writer waits for _tcp_out
         self._pending: deque = deque(maxlen=PENDING_MAX)
         self.latency: float | None = None       # HELLO -> HELLO_OK round trip over UDP (seconds)
         self.tcp_latency: float | None = None
@@ -184,14 +185,17 @@ class RelayShell:
                     self._headers[dst] = W.encode_send(self._header_token, dst, b"")  # the compiled path's from now on
                 return
         if self.tcp is not None:
-            try:
-                self._tcp_send.send_nowait((dst, packet))
-                self.counters["send_tcp"] += 1
-            except trio.WouldBlock:
-                self.counters["drop_tcp_queue_full"] += 1
+            if len(self._tcp_out) >= TCP_QUEUE:
+                self._counters["drop_tcp_queue_full"] += 1
+                return
+            self._tcp_out.append((dst, packet))
+            self._counters["send_tcp"] += 1
+            if self._tcp_wake is not None:
+                self._tcp_wake.set()
+                self._tcp_wake = None
             return
         self._pending.append((dst, packet))
-        self.counters["queue_not_ready"] += 1
+        self._counters["queue_not_ready"] += 1
 
     def handle_udp(self, data: bytes, addr, now: float) -> None:
         """A relay frame that arrived on the shared socket."""
@@ -324,21 +328,30 @@ class RelayShell:
                 await client.aclose()
 
     async def _tcp_reader(self, client, scope) -> None:
+        """Every relayed packet of a read delivered, then one flush (not one per packet)."""
         try:
             while True:
-                src, packet = await client.receive()
-                self.counters["recv_tcp"] += 1
-                self.deliver(src, packet)
+                items = await client.receive_many()
+                self._counters["recv_tcp"] += len(items)
+                for src, packet in items:
+                    self.deliver(src, packet)
                 await self.after_rx()
         except (EOFError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("relay: TCP relay closed: %s", exc)
         scope.cancel()
 
     async def _tcp_writer(self, client, scope) -> None:
+        """Everything queued since the last write goes out in one write."""
         try:
             while True:
-                dst, packet = await self._tcp_recv.receive()
-                await client.send(dst, packet)
+                if not self._tcp_out:
+                    self._tcp_wake = wake = trio.Event()
+                    await wake.wait()
+                items = list(self._tcp_out)
+                self._tcp_out.clear()
+                await client.send_many(items)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, RuntimeError) as exc:
             log.info("relay: TCP relay send failed: %s", exc)
+        finally:
+            self._tcp_wake = None
         scope.cancel()
