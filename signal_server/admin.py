@@ -7,13 +7,14 @@ import os
 import secrets
 
 from meshwg.config.keys import generate_private_key, key_from_base64, key_to_base64
-from meshwg.signaling.invite import Invite, split_hostport
+from meshwg.signaling.invite import Invite, join_hostport, split_hostport
+from meshwg.signaling.protocol import KIND_PUBLIC
 from meshwg.wg.crypto import dh_pub
 from meshwg.wg.crypto import dh_pub as public_key
 from signal_server import routes
 from signal_server.invites import SECRET_LEN
 from signal_server.plain_config import TargetNode, render_config
-from signal_server.store_api import NODE, Store
+from signal_server.store_api import NODE, PLAIN, Store
 from signal_server.stun_responder import WILDCARDS
 
 
@@ -62,9 +63,11 @@ def _device_key(public_key: str | None, random_bytes) -> tuple[bytes, bytes | No
 
 
 def add_plain(store: Store, *, name: str, to: list[str], wall: float, public_key: str | None = None,
-              exit_node: str | None = None, random_bytes=os.urandom):
-    """Record a plain peer that may reach the nodes `to` (the exit node among them); its row."""
-    targets = [find_target(store, t).node_id for t in to]
+              exit_node: str | None = None, random_bytes=os.urandom, direct: bool = False):
+    """Record a plain peer that may reach the nodes `to` (the exit node among them); its row. direct: each of them
+    must have reported a public endpoint (direct_endpoint), checked before anything is written."""
+    rows = [find_target(store, t) for t in to]
+    targets = [r.node_id for r in rows]
     exit_id = None
     if exit_node is not None:
         exit_row = find_target(store, exit_node)
@@ -72,6 +75,10 @@ def add_plain(store: Store, *, name: str, to: list[str], wall: float, public_key
         exit_id = exit_row.node_id
         if exit_id not in targets:
             targets.append(exit_id)  # the phone's internet traffic goes to it: it must reach it
+            rows.append(exit_row)
+    if direct:
+        for r in rows:
+            direct_endpoint(store, r)
     pub, priv = _device_key(public_key, random_bytes)
     p4, p6 = store.prefixes(random_bytes)  # the server's; chosen now if it never ran
     return store.add_plain(name, pub, priv, targets, exit_id, wall, p4, p6)
@@ -100,23 +107,59 @@ def plain_endpoint(store: Store, endpoint: str | None) -> tuple[str, int]:
     return host, port
 
 
-def refuse_direct() -> None:
-    """`plain add --direct`: a node's endpoint in the config needs one that accepts unsolicited packets (a port
-    forward). Nodes report no such candidate kind (protocol.REPORTED_KINDS), so this is refused, not guessed."""
-    raise ValueError("--direct: no node reports a port-forwarded public endpoint (meshwg has no such candidate "
-                     "kind yet); the config goes through the server's plain WireGuard port")
+# `plain add/config --direct`: a node reachable with no punch (a port forward, or a full-cone NAT or none that
+# netcheck saw) reports a "public" candidate (protocol.KIND_PUBLIC). Candidates live in the running server's
+# memory; the server keeps each node's in the database's meta under PUBLIC_META (JSON: node key in base64 ->
+# "ip:port"), which this CLI reads. An online node's entry follows its report; an offline node keeps its last one
+# (a port forward outlives a restart); a node gone from the directory loses it.
+PUBLIC_META = "public_endpoints"
 
 
-def plain_config(store: Store, row, *, wall: float, endpoint: str | None = None) -> str:
-    """The wg-quick config of the plain peer `row`: one [Peer] per live target node."""
-    server = plain_endpoint(store, endpoint)
+def public_endpoints_json(nodes, previous: str | None) -> str:
+    """The PUBLIC_META value for the directory's `nodes` (directory.Node), given the value now stored."""
+    try:
+        prev = json.loads(previous or "{}")
+    except ValueError:
+        prev = {}
+    prev = prev if isinstance(prev, dict) else {}
+    out = {}
+    for n in nodes:
+        if n.kind == PLAIN:
+            continue
+        key = key_to_base64(n.key)
+        if n.online:
+            public = next((c for c in n.candidates if c[2] == KIND_PUBLIC), None)
+            if public is not None:
+                out[key] = join_hostport(public[0], public[1])
+        elif isinstance(prev.get(key), str):
+            out[key] = prev[key]
+    return json.dumps(out, sort_keys=True)
+
+
+def direct_endpoint(store: Store, row) -> tuple[str, int]:
+    """The node `row`'s public endpoint (PUBLIC_META); ValueError (one line, naming the node) when it has none."""
+    try:
+        known = json.loads(store.meta_get(PUBLIC_META) or "{}")
+        return split_hostport(known[key_to_base64(row.key)])
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"--direct: node {row.name!r} reports no public endpoint (give it a port forward and "
+                         f"`meshwg join/set --public-endpoint IP:PORT`, or a full-cone NAT or none, as `meshwg "
+                         f"netcheck` on it shows); without --direct the config goes through the server") from None
+
+
+def plain_config(store: Store, row, *, wall: float, endpoint: str | None = None, direct: bool = False) -> str:
+    """The wg-quick config of the plain peer `row`: one [Peer] per live target node, whose Endpoint is the server's
+    plain WireGuard address, or with `direct` the node's own public endpoint (direct_endpoint)."""
     nodes = {n.node_id: n for n in store.list_nodes() if n.kind == NODE and n.live(wall)}
     policy = route_policy(store)
     # Each node's mesh addresses and its approved subnet routes: the phone reaches the node's LAN through it.
-    targets = [TargetNode(n.name, n.key, [f"{n.ipv4}/32", f"{n.ipv6}/128", *peer_routes(n, policy)[0]])
+    targets = [TargetNode(n.name, n.key, [f"{n.ipv4}/32", f"{n.ipv6}/128", *peer_routes(n, policy)[0]],
+                          direct_endpoint(store, n) if direct else None)
                for n in (nodes.get(i) for i in row.targets) if n is not None]
     if not targets:
         raise ValueError(f"plain peer {row.name!r}: none of the nodes it may reach is in the mesh any more")
+    # With --direct every [Peer] has its node's endpoint: the server's address is not asked for (nor used).
+    server = targets[0].endpoint if direct else plain_endpoint(store, endpoint)
     exit_node = None
     if row.exit_node in nodes:
         _require_exit(nodes[row.exit_node], policy)  # approval taken back since: say so, not a config without it

@@ -186,11 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--to", action="append", required=True, metavar="NODE", help="a node it may reach (repeatable)")
     pa.add_argument("--public-key", metavar="KEY", help="the device's own public key (its private key stays on it)")
     pa.add_argument("--exit-node", metavar="NODE", help="send all its internet traffic through this node")
-    pa.add_argument("--direct", action="store_true", help="the node's own public endpoint instead of the relay")
     plain.add_parser("list", parents=[common])
     pc = plain.add_parser("config", parents=[common], help="print its wg-quick config again")
     pc.add_argument("name")
     for sp in (pa, pc):
+        sp.add_argument("--direct", action="store_true",
+                        help="Endpoint = each node's own public endpoint (a port forward, or no NAT filtering, that "
+                             "the node reports) instead of the server's plain WireGuard port")
         sp.add_argument("--qr", action="store_true", help="also print the config as a QR code")
         sp.add_argument("--qr-png", metavar="FILE", help="write the config's QR code as a PNG (mode 0600)")
         sp.add_argument("--endpoint", metavar="HOST:PORT", help="the server's plain WireGuard address "
@@ -357,11 +359,10 @@ def cmd_plain(args) -> int:
             print(f"{p.node_id:>4} {p.name:20} {p.ipv4:15} {p.ipv6:24} {holder:8} {exit_name:10} {reaches}")
         return 0
     if args.action == "add":
-        if args.direct:
-            admin.refuse_direct()
-        admin.plain_endpoint(st, args.endpoint)  # refused before anything is written
+        if not args.direct:
+            admin.plain_endpoint(st, args.endpoint)  # refused before anything is written
         row = admin.add_plain(st, name=args.name, to=args.to, wall=wall, public_key=args.public_key,
-                              exit_node=args.exit_node)
+                              exit_node=args.exit_node, direct=args.direct)
         print(f"plain peer {row.name} ({row.ipv4}, {row.ipv6}) added", file=sys.stderr)
         return _print_config(st, row, args, wall)
     row = admin.find_plain(st, args.name)
@@ -410,7 +411,7 @@ def _print_config(st, row, args, wall: float) -> int:
     from signal_server import admin
     from signal_server.plain_config import qr_terminal, write_qr_png
 
-    text = admin.plain_config(st, row, wall=wall, endpoint=args.endpoint)
+    text = admin.plain_config(st, row, wall=wall, endpoint=args.endpoint, direct=args.direct)
     sys.stdout.write(text)
     if args.qr:
         sys.stdout.write(qr_terminal(text))

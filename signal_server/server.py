@@ -127,6 +127,8 @@ class SignalServer:
         self._routes_pending: dict[bytes, AdvertiseRoutes] = {}  # the newest advertisement of each node not written
         self._routes_wake = trio.Event()
         self._server_ips: set[str] = set()  # where nodes reach us (no route may contain one)
+        self._public_dirty = True  # the directory changed: nodes' public endpoints may have (_publish_public)
+        self._public_meta: str | None = None  # what _publish_public last wrote (None: not read yet)
         # The feed from here on; the full read below covers what came before (a change seen twice is harmless).
         self._seq = self.store.change_head()
         self.apply(self.core.resync(self.store.list_nodes(), time.time()))
@@ -154,6 +156,7 @@ class SignalServer:
         for e in effects:
             if e is DIR_CHANGED:
                 self.control_listener.wake_all()
+                self._public_dirty = True
             elif e is PLAIN_CHANGED:
                 plain_changed = True  # once per batch: a resync brings every row at once
             elif isinstance(e, Send):
@@ -334,6 +337,7 @@ class SignalServer:
             await trio.sleep(self.cfg.db_poll)
             try:
                 await self._follow_changes()
+                await self._publish_public()
             except Exception:  # a locked/busy DB must not kill the server; retry next tick
                 log.exception("reading the change feed failed; will retry")
                 self.counters["db_errors"] += 1
@@ -342,6 +346,21 @@ class SignalServer:
                 last_expiry = now
                 self.apply(self.core.expire(time.time()))
                 self.relay.expire(now)
+
+    async def _publish_public(self) -> None:
+        """Nodes' public endpoints into the database for `plain add/config --direct` (admin.PUBLIC_META: the CLI
+        reads only the database), when the directory changed and they did."""
+        if not (self._public_dirty and self.cfg.control_enabled):
+            return
+        from signal_server import admin
+
+        if self._public_meta is None:
+            self._public_meta = await self._db(self.store.meta_get, admin.PUBLIC_META) or ""
+        new = admin.public_endpoints_json(self.directory.nodes.values(), self._public_meta)
+        if new != self._public_meta:
+            await self._db(self.store.meta_set, admin.PUBLIC_META, new)   # a failure: tried again next tick
+            self._public_meta = new
+        self._public_dirty = False
 
     async def _follow_changes(self) -> None:
         """Applies what other processes changed (admin CLI, other servers): only the rows the feed names;

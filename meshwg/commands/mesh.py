@@ -63,6 +63,10 @@ def _routing_args(p: argparse.ArgumentParser, join: bool) -> None:
     p.add_argument("--snat-routes", metavar="on|off",
                    help="masquerade what the mesh sends through this node's routes (default on; off keeps the "
                         "source addresses, the LAN then needs a route back to the mesh)")
+    p.add_argument("--public-endpoint", metavar="IP:PORT|none",
+                   help="a port forward to this node's UDP port (set it up on the router, with --listen-port to fix "
+                        "the port): reported to the server as reachable with no punch, for phones' configs "
+                        "(`meshwg-signal plain add --direct`); 'none': stop")
 
 
 def _routing_overrides(args, what: str) -> dict:
@@ -79,6 +83,8 @@ def _routing_overrides(args, what: str) -> dict:
             out["snat"] = RT.parse_on_off(args.snat_routes, "--snat-routes")
         if args.exit_node is not None:
             out["exit_node"] = RT.parse_exit_node(args.exit_node)
+        if args.public_endpoint is not None:
+            out["public_endpoint"] = RT.parse_public_endpoint(args.public_endpoint)
     except ValueError as err:
         raise UserError(f"{what}: {err}") from None
     return out
@@ -188,10 +194,10 @@ def run_set(args) -> int:
     """`meshwg set`: the running agent's subnet routes and exit node, without a restart."""
     _routing_overrides(args, "set")   # the same one-line errors before asking the agent
     req = {"op": "set", "advertise_routes": args.advertise_routes, "advertise_exit_node": args.advertise_exit_node,
-           "exit_node": args.exit_node, "snat_routes": args.snat_routes}
+           "exit_node": args.exit_node, "snat_routes": args.snat_routes, "public_endpoint": args.public_endpoint}
     if all(v is None for k, v in req.items() if k != "op"):
-        raise UserError("set: nothing to change (give --advertise-routes, --advertise-exit-node, --exit-node or "
-                        "--snat-routes)")
+        raise UserError("set: nothing to change (give --advertise-routes, --advertise-exit-node, --exit-node, "
+                        "--snat-routes or --public-endpoint)")
     rep = _query(args, req)
     if "error" in rep:
         raise UserError(f"set: {rep['error']}")
@@ -212,6 +218,10 @@ def _routing_text(r: dict) -> str:
     if r.get("exit_node"):
         line += f"\n  exit node: {r['exit_node']}" + (" (in use)" if r.get("exit_node_in_use") else
                                                       " (not in use: not an approved exit node in the directory)")
+    if r.get("public_endpoint"):
+        line += f"\n  public endpoint: {r['public_endpoint']} (port forward)"
+    elif r.get("public_candidates"):
+        line += f"\n  public endpoint: {', '.join(r['public_candidates'])} (netcheck: no NAT filtering)"
     return line
 
 
@@ -231,7 +241,8 @@ def format_status(st: dict) -> str:
         lines.append("  no peers")
     for p in st["peers"]:
         if p.get("plain"):
-            path = "plain (relay)"  # a stock WireGuard device: always through the relay, never online itself
+            # A stock WireGuard device, never online itself: direct when it reaches our public endpoint.
+            path = f"plain (direct) {p['endpoint']}" if p["path"] == "direct" else "plain (relay)"
         elif p["path"] == "direct":
             path = f"direct {p['endpoint']}" + (f", {p['latency_ms']:.2f} ms" if p["latency_ms"] is not None else "")
         else:

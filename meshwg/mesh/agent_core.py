@@ -16,8 +16,12 @@ Inputs:  the control client's events (meshwg.control.events): Connected, Disconn
          CandidatesAccepted(candidates)            a ReportCandidates went out on the connection
          Restun()                                  STUN again now (netcheck)
          Tick()                                    every TICK_INTERVAL: punch requests, a deferred cache write
-         SetRouting(choice)                        what we advertise, which exit node we use (a RoutingChoice);
-                                                   check it first with routing_refused()
+         SetRouting(choice)                        what we advertise, which exit node we use, our port forward
+                                                   (a RoutingChoice); check it first with routing_refused()
+         NatProbed(mapping, filtering, family)     the RFC 5780 probe's verdicts (IP version `family`): both
+                                                   endpoint-independent (a full-cone NAT, or none) make our
+                                                   reflexive address a "public" candidate unless the user gave
+                                                   a port forward (routing.public_endpoint), which always is
 Actions: SetAddresses(addresses)                   the interface's mesh addresses (CIDR)
          ConfigureRelay(server_key, udp, tcp)      the relay servers from the welcome
          RelayServerRestarted()                    the control channel came back: hello the relay now
@@ -36,17 +40,21 @@ Actions: SetAddresses(addresses)                   the interface's mesh addresse
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from dataclasses import dataclass
 from typing import Iterable
 
+from meshwg.disco import netcheck as NC
 from meshwg.control.events import (Connected, DirectoryReset, Disconnected, PeerChanged, PeerInfo, PeerRemoved,
                                    PunchFailed, PunchNotice, Removed, SealedMessage, Welcome)
 from meshwg.mesh.netmap import PeerSpec
 from meshwg.mesh.node import LocalEndpointsChanged, MeshNode
 from meshwg.mesh.peer_entry import entry_policy, host_cidr, peer_routes, peer_spec, resolve_routes
-from meshwg.mesh.routing import RoutingChoice, mesh_overlap
-from meshwg.mesh.punch_policy import PUNCH_WATCH_INTERVAL, CandidateReport, PathState, PunchPolicy, local_candidates
+from meshwg.mesh.routing import RoutingChoice, mesh_overlap, public_endpoint_addr
+from meshwg.mesh.punch_policy import (PUNCH_WATCH_INTERVAL, CandidateReport, PathState, PunchPolicy, local_candidates,
+                                      public_candidates)
+from meshwg.disco.peer_paths import in_networks, parse_network
 
 TICK_INTERVAL = PUNCH_WATCH_INTERVAL
 CACHE_MIN_INTERVAL = 2.0    # a burst of directory changes is one cache write
@@ -70,6 +78,13 @@ class LocalAddresses:
 @dataclass(frozen=True)
 class SetRouting:
     choice: RoutingChoice
+
+
+@dataclass(frozen=True)
+class NatProbed:
+    mapping: str            # meshwg.disco.netcheck verdicts
+    filtering: str
+    family: int = 4         # the IP version the probe ran on
 
 
 @dataclass(frozen=True)
@@ -194,6 +209,7 @@ class AgentCore:
         self._accepted: dict[bytes, tuple] = {}     # each peer's routes the entry policy allows
         self._kept: dict[bytes, tuple] = {}         # ... after overlaps between peers (resolve_routes)
         self.exit_key: bytes | None = None          # the exit node in use (chosen, present, approved)
+        self.open_family: int | None = None         # netcheck saw no filtering on this IP version (NatProbed)
         self._handlers = {
             Connected: self._connected, Disconnected: self._disconnected, DirectoryReset: self._reset,
             PeerChanged: self._peer_changed, PeerRemoved: self._peer_removed, PunchNotice: self._punch_notice,
@@ -201,7 +217,7 @@ class AgentCore:
             CacheLoaded: self._cache_loaded, LocalAddresses: self._local_addresses,
             LocalEndpointsChanged: _ignore,  # the candidates are looked at after every batch
             CandidatesAccepted: self._candidates_accepted, Restun: self._restun, Tick: self._tick,
-            SetRouting: self._set_routing,
+            SetRouting: self._set_routing, NatProbed: self._nat_probed,
         }
 
     def apply(self, inputs: Iterable, now: float) -> list:
@@ -359,6 +375,10 @@ class AgentCore:
             err = mesh_overlap(choice.advertise, (w.prefix4, w.prefix6))
             if err:
                 return err
+            public = public_endpoint_addr(choice.public_endpoint)
+            nets = [n for n in map(parse_network, (w.prefix4, w.prefix6)) if n is not None]
+            if public is not None and in_networks(ipaddress.ip_address(public[0]), nets):
+                return f"public endpoint {choice.public_endpoint} is a mesh address (give the port forward's address)"
         name = choice.exit_node
         if name is not None and name != self.routing.exit_node:
             if w is not None and name == w.name:
@@ -408,9 +428,23 @@ class AgentCore:
     def _candidates_accepted(self, ev: CandidatesAccepted, now: float, out: list) -> None:
         self.report.accepted(list(ev.candidates))
 
+    def _nat_probed(self, ev: NatProbed, now: float, out: list) -> None:
+        is_open = ev.mapping == NC.EIM and ev.filtering == NC.EIM
+        family = ev.family if is_open else None
+        if family != self.open_family:
+            self.open_family = family
+            out.append(Log("info", f"netcheck: no NAT filtering on IPv{family}: our reflexive address is a public "
+                                   "candidate" if is_open else
+                                   f"netcheck: mapping {ev.mapping}, filtering {ev.filtering}: no public candidate"))
+
+    def public_endpoints(self) -> list[tuple[str, int]]:
+        """Where we tell the server we are reachable with no punch (the "public" candidates)."""
+        return public_candidates(public_endpoint_addr(self.routing.public_endpoint), self.open_family,
+                                 self.node.reflexive)
+
     def _candidates(self, out: list) -> None:
         node = self.node
-        cands = local_candidates(node.reflexive, node.iface_endpoints, node.local_nat)
+        cands = local_candidates(node.reflexive, node.iface_endpoints, node.local_nat, self.public_endpoints())
         if cands != self._registered:   # a reconnect registers with the newest
             self._registered = cands
             out.append(RegisterCandidates(tuple(cands)))

@@ -30,10 +30,13 @@ a victim cannot answer a sealed ping, and a busy office NAT may front dozens of 
 hostile entry naming a victim's address (or its IP at many ports) in many peers' candidates thus costs
 the victim a trickle, not a flood.
 
-Plain peers (PeerSpec.plain: a stock WireGuard device, issue 12) are core peers whose endpoint is
-RelayEndpoint(their key) for good: no PeerPaths, disco, STUN target, punch, call-me-maybe or birthday for
-them, and roaming off. Their datagrams arrive from the relay as RECVs from PLAIN_SOURCE (the relay cannot
-know their key): WireGuard goes to the core, whose handshake identifies the peer; anything else is dropped.
+Plain peers (PeerSpec.plain: a stock WireGuard device, issue 12) are core peers with roaming on, as in
+WireGuard: their endpoint is where their last authenticated datagram came from, (ip, port) when the phone
+reaches our public endpoint directly (`plain add --direct`), RelayEndpoint(PLAIN_SOURCE) through the relay's
+plain port (which routes what we send there by receiver index), RelayEndpoint(their key) until they first
+speak. No PeerPaths, disco, STUN target, punch, call-me-maybe or birthday for them. Their relayed datagrams
+arrive as RECVs from PLAIN_SOURCE (the relay cannot know their key): WireGuard goes to the core, whose
+handshake identifies the peer; anything else is dropped.
 
 Nor do our probes go into the mesh: call-me-maybe endpoints and ping sources inside the mesh prefixes
 (set_mesh_prefixes, from the welcome), our own mesh address and unassigned ones included, or routed to
@@ -205,6 +208,9 @@ class MeshNode:
         return endpoints_bounded(list(self.reflexive) + list(self.iface_endpoints))
 
     def endpoint_of(self, key: bytes):
+        if key in self.plain:
+            peer = self.core.peers.get(key)
+            return None if peer is None else peer.endpoint   # roaming: the core follows the device
         return self._endpoint.get(key)
 
     # --- directory --------------------------------------------------------------------------
@@ -235,10 +241,12 @@ class MeshNode:
         peer.roaming = False  # the mesh layer moves endpoints, not the source of the last packet
         self.core.set_allowed_ips(peer, list(spec.addresses))
         if spec.plain:
-            # Reached only through the relay, which routes our datagrams to it by receiver index; its own come
-            # from PLAIN_SOURCE, which must never become its endpoint (roaming is off).
+            # The device answers from wherever it is: our public endpoint directly, or the relay's plain port
+            # (its datagrams from RelayEndpoint(PLAIN_SOURCE), routed back by receiver index). WireGuard's
+            # roaming follows it; until it speaks, what we send goes to the relay for its key. Its endpoint is
+            # the core's alone (not in _endpoint / _ep_to_key, which the mesh peers' path choice keeps).
             self.plain[spec.key] = None
-            self._endpoint[spec.key] = RelayEndpoint(spec.key)
+            peer.roaming = True
             self.core.set_endpoint(peer, RelayEndpoint(spec.key))
             return
         self.codec.add_peer(spec.key)
@@ -411,7 +419,8 @@ class MeshNode:
 
     def _receive_plain(self, data: bytes, kind, now: float) -> None:
         """A plain peer's datagram: WireGuard only (a plain peer speaks nothing else, and has no disco key).
-        Its source is RelayEndpoint(PLAIN_SOURCE), which with roaming off never becomes a peer's endpoint."""
+        Its source is RelayEndpoint(PLAIN_SOURCE): the plain peer's endpoint once authenticated (roaming), which
+        the relay routes by receiver index."""
         if kind != demux.WIREGUARD:
             self.counters["drop_relay_plain_not_wireguard"] += 1
             return
@@ -741,8 +750,12 @@ class MeshNode:
 
     def _plain_status(self, key: bytes, spec: PeerSpec) -> dict:
         peer = self.core.peers.get(key)
+        ep = getattr(peer, "endpoint", None)
+        direct = ep is not None and not isinstance(ep, RelayEndpoint)
         return {"public_key": key, "name": spec.name, "addresses": [str(a) for a in spec.addresses],
-                "path": "relay", "endpoint": None, "latency": None, "reason": "plain WireGuard peer",
+                "path": "direct" if direct else "relay",
+                "endpoint": (ep.addr if isinstance(ep, SocketEndpoint) else ep) if direct else None,
+                "latency": None, "reason": "plain WireGuard peer",
                 "active": False, "candidates": [], "birthday": None, "plain": True,
                 "last_handshake": getattr(peer, "last_handshake_wall", None),
                 "rx_bytes": getattr(peer, "rx_bytes", 0), "tx_bytes": getattr(peer, "tx_bytes", 0)}

@@ -8,7 +8,7 @@ PunchPolicy decides which peers to ask the server to coordinate a punch for:
   (a punch the server started for us counts, punched()); at most PUNCH_GLOBAL_RATE a second over all
   peers, a request refused by that budget waiting for the next tick.
 
-CandidateReport decides what to report as our candidates (local_candidates) and whether a report is due
+CandidateReport decides what to report as our candidates (local_candidates, public_candidates) and whether a report is due
 (the list changed since the last one the server took, none is on its way, and the control channel is up).
 
 The agent core (meshwg.mesh.agent_core) feeds events in, calls tick(now, connected, paths, online) every
@@ -21,6 +21,7 @@ import math
 from typing import Callable, Mapping, NamedTuple
 
 from meshwg.disco import netcheck as NC
+from meshwg.signaling.protocol import KIND_PUBLIC
 from meshwg.token_bucket import TokenBucket
 
 PUNCH_WATCH_INTERVAL = 0.1
@@ -90,13 +91,28 @@ class PunchPolicy:
         return out
 
 
-def local_candidates(reflexive, iface_endpoints, local_nat: str | None) -> list[tuple[str, int, str]]:
-    """Our candidates as reported: reflexive ones first (they work across NATs), kind naming our NAT,
-    then interface addresses not already listed; at most MAX_CANDIDATES."""
+def local_candidates(reflexive, iface_endpoints, local_nat: str | None, public=()) -> list[tuple[str, int, str]]:
+    """Our candidates as reported: public ones first (reachable with no punch: what `plain add --direct` gives
+    phones), then reflexive ones (they work across NATs), kind naming our NAT, then interface addresses not
+    already listed; at most MAX_CANDIDATES. A public address that is also reflexive or local is listed under
+    both kinds: a server or node that does not know "public" drops that one entry and keeps the address."""
     kind = NAT_KIND.get(local_nat, "stun")
-    out = [(ip, port, kind) for ip, port in reflexive]
+    out = [(ip, port, KIND_PUBLIC) for ip, port in public]
+    out += [(ip, port, kind) for ip, port in reflexive]
     out += [(ip, port, "local") for ip, port in iface_endpoints if (ip, port) not in reflexive]
     return out[:MAX_CANDIDATES]
+
+
+def public_candidates(configured, open_family: int | None, reflexive) -> list[tuple[str, int]]:
+    """Where we are reachable from anywhere with no punch: the port forward the user gave (configured: (ip, port)),
+    else, when netcheck saw endpoint-independent mapping and filtering on IP version `open_family` (a full-cone
+    NAT or none), our reflexive address of that version (one: the NAT maps the shared socket to one address)."""
+    if configured is not None:
+        return [tuple(configured)]
+    if open_family is None:
+        return []
+    same = [(ip, port) for ip, port in reflexive if (":" in ip) == (open_family == 6)]
+    return same[:1]
 
 
 class CandidateReport:

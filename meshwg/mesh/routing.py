@@ -1,7 +1,7 @@
 """What this node advertises and which peer it sends its internet traffic through (issue 12). Pure.
 
-The user's choice (`meshwg join --advertise-routes ... --advertise-exit-node --exit-node NAME --snat-routes`,
-`meshwg set` at runtime) as one value, its text forms (the flags, the state directory's routing.json) and
+The user's choice (`meshwg join --advertise-routes ... --advertise-exit-node --exit-node NAME --snat-routes
+--public-endpoint IP:PORT`, `meshwg set` at runtime) as one value, its text forms (the flags, the state directory's routing.json) and
 the checks that give one-line errors naming the value. What peers' routes this node accepts is
 meshwg.mesh.peer_entry's call; the OS side is meshwg.io.oscfg.subnet_routes.
 """
@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, replace
+
+from meshwg.disco.peer_paths import valid_candidate
+from meshwg.signaling.invite import join_hostport, split_hostport
 
 MAX_ADVERTISED = 64      # the routes contract: a node advertises 64 prefixes at most
 
@@ -20,6 +23,9 @@ class RoutingChoice:
     advertise_exit: bool = False      # offer to be an exit node (0.0.0.0/0, ::/0)
     exit_node: str | None = None      # the peer (by name) whose approved exit this node uses
     snat: bool = True                 # masquerade what the mesh sends through us (off: keep source addresses)
+    # Where this node is reachable from anywhere with no punch: a port forward the user set up ("IP:PORT" to the
+    # node's WireGuard port), reported as a "public" candidate (`plain add --direct` gives it to phones).
+    public_endpoint: str | None = None
 
     @property
     def advertising(self) -> bool:
@@ -28,11 +34,19 @@ class RoutingChoice:
 
     def to_json(self) -> dict:
         return {"advertise_routes": list(self.advertise), "advertise_exit_node": self.advertise_exit,
-                "exit_node": self.exit_node, "snat_routes": self.snat}
+                "exit_node": self.exit_node, "snat_routes": self.snat, "public_endpoint": self.public_endpoint}
 
     def merged(self, **changes) -> "RoutingChoice":
         """This choice with the given fields replaced (None: keep)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def overridden(self, changes: dict) -> "RoutingChoice":
+        """This choice with the flags given: None keeps a field, except the ones "none" clears (exit_node,
+        public_endpoint), where a key present with None clears it."""
+        return replace(self.merged(**changes), **{k: changes[k] for k in CLEARABLE if k in changes})
+
+
+CLEARABLE = ("exit_node", "public_endpoint")   # RoutingChoice fields the flags set to None with "none"
 
 
 def parse_advertised(text: str) -> tuple:
@@ -83,6 +97,31 @@ def parse_exit_node(text: str) -> str | None:
     return name
 
 
+def parse_public_endpoint(text: str) -> str | None:
+    """"IP:PORT" ("[v6]:PORT" too) as canonical text, None for "none"/empty; ValueError naming the value for a host
+    name (a candidate is an address: peers and phones are told it as it is), a bad port, or an address no peer
+    could reach (loopback, unspecified, multicast)."""
+    value = (text or "").strip()
+    if value.lower() in ("", "none"):
+        return None
+    try:
+        host, port = split_hostport(value)
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"--public-endpoint: want IP:PORT (an address, not a name), not {text!r}") from None
+    if not valid_candidate((str(ip), port)):
+        raise ValueError(f"--public-endpoint {text!r}: not an address other hosts can reach")
+    return join_hostport(str(ip), port)
+
+
+def public_endpoint_addr(text: str | None) -> tuple[str, int] | None:
+    """The (ip, port) of a parsed public endpoint (parse_public_endpoint's text), None for none."""
+    if text is None:
+        return None
+    host, port = split_hostport(text)
+    return str(ipaddress.ip_address(host)), port
+
+
 def choice_from_json_untrusted(d) -> RoutingChoice:
     """The state file's choice; anything malformed counts as the default (nothing advertised, no exit node)."""
     if not isinstance(d, dict):
@@ -91,7 +130,10 @@ def choice_from_json_untrusted(d) -> RoutingChoice:
         adv = tuple(parse_cidr(str(x)) for x in d.get("advertise_routes") or [])[:MAX_ADVERTISED]
         exit_node = d.get("exit_node")
         exit_node = parse_exit_node(exit_node) if isinstance(exit_node, str) else None
-        return RoutingChoice(adv, d.get("advertise_exit_node") is True, exit_node, d.get("snat_routes") is not False)
+        public = d.get("public_endpoint")
+        public = parse_public_endpoint(public) if isinstance(public, str) else None
+        return RoutingChoice(adv, d.get("advertise_exit_node") is True, exit_node, d.get("snat_routes") is not False,
+                             public)
     except (ValueError, TypeError):
         return RoutingChoice()
 

@@ -35,8 +35,14 @@ MAX_SERVER_FRAME = 4 * 1024 * 1024  # server -> node: directory chunks stay well
 DIR_CHUNK = 256  # peers per directory message, keeps frames small and lets the event loop breathe
 
 # Candidate kinds, the third field of [ip, port, kind]. A node may say only these about its own addresses
-# ("stun-eim"/"stun-edm" also hint at its NAT's mapping); the server drops other kinds it is told.
-REPORTED_KINDS = frozenset({"local", "stun", "stun-eim", "stun-edm"})
+# ("stun-eim"/"stun-edm" also hint at its NAT's mapping); the server drops other kinds it is told, each alone
+# (the rest of the list stays), and so does every node in a directory entry: a kind added later costs older
+# servers and nodes that one candidate, never the list.
+# "public": reachable from anywhere without a punch (a port forward the user set up, or a full-cone NAT or no NAT
+# seen by netcheck); `meshwg-signal plain add --direct` puts it in a phone's config. A node reports it next to
+# the same address's other kinds, so a server that drops it loses nothing else.
+KIND_PUBLIC = "public"
+REPORTED_KINDS = frozenset({"local", "stun", "stun-eim", "stun-edm", KIND_PUBLIC})
 # The server's alone: where it saw the node's relay traffic come from, the only address peers' birthday
 # probes aim at (a node reporting it could make every other node spray UDP at anyone).
 KIND_OBSERVED = "observed"

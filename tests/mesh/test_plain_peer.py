@@ -1,8 +1,10 @@
 """Plain WireGuard peers on the node side (issue 12): a stock WireGuard device (the "phone", here a bare
-WireGuardCore) reaches a mesh node through the relay's plain port. The relay hands its datagrams to the node as
-RECVs from PLAIN_SOURCE (it cannot know the phone's key) and routes the node's SENDs to the phone's key by
-receiver index. The node holds the phone as an ordinary core peer at RelayEndpoint(phone key) for good and runs
-no discovery for it."""
+WireGuardCore) reaches a mesh node through the relay's plain port, or directly at the node's public endpoint
+(`plain add --direct`). The relay hands its datagrams to the node as RECVs from PLAIN_SOURCE (it cannot know the
+phone's key) and routes the node's SENDs to the phone's key or to PLAIN_SOURCE by receiver index. The node holds
+the phone as an ordinary core peer with roaming on: its endpoint follows the phone, (ip, port) when it comes
+directly, RelayEndpoint(PLAIN_SOURCE) through the relay (RelayEndpoint(phone key) before it first speaks). The
+node runs no discovery for it."""
 
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from meshwg.wg.device import WireGuardCore
 NODE_IP, PHONE_IP, OTHER_IP = "100.64.0.1", "100.64.0.50", "100.64.0.2"
 STUN = ("192.0.2.1", 3478)
 SERVER = ("192.0.2.1", 51820)   # the phone's Endpoint: the server's plain port (opaque to the core)
+HOME_PUBLIC = ("198.51.100.5", 41641)   # the phone's Endpoint with --direct: the node's port forward
+PHONE_ADDR = ("203.0.113.77", 5000)     # where the phone's direct datagrams come from, as the node sees them
 WELCOME = Welcome(1, "home", NODE_IP, "fd00::1", "100.64.0.0/10", "fd00::/48", (STUN,), (STUN,),
                   (("192.0.2.1", 7301),), 10.0, bytes(32))
 
@@ -58,7 +62,12 @@ class Lab:
         self.phone.set_endpoint(p, SERVER)
         self.sent: list = []          # every (data, dest) the node emitted
         self.plain_keys = {self.phone_pk}
+        self.phone_addr = PHONE_ADDR  # the phone's source when it sends to HOME_PUBLIC
         self.now = 0.0
+
+    def phone_endpoint(self, ep):
+        """Where the phone sends: SERVER (the relay's plain port) or HOME_PUBLIC (directly)."""
+        self.phone.set_endpoint(self.phone.peers[self.node_pk], ep)
 
     def netmap(self, **extra):
         specs = {self.phone_pk: PeerSpec.make(self.phone_pk, "phone", [f"{PHONE_IP}/32"], plain=True)}
@@ -74,13 +83,19 @@ class Lab:
         """Carry datagrams both ways until both sides are quiet."""
         for _ in range(50):
             moved = False
-            for data, _ep in self.phone.datagrams_to_send():
-                self.node.receive_relay(PLAIN_SOURCE, data, self.now)
+            for data, ep in self.phone.datagrams_to_send():
+                if ep == HOME_PUBLIC:
+                    self.node.receive_wireguard(data, self.phone_addr, self.now)
+                else:
+                    self.node.receive_relay(PLAIN_SOURCE, data, self.now)
                 moved = True
             for data, dest in self.node_outputs():
                 if isinstance(dest, RelayEndpoint) and (dest.peer_key in self.plain_keys
                                                         or dest.peer_key == PLAIN_SOURCE):
                     self.phone.receive_datagram(data, SERVER, self.now)
+                    moved = True
+                elif dest == self.phone_addr:
+                    self.phone.receive_datagram(data, HOME_PUBLIC, self.now)
                     moved = True
             if not moved:
                 return
@@ -94,7 +109,8 @@ class Lab:
             self.exchange()
 
     def to_phone(self):
-        return [(d, e) for d, e in self.sent if isinstance(e, RelayEndpoint) and e.peer_key == self.phone_pk]
+        return [(d, e) for d, e in self.sent if isinstance(e, RelayEndpoint) and e.peer_key in (self.phone_pk,
+                                                                                                 PLAIN_SOURCE)]
 
 
 def ping_both_ways(lab):
@@ -117,10 +133,11 @@ def test_phone_handshakes_through_the_relay_and_packets_flow_both_ways():
     peer = lab.node.core.peers[lab.phone_pk]
     assert peer.last_handshake_wall is not None
     assert lab.node.core.lookup_peer_for(PHONE_IP) is peer
-    # The response and the data went to the phone's key at the relay, and the session's source never moved it.
-    assert peer.endpoint == RelayEndpoint(lab.phone_pk) and lab.node.endpoint_of(lab.phone_pk) == peer.endpoint
-    assert not peer.roaming and peer.last_rx_addr == RelayEndpoint(PLAIN_SOURCE)
+    # The response and the data went back the way the phone came: to the relay's PLAIN_SOURCE, routed by index.
+    assert peer.endpoint == RelayEndpoint(PLAIN_SOURCE) and lab.node.endpoint_of(lab.phone_pk) == peer.endpoint
+    assert peer.roaming and peer.last_rx_addr == RelayEndpoint(PLAIN_SOURCE)
     assert lab.node.counters["recv_relay_plain"] >= 2
+    assert all(isinstance(e, RelayEndpoint) for _, e in lab.sent if e != STUN)   # nothing went direct
 
 
 def test_the_node_runs_no_discovery_for_the_phone():
@@ -137,14 +154,14 @@ def test_the_node_runs_no_discovery_for_the_phone():
         assert demux.classify(data) == demux.WIREGUARD
     for data, dest in lab.sent:
         assert demux.classify(data) != demux.DISCO
-        assert not isinstance(dest, RelayEndpoint) or dest.peer_key == lab.phone_pk
+        assert not isinstance(dest, RelayEndpoint) or dest.peer_key in (lab.phone_pk, PLAIN_SOURCE)
         if not isinstance(dest, RelayEndpoint):
             assert dest == STUN                                 # STUN goes to the server, never to the phone
     c = lab.node.counters
     assert c["send_disco_ping"] == 0 and c["send_disco_cmm"] == 0 and c["switch_path"] == 0
     assert c["ignore_punch_plain_peer"] == 1 and c["ignore_punch_unknown_peer"] == 0
     assert lab.phone_pk not in lab.node.paths and not lab.node.codec.knows(lab.phone_pk)
-    assert lab.node.core.peers[lab.phone_pk].endpoint == RelayEndpoint(lab.phone_pk)
+    assert lab.node.core.peers[lab.phone_pk].endpoint == RelayEndpoint(PLAIN_SOURCE)
     assert not any(type(e).__name__ in ("PathChanged", "OpenBirthdaySockets") for e in lab.node.pop_events())
 
 
@@ -161,7 +178,7 @@ def test_a_cookie_reply_under_load_reaches_the_phone_and_the_handshake_completes
     assert [e for _, e in lab.sent] == [RelayEndpoint(PLAIN_SOURCE)]
     lab.step(7.0)                                                # the phone's retry carries mac2
     assert lab.node.core.peers[lab.phone_pk].last_handshake_wall is not None
-    assert lab.node.core.peers[lab.phone_pk].endpoint == RelayEndpoint(lab.phone_pk)
+    assert lab.node.core.peers[lab.phone_pk].endpoint == RelayEndpoint(PLAIN_SOURCE)
 
 
 def test_a_phone_removed_from_the_directory_leaves_the_core_and_gets_no_answer():
@@ -250,6 +267,87 @@ def test_status_marks_the_plain_peer():
     assert st["phone"]["plain"] is True and st["phone"]["path"] == "relay" and st["phone"]["candidates"] == []
     assert st["phone"]["last_handshake"] is not None and st["phone"]["rx_bytes"] > 0
     assert st["b"]["plain"] is False
+
+
+# ---- a phone that reaches the node directly (`plain add --direct`) --------------------------------------
+def test_a_phone_at_the_public_endpoint_is_answered_directly_and_never_through_the_relay():
+    lab = Lab()
+    lab.netmap()
+    lab.phone_endpoint(HOME_PUBLIC)
+    lab.step(1.0)
+    to_node, to_phone = ping_both_ways(lab)
+    assert to_node == [ipv4_packet(PHONE_IP, NODE_IP, b"ping" * 10)]
+    assert to_phone == [ipv4_packet(NODE_IP, PHONE_IP, b"pong" * 10)]
+    peer = lab.node.core.peers[lab.phone_pk]
+    assert peer.last_handshake_wall is not None
+    assert peer.endpoint == PHONE_ADDR and lab.node.endpoint_of(lab.phone_pk) == PHONE_ADDR
+    assert lab.to_phone() == []                                   # the response and the data went direct
+    assert any(e == PHONE_ADDR for _, e in lab.sent)
+    assert lab.node.counters["recv_relay_plain"] == 0
+    st = {s["name"]: s for s in lab.node.status(lab.now)}["phone"]
+    assert st["plain"] and st["path"] == "direct" and st["endpoint"] == PHONE_ADDR
+    # no path bookkeeping of the mesh peers' for it: nothing keyed on its endpoint, no discovery
+    assert PHONE_ADDR not in lab.node._ep_to_key and lab.phone_pk not in lab.node._endpoint
+    assert lab.phone_pk not in lab.node.paths
+
+
+def test_the_endpoint_follows_the_phone_between_direct_and_the_relay():
+    """Wi-Fi at home (direct) -> mobile data, through the relay -> direct again from a new address: the node
+    answers where the phone's last authenticated datagram came from, the session kept."""
+    lab = Lab()
+    lab.netmap()
+    lab.phone_endpoint(HOME_PUBLIC)
+    lab.step(1.0)
+    assert ping_both_ways(lab)[1]
+    peer = lab.node.core.peers[lab.phone_pk]
+    assert peer.endpoint == PHONE_ADDR
+    handshake = peer.last_handshake_wall
+
+    lab.phone_endpoint(SERVER)
+    lab.sent.clear()
+    to_node, to_phone = ping_both_ways(lab)
+    assert to_node and to_phone
+    assert peer.endpoint == RelayEndpoint(PLAIN_SOURCE)
+    assert lab.to_phone() and not any(e == PHONE_ADDR for _, e in lab.sent)
+    assert {s["name"]: s for s in lab.node.status(lab.now)}["phone"]["path"] == "relay"
+
+    lab.phone_endpoint(HOME_PUBLIC)
+    lab.phone_addr = ("203.0.113.88", 6000)
+    lab.sent.clear()
+    to_node, to_phone = ping_both_ways(lab)
+    assert to_node and to_phone
+    assert peer.endpoint == ("203.0.113.88", 6000) and lab.to_phone() == []
+    assert peer.last_handshake_wall == handshake                   # one session throughout
+
+
+def test_an_unauthenticated_datagram_does_not_move_the_phone():
+    """Roaming follows authenticated datagrams only: a forged or replayed one from elsewhere moves nothing."""
+    lab = Lab()
+    lab.netmap()
+    lab.phone_endpoint(HOME_PUBLIC)
+    lab.step(1.0)
+    ping_both_ways(lab)
+    peer = lab.node.core.peers[lab.phone_pk]
+    lab.phone.send_ip_packet(ipv4_packet(PHONE_IP, NODE_IP, b"x" * 20), lab.now)
+    [(data, _)] = lab.phone.datagrams_to_send()
+    lab.node.receive_wireguard(data, PHONE_ADDR, lab.now)        # the real one
+    lab.node.receive_wireguard(data, ("192.0.2.66", 1), lab.now)  # replayed from elsewhere
+    forged = data[:-1] + bytes([data[-1] ^ 1])
+    lab.node.receive_wireguard(forged, ("192.0.2.67", 1), lab.now)
+    lab.node.receive_relay(PLAIN_SOURCE, data, lab.now)           # replayed through the relay
+    assert peer.endpoint == PHONE_ADDR
+    assert lab.node.core.drops["replay"] == 2 and lab.node.core.drops["decrypt"] == 1
+
+
+def test_mesh_peers_keep_roaming_off_next_to_a_roaming_phone():
+    lab = Lab()
+    other_pk = keypair(2)[1]
+    lab.netmap()
+    lab.node.apply_netmap({**lab.node.specs, other_pk: PeerSpec.make(other_pk, "b", [f"{OTHER_IP}/32"],
+                                                                     [("203.0.113.7", 41641)])}, 0.0)
+    assert lab.node.core.peers[lab.phone_pk].roaming
+    assert not lab.node.core.peers[other_pk].roaming
+    assert lab.node.endpoint_of(other_pk) == RelayEndpoint(other_pk)
 
 
 # ---- the agent core --------------------------------------------------------------------------------

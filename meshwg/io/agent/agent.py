@@ -10,7 +10,9 @@ only to format the status.
 Tasks: the mesh device (driver drain loops, UAPI, routes, birthday sockets, relay), the control
 client (registration, directory, punch notices; reconnects with backoff by itself), the control
 events, a Tick every TICK_INTERVAL (punch requests, deferred cache writes), a local-address watcher,
-a watcher of the node's own endpoints (STUN results), and the status socket.
+a watcher of the node's own endpoints (STUN results), the NAT probe (RFC 5780 filtering tests against the
+server's STUN every NAT_PROBE_INTERVAL and when our addresses change: an open NAT makes our reflexive address
+a "public" candidate; not run while the user gave a port forward or an exit node is in use), and the status socket.
 
 Outage tolerance: the data plane never waits on the control channel. While the server is down the
 tunnels keep their paths; a restart with the server down brings up the cached netmap.
@@ -31,6 +33,7 @@ from meshwg.control import ControlClient, JoinRefusedError, ServerKeyMismatch, e
 from meshwg.signaling.invite import Invite, join_hostport, split_hostport
 from meshwg.disco import netcheck as NC
 from meshwg.io.agent import agent_state as S
+from meshwg.io.agent import netcheck_probe
 from meshwg.io.ipc import status_server
 from meshwg.io.agent.mesh_shell import MeshDevice, interface_cidrs
 from meshwg.io.oscfg.subnet_routes import SubnetRouting
@@ -43,6 +46,8 @@ log = logging.getLogger("meshwg.agent")
 LOCAL_WATCH_INTERVAL = 10.0     # how often interface addresses are re-read (network change -> re-STUN)
 RECONNECT_BACKOFF_MAX = 8.0     # a returning server sees its nodes back within seconds
 EVENT_BATCH = 256               # control events handed to the core in one batch at most
+NAT_PROBE_INTERVAL = 300.0      # the NAT's filtering is probed again this often (and when our addresses change)
+NAT_PROBE_TIMEOUT = 1.0         # seconds each STUN test of the probe waits
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
 
@@ -132,6 +137,7 @@ class Agent:
         self.subnet: SubnetRouting | None = None
         self.fwmark = 0              # the exit policy routing's mark, chosen the first time it is needed
         self.exit_name: str | None = None   # the exit node in use (None: none)
+        self._reprobe = trio.Event()          # our addresses changed: probe the NAT again now
 
     # ---- main --------------------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -157,7 +163,7 @@ class Agent:
                         peers = _peers_from_json(cache["peers"])
                         await self._step(A.CacheLoaded(_welcome_from_json(cache["welcome"]), peers, cached_port))
                     for task in (self._events_task, self._ticks, self._local_watch, self._endpoints_watch,
-                                 self._signals, self._watch_device):
+                                 self._signals, self._watch_device, self._nat_probe_task):
                         nursery.start_soon(task)
                     task_status.started(self)
         finally:
@@ -276,7 +282,39 @@ class Agent:
     async def _local_watch(self) -> None:
         while True:
             await trio.sleep(LOCAL_WATCH_INTERVAL)
+            before = self.dev.node.iface_endpoints
             await self._step(await self._local_addresses())
+            if self.dev.node.iface_endpoints != before:
+                self._reprobe.set()
+
+    async def _nat_probe_task(self) -> None:
+        """The NAT's filtering, for the "public" candidate (the core decides): once the welcome names STUN servers,
+        then every NAT_PROBE_INTERVAL or when our addresses change. Fresh sockets (netcheck_probe): filtering is the
+        NAT's, not one socket's. Not while the user gave a port forward (it wins) or traffic leaves through an exit
+        node (the probe would see the exit's NAT): the verdict is then dropped."""
+        while True:
+            w = self.core.welcome
+            if w is None or not w.stun:
+                await trio.sleep(1.0)
+                continue
+            if self.core.routing.public_endpoint is not None or self.exit_name is not None:
+                await self._step(A.NatProbed(NC.UNKNOWN, NC.UNKNOWN))
+            else:
+                await self._step(await self._probe_nat(w.stun))
+            with trio.move_on_after(NAT_PROBE_INTERVAL):
+                await self._reprobe.wait()
+            self._reprobe = trio.Event()
+
+    async def _probe_nat(self, servers) -> A.NatProbed:
+        try:
+            rep = await netcheck_probe.probe_servers(servers, timeout=NAT_PROBE_TIMEOUT)
+        except OSError as exc:
+            log.info("NAT probe failed: %s", exc)
+            rep = None
+        if rep is None:
+            return A.NatProbed(NC.UNKNOWN, NC.UNKNOWN)
+        family = 6 if rep["server"].startswith("[") else 4
+        return A.NatProbed(rep["mapping"], rep["filtering"], family)
 
     def _on_local_endpoints(self, ev: N.LocalEndpointsChanged) -> None:
         """From the driver's flush (sync, maybe inside a step): the endpoints watcher takes it from here."""
@@ -304,9 +342,7 @@ class Agent:
     # ---- subnet routes and exit nodes --------------------------------------------------------
     def _initial_routing(self) -> RT.RoutingChoice:
         choice = RT.choice_from_json_untrusted(S.load_routing(self.state_dir))
-        choice = choice.merged(**self._routing_overrides)
-        if self._routing_overrides.get("exit_node", 1) is None:   # --exit-node none
-            choice = RT.RoutingChoice(choice.advertise, choice.advertise_exit, None, choice.snat)
+        choice = choice.overridden(self._routing_overrides)   # --exit-node none, --public-endpoint none clear
         self._save_routing(choice)
         return choice
 
@@ -338,6 +374,7 @@ class Agent:
             await self._apply_os()
             await self.dev.set_fwmark(0)
             self.client.set_fwmark(0)
+        self._reprobe.set()   # the NAT probe runs only without an exit node in use
 
     async def _set_routing(self, req: dict) -> dict:
         """`meshwg set`: the new choice, checked by the core, applied, saved."""
@@ -349,25 +386,29 @@ class Agent:
                 changes["advertise_exit"] = RT.parse_on_off(str(req["advertise_exit_node"]), "--advertise-exit-node")
             if req.get("snat_routes") is not None:
                 changes["snat"] = RT.parse_on_off(str(req["snat_routes"]), "--snat-routes")
-            exit_text = req.get("exit_node")
-            exit_node = RT.parse_exit_node(str(exit_text)) if exit_text is not None else None
+            if req.get("exit_node") is not None:
+                changes["exit_node"] = RT.parse_exit_node(str(req["exit_node"]))
+            if req.get("public_endpoint") is not None:
+                changes["public_endpoint"] = RT.parse_public_endpoint(str(req["public_endpoint"]))
         except ValueError as exc:
             return {"error": str(exc)}
-        choice = self.core.routing.merged(**changes)
-        if exit_text is not None:
-            choice = RT.RoutingChoice(choice.advertise, choice.advertise_exit, exit_node, choice.snat)
+        choice = self.core.routing.overridden(changes)
         refused = self.core.routing_refused(choice)
         if refused:
             return {"error": refused}
         await self._step(A.SetRouting(choice))
         self._save_routing(choice)
+        if choice.public_endpoint is None:
+            self._reprobe.set()   # the NAT probe may say where we are reachable instead
         return {"ok": True, "routing": self._routing_status()}
 
     def _routing_status(self) -> dict:
         choice = self.core.routing
         return {"advertise_routes": list(choice.advertise), "advertise_exit_node": choice.advertise_exit,
                 "snat_routes": choice.snat, "forwarding": self.subnet.forwarding if self.subnet else False,
-                "exit_node": choice.exit_node, "exit_node_in_use": self.exit_name}
+                "exit_node": choice.exit_node, "exit_node_in_use": self.exit_name,
+                "public_endpoint": choice.public_endpoint,
+                "public_candidates": [_fmt_addr(a) for a in self.core.public_endpoints()]}
 
     # ---- queries -----------------------------------------------------------------------------
     async def handle_query(self, req: dict) -> dict:
