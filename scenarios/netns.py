@@ -101,6 +101,29 @@ def veth(a: Netns, a_if: str, a_addrs: Sequence[str], b: Netns, b_if: str, b_add
         ns.run("ip", "link", "set", name, "up")
 
 
+def namespace_pids(name: str) -> list[int]:
+    out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in out if pid.isdigit()]
+
+
+def kill_namespace_pids(ns: "Netns | str", timeout: float = 3.0) -> None:
+    """Stop every process left in a namespace this run created, by PID (SIGTERM, then SIGKILL after `timeout`).
+
+    For daemons that are not our children: wg-quick's wireguard-go, anything started by hand in a kept lab."""
+    name = ns if isinstance(ns, str) else ns.name
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in namespace_pids(name):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and namespace_pids(name):
+            time.sleep(0.05)
+        if not namespace_pids(name):
+            return
+
+
 def wait_for(predicate, timeout: float = 10, interval: float = 0.05, what: str = "condition"):
     """Poll predicate until it returns a truthy value; raise TimeoutError naming `what`."""
     deadline = time.monotonic() + timeout

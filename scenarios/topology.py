@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scenarios.nat import NatType, ruleset
-from scenarios.netns import RUN_ID, Netns, sh, veth
+from scenarios.netns import RUN_ID, Netns, kill_namespace_pids, sh, veth
 
 # Bridges get this fixed, locally administered MAC (each bridge is its own L2 segment; see Lab.__init__).
 BRIDGE_MAC = "02:6d:77:67:00:01"
@@ -139,6 +139,7 @@ class Lab:
         self.hosts: dict[str, Host] = {}
         self.routers: dict[str, Router] = {}
         self._namespaces: list[Netns] = []
+        self._sweep: list[Netns] = []     # namespaces whose leftover processes close() stops (sweep_on_close)
         self._closed = False
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"meshwg-lab-{RUN_ID}-"))
@@ -234,6 +235,11 @@ class Lab:
         self.hosts[name] = host
         return host
 
+    def sweep_on_close(self, host: Host) -> None:
+        """`host` runs daemons that detach from what popen started (wg-quick starts wireguard-go, which forks
+        away): close() stops every process still in its namespace, by PID, before deleting it."""
+        self._sweep.append(host.ns)
+
     def _check_name(self, name: str) -> None:
         if name in self.hosts or name in self.routers:
             raise ValueError(f"duplicate lab node name {name!r}")
@@ -281,6 +287,7 @@ class Lab:
                                  "lan": f"{r.lan_prefix}.0/24"} for r in self.routers.values()},
             "hosts": {h.name: {"ns": h.ns.name, "addr": h.addr, "nat": h.nat_label} for h in self.hosts.values()},
             "namespaces": self.namespaces,
+            "sweep": [ns.name for ns in self._sweep],
             "pids": [p.pid for ns in self._namespaces for p in ns._procs if p.poll() is None],
         }
 
@@ -304,6 +311,12 @@ class Lab:
         self._closed = True
         atexit.unregister(self.close)
         errors = []
+        for ns in self._sweep:
+            try:
+                kill_namespace_pids(ns)
+            except Exception as err:   # keep going: the namespaces must still go
+                errors.append(err)
+        self._sweep.clear()
         for ns in reversed(self._namespaces):
             try:
                 ns.close()
@@ -333,7 +346,8 @@ class Lab:
 
 
 def teardown_manifest(path: str | os.PathLike) -> list[str]:
-    """Remove a lab left up with --keep, from its lab.json: stop its PIDs, delete its namespaces."""
+    """Remove a lab left up with --keep, from its lab.json: stop its PIDs, then whatever else still runs in its
+    namespaces (daemons like wireguard-go, or what someone started in a host's shell), delete its namespaces."""
     data = json.loads(Path(path).read_text())
     for pid in data.get("pids", []):
         try:
@@ -341,6 +355,7 @@ def teardown_manifest(path: str | os.PathLike) -> list[str]:
         except (ProcessLookupError, PermissionError):
             pass
     for name in data["namespaces"]:
+        kill_namespace_pids(name)
         sh(["ip", "netns", "del", name], check=False)
     shutil.rmtree(data["workdir"], ignore_errors=True)
     return data["namespaces"]

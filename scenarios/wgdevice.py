@@ -10,7 +10,7 @@ import os
 import subprocess
 import time
 
-from scenarios.netns import Netns, unique_name, veth, wait_for
+from scenarios.netns import Netns, kill_namespace_pids, unique_name, veth, wait_for  # noqa: F401 (re-exported)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.join(REPO, ".venv", "bin")
@@ -109,18 +109,6 @@ class Pair:
             # Daemons started by wg-quick/meshwg up are not our children: stop them by PID.
             kill_namespace_pids(ns)
             ns.close()
-
-
-def kill_namespace_pids(ns: Netns) -> None:
-    out = subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True, text=True).stdout.split()
-    for pid in out:
-        try:
-            os.kill(int(pid), 15)
-        except (ProcessLookupError, ValueError):
-            pass
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline and subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True, text=True).stdout.strip():
-        time.sleep(0.05)
 
 
 def ping(ns: Netns, addr: str, count: int = 3, timeout: float = 10) -> bool:
