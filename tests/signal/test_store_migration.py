@@ -4,40 +4,26 @@ change feed starts working, and the upgrade is recorded; a database newer than t
 from __future__ import annotations
 
 import ipaddress
+import pathlib
+import shutil
 import sqlite3
 
 import pytest
 
 from signal_server.store import SqliteStore, StoreError
 
-# The schema as the code before versioning created it (signal_server/store.py SCHEMA), copied verbatim:
-# it must not follow later edits of the migrations.
-OLD_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB);
-CREATE TABLE IF NOT EXISTS invites (
-  id TEXT PRIMARY KEY, secret_hash BLOB NOT NULL, reusable INTEGER NOT NULL, expires REAL,
-  tag TEXT NOT NULL DEFAULT '', created REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0,
-  uses INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS nodes (
-  id INTEGER PRIMARY KEY AUTOINCREMENT, pubkey BLOB NOT NULL UNIQUE, name TEXT NOT NULL UNIQUE,
-  ipv4 TEXT NOT NULL UNIQUE, ipv6 TEXT NOT NULL UNIQUE, created REAL NOT NULL, last_seen REAL,
-  expires REAL, invite_id TEXT, tag TEXT NOT NULL DEFAULT '');
-CREATE TABLE IF NOT EXISTS removed_keys (pubkey BLOB PRIMARY KEY, removed_at REAL NOT NULL);
-"""
 SERVER_KEY = bytes(range(32))
 KEY_A, KEY_B = b"a" * 32, b"b" * 32
 
 
+# A database as the code before schema versioning wrote it (its schema: meta, invites, nodes, removed_keys), with
+# the server key above, prefixes 100.64.0.0/10 and fd00:1::/48, invite "inv" and nodes alpha (KEY_A, 100.64.0.1)
+# and bravo (KEY_B, 100.64.0.2). A file, not SQL: it must not follow later edits of the migrations.
+V1_DATABASE = pathlib.Path(__file__).parent / "data" / "signal-v1.db"
+
+
 def old_database(path: str) -> None:
-    db = sqlite3.connect(path)
-    db.executescript(OLD_SCHEMA)
-    db.executemany("INSERT INTO meta(k, v) VALUES(?, ?)", [
-        ("server_private_key", SERVER_KEY), ("prefix4", "100.64.0.0/10"), ("prefix6", "fd00:1::/48")])
-    db.execute("INSERT INTO invites(id, secret_hash, reusable, created) VALUES('inv', ?, 1, 10.0)", (b"h" * 32,))
-    db.executemany("INSERT INTO nodes(pubkey, name, ipv4, ipv6, created, invite_id) VALUES(?,?,?,?,?,?)", [
-        (KEY_A, "alpha", "100.64.0.1", "fd00:1::1", 20.0, "inv"), (KEY_B, "bravo", "100.64.0.2", "fd00:1::2", 21.0, "inv")])
-    db.commit()
-    db.close()
+    shutil.copyfile(V1_DATABASE, path)
 
 
 def test_an_old_database_is_upgraded_and_keeps_its_rows(tmp_path):
@@ -72,7 +58,7 @@ def test_a_newer_database_is_refused_in_one_line(tmp_path):
 
 
 # Schema 2 (the change feed), as that code created it, copied verbatim.
-SCHEMA_2 = OLD_SCHEMA + """
+SCHEMA_2 = """
 CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, pubkey BLOB, node_id INTEGER);
 """
 
@@ -115,7 +101,7 @@ def test_a_schema_3_database_gets_routes_and_keeps_its_nodes_plain_peers_and_inv
     path = str(tmp_path / "v3.db")
     old_database(path)
     db = sqlite3.connect(path)
-    db.executescript(SCHEMA_3.replace(OLD_SCHEMA, ""))
+    db.executescript(SCHEMA_3)
     db.execute("INSERT INTO meta(k, v) VALUES('schema_version', 3)")
     db.execute("INSERT INTO nodes(pubkey, name, ipv4, ipv6, created, kind, targets, exit_node) "
                "VALUES(?, 'phone', '100.64.0.3', 'fd00:1::3', 22.0, 'plain', '[1]', 2)", (b"p" * 32,))
