@@ -132,3 +132,11 @@ def test_a_phone_reaches_cabin_through_its_port_forward(mesh):
     ok, _ = wait_until(lambda: ((cabin.status() or {}).get("routing") or {}).get("public_endpoint") == public, 20)
     assert ok, f"cabin does not hold its --public-endpoint\n{mesh.logs()}"
     check_direct(mesh, cabin, "phone2", public)
+    # `meshwg set --public-endpoint none`: cabin stops reporting it, and the server no longer offers it
+    values = nc.node_values(cabin.host)
+    cabin.host.run(nc.PY, "-m", "meshwg", "set", "--public-endpoint", "none", "--state-dir", str(values["state_dir"]),
+                   "--interface", values["interface"])
+    argv = (nc.PY, "-m", "signal_server", "plain", "config", "phone2", "--direct", "--db", str(mesh.db))
+    ok, _ = wait_until(lambda: mesh.signal.run_proc(*argv).returncode == 2, 10, interval=0.2)
+    assert ok, f"the server still offers cabin's public endpoint after `set --public-endpoint none`\n{mesh.logs()}"
+    assert "'cabin'" in mesh.signal.run_proc(*argv).stderr.decode()
