@@ -133,6 +133,11 @@ class BridgeNet:
             self.srv.stop(self.server)
             self.server = None
 
+    def print_logs(self) -> None:
+        """Every node's log tail (a failed test's output)."""
+        for n in self.nodes:
+            print(f"---- {n.name}\n{n.log_text()}")
+
     def close(self) -> None:
         for node in self.nodes:
             node.stop()

@@ -108,8 +108,7 @@ def test_two_nodes_direct_outage_cache_and_shutdown():
         a.stop()
         assert _gone(a)
     except BaseException:
-        for n in net.nodes:
-            print(f"---- {n.name}\n{n.log_text()}")
+        net.print_logs()
         raise
     finally:
         net.close()

@@ -106,8 +106,7 @@ def test_nodes_keep_their_tunnels_through_a_dead_backend_and_a_wrong_server():
         wait_for(lambda: b.ping(ip_a), timeout=15, what="beta reaches alpha again")
         assert _alive(a)
     except BaseException:
-        for n in net.nodes:
-            print(f"---- {n.name}\n{n.log_text()}")
+        net.print_logs()
         raise
     finally:
         if closer is not None:

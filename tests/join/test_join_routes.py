@@ -169,8 +169,7 @@ def test_subnet_route_with_masquerade_and_exit_node_with_policy_routing():
         assert sysctl(laptop.ns, "net/ipv4/conf/all/src_valid_mark") == "0"
         assert "not from all fwmark" not in rules(laptop.ns) and "suppress_prefixlength" not in rules(laptop.ns)
     except BaseException:
-        for n in net.nodes:
-            print(f"---- {n.name}\n{n.log_text()}")
+        net.print_logs()
         raise
     finally:
         net.close()

@@ -14,10 +14,11 @@ import time
 
 import pytest
 import trio
+from relay_node import UdpRelayNode
 from sig_helpers import new_key, start_server, wait_until
 
 from meshwg.control import ControlConnection
-from meshwg.control.relay_client import RelaySession, open_tcp_relay
+from meshwg.control.relay_client import open_tcp_relay
 from meshwg.signaling import relay_wire as W
 from meshwg.wg.crypto import clamp, dh_pub
 from meshwg.wg.device import WireGuardCore
@@ -31,40 +32,6 @@ _spec.loader.exec_module(_wg_pair)
 ipv4_packet = _wg_pair.ipv4_packet
 
 RELAY = "relay"  # the node core's endpoint for its plain peers
-
-
-class UdpRelayNode:
-    """A node's relay session over UDP (RelaySession on its own socket)."""
-
-    def __init__(self, sk: bytes, server_pk: bytes, relay_addr) -> None:
-        self.rs = RelaySession(sk, server_pk, os.urandom)
-        self.relay_addr = relay_addr
-        self.sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
-
-    async def start(self) -> "UdpRelayNode":
-        await self.sock.bind(("127.0.0.1", 0))
-        await self.sock.sendto(self.rs.hello(time.monotonic(), time.time()), self.relay_addr)
-        while (await self._event())[0] != "ready":
-            pass
-        await self.sock.sendto(self.rs.confirm(), self.relay_addr)
-        return self
-
-    async def _event(self):
-        with trio.fail_after(3):
-            while True:
-                data, _ = await self.sock.recvfrom(65535)
-                ev = self.rs.handle_untrusted(data, time.monotonic())
-                if ev is not None:
-                    return ev
-
-    async def recv(self) -> tuple[bytes, bytes]:
-        while True:
-            ev = await self._event()
-            if ev[0] == "recv":
-                return ev[1], ev[2]
-
-    async def send(self, dst: bytes, packet: bytes) -> None:
-        await self.sock.sendto(self.rs.encode_send(dst, packet), self.relay_addr)
 
 
 class TcpRelayNode:

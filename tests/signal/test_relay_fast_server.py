@@ -5,54 +5,14 @@ and only the valid SENDs arrive; sessions the core ends stop at once; --relay-no
 from __future__ import annotations
 
 import os
-import time
 
 import trio
+from relay_node import UdpRelayNode as Node
 from sig_helpers import new_key, start_server, wait_until  # noqa: F401
 
 from meshwg.control import ControlConnection
-from meshwg.control.relay_client import RelaySession
 from meshwg.signaling import relay_wire as W
-from meshwg.wg.crypto import clamp, dh_pub
 from signal_server import cli
-
-
-class Node:
-    def __init__(self, sk: bytes, server_pk: bytes, relay_addr) -> None:
-        self.sk, self.pub = sk, dh_pub(clamp(sk))
-        self.rs = RelaySession(sk, server_pk, os.urandom)
-        self.relay_addr = relay_addr
-        self.sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
-
-    async def start(self) -> "Node":
-        await self.sock.bind(("127.0.0.1", 0))
-        await self.sock.sendto(self.rs.hello(time.monotonic(), time.time()), self.relay_addr)
-        assert (await self.event())[0] == "ready"
-        await self.sock.sendto(self.rs.confirm(), self.relay_addr)
-        return self
-
-    async def event(self, timeout: float = 2.0):
-        with trio.fail_after(timeout):
-            while True:
-                data, _ = await self.sock.recvfrom(65535)
-                e = self.rs.handle_untrusted(data, time.monotonic())
-                if e is not None:
-                    return e
-
-    async def received(self, quiet: float = 0.3) -> list:
-        """The relayed packets arriving until `quiet` seconds pass without one."""
-        out = []
-        while True:
-            with trio.move_on_after(quiet):
-                data, _ = await self.sock.recvfrom(65535)
-                e = self.rs.handle_untrusted(data, time.monotonic())
-                if e is not None and e[0] == "recv":
-                    out.append(e[2])
-                continue
-            return out
-
-    async def send(self, dst: bytes, packet: bytes) -> None:
-        await self.sock.sendto(self.rs.encode_send(dst, packet), self.relay_addr)
 
 
 async def pair(h):

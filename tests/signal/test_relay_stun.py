@@ -8,35 +8,13 @@ import time
 
 import pytest
 import trio
+from relay_node import UdpRelayNode
 from sig_helpers import harness, new_key, wait_until, start_task  # noqa: F401 (fixture)
 
 from meshwg.control import ControlConnection
 from meshwg.signaling import relay_wire as W
-from meshwg.control.relay_client import RelaySession, open_tcp_relay
+from meshwg.control.relay_client import open_tcp_relay
 from meshwg.disco import stun
-
-
-class UdpNode:
-    def __init__(self, sk: bytes, server_pk: bytes, relay_addr) -> None:
-        self.rs = RelaySession(sk, server_pk, os.urandom)
-        self.relay_addr = relay_addr
-        self.sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
-
-    async def start(self):
-        await self.sock.bind(("127.0.0.1", 0))
-        return self
-
-    async def recv_event(self, timeout=2.0):
-        with trio.fail_after(timeout):
-            while True:
-                data, _ = await self.sock.recvfrom(65535)
-                e = self.rs.handle_untrusted(data, time.monotonic())
-                if e is not None:
-                    return e
-
-    async def hello(self):
-        await self.sock.sendto(self.rs.hello(time.monotonic(), time.time()), self.relay_addr)
-        return await self.recv_event()
 
 
 async def registered(h):
@@ -48,14 +26,14 @@ async def registered(h):
 async def test_udp_relay_forwards_and_refuses_unregistered(harness):
     pk = harness.server.server_pk
     (ska, ca), (skb, cb) = await registered(harness), await registered(harness)
-    a = await UdpNode(ska, pk, harness.udp).start()
-    b = await UdpNode(skb, pk, harness.udp).start()
+    a = await UdpRelayNode(ska, pk, harness.udp).bind()
+    b = await UdpRelayNode(skb, pk, harness.udp).bind()
     ev_a = await a.hello()
     assert ev_a[0] == "ready" and ev_a[1] == ("127.0.0.1", a.sock.getsockname()[1])  # observed address
     assert (await b.hello())[0] == "ready"
     wg_packet = b"\x04\x00\x00\x00" + os.urandom(100)  # opaque to the relay
     await a.sock.sendto(a.rs.encode_send(b.rs_pub if hasattr(b, "rs_pub") else _pub(skb), wg_packet), harness.udp)
-    kind, src, pkt = await b.recv_event()
+    kind, src, pkt = await b.event()
     assert (kind, src, pkt) == ("recv", _pub(ska), wg_packet)
     # the server attaches the relay-observed UDP address to the directory as an "observed" candidate
     await wait_until(lambda: ("127.0.0.1", a.sock.getsockname()[1], "observed")
@@ -63,15 +41,15 @@ async def test_udp_relay_forwards_and_refuses_unregistered(harness):
                      ["127.0.0.1", a.sock.getsockname()[1], "observed"] in harness.server.directory.nodes[_pub(ska)].entry()["cand"])
 
     # an unregistered key is refused at hello and cannot send
-    intruder = await UdpNode(new_key(), pk, harness.udp).start()
+    intruder = await UdpRelayNode(new_key(), pk, harness.udp).bind()
     e = await intruder.hello()
     assert e[0] == "notice" and e[1] == W.N_NOT_REGISTERED
     # forged frame with a guessed token from another address: not forwarded
     await intruder.sock.sendto(W.encode_send(os.urandom(8), _pub(skb), b"junk"), harness.udp)
-    e = await intruder.recv_event()
+    e = await intruder.event()
     assert e[0] == "notice" and e[1] == W.N_REHELLO
     with trio.move_on_after(0.2):
-        await b.recv_event()
+        await b.event()
         pytest.fail("relay forwarded a packet from an unregistered sender")
     c = harness.server.relay.counters
     assert c["refused_unregistered"] >= 1 and c["refused_no_session"] >= 1 and c["forwarded_packets"] == 1
@@ -86,14 +64,14 @@ async def test_udp_relay_forwards_and_refuses_unregistered(harness):
 async def test_tcp_relay_fallback_interoperates_with_udp(harness):
     pk = harness.server.server_pk
     (ska, _), (skb, _) = await registered(harness), await registered(harness)
-    a = await UdpNode(ska, pk, harness.udp).start()
+    a = await UdpRelayNode(ska, pk, harness.udp).bind()
     assert (await a.hello())[0] == "ready"
     tb = await open_tcp_relay(*harness.relay_tcp, skb, pk, os.urandom)
     await a.sock.sendto(a.rs.encode_send(_pub(skb), b"udp->tcp"), harness.udp)
     with trio.fail_after(2):
         assert await tb.receive() == (_pub(ska), b"udp->tcp")
     await tb.send(_pub(ska), b"tcp->udp")
-    assert await a.recv_event() == ("recv", _pub(skb), b"tcp->udp")
+    assert await a.event() == ("recv", _pub(skb), b"tcp->udp")
     with pytest.raises(PermissionError):
         await open_tcp_relay(*harness.relay_tcp, new_key(), pk, os.urandom)
     await tb.aclose()
@@ -104,8 +82,8 @@ async def test_relay_rate_limit(harness):
     (ska, _), (skb, _) = await registered(harness), await registered(harness)
     harness.server.relay.pkt_limit.rate = 10
     harness.server.relay.pkt_limit.burst = 20
-    a = await UdpNode(ska, pk, harness.udp).start()
-    b = await UdpNode(skb, pk, harness.udp).start()
+    a = await UdpRelayNode(ska, pk, harness.udp).bind()
+    b = await UdpRelayNode(skb, pk, harness.udp).bind()
     await a.hello()
     await b.hello()
     for _ in range(100):
@@ -113,7 +91,7 @@ async def test_relay_rate_limit(harness):
     got = 0
     with trio.move_on_after(0.5):
         while True:
-            await b.recv_event()
+            await b.event()
             got += 1
     assert 15 <= got <= 30
     assert harness.server.relay.counters["drop_rate_limited"] >= 70
@@ -129,11 +107,11 @@ async def test_standalone_relay_follows_the_shared_db(harness, nursery):
                                       db_poll=0.05))
     bound = await start_task(nursery, relay.run)
     assert bound.control == [] and relay.server_pk == harness.server.server_pk
-    a = await UdpNode(ska, relay.server_pk, bound.udp[0]).start()
-    b = await UdpNode(skb, relay.server_pk, bound.udp[0]).start()
+    a = await UdpRelayNode(ska, relay.server_pk, bound.udp[0]).bind()
+    b = await UdpRelayNode(skb, relay.server_pk, bound.udp[0]).bind()
     assert (await a.hello())[0] == "ready" and (await b.hello())[0] == "ready"
     await a.sock.sendto(a.rs.encode_send(_pub(skb), b"hi"), bound.udp[0])
-    assert await b.recv_event() == ("recv", _pub(ska), b"hi")
+    assert await b.event() == ("recv", _pub(ska), b"hi")
     harness.admin.remove(2, time.time())  # removal in the DB reaches the standalone relay too
     await wait_until(lambda: _pub(skb) not in relay.relay.by_key and _pub(skb) not in relay.relay.allowed)
     await ca.aclose()
