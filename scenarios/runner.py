@@ -5,8 +5,8 @@ first ping over the mesh, the time until both sides report a direct path, the RT
 it then checks the path against the scenario's expectation and prints a table (and a matrix for the
 matrix scenario). The node command lines live in scenarios/node_commands.py.
 
-Plain devices (scenarios/definitions.py) come up as a real phone would: once their nodes have joined and the
-administrator approved the LAN routes the nodes advertise, `meshwg-signal plain add NAME --to NODE --qr-png`
+Plain devices (scenarios/definitions.py) come up as a real phone would, after the meshwg pairs are measured: the
+administrator approves the LAN routes the nodes advertise, `meshwg-signal plain add NAME --to NODE --qr-png`
 writes the QR code, the device decodes it (zbarimg) and runs `wg-quick up` on nothing but that config. Their
 pairs are timed from `wg-quick up`, and their path is "relay" only when the node lists the device as a plain
 peer and every endpoint the device's WireGuard holds is the server's plain WireGuard port.
@@ -345,8 +345,8 @@ def bring_up_plain(spec: NodeSpec, host: Host, signal_host: Host, poller: Status
         raise NodeSoftwareError(f"`wg-quick up {conf}` failed on {spec.name} ({up.returncode}): {_out(up)}")
     impl = "wireguard-go" if re.search(r"^\[#\] wireguard-go ", up.stderr.decode(errors="replace"), re.M) \
         else "kernel WireGuard"
-    say(f"  {spec.name}: meshwg-signal plain add {spec.name} {' '.join(to)} --qr-png {png.name}; the device decodes "
-        f"the QR code (zbarimg --raw) and runs wg-quick up ({impl}) at {t_up - poller.t0:.1f} s")
+    say(f"  added {spec.name}: meshwg-signal plain add {spec.name} {' '.join(to)} --qr-png {png.name}")
+    say(f"  {spec.name} reads the QR code (zbarimg --raw) and runs wg-quick up on that config ({impl})")
     return PlainDevice(spec, host, conf, config, t_up, impl)
 
 
@@ -354,6 +354,7 @@ def plain_path(node_view: nc.PeerStatus | None, endpoints: list[str], plain_addr
     """A plain device's path as both ends see it: "relay" when the node lists the device as a plain peer on the
     relay and every endpoint the device holds is the server's plain port; otherwise each side's view joined by
     "/" ("?": a side that does not know the other)."""
+    endpoints = [e for e in endpoints if e != "(none)"]    # a peer it has not sent to: no path to tell
     device = None if not endpoints else "relay" if all(e == plain_addr for e in endpoints) else "direct"
     node = node_view.path if node_view is not None and node_view.plain else None
     if device == node:
@@ -443,8 +444,11 @@ def run(scenario: Scenario, *, keep: bool = False, timings: Timings | None = Non
             for a, b in pairs:
                 if PLAIN not in (a.kind, b.kind):
                     start(check_pair, a, b)
-            # Meanwhile, the administrator approves the advertised LANs and adds each plain device, which then
-            # comes up from its QR code; its pairs are checked as soon as it is up.
+            for t in threads:
+                t.join()
+            # Then (so that their CLIs and daemons do not slow the NAT traversal being timed on a small machine)
+            # the administrator approves the advertised LANs and adds each plain device, which comes up from its
+            # QR code; its pairs are checked as soon as it is up.
             approve_lan_routes(scenario, signal_host, hosts, poller, timings, say)
             for spec in scenario.plain_nodes():
                 devices[spec.name] = bring_up_plain(spec, hosts[spec.name], signal_host, poller, timings, say)
