@@ -22,6 +22,9 @@ def create_invite(store: Store, *, wall: float, reusable: bool = False, expires:
                   tag: str = "", addrs=None, auto_routes=()) -> Invite:
     """Record a new invite and return it; addrs default to the control addresses the server published.
     auto_routes: CIDRs (or "exit") whose routes the nodes joining with it have approved as they advertise them."""
+    from signal_server.policy import check_tags
+
+    tag = ",".join(check_tags([tag]))  # ValueError naming a bad tag before anything is written
     addrs = list(addrs or json.loads(store.meta_get("control_addrs") or "[]"))
     if not addrs:
         raise ValueError("the server has not run yet; pass --addr HOST:PORT")
@@ -63,7 +66,7 @@ def _device_key(public_key: str | None, random_bytes) -> tuple[bytes, bytes | No
 
 
 def add_plain(store: Store, *, name: str, to: list[str], wall: float, public_key: str | None = None,
-              exit_node: str | None = None, random_bytes=os.urandom, direct: bool = False):
+              exit_node: str | None = None, random_bytes=os.urandom, direct: bool = False, tags=()):
     """Record a plain peer that may reach the nodes `to` (the exit node among them); its row. direct: each of them
     must have reported a public endpoint (direct_endpoint), checked before anything is written."""
     rows = [find_target(store, t) for t in to]
@@ -81,7 +84,7 @@ def add_plain(store: Store, *, name: str, to: list[str], wall: float, public_key
             direct_endpoint(store, r)
     pub, priv = _device_key(public_key, random_bytes)
     p4, p6 = store.prefixes(random_bytes)  # the server's; chosen now if it never ran
-    return store.add_plain(name, pub, priv, targets, exit_id, wall, p4, p6)
+    return store.add_plain(name, pub, priv, targets, exit_id, wall, p4, p6, tags=tuple(tags))
 
 
 def rotate_plain(store: Store, row, public_key: str | None = None, random_bytes=os.urandom):

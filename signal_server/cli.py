@@ -1,5 +1,5 @@
-"""meshwg-signal: serve | relay | invite create/list/revoke | nodes [list/rename/expire/remove]
-| plain add/list/config/rotate/remove | routes list/approve/reject | status | pubkey | backup | restore.
+"""meshwg-signal: serve | relay | invite create/list/revoke | nodes [list/rename/expire/remove/tag/untag]
+| plain add/list/config/rotate/remove | routes list/approve/reject | policy check | status | pubkey | backup | restore.
 
 Admin commands open the SQLite file directly (safe while the server runs: WAL + busy timeout); every change
 they make lands in the store's change feed, which the running server reads within --db-poll (0.1 s) and
@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--heartbeat", type=float, default=10.0, help="node heartbeat interval, seconds")
             sp.add_argument("--sync", choices=["normal", "full"], default="normal",
                             help="SQLite durability: normal survives a killed server, full also a power loss")
+            sp.add_argument("--policy", metavar="FILE",
+                            help="access policy (TOML; `meshwg-signal policy check FILE` validates it): who may reach "
+                                 "whom on which ports; reloaded when it changes or on SIGHUP (default: everything "
+                                 "allowed)")
         sp.add_argument("--udp", action="append", metavar="HOST:PORT", help="STUN + UDP relay (default 0.0.0.0:3478; 'none')")
         sp.add_argument("--stun-alt-port", type=_alt_port, default="auto", metavar="N",
                         help="STUN-only alternate port on every --udp address, for NAT filtering tests "
@@ -149,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = inv.add_parser("create", parents=[common])
     c.add_argument("--reusable", action="store_true")
     c.add_argument("--expires", default="24h", help="lifetime, e.g. 30m, 24h, 7d, or 'never' (default 24h)")
-    c.add_argument("--tag", default="")
+    c.add_argument("--tag", default="", help="the joining node's tag(s) for the access policy (commas for more)")
     c.add_argument("--addr", action="append", metavar="HOST:PORT", help="control address(es) to embed (default: the server's)")
     c.add_argument("--auto-approve-routes", action="append", default=[], metavar="CIDR",
                    help="approve at once the routes inside CIDR that nodes joining with it advertise; 'exit' approves "
@@ -169,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--in", dest="after", default="0s", help="expire after this duration (default: now)")
     rm = na.add_parser("remove", parents=[common])
     rm.add_argument("node")
+    for action, what in (("tag", "add tags to a node or plain peer"), ("untag", "remove tags from a node or plain peer")):
+        tg = na.add_parser(action, parents=[common], help=what)
+        tg.add_argument("node", help="id, name or public key")
+        tg.add_argument("tags", nargs="+", metavar="TAG")
+
+    pol = sub.add_parser("policy", help="the access policy file").add_subparsers(dest="action", required=True)
+    pck = pol.add_parser("check", parents=[common], help="validate a policy file against the database's nodes and "
+                                                         "print who may reach whom (nothing is applied)")
+    pck.add_argument("file")
 
     rt = sub.add_parser("routes", help="subnet routes and exit nodes the nodes advertise: list, approve, reject"
                         ).add_subparsers(dest="action", required=True)
@@ -186,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--to", action="append", required=True, metavar="NODE", help="a node it may reach (repeatable)")
     pa.add_argument("--public-key", metavar="KEY", help="the device's own public key (its private key stays on it)")
     pa.add_argument("--exit-node", metavar="NODE", help="send all its internet traffic through this node")
+    pa.add_argument("--tag", action="append", default=[], metavar="TAG", help="a tag for the access policy (repeatable)")
     plain.add_parser("list", parents=[common])
     pc = plain.add_parser("config", parents=[common], help="print its wg-quick config again")
     pc.add_argument("name")
@@ -244,6 +258,7 @@ def server_config(args, control: bool):
         cfg.plain_udp = None if args.plain_udp == "none" else _listen_list([args.plain_udp], [])[0]
         cfg.plain_udp_strict = True
     if control:
+        cfg.policy = args.policy
         cfg.max_unauthenticated = args.max_unauthenticated
         cfg.max_unauthenticated_per_source = args.max_unauthenticated_per_source
     cfg.accept_rate, cfg.accept_burst = args.accept_rate, 4 * args.accept_rate
@@ -315,13 +330,13 @@ def cmd_nodes(args) -> int:
     action = args.action or "list"
     if action == "list":
         wall = time.time()
-        print(f"{'ID':>4} {'NAME':20} {'IPV4':15} {'IPV6':24} {'STATE':8} {'LAST SEEN':19} KEY")
+        print(f"{'ID':>4} {'NAME':20} {'IPV4':15} {'IPV6':24} {'STATE':8} {'LAST SEEN':19} {'KEY':44} TAGS")
         for n in st.list_nodes():
             if n.kind != "node":
                 continue  # `plain list`
             state = "expired" if n.expires and n.expires <= wall else "active"
             print(f"{n.node_id:>4} {n.name:20} {n.ipv4:15} {n.ipv6:24} {state:8} {_fmt_time(n.last_seen):19} "
-                  f"{key_to_base64(n.key)}")
+                  f"{key_to_base64(n.key):44} {','.join(n.tags) or '-'}")
         return 0
     node = st.find_node(args.node)
     if node is None:
@@ -341,6 +356,13 @@ def cmd_nodes(args) -> int:
     elif action == "remove":
         st.remove(node.node_id, time.time())
         print(f"node {node.node_id} ({node.name}) removed; its key needs a new invite to rejoin")
+    elif action in ("tag", "untag"):
+        from signal_server.policy import check_tags
+
+        given = check_tags(args.tags)  # ValueError (one line, exit 2) before anything is written
+        tags = (*node.tags, *given) if action == "tag" else tuple(t for t in node.tags if t not in given)
+        row = st.set_tags(node.node_id, tags)
+        print(f"{node.name}: tags {','.join(row.tags) or '(none)'}")
     return 0
 
 
@@ -351,18 +373,19 @@ def cmd_plain(args) -> int:
     wall = time.time()
     if args.action == "list":
         names = {n.node_id: n.name for n in st.list_nodes()}
-        print(f"{'ID':>4} {'NAME':20} {'IPV4':15} {'IPV6':24} {'KEY':8} {'EXIT':10} REACHES")
+        print(f"{'ID':>4} {'NAME':20} {'IPV4':15} {'IPV6':24} {'KEY':8} {'EXIT':10} {'REACHES':20} TAGS")
         for p in st.list_plain():
             reaches = ",".join(names.get(i, f"#{i}(gone)") for i in p.targets)
             holder = "device" if p.private_key is None else "server"  # who holds its private key
             exit_name = names.get(p.exit_node, "-") if p.exit_node else "-"
-            print(f"{p.node_id:>4} {p.name:20} {p.ipv4:15} {p.ipv6:24} {holder:8} {exit_name:10} {reaches}")
+            print(f"{p.node_id:>4} {p.name:20} {p.ipv4:15} {p.ipv6:24} {holder:8} {exit_name:10} {reaches:20} "
+                  f"{','.join(p.tags) or '-'}")
         return 0
     if args.action == "add":
         if not args.direct:
             admin.plain_endpoint(st, args.endpoint)  # refused before anything is written
         row = admin.add_plain(st, name=args.name, to=args.to, wall=wall, public_key=args.public_key,
-                              exit_node=args.exit_node, direct=args.direct)
+                              exit_node=args.exit_node, direct=args.direct, tags=args.tag)
         print(f"plain peer {row.name} ({row.ipv4}, {row.ipv6}) added", file=sys.stderr)
         return _print_config(st, row, args, wall)
     row = admin.find_plain(st, args.name)
@@ -418,6 +441,32 @@ def _print_config(st, row, args, wall: float) -> int:
     if args.qr_png:
         write_qr_png(text, args.qr_png)
         print(f"wrote the QR code to {args.qr_png}", file=sys.stderr)
+    return 0
+
+
+def cmd_policy(args) -> int:
+    """`policy check FILE`: the file checked against the database's nodes, plain peers and invites, and who may
+    reach whom; a bad file is one line on stderr and exit code 2 (main turns the PolicyError, a ValueError, into it)."""
+    from signal_server import policy
+
+    st = _store(args)
+    members = [policy.member_of(r) for r in st.list_nodes()]
+    try:
+        with open(args.file, "rb") as f:
+            data = f.read(1 << 20)
+    except OSError as exc:
+        raise policy.PolicyError(f"{args.file}: cannot read: {exc.strerror or exc}") from None
+    pf = policy.load_bytes(data, args.file, members, policy.invite_tags(st.list_invites()))
+    acl = policy.Acl(pf)
+    plain = sum(1 for m in members if m.plain)
+    print(f"{args.file}: ok, {len(pf.rules)} rules; {len(members) - plain} nodes, {plain} plain peers")
+    print("who may reach whom (row: from, column: to; x: may, .: may not):")
+    sys.stdout.write(policy.matrix_text(acl, members))
+    for r in members:
+        for p in members:
+            if r.key != p.key and len(acl.view(acl.class_of(r), acl.class_of(p)).template) > policy.MAX_ACCEPT:
+                print(f"warning: what {p.name} may send {r.name} needs more than {policy.MAX_ACCEPT} port ranges; "
+                      "the rest are dropped (merge port ranges)", file=sys.stderr)
     return 0
 
 
@@ -518,6 +567,7 @@ def cmd_pubkey(args) -> int:
 def _dispatch(args) -> int:
     if args.cmd in ("serve", "relay"):
         return cmd_serve(args, args.cmd == "serve")
-    commands = {"invite": cmd_invite, "nodes": cmd_nodes, "plain": cmd_plain, "routes": cmd_routes, "status": cmd_status,
+    commands = {"invite": cmd_invite, "nodes": cmd_nodes, "plain": cmd_plain, "routes": cmd_routes, "policy": cmd_policy,
+                "status": cmd_status,
                 "pubkey": cmd_pubkey, "backup": cmd_backup, "restore": cmd_restore}
     return commands[args.cmd](args) if args.cmd in commands else 2

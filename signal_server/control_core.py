@@ -13,6 +13,8 @@ control listener's session table, read here only to know who can be reached now.
   AdvertiseRoutes(key, routes, exit_node)  store the node's new advertisement (store.advertise_routes with
                     self.policy.forbidden), then hand the result to routes_recorded
   Log(level, text)  a line for the operator (refused or pending routes, once per change)
+Under an access policy (set_policy, issue 13) the directory decides who sees whom; a punch or a sealed message
+toward a peer the requester may not see is refused as if the peer did not exist.
 Join rules are registry.decide_join's (applied inside the store's transaction), not this module's.
 """
 
@@ -81,7 +83,7 @@ PLAIN_CHANGED = _PlainChanged()
 def node_from_row(row) -> Node:
     """A directory node for a store row (store_api.NodeRow)."""
     return Node(row.node_id, row.key, row.name, row.ipv4, row.ipv6, expires=row.expires, tag=row.tag,
-                kind=row.kind, targets=frozenset(row.targets))
+                kind=row.kind, targets=frozenset(row.targets), tags=tuple(row.tags))
 
 
 class ControlCore:
@@ -173,6 +175,10 @@ class ControlCore:
         if not isinstance(to, bytes) or not isinstance(blob, bytes) or len(blob) > MAX_SEAL_BLOB:
             self.counters["control_bad_sealed"] += 1
             return []
+        peer = self.directory.nodes.get(to)
+        if peer is not None and not self.directory.visible(key, peer):  # a peer the policy hides from it
+            self.counters["sealed_denied"] += 1
+            return [Send(key, {"type": "seal_fail", "to": to, "reason": "unknown_peer"})]
         if to not in self.connected:
             self.counters["sealed_peer_offline"] += 1
             return [Send(key, {"type": "seal_fail", "to": to, "reason": "peer_offline"})]
@@ -244,6 +250,14 @@ class ControlCore:
         shown, exit_ok = R.visible([*subnets, *([R.EXIT] if is_exit else [])], self.policy.forbidden)
         return self.directory.update(key, routes=shown, is_exit=exit_ok)
 
+    # --- access control (issue 13)
+
+    def set_policy(self, pf) -> list:
+        """A policy (policy.PolicyFile, checked) in force, or None for none: entries follow within a flush."""
+        self.directory.set_policy(pf)
+        self.counters["policy_loads"] += 1
+        return [DIR_CHANGED, PLAIN_CHANGED]
+
     # --- registry changes (the change feed, expiry)
 
     def _plain_changed(self, kind: str) -> list:
@@ -272,9 +286,12 @@ class ControlCore:
             # A plain peer never gets a relay session: nodes' frames to its key go to the plain port.
             return ([] if row.kind == PLAIN else [Allow(key)]) + [DIR_CHANGED] + self._plain_changed(row.kind)
         changed = self._set_routes(key, row.routes, row.is_exit)
-        if self.directory.update(key, name=row.name, expires=row.expires, targets=frozenset(row.targets)):
-            return [DIR_CHANGED] + ([PLAIN_CHANGED] if row.kind == PLAIN else [])
-        return [DIR_CHANGED] if changed else []
+        # Under a policy a node's name, tags or routes can move whom plain peers reach (the ingress's targets).
+        plain = self._plain_changed(row.kind) if self.directory.acl is not None else []
+        if self.directory.update(key, name=row.name, expires=row.expires, targets=frozenset(row.targets),
+                                 tags=tuple(row.tags)):
+            return [DIR_CHANGED] + (plain or ([PLAIN_CHANGED] if row.kind == PLAIN else []))
+        return [DIR_CHANGED] + plain if changed else []
 
     def resync(self, rows, wall: float) -> list:
         """Every node row (at start, or after the feed was pruned past us): bring the directory in line."""

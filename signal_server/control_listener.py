@@ -241,12 +241,15 @@ class ControlListener:
         host = self.cfg.advertise or s.local_host  # a wildcard bind is reached where this client reached us
         udp = advertised(srv.bound.udp, host)
         row = s.row
-        return {
+        welcome = {
             "type": P.T_WELCOME, "proto": P.PROTO_VERSION, "node_id": row.node_id, "name": row.name,
             "ipv4": row.ipv4, "ipv6": row.ipv6, "prefix4": str(srv.prefix4), "prefix6": str(srv.prefix6),
             "stun": udp, "relay_udp": udp, "relay_tcp": advertised(srv.bound.relay_tcp, host),
             "heartbeat": self.cfg.heartbeat, "server_key": srv.server_pk,
         }
+        if row.tags:  # its own tags (issue 13), for `meshwg status`; older nodes ignore the field
+            welcome["tags"] = list(row.tags)
+        return welcome
 
     # --- a registered session
 

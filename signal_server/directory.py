@@ -15,6 +15,13 @@ A node's entry carries its approved, advertised subnet routes ("routes": [cidr..
 Plain WireGuard peers (kind "plain", issue 12) are entries too, visible only to their target nodes (`visible`):
 no other subscriber is ever sent their key, in a snapshot, an update or a removal. Their entry says
 `"kind": "plain"`, has no candidates and is never online; they subscribe to nothing (they have no session).
+
+Access control (issue 13, /work/notes/acl-contract.md): with a policy (`set_policy`), subscriber R sees P's entry
+only when P may reach R or R may reach P (signal_server/policy.py), and every entry R gets carries "accept": what P
+may send to R. Entries stay packed once per change; the accept field is packed once per (recipient, template)
+and spliced onto the shared entry. A policy change marks dirty only the (subscriber, peer) pairs whose view
+changed, found per group of peers whose policy class did not change differently (not per pair of nodes).
+A node's entry also carries its "tags" (omitted when none).
 """
 
 from __future__ import annotations
@@ -22,8 +29,11 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+import msgpack
+
 from meshwg.signaling.protocol import KIND_OBSERVED, REPORTED_KINDS, pack_entry
 from meshwg.disco.peer_paths import valid_candidate
+from signal_server import policy as acl_policy
 
 MAX_CANDIDATES = 16  # per entry, the server's observation included (nodes refuse longer lists)
 PLAIN = "plain"  # Node.kind of a plain WireGuard peer (store_api.PLAIN)
@@ -45,7 +55,11 @@ class Node:
     targets: frozenset = frozenset()  # a plain peer's: the node ids that may see it
     routes: tuple = ()  # its approved, advertised subnet routes (canonical CIDR text, sorted)
     is_exit: bool = False  # an approved exit node that advertises itself as one
+    tags: tuple = ()  # its tags (policy.py), shown in its entry
     _packed: bytes | None = None
+    _cls: int = -1  # its policy class, valid while _gen is the directory's policy generation
+    _gen: int = -1
+    _accept: dict = field(default_factory=dict)  # as a recipient: template -> packed "accept" key and value
 
     def entry(self) -> dict:
         # The server's observation first, in a slot the node's own candidates cannot push out. A reported
@@ -65,6 +79,8 @@ class Node:
             e["routes"] = list(self.routes)
         if self.is_exit:
             e["exit"] = True
+        if self.tags:
+            e["tags"] = list(self.tags)
         if self.kind == PLAIN:
             e.update(cand=[], online=False, kind=PLAIN)  # reached through the relay's plain port, never directly
         return e
@@ -74,6 +90,21 @@ class Node:
             self._packed = pack_entry(self.entry())
         return self._packed
 
+    def with_accept(self, accept_field: bytes) -> bytes:
+        """Its packed entry plus a packed "accept" key and value: the shared bytes with one more map item."""
+        base = self.packed()
+        if 0x80 <= base[0] < 0x8F:  # a fixmap with room for one more: splice instead of packing it again
+            return bytes((base[0] + 1,)) + base[1:] + accept_field
+        e = self.entry()
+        e.update(msgpack.unpackb(b"\x81" + accept_field, raw=False))
+        return pack_entry(e)
+
+
+# Fields a policy class or an accept list depends on: a change re-evaluates the node's views.
+_ACL_FIELDS = frozenset({"name", "tags", "routes", "is_exit", "kind", "ipv4", "ipv6"})
+_ADDR_FIELDS = frozenset({"ipv4", "ipv6"})
+MAX_ACCEPT_CACHE = 4096  # packed accept fields kept per recipient
+
 
 class Directory:
     def __init__(self, mesh_nets=()) -> None:
@@ -82,6 +113,8 @@ class Directory:
         self.plain: dict[bytes, Node] = {}  # the plain peers among `nodes`
         # The mesh prefixes (networks or their text): never a candidate, reported or observed.
         self.mesh_nets = tuple(ipaddress.ip_network(str(n), strict=False) for n in mesh_nets if n)
+        self.acl: acl_policy.Acl | None = None  # None: no policy, everything allowed (and no "accept" field)
+        self._gen = 0  # bumped with every policy: nodes' cached classes are of the policy they were computed for
 
     # --- candidates
 
@@ -105,9 +138,13 @@ class Directory:
         """Insert or replace a node (same key keeps its live state if the caller copied it)."""
         node._packed = None
         old = self.nodes.get(node.key)
+        if old is not None and self.acl is not None:
+            self._cls(old)
         self.nodes[node.key] = node
         self._set_plain(node)
         self._mark(node.key, node, old)
+        if old is not None:
+            self._recipient_changed(node, old, addrs=(old.ipv4, old.ipv6) != (node.ipv4, node.ipv6))
 
     def remove(self, key: bytes) -> Node | None:
         node = self.nodes.pop(key, None)
@@ -122,18 +159,28 @@ class Directory:
         node = self.nodes.get(key)
         if node is None:
             return False
-        # Who may see it can change only for a plain peer (or a node becoming one): keep what it was.
-        before = _visibility_copy(node) if node.kind == PLAIN or "kind" in changes else None
-        changed = False
-        for name, value in changes.items():
-            if getattr(node, name) != value:
-                setattr(node, name, value)
-                changed = True
+        # Who may see it can change only for a plain peer (or a node becoming one), or under a policy when what it
+        # depends on changes: keep what it was.
+        changed = [name for name, value in changes.items() if getattr(node, name) != value]
+        acl_change = self.acl is not None and not _ACL_FIELDS.isdisjoint(changed)
+        before = None
+        if node.kind == PLAIN or "kind" in changes or acl_change:
+            if self.acl is not None:
+                self._cls(node)
+            before = _visibility_copy(node)
+        for name in changed:
+            setattr(node, name, changes[name])
         if changed:
             node._packed = None
+            if not _ACL_FIELDS.isdisjoint(changed):
+                node._gen = -1  # its class is computed again when asked
+                if not _ADDR_FIELDS.isdisjoint(changed):
+                    node._accept = {}
             self._set_plain(node)
             self._mark(key, node, before)
-        return changed
+            if acl_change:
+                self._recipient_changed(node, before, addrs=not _ADDR_FIELDS.isdisjoint(changed))
+        return bool(changed)
 
     def _set_plain(self, node: Node) -> None:
         if node.kind == PLAIN:
@@ -142,11 +189,89 @@ class Directory:
             self.plain.pop(node.key, None)
 
     def visible(self, sub: bytes, node: Node) -> bool:
-        """Whether subscriber `sub` may see `node`'s entry: every node's, a plain peer's only as its target."""
-        if node.kind != PLAIN:
-            return True
+        """Whether subscriber `sub` may see `node`'s entry: every node's, a plain peer's only as its target; under a
+        policy only when one of the two may reach the other."""
         me = self.nodes.get(sub)
-        return me is not None and me.kind != PLAIN and me.node_id in node.targets
+        if node.kind == PLAIN and not (me is not None and me.kind != PLAIN and me.node_id in node.targets):
+            return False
+        if self.acl is None:
+            return True
+        return me is not None and self.acl.view(self._cls(me), self._cls(node)).visible
+
+    # --- access control (issue 13)
+
+    def _cls(self, node: Node) -> int:
+        if node._gen != self._gen:
+            node._cls = self.acl.class_of(acl_policy.member_of(node))
+            node._gen = self._gen
+        return node._cls
+
+    def member(self, key: bytes) -> acl_policy.Member | None:
+        node = self.nodes.get(key)
+        return None if node is None else acl_policy.member_of(node)
+
+    def _state(self, acl, me_cls: int, node_cls: int):
+        """What a subscriber is told of a peer (visibility passed already for plain peers): None (hidden), True (no
+        policy: all of it) or the accept template."""
+        if acl is None:
+            return True
+        v = acl.view(me_cls, node_cls)
+        return v.template if v.visible else None
+
+    def set_policy(self, pf) -> None:
+        """Put a policy (policy.PolicyFile, checked by the caller) in force, or none (None): every subscriber gets
+        the entries whose visibility or accept list changed for it, and the removal of those it may no longer see."""
+        old_acl, new_acl = self.acl, (acl_policy.Acl(pf) if pf is not None else None)
+        old_cls = {k: self._cls(n) for k, n in self.nodes.items()} if old_acl is not None else {}
+        self.acl, self._gen = new_acl, self._gen + 1
+        new_cls = {k: self._cls(n) for k, n in self.nodes.items()} if new_acl is not None else {}
+        groups: dict = {}  # peers whose class moved alike (a plain peer alone: its targets matter too)
+        for k, n in self.nodes.items():
+            g = (old_cls.get(k, -1), new_cls.get(k, -1), k if n.kind == PLAIN else None)
+            groups.setdefault(g, []).append(k)
+        for sub, dirty in self._dirty.items():
+            me = self.nodes.get(sub)
+            if me is None:
+                continue
+            mo, mn = old_cls.get(sub, -1), new_cls.get(sub, -1)
+            for (po, pn, plain), keys in groups.items():
+                if plain is not None and not (me.kind != PLAIN and me.node_id in self.nodes[plain].targets):
+                    continue
+                if self._state(old_acl, mo, po) != self._state(new_acl, mn, pn):
+                    dirty.update(keys)
+            dirty.discard(sub)
+
+    def _recipient_changed(self, node: Node, before: Node, addrs: bool) -> None:
+        """`node` (a subscriber, under a policy) changed what its views depend on: it gets the peers whose view
+        changed (all it sees when its addresses changed: every accept list names them)."""
+        dirty = self._dirty.get(node.key)
+        if dirty is None or self.acl is None:
+            return
+        old, new = self._cls(before), self._cls(node)
+        if old == new and not addrs:
+            return
+        for k, p in self.nodes.items():
+            if k == node.key:
+                continue
+            if p.kind == PLAIN and not (node.kind != PLAIN and node.node_id in p.targets):
+                continue
+            pc = self._cls(p)
+            if addrs or self._state(self.acl, old, pc) != self._state(self.acl, new, pc):
+                dirty.add(k)
+
+    def entry_for(self, sub: bytes, node: Node) -> bytes:
+        """`node`'s packed entry as subscriber `sub` gets it (visible to it): with "accept" under a policy."""
+        if self.acl is None:
+            return node.packed()
+        me = self.nodes[sub]
+        template = self.acl.view(self._cls(me), self._cls(node)).template
+        field = me._accept.get(template)
+        if field is None:
+            if len(me._accept) >= MAX_ACCEPT_CACHE:
+                me._accept.clear()
+            field = msgpack.packb("accept") + msgpack.packb(acl_policy.expand(template, (f"{me.ipv4}/32", f"{me.ipv6}/128")))
+            me._accept[template] = field
+        return node.with_accept(field)
 
     def _mark(self, key: bytes, *states: Node | None) -> None:
         """Dirty for each subscriber that may see one of the node's states (before or after the change): it
@@ -161,7 +286,7 @@ class Directory:
     def subscribe(self, sub: bytes) -> list[bytes]:
         """Start tracking changes for sub; returns the full snapshot (packed entries, sub excluded)."""
         self._dirty[sub] = set()
-        return [n.packed() for k, n in self.nodes.items() if k != sub and self.visible(sub, n)]
+        return [self.entry_for(sub, n) for k, n in self.nodes.items() if k != sub and self.visible(sub, n)]
 
     def unsubscribe(self, sub: bytes) -> None:
         self._dirty.pop(sub, None)
@@ -181,22 +306,34 @@ class Directory:
             if n is None or not self.visible(sub, n):  # marked only for those that saw it: a removal for them
                 rems.append(k)
             else:
-                ups.append(n.packed())
+                ups.append(self.entry_for(sub, n))
         return ups, rems
 
     def plain_targets(self) -> set[bytes]:
-        """The keys of the nodes at least one plain peer may reach (the plain ingress's mac1 targets)."""
-        ids = set()
+        """The keys of the nodes at least one plain peer may reach (the plain ingress's mac1 targets): one of its
+        targets, and under a policy one it may reach."""
+        ids: dict[int, list] = {}
         for p in self.plain.values():
-            ids |= p.targets
-        return {k for k, n in self.nodes.items() if n.kind != PLAIN and n.node_id in ids} if ids else set()
+            for i in p.targets:
+                ids.setdefault(i, []).append(p)
+        if not ids:
+            return set()
+        out = set()
+        for k, n in self.nodes.items():
+            if n.kind == PLAIN or n.node_id not in ids:
+                continue
+            if self.acl is None or any(self.acl.view(self._cls(n), self._cls(p)).peer_to_me for p in ids[n.node_id]):
+                out.add(k)
+        return out
 
     def expired(self, wall: float) -> list[bytes]:
         return [k for k, n in self.nodes.items() if n.expires is not None and n.expires <= wall]
 
 
 def _visibility_copy(node: Node) -> Node:
-    return Node(node.node_id, node.key, node.name, node.ipv4, node.ipv6, kind=node.kind, targets=node.targets)
+    """What decides who may see the node (its class cached under the current policy)."""
+    return Node(node.node_id, node.key, node.name, node.ipv4, node.ipv6, kind=node.kind, targets=node.targets,
+                routes=node.routes, is_exit=node.is_exit, tags=node.tags, _cls=node._cls, _gen=node._gen)
 
 
 def _is_loopback(ip: str) -> bool:

@@ -21,8 +21,10 @@ class PunchCoordinator:
         """(list of (recipient_key, message), error_reason | None)."""
         a = directory.nodes.get(requester)
         b = directory.nodes.get(target)
-        if a is None or b is None or requester == target or b.kind != "node":
-            return [], "unknown_peer"  # a plain peer is reached through the relay only, and may be another's
+        if a is None or b is None or requester == target or b.kind != "node" or not directory.visible(requester, b):
+            # A plain peer is reached through the relay only, and may be another's; a peer the access policy
+            # hides from the requester does not exist for it.
+            return [], "unknown_peer"
         if not b.online:
             return [], "peer_offline"
         if not self.limiter.allow((requester, target), now):

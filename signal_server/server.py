@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import resource
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import trio
 from meshwg.config.keys import key_to_base64
 from meshwg.signaling.invite import join_hostport
 from signal_server import metrics
+from signal_server import policy as acl_policy
 from signal_server import store_api as api
 from signal_server.conn_limits import SourceLimits, relay_tcp_caps
 from signal_server.control_core import DIR_CHANGED, PLAIN_CHANGED, AdvertiseRoutes, Allow, ControlCore, Drop, Log, Send
@@ -81,6 +83,9 @@ class ServerConfig:
     control_enabled: bool = True  # False: `meshwg-signal relay` (relay + STUN only)
     synchronous: str = "NORMAL"  # SQLite: NORMAL survives kill -9; FULL also survives power loss
     init: bool = False  # create the database and a new server identity if `db` has none (`serve --init`)
+    # The access policy file (issue 13; policy.py): None = everything allowed. Loaded at start (a bad one is
+    # fatal), reloaded when it changes (checked every db_poll) or on SIGHUP (a bad one keeps the previous).
+    policy: str | None = None
 
 
 @dataclass
@@ -132,6 +137,13 @@ class SignalServer:
         # The feed from here on; the full read below covers what came before (a change seen twice is harmless).
         self._seq = self.store.change_head()
         self.apply(self.core.resync(self.store.list_nodes(), time.time()))
+        self._policy_sig = None  # (mtime, size, inode) of the policy file when last read
+        self._policy_lock = trio.Lock()
+        if config.policy:
+            self._policy_sig = _file_sig(config.policy)
+            pf = self._read_policy(self.store.list_nodes(), self.store.list_invites())  # PolicyError: fatal
+            self.apply(self.core.set_policy(pf))
+            log.info("access policy %s: %d rules", os.path.abspath(config.policy), len(pf.rules))
         self._sync_relay_allowed()
 
     # --- helpers
@@ -196,7 +208,10 @@ class SignalServer:
         self.relay_udp.publish_observed()
 
     def gauges(self) -> dict:
+        acl = self.directory.acl
         return {
+            "policy_rules": len(acl.pf.rules) if acl is not None else -1,  # -1: no policy, everything allowed
+            "policy_accept_truncated": acl.truncated if acl is not None else 0,
             "nodes_registered": len(self.directory.nodes) - len(self.directory.plain),
             "plain_peers": len(self.directory.plain),
             "plain_targets": len(self.plain.targets),
@@ -253,6 +268,8 @@ class SignalServer:
                 nursery.start_soon(metrics.serve_metrics, ls, self.render_metrics)
             self._publish_addresses()
             nursery.start_soon(self._housekeeping)
+            if cfg.policy and cfg.control_enabled:
+                await nursery.start(self._policy_on_sighup)
             nursery.start_soon(self._routes_writer)
             nursery.start_soon(self.control_listener.flusher)
             log.info(
@@ -337,6 +354,7 @@ class SignalServer:
             await trio.sleep(self.cfg.db_poll)
             try:
                 await self._follow_changes()
+                await self.check_policy()
                 await self._publish_public()
             except Exception:  # a locked/busy DB must not kill the server; retry next tick
                 log.exception("reading the change feed failed; will retry")
@@ -346,6 +364,58 @@ class SignalServer:
                 last_expiry = now
                 self.apply(self.core.expire(time.time()))
                 self.relay.expire(now)
+
+    # --- the access policy (issue 13)
+
+    def _read_policy(self, rows, invites) -> acl_policy.PolicyFile:
+        """The policy file, checked against the database's nodes and invites; PolicyError (one line) otherwise."""
+        path = self.cfg.policy
+        try:
+            with open(path, "rb") as f:
+                data = f.read(1 << 20)
+        except OSError as exc:
+            raise acl_policy.PolicyError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        return acl_policy.load_bytes(data, path, [acl_policy.member_of(r) for r in rows],
+                                     acl_policy.invite_tags(invites))
+
+    async def check_policy(self, force: bool = False) -> None:
+        """Reload the policy file when it changed (or `force`, on SIGHUP); a bad one is one log line and the
+        previous policy stays."""
+        if not (self.cfg.policy and self.cfg.control_enabled):
+            return
+        async with self._policy_lock:
+            sig = _file_sig(self.cfg.policy)
+            if sig == self._policy_sig and not force:
+                return
+            self._policy_sig = sig
+            rows, invites = await self._db(lambda: (self.store.list_nodes(), self.store.list_invites()))
+            try:
+                pf = self._read_policy(rows, invites)
+            except acl_policy.PolicyError as exc:
+                self.counters["policy_reload_errors"] += 1
+                log.warning("policy not reloaded, the previous one stays in force: %s", exc)
+                return
+            self.apply(self.core.set_policy(pf))
+            log.info("access policy %s reloaded: %d rules", os.path.abspath(self.cfg.policy), len(pf.rules))
+
+    async def _policy_on_sighup(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """SIGHUP reloads the policy file (installed before `started`: a SIGHUP from then on never kills us)."""
+        started = False
+        try:
+            with trio.open_signal_receiver(signal.SIGHUP) as sighups:
+                task_status.started()
+                started = True
+                async for _ in sighups:
+                    try:
+                        await self.check_policy(force=True)
+                    except Exception:  # a busy database: the next change or SIGHUP tries again
+                        log.exception("reloading the policy failed")
+                        self.counters["policy_reload_errors"] += 1
+        except RuntimeError:  # not the main thread (the server embedded in a thread): reload on change only
+            if started:
+                raise
+            log.warning("SIGHUP cannot reach this server (not the main thread); the policy reloads when it changes")
+            task_status.started()
 
     async def _publish_public(self) -> None:
         """Nodes' public endpoints into the database for `plain add/config --direct` (admin.PUBLIC_META: the CLI
@@ -381,3 +451,12 @@ class SignalServer:
             for key, row in zip(keys, rows):
                 self.apply(self.core.apply_row(key, row, wall))
         self._seq = seq
+
+
+def _file_sig(path: str):
+    """What tells a changed file: (mtime, size, inode); None when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino

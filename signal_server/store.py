@@ -19,7 +19,7 @@ import os
 import sqlite3
 import stat
 from meshwg.config.keys import generate_private_key, key_to_base64
-from signal_server import ipam, registry, routes
+from signal_server import ipam, policy, registry, routes
 from signal_server import store_api as api
 from signal_server.invites import InviteRow, hash_secret, normalize_name
 from signal_server.store_api import Change, NodeRow, NoIdentity, RouteRow, StoreError  # noqa: F401 (re-exported)
@@ -59,6 +59,11 @@ CREATE TABLE IF NOT EXISTS routes (
   PRIMARY KEY (node_id, prefix));
 ALTER TABLE invites ADD COLUMN auto_routes TEXT;
 """,
+    # 5: tags (issue 13): a node's or plain peer's tags as a JSON list; NULL until first set, read as its
+    # invite's tag (the `tag` column, kept as what the node joined with)
+    """
+ALTER TABLE nodes ADD COLUMN tags TEXT;
+""",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 CHANGES_KEEP = 10_000  # change records kept for readers that lag (a longer lag costs one full re-read)
@@ -89,7 +94,8 @@ def wide_modes(path: str) -> list[tuple[str, int]]:
     return found
 
 
-_NODE_COLS = "id, pubkey, name, ipv4, ipv6, created, last_seen, expires, invite_id, tag, kind, private_key, targets, exit_node"
+_NODE_COLS = ("id, pubkey, name, ipv4, ipv6, created, last_seen, expires, invite_id, tag, kind, private_key, targets, "
+              "exit_node, tags")
 _INVITE_COLS = "id, secret_hash, reusable, expires, tag, created, revoked, uses, auto_routes"
 
 
@@ -316,7 +322,7 @@ class SqliteStore:
                 "SELECT prefix FROM routes WHERE node_id=? AND advertised=1 AND approved=1", (row[0],))]
         subnets, is_exit = routes.visible(live_routes, lambda p: None)
         return NodeRow(row[0], bytes(row[1]), *row[2:11], None if priv is None else bytes(priv),
-                       tuple(json.loads(targets)) if targets else (), row[13], subnets, is_exit)
+                       tuple(json.loads(targets)) if targets else (), row[13], subnets, is_exit, _tags(row[14], row[9]))
 
     def get_node(self, key: bytes) -> NodeRow | None:
         row = self.db.execute(f"SELECT {_NODE_COLS} FROM nodes WHERE pubkey=?", (key,)).fetchone()
@@ -425,12 +431,13 @@ class SqliteStore:
     # --- plain WireGuard peers
 
     def add_plain(self, name: str, public_key: bytes, private_key: bytes | None, targets: list[int],
-                  exit_node: int | None, wall: float, prefix4=None, prefix6=None) -> NodeRow:
+                  exit_node: int | None, wall: float, prefix4=None, prefix6=None, tags: tuple = ()) -> NodeRow:
         """A new plain peer with mesh addresses from the node pool. Raises ValueError (one line, naming the
         value) for a bad or taken name, a key already in the mesh, a target or exit node that is no node."""
         nm = normalize_name(name)
         if nm is None:
             raise ValueError(f"bad name {name!r} (letters, digits and '-')")
+        tags = policy.check_tags(tags)
         with self._tx():
             if self._exists("name", nm):
                 raise ValueError(f"name {nm!r} is taken")
@@ -450,10 +457,10 @@ class SqliteStore:
             if isinstance(addrs, registry.Refuse):
                 raise ValueError(addrs.message)
             cur = self.db.execute(
-                "INSERT INTO nodes(pubkey, name, ipv4, ipv6, created, kind, private_key, targets, exit_node) "
-                "VALUES(?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO nodes(pubkey, name, ipv4, ipv6, created, kind, private_key, targets, exit_node, tags) "
+                "VALUES(?,?,?,?,?,?,?,?,?,?)",
                 (public_key, nm, str(addrs[0]), str(addrs[1]), wall, api.PLAIN, private_key, json.dumps(targets),
-                 exit_node))
+                 exit_node, json.dumps(list(tags))))
             self._log(api.JOIN, public_key, cur.lastrowid)
             return self.get_node(public_key)
 
@@ -555,6 +562,19 @@ class SqliteStore:
                 raise ValueError(f"node {node_id} has no route {prefix}")
             return self._decide_route(node_id, prefix, False)
 
+    def set_tags(self, node_id: int, tags: tuple) -> NodeRow:
+        """A node's or plain peer's tags (checked: policy.check_tags) replace its tags; a TAGS change when they
+        changed. Raises ValueError for no such node."""
+        tags = policy.check_tags(tags)
+        with self._tx():
+            row = self.db.execute("SELECT pubkey, tags, tag FROM nodes WHERE id=?", (node_id,)).fetchone()
+            if row is None:
+                raise ValueError(f"no node {node_id}")
+            if _tags(row[1], row[2]) != tags:
+                self.db.execute("UPDATE nodes SET tags=? WHERE id=?", (json.dumps(list(tags)), node_id))
+                self._log(api.TAGS, bytes(row[0]), node_id)
+            return self.get_node(bytes(row[0]))
+
     def touch(self, key: bytes, wall: float) -> None:
         with self._tx():
             if self.db.execute("UPDATE nodes SET last_seen=? WHERE pubkey=?", (wall, key)).rowcount:
@@ -616,6 +636,17 @@ def restore_copy(backup: str, dest: str) -> None:
             src.close()
     except sqlite3.Error as exc:
         raise StoreError(f"{backup}: cannot restore: {exc}") from None
+
+
+def _tags(stored, invite_tag) -> tuple:
+    """A row's tags: the stored list, or (never set) its invite's tag."""
+    if stored is None:
+        return policy.stored_tags(invite_tag)
+    try:
+        value = json.loads(stored)
+    except ValueError:
+        return ()
+    return policy.stored_tags(",".join(t for t in value if isinstance(t, str))) if isinstance(value, list) else ()
 
 
 def _invite_row(row) -> InviteRow:

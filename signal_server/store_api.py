@@ -48,6 +48,8 @@ class NodeRow:
     # whether it is an advertised and approved exit node: what its peers route through it.
     routes: tuple = ()
     is_exit: bool = False
+    # Its tags (issue 13; policy.py): the invite's tag at join, then what `meshwg-signal nodes tag/untag` made them.
+    tags: tuple = ()
 
     def live(self, wall: float) -> bool:
         """Not expired at wall-clock time `wall`."""
@@ -58,9 +60,10 @@ class NodeRow:
 JOIN, READMIT, RENAME, EXPIRE, REMOVE, TOUCH = "join", "readmit", "rename", "expire", "remove", "touch"
 INVITE, META = "invite", "meta"
 ROUTES = "routes"  # a node's advertised routes or their approval changed (its row's routes/is_exit)
+TAGS = "tags"  # a node's or plain peer's tags changed
 NODE, PLAIN = "node", "plain"  # NodeRow.kind
 RESYNC = "resync"  # the reader missed pruned changes: re-read every node once
-NODE_KINDS = frozenset({JOIN, READMIT, RENAME, EXPIRE, REMOVE, ROUTES})  # what peers or the relay see changed
+NODE_KINDS = frozenset({JOIN, READMIT, RENAME, EXPIRE, REMOVE, ROUTES, TAGS})  # what peers or the relay see changed
 KINDS = NODE_KINDS | {TOUCH, INVITE, META, RESYNC}
 
 
@@ -112,10 +115,11 @@ class Store(Protocol):
     def expire(self, node_id: int, when: float) -> None: ...
     def remove(self, node_id: int, wall: float) -> bool: ...
     def touch(self, key: bytes, wall: float) -> None: ...
+    def set_tags(self, node_id: int, tags: tuple) -> NodeRow: ...
 
     # --- plain WireGuard peers (rows of the node table with kind PLAIN; remove() removes them too)
     def add_plain(self, name: str, public_key: bytes, private_key: bytes | None, targets: list[int],
-                  exit_node: int | None, wall: float, prefix4=None, prefix6=None) -> NodeRow: ...
+                  exit_node: int | None, wall: float, prefix4=None, prefix6=None, tags: tuple = ()) -> NodeRow: ...
     def list_plain(self) -> list[NodeRow]: ...
     def set_plain_key(self, node_id: int, public_key: bytes, private_key: bytes | None) -> NodeRow: ...
 

@@ -67,7 +67,7 @@ def invited(store):
 
 def test_is_a_store(store):
     assert isinstance(store, api.Store)
-    assert store.schema_version() == 4
+    assert store.schema_version() == 5
 
 
 def test_identity_is_created_once_and_kept(backend):

@@ -30,7 +30,7 @@ def test_an_old_database_is_upgraded_and_keeps_its_rows(tmp_path):
     path = str(tmp_path / "old.db")
     old_database(path)
     st = SqliteStore(path)
-    assert st.schema_version() == 4 and not st.created_identity
+    assert st.schema_version() == 5 and not st.created_identity
     assert st.server_private_key() == SERVER_KEY
     assert [(n.node_id, n.key, n.name) for n in st.list_nodes()] == [(1, KEY_A, "alpha"), (2, KEY_B, "bravo")]
     assert [i.invite_id for i in st.list_invites()] == ["inv"]
@@ -41,7 +41,7 @@ def test_an_old_database_is_upgraded_and_keeps_its_rows(tmp_path):
     assert (change.kind, change.key, change.node_id) == ("rename", KEY_B, 2)
     st.close()
     again = SqliteStore(path)  # opening again changes nothing
-    assert again.schema_version() == 4 and again.get_node(KEY_B).name == "charlie"
+    assert again.schema_version() == 5 and again.get_node(KEY_B).name == "charlie"
     again.close()
 
 
@@ -73,7 +73,7 @@ def test_a_schema_2_database_gets_plain_peers_and_keeps_its_nodes_and_feed(tmp_p
     db.commit()
     db.close()
     st = SqliteStore(path)
-    assert st.schema_version() == 4
+    assert st.schema_version() == 5
     assert [(n.node_id, n.key, n.name, n.kind, n.private_key, n.targets, n.exit_node) for n in st.list_nodes()] == [
         (1, KEY_A, "alpha", "node", None, (), None), (2, KEY_B, "bravo", "node", None, (), None)]
     assert st.list_plain() == [] and st.change_head() == 1
@@ -84,7 +84,7 @@ def test_a_schema_2_database_gets_plain_peers_and_keeps_its_nodes_and_feed(tmp_p
     assert [(c.kind, c.key, c.node_id) for c in changes] == [("join", b"p" * 32, 3)]
     st.close()
     again = SqliteStore(path)  # opening again changes nothing
-    assert again.schema_version() == 4 and again.list_plain() == [phone]
+    assert again.schema_version() == 5 and again.list_plain() == [phone]
     again.close()
 
 
@@ -109,7 +109,7 @@ def test_a_schema_3_database_gets_routes_and_keeps_its_nodes_plain_peers_and_inv
     db.commit()
     db.close()
     st = SqliteStore(path)
-    assert st.schema_version() == 4
+    assert st.schema_version() == 5
     nodes = st.list_nodes()
     assert [(n.node_id, n.name, n.kind, n.targets, n.exit_node, n.routes, n.is_exit) for n in nodes] == [
         (1, "alpha", "node", (), None, (), False), (2, "bravo", "node", (), None, (), False),
@@ -122,5 +122,5 @@ def test_a_schema_3_database_gets_routes_and_keeps_its_nodes_plain_peers_and_inv
     assert [(c.kind, c.key, c.node_id) for c in changes] == [("routes", KEY_A, 1)] * 2
     st.close()
     again = SqliteStore(path)  # opening again changes nothing
-    assert again.schema_version() == 4 and again.get_node(KEY_A).routes == ("192.168.1.0/24",)
+    assert again.schema_version() == 5 and again.get_node(KEY_A).routes == ("192.168.1.0/24",)
     again.close()
