@@ -25,7 +25,7 @@ PURE_MODULES = (
     "meshwg/counters.py", "meshwg/control/events.py", "signal_server/store_api.py",
     "signal_server/conn_limits.py", "signal_server/directory.py", "signal_server/invites.py", "signal_server/ipam.py",
     "signal_server/registry.py", "signal_server/control_core.py", "signal_server/routes.py",
-    "signal_server/plain_ingress.py", "signal_server/plain_config.py",
+    "signal_server/plain_ingress.py", "signal_server/plain_config.py", "signal_server/policy.py",
     "signal_server/punch.py", "signal_server/ratelimit.py", "signal_server/relay.py", "signal_server/stun_responder.py",
 )
 # Shells whose docstrings mention the pure code they drive, not modules that claim to be pure.
