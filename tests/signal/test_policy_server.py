@@ -224,3 +224,23 @@ async def test_serve_cli_passes_the_policy_file(tmp_path):
     args = cli.build_parser().parse_args(["serve", "--policy", "/etc/p.toml"])
     args.db = "x"
     assert cli.server_config(args, True).policy == "/etc/p.toml"
+
+
+async def test_plain_peers_fall_under_the_policy_and_the_ingress_targets_follow(nursery, tmp_path, capsys):
+    h, path, nodes, rows = await policy_mesh(nursery, tmp_path, plain_udp=("127.0.0.1", 0))
+    a, b = nodes["a"], nodes["b"]
+    code, _, err = await run_cli(capsys, h, "plain", "add", "phone", "--to", "a", "--to", "b", "--tag", "family")
+    assert code == 0, err
+    [phone] = h.admin.list_plain()
+    assert phone.tags == ("family",)
+    code, out, _ = await run_cli(capsys, h, "plain", "list")
+    assert out.splitlines()[1].endswith(" family")
+    await wait_until(lambda: h.server.directory.plain)
+    assert not h.server.plain.targets  # no rule: the plain port routes to nobody
+    write(path, "[[rule]]\nfrom = ['tag:family']\nto = ['a']\nports = ['tcp:22']\n")
+    await within_1s(lambda: phone.key in a.entries and set(h.server.plain.targets) == {a.key})
+    assert a.entries[phone.key]["accept"] == [[6, 22, 22, own(rows["a"])[0]], [6, 22, 22, own(rows["a"])[1]]]
+    assert a.entries[phone.key]["tags"] == ["family"] and not heard_of(b, phone.key)
+    write(path, "[[rule]]\nfrom = ['b']\nto = ['phone']\n")  # b may reach it: b sees it, the ingress has no target
+    await within_1s(lambda: phone.key in b.entries and phone.key not in a.entries and not h.server.plain.targets)
+    assert b.entries[phone.key]["accept"] == []

@@ -124,3 +124,42 @@ def test_a_schema_3_database_gets_routes_and_keeps_its_nodes_plain_peers_and_inv
     again = SqliteStore(path)  # opening again changes nothing
     assert again.schema_version() == 5 and again.get_node(KEY_A).routes == ("192.168.1.0/24",)
     again.close()
+
+
+# Schema 4 (subnet routes), as that code created it, copied verbatim.
+SCHEMA_4 = SCHEMA_3 + """
+CREATE TABLE IF NOT EXISTS routes (
+  node_id INTEGER NOT NULL, prefix TEXT NOT NULL, advertised INTEGER NOT NULL DEFAULT 0, approved INTEGER,
+  PRIMARY KEY (node_id, prefix));
+ALTER TABLE invites ADD COLUMN auto_routes TEXT;
+"""
+
+
+def test_a_schema_4_database_gets_tags_from_its_invite_tags(tmp_path):
+    path = str(tmp_path / "v4.db")
+    old_database(path)
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA_4)
+    db.execute("INSERT INTO meta(k, v) VALUES('schema_version', 4)")
+    db.execute("UPDATE nodes SET tag='home' WHERE id=1")  # alpha joined with an invite tagged home
+    db.execute("UPDATE nodes SET tag='Not A Tag' WHERE id=2")  # free text the old code took: no tag now
+    db.commit()
+    db.close()
+    st = SqliteStore(path)
+    assert st.schema_version() == 5
+    assert [(n.name, n.tag, n.tags) for n in st.list_nodes()] == [("alpha", "home", ("home",)),
+                                                                 ("bravo", "Not A Tag", ())]
+    head = st.change_head()
+    assert st.set_tags(1, ("home", "server")).tags == ("home", "server")
+    assert st.set_tags(1, ("home", "server")).tags == ("home", "server")  # unchanged: no change record
+    assert st.set_tags(2, ()).tags == ()
+    changes, _ = st.changes_since(head)
+    assert [(c.kind, c.key, c.node_id) for c in changes] == [("tags", KEY_A, 1)]
+    with pytest.raises(ValueError, match="bad tag"):
+        st.set_tags(1, ("UPPER",))
+    with pytest.raises(ValueError, match="no node 9"):
+        st.set_tags(9, ("x",))
+    st.close()
+    again = SqliteStore(path)
+    assert again.schema_version() == 5 and again.get_node(KEY_A).tags == ("home", "server")
+    again.close()
