@@ -264,14 +264,39 @@ class Directory:
         if self.acl is None:
             return node.packed()
         me = self.nodes[sub]
-        template = self.acl.view(self._cls(me), self._cls(node)).template
+        return node.with_accept(self._accept_field(me, self.acl.view(self._cls(me), self._cls(node)).template))
+
+    def _accept_field(self, me: Node, template: tuple) -> bytes:
         field = me._accept.get(template)
         if field is None:
             if len(me._accept) >= MAX_ACCEPT_CACHE:
                 me._accept.clear()
             field = msgpack.packb("accept") + msgpack.packb(acl_policy.expand(template, (f"{me.ipv4}/32", f"{me.ipv6}/128")))
             me._accept[template] = field
-        return node.with_accept(field)
+        return field
+
+    def _entries_under_policy(self, sub: bytes, keys) -> tuple[list[bytes], list[bytes]]:
+        """(entries, removals) of `keys` for `sub` under the policy: one view per peer class, not per peer (a
+        policy change sends a subscriber hundreds of entries of a few classes)."""
+        me = self.nodes[sub]
+        mc, gen, view = self._cls(me), self._gen, self.acl.view
+        per_class: dict = {}
+        ups, rems = [], []
+        for k in keys:
+            n = self.nodes.get(k)
+            if n is None or k == sub or (n.kind == PLAIN and not (me.kind != PLAIN and me.node_id in n.targets)):
+                rems.append(k)
+                continue
+            pc = n._cls if n._gen == gen else self._cls(n)
+            field = per_class.get(pc)
+            if field is None:
+                v = view(mc, pc)
+                field = per_class[pc] = self._accept_field(me, v.template) if v.visible else b""
+            if field:
+                ups.append(n.with_accept(field))
+            else:
+                rems.append(k)
+        return ups, rems
 
     def _mark(self, key: bytes, *states: Node | None) -> None:
         """Dirty for each subscriber that may see one of the node's states (before or after the change): it
@@ -286,6 +311,8 @@ class Directory:
     def subscribe(self, sub: bytes) -> list[bytes]:
         """Start tracking changes for sub; returns the full snapshot (packed entries, sub excluded)."""
         self._dirty[sub] = set()
+        if self.acl is not None and sub in self.nodes:
+            return self._entries_under_policy(sub, [k for k in self.nodes if k != sub])[0]
         return [self.entry_for(sub, n) for k, n in self.nodes.items() if k != sub and self.visible(sub, n)]
 
     def unsubscribe(self, sub: bytes) -> None:
@@ -300,6 +327,8 @@ class Directory:
         if not dirty:
             return [], []
         self._dirty[sub] = set()
+        if self.acl is not None and sub in self.nodes:
+            return self._entries_under_policy(sub, dirty)
         ups, rems = [], []
         for k in dirty:
             n = self.nodes.get(k)

@@ -6,6 +6,13 @@ generator's own CPU does not dominate the measurement). Reports:
   join phase duration, time to convergence after the last join (every node sees every other online),
   endpoint change propagation (one node reports new candidates; time until all others see them),
   server RSS and CPU time.
+
+--policy (issue 13): the server runs with an access policy file; nodes join with tagged invites (ops, web/db and
+one of ten teams). After convergence the benchmark rewrites the file and measures, for each change, the time from
+the write until every node's directory (visible peers and each one's "accept" list) equals what the policy says
+(computed here with signal_server.policy): the 20-rule policy replacing a one-rule one (every accept list
+changes), one rule's ports (the entries of the ten ops nodes change at every other node), the allow-all rule
+removed (most peers hidden) and put back (revealed).
 """
 
 from __future__ import annotations
@@ -30,20 +37,34 @@ from signal_proc import SignalProcess, free_port
 MARK_NET = "192.0.2."  # endpoint changes are reported in TEST-NET-1 (a kind a node may claim: "local")
 
 
-class SimNode:
-    __slots__ = ("conn", "key", "online", "cands", "converged_at", "seen", "n")
+_INTERN: dict = {}  # accept lists as tuples, one object per distinct list (a million entries share a few)
 
-    def __init__(self, conn, key, n):
-        self.conn, self.key, self.n = conn, key, n
+
+def _accept_of(e):
+    acc = e.get("accept")
+    if acc is None:
+        return None
+    t = tuple(tuple(x) for x in acc)
+    return _INTERN.setdefault(t, t)
+
+
+class SimNode:
+    __slots__ = ("conn", "key", "online", "cands", "converged_at", "seen", "n", "index", "acc", "updated")
+
+    def __init__(self, conn, key, n, index=0):
+        self.conn, self.key, self.n, self.index = conn, key, n, index
         self.online: set = set()
         self.cands: dict = {}
         self.converged_at = None
         self.seen: dict = {}  # marker -> time first seen
+        self.acc: dict = {}  # peer key -> its accept list (tuple) or None: the directory as the policy shapes it
+        self.updated = 0.0  # when the directory last changed
 
     def apply(self, raw_entries, removes, now):
         for raw in raw_entries:
             e = msgpack.unpackb(raw, raw=False)
             k = e["key"]
+            self.acc[k] = _accept_of(e)
             if e["online"]:
                 self.online.add(k)
             else:
@@ -53,6 +74,8 @@ class SimNode:
                     self.seen[c[1]] = now
         for k in removes:
             self.online.discard(k)
+            self.acc.pop(k, None)
+        self.updated = now
         if self.converged_at is None and len(self.online) == self.n - 1:
             self.converged_at = now
 
@@ -71,6 +94,7 @@ class SimNode:
                     if t == P.T_DIR_FULL:
                         if m.get("first"):
                             self.online.clear()
+                            self.acc.clear()
                         self.apply(m["peers"], (), now)
                     elif t == P.T_DIR_UPDATE:
                         self.apply(m["upsert"], m["remove"], now)
@@ -79,7 +103,86 @@ class SimNode:
                 await conn.heartbeat()
 
 
-async def bench(args, invite_text, server_pid):
+# --- --policy: tags, the policy texts, and what each node should see
+
+TEAMS = 10
+
+
+def node_tags(i: int) -> tuple:
+    return ("ops" if i % 100 == 0 else "web" if i % 2 else "db", f"t{i % TEAMS}")
+
+
+ALLOW_ALL = "[[rule]]\nfrom = ['*']\nto = ['*']\nports = ['icmp']\n"
+
+
+def policy_text(allow_all: bool = True, ops_ports=("tcp:22",)) -> str:
+    """20 rules (19 without the allow-all one): ops reach everyone, web reaches db, teams reach their own and
+    seven of them the web tier."""
+    q = lambda xs: "[" + ", ".join(f"'{x}'" for x in xs) + "]"  # noqa: E731
+    rules = [ALLOW_ALL] if allow_all else []
+    rules.append(f"[[rule]]\nfrom = ['tag:ops']\nto = ['*']\nports = {q(ops_ports)}\n")
+    rules.append("[[rule]]\nfrom = ['tag:web']\nto = ['tag:db']\nports = ['tcp:5432']\n")
+    rules += [f"[[rule]]\nfrom = ['tag:t{k}']\nto = ['tag:t{k}']\nports = ['tcp:8000-8100']\n" for k in range(TEAMS)]
+    rules += [f"[[rule]]\nfrom = ['tag:t{k}']\nto = ['tag:web']\nports = ['tcp:443', 'udp:443']\n" for k in range(7)]
+    return "\n".join(rules)
+
+
+def expected_views(text: str, nodes) -> dict:
+    """node key -> {peer key: accept tuple} as the policy says (per class pair, as the server evaluates it)."""
+    from signal_server import policy as pol
+
+    from meshwg.wg.crypto import dh_pub
+
+    acl = pol.Acl(pol.parse(text, "bench"))
+    pub = {x.key: dh_pub(x.key) for x in nodes}  # SimNode.key is its private key; entries name public keys
+    members = {pub[x.key]: pol.Member(pub[x.key], f"sim{x.index}", frozenset(node_tags(x.index)),
+                                      (f"{x.conn.welcome.ipv4}/32", f"{x.conn.welcome.ipv6}/128")) for x in nodes}
+    cls = {k: acl.class_of(m) for k, m in members.items()}
+    out = {}
+    for x in nodes:
+        me, mc, view = {}, cls[pub[x.key]], {}
+        for k, pc in cls.items():
+            if k == pub[x.key]:
+                continue
+            v = view.get(pc)
+            if v is None:
+                vw = acl.view(mc, pc)
+                t = tuple(tuple(e) for e in pol.expand(vw.template, members[pub[x.key]].addrs)) if vw.visible else False
+                v = view[pc] = _INTERN.setdefault(t, t) if t is not False else False
+            if v is not False:
+                me[k] = v
+        out[x.key] = me
+    return out
+
+
+async def policy_change(path: str, text: str, nodes) -> float:
+    """Write the policy; seconds until every node's directory is what it says (nan: not within 30 s)."""
+    want = expected_views(text, nodes)
+    t0 = time.monotonic()
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)  # an editor's atomic save: the server never reads half a file
+    pending = {x.key: x for x in nodes}
+    done_at = t0
+    with trio.move_on_after(30):
+        while pending:
+            for k, x in list(pending.items()):
+                if x.acc == want[k]:
+                    done_at = max(done_at, x.updated)
+                    del pending[k]
+            if pending:
+                await trio.sleep(0.01)
+    if pending:  # say how one node differs
+        x = next(iter(pending.values()))
+        w = want[x.key]
+        extra, missing = set(x.acc) - set(w), set(w) - set(x.acc)
+        wrong = [k for k in set(w) & set(x.acc) if w[k] != x.acc[k]]
+        print(f"  sim{x.index}: {len(pending)} nodes differ; e.g. {len(extra)} peers too many, {len(missing)} "
+              f"missing, {len(wrong)} accept lists differ" + (f" ({x.acc[wrong[0]]} != {w[wrong[0]]})" if wrong else ""))
+    return done_at - t0 if not pending else float("nan")
+
+
+async def bench(args, invite_text, server_pid, invites=None, policy_path=None):
     inv = parse_invite(invite_text)
     n = args.nodes
     nodes: list[SimNode] = []
@@ -92,11 +195,11 @@ async def bench(args, invite_text, server_pid):
             async with sem:
                 key = os.urandom(32)
                 t_j = time.monotonic()
-                conn = await ControlConnection.open(inv, key, name=f"sim{i}",
+                conn = await ControlConnection.open(invites[node_tags(i)] if invites else inv, key, name=f"sim{i}",
                                                     candidates=[("10.%d.%d.%d" % (i >> 16 & 255, i >> 8 & 255, i & 255), 51820, "local")],
                                                     timeout=60)
             lat.append(time.monotonic() - t_j)
-            node = SimNode(conn, key, n)
+            node = SimNode(conn, key, n, i)
             for m in conn._pending:  # frames that arrived with the welcome
                 if m["type"] == P.T_DIR_FULL:
                     node.apply(m["peers"], (), time.monotonic())
@@ -143,6 +246,19 @@ async def bench(args, invite_text, server_pid):
             f"median {statistics.median(props) * 1000:.0f} ms, max {max(props) * 1000:.0f} ms over {len(props)} changes"
             if props else "never"), flush=True)
 
+        policy_results = {}
+        if policy_path:
+            for label, text in (("load_20_rules", policy_text()),
+                                ("one_rule_ports", policy_text(ops_ports=("tcp:22", "tcp:8443"))),
+                                ("hide_allow_all_removed", policy_text(False, ("tcp:22", "tcp:8443"))),
+                                ("reveal_allow_all_back", policy_text(True, ("tcp:22", "tcp:8443")))):
+                cpu0 = cpu_seconds(server_pid)
+                took = await policy_change(policy_path, text, nodes)
+                policy_results[label + "_s"] = round(took, 3)
+                policy_results[label + "_server_cpu_s"] = round(cpu_seconds(server_pid) - cpu0, 2)
+                print(f"policy change {label}: every node's directory right after {took * 1000:.0f} ms", flush=True)
+                await trio.sleep(0.5)
+
         await trio.sleep(args.steady)  # heartbeats keep flowing
         result = {
             "nodes": n,
@@ -153,6 +269,7 @@ async def bench(args, invite_text, server_pid):
             "server_rss_mb_after_join": round(rss_after_join / 1024, 1),
             "server_rss_mb_end": round(rss_kb(server_pid) / 1024, 1),
             "server_cpu_s": round(cpu_seconds(server_pid), 2),
+            **policy_results,
         }
         nursery.cancel_scope.cancel()
     return result
@@ -167,18 +284,37 @@ def main(argv=None) -> int:
     ap.add_argument("--steady", type=float, default=3.0, help="seconds of steady state after the changes")
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--log-level", default="warning")
+    ap.add_argument("--policy", action="store_true", help="run with an access policy and measure policy changes")
     args = ap.parse_args(argv)
 
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * args.nodes + 256)), hard))
+    import tempfile
+
+    policy_dir = tempfile.mkdtemp(prefix="meshwg-bench-policy-") if args.policy else None
+    policy_path = os.path.join(policy_dir, "policy.toml") if policy_dir else None
+    if policy_path:
+        with open(policy_path, "w") as f:
+            f.write(ALLOW_ALL)  # valid with no node: tags are known once the invites exist
     with SignalProcess(["--udp", f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}", "--relay-tcp", "none",
+                        *(["--policy", policy_path] if policy_path else []),
                         "--heartbeat", str(args.heartbeat),
                         # every simulated node shares 127.0.0.1: one "source" here is the whole mesh
                         "--max-unauthenticated-per-source", str(args.nodes + 16),
                         "--accept-rate", str(max(10 * args.nodes, 10))],
                        log_level=args.log_level, nofile=min(hard, 4 * args.nodes + 256)) as srv:
-        result = trio.run(bench, args, srv.invite_text, srv.proc.pid)
+        invites = None
+        if policy_path:
+            addr = f"{srv.control[0]}:{srv.control[1]}"
+            combos = {node_tags(i) for i in range(args.nodes)}
+            invites = {c: parse_invite(srv.admin("invite", "create", "--reusable", "--tag", ",".join(c), "--addr",
+                                                 addr).strip().splitlines()[-1]) for c in combos}
+        result = trio.run(bench, args, srv.invite_text, srv.proc.pid, invites, policy_path)
         print(json.dumps(result, indent=2))
+    if policy_dir:
+        import shutil
+
+        shutil.rmtree(policy_dir, ignore_errors=True)
     return 0
