@@ -434,6 +434,25 @@ optional_dict(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t index, PyObjec
 
 static size_t put_cmsgs(char *control, size_t room, uint16_t segment, const struct local_source *src);
 
+enum { RECEIVE_RETRY, RECEIVE_STOP, RECEIVE_RAISE };
+
+/* After a failed recvmsg/recvmmsg (errno set): retry on EINTR; end the drain quietly when nothing more is there
+ * now, on an ICMP error queued on the socket (a peer gone, reported on the next read) or once datagrams were read
+ * (they go out first); else raise (the OSError is set). */
+static int
+receive_failed(Py_ssize_t have)
+{
+    if (errno == EINTR) {
+        return RECEIVE_RETRY;
+    }
+    if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ECONNREFUSED || errno == EHOSTUNREACH
+        || errno == ENETUNREACH || errno == EMSGSIZE || have > 0) {
+        return RECEIVE_STOP;
+    }
+    PyErr_SetFromErrno(PyExc_OSError);
+    return RECEIVE_RAISE;
+}
+
 /* ---- The node's relay path: relayed transport data on the batched path (issue 16) ----
  * A mesh peer that cannot be reached directly is reached through the signal server's UDP relay: every
  * datagram to it leaves as a SEND frame (MAGIC, T_SEND, our session token, its key, the datagram) and every
@@ -858,14 +877,13 @@ recv_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         };
         ssize_t n = recvmsg(fd, &msg, MSG_DONTWAIT);
         if (n < 0) {
-            if (errno == EINTR) {
+            int after = receive_failed(PyList_GET_SIZE(out));
+            if (after == RECEIVE_RETRY) {
                 continue;
             }
-            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ECONNREFUSED || errno == EHOSTUNREACH
-                || errno == ENETUNREACH || errno == EMSGSIZE || PyList_GET_SIZE(out) > 0) {
+            if (after == RECEIVE_STOP) {
                 break;
             }
-            PyErr_SetFromErrno(PyExc_OSError);
             goto fail;
         }
         Py_ssize_t segment = 0;
@@ -1013,24 +1031,7 @@ send_run(int fd, const struct sockaddr_storage *sa, socklen_t sa_len, struct iov
         char raw[CMSG_SPACE(sizeof(uint16_t)) + CMSG_SPACE(PKTINFO_MAX)];
         struct cmsghdr align;
     } control;
-    memset(&control, 0, sizeof control);
-    size_t used = 0;
-    if (count > 1) {
-        struct cmsghdr *c = (struct cmsghdr *)control.raw;
-        c->cmsg_level = SOL_UDP;
-        c->cmsg_type = UDP_SEGMENT;
-        c->cmsg_len = CMSG_LEN(sizeof segment);
-        memcpy(CMSG_DATA(c), &segment, sizeof segment);
-        used += CMSG_SPACE(sizeof segment);
-    }
-    if (source != NULL) {
-        struct cmsghdr *c = (struct cmsghdr *)(control.raw + used);
-        c->cmsg_level = source->level;
-        c->cmsg_type = source->type;
-        c->cmsg_len = CMSG_LEN(source->len);
-        memcpy(CMSG_DATA(c), source->info, source->len);
-        used += CMSG_SPACE(source->len);
-    }
+    size_t used = put_cmsgs(control.raw, sizeof control.raw, count > 1 ? segment : 0, source);
     struct msghdr msg = {
         .msg_name = (void *)sa, .msg_namelen = sa_len, .msg_iov = iov, .msg_iovlen = count,
         .msg_control = control.raw, .msg_controllen = used,
@@ -1810,14 +1811,13 @@ relay_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         int n = recvmmsg(fd, msgs, (unsigned int)want, MSG_DONTWAIT, NULL);
         if (n < 0) {
-            if (errno == EINTR) {
+            int after = receive_failed(PyList_GET_SIZE(out));
+            if (after == RECEIVE_RETRY) {
                 continue;
             }
-            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ECONNREFUSED || errno == EHOSTUNREACH
-                || errno == ENETUNREACH || errno == EMSGSIZE || PyList_GET_SIZE(out) > 0) {
+            if (after == RECEIVE_STOP) {
                 break;
             }
-            PyErr_SetFromErrno(PyExc_OSError);
             Py_DECREF(out);
             return NULL;
         }
