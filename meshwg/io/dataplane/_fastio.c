@@ -434,23 +434,18 @@ optional_dict(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t index, PyObjec
 
 static size_t put_cmsgs(char *control, size_t room, uint16_t segment, const struct local_source *src);
 
-enum { RECEIVE_RETRY, RECEIVE_STOP, RECEIVE_RAISE };
-
-/* After a failed recvmsg/recvmmsg (errno set): retry on EINTR; end the drain quietly when nothing more is there
- * now, on an ICMP error queued on the socket (a peer gone, reported on the next read) or once datagrams were read
- * (they go out first); else raise (the OSError is set). */
+/* After a failed recvmsg/recvmmsg (errno set, not EINTR): 1 ends the drain quietly (nothing more there now, an
+ * ICMP error queued on the socket, i.e. a peer gone, reported on the next read, or datagrams already read, which
+ * go out first); 0 raises (the OSError is set). */
 static int
-receive_failed(Py_ssize_t have)
+drain_ends_quietly(Py_ssize_t have)
 {
-    if (errno == EINTR) {
-        return RECEIVE_RETRY;
-    }
     if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ECONNREFUSED || errno == EHOSTUNREACH
         || errno == ENETUNREACH || errno == EMSGSIZE || have > 0) {
-        return RECEIVE_STOP;
+        return 1;
     }
     PyErr_SetFromErrno(PyExc_OSError);
-    return RECEIVE_RAISE;
+    return 0;
 }
 
 /* ---- The node's relay path: relayed transport data on the batched path (issue 16) ----
@@ -875,13 +870,12 @@ recv_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             .msg_name = &source, .msg_namelen = sizeof source, .msg_iov = &iov, .msg_iovlen = 1,
             .msg_control = control.raw, .msg_controllen = sizeof control.raw,
         };
-        ssize_t n = recvmsg(fd, &msg, MSG_DONTWAIT);
+        ssize_t n;
+        do {
+            n = recvmsg(fd, &msg, MSG_DONTWAIT);
+        } while (n < 0 && errno == EINTR);
         if (n < 0) {
-            int after = receive_failed(PyList_GET_SIZE(out));
-            if (after == RECEIVE_RETRY) {
-                continue;
-            }
-            if (after == RECEIVE_STOP) {
+            if (drain_ends_quietly(PyList_GET_SIZE(out))) {
                 break;
             }
             goto fail;
@@ -1809,13 +1803,12 @@ relay_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             msgs[k].msg_hdr.msg_control = control.raw[k];
             msgs[k].msg_hdr.msg_controllen = sizeof control.raw[k];
         }
-        int n = recvmmsg(fd, msgs, (unsigned int)want, MSG_DONTWAIT, NULL);
+        int n;
+        do {
+            n = recvmmsg(fd, msgs, (unsigned int)want, MSG_DONTWAIT, NULL);
+        } while (n < 0 && errno == EINTR);
         if (n < 0) {
-            int after = receive_failed(PyList_GET_SIZE(out));
-            if (after == RECEIVE_RETRY) {
-                continue;
-            }
-            if (after == RECEIVE_STOP) {
+            if (drain_ends_quietly(PyList_GET_SIZE(out))) {
                 break;
             }
             Py_DECREF(out);
