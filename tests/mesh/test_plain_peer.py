@@ -124,7 +124,12 @@ def ping_both_ways(lab):
 
 def handshake_and_ping(lab):
     """One step of protocol time, then a ping each way; both arrive. The node's core peer for the phone."""
-    peer = handshake_and_ping(lab)
+    lab.step(1.0)
+    to_node, to_phone = ping_both_ways(lab)
+    assert to_node == [ipv4_packet(PHONE_IP, NODE_IP, b"ping" * 10)]
+    assert to_phone == [ipv4_packet(NODE_IP, PHONE_IP, b"pong" * 10)]
+    peer = lab.node.core.peers[lab.phone_pk]
+    assert peer.last_handshake_wall is not None
     return peer
 
 
