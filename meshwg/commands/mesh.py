@@ -226,8 +226,9 @@ def _routing_text(r: dict) -> str:
 
 
 def format_status(st: dict) -> str:
+    tags = f"  tags {','.join(st['tags'])}" if st.get("tags") else ""
     lines = [f"{st['interface']}: {st['name']}  {', '.join(st['addresses']) or '(no address yet)'}  "
-             f"port {st['listen_port']}",
+             f"port {st['listen_port']}{tags}",
              f"  control: {_control_text(st['control'])}"
              f"  relay: {st['relay']['mode']}"
              + (f" ({st['relay']['latency_ms']} ms)" if st['relay'].get('latency_ms') is not None else ""),
@@ -239,6 +240,8 @@ def format_status(st: dict) -> str:
         lines.append(_routing_text(st["routing"]))
     if not st["peers"]:
         lines.append("  no peers")
+    # Access control (issue 13): once any peer has an accept list, every peer says what it may send us.
+    policy = any(p.get("accepts") is not None for p in st["peers"])
     for p in st["peers"]:
         if p.get("plain"):
             # A stock WireGuard device, never online itself: direct when it reaches our public endpoint.
@@ -249,7 +252,10 @@ def format_status(st: dict) -> str:
             path = f"relay ({p['relay_reason']})" if p.get("relay_reason") else "relay"
         offline = "" if p.get("online") or p.get("plain") else "  (offline)"
         mark = "  [exit node" + (", in use]" if p.get("exit_node_in_use") else "]") if p.get("exit_node") else ""
-        lines.append(f"  peer {p['name']}  {', '.join(p['addresses'])}{offline}{mark}")
+        ptags = f"  [tags {','.join(p['tags'])}]" if p.get("tags") else ""
+        lines.append(f"  peer {p['name']}  {', '.join(p['addresses'])}{offline}{mark}{ptags}")
+        if policy:
+            lines.append(f"    accepts: {p['accepts'] if p.get('accepts') is not None else 'all (no policy)'}")
         if p.get("routes"):
             refused = sorted(set(p["routes"]) - set(p.get("routed") or ()))
             lines.append(f"    routes: {', '.join(p['routes'])}"

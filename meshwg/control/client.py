@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import os
 import random
+import re
 import time
 
 import trio
@@ -73,8 +74,10 @@ def _peer_untrusted(raw) -> PeerInfo | None:
         if kind not in PEER_KINDS:  # a kind this node cannot handle safely (a newer server's): not a peer at all
             return None
         cands = P.candidates_untrusted(e.get("cand", [])) or []
+        accept, refused = entry_accept_untrusted(e["accept"]) if "accept" in e else (None, 0)
         return PeerInfo(e["key"], int(e["id"]), str(e["name"]), str(e["ipv4"]), str(e["ipv6"]), tuple(cands),
-                        bool(e["online"]), kind, entry_routes_untrusted(e.get("routes")), e.get("exit") is True)
+                        bool(e["online"]), kind, entry_routes_untrusted(e.get("routes")), e.get("exit") is True,
+                        accept, tags_untrusted(e.get("tags")), refused)
     except (KeyError, TypeError, ValueError, OverflowError):  # int(inf) is an OverflowError
         return None
 
@@ -99,6 +102,50 @@ def entry_routes_untrusted(value) -> tuple:
         if net.prefixlen and str(net) not in out:
             out.append(str(net))
     return tuple(out)
+
+
+MAX_ACCEPT_RULES = 64  # the server's cut (signal_server/policy.py MAX_ACCEPT); past it, rules are refused
+ACCEPT_PROTOS = (0, 1, 6, 17)  # any, icmp (and icmpv6), tcp, udp
+MAX_TAGS = 16
+_TAG = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
+
+
+def entry_accept_untrusted(value) -> tuple[tuple, int]:
+    """An entry's "accept" field (present) as ((proto, lo, hi, cidr text), ...) and how many rules were refused.
+    Fails closed: a bad rule is dropped alone (and counted), and a value that is no list at all is an empty list
+    (the peer may open nothing), never "no policy". Absent is the caller's None."""
+    if not isinstance(value, (list, tuple)):
+        return (), 1
+    out, refused = [], 0
+    for i, rule in enumerate(value):
+        parsed = _accept_rule_untrusted(rule) if i < MAX_ACCEPT_RULES else None
+        if parsed is None:
+            refused += 1
+        elif parsed not in out:
+            out.append(parsed)
+    return tuple(out), refused
+
+
+def _accept_rule_untrusted(rule) -> tuple | None:
+    if not isinstance(rule, (list, tuple)) or len(rule) != 4:
+        return None
+    proto, lo, hi, cidr = rule
+    if any(type(v) is not int for v in (proto, lo, hi)) or proto not in ACCEPT_PROTOS or not 0 <= lo <= hi <= 65535:
+        return None
+    if not isinstance(cidr, str) or len(cidr) > 64:
+        return None
+    try:
+        net = ipaddress.ip_network(cidr, strict=True)
+    except ValueError:
+        return None
+    return (proto, lo, hi, str(net))
+
+
+def tags_untrusted(value) -> tuple[str, ...]:
+    """A "tags" field as the tags that look like tags (the server's syntax), at most MAX_TAGS; anything else none."""
+    if not isinstance(value, (list, tuple)):
+        return ()
+    return tuple(dict.fromkeys(t for t in value[:MAX_TAGS] if isinstance(t, str) and _TAG.match(t)))
 
 
 class ControlConnection:
@@ -199,7 +246,7 @@ class ControlConnection:
                         int(msg["node_id"]), str(msg["name"]), str(msg["ipv4"]), str(msg["ipv6"]),
                         str(msg.get("prefix4", "")), str(msg.get("prefix6", "")), _addr_list(msg.get("stun")),
                         _addr_list(msg.get("relay_udp")), _addr_list(msg.get("relay_tcp")),
-                        float(msg.get("heartbeat", 10.0)), invite.server_key,
+                        float(msg.get("heartbeat", 10.0)), invite.server_key, tags_untrusted(msg.get("tags")),
                     )
                     return cls(stream, chan, sk, w, pending)
             data = await stream.receive_some(65536)

@@ -22,6 +22,7 @@ class Welcome:
     relay_tcp: tuple
     heartbeat: float
     server_key: bytes
+    tags: tuple = ()  # this node's own tags (issue 13), for `meshwg status`
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,13 @@ class PeerInfo:
     # route) and whether it is an approved exit node. What this node routes to it is meshwg.mesh.peer_entry's call.
     routes: tuple = ()
     exit_node: bool = False
+    # Access control (issue 13, /work/notes/acl-contract.md): what the peer may send to this node, as
+    # ((proto, lo, hi, cidr text), ...); None: no policy in force, accept everything (the field was absent);
+    # () : nothing new (replies to flows this node opened still pass). accept_refused: rules of the entry's list
+    # the client dropped as malformed (counted where the entry becomes a PeerSpec). tags: the peer's tags.
+    accept: tuple | None = None
+    tags: tuple[str, ...] = ()
+    accept_refused: int = 0
 
 
 PEER_KINDS = ("node", "plain")

@@ -40,6 +40,7 @@ Actions: SetAddresses(addresses)                   the interface's mesh addresse
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 from dataclasses import dataclass
@@ -180,13 +181,26 @@ def update_directory(peers: dict[bytes, PeerInfo], ev) -> bool:
         peers.update(ev.peers)
         return True
     if isinstance(ev, (PeerChanged, PunchNotice)):
-        if peers.get(ev.peer.key) == ev.peer:
+        peer = _punch_entry(peers, ev.peer) if isinstance(ev, PunchNotice) else ev.peer
+        if peers.get(peer.key) == peer:
             return False
-        peers[ev.peer.key] = ev.peer
+        peers[peer.key] = peer
         return True
     if isinstance(ev, PeerRemoved):
         return peers.pop(ev.key, None) is not None
     return False
+
+
+def _punch_entry(peers: dict[bytes, PeerInfo], p: PeerInfo) -> PeerInfo:
+    """A punch notice's entry with the directory's access control (issue 13): the notice is about where the peer
+    is, and the server packs it without "accept" (which would read as "no policy: accept all"). A peer the
+    directory does not hold while a policy is in force (some entry has an accept list) may open nothing."""
+    old = peers.get(p.key)
+    if old is not None:
+        return dataclasses.replace(p, accept=old.accept, tags=old.tags, accept_refused=old.accept_refused)
+    if p.accept is None and any(q.accept is not None for q in peers.values()):
+        return dataclasses.replace(p, accept=())
+    return p
 
 
 class AgentCore:

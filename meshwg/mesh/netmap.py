@@ -19,19 +19,23 @@ class PeerSpec:
     observed: tuple = ()           # (ip, port) the server saw the peer's socket at
     nat: str | None = None         # "endpoint-independent" / "endpoint-dependent" / None
     plain: bool = False            # a stock WireGuard device, reached through the relay only: no discovery
+    # What the peer may send us (issue 13): ((proto, lo, hi, cidr text), ...) sorted, compiled into its inbound
+    # filter in the core (meshwg.wg.acl); None: no policy, everything passes; (): replies to our flows only.
+    accept: tuple | None = None
 
     @staticmethod
     def make(key: bytes, name: str = "", addresses=(), candidates=(), observed=(), nat=None,
-             plain: bool = False) -> "PeerSpec":
+             plain: bool = False, accept=None) -> "PeerSpec":
         """Normalise user/directory input: networks parsed, tuples sorted and deduplicated. A plain peer has
         no candidates, observation or NAT kind: nothing of ours ever probes it."""
         nets = tuple(sorted({ipaddress.ip_network(a, strict=False) for a in addresses},
                             key=lambda n: (n.version, n)))
+        rules = None if accept is None else tuple(sorted({tuple(r) for r in accept}))
         if plain:
-            return PeerSpec(bytes(key), name, nets, plain=True)
+            return PeerSpec(bytes(key), name, nets, plain=True, accept=rules)
         cands = tuple(dict.fromkeys(tuple(c) for c in candidates))
         obs = tuple(dict.fromkeys(tuple(c) for c in observed))
-        return PeerSpec(bytes(key), name, nets, cands, obs, nat)
+        return PeerSpec(bytes(key), name, nets, cands, obs, nat, accept=rules)
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ class RouteChanges:
         return bool(self.add or self.remove)
 
 
-_FIELDS = ("name", "addresses", "candidates", "observed", "nat", "plain")
+_FIELDS = ("name", "addresses", "candidates", "observed", "nat", "plain", "accept")
 
 
 def diff(current: dict[bytes, PeerSpec], desired: dict[bytes, PeerSpec]) -> list:

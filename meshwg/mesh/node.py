@@ -240,6 +240,7 @@ class MeshNode:
         peer = self.core.add_peer(spec.key)
         peer.roaming = False  # the mesh layer moves endpoints, not the source of the last packet
         self.core.set_allowed_ips(peer, list(spec.addresses))
+        self.core.set_peer_accept(peer, spec.accept)
         if spec.plain:
             # The device answers from wherever it is: our public endpoint directly, or the relay's plain port
             # (its datagrams from RelayEndpoint(PLAIN_SOURCE), routed back by receiver index). WireGuard's
@@ -314,6 +315,8 @@ class MeshNode:
         peer = self.core.peers[new.key]  # the node is its core's one writer: a mesh peer is there
         if "addresses" in fields:
             self.core.set_allowed_ips(peer, list(new.addresses))
+        if "accept" in fields:   # the policy changed: recompiled now, in force from the next packet (issue 13)
+            self.core.set_peer_accept(peer, new.accept)
         if new.plain:
             return  # no discovery state: candidates, observation and NAT kind are always empty
         pp = self.paths[new.key]
@@ -709,7 +712,8 @@ class MeshNode:
     def component_counters(self) -> dict[str, collections.Counter]:
         """The node's and its discovery codec's counters, for meshwg.counters.merge (the core's are the
         device's to report: it serves the core)."""
-        return {"node": self.counters, "disco": counters.as_drops(self.codec.drops)}
+        return {"node": self.counters, "disco": counters.as_drops(self.codec.drops),
+                "acl": self.core.acl_counters}   # the peers' filters' flow tables (their drops are the core's)
 
     @property
     def drops(self) -> collections.Counter:

@@ -141,18 +141,21 @@ def peer_spec(p, policy: EntryPolicy, drops: collections.Counter | None = None, 
     if drops is None:
         drops = collections.Counter()
     addrs = _addresses(p, policy, drops)
+    accept = getattr(p, "accept", None)   # what the peer may send us (issue 13); None: no policy
+    if getattr(p, "accept_refused", 0):
+        drops["drop_peer_accept_rule"] += p.accept_refused
     if p.kind == "plain":
         if p.candidates:
             drops["drop_peer_candidate_plain"] += len(p.candidates)
         if routes is None:
             peer_routes(p, policy, drops)   # counted: a plain peer routes nothing
-        return PeerSpec.make(p.key, p.name, addrs, plain=True)
+        return PeerSpec.make(p.key, p.name, addrs, plain=True, accept=accept)
     addrs += peer_routes(p, policy, drops) if routes is None else list(routes)
     if exit_node and p.exit_node:
         addrs += DEFAULT_ROUTES
     cands, observed, nat = _candidates(p, policy, drops)
     # One observation: the server sets one, and a birthday attempt aims at one address.
-    return PeerSpec.make(p.key, p.name, addrs, cands, observed[:1], nat)
+    return PeerSpec.make(p.key, p.name, addrs, cands, observed[:1], nat, accept=accept)
 
 
 def peer_routes(p, policy: EntryPolicy, drops: collections.Counter) -> tuple:

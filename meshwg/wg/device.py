@@ -19,6 +19,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 
 from . import crypto, noise
+from .acl import PeerFilter
+from .acl import normalize as acl_normalize
 from .allowed_ips import AllowedIPs, Network
 from .constants import (
     COOKIE_REPLY_SIZE, DEFAULT_MTU, HANDSHAKE_INITIATION_RATE, INITIATION_MAC1_OFFSET, INITIATION_MAC2_OFFSET,
@@ -71,6 +73,8 @@ class WireGuardCore:
         self.mtu = mtu
         self.peers: dict[bytes, Peer] = {}
         self.drops: Counter[str] = Counter()
+        # The peers' packet filters' flow table events (meshwg.wg.acl: open_acl_flow, evict_acl_flow).
+        self.acl_counters: Counter[str] = Counter()
         self.private_key: bytes | None = None
         self.public_key: bytes | None = None
         self._checker = CookieChecker(random_bytes)
@@ -165,6 +169,17 @@ class WireGuardCore:
         for net in networks:
             self._allowed.insert(net, peer)
 
+    def set_peer_accept(self, peer: Peer, rules) -> None:
+        """What the peer may send us (issue 13): an accept list [(proto, lo, hi, cidr)] compiled into its inbound
+        filter (meshwg.wg.acl), or None for no policy (everything passes, no flow tracked). A new list keeps the
+        flows we opened; the same list again changes nothing. ValueError for a malformed list."""
+        if rules is None:
+            peer.acl = None
+        elif peer.acl is None:
+            peer.acl = PeerFilter(rules, self.acl_counters)
+        elif acl_normalize(rules) != peer.acl.rules:
+            peer.acl.set_rules(rules)
+
     def add_allowed_ip(self, peer: Peer, network: Network | str) -> None:
         self._allowed.insert(network, peer)
 
@@ -231,6 +246,8 @@ class WireGuardCore:
         if peer is None:
             self.drops["no_route"] += 1
             return
+        if peer.acl is not None:
+            peer.acl.note_out(packet, now)
         kp = peer.keypairs.current
         if (peer.staged or kp is None or now - kp.created >= REJECT_AFTER_TIME
                 or kp.send_counter >= REJECT_AFTER_MESSAGES):
@@ -404,7 +421,14 @@ class WireGuardCore:
         if src_owner is not peer:
             self.drops["source_not_allowed"] += 1
             return
-        self._tun.append(plain if length == size else plain[:length])
+        if length != size:
+            plain = plain[:length]
+        if peer.acl is not None:  # after the source check: the filter trusts the inner source (issue 13)
+            reason = peer.acl.check_in(plain, now)
+            if reason is not None:
+                self.drops[reason] += 1
+                return
+        self._tun.append(plain)
 
     def _roam(self, peer: Peer, addr: object) -> None:
         peer.endpoint = addr

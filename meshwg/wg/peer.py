@@ -31,6 +31,7 @@ class Peer:
         self.cookie = CookieGenerator(public_key)
         self.staged: deque[bytes] = deque(maxlen=MAX_STAGED_PACKETS)
         self.static_static: bytes | None = None  # DH(our static, peer static); None = unusable
+        self.acl = None  # its inbound filter (meshwg.wg.acl.PeerFilter); None: no policy, everything passes
         # Initiator handshake in flight.
         self.handshake_state: InitiatorState | None = None
         self.handshake_index: int | None = None

@@ -38,6 +38,7 @@ from meshwg.io.ipc import status_server
 from meshwg.io.agent.mesh_shell import MeshDevice, interface_cidrs
 from meshwg.io.oscfg.subnet_routes import SubnetRouting
 from meshwg.mesh import agent_core as A
+from meshwg.wg.acl import summary as acl_summary
 from meshwg.mesh import node as N
 from meshwg.mesh import routing as RT
 
@@ -58,7 +59,8 @@ class AgentError(Exception):
 def _peer_to_json(p) -> dict:
     return {"key": base64.b64encode(p.key).decode(), "id": p.node_id, "name": p.name, "ipv4": p.ipv4,
             "ipv6": p.ipv6, "candidates": [list(c) for c in p.candidates], "online": p.online, "kind": p.kind,
-            "routes": list(p.routes), "exit": p.exit_node}
+            "routes": list(p.routes), "exit": p.exit_node, "tags": list(p.tags),
+            **({} if p.accept is None else {"accept": [list(r) for r in p.accept]})}
 
 
 def _peer_from_json(d: dict):
@@ -67,11 +69,14 @@ def _peer_from_json(d: dict):
     kind = d.get("kind", "node")
     if kind not in CE.PEER_KINDS:
         return None
-    from meshwg.control.client import entry_routes_untrusted
+    from meshwg.control.client import entry_accept_untrusted, entry_routes_untrusted, tags_untrusted
 
+    # The accept list as the server sent it (absent: no policy), checked as an entry's (never allow-all if bad).
+    accept, refused = entry_accept_untrusted(d["accept"]) if "accept" in d else (None, 0)
     return CE.PeerInfo(base64.b64decode(d["key"]), int(d.get("id", 0)), str(d["name"]), str(d["ipv4"]),
                        str(d["ipv6"]), tuple(tuple(c) for c in d.get("candidates", [])), bool(d.get("online")), kind,
-                       entry_routes_untrusted(d.get("routes")), d.get("exit") is True)
+                       entry_routes_untrusted(d.get("routes")), d.get("exit") is True, accept,
+                       tags_untrusted(d.get("tags")), refused)
 
 
 def _peers_from_json(entries) -> tuple:
@@ -82,14 +87,20 @@ def _welcome_to_json(w) -> dict:
     return {"node_id": w.node_id, "name": w.name, "ipv4": w.ipv4, "ipv6": w.ipv6, "prefix4": w.prefix4,
             "prefix6": w.prefix6, "stun": [list(a) for a in w.stun], "relay_udp": [list(a) for a in w.relay_udp],
             "relay_tcp": [list(a) for a in w.relay_tcp], "heartbeat": w.heartbeat,
-            "server_key": base64.b64encode(w.server_key).decode()}
+            "server_key": base64.b64encode(w.server_key).decode(), "tags": list(w.tags)}
 
 
 def _welcome_from_json(d: dict):
     return CE.Welcome(int(d["node_id"]), str(d["name"]), str(d["ipv4"]), str(d["ipv6"]), str(d.get("prefix4", "")),
                       str(d.get("prefix6", "")), tuple(tuple(a) for a in d.get("stun", [])),
                       tuple(tuple(a) for a in d.get("relay_udp", [])), tuple(tuple(a) for a in d.get("relay_tcp", [])),
-                      float(d.get("heartbeat", 10.0)), base64.b64decode(d["server_key"]))
+                      float(d.get("heartbeat", 10.0)), base64.b64decode(d["server_key"]), _cached_tags(d.get("tags")))
+
+
+def _cached_tags(value) -> tuple:
+    from meshwg.control.client import tags_untrusted
+
+    return tags_untrusted(value)
 
 
 def cached_invite(cache: dict | None) -> Invite | None:
@@ -442,13 +453,15 @@ class Agent:
                 "exit_node_in_use": st["public_key"] == core.exit_key,
                 "routed": [str(n) for n in (core.specs.get(st["public_key"]).addresses
                                             if st["public_key"] in core.specs else ()) if n.prefixlen < n.max_prefixlen],
+                "tags": list(_info(core, st).tags),
+                "accepts": _accepts(node.specs.get(st["public_key"])),
             })
         rep = node.last_report
         w = core.welcome
         # By component: a drop reason two components count (the main and a birthday socket) shows under each.
         merged = counters.merge(dev.component_counters())
         return {
-            "interface": dev.name, "name": w.name if w else self.name,
+            "interface": dev.name, "name": w.name if w else self.name, "tags": list(w.tags) if w else [],
             "public_key": base64.b64encode(node.public_key).decode(),
             "addresses": list(dev.addresses), "listen_port": dev.port,
             "control": self._control_status(now),
@@ -493,6 +506,13 @@ class Agent:
 def _info(core, st: dict):
     """The directory entry of a status row (an empty one for a peer added by hand)."""
     return core.peers.get(st["public_key"]) or CE.PeerInfo(st["public_key"], 0, "", "", "", (), False)
+
+
+def _accepts(spec) -> str | None:
+    """What the node's filter lets the peer send us, as one short line (meshwg.wg.acl.summary); None: no policy."""
+    if spec is None or spec.accept is None:
+        return None
+    return acl_summary(spec.accept)
 
 
 def _online(peer) -> bool | None:

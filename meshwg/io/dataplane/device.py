@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import json
 import logging
 import os
 import time
@@ -26,6 +27,10 @@ from meshwg.wg.device import WireGuardCore
 
 log = logging.getLogger(__name__)
 MTU_POLL_INTERVAL = 2.0  # seconds; the MTU only shapes padding, so a change may take effect late
+# A benchmark knob (benchmarks/throughput --policy): a JSON accept list [[proto, lo, hi, cidr], ...] that every
+# peer of a plain device gets after each UAPI set (issue 13's filter, meshwg.wg.acl). The stock `wg` that configures
+# meshwg-tun has no field for one; unset (the default), no peer has a filter.
+DEBUG_ACCEPT_ENV = "MESHWG_DEBUG_ACCEPT"
 
 
 def new_core(tun: Tun, private_key: bytes | None = None) -> WireGuardCore:
@@ -49,6 +54,8 @@ class Device:
         self.listener = listener
         self.core = core or new_core(tun)
         self.writer = writer or CoreWriter(self.core)
+        text = os.environ.get(DEBUG_ACCEPT_ENV) if writer is None else None
+        self._debug_accept = json.loads(text) if text else None
         self.udp = UdpBind()
         self.udp.open(listen_port)
         self.driver = Driver(self.core if driven is None else driven, tun, self.udp, clock=clock,
@@ -174,6 +181,9 @@ class Device:
         # The writer first: a request it refuses (ValueError) changes nothing, the socket included. What it
         # queues (a keepalive turned on) leaves at the flush after the rebind, from the new socket.
         self.writer.apply_set_request(request, self.driver.clock())
+        if self._debug_accept is not None:
+            for peer in self.core.peers.values():
+                self.core.set_peer_accept(peer, self._debug_accept)
         if request.listen_port is not None or request.fwmark is not None:
             port = self.udp.port if request.listen_port is None else request.listen_port
             await self.driver.rebind(port, request.fwmark)
