@@ -140,6 +140,7 @@ class SqliteStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={synchronous}")
         self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.execute("PRAGMA secure_delete=ON")  # removed peers' private keys must not linger in free pages/WAL
         with self._tx():
             self._migrate(has_key)
             if not has_key:
