@@ -213,6 +213,8 @@ async def test_routes_mistakes_are_one_line_naming_the_value_exit_2(nursery, tmp
     mesh4 = str(h.server.prefix4)
     h.admin.meta_set("server_addrs", '["198.51.100.20"]')  # as a server reached at that address publishes it
     argv = [{"MESH4": mesh4, "SERVER": "198.51.100.0/24"}.get(a, a) for a in argv]
+    # The server's first publication of the nodes' public endpoints (a meta write) must not land in the CLI's run.
+    await wait_until(lambda: h.admin.meta_get(admin.PUBLIC_META) is not None)
     head, invites = h.admin.change_head(), len(h.admin.list_invites())
     code, out, err = await run_cli(capsys, h, *argv)
     assert code == 2 and out == ""
