@@ -158,9 +158,10 @@ class Agent:
         self.dev = MeshDevice(self.iface, key, listen_port=self.listen_port or cached_port, uapi_dir=self.uapi_dir,
                               on_local_endpoints=self._on_local_endpoints, clock=self.clock)
         self.core = A.AgentCore(self.dev.node, tuple(self.invite.addrs))
-        self.subnet = SubnetRouting(self.dev.name)
+        self.subnet = SubnetRouting(self.dev.name, self.state_dir)
         status = None
         try:
+            await trio.to_thread.run_sync(self.subnet.recover)   # first: undo what a crashed run left
             status = status_server.StatusListener(self.dev.name, self.status_dir)
             with trio.CancelScope() as self._cancel:
                 async with trio.open_nursery() as nursery:
@@ -367,7 +368,8 @@ class Agent:
         """Forwarding and masquerade as the choice says, the exit policy routing as the exit node in use says."""
         choice = self.core.routing
         apply = functools.partial(self.subnet.apply, forwarding=choice.advertising, masquerade=choice.snat,
-                                  exit_mark=self.fwmark if self.exit_name else None)
+                                  exit_mark=self.fwmark if self.exit_name else None, routes=choice.advertise,
+                                  advertise_exit=choice.advertise_exit)
         await trio.to_thread.run_sync(apply)
 
     async def _use_exit(self, key, name) -> None:

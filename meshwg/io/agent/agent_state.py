@@ -95,3 +95,29 @@ def load_routing(state_dir: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+# What the node changed on the host (issue 12: sysctls' original values, the nftables table, the exit policy
+# routing's mark), written before each change, so the next run undoes what a crash (SIGKILL, OOM) left behind.
+OS_UNDO_FILE = "os-undo.json"
+
+
+def save_os_undo(state_dir: str, undo: dict) -> None:
+    atomic_write(os.path.join(state_dir, OS_UNDO_FILE), json.dumps(undo, indent=1).encode())
+
+
+def load_os_undo(state_dir: str) -> dict | None:
+    """What a previous run left to undo, None if nothing (or an unreadable file: nothing can be trusted in it)."""
+    try:
+        with open(os.path.join(state_dir, OS_UNDO_FILE), "rb") as f:
+            data = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def remove_os_undo(state_dir: str) -> None:
+    try:
+        os.unlink(os.path.join(state_dir, OS_UNDO_FILE))
+    except FileNotFoundError:
+        pass
