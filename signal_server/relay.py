@@ -110,6 +110,9 @@ class RelayCore:
         self.byte_limit = KeyedLimiter(byte_rate, byte_rate * 2)
         self.total_limit = TokenBucket(total_rate, total_rate) if total_rate > 0 else None
         self.fast_updates: list | None = None  # see the module docstring
+        # The fast path's per-node budget, (key, size) -> bool, when there is one (FastRelay sets it): SENDs
+        # forwarded here spend the same buckets as the compiled path's, so mixing paths buys nothing.
+        self.node_charge = None
         # Per node key, spent only by HELLOs that authenticate: junk naming a key cannot use up its budget.
         self.hello_limit = KeyedLimiter(hello_rate, hello_rate * 4)
         # Per source, charged for every HELLO that fails; once empty, that source's HELLOs are dropped
@@ -301,7 +304,7 @@ class RelayCore:
         if len(packet) > W.MAX_PACKET:
             self.counters["drop_too_big"] += 1
             return []
-        if not self.pkt_limit.allow(s.key, now) or not self.byte_limit.allow(s.key, now, len(packet)):
+        if not self._node_allows(s.key, now, len(packet)):
             self.counters["drop_rate_limited"] += 1
             self.counters["drop_relay_node_limit"] += 1
             return []
@@ -320,6 +323,11 @@ class RelayCore:
         self.counters["forwarded_packets"] += 1
         self.counters["forwarded_bytes"] += len(packet)
         return [(s.recv_header + packet, peer.dest)]
+
+    def _node_allows(self, key: bytes, now: float, size: int) -> bool:
+        if self.node_charge is not None:
+            return self.node_charge(key, size)
+        return self.pkt_limit.allow(key, now) and self.byte_limit.allow(key, now, size)
 
     def _to_plain(self, node_key: bytes, packet: bytes, now: float) -> list[tuple[bytes, object]]:
         """A node's datagram for one of its plain peers: to the address the ingress learned for it."""

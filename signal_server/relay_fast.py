@@ -28,13 +28,23 @@ class FastRelay:
         self.table = fastio.relay_new(MAX_SESSIONS)
         self._limits = None
         relay.fast_updates = []
+        self._sync_limits()
+        relay.node_charge = self.charge  # one per-node budget for both paths (it lives in the table)
 
-    def sync(self) -> None:
-        """Sessions and limits as the core has them now (call before forwarding and after the core ran)."""
+    def _sync_limits(self) -> None:
         limits = self.relay.limits()
         if limits != self._limits:
             fastio.relay_limits(self.table, *map(float, limits))
             self._limits = limits
+
+    def charge(self, key: bytes, size: int) -> bool:
+        """RelayCore's per-node check for what it forwards itself (TCP, plain and table-less destinations)."""
+        self._sync_limits()
+        return fastio.relay_charge(self.table, key, float(size))
+
+    def sync(self) -> None:
+        """Sessions and limits as the core has them now (call before forwarding and after the core ran)."""
+        self._sync_limits()
         for op, arg in self.relay.pop_fast_updates():
             if op == "remove":
                 fastio.relay_remove(self.table, arg)

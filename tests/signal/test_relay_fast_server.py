@@ -11,6 +11,7 @@ from relay_node import UdpRelayNode as Node
 from sig_helpers import new_key, start_server, wait_until  # noqa: F401
 
 from meshwg.control import ControlConnection
+from meshwg.io.dataplane.fastio import fastio
 from meshwg.signaling import relay_wire as W
 from signal_server import cli
 
@@ -97,6 +98,29 @@ async def test_the_relay_node_rate_flag_cuts_a_node_to_about_its_rate(nursery, t
     delivered = got * len(packet)
     assert 500_000 <= delivered <= 900_000, delivered  # 500 kB burst + 250 kB/s for 1 s
     assert h.server.relay.counters["drop_relay_node_limit"] > 0
+    for c in conns:
+        await c.aclose()
+    h.admin.close()
+
+
+async def test_sends_the_core_forwards_itself_spend_the_same_per_node_budget(nursery, tmp_path):
+    """One budget per node whichever path its SENDs take: 6 SENDs forwarded in C, then (the destination gone
+    from the compiled table, as a scoped address or a full table leaves it) the core forwards the rest, out of
+    the 4 left of a burst of 10, not out of a fresh one."""
+    h = await start_server(nursery, tmp_path)
+    relay, fast = h.server.relay, h.server.relay_udp.fast
+    (a, b), conns = await pair(h)
+    await a.send(b.pub, b"warm-up")
+    assert await b.received() == [b"warm-up"]
+    relay.pkt_limit.rate, relay.pkt_limit.burst = 0.01, 10.0
+    for i in range(6):
+        await a.send(b.pub, b"c%d" % i)
+    assert len(await b.received()) == 6
+    fastio.relay_remove(fast.table, b.pub)  # B's RECVs now come from the core's own forwarding
+    for i in range(10):
+        await a.send(b.pub, b"p%d" % i)
+    got = await b.received()
+    assert len(got) == 4, len(got)
     for c in conns:
         await c.aclose()
     h.admin.close()

@@ -170,3 +170,63 @@ def test_many_sessions_come_and_go_and_each_stays_findable():
             assert fastio.relay_remove(table, k) == (i % 3 != 0)
     finally:
         server.close()
+
+
+def test_a_node_that_hellos_again_keeps_its_per_node_budget(net):
+    """A new session for the same key (relay_remove + relay_set, as the shell pushes a re-HELLO, or relay_set
+    alone) spends the key's buckets where the last one left them: 5 sessions in a second under a 10 packets/s,
+    burst 20 limit forward about 20 packets, not 5 fresh bursts (100)."""
+    server, a, b, c, table = net
+    to = server.getsockname()
+    fastio.relay_limits(table, 10.0, 20.0, 0.0, 0.0, 0.0, 0.0)
+    far = time.monotonic() + 60.0
+    forwarded = 0
+    start = time.monotonic()
+    for i in range(5):
+        token = b"%07d" % i + b"x"
+        if i % 2:
+            fastio.relay_remove(table, KA)
+        assert fastio.relay_set(table, token, KA, server.fileno(), a.getsockname(), far, None)
+        for _ in range(40):
+            a.sendto(W.encode_send(token, KB, b"p"), to)
+        assert forward(server, table) == []
+        forwarded += len(drain(b))
+    elapsed = time.monotonic() - start
+    assert forwarded <= 20 + 10 * elapsed + 2, (forwarded, elapsed)
+    assert forwarded >= 20
+
+
+def test_the_python_path_charges_the_same_per_node_budget(net):
+    """relay_charge (RelayCore's own forwarding) and the compiled SENDs spend one budget per key."""
+    server, a, b, c, table = net
+    to = server.getsockname()
+    fastio.relay_limits(table, 0.001, 5.0, 0.0, 0.0, 0.0, 0.0)
+    assert [fastio.relay_charge(table, KA, 100.0) for _ in range(7)] == [True] * 5 + [False] * 2
+    for _ in range(3):
+        a.sendto(W.encode_send(TA, KB, b"p"), to)
+    assert forward(server, table) == []
+    assert drain(b) == []  # the Python path spent it all
+    assert fastio.relay_take_counters(table)[2] == 3
+    for _ in range(3):
+        b.sendto(W.encode_send(TB, KA, b"q"), to)
+    assert forward(server, table) == []
+    assert len(drain(a)) == 3
+    assert [fastio.relay_charge(table, KB, 1.0) for _ in range(3)] == [True, True, False]  # 3 of 5 spent in C
+
+
+def test_a_live_sessions_budget_survives_a_table_full_of_other_keys():
+    """The side table is bounded (2 budgets a session slot): keys without a session make room, never one a
+    session holds, so an exhausted node cannot get a fresh budget by churning other keys."""
+    server = udp()
+    try:
+        table = fastio.relay_new(2)
+        fastio.relay_limits(table, 0.001, 3.0, 0.0, 0.0, 0.0, 0.0)
+        assert fastio.relay_set(table, TA, KA, server.fileno(), ("127.0.0.1", 1), time.monotonic() + 60, None)
+        assert [fastio.relay_charge(table, KA, 1.0) for _ in range(4)] == [True] * 3 + [False]
+        for i in range(50):
+            assert fastio.relay_charge(table, os.urandom(32), 1.0)
+        assert not fastio.relay_charge(table, KA, 1.0)
+        with pytest.raises(TypeError):
+            fastio.relay_charge(table, KA[:31], 1.0)
+    finally:
+        server.close()

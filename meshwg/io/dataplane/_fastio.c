@@ -1195,7 +1195,12 @@ send_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  *     that session stays on the Python path.
  * relay_remove(table, key32) -> bool
  * relay_limits(table, node_pps, node_pkt_burst, node_bytes_s, node_byte_burst, total_bytes_s, total_burst)
- *     Per-session packet and byte buckets, one bucket for all forwarded bytes; a rate of 0: unlimited.
+ *     Per-node-key packet and byte buckets, one bucket for all forwarded bytes; a rate of 0: unlimited.
+ *     A key's buckets outlive its sessions (kept in a bounded side table), so a node that HELLOs again does
+ *     not start over with a full burst.
+ * relay_charge(table, key32, size) -> bool
+ *     Takes one packet of `size` bytes from the key's buckets (the ones its fast-path SENDs spend): RelayCore
+ *     charges its own forwarding here, so a node has one budget whichever path its SENDs take.
  * relay_forward(table, fd, limit[, sources]) -> list[(bytes, (host, port))]   (the datagrams for Python)
  * relay_take_counters(table) -> (forwarded_packets, forwarded_bytes, drop_node_limit, drop_total_limit,
  *                                send_errors, send_would_block): counts since the last call.
@@ -1227,6 +1232,15 @@ struct relay_session {
     socklen_t addr_len;
     struct local_source source;  /* len 0: the kernel chooses */
     double expires;
+    int32_t budget;              /* its key's entry in budgets */
+};
+
+/* A node key's per-node buckets: kept across that key's sessions, freed only when the table is full of keys
+ * (one no session holds, refilled if any: forgetting it then forgets nothing). */
+struct relay_budget {
+    int used;
+    unsigned char key[RELAY_KEY_LEN];
+    int32_t session;             /* -1: none in the table */
     struct relay_bucket pkts, bytes;
 };
 
@@ -1242,6 +1256,10 @@ struct relay_table {
     int32_t *by_token, *by_key;    /* session numbers, -1: empty (linear probing) */
     int32_t *free_list;
     Py_ssize_t n_free;
+    Py_ssize_t max_budgets, bcap;  /* 2 * max_sessions: there is always one no session holds */
+    struct relay_budget *budgets;
+    int32_t *by_budget, *budget_free;
+    Py_ssize_t n_budget_free, hand;
     uint64_t seed;
     double node_pps, node_pkt_burst, node_bytes, node_byte_burst;
     struct relay_bucket total;
@@ -1304,14 +1322,23 @@ relay_hash(const struct relay_table *t, const unsigned char *bytes)
 static const unsigned char *
 index_field(const struct relay_table *t, const int32_t *index, int32_t n)
 {
+    if (index == t->by_budget) {
+        return t->budgets[n].key;
+    }
     return index == t->by_token ? t->sessions[n].token : t->sessions[n].key;
+}
+
+static Py_ssize_t
+index_mask(const struct relay_table *t, const int32_t *index)
+{
+    return (index == t->by_budget ? t->bcap : t->cap) - 1;
 }
 
 /* The slot holding the session whose field is `bytes`, or the empty slot where it would go. */
 static Py_ssize_t
 index_slot(const struct relay_table *t, const int32_t *index, const unsigned char *bytes, size_t len)
 {
-    Py_ssize_t mask = t->cap - 1, i = (Py_ssize_t)(relay_hash(t, bytes) & (uint64_t)mask);
+    Py_ssize_t mask = index_mask(t, index), i = (Py_ssize_t)(relay_hash(t, bytes) & (uint64_t)mask);
     while (index[i] >= 0 && memcmp(index_field(t, index, index[i]), bytes, len) != 0) {
         i = (i + 1) & mask;
     }
@@ -1328,7 +1355,7 @@ index_find(const struct relay_table *t, const int32_t *index, const unsigned cha
 static void
 index_delete(struct relay_table *t, int32_t *index, Py_ssize_t i)
 {
-    Py_ssize_t mask = t->cap - 1, j = i;
+    Py_ssize_t mask = index_mask(t, index), j = i;
     index[i] = -1;
     for (;;) {
         j = (j + 1) & mask;
@@ -1352,8 +1379,67 @@ session_remove(struct relay_table *t, int32_t n)
     struct relay_session *s = &t->sessions[n];
     index_delete(t, t->by_token, index_slot(t, t->by_token, s->token, RELAY_TOKEN_LEN));
     index_delete(t, t->by_key, index_slot(t, t->by_key, s->key, RELAY_KEY_LEN));
+    t->budgets[s->budget].session = -1;  /* the budget stays: the key's next session spends it on */
     s->used = 0;
     t->free_list[t->n_free++] = n;
+}
+
+static int
+bucket_full(const struct relay_bucket *b, double now)
+{
+    return b->rate <= 0 || b->tokens + (now - b->stamp) * b->rate >= b->burst;
+}
+
+/* Frees one budget that no session holds, a refilled one if there is one; 0 when none. */
+static int
+budget_evict(struct relay_table *t, double now)
+{
+    int32_t pick = -1;
+    for (Py_ssize_t k = 0; k < t->max_budgets; k++) {
+        int32_t n = (int32_t)((t->hand + k) % t->max_budgets);
+        const struct relay_budget *b = &t->budgets[n];
+        if (b->session >= 0) {
+            continue;
+        }
+        if (pick < 0) {
+            pick = n;
+        }
+        if (bucket_full(&b->pkts, now) && bucket_full(&b->bytes, now)) {
+            pick = n;
+            break;
+        }
+    }
+    if (pick < 0) {
+        return 0;
+    }
+    t->hand = (pick + 1) % t->max_budgets;
+    index_delete(t, t->by_budget, index_slot(t, t->by_budget, t->budgets[pick].key, RELAY_KEY_LEN));
+    t->budgets[pick].used = 0;
+    t->budget_free[t->n_budget_free++] = pick;
+    return 1;
+}
+
+/* The budget of `key`, made with full buckets when it has none; -1 when none can be freed. */
+static int32_t
+budget_for(struct relay_table *t, const unsigned char *key, double now)
+{
+    int32_t n = index_find(t, t->by_budget, key, RELAY_KEY_LEN);
+    if (n >= 0) {
+        return n;
+    }
+    if (t->n_budget_free == 0 && !budget_evict(t, now)) {
+        return -1;
+    }
+    n = t->budget_free[--t->n_budget_free];
+    struct relay_budget *b = &t->budgets[n];
+    memset(b, 0, sizeof *b);
+    b->used = 1;
+    memcpy(b->key, key, RELAY_KEY_LEN);
+    b->session = -1;
+    bucket_set(&b->pkts, t->node_pps, t->node_pkt_burst, now);
+    bucket_set(&b->bytes, t->node_bytes, t->node_byte_burst, now);
+    t->by_budget[index_slot(t, t->by_budget, key, RELAY_KEY_LEN)] = n;
+    return n;
 }
 
 static void
@@ -1367,6 +1453,9 @@ relay_table_free(PyObject *capsule)
     PyMem_Free(t->by_token);
     PyMem_Free(t->by_key);
     PyMem_Free(t->free_list);
+    PyMem_Free(t->budgets);
+    PyMem_Free(t->by_budget);
+    PyMem_Free(t->budget_free);
     PyMem_Free(t->buffers);
     PyMem_Free(t);
 }
@@ -1400,23 +1489,35 @@ relay_new(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     t->by_token = PyMem_Malloc((size_t)t->cap * sizeof(int32_t));
     t->by_key = PyMem_Malloc((size_t)t->cap * sizeof(int32_t));
     t->free_list = PyMem_Malloc((size_t)max * sizeof(int32_t));
+    t->max_budgets = 2 * max;
+    t->bcap = 2 * t->cap;
+    t->budgets = PyMem_Calloc((size_t)t->max_budgets, sizeof *t->budgets);
+    t->by_budget = PyMem_Malloc((size_t)t->bcap * sizeof(int32_t));
+    t->budget_free = PyMem_Malloc((size_t)t->max_budgets * sizeof(int32_t));
     t->buffers = PyMem_Malloc((size_t)RELAY_BATCH * RELAY_BUFFER);
     PyObject *capsule = PyCapsule_New(t, RELAY_CAPSULE, relay_table_free);
     if (capsule == NULL) {
-        PyMem_Free(t->sessions); PyMem_Free(t->by_token); PyMem_Free(t->by_key);
-        PyMem_Free(t->free_list); PyMem_Free(t->buffers); PyMem_Free(t);
+        PyMem_Free(t->sessions); PyMem_Free(t->by_token); PyMem_Free(t->by_key); PyMem_Free(t->free_list);
+        PyMem_Free(t->budgets); PyMem_Free(t->by_budget); PyMem_Free(t->budget_free);
+        PyMem_Free(t->buffers); PyMem_Free(t);
         return NULL;
     }
-    if (t->sessions == NULL || t->by_token == NULL || t->by_key == NULL || t->free_list == NULL || t->buffers == NULL) {
+    if (t->sessions == NULL || t->by_token == NULL || t->by_key == NULL || t->free_list == NULL || t->buffers == NULL
+        || t->budgets == NULL || t->by_budget == NULL || t->budget_free == NULL) {
         Py_DECREF(capsule);
         return PyErr_NoMemory();
     }
     memset(t->by_token, 0xff, (size_t)t->cap * sizeof(int32_t));
     memset(t->by_key, 0xff, (size_t)t->cap * sizeof(int32_t));
+    memset(t->by_budget, 0xff, (size_t)t->bcap * sizeof(int32_t));
     for (Py_ssize_t i = 0; i < max; i++) {
         t->free_list[i] = (int32_t)(max - 1 - i);
     }
     t->n_free = max;
+    for (Py_ssize_t i = 0; i < t->max_budgets; i++) {
+        t->budget_free[i] = (int32_t)(t->max_budgets - 1 - i);
+    }
+    t->n_budget_free = t->max_budgets;
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     t->seed = ((uint64_t)ts.tv_nsec << 32) ^ (uint64_t)ts.tv_sec ^ (uint64_t)(uintptr_t)t;
@@ -1482,7 +1583,9 @@ relay_set(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (old >= 0) {
         session_remove(t, old);
     }
-    if (t->n_free == 0) {
+    double now = monotonic_now();
+    int32_t budget = t->n_free > 0 ? budget_for(t, key, now) : -1;
+    if (budget < 0) {
         Py_RETURN_FALSE;
     }
     int32_t n = t->free_list[--t->n_free];
@@ -1496,9 +1599,8 @@ relay_set(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     s->addr_len = sa_len;
     s->source = source;
     s->expires = expires;
-    double now = monotonic_now();
-    bucket_set(&s->pkts, t->node_pps, t->node_pkt_burst, now);
-    bucket_set(&s->bytes, t->node_bytes, t->node_byte_burst, now);
+    s->budget = budget;
+    t->budgets[budget].session = n;
     t->by_token[index_slot(t, t->by_token, token, RELAY_TOKEN_LEN)] = n;
     t->by_key[index_slot(t, t->by_key, key, RELAY_KEY_LEN)] = n;
     Py_RETURN_TRUE;
@@ -1552,13 +1654,40 @@ relay_limits(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     t->node_bytes = v[2];
     t->node_byte_burst = v[3];
     bucket_set(&t->total, v[4], v[5], now);
-    for (Py_ssize_t i = 0; i < t->max_sessions; i++) {
-        if (t->sessions[i].used) {
-            bucket_set(&t->sessions[i].pkts, v[0], v[1], now);
-            bucket_set(&t->sessions[i].bytes, v[2], v[3], now);
+    for (Py_ssize_t i = 0; i < t->max_budgets; i++) {
+        if (t->budgets[i].used) {
+            bucket_set(&t->budgets[i].pkts, v[0], v[1], now);
+            bucket_set(&t->budgets[i].bytes, v[2], v[3], now);
         }
     }
     Py_RETURN_NONE;
+}
+
+/* One packet of `size` bytes from the key's budget; 0 when over it (the caller counts the drop). */
+static int
+budget_take(struct relay_table *t, int32_t n, double now, double size)
+{
+    struct relay_budget *b = &t->budgets[n];
+    return bucket_take(&b->pkts, now, 1.0) && bucket_take(&b->bytes, now, size);
+}
+
+static PyObject *
+relay_charge(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "relay_charge(table, key, size)");
+        return NULL;
+    }
+    struct relay_table *t = as_table(args[0]);
+    const unsigned char *key = t ? exact_bytes(args[1], RELAY_KEY_LEN, "key") : NULL;
+    double size = key ? PyFloat_AsDouble(args[2]) : -1.0;
+    if (key == NULL || (size == -1.0 && PyErr_Occurred())) {
+        return NULL;
+    }
+    double now = monotonic_now();
+    int32_t n = budget_for(t, key, now);
+    /* n < 0 cannot happen (twice as many budgets as sessions); refuse rather than go unlimited */
+    return PyBool_FromLong(n >= 0 && budget_take(t, n, now, size));
 }
 
 static PyObject *
@@ -1827,7 +1956,7 @@ relay_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             if (!failed && fast_pair(t, fd, data, len, &names[k], msgs[k].msg_hdr.msg_namelen, now, &from, &to)) {
                 struct relay_session *s = &t->sessions[from];
                 double size = (double)(len - RELAY_SEND_HEADER);
-                if (!bucket_take(&s->pkts, now, 1.0) || !bucket_take(&s->bytes, now, size)) {
+                if (!budget_take(t, s->budget, now, size)) {
                     t->drop_node++;
                     continue;
                 }
@@ -1899,6 +2028,8 @@ static PyMethodDef fastio_methods[] = {
     {"relay_remove", (PyCFunction)(void (*)(void))relay_remove, METH_FASTCALL, "relay_remove(table, key) -> bool"},
     {"relay_limits", (PyCFunction)(void (*)(void))relay_limits, METH_FASTCALL,
      "relay_limits(table, node_pps, node_pkt_burst, node_bytes_s, node_byte_burst, total_bytes_s, total_burst)"},
+    {"relay_charge", (PyCFunction)(void (*)(void))relay_charge, METH_FASTCALL,
+     "relay_charge(table, key, size) -> bool (within the key's per-node budget)"},
     {"relay_forward", (PyCFunction)(void (*)(void))relay_forward, METH_FASTCALL,
      "relay_forward(table, fd, limit[, sources]) -> list[(bytes, (host, port))] for Python"},
     {"relay_take_counters", (PyCFunction)(void (*)(void))relay_take_counters, METH_FASTCALL,
