@@ -151,6 +151,18 @@ def test_subnet_route_with_masquerade_and_exit_node_with_policy_routing():
         assert not connects(laptop, INET_HOST)
         assert laptop.status()["control"]["connected"] and laptop.ping(ip_home)
 
+        # home no longer an exit node: it forwards from the mesh only into its advertised route (forward chain),
+        # and laptop still reaches the LAN host through it
+        assert home.meshwg("set", "--advertise-exit-node", "off").returncode == 0
+        table = f"meshwg-{home.iface}"
+        wait_for(lambda: "ip daddr 10.77.0.0/24 accept" in home.ns.run("nft", "list", "table", "inet", table),
+                 timeout=5, what="home's forward filter")
+        assert "drop" in home.ns.run("nft", "list", "table", "inet", table)
+        assert connects(laptop, LAN_HOST)
+        assert home.meshwg("set", "--advertise-exit-node", "on").returncode == 0
+        wait_for(lambda: "hook forward" not in home.ns.run("nft", "list", "table", "inet", table),
+                 timeout=5, what="an exit node forwards everything again")
+
         # withdrawn at runtime on home: the route leaves laptop within the second
         assert home.meshwg("set", "--advertise-routes", "none").returncode == 0
         t0 = time.monotonic()
