@@ -444,7 +444,8 @@ def test_the_pair_table_is_bounded():
     assert ing.route_from_plain(transport(0x10000000), ("10.0.0.0", 1), now) is None  # the oldest went first
 
 
-def test_a_node_index_collision_replaces_the_older_pair():
+def test_a_node_index_collision_keeps_the_existing_pair():
+    """Another node's live pair holds the index: the newer response is refused, the older pair keeps working."""
     ing = PlainIngress()
     k1, k2 = (crypto.dh_pub(crypto.clamp(bytes(32 * [b]))) for b in (5, 6))
     ing.set_targets({k1, k2})
@@ -452,10 +453,138 @@ def test_a_node_index_collision_replaces_the_older_pair():
     assert ing.route_from_plain(fake_initiation(k1, 1), a, 0.0) == k1
     assert ing.route_from_plain(fake_initiation(k2, 2), b, 0.0) == k2
     assert ing.route_from_node(k1, fake_response(42, 1), 0.0) == a
-    assert ing.route_from_node(k2, fake_response(42, 2), 0.0) == b  # same node index from another node
-    assert ing.route_from_plain(transport(42), b, 0.0) == k2
-    assert ing.route_from_node(k1, transport(1), 0.0) is None
-    assert ing.pair_count == 1 and ing.counters["replace_pair"] == 1
+    assert ing.route_from_node(k2, fake_response(42, 2), 0.0) is None  # same node index from another node
+    assert ing.route_from_plain(transport(42), a, 0.0) == k1
+    assert ing.route_from_node(k1, transport(1), 0.0) == a
+    assert ing.pair_count == 1 and ing.counters["drop_node_index_taken"] == 1
+    # within one node a repeated response still replaces its own pair
+    assert ing.route_from_plain(fake_initiation(k1, 3), a, 0.0) == k1
+    assert ing.route_from_node(k1, fake_response(42, 3), 0.0) == a
+    assert ing.counters["replace_pair"] == 1 and ing.route_from_node(k1, transport(3), 0.0) == a
+
+
+def test_a_registered_node_cannot_take_over_another_nodes_phone():
+    """Node 1 (a target too) initiates to itself through the plain port, then answers over its own relay session
+    with node 0's index for the phone: the phone's traffic must keep going to node 0, and node 0's to the phone."""
+    lab = established(nodes=2)
+    home, evil = lab.nodes[0].public_key, lab.nodes[1].public_key
+    node_idx, phone_idx = lab.node_index_for(), lab.phone_index_for()
+    evil_src = ("192.0.2.9", 7000)
+    assert lab.ingress.route_from_plain(fake_initiation(evil, 0x51515151), evil_src, lab.now) == evil
+    assert lab.ingress.route_from_node(evil, fake_response(node_idx, 0x51515151), lab.now) is None
+    assert lab.ingress.counters["drop_node_index_taken"] == 1
+    sent = lab.phone_sends(payload=b"still home")
+    assert lab.tun_nodes[0][-1] == sent and lab.tun_nodes[1] == []
+    back = lab.node_sends(payload=b"still to the phone")
+    assert lab.tun_phone[-1] == back
+    assert lab.ingress.phone_address(home, phone_idx) == PHONE_WIFI and lab.misrouted == []
+
+
+def test_a_node_filling_the_pair_table_does_not_push_out_another_nodes_pairs():
+    ing = PlainIngress(max_pairs=100)
+    home, evil = (crypto.dh_pub(crypto.clamp(bytes(32 * [b]))) for b in (5, 6))
+    ing.set_targets({home, evil})
+    phone = ("198.51.100.7", 40000)
+    assert ing.route_from_plain(fake_initiation(home, 1), phone, 0.0) == home
+    assert ing.route_from_node(home, fake_response(0x12340001, 1), 0.0) == phone
+    for i in range(300):
+        src = (f"10.0.{i >> 8}.{i & 255}", 1)
+        assert ing.route_from_plain(fake_initiation(evil, 1000 + i), src, 0.01) == evil
+        assert ing.route_from_node(evil, fake_response(0x66660000 + i, 1000 + i), 0.01) == src
+    assert ing.pair_count <= 100
+    assert ing.route_from_plain(transport(0x12340001), phone, 0.02) == home
+    assert ing.route_from_plain(transport(0x66660000 + 299), ("10.0.1.43", 1), 0.02) == evil  # its newest
+
+
+def test_one_node_holds_a_bounded_number_of_pairs():
+    ing = PlainIngress(max_pairs_per_node=50)
+    key = crypto.dh_pub(crypto.clamp(bytes(32 * [5])))
+    ing.set_targets({key})
+    for i in range(80):
+        src = (f"10.0.0.{i}", 1)
+        assert ing.route_from_plain(fake_initiation(key, i), src, 0.0) == key
+        assert ing.route_from_node(key, fake_response(0x10000000 + i, i), 0.0) == src
+    assert ing.pair_count == 50 and ing.counters["evict_pair"] == 30
+    assert ing.route_from_plain(transport(0x10000000), ("10.0.0.0", 1), 0.0) is None  # its oldest went first
+
+
+def junk_initiation() -> bytes:
+    return struct.pack("<II", 1, 0) + bytes(140)  # the right type and size, no valid mac1: costs nothing to make
+
+
+def test_junk_initiations_from_many_sources_do_not_block_phones():
+    """20,000 junk initiations a second from 4,000 IPv6 /64s (5 a second each, within the per-source budget):
+    every phone initiation among them still reaches its node."""
+    ing = PlainIngress()
+    key = crypto.dh_pub(crypto.clamp(bytes(32 * [5])))
+    ing.set_targets({key})
+    junk = junk_initiation()
+    passed = tries = 0
+    for k in range(40_000):  # 2 s
+        t = k / 20_000
+        ing.route_from_plain(junk, (f"2001:db8:0:{k % 4000:x}::1", 1), t)
+        if k % 400 == 399:
+            tries += 1
+            passed += ing.route_from_plain(fake_initiation(key, k), (f"198.51.100.{tries}", 4), t) == key
+    assert tries == 100 and passed == 100
+    assert ing.counters["drop_init_no_target"] == 40_000 and ing.counters["drop_init_global_limit"] == 0
+
+
+def test_mac1_checks_are_bounded_in_all():
+    """At most about 200,000 mac1 checks a second (50,000 at once) whatever the number of sources."""
+    ing = PlainIngress()
+    key = crypto.dh_pub(crypto.clamp(bytes(32 * [5])))
+    ing.set_targets({key})
+    junk = junk_initiation()
+    for i in range(60_000):
+        ing.route_from_plain(junk, (f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 1), 0.0)
+    assert ing.counters["drop_init_no_target"] <= 50_000
+    assert ing.counters["drop_init_check_limit"] >= 10_000
+
+
+def test_a_phone_with_a_live_session_rekeys_through_a_flood_of_valid_initiations():
+    """Anyone with the node's public key can make initiations with a valid mac1 and spend the forward budget;
+    the phone re-keying from the address its session is at still gets through."""
+    lab = established()
+    key = lab.nodes[0].public_key
+    lab.now += 10.0  # past REKEY_TIMEOUT: the phone may initiate again
+    for i in range(3000):
+        lab.ingress.route_from_plain(fake_initiation(key, 10_000 + i), (f"10.1.{i >> 8}.{i & 255}", 1), lab.now)
+    assert lab.ingress.counters["drop_init_global_limit"] >= 900
+    assert lab.ingress.route_from_plain(fake_initiation(key, 1, seed=1), ("192.0.2.200", 1), lab.now) is None
+    lab.phone.initiate_handshake(lab.phone_peers[0], lab.now)
+    lab.deliver()
+    assert lab.ingress.counters["forward_response"] == 2
+
+
+def test_a_replayed_or_stale_datagram_never_moves_the_phone():
+    lab = established()
+    key, node_idx, phone_idx = lab.nodes[0].public_key, lab.node_index_for(), lab.phone_index_for()
+    seen = [d for d in lab.from_phone if d[:4] == b"\x04\0\0\0"]
+    assert seen
+    for data in seen:  # replayed from elsewhere (an observer), or counter 0 from anyone but the handshake's address
+        assert lab.ingress.route_from_plain(data, ATTACKER, lab.now) is None
+    assert lab.ingress.route_from_plain(transport(node_idx, 0), PHONE_LTE, lab.now) is None
+    assert lab.ingress.phone_address(key, phone_idx) == PHONE_WIFI
+    assert lab.ingress.counters["drop_roam_stale"] == len(seen) + 1 and lab.ingress.counters["roam"] == 0
+    back = lab.node_sends(payload=b"to the phone")
+    assert lab.tun_phone[-1] == back
+
+
+def test_an_attacker_flipping_the_address_cannot_lock_the_phone_out():
+    """Even with forged higher counters from fresh sources (an on-path attacker), each of the phone's datagrams
+    goes on and takes its address back: its returns cost it no budget."""
+    lab = established()
+    key, node_idx, phone_idx = lab.nodes[0].public_key, lab.node_index_for(), lab.phone_index_for()
+    got = len(lab.tun_nodes[0])
+    for k in range(400):
+        lab.now += 0.01
+        lab.ingress.route_from_plain(transport(node_idx, 1000 + k), (f"203.0.113.{k % 200 + 1}", 6000), lab.now)
+        lab.phone_sends(payload=b"%d" % k)
+        assert lab.ingress.phone_address(key, phone_idx) == PHONE_WIFI
+    assert len(lab.tun_nodes[0]) == got + 400
+    assert lab.ingress.counters["roam_return"] >= 100
+    assert lab.ingress.counters["drop_roam_refused"] == 0
 
 
 # ---------------------------------------------------------------- properties
