@@ -50,8 +50,8 @@ def test_the_mesh_devices_counters_by_component(mesh_device):
     dev.birthday.send(3, b"x", ("127.0.0.1", 9))  # no such socket: a lost datagram
     merged = counters.merge(dev.component_counters())
     assert merged == {"node.drop_relay_datagram": 1, "core.drop_unknown_index": 1, "birthday.drop_send_error": 1}
-    assert set(dev.component_counters()) == {"node", "disco", "core", "driver", "tun", "socket", "relay", "routes",
-                                             "birthday"}
+    assert set(dev.component_counters()) == {"node", "disco", "acl", "core", "driver", "tun", "socket", "relay",
+                                             "routes", "birthday"}
 
 
 async def test_birthday_socket_datagrams_are_timed_with_the_drivers_clock(mesh_device, monkeypatch):

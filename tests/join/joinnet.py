@@ -113,13 +113,14 @@ class BridgeNet:
         return subprocess.run(self.srv.argv(PY, "-m", "signal_server", *args, "--db", self.db), capture_output=True,
                               text=True, env=ENV, cwd=REPO, timeout=30)
 
-    def start_server(self) -> str:
+    def start_server(self, *extra: str) -> str:
+        """Serve (extra: more `serve` flags, e.g. --policy FILE); returns the reusable invite."""
         db = self.db
         ip1, ip2 = f"10.{self.n}.0.1", f"10.{self.n}.0.254"
         with open(os.path.join(self.dir, "signal.log"), "ab") as log:
             self.server = self.srv.popen(PY, "-m", "signal_server", "serve", "--init", "--db", db, "--listen", f"{ip1}:7300",
                                          "--udp", f"{ip1}:3478", "--udp", f"{ip2}:3478", "--relay-tcp",
-                                         f"{ip1}:7301", env=ENV, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+                                         f"{ip1}:7301", *extra, env=ENV, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         wait_for(lambda: ":7300" in self.srv.run("ss", "-tln"), timeout=15, what="signal server listening")
         if self.invite is None:
             out = subprocess.run(self.srv.argv(PY, "-m", "signal_server", "invite", "create", "--reusable", "--db", db,
