@@ -30,6 +30,8 @@ class PunchCoordinator:
         if not self.limiter.allow((requester, target), now):
             return [], "rate_limited"
         return [
-            (requester, {"type": "punch", "peer": b.packed(), "role": "initiator"}),
-            (target, {"type": "punch", "peer": a.packed(), "role": "responder"}),
+            # Each gets the other's entry as its directory has it ("accept" under a policy): a node reads an
+            # entry without one as "no policy" for that peer.
+            (requester, {"type": "punch", "peer": directory.entry_for(requester, b), "role": "initiator"}),
+            (target, {"type": "punch", "peer": directory.entry_for(target, a), "role": "responder"}),
         ], None

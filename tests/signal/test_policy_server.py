@@ -99,6 +99,9 @@ async def test_denied_pairs_never_hear_of_each_other_and_reloads_apply_within_1s
     await wait_until(lambda: h.server.counters["policy_reload_errors"] == errors + 1)
     await c.conn.send({"type": P.T_PUNCH_REQUEST, "peer": a.key})  # still allowed: a punch goes through
     await wait_until(lambda: any(m.get("type") == "punch" for m in c.messages))
+    # ... carrying a's entry as c's directory has it, accept list included (none would read as "no policy")
+    punched = [P.unpack_entry_untrusted(m["peer"]) for m in c.messages if m.get("type") == "punch"][0]
+    assert punched["accept"] == c.entries[a.key]["accept"]
     assert c.key in a.entries and a.key not in b.entries
 
     # Fixed: applies; everything allowed in one rule shows every pair, with any-protocol accept lists.
