@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import stat
 
 from meshwg.config import keys
 from meshwg.fsutil import atomic_write
+
+log = logging.getLogger("meshwg.agent")
 
 KEY_FILE = "private.key"
 CACHE_FILE = "netmap.json"
@@ -117,7 +120,10 @@ def load_os_undo(state_dir: str) -> dict | None:
 
 
 def remove_os_undo(state_dir: str) -> None:
+    """Everything undone: nothing for the next run to do. Never raises (it runs while the agent stops)."""
     try:
         os.unlink(os.path.join(state_dir, OS_UNDO_FILE))
     except FileNotFoundError:
         pass
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", OS_UNDO_FILE, exc)
