@@ -18,8 +18,9 @@ no other subscriber is ever sent their key, in a snapshot, an update or a remova
 
 Access control (issue 13, /work/notes/acl-contract.md): with a policy (`set_policy`), subscriber R sees P's entry
 only when P may reach R or R may reach P (signal_server/policy.py), and every entry R gets carries "accept": what P
-may send to R. Entries stay packed once per change; the accept field is packed once per (recipient, template)
-and spliced onto the shared entry. A policy change marks dirty only the (subscriber, peer) pairs whose view
+may send to R, and "offers": what R may send to P (shown in R's `meshwg status`; P enforces it). Entries stay packed
+once per change; the accept field is packed once per (recipient, template), the offers field once per (peer,
+template), and both are spliced onto the shared entry. A policy change marks dirty only the (subscriber, peer) pairs whose view
 changed, found per group of peers whose policy class did not change differently (not per pair of nodes).
 A node's entry also carries its "tags" (omitted when none).
 """
@@ -60,6 +61,7 @@ class Node:
     _cls: int = -1  # its policy class, valid while _gen is the directory's policy generation
     _gen: int = -1
     _accept: dict = field(default_factory=dict)  # as a recipient: template -> packed "accept" key and value
+    _offers: dict = field(default_factory=dict)  # as a peer: template -> packed "offers" key and value
 
     def entry(self) -> dict:
         # The server's observation first, in a slot the node's own candidates cannot push out. A reported
@@ -90,13 +92,14 @@ class Node:
             self._packed = pack_entry(self.entry())
         return self._packed
 
-    def with_accept(self, accept_field: bytes) -> bytes:
-        """Its packed entry plus a packed "accept" key and value: the shared bytes with one more map item."""
-        base = self.packed()
-        if 0x80 <= base[0] < 0x8F:  # a fixmap with room for one more: splice instead of packing it again
-            return bytes((base[0] + 1,)) + base[1:] + accept_field
+    def with_accept(self, accept_field: bytes, offers_field: bytes = b"") -> bytes:
+        """Its packed entry plus a packed "accept" (and "offers") key and value: the shared bytes with one (two)
+        more map items."""
+        base, more = self.packed(), 1 + bool(offers_field)
+        if 0x80 <= base[0] and base[0] + more <= 0x8F:  # a fixmap with room: splice instead of packing it again
+            return bytes((base[0] + more,)) + base[1:] + accept_field + offers_field
         e = self.entry()
-        e.update(msgpack.unpackb(b"\x81" + accept_field, raw=False))
+        e.update(msgpack.unpackb(bytes((0x80 + more,)) + accept_field + offers_field, raw=False))
         return pack_entry(e)
 
 
@@ -175,7 +178,7 @@ class Directory:
             if not _ACL_FIELDS.isdisjoint(changed):
                 node._gen = -1  # its class is computed again when asked
                 if not _ADDR_FIELDS.isdisjoint(changed):
-                    node._accept = {}
+                    node._accept, node._offers = {}, {}
             self._set_plain(node)
             self._mark(key, node, before)
             if acl_change:
@@ -212,11 +215,11 @@ class Directory:
 
     def _state(self, acl, me_cls: int, node_cls: int):
         """What a subscriber is told of a peer (visibility passed already for plain peers): None (hidden), True (no
-        policy: all of it) or the accept template."""
+        policy: all of it) or the accept and offers templates."""
         if acl is None:
             return True
         v = acl.view(me_cls, node_cls)
-        return v.template if v.visible else None
+        return (v.template, acl.view(node_cls, me_cls).template) if v.visible else None
 
     def set_policy(self, pf) -> None:
         """Put a policy (policy.PolicyFile, checked by the caller) in force, or none (None): every subscriber gets
@@ -260,11 +263,14 @@ class Directory:
                 dirty.add(k)
 
     def entry_for(self, sub: bytes, node: Node) -> bytes:
-        """`node`'s packed entry as subscriber `sub` gets it (visible to it): with "accept" under a policy."""
+        """`node`'s packed entry as subscriber `sub` gets it (visible to it): with "accept" and "offers" under a
+        policy."""
         if self.acl is None:
             return node.packed()
         me = self.nodes[sub]
-        return node.with_accept(self._accept_field(me, self.acl.view(self._cls(me), self._cls(node)).template))
+        mc, pc = self._cls(me), self._cls(node)
+        return node.with_accept(self._accept_field(me, self.acl.view(mc, pc).template),
+                                self._offers_field(node, self.acl.view(pc, mc).template))
 
     def _accept_field(self, me: Node, template: tuple) -> bytes:
         field = me._accept.get(template)
@@ -273,6 +279,18 @@ class Directory:
                 me._accept.clear()
             field = msgpack.packb("accept") + msgpack.packb(acl_policy.expand(template, (f"{me.ipv4}/32", f"{me.ipv6}/128")))
             me._accept[template] = field
+        return field
+
+    def _offers_field(self, peer: Node, template: tuple) -> bytes:
+        """What the recipient may send `peer` (the reverse view's template, filled in with the peer's addresses),
+        packed once per (peer, template): shared by every recipient of one class."""
+        field = peer._offers.get(template)
+        if field is None:
+            if len(peer._offers) >= MAX_ACCEPT_CACHE:
+                peer._offers.clear()
+            field = msgpack.packb("offers") + msgpack.packb(
+                acl_policy.expand(template, (f"{peer.ipv4}/32", f"{peer.ipv6}/128")))
+            peer._offers[template] = field
         return field
 
     def _entries_under_policy(self, sub: bytes, keys) -> tuple[list[bytes], list[bytes]]:
@@ -288,12 +306,12 @@ class Directory:
                 rems.append(k)
                 continue
             pc = n._cls if n._gen == gen else self._cls(n)
-            field = per_class.get(pc)
-            if field is None:
+            got = per_class.get(pc)
+            if got is None:
                 v = view(mc, pc)
-                field = per_class[pc] = self._accept_field(me, v.template) if v.visible else b""
-            if field:
-                ups.append(n.with_accept(field))
+                got = per_class[pc] = (self._accept_field(me, v.template), view(pc, mc).template) if v.visible else ()
+            if got:
+                ups.append(n.with_accept(got[0], self._offers_field(n, got[1])))
             else:
                 rems.append(k)
         return ups, rems
