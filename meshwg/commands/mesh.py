@@ -225,6 +225,16 @@ def _routing_text(r: dict) -> str:
     return line
 
 
+def _acl_text(p: dict) -> str:
+    """Both directions in one line: what we may send the peer (the directory's word, the peer enforces it) and what
+    our filter accepts from it."""
+    accepts = p["accepts"] if p.get("accepts") is not None else "all (no policy)"
+    sends = p.get("sends")
+    if sends is None:
+        sends = "all (no policy)" if p.get("accepts") is None else "unknown"   # a server that sends no offers
+    return f"sends: {sends}; accepts: {accepts}"
+
+
 def format_status(st: dict) -> str:
     tags = f"  tags {','.join(st['tags'])}" if st.get("tags") else ""
     lines = [f"{st['interface']}: {st['name']}  {', '.join(st['addresses']) or '(no address yet)'}  "
@@ -255,7 +265,7 @@ def format_status(st: dict) -> str:
         ptags = f"  [tags {','.join(p['tags'])}]" if p.get("tags") else ""
         lines.append(f"  peer {p['name']}  {', '.join(p['addresses'])}{offline}{mark}{ptags}")
         if policy:
-            lines.append(f"    accepts: {p['accepts'] if p.get('accepts') is not None else 'all (no policy)'}")
+            lines.append(f"    {_acl_text(p)}")
         if p.get("routes"):
             refused = sorted(set(p["routes"]) - set(p.get("routed") or ()))
             lines.append(f"    routes: {', '.join(p['routes'])}"

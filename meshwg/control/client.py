@@ -75,9 +75,10 @@ def _peer_untrusted(raw) -> PeerInfo | None:
             return None
         cands = P.candidates_untrusted(e.get("cand", [])) or []
         accept, refused = entry_accept_untrusted(e["accept"]) if "accept" in e else (None, 0)
+        offers, refused_offers = entry_accept_untrusted(e["offers"]) if "offers" in e else (None, 0)
         return PeerInfo(e["key"], int(e["id"]), str(e["name"]), str(e["ipv4"]), str(e["ipv6"]), tuple(cands),
                         bool(e["online"]), kind, entry_routes_untrusted(e.get("routes")), e.get("exit") is True,
-                        accept, tags_untrusted(e.get("tags")), refused)
+                        accept, tags_untrusted(e.get("tags")), refused + refused_offers, offers)
     except (KeyError, TypeError, ValueError, OverflowError):  # int(inf) is an OverflowError
         return None
 

@@ -44,10 +44,13 @@ class PeerInfo:
     # Access control (issue 13, /work/notes/acl-contract.md): what the peer may send to this node, as
     # ((proto, lo, hi, cidr text), ...); None: no policy in force, accept everything (the field was absent);
     # () : nothing new (replies to flows this node opened still pass). accept_refused: rules of the entry's list
-    # the client dropped as malformed (counted where the entry becomes a PeerSpec). tags: the peer's tags.
+    # the client dropped as malformed, of "accept" and "offers" (counted where the entry becomes a PeerSpec).
+    # tags: the peer's tags. offers: what this node may send the peer, in accept's format; shown in `meshwg status`
+    # only (the peer enforces it, this node filters nothing outbound with it); None: the server sent none.
     accept: tuple | None = None
     tags: tuple[str, ...] = ()
     accept_refused: int = 0
+    offers: tuple | None = None
 
 
 PEER_KINDS = ("node", "plain")

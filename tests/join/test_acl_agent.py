@@ -99,8 +99,8 @@ def test_status_says_what_each_peer_may_send_once_a_policy_is_in_force():
                                   _peer("old", None)]))
     assert "mesh0: home  100.64.0.1/32  port 1  tags server" in text
     assert "peer phone  100.64.0.2/32  [tags family]" in text
-    assert "    accepts: tcp/22,443 icmp" in text and "    accepts: replies only" in text
-    assert "    accepts: all (no policy)" in text
+    assert "; accepts: tcp/22,443 icmp\n" in text and "; accepts: replies only\n" in text
+    assert "; accepts: all (no policy)\n" in text
     assert "accepts:" not in format_status(_status([_peer("a", None), _peer("b", None)]))
 
 

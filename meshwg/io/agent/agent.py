@@ -60,7 +60,8 @@ def _peer_to_json(p) -> dict:
     return {"key": base64.b64encode(p.key).decode(), "id": p.node_id, "name": p.name, "ipv4": p.ipv4,
             "ipv6": p.ipv6, "candidates": [list(c) for c in p.candidates], "online": p.online, "kind": p.kind,
             "routes": list(p.routes), "exit": p.exit_node, "tags": list(p.tags),
-            **({} if p.accept is None else {"accept": [list(r) for r in p.accept]})}
+            **({} if p.accept is None else {"accept": [list(r) for r in p.accept]}),
+            **({} if p.offers is None else {"offers": [list(r) for r in p.offers]})}
 
 
 def _peer_from_json(d: dict):
@@ -73,10 +74,11 @@ def _peer_from_json(d: dict):
 
     # The accept list as the server sent it (absent: no policy), checked as an entry's (never allow-all if bad).
     accept, refused = entry_accept_untrusted(d["accept"]) if "accept" in d else (None, 0)
+    offers, _ = entry_accept_untrusted(d["offers"]) if "offers" in d else (None, 0)  # counted when it arrived
     return CE.PeerInfo(base64.b64decode(d["key"]), int(d.get("id", 0)), str(d["name"]), str(d["ipv4"]),
                        str(d["ipv6"]), tuple(tuple(c) for c in d.get("candidates", [])), bool(d.get("online")), kind,
                        entry_routes_untrusted(d.get("routes")), d.get("exit") is True, accept,
-                       tags_untrusted(d.get("tags")), refused)
+                       tags_untrusted(d.get("tags")), refused, offers)
 
 
 def _peers_from_json(entries) -> tuple:
@@ -457,6 +459,7 @@ class Agent:
                                             if st["public_key"] in core.specs else ()) if n.prefixlen < n.max_prefixlen],
                 "tags": list(_info(core, st).tags),
                 "accepts": _accepts(node.specs.get(st["public_key"])),
+                "sends": _sends(_info(core, st)),
             })
         rep = node.last_report
         w = core.welcome
@@ -515,6 +518,11 @@ def _accepts(spec) -> str | None:
     if spec is None or spec.accept is None:
         return None
     return acl_summary(spec.accept)
+
+
+def _sends(info) -> str | None:
+    """What the directory says this node may send the peer, as one short line; None: it said nothing."""
+    return None if info.offers is None else acl_summary(info.offers)
 
 
 def _online(peer) -> bool | None:
