@@ -40,8 +40,10 @@ Actions: SetAddresses(addresses)                   the interface's mesh addresse
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import ipaddress
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Iterable
@@ -51,7 +53,8 @@ from meshwg.control.events import (Connected, DirectoryReset, Disconnected, Peer
                                    PunchFailed, PunchNotice, Removed, SealedMessage, Welcome)
 from meshwg.mesh.netmap import PeerSpec
 from meshwg.mesh.node import LocalEndpointsChanged, MeshNode
-from meshwg.mesh.peer_entry import entry_policy, host_cidr, peer_routes, peer_spec, resolve_routes
+from meshwg.mesh.peer_entry import (endpoint_ips, entry_policy, host_cidr, peer_routes, peer_spec, public_candidate_ips,
+                                    resolve_routes)
 from meshwg.mesh.routing import RoutingChoice, mesh_overlap, public_endpoint_addr
 from meshwg.mesh.punch_policy import (PUNCH_WATCH_INTERVAL, CandidateReport, PathState, PunchPolicy, local_candidates,
                                       public_candidates)
@@ -222,6 +225,11 @@ class AgentCore:
         self.lan: tuple = ()                        # our non-mesh interfaces' networks (LocalAddresses)
         self._accepted: dict[bytes, tuple] = {}     # each peer's routes the entry policy allows
         self._kept: dict[bytes, tuple] = {}         # ... after overlaps between peers (resolve_routes)
+        # Public addresses no route may cover (WireGuard's UDP to them would go into the tunnel): each entry's
+        # global candidates, counted across entries so one event updates the set in O(its candidates), and ours.
+        self._cand_ips: dict[bytes, frozenset] = {}
+        self._cand_count: collections.Counter = collections.Counter()
+        self._own_public: frozenset = frozenset()   # our reflexive and public addresses
         self.exit_key: bytes | None = None          # the exit node in use (chosen, present, approved)
         self.open_family: int | None = None         # netcheck saw no filtering on this IP version (NatProbed)
         self._handlers = {
@@ -242,6 +250,7 @@ class AgentCore:
             if handler is None:
                 raise TypeError(f"not an agent core input: {inp!r}")
             handler(inp, now, out)
+        self._own_addresses(now)
         self._candidates(out)
         self._cache(now, out)
         return out
@@ -342,11 +351,9 @@ class AgentCore:
             if changed in self.peers and (r := peer_routes(self.peers[changed], policy, drops)):
                 self._accepted[changed] = r
             routes_moved = before != self._accepted.get(changed, ())
-        if routes_moved:
-            order = sorted(self._accepted, key=lambda k: (self.peers[k].node_id, k))
-            kept = resolve_routes([(k, self._accepted[k]) for k in order], drops)
-            dirty |= {k for k in set(kept) | set(self._kept) if kept.get(k) != self._kept.get(k)}
-            self._kept = kept
+        addrs_moved = self._index_candidates(changed)
+        if routes_moved or (addrs_moved and self._accepted):
+            dirty |= self._resolve(drops)
         dirty |= self._update_exit(changed, out)
         if changed is None:
             self.specs = {}   # rebuilt in the directory's order
@@ -355,6 +362,62 @@ class AgentCore:
                 self.specs[k] = peer_spec(self.peers[k], policy, drops, self._kept.get(k, ()), k == self.exit_key)
             else:
                 self.specs.pop(k, None)
+        self.node.apply_netmap(self.specs, now)
+
+    def _index_candidates(self, changed: bytes | None) -> bool:
+        """Count the entries' public candidate addresses again (changed: only that key's entry); True when the
+        set of addresses changed (an address came or went), which is when routes must be checked again."""
+        if changed is None:
+            self._cand_ips = {k: ips for k, p in self.peers.items() if (ips := public_candidate_ips(p))}
+            count = collections.Counter(ip for ips in self._cand_ips.values() for ip in ips)
+            moved = count.keys() != self._cand_count.keys()
+            self._cand_count = count
+            return moved
+        old = self._cand_ips.pop(changed, frozenset())
+        p = self.peers.get(changed)
+        new = public_candidate_ips(p) if p is not None else frozenset()
+        if new:
+            self._cand_ips[changed] = new
+        moved = False
+        for ip in old - new:
+            self._cand_count[ip] -= 1
+            if self._cand_count[ip] <= 0:
+                del self._cand_count[ip]
+                moved = True
+        for ip in new - old:
+            moved |= ip not in self._cand_count
+            self._cand_count[ip] += 1
+        return moved
+
+    def _resolve(self, drops) -> set:
+        """Every accepted route checked against the others and the protected addresses; the keys whose kept
+        routes changed."""
+        order = sorted(self._accepted, key=lambda k: (self.peers[k].node_id, k))
+        kept = resolve_routes([(k, self._accepted[k]) for k in order], drops,
+                              itertools.chain(self._cand_count, self._own_public))
+        dirty = {k for k in set(kept) | set(self._kept) if kept.get(k) != self._kept.get(k)}
+        self._kept = kept
+        return dirty
+
+    def _own_addresses(self, now: float) -> None:
+        """Our reflexive and public addresses (after every batch: STUN and netcheck move them): a change checks
+        the routes again."""
+        own = endpoint_ips((*self.node.reflexive, *self.public_endpoints()))
+        if own == self._own_public:
+            return
+        self._own_public = own
+        if self._accepted:
+            self._respec(self._resolve(self.node.counters), now)
+
+    def _respec(self, keys, now: float) -> None:
+        """Rebuild the specs of `keys` (present peers) and hand the netmap to the node, if any."""
+        if not keys:
+            return
+        policy = entry_policy(self.welcome, self.control_addrs, self.lan)
+        for k in keys:
+            if k in self.peers:
+                self.specs[k] = peer_spec(self.peers[k], policy, self.node.counters, self._kept.get(k, ()),
+                                          k == self.exit_key)
         self.node.apply_netmap(self.specs, now)
 
     def _update_exit(self, changed: bytes | None, out: list | None) -> set:
@@ -414,13 +477,7 @@ class AgentCore:
             self._update_exit_by_name(now, out)
 
     def _update_exit_by_name(self, now: float, out: list) -> None:
-        dirty = self._update_exit(None, out)
-        if dirty:
-            policy = entry_policy(self.welcome, self.control_addrs, self.lan)
-            for k in dirty:
-                self.specs[k] = peer_spec(self.peers[k], policy, self.node.counters, self._kept.get(k, ()),
-                                          k == self.exit_key)
-            self.node.apply_netmap(self.specs, now)
+        self._respec(self._update_exit(None, out), now)
 
     # ---- our own endpoints ---------------------------------------------------------------------
     def _local_addresses(self, ev: LocalAddresses, now: float, out: list) -> None:

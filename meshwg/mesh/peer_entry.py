@@ -14,7 +14,10 @@ corrupted server, or a stale cache, must not be able to:
   prefixes, containing a server's address, overlapping one of our own LAN prefixes (the networks on our
   non-mesh interfaces: routing our own LAN into the tunnel cuts this node off it) or special space
   (loopback, link-local, multicast), and a default route, is dropped and counted; of two peers' overlapping
-  routes the first in a stable order (node id, key) is kept and the other counted. 0.0.0.0/0 and ::/0 go
+  routes the first in a stable order (node id, key) is kept and the other counted. A route covering a public
+  address where a peer's WireGuard is reached (a global candidate of any node's entry) or one of our own
+  reflexive or public addresses is dropped and counted too: our WireGuard UDP to it would go into the tunnel
+  (our sockets are marked out of it only while an exit node is in use). 0.0.0.0/0 and ::/0 go
   only to the exit node this node chose, and only while it is an approved exit node; the OS routes them by
   policy routing, which keeps the server's and the LAN's traffic out of the tunnel.
 Server host names (an advertised DNS name) are not resolved here: only IP literals are excluded.
@@ -22,6 +25,7 @@ Server host names (an advertised DNS name) are not resolved here: only IP litera
 
 from __future__ import annotations
 
+import bisect
 import collections
 import functools
 import ipaddress
@@ -183,15 +187,56 @@ def peer_routes(p, policy: EntryPolicy, drops: collections.Counter) -> tuple:
     return tuple(out)
 
 
-def resolve_routes(candidates, drops: collections.Counter) -> dict:
+def public_candidate_ips(p) -> frozenset:
+    """The global addresses among a node's entry's candidates, whatever their kind: where its WireGuard is
+    reached, so no subnet route may cover them. Private ones (a peer's LAN address inside the LAN it
+    advertises) are left out. A plain peer's candidates are never probed: none."""
+    if getattr(p, "kind", None) == "plain":
+        return frozenset()
+    out = set()
+    for c in getattr(p, "candidates", None) or ():
+        ip = _ip(c[0]) if isinstance(c, (tuple, list)) and c else None
+        if ip is not None and ip.is_global:
+            out.add(ip)
+    return frozenset(out)
+
+
+def endpoint_ips(endpoints) -> frozenset:
+    """The addresses of (host, port) endpoints that are IP literals."""
+    return frozenset(ip for ip in (_ip(e[0]) for e in endpoints) if ip is not None)
+
+
+class _Covered:
+    """Whether a network holds one of some addresses: sorted integers per IP version, one bisect per network."""
+
+    def __init__(self, ips) -> None:
+        self._ints = {4: [], 6: []}
+        for ip in ips:
+            self._ints[ip.version].append(int(ip))
+        for v in self._ints.values():
+            v.sort()
+
+    def __call__(self, net) -> bool:
+        ints = self._ints[net.version]
+        i = bisect.bisect_left(ints, int(net.network_address))
+        return i < len(ints) and ints[i] <= int(net.broadcast_address)
+
+
+def resolve_routes(candidates, drops: collections.Counter, protected=()) -> dict:
     """Overlapping routes of different peers: the first in the given order keeps its route, a later one
     overlapping any kept route is dropped and counted. candidates: [(key, routes)] in a stable order (the
-    agent sorts by node id, then key); returns key -> the routes kept (peers with none left out)."""
+    agent sorts by node id, then key); returns key -> the routes kept (peers with none left out).
+    protected: addresses no route may cover (peers' public candidates, our reflexive ones): such a route is
+    dropped and counted first, so it takes nothing from a later peer's route."""
+    covered = _Covered(protected)
     kept: dict = {}
     taken: list = []
     for key, routes in candidates:
         mine = []
         for net in routes:
+            if covered(net):
+                drops["drop_peer_route_candidate"] += 1
+                continue
             if any(_overlap(net, t) for t in taken):
                 drops["drop_peer_route_overlap"] += 1
                 continue
