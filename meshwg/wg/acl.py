@@ -103,6 +103,18 @@ def table_for(rules: tuple, version: int, addr: int):
     return table
 
 
+
+def _admits(table: dict, proto: int, dport: int) -> bool:
+    """Whether a destination's compiled rules admit `proto` to `dport`: True (every port) or sorted, merged
+    (starts, ends) port ranges per protocol."""
+    r = table.get(proto)
+    if r is True:
+        return True
+    if r is None:
+        return False
+    i = _bisect_right(r[0], dport)
+    return bool(i) and dport <= r[1][i - 1]
+
 class PeerFilter:
     """One peer's compiled accept list and the flows this node opened towards it. `counters` (shared by the
     core's filters) counts flow table events: open_acl_flow, evict_acl_flow.
@@ -167,15 +179,8 @@ class PeerFilter:
             t = self._dst.get(dst, _MISS)
             if t is _MISS:
                 t = self._table(4, dst)
-            if t is _ALL or frag & 0x1FFF:   # a later fragment: no ports (module doc)
+            if t is _ALL or frag & 0x1FFF or _admits(t, proto, dport):   # a later fragment: no ports (module doc)
                 return None
-            r = t.get(proto)
-            if r is True:
-                return None
-            if r is not None:
-                i = _bisect_right(r[0], dport)
-                if i and dport <= r[1][i - 1]:
-                    return None
             if proto == TCP or proto == UDP:   # a reply to a flow we opened?
                 cell = self.inn[proto].get(pkt[12:24])
                 if cell is not None and now - cell[0] <= (TCP_TIMEOUT if proto == TCP else UDP_TIMEOUT):
@@ -195,13 +200,8 @@ class PeerFilter:
             if len(pkt) < off + 4:
                 return DROP_MALFORMED
             dport = (pkt[off + 2] << 8) | pkt[off + 3]
-        r = t.get(proto)
-        if r is True:
+        if _admits(t, proto, dport):
             return None
-        if r is not None:
-            i = _bisect_right(r[0], dport)
-            if i and dport <= r[1][i - 1]:
-                return None
         return self._reply_in(pkt, parsed, now)
 
     def _reply_in(self, pkt: bytes, parsed, now: float) -> str | None:
