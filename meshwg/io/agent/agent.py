@@ -30,6 +30,7 @@ import trio
 
 from meshwg import counters
 from meshwg.control import ControlClient, JoinRefusedError, ServerKeyMismatch, events as CE
+from meshwg.control.client import entry_accept_untrusted, entry_routes_untrusted, tags_untrusted
 from meshwg.signaling.invite import Invite, join_hostport, split_hostport
 from meshwg.disco import netcheck as NC
 from meshwg.io.agent import agent_state as S
@@ -70,8 +71,6 @@ def _peer_from_json(d: dict):
     kind = d.get("kind", "node")
     if kind not in CE.PEER_KINDS:
         return None
-    from meshwg.control.client import entry_accept_untrusted, entry_routes_untrusted, tags_untrusted
-
     # The accept list as the server sent it (absent: no policy), checked as an entry's (never allow-all if bad).
     accept, refused = entry_accept_untrusted(d["accept"]) if "accept" in d else (None, 0)
     offers, _ = entry_accept_untrusted(d["offers"]) if "offers" in d else (None, 0)  # counted when it arrived
@@ -96,13 +95,7 @@ def _welcome_from_json(d: dict):
     return CE.Welcome(int(d["node_id"]), str(d["name"]), str(d["ipv4"]), str(d["ipv6"]), str(d.get("prefix4", "")),
                       str(d.get("prefix6", "")), tuple(tuple(a) for a in d.get("stun", [])),
                       tuple(tuple(a) for a in d.get("relay_udp", [])), tuple(tuple(a) for a in d.get("relay_tcp", [])),
-                      float(d.get("heartbeat", 10.0)), base64.b64decode(d["server_key"]), _cached_tags(d.get("tags")))
-
-
-def _cached_tags(value) -> tuple:
-    from meshwg.control.client import tags_untrusted
-
-    return tags_untrusted(value)
+                      float(d.get("heartbeat", 10.0)), base64.b64decode(d["server_key"]), tags_untrusted(d.get("tags")))
 
 
 def cached_invite(cache: dict | None) -> Invite | None:
