@@ -717,8 +717,8 @@ class MeshNode:
 
     @property
     def drops(self) -> collections.Counter:
-        """Older view, kept for `meshwg status`'s "drops": the codec's reasons as they are (`disco_replay`)
-        and the node's own drop_* counters."""
+        """One table of the node's drops: the codec's reasons as they are (`disco_replay`) and the node's own
+        drop_* counters (`meshwg status` shows the merged component view instead)."""
         c = collections.Counter(self.codec.drops)
         c.update(counters.drops(self.counters))
         return c

@@ -128,7 +128,7 @@ class Device:
                           "driver.drop_send_raw_error": "send_raw_error", "driver.disable_gso": "gso_disabled"}
 
     def drop_counts(self) -> dict[str, int]:
-        """Older view of the device's drops, kept for meshwg-tun's log and `meshwg status`'s "drops": the
+        """Older view of the device's drops, kept for meshwg-tun's log: the
         core's reasons as they are (`unknown_index`), then the others under their former names
         (`tun_write`, `socket`, `send_error`, ...; the driver's other drops as named in its counters)."""
         counts = {k: v for k, v in self.core.drops.items() if v}
