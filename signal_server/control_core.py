@@ -13,6 +13,8 @@ control listener's session table, read here only to know who can be reached now.
   AdvertiseRoutes(key, routes, exit_node)  store the node's new advertisement (store.advertise_routes with
                     self.policy.forbidden), then hand the result to routes_recorded
   Log(level, text)  a line for the operator (refused or pending routes, once per change)
+A connected node whose own name or tags change (the feed's row) is sent T_SELF: its welcome told it the old ones
+and `meshwg status` shows them (issue 13).
 Under an access policy (set_policy, issue 13) the directory decides who sees whom; a punch or a sealed message
 toward a peer the requester may not see is refused as if the peer did not exist.
 Join rules are registry.decide_join's (applied inside the store's transaction), not this module's.
@@ -86,6 +88,11 @@ def node_from_row(row) -> Node:
                 kind=row.kind, targets=frozenset(row.targets), tags=tuple(row.tags))
 
 
+def _self_view(n) -> tuple:
+    """What a node is told about itself that can change under it (a Node or a NodeRow): its name and tags."""
+    return n.name, tuple(n.tags)
+
+
 class ControlCore:
     def __init__(self, directory: Directory, connected: Container, counters: Counter | None = None,
                  punch: PunchCoordinator | None = None) -> None:
@@ -119,8 +126,11 @@ class ControlCore:
 
     def session_started(self, key: bytes, row) -> list:
         """A registered node's session begins (before its welcome): its node is in the directory."""
-        if key in self.directory.nodes:
-            return []
+        node = self.directory.nodes.get(key)
+        if node is not None:
+            # The feed may have brought a newer row between the join's read and now: the welcome (of `row`) would
+            # stay stale. Queued behind the welcome; a row newer than ours still to come sends its own update.
+            return self._self_update(key, node, _self_view(row))
         self.directory.put(node_from_row(row))
         self._set_routes(key, row.routes, row.is_exit)
         return [Allow(key)] + self._plain_changed(row.kind)
@@ -288,10 +298,21 @@ class ControlCore:
         changed = self._set_routes(key, row.routes, row.is_exit)
         # Under a policy a node's name, tags or routes can move whom plain peers reach (the ingress's targets).
         plain = self._plain_changed(row.kind) if self.directory.acl is not None else []
+        seen = _self_view(node)
         if self.directory.update(key, name=row.name, expires=row.expires, targets=frozenset(row.targets),
                                  tags=tuple(row.tags)):
-            return [DIR_CHANGED] + (plain or ([PLAIN_CHANGED] if row.kind == PLAIN else []))
-        return [DIR_CHANGED] + plain if changed else []
+            effects = [DIR_CHANGED] + (plain or ([PLAIN_CHANGED] if row.kind == PLAIN else []))
+        else:
+            effects = [DIR_CHANGED] + plain if changed else []
+        return effects + self._self_update(key, node, seen)
+
+    def _self_update(self, key: bytes, node: Node, seen: tuple) -> list:
+        """T_SELF to the node's session when its own view (its directory node now) is not `seen`, what it was told."""
+        view = _self_view(node)
+        if view == seen or node.kind == PLAIN or key not in self.connected:
+            return []  # a plain peer has no session; a node offline hears it in its next welcome
+        self.counters["self_updates"] += 1
+        return [Send(key, {"type": P.T_SELF, "name": view[0], "tags": list(view[1])})]
 
     def resync(self, rows, wall: float) -> list:
         """Every node row (at start, or after the feed was pruned past us): bring the directory in line."""

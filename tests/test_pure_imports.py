@@ -22,7 +22,7 @@ PURE_PACKAGES = ("meshwg/wg", "meshwg/disco", "meshwg/disco/techniques", "meshwg
                  "meshwg/config")
 PURE_MODULES = (
     "meshwg/token_bucket.py", "meshwg/nonce_cache.py", "meshwg/control/reconnect.py", "meshwg/io/oscfg/route_plan.py",
-    "meshwg/counters.py", "meshwg/control/events.py", "signal_server/store_api.py",
+    "meshwg/counters.py", "meshwg/control/events.py", "meshwg/control/entry_check.py", "signal_server/store_api.py",
     "signal_server/conn_limits.py", "signal_server/directory.py", "signal_server/invites.py", "signal_server/ipam.py",
     "signal_server/registry.py", "signal_server/control_core.py", "signal_server/routes.py",
     "signal_server/plain_ingress.py", "signal_server/plain_config.py", "signal_server/policy.py",

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import logging
 import os
 import random
-import re
 import time
 
 import trio
 
+from meshwg.control.entry_check import (entry_accept_untrusted, entry_routes_untrusted, self_update_untrusted,
+                                       tags_untrusted)
 from meshwg.control.events import (PEER_KINDS, Connected, DirectoryReset, Disconnected, PeerChanged, PeerInfo,
                                    PeerRemoved, PunchFailed, PunchNotice, Removed, SealedMessage, Welcome)
 from meshwg.signaling import protocol as P
@@ -81,72 +81,6 @@ def _peer_untrusted(raw) -> PeerInfo | None:
                         accept, tags_untrusted(e.get("tags")), refused + refused_offers, offers)
     except (KeyError, TypeError, ValueError, OverflowError):  # int(inf) is an OverflowError
         return None
-
-
-MAX_ENTRY_ROUTES = 64   # as many as a node may advertise (the routes contract)
-
-
-def entry_routes_untrusted(value) -> tuple:
-    """An entry's "routes" field as canonical CIDR texts; a bad prefix (not text, host bits set, a default route)
-    is dropped alone, a non-list or one past MAX_ENTRY_ROUTES counts as none. Whether each may be routed here is
-    meshwg.mesh.peer_entry's call."""
-    if not isinstance(value, list) or len(value) > MAX_ENTRY_ROUTES:
-        return ()
-    out = []
-    for text in value:
-        if not isinstance(text, str) or len(text) > 64:
-            continue
-        try:
-            net = ipaddress.ip_network(text, strict=True)
-        except ValueError:
-            continue
-        if net.prefixlen and str(net) not in out:
-            out.append(str(net))
-    return tuple(out)
-
-
-MAX_ACCEPT_RULES = 64  # the server's cut (signal_server/policy.py MAX_ACCEPT); past it, rules are refused
-ACCEPT_PROTOS = (0, 1, 6, 17)  # any, icmp (and icmpv6), tcp, udp
-MAX_TAGS = 16
-_TAG = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
-
-
-def entry_accept_untrusted(value) -> tuple[tuple, int]:
-    """An entry's "accept" field (present) as ((proto, lo, hi, cidr text), ...) and how many rules were refused.
-    Fails closed: a bad rule is dropped alone (and counted), and a value that is no list at all is an empty list
-    (the peer may open nothing), never "no policy". Absent is the caller's None."""
-    if not isinstance(value, (list, tuple)):
-        return (), 1
-    out, refused = [], 0
-    for i, rule in enumerate(value):
-        parsed = _accept_rule_untrusted(rule) if i < MAX_ACCEPT_RULES else None
-        if parsed is None:
-            refused += 1
-        elif parsed not in out:
-            out.append(parsed)
-    return tuple(out), refused
-
-
-def _accept_rule_untrusted(rule) -> tuple | None:
-    if not isinstance(rule, (list, tuple)) or len(rule) != 4:
-        return None
-    proto, lo, hi, cidr = rule
-    if any(type(v) is not int for v in (proto, lo, hi)) or proto not in ACCEPT_PROTOS or not 0 <= lo <= hi <= 65535:
-        return None
-    if not isinstance(cidr, str) or len(cidr) > 64:
-        return None
-    try:
-        net = ipaddress.ip_network(cidr, strict=True)
-    except ValueError:
-        return None
-    return (proto, lo, hi, str(net))
-
-
-def tags_untrusted(value) -> tuple[str, ...]:
-    """A "tags" field as the tags that look like tags (the server's syntax), at most MAX_TAGS; anything else none."""
-    if not isinstance(value, (list, tuple)):
-        return ()
-    return tuple(dict.fromkeys(t for t in value[:MAX_TAGS] if isinstance(t, str) and _TAG.match(t)))
 
 
 class ControlConnection:
@@ -346,6 +280,12 @@ class ControlConnection:
                     return [SealedMessage(sender, plain)]
             self.drops += 1
             return []
+        if t == P.T_SELF:
+            ev = self_update_untrusted(m)
+            if ev is None:
+                self.drops += 1
+                return []
+            return [ev]
         if t == P.T_GONE:
             return [Removed(str(m.get("reason", "removed")))]
         if t == P.T_ERROR:

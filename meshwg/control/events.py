@@ -107,6 +107,15 @@ class SealedMessage:
 
 
 @dataclass(frozen=True)
+class SelfChanged:
+    """This node's own name or tags changed on the server while connected (issue 13): what `meshwg status` shows.
+    The welcome of the next connection carries them too."""
+
+    name: str
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Removed:
     """This node was removed or expired by the administrator; the client stops."""
 

@@ -9,7 +9,8 @@ the MeshNode (pure too) directly: netmap, mesh prefixes, STUN servers, punches, 
 The trio shell (meshwg.io.agent.agent) only turns events into inputs and actions into I/O.
 
 Inputs:  the control client's events (meshwg.control.events): Connected, Disconnected, DirectoryReset,
-         PeerChanged, PeerRemoved, PunchNotice, PunchFailed, Removed, SealedMessage (not the agent's);
+         PeerChanged, PeerRemoved, PunchNotice, PunchFailed, Removed, SealedMessage (not the agent's),
+         SelfChanged (our name and tags: the welcome's, updated);
          CacheLoaded(welcome, peers, listen_port)  the cached netmap at start, before the server answers
          LocalAddresses(ips, port)                 the host's interface addresses, read now
          LocalEndpointsChanged (the node's event)  our reflexive addresses or NAT kind changed
@@ -50,7 +51,7 @@ from typing import Iterable
 
 from meshwg.disco import netcheck as NC
 from meshwg.control.events import (Connected, DirectoryReset, Disconnected, PeerChanged, PeerInfo, PeerRemoved,
-                                   PunchFailed, PunchNotice, Removed, SealedMessage, Welcome)
+                                   PunchFailed, PunchNotice, Removed, SealedMessage, SelfChanged, Welcome)
 from meshwg.mesh.netmap import PeerSpec
 from meshwg.mesh.node import LocalEndpointsChanged, MeshNode
 from meshwg.mesh.peer_entry import (endpoint_ips, entry_policy, host_cidr, peer_routes, peer_spec, public_candidate_ips,
@@ -239,7 +240,7 @@ class AgentCore:
             CacheLoaded: self._cache_loaded, LocalAddresses: self._local_addresses,
             LocalEndpointsChanged: _ignore,  # the candidates are looked at after every batch
             CandidatesAccepted: self._candidates_accepted, Restun: self._restun, Tick: self._tick,
-            SetRouting: self._set_routing, NatProbed: self._nat_probed,
+            SetRouting: self._set_routing, NatProbed: self._nat_probed, SelfChanged: self._self_changed,
         }
 
     def apply(self, inputs: Iterable, now: float) -> list:
@@ -280,6 +281,15 @@ class AgentCore:
     def _disconnected(self, ev: Disconnected, now: float, out: list) -> None:
         self.connected = False
         out.append(Log("warning", f"control connection lost ({ev.reason}); tunnels keep running, reconnecting"))
+
+    def _self_changed(self, ev: SelfChanged, now: float, out: list) -> None:
+        """Our name or tags changed on the server: what status shows (and the cache keeps); nothing else moves."""
+        w = self.welcome
+        if w is None or (w.name, w.tags) == (ev.name, ev.tags):
+            return
+        self.welcome = dataclasses.replace(w, name=ev.name, tags=ev.tags)
+        self._cache_dirty = True
+        out.append(Log("info", f"this node is now {ev.name}, tags {','.join(ev.tags) or '(none)'}"))
 
     def _removed(self, ev: Removed, now: float, out: list) -> None:
         out.append(Stop(f"this node was removed from the mesh ({ev.reason})"))

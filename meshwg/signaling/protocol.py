@@ -65,6 +65,9 @@ T_PUNCH = "punch"  # {peer: packed entry}: the peer will punch towards us now
 T_SEALED = "sealed"  # {from: key32, blob: bytes}
 T_HEARTBEAT_ACK = "hb_ack"  # {seq}
 T_GONE = "gone"  # {reason}: this node was removed/expired; the server closes
+# {name, tags: [tag...]}: this node's own name or tags changed while it is connected (what its welcome said is
+# stale); nodes before it ignore the type and learn them at their next welcome.
+T_SELF = "self"
 
 
 class FrameDecoder:

@@ -30,7 +30,7 @@ import trio
 
 from meshwg import counters
 from meshwg.control import ControlClient, JoinRefusedError, ServerKeyMismatch, events as CE
-from meshwg.control.client import entry_accept_untrusted, entry_routes_untrusted, tags_untrusted
+from meshwg.control.entry_check import entry_accept_untrusted, entry_routes_untrusted, tags_untrusted
 from meshwg.signaling.invite import Invite, join_hostport, split_hostport
 from meshwg.disco import netcheck as NC
 from meshwg.io.agent import agent_state as S
