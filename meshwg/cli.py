@@ -1,6 +1,8 @@
 """`meshwg` command line: a thin dispatcher over meshwg/commands/*.
 
 Each command module exposes COMMANDS = {name: (help, add_arguments(parser), run(args) -> int)}.
+Options also come from a TOML config file (--config, default /etc/meshwg/meshwg.toml when it exists), under the
+command line's; meshwg/cli_config.py derives its keys from these parsers.
 """
 
 from __future__ import annotations
@@ -8,10 +10,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
+from meshwg import cli_config
+from meshwg.commands.mesh import INVITE_ENV
 from meshwg.errors import UserError
-from meshwg.hotpath import version_line
+from meshwg.hotpath import describe
+
+DEFAULT_CONFIG = "/etc/meshwg/meshwg.toml"
+# `join`'s invite, given one way (argument, --invite-file or $MESHWG_INVITE) hides the config file's other ways:
+# join refuses two of them, and the command line and the environment come before the file.
+INVITE_SOURCES = ("invite", "invite_file")
 
 COMMAND_MODULES = [
     "meshwg.commands.keys",      # genkey, pubkey, genpsk
@@ -24,8 +34,13 @@ COMMAND_MODULES = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshwg", description="Mesh VPN on a userspace WireGuard data plane.")
-    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--version", action="version", version=version_line("meshwg"))
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                        help="least severe messages logged (default warning; `join` logs info)")
+    parser.add_argument("--config", dest="config_file", metavar="FILE", default=argparse.SUPPRESS,
+                        help=f"TOML config file: keys are long option names, a table per command ([join]); "
+                             f"flags override it (default {DEFAULT_CONFIG} if it exists)")
+    parser.add_argument("--version", action=cli_config.LazyVersion,
+                        text=lambda: f"meshwg {cli_config.package_version()} ({describe()})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMAND_MODULES:
         module = importlib.import_module(module_name)
@@ -33,11 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
             command_parser = sub.add_parser(name, help=help_text, description=help_text)
             add_arguments(command_parser)
             command_parser.set_defaults(run=run)
+    # Global flags before or after the command: `meshwg join --log-level debug` as `meshwg --log-level debug join`.
+    cli_config.share_options(parser, ("log_level", "config_file"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = cli_config.parse_args(build_parser(), argv, DEFAULT_CONFIG, _warn, exclusive=(INVITE_SOURCES,),
+                                     given_elsewhere=set(INVITE_SOURCES) if INVITE_ENV in os.environ else set())
+    except cli_config.ConfigError as err:
+        print(f"meshwg: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return int(args.run(args) or 0)
@@ -46,3 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _warn(line: str) -> None:
+    print(f"meshwg: {line}", file=sys.stderr)

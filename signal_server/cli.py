@@ -5,6 +5,9 @@ Admin commands open the SQLite file directly (safe while the server runs: WAL + 
 they make lands in the store's change feed, which the running server reads within --db-poll (0.1 s) and
 pushes removals/renames to every peer.
 Only `serve --init` creates a database (and with it the server's identity); everything else needs one.
+Options also come from a TOML config file (--config, default /etc/meshwg/signal.toml when it exists), under the
+command line's: keys are the long option names, in a table per command ([serve], [relay], [invite.create]) or at the
+top level for every command that has the option (db); meshwg/cli_config.py derives them from these parsers.
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ import sys
 import time
 import urllib.request
 
+from meshwg import cli_config
+
 # Absolute: a relative default named a different (new, empty) database in every working directory.
 DEFAULT_DB = os.environ.get("MESHWG_SIGNAL_DB", "/var/lib/meshwg-signal/signal.db")
+DEFAULT_CONFIG = "/etc/meshwg/signal.toml"
 
 
 def _listen_list(values, default):
@@ -94,9 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: nested subcommands share these options without resetting what an outer level parsed.
     common.add_argument("--db", default=argparse.SUPPRESS, help=f"SQLite state file (default {DEFAULT_DB})")
-    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
+    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"],
+                        help="least severe messages logged (default info)")
+    common.add_argument("--config", dest="config_file", metavar="FILE", default=argparse.SUPPRESS,
+                        help=f"TOML config file: keys are long option names, a table per command ([serve]), shared "
+                             f"ones at the top (db); flags override it (default {DEFAULT_CONFIG} if it exists)")
 
-    p = argparse.ArgumentParser(prog="meshwg-signal", description="meshwg self-hosted signaling, STUN and relay server")
+    # The shared options at every level: `meshwg-signal --db X nodes list` as `meshwg-signal nodes list --db X`.
+    p = argparse.ArgumentParser(prog="meshwg-signal", description="meshwg self-hosted signaling, STUN and relay server",
+                                parents=[common])
+    p.add_argument("--version", action=cli_config.LazyVersion,
+                   text=lambda: f"meshwg-signal {cli_config.package_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def server_opts(sp, control: bool):
@@ -149,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     server_opts(sub.add_parser("serve", parents=[common], help="run the control server, STUN and relay"), True)
     server_opts(sub.add_parser("relay", parents=[common], help="run only STUN + relay (shares the server's DB file)"), False)
 
-    inv = sub.add_parser("invite", help="create, list or revoke invites").add_subparsers(dest="action", required=True)
+    inv = sub.add_parser("invite", parents=[common], help="create, list or revoke invites").add_subparsers(dest="action", required=True)
     c = inv.add_parser("create", parents=[common])
     c.add_argument("--reusable", action="store_true")
     c.add_argument("--expires", default="24h", help="lifetime, e.g. 30m, 24h, 7d, or 'never' (default 24h)")
@@ -178,12 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         tg.add_argument("node", help="id, name or public key")
         tg.add_argument("tags", nargs="+", metavar="TAG")
 
-    pol = sub.add_parser("policy", help="the access policy file").add_subparsers(dest="action", required=True)
+    pol = sub.add_parser("policy", parents=[common], help="the access policy file").add_subparsers(dest="action", required=True)
     pck = pol.add_parser("check", parents=[common], help="validate a policy file against the database's nodes and "
                                                          "print who may reach whom (nothing is applied)")
     pck.add_argument("file")
 
-    rt = sub.add_parser("routes", help="subnet routes and exit nodes the nodes advertise: list, approve, reject"
+    rt = sub.add_parser("routes", parents=[common], help="subnet routes and exit nodes the nodes advertise: list, approve, reject"
                         ).add_subparsers(dest="action", required=True)
     rt.add_parser("list", parents=[common], help="every node's advertised or decided routes and their state")
     for action, what in (("approve", "peers route it through the node while it advertises it"),
@@ -192,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("node", help="id, name or public key")
         sp.add_argument("route", metavar="CIDR|exit", help="a subnet route, or 'exit' for an exit node")
 
-    plain = sub.add_parser("plain", help="plain WireGuard peers: phones with a stock WireGuard app reaching nodes "
+    plain = sub.add_parser("plain", parents=[common], help="plain WireGuard peers: phones with a stock WireGuard app reaching nodes "
                                          "through the relay").add_subparsers(dest="action", required=True)
     pa = plain.add_parser("add", parents=[common], help="add one and print its wg-quick config")
     pa.add_argument("name")
@@ -538,7 +552,11 @@ def _db_problem(args, exc) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = cli_config.parse_args(build_parser(), argv, DEFAULT_CONFIG, _warn)
+    except cli_config.ConfigError as exc:
+        print(f"meshwg-signal: {exc}", file=sys.stderr)
+        return 2
     args.db = getattr(args, "db", DEFAULT_DB)
     args.log_level = getattr(args, "log_level", "info")
     _setup_logging(args.log_level)
@@ -555,6 +573,10 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"meshwg-signal: {exc}", file=sys.stderr)
         return 2
+
+
+def _warn(line: str) -> None:
+    print(f"meshwg-signal: {line}", file=sys.stderr)
 
 
 def cmd_pubkey(args) -> int:
