@@ -11,6 +11,11 @@ One [Peer] per target node: its PublicKey, Endpoint = the signal server's plain-
 reachable endpoint, for `plain add --direct`), AllowedIPs = the node's mesh addresses plus its approved routes
 (0.0.0.0/0, ::/0 for the exit node), PersistentKeepalive = 25 (keeps the phone's NAT mapping, and its place in the
 relay's tables, alive). Given only the device's public key, the config has a comment where its own key goes.
+When a target is reached through the relay, [Interface] says MTU = 1383: the relay delivers the device's datagram
+to the node inside a RECV frame (37 B more), and 1383 + 37 + 32 (WireGuard) + 48 (IPv6 + UDP) = 1500, so a
+full-size packet from the device is not fragmented on the server -> node leg (the node's own routes to a relayed
+peer carry 1375 for its 45 B SEND frames: meshwg.mesh.path_mtu). A config whose targets are all --direct keeps
+the app's default.
 segno is imported on first QR use: it loads urllib.request (sockets), which this pure module must not.
 """
 
@@ -22,8 +27,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from meshwg.config import keys, wgquick
+from meshwg.mesh.path_mtu import RECV_OVERHEAD
 
 PERSISTENT_KEEPALIVE = 25
+WIREGUARD_MTU = 1420                          # what wg-quick and the apps default to (WireGuard over IPv6)
+RELAYED_MTU = WIREGUARD_MTU - RECV_OVERHEAD   # 1383: room for the relay's RECV header on the way to the node
 EVERYTHING = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 
 
@@ -58,9 +66,11 @@ def render_config(*, name: str, addresses: Sequence[object], targets: Sequence[T
         raise ValueError("give the device's private key or its public key, not both or neither")
     if exit_node is not None and exit_node not in {t.public_key for t in targets}:
         raise ValueError(f"exit node {keys.key_to_base64(exit_node)} is not one of the nodes this peer may reach")
+    relayed = any(t.endpoint is None for t in targets)
     iface = wgquick.InterfaceConfig(private_key=private_key,
                                     addresses=[ipaddress.ip_interface(a) if isinstance(a, str) else a
-                                               for a in addresses])
+                                               for a in addresses],
+                                    mtu=RELAYED_MTU if relayed else None)
     iface.comments[wgquick.INTERFACE] = [f"# meshwg plain peer {name}"]
     if private_key is None:
         # Above the first line of the section, where PrivateKey goes: the device's key never leaves it.

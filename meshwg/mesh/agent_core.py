@@ -37,6 +37,9 @@ Actions: SetAddresses(addresses)                   the interface's mesh addresse
          Advertise(choice)                         the OS side of advertising: forwarding, masquerade
          UseExitNode(key, name)                    policy routing through that peer's 0.0.0.0/0, ::/0 (key None:
                                                    none in use, the rules removed)
+         SetRouteMtus(mtus)                        ((prefix, mtu), ...): the routes of the peers reached through
+                                                   the relay carry that MTU, every other route none
+                                                   (meshwg.mesh.path_mtu); after a path, peer or MTU change
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ from meshwg.disco import netcheck as NC
 from meshwg.control.events import (Connected, DirectoryReset, Disconnected, PeerChanged, PeerInfo, PeerRemoved,
                                    PunchFailed, PunchNotice, Removed, SealedMessage, SelfChanged, Welcome)
 from meshwg.mesh.netmap import PeerSpec
-from meshwg.mesh.node import LocalEndpointsChanged, MeshNode
+from meshwg.mesh.node import LocalEndpointsChanged, MeshNode, RelayEndpoint
+from meshwg.mesh import path_mtu
 from meshwg.mesh.peer_entry import (endpoint_ips, entry_policy, host_cidr, peer_routes, peer_spec, public_candidate_ips,
                                     resolve_routes)
 from meshwg.mesh.routing import RoutingChoice, mesh_overlap, public_endpoint_addr
@@ -63,6 +67,7 @@ from meshwg.disco.peer_paths import in_networks, parse_network
 
 TICK_INTERVAL = PUNCH_WATCH_INTERVAL
 CACHE_MIN_INTERVAL = 2.0    # a burst of directory changes is one cache write
+DEFAULT_IFACE_MTU = 1420    # the mesh interface's MTU when the node's core does not say (meshwg.io.dataplane.tun)
 
 
 # ---- inputs (besides the control events and the node's LocalEndpointsChanged) ---------------------
@@ -175,6 +180,11 @@ class UseExitNode:
     name: str | None
 
 
+@dataclass(frozen=True)
+class SetRouteMtus:
+    mtus: tuple             # ((prefix text, mtu), ...) sorted: the whole wanted set, not a change
+
+
 def update_directory(peers: dict[bytes, PeerInfo], ev) -> bool:
     """Fold one control event into `peers` (key -> PeerInfo); True when an entry changed. A punch notice
     carries the freshest entry the server has; other events leave the directory alone."""
@@ -233,6 +243,8 @@ class AgentCore:
         self._own_public: frozenset = frozenset()   # our reflexive and public addresses
         self.exit_key: bytes | None = None          # the exit node in use (chosen, present, approved)
         self.open_family: int | None = None         # netcheck saw no filtering on this IP version (NatProbed)
+        self.route_mtus: dict[str, int] = {}        # the relayed peers' routes and their MTU (SetRouteMtus)
+        self._mtu_inputs: tuple = ()                # (node specs, relayed keys, interface MTU) they follow from
         self._handlers = {
             Connected: self._connected, Disconnected: self._disconnected, DirectoryReset: self._reset,
             PeerChanged: self._peer_changed, PeerRemoved: self._peer_removed, PunchNotice: self._punch_notice,
@@ -253,6 +265,7 @@ class AgentCore:
             handler(inp, now, out)
         self._own_addresses(now)
         self._candidates(out)
+        self._path_mtus(out)
         self._cache(now, out)
         return out
 
@@ -532,6 +545,24 @@ class AgentCore:
         if self.report.due(cands, self.connected):
             self.report.sent(cands)
             out.append(ReportCandidates(tuple(cands)))
+
+    # ---- the relayed peers' route MTU ----------------------------------------------------------
+    def _path_mtus(self, out: list) -> None:
+        """SetRouteMtus when the relayed peers, their routes or the interface MTU changed. After every batch (a
+        Tick every 0.1 s among them): the node switches paths between batches, and this reads its paths in
+        O(peers), no more than the tick's punch check does; the routes are rebuilt only on a change."""
+        node = self.node
+        specs = node.specs   # replaced (never mutated) by apply_netmap: the same object, the same routes
+        relayed = path_mtu.relayed_keys(specs, node.endpoint_of, RelayEndpoint)
+        inputs = (specs, relayed, getattr(node.core, "mtu", None) or DEFAULT_IFACE_MTU)
+        old = self._mtu_inputs
+        if old and old[0] is inputs[0] and old[1:] == inputs[1:]:
+            return
+        self._mtu_inputs = inputs
+        mtus = path_mtu.route_mtus(*inputs)
+        if mtus != self.route_mtus:
+            self.route_mtus = mtus
+            out.append(SetRouteMtus(tuple(sorted(mtus.items()))))
 
     # ---- timed duties --------------------------------------------------------------------------
     def _tick(self, ev: Tick, now: float, out: list) -> None:

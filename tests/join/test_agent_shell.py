@@ -68,6 +68,9 @@ class Dev:
     async def set_addresses(self, addresses) -> None:
         self.addresses = list(addresses)
 
+    def set_route_mtus(self, mtus) -> None:
+        self.route_mtus = dict(mtus)
+
 
 class Client:
     def __init__(self) -> None:
@@ -149,6 +152,13 @@ async def test_queued_events_are_one_batch_and_one_flush(autojump_clock):
     assert agent.dev.driver.flushes == 1
     assert set(agent.dev.node.core.peers) == {key(1), key(2), key(3)}
     assert agent.dev.addresses == ["100.64.0.7/32", "fd00::7/128"] and agent.dev.relay.calls == ["configure"]
+
+
+async def test_a_relayed_peers_route_mtu_reaches_the_device(autojump_clock):
+    agent, client = new_agent()
+    with trio.fail_after(60):
+        await agent._step(Connected(WELCOME), DirectoryReset({key(1): peer(1)}))
+    assert agent.dev.route_mtus == {"100.64.0.1/32": 1375, "fd00::1/128": 1375}   # on the relay until direct
 
 
 async def test_a_report_that_went_out_is_given_back_so_the_next_change_is_reported(autojump_clock):

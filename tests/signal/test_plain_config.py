@@ -36,6 +36,8 @@ def test_config_with_private_key_parses_back_with_every_field():
     cfg = wgquick.parse(text)
     assert cfg.interface.private_key == PHONE_SK
     assert cfg.interface.addresses == [ipaddress.ip_interface(a) for a in ADDRS]
+    # Reached through the relay: room for its 37 B RECV header on the server -> node leg (1420 - 37).
+    assert cfg.interface.mtu == 1383 and "\nMTU = 1383\n" in text
     assert [p.public_key for p in cfg.peers] == [HOME_PK, OFFICE_PK]
     assert cfg.peers[0].allowed_ips == _net("100.64.0.1/32", "fd7a:115c:a1e0::1/128", "192.168.1.0/24")
     assert cfg.peers[1].allowed_ips == _net("100.64.0.2/32", "fd7a:115c:a1e0::2/128")
@@ -75,6 +77,10 @@ def test_direct_endpoint_and_ipv6_or_hostname_server_endpoints():
     assert cfg.peers[0].endpoint == wgquick.Endpoint("198.51.100.5", 41641)
     assert cfg.peers[1].endpoint == wgquick.Endpoint("2001:db8::1", 51820)
     assert "Endpoint = [2001:db8::1]:51820" in text
+    assert cfg.interface.mtu == 1383   # one target through the relay: its MTU
+    only_direct = wgquick.parse(render_config(name="p", addresses=ADDRS, targets=[direct], server_endpoint=SERVER,
+                                              private_key=PHONE_SK))
+    assert only_direct.interface.mtu is None   # no relay on any path: the app's default MTU
     text = render_config(name="p", addresses=ADDRS, targets=[HOME], server_endpoint="vpn.example.org:51820",
                          private_key=PHONE_SK)
     assert wgquick.parse(text).peers[0].endpoint == wgquick.Endpoint("vpn.example.org", 51820)

@@ -255,6 +255,8 @@ class Agent:
                 await self._apply_os()
             case A.UseExitNode(key, name):
                 await self._use_exit(key, name)
+            case A.SetRouteMtus(mtus):
+                self.dev.set_route_mtus(dict(mtus))   # the device's route task applies it
             case _:
                 raise TypeError(f"unknown agent action {act!r}")
         return None

@@ -226,6 +226,7 @@ class MeshDevice:
         self.on_local_endpoints = on_local_endpoints
         self._routes_send, self._routes_recv = trio.open_memory_channel(ROUTE_QUEUE)
         self._routes: set[str] = set()  # prefixes the node wants routed through this device
+        self._mtus: dict[str, int] = {}  # ... and the MTU of those to relayed peers (set_route_mtus)
         self._ifindex = socket.if_nametoindex(self.tun.name)
         self._conflicts_warned: set[str] = set()
         self._last_route_error = ""
@@ -301,6 +302,20 @@ class MeshDevice:
         await trio.to_thread.run_sync(ip_batch, lines)
         self.addresses = list(addresses)
 
+    def set_route_mtus(self, mtus: dict[str, int]) -> None:
+        """The MTU the routes to relayed peers carry (prefix -> mtu, meshwg.mesh.path_mtu); every other route of
+        ours none. The route task applies it (the one writer of our routes), at a check asked for now."""
+        self._mtus = {route_plan.normalise(p): m for p, m in mtus.items()}
+        try:
+            self._routes_send.send_nowait(_RECHECK)
+        except trio.WouldBlock:
+            pass  # a full queue is processed anyway, with a dump
+
+    def _route_line(self, verb: str, prefix: str, mtu: int | None = None) -> str:
+        """`route add|change PREFIX dev IFACE [mtu N]`; mtu None: the one set_route_mtus wants."""
+        mtu = self._mtus.get(prefix, 0) if mtu is None else mtu
+        return f"route {verb} {prefix} dev {self.name}" + (f" mtu {mtu}" if mtu else "")
+
     async def _route_task(self) -> None:
         """The only task changing routes: the node's changes, event-triggered and periodic checks."""
         while True:
@@ -333,11 +348,11 @@ class MeshDevice:
             self.route_counters["fail_route_check"] += 1
             log.warning("route check: %s", exc)
             lines = [f"route del {p} dev {self.name}" for p in sorted(removes)]
-            lines += [f"route add {p} dev {self.name}" for p in sorted(fresh)]
+            lines += [self._route_line("add", p) for p in sorted(fresh)]
             await trio.to_thread.run_sync(ip_batch, lines)
             return
         ours = {r.prefix for r in found if self._ifindex in r.devs and r.table == route_plan.MAIN_TABLE}
-        plan = route_plan.plan(self._routes, found, self._ifindex)
+        plan = route_plan.plan(self._routes, found, self._ifindex, mtus=self._mtus)
         # Re-added: ours before and gone now (not new, nor a prefix another interface just released,
         # nor one whose add failed last time, e.g. on a downed link: counted and logged once).
         restored = [p for p in plan.add
@@ -346,7 +361,10 @@ class MeshDevice:
         # `add`, never `replace`: if someone routed the prefix since the dump, theirs stays.
         # In batch mode the family follows from the prefix (a "-4"/"-6" word is not accepted).
         lines = [f"route del {p} dev {self.name}" for p in sorted(removes & ours)]
-        lines += [f"route add {p} dev {self.name}" for p in plan.add]
+        lines += [self._route_line("add", p) for p in plan.add]
+        # `change` (never creates): a route deleted since the dump stays deleted. Without `mtu` it drops the metric.
+        lines += [self._route_line("change", p, mtu) for p, mtu in plan.retune]
+        self.route_counters["set_route_mtu"] += len(plan.retune)
         if restored:
             log.warning("routes through %s were removed by someone else; adding them back: %s",
                         self.name, " ".join(restored))

@@ -17,7 +17,8 @@ from meshwg.io.oscfg.route_plan import KernelRoute
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 RTM_NEWLINK, RTM_DELLINK, RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 16, 17, 24, 25, 26
-RTA_DST, RTA_OIF, RTA_MULTIPATH, RTA_TABLE = 1, 4, 9, 15
+RTA_DST, RTA_OIF, RTA_METRICS, RTA_MULTIPATH, RTA_TABLE = 1, 4, 8, 9, 15
+RTAX_MTU = 2   # inside RTA_METRICS: the route's `mtu`
 RTM_F_CLONED = 0x200
 # Legacy group bits for bind(): RTMGRP_LINK, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE.
 GROUPS = 0x1 | 0x40 | 0x400
@@ -66,6 +67,12 @@ def _nexthop_devs(data: bytes) -> set[int]:
     return devs
 
 
+def _metric_mtu(data: bytes) -> int:
+    """The RTAX_MTU of a route's RTA_METRICS (0: none, or malformed)."""
+    value = _attrs(data, 0).get(RTAX_MTU, b"")
+    return struct.unpack("=I", value)[0] if len(value) == 4 else 0
+
+
 def parse_route(payload: bytes) -> KernelRoute | None:
     """One RTM_NEWROUTE/RTM_DELROUTE payload as a KernelRoute; None for other families,
     cached clones and malformed payloads."""
@@ -88,7 +95,8 @@ def parse_route(payload: bytes) -> KernelRoute | None:
         devs |= _nexthop_devs(attrs[RTA_MULTIPATH])
     addr = ipaddress.ip_address(dst)
     net = ipaddress.ip_network(f"{addr}/{dst_len}", strict=False)
-    return KernelRoute(str(net), frozenset(devs), table)
+    mtu = _metric_mtu(attrs[RTA_METRICS]) if RTA_METRICS in attrs else 0
+    return KernelRoute(str(net), frozenset(devs), table, mtu)
 
 
 def parse_dump(data: bytes) -> tuple[list[KernelRoute], bool, int]:
