@@ -29,7 +29,10 @@ State (what "a flow we opened" means; the tables hold only ours, refreshed by pa
     opened is admitted by the rules alone, so it stops at its next packet once they no longer allow it.
 Fragments: a non-first fragment carries no ports; it passes (the receiving stack cannot reassemble it without
 the first, which was filtered). IPv6 extension headers (hop-by-hop, routing, destination options, fragment)
-are followed, up to 4.
+are followed, up to 4. A source-routed packet (IPv4 LSRR/SSRR option, IPv6 routing header with segments left)
+is dropped: the destination it is judged by is not where it ends (a forwarding node that honours the route would
+take it on to a host the peer may not reach). An ICMP error passes only towards the source of the packet it
+quotes.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ _V4_IN = struct.Struct("!6xHxB6xI2xH")     # flags/fragment, proto, dst, dport o
 _ICMP_ERRORS_V4 = frozenset((3, 4, 5, 11, 12))
 _ICMP_ERRORS_V6 = frozenset((1, 2, 3, 4))
 _V6_EXT = frozenset((0, 43, 60))
+_SOURCE_ROUTE_V4 = frozenset((0x83, 0x89))   # loose and strict source route options
 _FRAG6 = 44
 
 
@@ -192,6 +196,8 @@ class PeerFilter:
         if parsed is None:
             return DROP_MALFORMED
         version, off, proto, _, dst, later_fragment = parsed
+        if (off > 20 if version == 4 else pkt[6] != proto) and _source_routed(pkt, version, off):
+            return DROP_NOT_ALLOWED
         t = self._table(version, dst)
         if t is _ALL or later_fragment:
             return None
@@ -212,7 +218,8 @@ class PeerFilter:
                 return DROP_MALFORMED
             kind = pkt[off]
             if kind in (_ICMP_ERRORS_V4 if proto == ICMP else _ICMP_ERRORS_V6):
-                return None if self._quotes_ours(pkt[off + 8:], version, now) else DROP_NOT_ALLOWED
+                ours = self._quotes_ours(pkt[off + 8:], version, parsed[4], now)
+                return None if ours else DROP_NOT_ALLOWED
             if kind != (0 if proto == ICMP else 129):   # only an echo reply answers our echo request
                 return DROP_NOT_ALLOWED
         key = _key(pkt, parsed)
@@ -224,11 +231,12 @@ class PeerFilter:
         cell[0] = now
         return None
 
-    def _quotes_ours(self, quoted: bytes, version: int, now: float) -> bool:
+    def _quotes_ours(self, quoted: bytes, version: int, dst: int, now: float) -> bool:
         """An ICMP error's quoted packet (one we sent to the peer): part of a flow we opened, or the answer side of
-        one the rules admit."""
+        one the rules admit. The error goes to that packet's source (`dst`, the error's destination), as conntrack
+        requires: otherwise one known flow would carry errors (redirects too) to any host behind us."""
         parsed = _parse(quoted)
-        if parsed is None or parsed[0] != version:
+        if parsed is None or parsed[0] != version or parsed[3] != dst:
             return False
         _, off, proto, src, _, _ = parsed
         key = _key(quoted, parsed)
@@ -290,6 +298,32 @@ class PeerFilter:
         cell = [now, _key(pkt, parsed), _reverse_key(pkt, parsed)]
         out[group][cell[1]] = inn[group][cell[2]] = cell
         self.counters["open_acl_flow"] += 1
+
+
+def _source_routed(pkt: bytes, version: int, off: int) -> bool:
+    """Whether the packet names further hops (IPv4 LSRR/SSRR, an IPv6 routing header with segments left): the
+    destination we judge is then not its last (a forwarding node with accept_source_route or seg6 on follows it)."""
+    if version == 4:
+        i = 20
+        while i < off:
+            kind = pkt[i]
+            if kind == 0:   # end of options
+                return False
+            if kind == 1:   # no-op
+                i += 1
+                continue
+            if kind in _SOURCE_ROUTE_V4:
+                return True
+            if i + 1 >= off or pkt[i + 1] < 2:
+                return True   # an option whose length cannot be read: cannot be judged either
+            i += pkt[i + 1]
+        return False
+    nh, i = pkt[6], 40
+    while i < off and (nh in _V6_EXT or nh == _FRAG6):
+        if nh == 43 and pkt[i + 3]:   # _parse read these headers: they are in the packet
+            return True
+        nh, i = pkt[i], i + (8 if nh == _FRAG6 else (pkt[i + 1] + 1) * 8)
+    return False
 
 
 def _group(proto: int) -> int:

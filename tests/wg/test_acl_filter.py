@@ -248,3 +248,41 @@ def test_the_status_line():
                     (17, 53, 53, "100.64.0.1/32"), (6, 8000, 8100, "100.64.0.1/32")]) == "tcp/22,443,8000-8100 udp/53 icmp"
     assert summary([(0, 0, 65535, "100.64.0.1/32")]) == "all"
     assert summary([(6, 22, 22, "192.168.1.0/24")]) == "tcp/22 (to 192.168.1.0/24 too)"
+
+
+# ---------------------------------------------------------------------------- hostile review (issue 13)
+
+def _error(src: str, dst: str, quoted: bytes, kind: int = 3, code: int = 3) -> bytes:
+    return pkt(src, dst, 1, struct.pack("!BBHI", kind, code, 0, 0) + quoted[:28])
+
+
+def test_an_icmp_error_passes_only_towards_the_source_of_the_packet_it_quotes():
+    f = PeerFilter([(6, 443, 443, US4 + "/32")])   # the peer may reach our tcp/443 only
+    ours = pkt(US4, THEM4, 17, udp(6000, 53))
+    f.note_out(ours, 0.0)
+    assert f.check_in(_error(THEM4, US4, ours), 0.1) is None
+    # The same quote aimed at a host behind our subnet route (an unreachable, a redirect): not its packet.
+    assert f.check_in(_error(THEM4, "192.168.1.5", ours), 0.1) == DROP_NOT_ALLOWED
+    assert f.check_in(_error(THEM4, "192.168.1.5", ours, kind=5, code=1), 0.1) == DROP_NOT_ALLOWED
+    # A quote forged as our answer from the port the peer may reach, aimed elsewhere.
+    forged = pkt(US4, "8.8.8.8", 6, tcp(443, 1234, ACK))
+    assert f.check_in(_error(THEM4, US4, forged), 0.1) is None
+    assert f.check_in(_error(THEM4, "192.168.1.5", forged), 0.1) == DROP_NOT_ALLOWED
+
+
+def test_a_source_routed_packet_is_dropped_its_destination_is_not_its_last():
+    f = PeerFilter([(6, 22, 22, US4 + "/32"), (6, 22, 22, US6 + "/128")])   # our own ssh only
+    lan4, lan6 = bytes((192, 168, 1, 5)), ipaddress.IPv6Address("fd77::5").packed
+    for kind in (0x83, 0x89):   # loose, strict: a router with accept_source_route forwards it to the LAN host
+        opt = bytes((kind, 7, 4)) + lan4 + b"\x00"
+        assert f.check_in(ip4(THEM4, US4, 6, tcp(40000, 22, SYN), options=opt), 0.0) == DROP_NOT_ALLOWED
+        assert f.check_in(ip4(THEM4, US4, 6, tcp(40000, 22, SYN), options=b"\x01" + opt[:7]), 0.0) \
+            == DROP_NOT_ALLOWED   # behind a no-op
+    assert f.check_in(ip4(THEM4, US4, 6, tcp(40000, 22, SYN), options=b"\x01\x01\x01\x00"), 0.0) is None
+
+    def routed(segments_left: int) -> bytes:   # a segment routing header (type 4) naming the LAN host
+        body = bytes((6, 2, 4, segments_left, 0, 0, 0, 0)) + lan6 + tcp(40000, 22, SYN)
+        return struct.pack("!IHBB16s16s", 0x60000000, len(body), 43, 64, ipaddress.IPv6Address(THEM6).packed,
+                           ipaddress.IPv6Address(US6).packed) + body
+    assert f.check_in(routed(1), 0.0) == DROP_NOT_ALLOWED
+    assert f.check_in(routed(0), 0.0) is None   # no hop left: we are its destination
