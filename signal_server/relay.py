@@ -113,6 +113,8 @@ class RelayCore:
         # The fast path's per-node budget, (key, size) -> bool, when there is one (FastRelay sets it): SENDs
         # forwarded here spend the same buckets as the compiled path's, so mixing paths buys nothing.
         self.node_charge = None
+        # The same for the total limit, size -> bool: one total budget for both paths (FastRelay sets it).
+        self.total_charge = None
         # Per node key, spent only by HELLOs that authenticate: junk naming a key cannot use up its budget.
         self.hello_limit = KeyedLimiter(hello_rate, hello_rate * 4)
         # Per source, charged for every HELLO that fails; once empty, that source's HELLOs are dropped
@@ -308,7 +310,7 @@ class RelayCore:
             self.counters["drop_rate_limited"] += 1
             self.counters["drop_relay_node_limit"] += 1
             return []
-        if self.total_limit is not None and not self.total_limit.take(now, len(packet)):
+        if not self._total_allows(now, len(packet)):
             self.counters["drop_rate_limited"] += 1
             self.counters["drop_relay_total_limit"] += 1
             return []
@@ -328,6 +330,13 @@ class RelayCore:
         if self.node_charge is not None:
             return self.node_charge(key, size)
         return self.pkt_limit.allow(key, now) and self.byte_limit.allow(key, now, size)
+
+    def _total_allows(self, now: float, size: int) -> bool:
+        if self.total_limit is None:
+            return True
+        if self.total_charge is not None:
+            return self.total_charge(size)
+        return self.total_limit.take(now, size)
 
     def _to_plain(self, node_key: bytes, packet: bytes, now: float) -> list[tuple[bytes, object]]:
         """A node's datagram for one of its plain peers: to the address the ingress learned for it."""
@@ -355,7 +364,7 @@ class RelayCore:
         if not self.pkt_limit.allow(limit_key, now) or not self.byte_limit.allow(limit_key, now, len(data)):
             self.counters["drop_plain_rate_limited"] += 1
             return []
-        if self.total_limit is not None and not self.total_limit.take(now, len(data)):
+        if not self._total_allows(now, len(data)):
             self.counters["drop_plain_rate_limited"] += 1
             self.counters["drop_relay_total_limit"] += 1
             return []

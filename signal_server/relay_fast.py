@@ -30,6 +30,7 @@ class FastRelay:
         relay.fast_updates = []
         self._sync_limits()
         relay.node_charge = self.charge  # one per-node budget for both paths (it lives in the table)
+        relay.total_charge = self.charge_total  # and one total budget
 
     def _sync_limits(self) -> None:
         limits = self.relay.limits()
@@ -41,6 +42,12 @@ class FastRelay:
         """RelayCore's per-node check for what it forwards itself (TCP, plain and table-less destinations)."""
         self._sync_limits()
         return fastio.relay_charge(self.table, key, float(size))
+
+    def charge_total(self, size: int) -> bool:
+        """RelayCore's total-limit check for what it forwards itself: the table's bucket, which the fast path
+        spends too (two buckets would let traffic split across the paths carry twice the total)."""
+        self._sync_limits()
+        return fastio.relay_charge_total(self.table, float(size))
 
     def sync(self) -> None:
         """Sessions and limits as the core has them now (call before forwarding and after the core ran)."""

@@ -12,6 +12,7 @@ from sig_helpers import new_key, start_server, wait_until  # noqa: F401
 
 from meshwg.control import ControlConnection
 from meshwg.io.dataplane.fastio import fastio
+from meshwg.token_bucket import TokenBucket
 from meshwg.signaling import relay_wire as W
 from signal_server import cli
 
@@ -121,6 +122,29 @@ async def test_sends_the_core_forwards_itself_spend_the_same_per_node_budget(nur
         await a.send(b.pub, b"p%d" % i)
     got = await b.received()
     assert len(got) == 4, len(got)
+    for c in conns:
+        await c.aclose()
+    h.admin.close()
+
+
+async def test_traffic_split_across_both_paths_stays_within_one_total_limit(nursery, tmp_path):
+    """One total budget whichever path the SENDs take: a total burst of 1000 bytes, 600 of it forwarded in C,
+    then (the destination gone from the compiled table) the core forwards only the 400 left, not 1000 more."""
+    h = await start_server(nursery, tmp_path)
+    relay, fast = h.server.relay, h.server.relay_udp.fast
+    (a, b), conns = await pair(h)
+    await a.send(b.pub, b"warm-up")
+    assert await b.received() == [b"warm-up"]
+    relay.total_limit = TokenBucket(0.01, 1000.0)
+    for i in range(6):
+        await a.send(b.pub, b"c" * 100)
+    assert len(await b.received()) == 6
+    fastio.relay_remove(fast.table, b.pub)  # B's RECVs now come from the core's own forwarding
+    for i in range(10):
+        await a.send(b.pub, b"p" * 100)
+    got = await b.received()
+    assert len(got) == 4, len(got)
+    assert relay.counters["drop_relay_total_limit"] == 6
     for c in conns:
         await c.aclose()
     h.admin.close()

@@ -1201,6 +1201,9 @@ send_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  * relay_charge(table, key32, size) -> bool
  *     Takes one packet of `size` bytes from the key's buckets (the ones its fast-path SENDs spend): RelayCore
  *     charges its own forwarding here, so a node has one budget whichever path its SENDs take.
+ * relay_charge_total(table, size) -> bool
+ *     Takes `size` bytes from the total bucket (the one the fast path spends): RelayCore's own forwarding too,
+ *     so the total limit holds whichever mix of paths the traffic takes.
  * relay_forward(table, fd, limit[, sources]) -> list[(bytes, (host, port))]   (the datagrams for Python)
  * relay_take_counters(table) -> (forwarded_packets, forwarded_bytes, drop_node_limit, drop_total_limit,
  *                                send_errors, send_would_block): counts since the last call.
@@ -1691,6 +1694,23 @@ relay_charge(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyObject *
+relay_charge_total(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct relay_table *t = nargs == 2 ? as_table(args[0]) : NULL;
+    if (t == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "relay_charge_total(table, size)");
+        }
+        return NULL;
+    }
+    double size = PyFloat_AsDouble(args[1]);
+    if (size == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    return PyBool_FromLong(bucket_take(&t->total, monotonic_now(), size));
+}
+
+static PyObject *
 relay_take_counters(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     struct relay_table *t = nargs == 1 ? as_table(args[0]) : NULL;
@@ -2030,6 +2050,8 @@ static PyMethodDef fastio_methods[] = {
      "relay_limits(table, node_pps, node_pkt_burst, node_bytes_s, node_byte_burst, total_bytes_s, total_burst)"},
     {"relay_charge", (PyCFunction)(void (*)(void))relay_charge, METH_FASTCALL,
      "relay_charge(table, key, size) -> bool (within the key's per-node budget)"},
+    {"relay_charge_total", (PyCFunction)(void (*)(void))relay_charge_total, METH_FASTCALL,
+     "relay_charge_total(table, size) -> bool (within the total budget)"},
     {"relay_forward", (PyCFunction)(void (*)(void))relay_forward, METH_FASTCALL,
      "relay_forward(table, fd, limit[, sources]) -> list[(bytes, (host, port))] for Python"},
     {"relay_take_counters", (PyCFunction)(void (*)(void))relay_take_counters, METH_FASTCALL,
