@@ -6,7 +6,9 @@ Three pairs of `meshwg join` nodes, each behind its own NAT router, one signal s
   direct      port-restricted <-> full cone: punches, goes direct
 For each: ping RTT (--pings at -i 0.01) and iperf3 TCP (--time s, 1 stream) through the mesh, the signal server's
 CPU seconds during the iperf3 run and per GB it relayed (benchmarks/procstat.py, /metrics forwarded_bytes), then
-the ratios relay/direct. --forward also runs forward.py's loopback microbenchmark. Removes all it created.
+the ratios relay/direct, and the route MTU x uses for y (1375 on a relayed pair, issue 16; '-': the interface's).
+The first line says which relay limits the server ran with. --forward also runs forward.py's loopback
+microbenchmark. Removes all it created.
 """
 
 from __future__ import annotations
@@ -51,8 +53,25 @@ def iperf_mbit(x, y, ip: str, seconds: int) -> float:
         y.host.stop(server)
 
 
+def route_mtu(x, ip: str) -> str:
+    """The MTU `ip route get` gives in x's namespace ('-': none on the route, the interface's)."""
+    m = re.search(r"\bmtu (\d+)", x.host.run("ip", "route", "get", ip))
+    return m.group(1) if m else "-"
+
+
+def limits_line(server_args: list[str]) -> str:
+    """The relay limits the server runs with: `serve`'s parse of the lab's arguments (defaults included)."""
+    from signal_server.cli import build_parser
+    a = build_parser().parse_args(["serve", *server_args])
+    pps = f"{a.relay_node_pps:g} packets/s" if a.relay_node_pps else "a packet/s per 512 B/s of it"
+    total = f"{a.relay_total_rate:g} Mbit/s" if a.relay_total_rate else "none"
+    return (f"relay limits: per node {a.relay_node_rate:g} Mbit/s and {pps}; total {total}"
+            + ("" if server_args else " (the defaults)"))
+
+
 def measure(mesh: MeshLab, x, y, seconds: int, pings: int) -> dict:
     ip = y.mesh_ip()
+    mtu = route_mtu(x, ip)
     rtt = ping_ms(x, ip, pings)
     pid = mesh.server.pid
     cpu0, fwd0 = cpu_seconds(pid), mesh.metrics().get("meshwg_signal_forwarded_bytes_total", 0.0)
@@ -61,7 +80,7 @@ def measure(mesh: MeshLab, x, y, seconds: int, pings: int) -> dict:
     gb = (fwd1 - fwd0) / 1e9
     return {"tcp_mbit": mbit, "ping_ms": rtt, "server_cpu_s": cpu1 - cpu0, "relayed_gb": gb,
             "server_cpu_s_per_gb": (cpu1 - cpu0) / gb if gb > 0.01 else float("nan"),
-            "path": "/".join(str(p) for p in paths(x, y))}
+            "path": "/".join(str(p) for p in paths(x, y)), "route_mtu": mtu}
 
 
 def main() -> int:
@@ -75,6 +94,7 @@ def main() -> int:
         print("benchmarks/relay needs root (network namespaces)", file=sys.stderr)
         return 1
     results = {}
+    print(limits_line(args.server_arg), flush=True)
     with Lab() as lab:
         mesh = MeshLab(lab)
         mesh.start_server()
