@@ -53,10 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None, warn=None) -> argparse.Namespace:
+    """The command line over the config file; cli_config.ConfigError for a bad file."""
+    env = set(INVITE_SOURCES) if INVITE_ENV in os.environ else set()
+    return cli_config.parse_args(build_parser(), argv, DEFAULT_CONFIG, warn or _warn, exclusive=(INVITE_SOURCES,),
+                                 given_elsewhere=env)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = cli_config.parse_args(build_parser(), argv, DEFAULT_CONFIG, _warn, exclusive=(INVITE_SOURCES,),
-                                     given_elsewhere=set(INVITE_SOURCES) if INVITE_ENV in os.environ else set())
+        args = parse_args(argv)
     except cli_config.ConfigError as err:
         print(f"meshwg: {err}", file=sys.stderr)
         return 2

@@ -113,8 +113,11 @@ def _scalar(action: argparse.Action, value):
         raise _Bad("invalid value: number too long") from None
     try:
         out = text if action.type is None else action.type(text)
-    except (argparse.ArgumentTypeError, TypeError, ValueError, OverflowError) as exc:
+    except argparse.ArgumentTypeError as exc:
         raise _Bad(f"invalid value {_short(value)}: {exc}") from None
+    except (TypeError, ValueError, OverflowError):  # argparse's own words for these
+        name = getattr(action.type, "__name__", repr(action.type))
+        raise _Bad(f"invalid value {_short(value)}: invalid {name} value: {_short(text)}") from None
     if action.choices is not None and out not in action.choices:
         raise _Bad(f"invalid value {_short(value)} (choose from {', '.join(map(repr, action.choices))})")
     return out
@@ -204,8 +207,10 @@ def load(parser: argparse.ArgumentParser, data: bytes, filename: str) -> Config:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise _decode_error(filename, exc) from None
-    except (ValueError, RecursionError) as exc:  # an integer past 4300 digits, arrays nested too deep
-        raise ConfigError(filename, None, f"not valid TOML: {type(exc).__name__}") from None
+    except ValueError:  # tomllib lets int() refuse an integer past 4300 digits
+        raise ConfigError(filename, None, "not valid TOML: a number too long") from None
+    except RecursionError:
+        raise ConfigError(filename, None, "not valid TOML: nested too deep") from None
     tables: dict = {}
     lines = _KeyLines(text)
     _check_table(_Node(parser, ()), doc, tables, lines, filename)

@@ -551,9 +551,14 @@ def _db_problem(args, exc) -> str:
     return f"meshwg-signal: {exc}; is --db right? (`meshwg-signal serve --init` creates a server's database)"
 
 
+def parse_args(argv=None, warn=None) -> argparse.Namespace:
+    """The command line over the config file; cli_config.ConfigError for a bad file."""
+    return cli_config.parse_args(build_parser(), argv, DEFAULT_CONFIG, warn or _warn)
+
+
 def main(argv=None) -> int:
     try:
-        args = cli_config.parse_args(build_parser(), argv, DEFAULT_CONFIG, _warn)
+        args = parse_args(argv)
     except cli_config.ConfigError as exc:
         print(f"meshwg-signal: {exc}", file=sys.stderr)
         return 2
