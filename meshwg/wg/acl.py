@@ -19,8 +19,12 @@ State (what "a flow we opened" means; the tables hold only ours, refreshed by pa
     Known limit: a connection we opened before the peer had any policy (no filter, nothing tracked) is not in
     the table; its replies pass only while the rules admit them.
   - UDP and other protocols: our packet opens a flow when the rules would not admit its reverse (a packet that
-    answers what the peer may send anyway needs no state). Unlike TCP there is no opening mark: a UDP "flow" the
-    peer opened that this node keeps sending on after a change is from then on one we opened.
+    answers what the peer may send anyway needs no state, but is remembered, `theirs`, for the protocol's timeout
+    after our last packet on it, at most MAX_FLOWS per peer). A flow in `theirs` never becomes one we opened: when
+    a policy change stops admitting the peer's side, it stops though this node keeps sending on it (a QUIC
+    server's retransmissions would otherwise keep a revoked client in). Known limit: it cannot tell who sent
+    first, so a UDP flow we opened while the rules admitted its reverse stops too, as a TCP connection we opened
+    before any policy does.
   - ICMP: our echo request opens (icmp, us, them, echo id); its echo reply passes. An ICMP error passes when
     the packet it quotes (one we sent) belongs to a flow we opened or is one the rules admit the reverse of.
   - timeouts as Linux conntrack's defaults, shorter for TCP (no FIN/RST tracking): TCP 2 h 4 min, UDP 120 s,
@@ -129,7 +133,7 @@ class PeerFilter:
     the protocol number first), so either direction takes one slice per packet (they hash far faster than tuples
     of address ints); the reversed key is built once, when the flow opens."""
 
-    __slots__ = ("rules", "out", "inn", "max_flows", "counters", "_dst", "_next_sweep")
+    __slots__ = ("rules", "out", "inn", "theirs", "max_flows", "counters", "_dst", "_next_sweep")
 
     def __init__(self, rules, counters: collections.Counter | None = None, max_flows: int = MAX_FLOWS):
         self.out: dict[int, dict] = {TCP: {}, UDP: {}, ICMP: {}, ANY: {}}   # ANY: every other protocol
@@ -137,6 +141,9 @@ class PeerFilter:
         self.max_flows = max_flows
         self.counters = counters if counters is not None else collections.Counter()
         self._next_sweep = -1.0
+        # UDP and other flows we answered while the rules admitted the peer's side: our key -> when we last sent.
+        # Such a flow is the peer's: a policy change that stops admitting it must not make it ours (module doc).
+        self.theirs: dict[bytes, float] = {}
         self.set_rules(rules)
 
     @property
@@ -277,8 +284,20 @@ class PeerFilter:
                 self._open(pkt, parsed, now)
         else:
             sport = (pkt[off] << 8) | pkt[off + 1] if proto == UDP else 0
-            if not self.admits(version, src, proto, sport):   # an answer the rules admit anyway needs no state
+            seen = self.theirs.get(key)
+            if self.admits(version, src, proto, sport):   # an answer the rules admit anyway needs no state
+                self._answered(key, now)
+            elif seen is not None and now - seen <= _TIMEOUT[proto]:
+                self._answered(key, now)   # still the peer's while we keep sending on it
+            else:
                 self._open(pkt, parsed, now)
+
+    def _answered(self, key: bytes, now: float) -> None:
+        """Mark a flow whose peer side the rules admit as the peer's (the most recent last, bounded as flows)."""
+        theirs = self.theirs
+        if theirs.pop(key, None) is None and len(theirs) >= self.max_flows:
+            del theirs[next(iter(theirs))]   # the one we answered longest ago
+        theirs[key] = now
 
     def _open(self, pkt: bytes, parsed, now: float) -> None:
         group = _group(parsed[2])

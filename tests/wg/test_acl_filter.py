@@ -286,3 +286,33 @@ def test_a_source_routed_packet_is_dropped_its_destination_is_not_its_last():
                            ipaddress.IPv6Address(US6).packed) + body
     assert f.check_in(routed(1), 0.0) == DROP_NOT_ALLOWED
     assert f.check_in(routed(0), 0.0) is None   # no hop left: we are its destination
+
+
+def test_a_udp_flow_the_peer_opened_stops_when_a_change_no_longer_admits_it_though_we_keep_sending():
+    """Issue 13: established flows no longer allowed stop. The peer talks to our udp/443 (QUIC); the policy takes
+    it away; our server keeps sending on the flow (retransmissions, a stream) for longer than the UDP timeout."""
+    f = PeerFilter([(17, 443, 443, US4 + "/32")])
+    theirs, ours = pkt(THEM4, US4, 17, udp(50000, 443)), pkt(US4, THEM4, 17, udp(443, 50000))
+    assert f.check_in(theirs, 0.0) is None
+    f.note_out(ours, 0.0)
+    f.set_rules([])
+    for t in range(1, 300, 10):
+        f.note_out(ours, float(t))
+        assert f.check_in(theirs, t + 0.1) == DROP_NOT_ALLOWED
+    assert f.flow_count == 0
+    # A flow we open ourselves after the change is still ours: its replies pass.
+    f.note_out(pkt(US4, THEM4, 17, udp(40000, 53)), 300.0)
+    assert f.check_in(pkt(THEM4, US4, 17, udp(53, 40000)), 300.1) is None
+    # Answered long ago (past the UDP timeout of 120 s), then sent on again: an ordinary new flow of ours.
+    g = PeerFilter([(17, 443, 443, US4 + "/32")])
+    g.note_out(ours, 0.0)
+    g.set_rules([])
+    g.note_out(ours, 121.0)
+    assert g.check_in(theirs, 121.1) is None
+
+
+def test_the_answered_flows_are_bounded_per_peer():
+    f = PeerFilter([(17, 0, 65535, US4 + "/32")], max_flows=8)
+    for port in range(20):
+        f.note_out(pkt(US4, THEM4, 17, udp(443, 1000 + port)), float(port))
+    assert len(f.theirs) == 8
