@@ -186,8 +186,10 @@ class ControlCore:
             self.counters["control_bad_sealed"] += 1
             return []
         peer = self.directory.nodes.get(to)
-        if peer is not None and not self.directory.visible(key, peer):  # a peer the policy hides from it
-            self.counters["sealed_denied"] += 1
+        # A hidden member and a key outside the mesh get the same answer: anything else would confirm to the
+        # sender that a key it holds belongs to a member the policy hides from it.
+        if peer is None or not self.directory.visible(key, peer):
+            self.counters["sealed_denied" if peer is not None else "sealed_unknown_peer"] += 1
             return [Send(key, {"type": "seal_fail", "to": to, "reason": "unknown_peer"})]
         if to not in self.connected:
             self.counters["sealed_peer_offline"] += 1
