@@ -360,6 +360,7 @@ class MeshNode:
         call-me-maybe endpoints and ping sources inside them are dropped (our own mesh address and
         unassigned ones included: a ping there reaches local services or nobody)."""
         self.mesh_nets = tuple(n for n in map(parse_network, prefixes) if n is not None)
+        self.core.set_acl_mesh_nets(self.mesh_nets)
 
     def set_stun_servers(self, servers, now: float) -> None:
         self.stun_servers = tuple(tuple(s) for s in servers)

@@ -37,6 +37,8 @@ are followed, up to 4. A source-routed packet (IPv4 LSRR/SSRR option, IPv6 routi
 is dropped: the destination it is judged by is not where it ends (a forwarding node that honours the route would
 take it on to a host the peer may not reach). An ICMP error passes only towards the source of the packet it
 quotes.
+Inside the mesh's prefixes (the welcome's, set_mesh_nets) only host entries admit: a network entry is a route the
+peer may use (an exit node's 0.0.0.0/0, a LAN behind us), never our own mesh address or the mesh behind us.
 """
 
 from __future__ import annotations
@@ -92,11 +94,20 @@ def _merge(ranges) -> tuple:
     return tuple(tuple(r) for r in merged)
 
 
-def table_for(rules: tuple, version: int, addr: int):
-    """The compiled table of one destination address (an int): _ALL, or {packet proto: True | (starts, ends)}."""
+def _inside(net, version: int, addr: int) -> bool:
+    return net.version == version and (addr & int(net.netmask)) == int(net.network_address)
+
+
+def table_for(rules: tuple, version: int, addr: int, mesh_nets: tuple = ()):
+    """The compiled table of one destination address (an int): _ALL, or {packet proto: True | (starts, ends)}.
+
+    Inside the mesh's prefixes only host entries count: a network entry is a route the peer may use (an exit
+    node's 0.0.0.0/0, a LAN), and must not open this node's own mesh address or the mesh behind it to a peer whose
+    rules for us are narrower (the policy's own-address rules arrive as host entries)."""
+    in_mesh = any(_inside(n, version, addr) for n in mesh_nets)
     ports: dict = {}
     for proto, lo, hi, net in rules:
-        if net.version != version or (addr & int(net.netmask)) != int(net.network_address):
+        if not _inside(net, version, addr) or (in_mesh and net.prefixlen != net.max_prefixlen):
             continue
         if proto == ANY:
             return _ALL
@@ -133,9 +144,10 @@ class PeerFilter:
     the protocol number first), so either direction takes one slice per packet (they hash far faster than tuples
     of address ints); the reversed key is built once, when the flow opens."""
 
-    __slots__ = ("rules", "out", "inn", "theirs", "max_flows", "counters", "_dst", "_next_sweep")
+    __slots__ = ("rules", "out", "inn", "theirs", "max_flows", "counters", "mesh_nets", "_dst", "_next_sweep")
 
-    def __init__(self, rules, counters: collections.Counter | None = None, max_flows: int = MAX_FLOWS):
+    def __init__(self, rules, counters: collections.Counter | None = None, max_flows: int = MAX_FLOWS,
+                 mesh_nets: tuple = ()):
         self.out: dict[int, dict] = {TCP: {}, UDP: {}, ICMP: {}, ANY: {}}   # ANY: every other protocol
         self.inn: dict[int, dict] = {TCP: {}, UDP: {}, ICMP: {}, ANY: {}}
         self.max_flows = max_flows
@@ -144,6 +156,7 @@ class PeerFilter:
         # UDP and other flows we answered while the rules admitted the peer's side: our key -> when we last sent.
         # Such a flow is the peer's: a policy change that stops admitting it must not make it ours (module doc).
         self.theirs: dict[bytes, float] = {}
+        self.mesh_nets = tuple(mesh_nets)   # ip networks: only host entries admit addresses inside them
         self.set_rules(rules)
 
     @property
@@ -158,6 +171,11 @@ class PeerFilter:
             if net.prefixlen == net.max_prefixlen:   # our own addresses: compiled now, not on first packet
                 self._table(net.version, int(net.network_address))
 
+    def set_mesh_nets(self, mesh_nets) -> None:
+        """The mesh's prefixes changed (a welcome): recompile with them."""
+        self.mesh_nets = tuple(mesh_nets)
+        self.set_rules(self.rules)
+
     def _table(self, version: int, addr: int):
         tables = self._dst
         k = addr if version == 4 else (addr,)   # v6 keys boxed: never equal to a v4 int
@@ -165,7 +183,7 @@ class PeerFilter:
         if t is _MISS:
             if len(tables) >= MAX_DST_TABLES:
                 tables.clear()
-            t = tables[k] = table_for(self.rules, version, addr)
+            t = tables[k] = table_for(self.rules, version, addr, self.mesh_nets)
         return t
 
     def admits(self, version: int, dst: int, proto: int, port: int) -> bool:

@@ -75,6 +75,7 @@ class WireGuardCore:
         self.drops: Counter[str] = Counter()
         # The peers' packet filters' flow table events (meshwg.wg.acl: open_acl_flow, evict_acl_flow).
         self.acl_counters: Counter[str] = Counter()
+        self.acl_mesh_nets: tuple = ()
         self.private_key: bytes | None = None
         self.public_key: bytes | None = None
         self._checker = CookieChecker(random_bytes)
@@ -169,6 +170,13 @@ class WireGuardCore:
         for net in networks:
             self._allowed.insert(net, peer)
 
+    def set_acl_mesh_nets(self, nets) -> None:
+        """The mesh's prefixes (ip networks): inside them accept lists admit by host entries only (acl.table_for)."""
+        self.acl_mesh_nets = tuple(nets)
+        for peer in self.peers.values():
+            if peer.acl is not None:
+                peer.acl.set_mesh_nets(self.acl_mesh_nets)
+
     def set_peer_accept(self, peer: Peer, rules) -> None:
         """What the peer may send us (issue 13): an accept list [(proto, lo, hi, cidr)] compiled into its inbound
         filter (meshwg.wg.acl), or None for no policy (everything passes, no flow tracked). A new list keeps the
@@ -176,7 +184,7 @@ class WireGuardCore:
         if rules is None:
             peer.acl = None
         elif peer.acl is None:
-            peer.acl = PeerFilter(rules, self.acl_counters)
+            peer.acl = PeerFilter(rules, self.acl_counters, mesh_nets=self.acl_mesh_nets)
         elif acl_normalize(rules) != peer.acl.rules:
             peer.acl.set_rules(rules)
 

@@ -5,7 +5,9 @@ packs without "accept") never lifts a policy."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import random
+import struct
 
 from nacl.public import PrivateKey
 
@@ -82,3 +84,21 @@ def test_bad_rules_in_an_entry_are_counted_on_the_node():
     bad = dataclasses.replace(peer(1, SSH), accept_refused=2)
     core.apply([Connected(WELCOME), DirectoryReset({key(1): bad})], 0.0)
     assert core.node.counters["drop_peer_accept_rule"] == 2
+
+
+def test_the_welcomes_mesh_prefixes_keep_route_entries_off_the_mesh():
+    # An exit node's accept list for a guest: the internet (0.0.0.0/0) and tcp/443 on the exit itself. The
+    # welcome's prefixes reach the filter, so the route entry does not open port 22 of our own mesh address.
+    guest_rules = ((6, 443, 443, "100.64.0.7/32"), (0, 0, 65535, "0.0.0.0/0"))
+    core = new_core()
+    core.apply([Connected(WELCOME), DirectoryReset({key(1): peer(1, guest_rules)})], 0.0)
+    acl = core.node.core.peers[key(1)].acl
+
+    def syn(dst: str, dport: int) -> bytes:
+        l4 = struct.pack("!HHIIBBHHH", 40000, dport, 0, 0, 0x50, 0x02, 1000, 0, 0)
+        return struct.pack("!BBHHHBB2x4s4s", 0x45, 0, 20 + len(l4), 0, 0, 64, 6,
+                           ipaddress.IPv4Address("100.64.0.1").packed, ipaddress.IPv4Address(dst).packed) + l4
+
+    assert acl.check_in(syn("100.64.0.7", 443), 1.0) is None
+    assert acl.check_in(syn("100.64.0.7", 22), 1.0) == "acl_not_allowed"
+    assert acl.check_in(syn("203.0.113.5", 22), 1.0) is None

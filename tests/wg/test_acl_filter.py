@@ -316,3 +316,23 @@ def test_the_answered_flows_are_bounded_per_peer():
     for port in range(20):
         f.note_out(pkt(US4, THEM4, 17, udp(443, 1000 + port)), float(port))
     assert len(f.theirs) == 8
+
+
+def test_a_route_entry_does_not_open_the_mesh_only_host_entries_do():
+    # Review finding: "guest may use the exit node" (0.0.0.0/0) plus "guest may reach the exit on tcp/443" must
+    # not let guest reach the exit's own mesh address on port 22, nor other mesh addresses through it.
+    mesh = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("fd00::/64"))
+    rules = [(6, 443, 443, US4 + "/32"), (0, 0, 65535, "0.0.0.0/0"), (6, 443, 443, US6 + "/128"),
+             (0, 0, 65535, "::/0")]
+    f = PeerFilter(rules, mesh_nets=mesh)
+    assert f.check_in(pkt(THEM4, US4, 6, tcp(40000, 443, SYN)), 1.0) is None
+    assert f.check_in(pkt(THEM4, US4, 6, tcp(40000, 22, SYN)), 1.0) == DROP_NOT_ALLOWED
+    assert f.check_in(pkt(THEM4, "100.64.0.9", 6, tcp(40000, 22, SYN)), 1.0) == DROP_NOT_ALLOWED
+    assert f.check_in(pkt(THEM4, "8.8.8.8", 6, tcp(40000, 22, SYN)), 1.0) is None   # the internet: the route
+    assert f.check_in(pkt(THEM6, US6, 17, udp(40000, 53)), 1.0) == DROP_NOT_ALLOWED
+    assert f.check_in(pkt(THEM6, "2001:db8::1", 17, udp(40000, 53)), 1.0) is None
+    # without the mesh's prefixes (before the welcome) the route entry covers everything, as it says
+    assert PeerFilter(rules).check_in(pkt(THEM4, US4, 6, tcp(40000, 22, SYN)), 1.0) is None
+    f2 = PeerFilter(rules)
+    f2.set_mesh_nets(mesh)   # the welcome arrives after the list: compiled again
+    assert f2.check_in(pkt(THEM4, US4, 6, tcp(40000, 22, SYN)), 1.0) == DROP_NOT_ALLOWED
