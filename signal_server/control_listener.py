@@ -346,25 +346,30 @@ class ControlListener:
         while True:
             await s.wake.wait()
             s.wake = trio.Event()
-            out = []
-            while s.queue:  # control messages (punch, sealed, acks, gone) go out at once
-                out.append(s.chan.encode(s.queue.popleft()))
-            if not s.closing:
-                ups, rems = directory.take_pending(s.key)
-                for i in range(0, max(len(ups), 1), P.DIR_CHUNK):
-                    chunk = ups[i : i + P.DIR_CHUNK]
-                    if chunk or (i == 0 and rems):
-                        out.append(s.chan.encode(
-                            {"type": P.T_DIR_UPDATE, "upsert": chunk, "remove": rems if i == 0 else []}))
-            if out:
+            # A pending directory update goes out one message at a time, each built just before it is sent: a
+            # policy change that rewrites every entry holds one message per session in memory, not the whole
+            # update, and the first sessions are served while the last are still to be built.
+            while True:
+                out = []
+                while s.queue:  # control messages (punch, sealed, acks, gone) go out at once
+                    out.append(s.chan.encode(s.queue.popleft()))
+                if not s.closing:
+                    got = directory.take_pending_packed(s.key, P.DIR_CHUNK)
+                    if got is not None:
+                        out.append(s.chan.encode_packed(P.dir_update_body(*got)))
+                        del got  # not held while the send waits on the client
+                if not out:
+                    break
                 try:
                     with trio.fail_after(self.cfg.send_timeout):
-                        await s.stream.send_all(b"".join(out))
+                        await s.stream.send_all(out[0] if len(out) == 1 else b"".join(out))
                 except trio.TooSlowError:
                     self.counters["control_closed_slow_client"] += 1
                     scope.cancel()
                     return
                 self.counters["control_frames_sent"] += len(out)
+                if s.closing:
+                    break
             if s.closing:
                 scope.cancel()
                 return

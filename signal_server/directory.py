@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from itertools import islice
 
 import msgpack
 
-from meshwg.signaling.protocol import KIND_OBSERVED, REPORTED_KINDS, pack_entry
+from meshwg.signaling.protocol import KIND_OBSERVED, REPORTED_KINDS, bin_header, pack_entry
 from meshwg.disco.peer_paths import valid_candidate
 from signal_server import policy as acl_policy
 
@@ -93,20 +94,28 @@ class Node:
         return self._packed
 
     def with_accept(self, accept_field: bytes, offers_field: bytes = b"") -> bytes:
-        """Its packed entry plus a packed "accept" (and "offers") key and value: the shared bytes with one (two)
-        more map items."""
+        """Its packed entry plus a packed "offers" and "accept" key and value: the shared bytes with two (one)
+        more map items. The recipient's own accept field comes last: what precedes it is the same for every
+        recipient of one class (Directory._run shares it)."""
         base, more = self.packed(), 1 + bool(offers_field)
-        if 0x80 <= base[0] and base[0] + more <= 0x8F:  # a fixmap with room: splice instead of packing it again
-            return bytes((base[0] + more,)) + base[1:] + accept_field + offers_field
+        if _spliceable(base, more):  # splice instead of packing it again
+            return bytes((base[0] + more,)) + base[1:] + offers_field + accept_field
         e = self.entry()
-        e.update(msgpack.unpackb(bytes((0x80 + more,)) + accept_field + offers_field, raw=False))
+        e.update(msgpack.unpackb(bytes((0x80 + more,)) + offers_field + accept_field, raw=False))
         return pack_entry(e)
+
+
+def _spliceable(packed: bytes, more: int) -> bool:
+    """A packed entry is a fixmap with room for `more` items."""
+    return 0x80 <= packed[0] and packed[0] + more <= 0x8F
 
 
 # Fields a policy class or an accept list depends on: a change re-evaluates the node's views.
 _ACL_FIELDS = frozenset({"name", "tags", "routes", "is_exit", "kind", "ipv4", "ipv6"})
 _ADDR_FIELDS = frozenset({"ipv4", "ipv6"})
 MAX_ACCEPT_CACHE = 4096  # packed accept fields kept per recipient
+BULK = 64  # pending keys from which a take sends whole peer classes as shared runs (fewer: one entry at a time)
+MAX_RUN_BYTES = 64 << 20  # shared runs kept (one per recipient class, peer class and accept field length)
 
 
 class Directory:
@@ -118,6 +127,14 @@ class Directory:
         self.mesh_nets = tuple(ipaddress.ip_network(str(n), strict=False) for n in mesh_nets if n)
         self.acl: acl_policy.Acl | None = None  # None: no policy, everything allowed (and no "accept" field)
         self._gen = 0  # bumped with every policy: nodes' cached classes are of the policy they were computed for
+        # Bumped with every change of an entry, of a class, or of the policy: the shared runs and the class groups
+        # are of the stamp they were built at.
+        self._stamp = 0
+        self._groups: dict = {}  # peer class -> (keys in a fixed order, the same as a frozenset)
+        self._groups_stamp = -1
+        self._runs: dict = {}  # (recipient class, peer class, accept field length) -> packed entries less accept
+        self._runs_bytes = 0
+        self._runs_stamp = -1
 
     # --- candidates
 
@@ -226,7 +243,7 @@ class Directory:
         the entries whose visibility or accept list changed for it, and the removal of those it may no longer see."""
         old_acl, new_acl = self.acl, (acl_policy.Acl(pf) if pf is not None else None)
         old_cls = {k: self._cls(n) for k, n in self.nodes.items()} if old_acl is not None else {}
-        self.acl, self._gen = new_acl, self._gen + 1
+        self.acl, self._gen, self._stamp = new_acl, self._gen + 1, self._stamp + 1
         new_cls = {k: self._cls(n) for k, n in self.nodes.items()} if new_acl is not None else {}
         groups: dict = {}  # peers whose class moved alike (a plain peer alone: its targets matter too)
         for k, n in self.nodes.items():
@@ -271,6 +288,98 @@ class Directory:
         mc, pc = self._cls(me), self._cls(node)
         return node.with_accept(self._accept_field(me, self.acl.view(mc, pc).template),
                                 self._offers_field(node, self.acl.view(pc, mc).template))
+
+    # --- a pending update in bounded pieces, peer classes as shared runs
+
+    def take_pending_packed(self, sub: bytes, limit: int) -> tuple[list[bytes], int, list[bytes]] | None:
+        """Part of what take_pending would return, ready for protocol.dir_update_body: (upserts packed as msgpack bin
+        objects, in pieces to be concatenated; how many; removed keys), at most `limit` keys; None when nothing is
+        pending.
+
+        The keys taken leave the pending set and their entries are built now, so a caller that sends each piece
+        before taking the next holds one piece in memory, and a key that changes meanwhile is pending again.
+        Under a policy, a peer class whose (remaining) members are all pending goes out as a run shared by every
+        recipient of one class: their entries less the recipient's accept field, which is woven in by a join."""
+        dirty = self._dirty.get(sub)
+        if not dirty:
+            return None
+        parts: list[bytes] = []
+        rems: list[bytes] = []
+        taken = 0
+        if self.acl is not None and len(dirty) >= BULK and sub in self.nodes and sub not in dirty:
+            taken = self._take_runs(sub, dirty, limit, parts, rems)
+        count = taken - len(rems)
+        if taken < limit and dirty:
+            keys = list(islice(dirty, limit - taken))
+            dirty.difference_update(keys)
+            ups, more = self._entries(sub, keys)
+            for e in ups:
+                parts += (bin_header(len(e)), e)
+            count += len(ups)
+            rems += more
+        return parts, count, rems
+
+    def _take_runs(self, sub: bytes, dirty: set, limit: int, parts: list, rems: list) -> int:
+        """Whole runs (or their pending tails) of the peer classes, while `limit` allows: the entries of those `sub`
+        sees, the removal of those it does not; the keys taken leave `dirty`. A class whose pending members are not
+        a tail of its run is left to the entry-wise path."""
+        me = self.nodes[sub]
+        mc, view, count = self._cls(me), self.acl.view, 0
+        for pc, (keys, members) in self._class_groups().items():
+            if count >= limit:
+                break
+            skip = keys.index(sub) if sub in members else -1  # never its own entry
+            if skip >= 0:
+                keys = keys[:skip] + keys[skip + 1:]
+            if not keys or keys[-1] not in dirty:  # nothing pending, or not a tail: cheap to tell
+                continue
+            start = len(keys) - len(members & dirty)  # `sub` is not pending (the caller checked)
+            if start < 0 or (start and not dirty.issuperset(keys[start:])):
+                continue
+            end = min(len(keys), start + limit - count)
+            v = view(mc, pc)
+            if v.visible:
+                acc = self._accept_field(me, v.template)
+                pieces = self._run(mc, pc, view(pc, mc).template, len(acc))
+                if skip >= 0:
+                    pieces = pieces[:skip] + pieces[skip + 1:]
+                parts += (acc.join(pieces[start:end]), acc)
+            else:
+                rems += keys[start:end]
+            dirty.difference_update(keys[start:end])
+            count += end - start
+        return count
+
+    def _class_groups(self) -> dict:
+        """Peer class -> (keys, frozenset of them): the nodes (no plain peer) whose entry a run can hold."""
+        if self._groups_stamp != self._stamp:
+            groups: dict = {}
+            for k, n in self.nodes.items():
+                if n.kind != PLAIN and _spliceable(n.packed(), 2):
+                    groups.setdefault(self._cls(n), []).append(k)
+            self._groups = {c: (tuple(ks), frozenset(ks)) for c, ks in groups.items()}
+            self._groups_stamp = self._stamp
+        return self._groups
+
+    def _run(self, mc: int, pc: int, offers_template: tuple, acc_len: int) -> list[bytes]:
+        """For recipients of class `mc` whose accept field has `acc_len` bytes: each peer's entry as with_accept
+        packs it, with its bin header, less the accept field (the same bytes for all of them)."""
+        if self._runs_stamp != self._stamp:
+            self._runs, self._runs_bytes, self._runs_stamp = {}, 0, self._stamp
+        pieces = self._runs.get((mc, pc, acc_len))
+        if pieces is None:
+            pieces = []
+            for k in self._groups[pc][0]:
+                n = self.nodes[k]
+                base = n.packed()
+                body = bytes((base[0] + 2,)) + base[1:] + self._offers_field(n, offers_template)
+                pieces.append(bin_header(len(body) + acc_len) + body)
+            size = sum(map(len, pieces))
+            if self._runs_bytes + size > MAX_RUN_BYTES:
+                self._runs, self._runs_bytes = {}, 0
+            self._runs[(mc, pc, acc_len)] = pieces
+            self._runs_bytes += size
+        return pieces
 
     def _accept_field(self, me: Node, template: tuple) -> bytes:
         field = me._accept.get(template)
@@ -320,6 +429,7 @@ class Directory:
         """Dirty for each subscriber that may see one of the node's states (before or after the change): it
         gets the entry, or its removal, and no one else hears of it."""
         states = [n for n in states if n is not None]
+        self._stamp += 1
         for sub, dirty in self._dirty.items():
             if sub != key and any(self.visible(sub, n) for n in states):
                 dirty.add(key)
@@ -345,10 +455,14 @@ class Directory:
         if not dirty:
             return [], []
         self._dirty[sub] = set()
+        return self._entries(sub, dirty)
+
+    def _entries(self, sub: bytes, keys) -> tuple[list[bytes], list[bytes]]:
+        """(packed upserts, removed keys) of `keys` for `sub`, one entry at a time."""
         if self.acl is not None and sub in self.nodes:
-            return self._entries_under_policy(sub, dirty)
+            return self._entries_under_policy(sub, keys)
         ups, rems = [], []
-        for k in dirty:
+        for k in keys:
             n = self.nodes.get(k)
             if n is None or not self.visible(sub, n):  # marked only for those that saw it: a removal for them
                 rems.append(k)

@@ -49,9 +49,10 @@ def _accept_of(e):
 
 
 class SimNode:
-    __slots__ = ("conn", "key", "online", "cands", "converged_at", "seen", "n", "index", "acc", "updated")
+    __slots__ = ("conn", "key", "online", "cands", "converged_at", "seen", "n", "index", "acc", "updated", "raw",
+                 "clock")
 
-    def __init__(self, conn, key, n, index=0):
+    def __init__(self, conn, key, n, index=0, clock=None):
         self.conn, self.key, self.n, self.index = conn, key, n, index
         self.online: set = set()
         self.cands: dict = {}
@@ -59,6 +60,11 @@ class SimNode:
         self.seen: dict = {}  # marker -> time first seen
         self.acc: dict = {}  # peer key -> its accept list (tuple) or None: the directory as the policy shapes it
         self.updated = 0.0  # when the directory last changed
+        # None: bytes are decoded as they arrive. A list: they are only kept, with their arrival time, and decoded
+        # later (drain): the server's delivery is then measured without the simulated clients' decoding, which
+        # runs on the same cores, in the way.
+        self.raw: list | None = None
+        self.clock = clock  # a shared [last arrival time] (deferred mode)
 
     def apply(self, raw_entries, removes, now):
         for raw in raw_entries:
@@ -79,9 +85,35 @@ class SimNode:
         if self.converged_at is None and len(self.online) == self.n - 1:
             self.converged_at = now
 
+    def handle(self, data: bytes, now: float) -> bool:
+        """Decode stream bytes; True when a directory message was among them."""
+        changed = False
+        for m in self.conn.chan.feed_untrusted(data):
+            t = m["type"]
+            if t == P.T_DIR_FULL:
+                if m.get("first"):
+                    self.online.clear()
+                    self.acc.clear()
+                self.apply(m["peers"], (), now)
+                changed = True
+            elif t == P.T_DIR_UPDATE:
+                self.apply(m["upsert"], m["remove"], now)
+                changed = True
+        return changed
+
+    def drain(self, want) -> float | None:
+        """Decode what deferred mode kept; the arrival time of the bytes that made the directory equal `want`
+        (None: it never did). Back to decoding as bytes arrive."""
+        raw, self.raw = self.raw or [], None
+        got = None
+        for now, data in raw:
+            if self.handle(data, now) and got is None and self.acc == want:
+                got = now
+        return got
+
     async def loop(self, hb):
         conn = self.conn
-        stream, chan = conn.stream, conn.chan
+        stream = conn.stream
         next_hb = trio.current_time() + hb  # trio's clock, not time.monotonic (different origin)
         while True:
             with trio.move_on_at(next_hb):
@@ -89,15 +121,11 @@ class SimNode:
                 if not data:
                     return
                 now = time.monotonic()
-                for m in chan.feed_untrusted(data):
-                    t = m["type"]
-                    if t == P.T_DIR_FULL:
-                        if m.get("first"):
-                            self.online.clear()
-                            self.acc.clear()
-                        self.apply(m["peers"], (), now)
-                    elif t == P.T_DIR_UPDATE:
-                        self.apply(m["upsert"], m["remove"], now)
+                if self.raw is not None:
+                    self.raw.append((now, data))
+                    self.clock[0] = now
+                else:
+                    self.handle(data, now)
             if trio.current_time() >= next_hb:
                 next_hb += hb
                 await conn.heartbeat()
@@ -155,16 +183,26 @@ def expected_views(text: str, nodes) -> dict:
     return out
 
 
-async def policy_change(path: str, text: str, nodes) -> float:
-    """Write the policy; seconds until every node's directory is what it says (nan: not within 30 s)."""
-    want = expected_views(text, nodes)
-    t0 = time.monotonic()
+def _write_policy(path: str, text: str) -> None:
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)  # an editor's atomic save: the server never reads half a file
-    pending = {x.key: x for x in nodes}
-    done_at = t0
-    with trio.move_on_after(30):
+
+
+def _differs(nodes, want) -> str:
+    """How one node's directory differs from what the policy says."""
+    x = next(iter(nodes))
+    w = want[x.key]
+    extra, missing = set(x.acc) - set(w), set(w) - set(x.acc)
+    wrong = [k for k in set(w) & set(x.acc) if w[k] != x.acc[k]]
+    return (f"  sim{x.index}: {len(nodes)} nodes differ; e.g. {len(extra)} peers too many, {len(missing)} missing, "
+            f"{len(wrong)} accept lists differ" + (f" ({x.acc[wrong[0]]} != {w[wrong[0]]})" if wrong else ""))
+
+
+async def _until_right(pending: dict, want, done_at: float, limit: float) -> float:
+    """Decoding as bytes arrive: the time the last of `pending` got its directory right (the latest of `done_at`
+    and those), nan when some did not within `limit` seconds."""
+    with trio.move_on_after(limit):
         while pending:
             for k, x in list(pending.items()):
                 if x.acc == want[k]:
@@ -172,14 +210,124 @@ async def policy_change(path: str, text: str, nodes) -> float:
                     del pending[k]
             if pending:
                 await trio.sleep(0.01)
-    if pending:  # say how one node differs
-        x = next(iter(pending.values()))
-        w = want[x.key]
-        extra, missing = set(x.acc) - set(w), set(w) - set(x.acc)
-        wrong = [k for k in set(w) & set(x.acc) if w[k] != x.acc[k]]
-        print(f"  sim{x.index}: {len(pending)} nodes differ; e.g. {len(extra)} peers too many, {len(missing)} "
-              f"missing, {len(wrong)} accept lists differ" + (f" ({x.acc[wrong[0]]} != {w[wrong[0]]})" if wrong else ""))
-    return done_at - t0 if not pending else float("nan")
+    if pending:
+        print(_differs(pending.values(), want))
+        return float("nan")
+    return done_at
+
+
+class _Sampler:
+    """The server's resident memory, sampled every 10 ms while a change is measured: its peak."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak_kb = pid, 0
+
+    async def run(self) -> None:
+        while True:
+            self.peak_kb = max(self.peak_kb, rss_kb(self.pid))
+            await trio.sleep(0.01)
+
+
+QUIET = 1.0  # deferred mode: the server is taken to be done after this long with no byte to any node
+
+
+async def policy_change(path: str, text: str, nodes, server_pid: int, deferred: bool = False) -> dict:
+    """Write the policy and wait until every node's directory is what it says.
+
+    Live mode: nodes decode as bytes arrive; "s" is the write to the last node's directory being right.
+    Deferred mode: nodes only keep the bytes until the server has been quiet for QUIET s, then decode them;
+    "s" is the write to the arrival of the bytes that made the last node's directory right (the server's delivery,
+    with the clients' decoding out of the way), "client_decode_s" the CPU the simulated clients then spent decoding.
+    """
+    want = expected_views(text, nodes)
+    clock = [0.0]
+    if deferred:
+        for x in nodes:
+            x.raw, x.clock = [], clock
+    cpu0, ticks0 = cpu_seconds(server_pid), _cpu_split(server_pid)
+    out: dict = {}
+    async with trio.open_nursery() as nursery:
+        sampler = _Sampler(server_pid)
+        nursery.start_soon(sampler.run)
+        t0 = time.monotonic()
+        _write_policy(path, text)
+        pending = {x.key: x for x in nodes}
+        done_at = t0
+        if deferred:
+            with trio.move_on_after(30):
+                while clock[0] <= t0 or time.monotonic() - clock[0] < QUIET:
+                    await trio.sleep(0.05)
+            out["server_cpu_s"] = round(cpu_seconds(server_pid) - cpu0, 2)
+            out["server_user_sys_s"] = [round(b - a, 2) for a, b in zip(ticks0, _cpu_split(server_pid))]
+            c0 = time.process_time()
+            for x in nodes:
+                got = x.drain(want[x.key])
+                if got is not None:
+                    done_at = max(done_at, got)
+                    del pending[x.key]
+            out["client_decode_s"] = round(time.process_time() - c0, 2)
+            if pending:  # not all there when the server went quiet: the rest as it comes (and says so)
+                print(f"  {len(pending)} nodes not right when the server went quiet; waiting")
+                out["late"] = len(pending)
+        done_at = await _until_right(pending, want, done_at, 30)
+        if not deferred:
+            out["server_cpu_s"] = round(cpu_seconds(server_pid) - cpu0, 2)
+            out["server_user_sys_s"] = [round(b - a, 2) for a, b in zip(ticks0, _cpu_split(server_pid))]
+        out["s"] = round(done_at - t0, 3)
+        out["server_rss_peak_mb"] = round(sampler.peak_kb / 1024, 1)
+        nursery.cancel_scope.cancel()
+    return out
+
+
+def _cpu_split(pid: int) -> tuple:
+    """(user, system) CPU seconds of a process."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tck = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tck, int(fields[12]) / tck
+
+
+POLICY_CHANGES = (("load_20_rules", policy_text()),
+                  ("one_rule_ports", policy_text(ops_ports=("tcp:22", "tcp:8443"))),
+                  ("hide_allow_all_removed", policy_text(False, ("tcp:22", "tcp:8443"))),
+                  ("reveal_allow_all_back", policy_text(True, ("tcp:22", "tcp:8443"))))
+
+
+async def policy_changes(args, path: str, nodes, server_pid: int) -> dict:
+    """Each change of POLICY_CHANGES measured in deferred mode, then (from allow-all again) in live mode."""
+    results = {}
+    for mode in ("deferred", "live"):
+        if mode == "live":
+            await policy_change(path, ALLOW_ALL, nodes, server_pid)  # back to the start, not measured
+            await trio.sleep(0.5)
+        for label, text in POLICY_CHANGES:
+            prof = _profile(args, f"{label}_{mode}", server_pid) if label == "load_20_rules" else []
+            r = await policy_change(path, text, nodes, server_pid, deferred=mode == "deferred")
+            for p in prof:
+                await trio.to_thread.run_sync(p.wait)
+            results[f"{label}_{mode}"] = r
+            extra = f", clients' decoding {r['client_decode_s']:.2f} s CPU" if "client_decode_s" in r else ""
+            print(f"policy change {label} ({mode}): every node's directory right after {r['s'] * 1000:.0f} ms; "
+                  f"server CPU {r['server_cpu_s']:.2f} s (user, sys {r['server_user_sys_s']}){extra}; "
+                  f"server RSS peak {r['server_rss_peak_mb']:.0f} MB", flush=True)
+            await trio.sleep(0.5)
+    return results
+
+
+def _profile(args, label: str, server_pid: int) -> list:
+    """--profile DIR: py-spy samples the server and this process (the simulated clients) during one change."""
+    if not args.profile:
+        return []
+    import subprocess
+    import sys
+
+    spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    procs = [subprocess.Popen([spy, "record", "--nonblocking", "-r", "200", "-d", str(args.profile_seconds), "-f",
+                               "raw", "-o", os.path.join(args.profile, f"{who}_{label}.txt"), "-p", str(pid)],
+                              stdout=subprocess.DEVNULL, stderr=open(os.path.join(args.profile, "py-spy.log"), "a"))
+             for who, pid in (("server", server_pid), ("clients", os.getpid()))]
+    time.sleep(1.0)  # attached before the change
+    return procs
 
 
 async def bench(args, invite_text, server_pid, invites=None, policy_path=None):
@@ -246,18 +394,7 @@ async def bench(args, invite_text, server_pid, invites=None, policy_path=None):
             f"median {statistics.median(props) * 1000:.0f} ms, max {max(props) * 1000:.0f} ms over {len(props)} changes"
             if props else "never"), flush=True)
 
-        policy_results = {}
-        if policy_path:
-            for label, text in (("load_20_rules", policy_text()),
-                                ("one_rule_ports", policy_text(ops_ports=("tcp:22", "tcp:8443"))),
-                                ("hide_allow_all_removed", policy_text(False, ("tcp:22", "tcp:8443"))),
-                                ("reveal_allow_all_back", policy_text(True, ("tcp:22", "tcp:8443")))):
-                cpu0 = cpu_seconds(server_pid)
-                took = await policy_change(policy_path, text, nodes)
-                policy_results[label + "_s"] = round(took, 3)
-                policy_results[label + "_server_cpu_s"] = round(cpu_seconds(server_pid) - cpu0, 2)
-                print(f"policy change {label}: every node's directory right after {took * 1000:.0f} ms", flush=True)
-                await trio.sleep(0.5)
+        policy_results = await policy_changes(args, policy_path, nodes, server_pid) if policy_path else {}
 
         await trio.sleep(args.steady)  # heartbeats keep flowing
         result = {
@@ -269,10 +406,20 @@ async def bench(args, invite_text, server_pid, invites=None, policy_path=None):
             "server_rss_mb_after_join": round(rss_after_join / 1024, 1),
             "server_rss_mb_end": round(rss_kb(server_pid) / 1024, 1),
             "server_cpu_s": round(cpu_seconds(server_pid), 2),
-            **policy_results,
+            "server_rss_mb_peak": round(_hwm_kb(server_pid) / 1024, 1),
+            "policy_changes": policy_results,
         }
         nursery.cancel_scope.cancel()
     return result
+
+
+def _hwm_kb(pid: int) -> int:
+    """VmHWM (the peak resident memory) in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
 
 
 def main(argv=None) -> int:
@@ -285,6 +432,8 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--log-level", default="warning")
     ap.add_argument("--policy", action="store_true", help="run with an access policy and measure policy changes")
+    ap.add_argument("--profile", metavar="DIR", help="py-spy the server and the clients during the full rewrite")
+    ap.add_argument("--profile-seconds", type=int, default=6)
     args = ap.parse_args(argv)
 
     import resource
