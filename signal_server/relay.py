@@ -70,6 +70,17 @@ def limit_kwargs(node_mbit: float, node_pps: float | None, total_mbit: float) ->
     return {"pkt_rate": pps, "pkt_burst": 2 * pps, "byte_rate": byte_rate, "total_rate": total_mbit * 1e6 / 8}
 
 
+class WatchedLimiter(KeyedLimiter):
+    """A KeyedLimiter that calls `watch()` when its rate or burst is set: the compiled forwarder applies the
+    core's limits on its own thread, so it must hear of a change before the next datagram, not at a poll."""
+    watch = None
+
+    def __setattr__(self, name, value) -> None:
+        object.__setattr__(self, name, value)
+        if name in ("rate", "burst") and self.watch is not None:
+            self.watch()
+
+
 @dataclass(frozen=True)
 class ToPlain:
     """A destination on the plain-WireGuard port: the datagram goes out unframed to `addr`."""
@@ -106,8 +117,8 @@ class RelayCore:
         self.by_key: dict[bytes, Session] = {}
         self._boxes: OrderedDict[bytes, Box] = OrderedDict()
         self._seen_nonces = NonceCache(HELLO_NONCE_CACHE)  # HELLO replay guard
-        self.pkt_limit = KeyedLimiter(pkt_rate, pkt_burst)
-        self.byte_limit = KeyedLimiter(byte_rate, byte_rate * 2)
+        self.pkt_limit = WatchedLimiter(pkt_rate, pkt_burst)
+        self.byte_limit = WatchedLimiter(byte_rate, byte_rate * 2)
         self.total_limit = TokenBucket(total_rate, total_rate) if total_rate > 0 else None
         self.fast_updates: list | None = None  # see the module docstring
         # The fast path's per-node budget, (key, size) -> bool, when there is one (FastRelay sets it): SENDs
@@ -154,6 +165,30 @@ class RelayCore:
             s.fast = False
             if self.fast_updates is not None:
                 self.fast_updates.append(("remove", s.key))
+
+    # The limits as attributes: replacing one, or setting a WatchedLimiter's rate or burst, calls
+    # `limits_changed()` (the fast path's, when there is one: see limits()).
+    limits_changed = None
+
+    def _limits_set(self) -> None:
+        if self.limits_changed is not None:
+            self.limits_changed()
+
+    def _limiter_property(name):  # noqa: N805 (a helper of the class body)
+        def get(self):
+            return self.__dict__[name]
+
+        def set_(self, value):
+            self.__dict__[name] = value
+            if isinstance(value, WatchedLimiter):
+                value.watch = self._limits_set
+            self._limits_set()
+        return property(get, set_)
+
+    pkt_limit = _limiter_property("pkt_limit")
+    byte_limit = _limiter_property("byte_limit")
+    total_limit = _limiter_property("total_limit")
+    del _limiter_property
 
     def limits(self) -> tuple:
         """(pkts/s, pkt burst, bytes/s, byte burst) per node and (bytes/s, burst) in all (0: none), as the

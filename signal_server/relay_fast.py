@@ -2,8 +2,11 @@
 
 RelayCore announces confirmed UDP sessions and their ends (RelayCore.fast_updates); FastRelay pushes them into
 the C table with the socket and address each is bound to, keeps the table's limits equal to the core's, and
-folds the table's counters into the core's. The C drains a socket (recvmmsg), forwards the SENDs of sessions
-it holds (sendmmsg, GSO) and hands back every other datagram for RelayCore. This file moves bytes and state
+folds the table's counters into the core's. A worker thread per socket (relay_worker_*) drains it (recvmmsg)
+with no GIL and no trio in the way, forwards the SENDs of sessions the table holds (sendmmsg, GSO) and queues
+every other datagram for RelayCore, which the shell takes when the worker's eventfd wakes it. Since that thread
+forwards on its own, the table follows the core the moment the core changes: session updates are applied as
+the core makes them, limit changes as they are set (RelayCore.limits_changed). This file moves bytes and state
 between the two; the decisions stay in relay.py."""
 
 from __future__ import annotations
@@ -16,7 +19,31 @@ COUNTER_NAMES = ("forwarded_packets", "forwarded_bytes", "drop_relay_node_limit"
 
 
 def available() -> bool:
-    return fastio is not None and hasattr(fastio, "relay_forward")
+    return fastio is not None and hasattr(fastio, "relay_worker_start")
+
+
+class _Applied(list):
+    """RelayCore.fast_updates that applies each update as the core appends it. It stays empty, so the core's
+    pop_fast_updates finds nothing and keeps it."""
+
+    def __init__(self, apply) -> None:
+        super().__init__()
+        self._apply = apply
+
+    def append(self, update) -> None:
+        self._apply(*update)
+
+
+class Worker:
+    """One socket's forwarding thread; `fd` is readable when datagrams wait for Python."""
+
+    def __init__(self, table, sock) -> None:
+        self.sock = sock
+        self.capsule = fastio.relay_worker_start(table, sock.fileno())
+        self.fd = fastio.relay_worker_fd(self.capsule)
+
+    def stop(self) -> None:
+        fastio.relay_worker_stop(self.capsule)
 
 
 class FastRelay:
@@ -26,9 +53,11 @@ class FastRelay:
         self.sources = sources
         self.sticky = sticky
         self.table = fastio.relay_new(MAX_SESSIONS)
+        self.workers: list[Worker] = []
         self._limits = None
-        relay.fast_updates = []
         self._sync_limits()
+        relay.fast_updates = _Applied(self._apply)
+        relay.limits_changed = self._sync_limits
         relay.node_charge = self.charge  # one per-node budget for both paths (it lives in the table)
         relay.total_charge = self.charge_total  # and one total budget
 
@@ -40,40 +69,63 @@ class FastRelay:
 
     def charge(self, key: bytes, size: int) -> bool:
         """RelayCore's per-node check for what it forwards itself (TCP, plain and table-less destinations)."""
-        self._sync_limits()
         return fastio.relay_charge(self.table, key, float(size))
 
     def charge_total(self, size: int) -> bool:
         """RelayCore's total-limit check for what it forwards itself: the table's bucket, which the fast path
         spends too (two buckets would let traffic split across the paths carry twice the total)."""
-        self._sync_limits()
         return fastio.relay_charge_total(self.table, float(size))
 
+    def _apply(self, op: str, arg) -> None:
+        if op == "remove":
+            fastio.relay_remove(self.table, arg)
+            return
+        s = arg
+        if not s.fast:  # ended after it was announced
+            return
+        idx, addr = s.dest
+        sock = self.socks[idx]
+        entry = self.sources.get(addr) if sock in self.sticky else None
+        if not fastio.relay_set(self.table, s.token, s.key, sock.fileno(), addr, float(s.expires),
+                                entry[2] if entry else None):
+            fastio.relay_remove(self.table, s.key)  # stays on the Python path (table full, scoped address)
+
     def sync(self) -> None:
-        """Sessions and limits as the core has them now (call before forwarding and after the core ran)."""
+        """Sessions and limits as the core has them now. Updates apply as they come; this is for a core whose
+        fast_updates was set back to a list, and for limits changed inside a limiter without telling."""
         self._sync_limits()
         for op, arg in self.relay.pop_fast_updates():
-            if op == "remove":
-                fastio.relay_remove(self.table, arg)
-                continue
-            s = arg
-            if not s.fast:  # ended after it was announced
-                continue
-            idx, addr = s.dest
-            sock = self.socks[idx]
-            entry = self.sources.get(addr) if sock in self.sticky else None
-            if not fastio.relay_set(self.table, s.token, s.key, sock.fileno(), addr, float(s.expires),
-                                    entry[2] if entry else None):
-                fastio.relay_remove(self.table, s.key)  # stays on the Python path (table full, scoped address)
+            self._apply(op, arg)
+
+    def start(self, sock) -> Worker:
+        worker = Worker(self.table, sock)
+        self.workers.append(worker)
+        return worker
+
+    def take(self, worker: Worker, limit: int) -> list:
+        """The datagrams the worker left for RelayCore (at most `limit`), as (data, (host, port))."""
+        sock = worker.sock
+        return fastio.relay_worker_take(worker.capsule, limit, self.sources if sock in self.sticky else None)
+
+    def stop(self) -> None:
+        """Every worker stopped and joined: before their sockets close."""
+        for worker in self.workers:
+            worker.stop()
+        self.workers.clear()
 
     def forward(self, sock, limit: int) -> list:
-        """Drains `sock` (at most `limit` datagrams): forwards what the table may, returns the rest."""
+        """Drains `sock` (at most `limit` datagrams) on the caller's thread: forwards what the table may,
+        returns the rest."""
         return fastio.relay_forward(self.table, sock.fileno(), limit, self.sources if sock in self.sticky else None)
 
     def fold_counters(self) -> None:
         counts = fastio.relay_take_counters(self.table)
+        c = self.relay.counters
+        for worker in self.workers:
+            drops = fastio.relay_worker_drops(worker.capsule)
+            if drops:
+                c["drop_relay_queue_full"] += drops
         if any(counts):
-            c = self.relay.counters
             for name, n in zip(COUNTER_NAMES, counts):
                 if n:
                     c[name] += n

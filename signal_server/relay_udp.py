@@ -19,6 +19,8 @@ from signal_server.stun_responder import WILDCARDS, StunResponder, StunSocket
 
 log = logging.getLogger("signal")
 
+FOLD_INTERVAL = 0.05  # seconds between folds of the compiled forwarder's counters (status, /metrics, tests)
+
 
 class RelayUdp:
     """The UDP sockets of `srv` (a SignalServer: relay core, counters, core for observed candidates)."""
@@ -39,6 +41,8 @@ class RelayUdp:
             if relay_fast.available() else None
 
     def close(self) -> None:
+        if self.fast is not None:
+            self.fast.stop()  # the forwarding threads first: they use the sockets' descriptors
         for sock in self.stun_socks or self.socks:  # UDP sockets are ours; trio owns the TCP listeners
             sock.close()
         if self.plain_sock is not None:
@@ -61,6 +65,8 @@ class RelayUdp:
         for host, port in addrs:
             self.socks.append(udp_socket(host, port))
             nursery.start_soon(self._udp_loop, len(self.socks) - 1)
+        if self.fast is not None and self.socks:
+            nursery.start_soon(self._fold_loop)
         main = [s.getsockname()[:2] for s in self.socks]
         alts = self._bind_stun_alt(alt_port)
         self.stun_socks = self.socks + alts
@@ -124,28 +130,29 @@ class RelayUdp:
             await self._fast_loop(idx, 512)
 
     async def _fast_loop(self, idx: int, batch: int) -> None:
-        """The main port on the compiled forwarder: a batch of SENDs of established sessions is forwarded in
-        C (clock read once, limits counted there); the rest goes to on_udp with this batch's clocks. The
-        table follows the core before each batch (a session ended elsewhere stops at once) and after."""
+        """The main port on the compiled forwarder: its worker thread forwards the SENDs of established
+        sessions itself and leaves the rest here (woken through its eventfd), for on_udp with this batch's
+        clocks. The table follows the core as it changes (relay_fast)."""
         sock, fast = self.socks[idx], self.fast
         if udp.pktinfo_enabled(sock):
             self.sticky.add(sock)
+        worker = fast.start(sock)
         while True:
-            await trio.lowlevel.wait_readable(sock)
-            fast.sync()
-            try:
-                rest = fast.forward(sock, batch)
-            except OSError:
-                self.counters["udp_recv_errors"] += 1
-                rest = []
+            await trio.lowlevel.wait_readable(worker.fd)
+            rest = fast.take(worker, batch)
             if rest:
                 now, wall = time.monotonic(), time.time()
                 for data, addr in rest:
                     self.on_udp(idx, data, addr, now, wall)
-                fast.sync()
                 self.publish_observed()
             fast.fold_counters()
             await trio.lowlevel.checkpoint()
+
+    async def _fold_loop(self) -> None:
+        """The workers' counters into the core's, a few times a second (what they forward never wakes us)."""
+        while True:
+            await trio.sleep(FOLD_INTERVAL)
+            self.fast.fold_counters()
 
     async def _stun_alt_loop(self, idx: int) -> None:
         """An alternate STUN port: STUN only (the relay lives on the main ports)."""

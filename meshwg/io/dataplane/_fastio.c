@@ -1208,7 +1208,11 @@ send_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  * relay_take_counters(table) -> (forwarded_packets, forwarded_bytes, drop_node_limit, drop_total_limit,
  *                                send_errors, send_would_block): counts since the last call.
  */
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
+#include <sys/eventfd.h>
 #include <time.h>
 
 #define RELAY_TOKEN_LEN 8
@@ -1268,8 +1272,28 @@ struct relay_table {
     struct relay_bucket total;
     int gso;
     unsigned long long forwarded_packets, forwarded_bytes, drop_node, drop_total, send_errors, send_would_block;
-    unsigned char *buffers;        /* RELAY_BATCH x RELAY_BUFFER */
+    unsigned char *buffers;        /* RELAY_BATCH x RELAY_BUFFER, relay_forward's */
+    /* Held by whoever reads or changes the table: the Python calls (GIL held, which the workers never take)
+     * and each worker thread while it decides and sends a batch. relay_flush's static buffers are under it. */
+    pthread_mutex_t lock;
 };
+
+/* The table's lock from a Python call: waits with the GIL released (a worker holds it for a batch at most). */
+static void
+table_lock(struct relay_table *t)
+{
+    if (pthread_mutex_trylock(&t->lock) != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&t->lock);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+static void
+table_unlock(struct relay_table *t)
+{
+    pthread_mutex_unlock(&t->lock);
+}
 
 static double
 monotonic_now(void)
@@ -1460,6 +1484,7 @@ relay_table_free(PyObject *capsule)
     PyMem_Free(t->by_budget);
     PyMem_Free(t->budget_free);
     PyMem_Free(t->buffers);
+    pthread_mutex_destroy(&t->lock);
     PyMem_Free(t);
 }
 
@@ -1525,6 +1550,7 @@ relay_new(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     t->seed = ((uint64_t)ts.tv_nsec << 32) ^ (uint64_t)ts.tv_sec ^ (uint64_t)(uintptr_t)t;
     t->gso = 1;
+    pthread_mutex_init(&t->lock, NULL);
     return capsule;
 }
 
@@ -1578,6 +1604,7 @@ relay_set(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_RETURN_FALSE;
     }
+    table_lock(t);
     int32_t old = index_find(t, t->by_key, key, RELAY_KEY_LEN);
     if (old >= 0) {
         session_remove(t, old);
@@ -1589,6 +1616,7 @@ relay_set(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     double now = monotonic_now();
     int32_t budget = t->n_free > 0 ? budget_for(t, key, now) : -1;
     if (budget < 0) {
+        table_unlock(t);
         Py_RETURN_FALSE;
     }
     int32_t n = t->free_list[--t->n_free];
@@ -1606,6 +1634,7 @@ relay_set(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     t->budgets[budget].session = n;
     t->by_token[index_slot(t, t->by_token, token, RELAY_TOKEN_LEN)] = n;
     t->by_key[index_slot(t, t->by_key, key, RELAY_KEY_LEN)] = n;
+    table_unlock(t);
     Py_RETURN_TRUE;
 }
 
@@ -1621,12 +1650,13 @@ relay_remove(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (key == NULL) {
         return NULL;
     }
+    table_lock(t);
     int32_t n = index_find(t, t->by_key, key, RELAY_KEY_LEN);
-    if (n < 0) {
-        Py_RETURN_FALSE;
+    if (n >= 0) {
+        session_remove(t, n);
     }
-    session_remove(t, n);
-    Py_RETURN_TRUE;
+    table_unlock(t);
+    return PyBool_FromLong(n >= 0);
 }
 
 static PyObject *
@@ -1651,6 +1681,7 @@ relay_limits(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
     }
+    table_lock(t);
     double now = monotonic_now();
     t->node_pps = v[0];
     t->node_pkt_burst = v[1];
@@ -1663,6 +1694,7 @@ relay_limits(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             bucket_set(&t->budgets[i].bytes, v[2], v[3], now);
         }
     }
+    table_unlock(t);
     Py_RETURN_NONE;
 }
 
@@ -1687,10 +1719,13 @@ relay_charge(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (key == NULL || (size == -1.0 && PyErr_Occurred())) {
         return NULL;
     }
+    table_lock(t);
     double now = monotonic_now();
     int32_t n = budget_for(t, key, now);
     /* n < 0 cannot happen (twice as many budgets as sessions); refuse rather than go unlimited */
-    return PyBool_FromLong(n >= 0 && budget_take(t, n, now, size));
+    int ok = n >= 0 && budget_take(t, n, now, size);
+    table_unlock(t);
+    return PyBool_FromLong(ok);
 }
 
 static PyObject *
@@ -1707,7 +1742,10 @@ relay_charge_total(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (size == -1.0 && PyErr_Occurred()) {
         return NULL;
     }
-    return PyBool_FromLong(bucket_take(&t->total, monotonic_now(), size));
+    table_lock(t);
+    int ok = bucket_take(&t->total, monotonic_now(), size);
+    table_unlock(t);
+    return PyBool_FromLong(ok);
 }
 
 static PyObject *
@@ -1720,13 +1758,13 @@ relay_take_counters(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         return NULL;
     }
-    PyObject *out = Py_BuildValue("(KKKKKK)", t->forwarded_packets, t->forwarded_bytes, t->drop_node, t->drop_total,
-                                  t->send_errors, t->send_would_block);
-    if (out != NULL) {
-        t->forwarded_packets = t->forwarded_bytes = t->drop_node = t->drop_total = 0;
-        t->send_errors = t->send_would_block = 0;
-    }
-    return out;
+    table_lock(t);
+    unsigned long long c[6] = {t->forwarded_packets, t->forwarded_bytes, t->drop_node, t->drop_total, t->send_errors,
+                               t->send_would_block};
+    t->forwarded_packets = t->forwarded_bytes = t->drop_node = t->drop_total = 0;
+    t->send_errors = t->send_would_block = 0;
+    table_unlock(t);
+    return Py_BuildValue("(KKKKKK)", c[0], c[1], c[2], c[3], c[4], c[5]);
 }
 
 static int
@@ -1908,6 +1946,101 @@ relay_flush(struct relay_table *t, struct relay_out *q, int count)
     }
 }
 
+/* A SEND of a session the table holds, for a destination it holds: rewritten in place as the RECV and queued
+ * in q, or dropped over a limit (counted); 0 when the datagram is for Python. Table locked. */
+static int
+relay_step(struct relay_table *t, int fd, unsigned char *data, ssize_t len, const struct sockaddr_storage *sa,
+           socklen_t sa_len, const struct local_source *local, double now, struct relay_out *q, int *queued)
+{
+    int32_t from, to;
+    if (!fast_pair(t, fd, data, len, sa, sa_len, now, &from, &to)) {
+        return 0;
+    }
+    struct relay_session *s = &t->sessions[from];
+    double size = (double)(len - RELAY_SEND_HEADER);
+    if (!budget_take(t, s->budget, now, size)) {
+        t->drop_node++;
+        return 1;
+    }
+    if (!bucket_take(&t->total, now, size)) {
+        t->drop_total++;
+        return 1;
+    }
+    if (local->len) {
+        s->source = *local;  /* answer it from where it writes to (sticky source) */
+    }
+    unsigned char *frame = data + (RELAY_SEND_HEADER - RELAY_RECV_HEADER);
+    memcpy(frame, relay_magic, 4);
+    frame[4] = RELAY_T_RECV;
+    memcpy(frame + 5, s->key, RELAY_KEY_LEN);
+    q[*queued].dest = to;
+    q[*queued].data = frame;
+    q[*queued].len = (size_t)(len - RELAY_SEND_HEADER + RELAY_RECV_HEADER);
+    (*queued)++;
+    t->forwarded_packets++;
+    t->forwarded_bytes += (unsigned long long)size;
+    return 1;
+}
+
+#define RELAY_RECV_CONTROL (4 * CMSG_SPACE(sizeof(int)) + CMSG_SPACE(sizeof(struct in6_pktinfo)))
+
+/* The receive side of one batch: buffers, names and control space of RELAY_BATCH messages. */
+struct relay_rx {
+    struct mmsghdr msgs[RELAY_BATCH];
+    struct iovec iov[RELAY_BATCH];
+    struct sockaddr_storage names[RELAY_BATCH];
+    union {
+        char raw[RELAY_BATCH][RELAY_RECV_CONTROL];
+        struct cmsghdr align;
+    } control;
+    struct local_source local[RELAY_BATCH];
+};
+
+/* recvmmsg of up to `want` datagrams into `buffers` (RELAY_BATCH x RELAY_BUFFER); -1 with errno on failure. */
+static int
+relay_receive(int fd, struct relay_rx *rx, unsigned char *buffers, int want)
+{
+    for (int k = 0; k < want; k++) {
+        rx->iov[k].iov_base = buffers + (size_t)k * RELAY_BUFFER;
+        rx->iov[k].iov_len = RELAY_BUFFER;
+        memset(&rx->msgs[k], 0, sizeof rx->msgs[k]);
+        rx->msgs[k].msg_hdr.msg_name = &rx->names[k];
+        rx->msgs[k].msg_hdr.msg_namelen = sizeof rx->names[k];
+        rx->msgs[k].msg_hdr.msg_iov = &rx->iov[k];
+        rx->msgs[k].msg_hdr.msg_iovlen = 1;
+        rx->msgs[k].msg_hdr.msg_control = rx->control.raw[k];
+        rx->msgs[k].msg_hdr.msg_controllen = sizeof rx->control.raw[k];
+    }
+    int n;
+    do {
+        n = recvmmsg(fd, rx->msgs, (unsigned int)want, MSG_DONTWAIT, NULL);
+    } while (n < 0 && errno == EINTR);
+    for (int k = 0; k < n; k++) {
+        rx->local[k].len = 0;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&rx->msgs[k].msg_hdr); c != NULL;
+             c = CMSG_NXTHDR(&rx->msgs[k].msg_hdr, c)) {
+            parse_pktinfo(c, &rx->local[k]);
+        }
+    }
+    return n;
+}
+
+/* Forwards what the table may of a received batch (table locked); rest[k] = 1 for each datagram for Python. */
+static int
+relay_batch(struct relay_table *t, int fd, struct relay_rx *rx, int n, char *rest)
+{
+    struct relay_out q[RELAY_BATCH];
+    double now = monotonic_now();
+    int queued = 0, left = 0;
+    for (int k = 0; k < n; k++) {
+        rest[k] = !relay_step(t, fd, rx->iov[k].iov_base, (ssize_t)rx->msgs[k].msg_len, &rx->names[k],
+                              rx->msgs[k].msg_hdr.msg_namelen, &rx->local[k], now, q, &queued);
+        left += rest[k];
+    }
+    relay_flush(t, q, queued);
+    return left;
+}
+
 static PyObject *
 relay_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1929,33 +2062,15 @@ relay_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (out == NULL) {
         return NULL;
     }
-    struct mmsghdr msgs[RELAY_BATCH];
-    struct iovec iov[RELAY_BATCH];
-    struct sockaddr_storage names[RELAY_BATCH];
-    static union {
-        char raw[RELAY_BATCH][4 * CMSG_SPACE(sizeof(int)) + CMSG_SPACE(sizeof(struct in6_pktinfo))];
-        struct cmsghdr align;
-    } control;
-    struct relay_out q[RELAY_BATCH];
-    double now = monotonic_now();
+    static struct relay_rx rx;  /* GIL held: one relay_forward at a time, and t->buffers is its alone */
+    char rest[RELAY_BATCH];
     Py_ssize_t received = 0;
     while (received < limit) {
         int want = limit - received < RELAY_BATCH ? (int)(limit - received) : RELAY_BATCH;
-        for (int k = 0; k < want; k++) {
-            iov[k].iov_base = t->buffers + (size_t)k * RELAY_BUFFER;
-            iov[k].iov_len = RELAY_BUFFER;
-            memset(&msgs[k], 0, sizeof msgs[k]);
-            msgs[k].msg_hdr.msg_name = &names[k];
-            msgs[k].msg_hdr.msg_namelen = sizeof names[k];
-            msgs[k].msg_hdr.msg_iov = &iov[k];
-            msgs[k].msg_hdr.msg_iovlen = 1;
-            msgs[k].msg_hdr.msg_control = control.raw[k];
-            msgs[k].msg_hdr.msg_controllen = sizeof control.raw[k];
-        }
-        int n;
-        do {
-            n = recvmmsg(fd, msgs, (unsigned int)want, MSG_DONTWAIT, NULL);
-        } while (n < 0 && errno == EINTR);
+        table_lock(t);
+        int n = relay_receive(fd, &rx, t->buffers, want);
+        int left = n > 0 ? relay_batch(t, fd, &rx, n, rest) : 0;
+        table_unlock(t);
         if (n < 0) {
             if (drain_ends_quietly(PyList_GET_SIZE(out))) {
                 break;
@@ -1964,66 +2079,382 @@ relay_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
         received += n;
-        int queued = 0, failed = 0;
-        for (int k = 0; k < n; k++) {
-            unsigned char *data = iov[k].iov_base;
-            ssize_t len = (ssize_t)msgs[k].msg_len;
-            struct local_source local = {.len = 0};
-            for (struct cmsghdr *c = CMSG_FIRSTHDR(&msgs[k].msg_hdr); c != NULL; c = CMSG_NXTHDR(&msgs[k].msg_hdr, c)) {
-                parse_pktinfo(c, &local);
-            }
-            int32_t from, to;
-            if (!failed && fast_pair(t, fd, data, len, &names[k], msgs[k].msg_hdr.msg_namelen, now, &from, &to)) {
-                struct relay_session *s = &t->sessions[from];
-                double size = (double)(len - RELAY_SEND_HEADER);
-                if (!budget_take(t, s->budget, now, size)) {
-                    t->drop_node++;
-                    continue;
-                }
-                if (!bucket_take(&t->total, now, size)) {
-                    t->drop_total++;
-                    continue;
-                }
-                if (local.len) {
-                    s->source = local;  /* answer it from where it writes to (sticky source) */
-                }
-                unsigned char *frame = data + (RELAY_SEND_HEADER - RELAY_RECV_HEADER);
-                memcpy(frame, relay_magic, 4);
-                frame[4] = RELAY_T_RECV;
-                memcpy(frame + 5, s->key, RELAY_KEY_LEN);
-                q[queued].dest = to;
-                q[queued].data = frame;
-                q[queued].len = (size_t)(len - RELAY_SEND_HEADER + RELAY_RECV_HEADER);
-                queued++;
-                t->forwarded_packets++;
-                t->forwarded_bytes += (unsigned long long)size;
+        for (int k = 0; k < n && left > 0; k++) {
+            if (!rest[k]) {
                 continue;
             }
-            if (failed) {
-                continue;
-            }
-            PyObject *bytes = PyBytes_FromStringAndSize((const char *)data, len);
-            PyObject *addr = bytes != NULL ? source_tuple(&names[k], msgs[k].msg_hdr.msg_namelen) : NULL;
-            int ok = addr != NULL && (local.len == 0 || sources == NULL || remember_source(sources, addr, &local) == 0);
+            left--;
+            PyObject *bytes = PyBytes_FromStringAndSize(rx.iov[k].iov_base, (Py_ssize_t)rx.msgs[k].msg_len);
+            PyObject *addr = bytes != NULL ? source_tuple(&rx.names[k], rx.msgs[k].msg_hdr.msg_namelen) : NULL;
+            int ok = addr != NULL
+                     && (rx.local[k].len == 0 || sources == NULL || remember_source(sources, addr, &rx.local[k]) == 0);
             if (ok && append_new(out, PyTuple_Pack(2, bytes, addr)) < 0) {
                 ok = 0;
             }
             Py_XDECREF(bytes);
             Py_XDECREF(addr);
             if (!ok) {
-                failed = 1;  /* the frames queued so far still go out; then the exception */
+                Py_DECREF(out);
+                return NULL;  /* this batch's forwarded frames went out already */
             }
-        }
-        relay_flush(t, q, queued);
-        if (failed) {
-            Py_DECREF(out);
-            return NULL;
         }
         if (n < want) {
             break;
         }
     }
     return out;
+}
+
+/* ---- The relay's forwarding thread: the fast path without trio or the GIL ----
+ * relay_forward runs when trio wakes the server's task: on this 2-core machine that wakeup and trio's run loop
+ * cost more than the forwarding itself (~40-80 us a wake, twice per relayed ping). A worker owns one socket:
+ * its thread sleeps in poll() with no GIL, drains the socket with recvmmsg, forwards the table's SENDs under
+ * the table's lock (the same relay_batch as relay_forward) and queues every other datagram for Python, copied
+ * with its source, the local address it arrived at, and wakes trio through an eventfd (`fd`). Python takes
+ * them with relay_worker_take and hands them to RelayCore as before. The queue is bounded (RELAY_QUEUE_MAX
+ * datagrams, RELAY_QUEUE_BYTES): beyond, datagrams are dropped and counted, as a full socket buffer drops them.
+ * The thread never touches a Python object; the table it uses is kept alive by the worker's reference.
+ *
+ * relay_worker_start(table, fd) -> worker (a capsule); relay_worker_fd(worker) -> the eventfd to wait on
+ * relay_worker_take(worker, limit[, sources]) -> list[(bytes, (host, port))]   (as relay_forward returns them)
+ * relay_worker_drops(worker) -> datagrams dropped on a full queue since the last call
+ * relay_worker_stop(worker): stops and joins the thread (before the socket closes); also on the capsule's end.
+ */
+#define RELAY_WORKER_CAPSULE "meshwg.relay_worker"
+#define RELAY_QUEUE_MAX 4096
+#define RELAY_QUEUE_BYTES (16 << 20)
+#define RELAY_WORKER_ROUNDS 8  /* batches per wake before poll() again (the stop fd is looked at there) */
+
+struct relay_pending {
+    struct relay_pending *next;
+    struct sockaddr_storage name;
+    socklen_t namelen;
+    struct local_source local;
+    size_t len;
+    unsigned char data[];
+};
+
+struct relay_worker {
+    PyObject *table_obj;
+    struct relay_table *t;
+    int fd, wake_fd, stop_fd, running;
+    pthread_t thread;
+    pthread_mutex_t qlock;  /* the queue and its counts */
+    struct relay_pending *head, *tail;
+    size_t count, bytes;
+    unsigned long long drops;
+    unsigned char *buffers;
+    struct relay_rx rx;
+};
+
+/* Copies the batch's datagrams for Python into the queue (or drops them: full); 1 when any was queued.
+ * The worker is the queue's only producer: room seen here is still there when the datagram is appended. */
+static int
+worker_queue(struct relay_worker *w, int n, const char *rest)
+{
+    struct relay_rx *rx = &w->rx;
+    int added = 0;
+    for (int k = 0; k < n; k++) {
+        if (!rest[k]) {
+            continue;
+        }
+        size_t len = rx->msgs[k].msg_len;
+        pthread_mutex_lock(&w->qlock);
+        int room = w->count < RELAY_QUEUE_MAX && w->bytes + len <= RELAY_QUEUE_BYTES;
+        pthread_mutex_unlock(&w->qlock);
+        struct relay_pending *p = room ? PyMem_RawMalloc(sizeof *p + len) : NULL;
+        if (p != NULL) {
+            p->next = NULL;
+            memcpy(&p->name, &rx->names[k], sizeof p->name);
+            p->namelen = rx->msgs[k].msg_hdr.msg_namelen;
+            p->local = rx->local[k];
+            p->len = len;
+            memcpy(p->data, rx->iov[k].iov_base, len);
+        }
+        pthread_mutex_lock(&w->qlock);
+        if (p == NULL) {
+            w->drops++;
+        } else {
+            if (w->tail != NULL) {
+                w->tail->next = p;
+            } else {
+                w->head = p;
+            }
+            w->tail = p;
+            w->count++;
+            w->bytes += len;
+            added = 1;
+        }
+        pthread_mutex_unlock(&w->qlock);
+    }
+    return added;
+}
+
+static void
+worker_drain(struct relay_worker *w)
+{
+    char rest[RELAY_BATCH];
+    int wake = 0;
+    for (int round = 0; round < RELAY_WORKER_ROUNDS; round++) {
+        int n = relay_receive(w->fd, &w->rx, w->buffers, RELAY_BATCH);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EBADF || errno == ENOTSOCK || errno == EINVAL
+                || errno == EFAULT) {
+                break;
+            }
+            continue;  /* an ICMP error reported on the socket (a node gone): read on */
+        }
+        pthread_mutex_lock(&w->t->lock);
+        int left = n > 0 ? relay_batch(w->t, w->fd, &w->rx, n, rest) : 0;
+        pthread_mutex_unlock(&w->t->lock);
+        if (left > 0 && worker_queue(w, n, rest)) {
+            wake = 1;
+        }
+        if (n < RELAY_BATCH) {
+            break;
+        }
+    }
+    if (wake) {
+        uint64_t one = 1;
+        ssize_t rc = write(w->wake_fd, &one, sizeof one);  /* EAGAIN: the counter is full, trio wakes anyway */
+        (void)rc;
+    }
+}
+
+static void *
+worker_main(void *arg)
+{
+    struct relay_worker *w = arg;
+    struct pollfd fds[2] = {{.fd = w->fd, .events = POLLIN}, {.fd = w->stop_fd, .events = POLLIN}};
+    for (;;) {
+        int rc = poll(fds, 2, -1);
+        if (rc < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            break;
+        }
+        if (fds[1].revents || (fds[0].revents & POLLNVAL)) {
+            break;
+        }
+        if (fds[0].revents) {
+            worker_drain(w);
+        }
+    }
+    return NULL;
+}
+
+static void
+worker_stop(struct relay_worker *w)
+{
+    if (!w->running) {
+        return;
+    }
+    uint64_t one = 1;
+    ssize_t rc = write(w->stop_fd, &one, sizeof one);
+    (void)rc;
+    pthread_join(w->thread, NULL);  /* the thread never takes the GIL: joining with it held cannot deadlock */
+    w->running = 0;
+}
+
+static void
+relay_worker_free(PyObject *capsule)
+{
+    struct relay_worker *w = PyCapsule_GetPointer(capsule, RELAY_WORKER_CAPSULE);
+    if (w == NULL) {
+        return;
+    }
+    worker_stop(w);
+    for (struct relay_pending *p = w->head, *next; p != NULL; p = next) {
+        next = p->next;
+        PyMem_RawFree(p);
+    }
+    if (w->wake_fd >= 0) {
+        close(w->wake_fd);
+    }
+    if (w->stop_fd >= 0) {
+        close(w->stop_fd);
+    }
+    pthread_mutex_destroy(&w->qlock);
+    PyMem_RawFree(w->buffers);
+    Py_XDECREF(w->table_obj);
+    PyMem_RawFree(w);
+}
+
+static struct relay_worker *
+as_worker(PyObject *obj)
+{
+    return PyCapsule_GetPointer(obj, RELAY_WORKER_CAPSULE);
+}
+
+static PyObject *
+relay_worker_start(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct relay_table *t = nargs == 2 ? as_table(args[0]) : NULL;
+    if (t == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "relay_worker_start(table, fd)");
+        }
+        return NULL;
+    }
+    int fd = as_fd(args[1]);
+    if (fd < 0) {
+        return NULL;
+    }
+    struct relay_worker *w = PyMem_RawCalloc(1, sizeof *w);
+    if (w == NULL) {
+        return PyErr_NoMemory();
+    }
+    w->wake_fd = w->stop_fd = -1;
+    pthread_mutex_init(&w->qlock, NULL);
+    w->table_obj = Py_NewRef(args[0]);
+    w->t = t;
+    w->fd = fd;
+    PyObject *capsule = PyCapsule_New(w, RELAY_WORKER_CAPSULE, relay_worker_free);
+    if (capsule == NULL) {
+        Py_DECREF(w->table_obj);
+        pthread_mutex_destroy(&w->qlock);
+        PyMem_RawFree(w);
+        return NULL;
+    }
+    w->buffers = PyMem_RawMalloc((size_t)RELAY_BATCH * RELAY_BUFFER);
+    if (w->buffers == NULL) {
+        Py_DECREF(capsule);
+        return PyErr_NoMemory();
+    }
+    w->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    w->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (w->wake_fd < 0 || w->stop_fd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(capsule);
+        return NULL;
+    }
+    /* Signals stay with the main thread (Python handles them there; trio wakes on them). */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int err = pthread_create(&w->thread, NULL, worker_main, w);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (err != 0) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(capsule);
+        return NULL;
+    }
+    w->running = 1;
+    return capsule;
+}
+
+static PyObject *
+relay_worker_fd(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct relay_worker *w = nargs == 1 ? as_worker(args[0]) : NULL;
+    if (w == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "relay_worker_fd(worker)");
+        }
+        return NULL;
+    }
+    return PyLong_FromLong(w->wake_fd);
+}
+
+static PyObject *
+relay_worker_take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct relay_worker *w = (nargs == 2 || nargs == 3) ? as_worker(args[0]) : NULL;
+    if (w == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "relay_worker_take(worker, limit[, sources])");
+        }
+        return NULL;
+    }
+    Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
+    PyObject *sources;
+    if ((limit == -1 && PyErr_Occurred()) || optional_dict(args, nargs, 2, &sources) < 0) {
+        return NULL;
+    }
+    uint64_t ignored;
+    ssize_t rc = read(w->wake_fd, &ignored, sizeof ignored);  /* re-armed below if anything is left */
+    (void)rc;
+    /* Detach up to `limit` datagrams; Python objects are made outside the lock. */
+    pthread_mutex_lock(&w->qlock);
+    struct relay_pending *first = w->head, *last = NULL, *p = first;
+    Py_ssize_t taken = 0;
+    while (p != NULL && taken < limit) {
+        w->bytes -= p->len;
+        last = p;
+        p = p->next;
+        taken++;
+    }
+    w->head = p;
+    if (p == NULL) {
+        w->tail = NULL;
+    }
+    w->count -= (size_t)taken;
+    if (last != NULL) {
+        last->next = NULL;
+    }
+    int more = w->head != NULL;
+    pthread_mutex_unlock(&w->qlock);
+    if (more) {
+        uint64_t one = 1;
+        rc = write(w->wake_fd, &one, sizeof one);
+    }
+    PyObject *out = PyList_New(0);
+    int ok = out != NULL;
+    for (p = taken ? first : NULL; p != NULL;) {
+        if (ok) {
+            PyObject *bytes = PyBytes_FromStringAndSize((const char *)p->data, (Py_ssize_t)p->len);
+            PyObject *addr = bytes != NULL ? source_tuple(&p->name, p->namelen) : NULL;
+            ok = addr != NULL && (p->local.len == 0 || sources == NULL || remember_source(sources, addr, &p->local) == 0);
+            if (ok && append_new(out, PyTuple_Pack(2, bytes, addr)) < 0) {
+                ok = 0;
+            }
+            Py_XDECREF(bytes);
+            Py_XDECREF(addr);
+        }
+        struct relay_pending *next = p->next;
+        PyMem_RawFree(p);
+        p = next;
+    }
+    if (!ok) {
+        Py_XDECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
+static PyObject *
+relay_worker_drops(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct relay_worker *w = nargs == 1 ? as_worker(args[0]) : NULL;
+    if (w == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "relay_worker_drops(worker)");
+        }
+        return NULL;
+    }
+    pthread_mutex_lock(&w->qlock);
+    unsigned long long drops = w->drops;
+    w->drops = 0;
+    pthread_mutex_unlock(&w->qlock);
+    return PyLong_FromUnsignedLongLong(drops);
+}
+
+static PyObject *
+relay_worker_stop(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct relay_worker *w = nargs == 1 ? as_worker(args[0]) : NULL;
+    if (w == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "relay_worker_stop(worker)");
+        }
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    worker_stop(w);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef fastio_methods[] = {
@@ -2054,6 +2485,16 @@ static PyMethodDef fastio_methods[] = {
      "relay_charge_total(table, size) -> bool (within the total budget)"},
     {"relay_forward", (PyCFunction)(void (*)(void))relay_forward, METH_FASTCALL,
      "relay_forward(table, fd, limit[, sources]) -> list[(bytes, (host, port))] for Python"},
+    {"relay_worker_start", (PyCFunction)(void (*)(void))relay_worker_start, METH_FASTCALL,
+     "relay_worker_start(table, fd) -> worker (a thread forwarding fd's datagrams)"},
+    {"relay_worker_fd", (PyCFunction)(void (*)(void))relay_worker_fd, METH_FASTCALL,
+     "relay_worker_fd(worker) -> eventfd readable when datagrams wait for Python"},
+    {"relay_worker_take", (PyCFunction)(void (*)(void))relay_worker_take, METH_FASTCALL,
+     "relay_worker_take(worker, limit[, sources]) -> list[(bytes, (host, port))] for Python"},
+    {"relay_worker_drops", (PyCFunction)(void (*)(void))relay_worker_drops, METH_FASTCALL,
+     "relay_worker_drops(worker) -> datagrams dropped on a full queue since the last call"},
+    {"relay_worker_stop", (PyCFunction)(void (*)(void))relay_worker_stop, METH_FASTCALL,
+     "relay_worker_stop(worker): stops and joins its thread"},
     {"relay_take_counters", (PyCFunction)(void (*)(void))relay_take_counters, METH_FASTCALL,
      "relay_take_counters(table) -> (forwarded_packets, forwarded_bytes, drop_node_limit, drop_total_limit, "
      "send_errors, send_would_block)"},
