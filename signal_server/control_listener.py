@@ -356,7 +356,7 @@ class ControlListener:
                 if not s.closing:
                     got = directory.take_pending_packed(s.key, P.DIR_CHUNK)
                     if got is not None:
-                        out.append(s.chan.encode_packed(P.dir_update_body(*got)))
+                        out.append(s.chan.encode(P.Packed(P.dir_update_body(*got))))
                         del got  # not held while the send waits on the client
                 if not out:
                     break

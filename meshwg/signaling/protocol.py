@@ -121,7 +121,18 @@ def busy_retry_untrusted(body: bytes) -> int | None:
     return min(max(retry, 1), BUSY_MAX_RETRY)
 
 
-def pack(msg: dict) -> bytes:
+class Packed:
+    """A message packed already (dir_update_body): pack() and so SecureChannel.encode take its bytes as they are."""
+
+    __slots__ = ("body",)
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+
+def pack(msg) -> bytes:
+    if isinstance(msg, Packed):
+        return msg.body
     return msgpack.packb(msg, use_bin_type=True)
 
 
