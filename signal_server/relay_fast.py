@@ -113,6 +113,11 @@ class FastRelay:
             worker.stop()
         self.workers.clear()
 
+    def send_batch(self, sock, items: list) -> list:
+        """RelayCore's frames for destinations on `sock`, (frame, addr) pairs, sent as the fast path sends (one
+        sendmmsg, GSO runs); returns those left for the caller's own send (a scoped IPv6 address)."""
+        return fastio.relay_send_batch(self.table, sock.fileno(), items, self.sources if sock in self.sticky else None)
+
     def forward(self, sock, limit: int) -> list:
         """Drains `sock` (at most `limit` datagrams) on the caller's thread: forwards what the table may,
         returns the rest."""

@@ -21,6 +21,13 @@ class RelayTcp:
         self.cfg = srv.cfg
         self.counters = srv.counters
         self.send = send  # relay_send(frame, dest): UDP destinations go out of the UDP shell's sockets
+        # Many (frame, dest) pairs at once: the UDP shell's batch when `send` is its relay_send.
+        owner = getattr(send, "__self__", None)
+        self.send_many = getattr(owner, "relay_send_many", None) or self._send_each
+
+    def _send_each(self, out: list) -> None:
+        for frame, dest in out:
+            self.send(frame, dest)
 
     async def listen(self, nursery, host: str, port: int) -> list:
         ls = await trio.open_tcp_listeners(port, host=host)
@@ -89,10 +96,13 @@ class RelayTcp:
                 self.counters["relay_tcp_no_hello"] += 1
                 return
             now, wall = time.monotonic(), time.time()
+            outs: list = []  # what this read's frames become: sent together (one sendmmsg for the UDP ones)
             for frame in dec.feed(data):
                 if not authed and W.frame_type_untrusted(frame) != W.T_HELLO:
                     self.counters["relay_tcp_no_hello"] += 1
+                    self.send_many(outs)
                     return
                 for out, dest in relay.handle_untrusted(frame, conn, now, wall):
                     authed = authed or (dest is conn and W.frame_type_untrusted(out) == W.T_HELLO_OK)
-                    self.send(out, dest)
+                    outs.append((out, dest))
+            self.send_many(outs)

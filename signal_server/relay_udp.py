@@ -185,6 +185,23 @@ class RelayUdp:
         except (BlockingIOError, OSError):
             self.counters["udp_send_errors"] += 1
 
+    def relay_send_many(self, out: list) -> None:
+        """(frame, destination) pairs, as relay_send takes them; the UDP ones in one batch per socket."""
+        if self.fast is None or len(out) < 2:
+            for frame, dest in out:
+                self.relay_send(frame, dest)
+            return
+        by_sock: dict[int, list] = {}
+        for frame, dest in out:
+            if isinstance(dest, tuple):
+                by_sock.setdefault(dest[0], []).append((frame, dest[1]))
+            else:
+                self.relay_send(frame, dest)
+        for idx, items in by_sock.items():
+            sock = self.socks[idx]
+            for frame, addr in self.fast.send_batch(sock, items):
+                self._send(sock, frame, addr)
+
     def relay_send(self, frame: bytes, dest) -> None:
         """A relay frame to its destination: (socket index, address) for UDP, a TCP connection's channel."""
         if isinstance(dest, tuple):

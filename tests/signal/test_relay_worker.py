@@ -121,3 +121,19 @@ def test_stop_joins_and_can_be_repeated_and_bad_arguments_raise(net):
     for bad in ((table, 8), (worker, 8, []), (worker, "8")):
         with pytest.raises((TypeError, ValueError)):
             fastio.relay_worker_take(*bad)
+
+
+def test_a_batch_of_core_frames_goes_out_in_order_per_destination_and_scoped_ones_come_back(net):
+    """relay_send_batch (the TCP relay's SENDs of one read): every frame arrives whole, in order per destination
+    (runs to one destination leave as one GSO message where the path allows); a scoped IPv6 address comes back."""
+    server, a, b, table, worker = net
+    to_a = [W.encode_recv(KB, b"\x04" + bytes([i]) * 200) for i in range(5)]
+    to_b = [W.encode_recv(KA, b"\x04" + bytes([i]) * 300) for i in range(3)] + [W.encode_recv(KA, b"short")]
+    scoped = (b"scoped", ("fe80::1%lo", 9))
+    items = [(f, a.getsockname()) for f in to_a[:3]] + [(f, b.getsockname()) for f in to_b] + [scoped] \
+        + [(f, a.getsockname()) for f in to_a[3:]]
+    assert fastio.relay_send_batch(table, server.fileno(), items) == [scoped]
+    assert [a.recv(65535) for _ in to_a] == to_a
+    assert [b.recv(65535) for _ in to_b] == to_b
+    with pytest.raises(TypeError):
+        fastio.relay_send_batch(table, server.fileno(), [(b"x", "not an address", 1)])

@@ -1252,7 +1252,7 @@ struct relay_budget {
 };
 
 struct relay_out {
-    int32_t dest;
+    const struct relay_session *dest;  /* where it goes: fd, address, source to send from */
     unsigned char *data;
     size_t len;
 };
@@ -1856,7 +1856,7 @@ relay_flush(struct relay_table *t, struct relay_out *q, int count)
         if (done[i]) {
             continue;
         }
-        struct relay_session *d = &t->sessions[q[i].dest];
+        const struct relay_session *d = q[i].dest;
         int first = niov, segs = 0;
         size_t total = 0, size = q[i].len;
         for (int j = i; j < count; j++) {
@@ -1877,7 +1877,7 @@ relay_flush(struct relay_table *t, struct relay_out *q, int count)
         }
         struct msghdr *m = &msgs[nmsg].msg_hdr;
         memset(m, 0, sizeof *m);
-        m->msg_name = &d->addr;
+        m->msg_name = (void *)&d->addr;
         m->msg_namelen = d->addr_len;
         m->msg_iov = &iov[first];
         m->msg_iovlen = (size_t)segs;
@@ -1973,7 +1973,7 @@ relay_step(struct relay_table *t, int fd, unsigned char *data, ssize_t len, cons
     memcpy(frame, relay_magic, 4);
     frame[4] = RELAY_T_RECV;
     memcpy(frame + 5, s->key, RELAY_KEY_LEN);
-    q[*queued].dest = to;
+    q[*queued].dest = &t->sessions[to];
     q[*queued].data = frame;
     q[*queued].len = (size_t)(len - RELAY_SEND_HEADER + RELAY_RECV_HEADER);
     (*queued)++;
@@ -2103,6 +2103,82 @@ relay_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
     }
     return out;
+}
+
+/* relay_send_batch(table, fd, items[, sources]) -> list of the items left for Python
+ * Frames RelayCore made ((frame, (host, port)) pairs, e.g. the SENDs of one TCP relay read) sent from `fd` as the
+ * fast path sends: one sendmmsg, runs to one destination as one GSO message, each from its sticky source.
+ * Items whose address this module does not resolve (scoped IPv6) come back for the caller's own send. */
+static PyObject *
+relay_send_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct relay_table *t = (nargs == 3 || nargs == 4) ? as_table(args[0]) : NULL;
+    if (t == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "relay_send_batch(table, fd, items[, sources])");
+        }
+        return NULL;
+    }
+    int fd = as_fd(args[1]);
+    PyObject *items = args[2], *sources;
+    if (fd < 0 || optional_dict(args, nargs, 3, &sources) < 0) {
+        return NULL;
+    }
+    if (!PyList_Check(items)) {
+        PyErr_SetString(PyExc_TypeError, "items must be a list of (bytes, (host, port))");
+        return NULL;
+    }
+    PyObject *left = PyList_New(0);
+    if (left == NULL) {
+        return NULL;
+    }
+    static struct relay_session dests[RELAY_BATCH];  /* GIL held: one caller at a time */
+    struct relay_out q[RELAY_BATCH];
+    Py_ssize_t n = PyList_GET_SIZE(items), i = 0;
+    while (i < n) {
+        int count = 0, ndest = 0;
+        PyObject *last = NULL;
+        for (; i < n && count < RELAY_BATCH; i++) {
+            PyObject *item = PyList_GET_ITEM(items, i);
+            if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2 || !PyBytes_CheckExact(PyTuple_GET_ITEM(item, 0))) {
+                PyErr_SetString(PyExc_TypeError, "items must be a list of (bytes, (host, port))");
+                Py_DECREF(left);
+                return NULL;
+            }
+            PyObject *dest = PyTuple_GET_ITEM(item, 1);
+            if (dest != last) {
+                struct relay_session *d = &dests[ndest];
+                if (!resolve_dest(dest, &d->addr, &d->addr_len)) {
+                    if (PyErr_Occurred() || PyList_Append(left, item) < 0) {
+                        Py_DECREF(left);
+                        return NULL;
+                    }
+                    continue;
+                }
+                if (ndest > 0 && d->addr_len == dests[ndest - 1].addr_len
+                    && memcmp(&d->addr, &dests[ndest - 1].addr, d->addr_len) == 0) {
+                    last = dest;  /* an equal tuple: the same destination */
+                } else {
+                    d->fd = fd;
+                    d->source.len = 0;
+                    if (sources != NULL) {
+                        lookup_source(sources, dest, d->addr.ss_family == AF_INET6, &d->source);
+                    }
+                    ndest++;
+                    last = dest;
+                }
+            }
+            PyObject *frame = PyTuple_GET_ITEM(item, 0);
+            q[count].dest = &dests[ndest - 1];
+            q[count].data = (unsigned char *)PyBytes_AS_STRING(frame);
+            q[count].len = (size_t)PyBytes_GET_SIZE(frame);
+            count++;
+        }
+        table_lock(t);
+        relay_flush(t, q, count);
+        table_unlock(t);
+    }
+    return left;
 }
 
 /* ---- The relay's forwarding thread: the fast path without trio or the GIL ----
@@ -2485,6 +2561,8 @@ static PyMethodDef fastio_methods[] = {
      "relay_charge_total(table, size) -> bool (within the total budget)"},
     {"relay_forward", (PyCFunction)(void (*)(void))relay_forward, METH_FASTCALL,
      "relay_forward(table, fd, limit[, sources]) -> list[(bytes, (host, port))] for Python"},
+    {"relay_send_batch", (PyCFunction)(void (*)(void))relay_send_batch, METH_FASTCALL,
+     "relay_send_batch(table, fd, items[, sources]) -> items left for Python"},
     {"relay_worker_start", (PyCFunction)(void (*)(void))relay_worker_start, METH_FASTCALL,
      "relay_worker_start(table, fd) -> worker (a thread forwarding fd's datagrams)"},
     {"relay_worker_fd", (PyCFunction)(void (*)(void))relay_worker_fd, METH_FASTCALL,
