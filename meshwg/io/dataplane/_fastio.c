@@ -2062,16 +2062,21 @@ relay_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (out == NULL) {
         return NULL;
     }
-    static struct relay_rx rx;  /* GIL held: one relay_forward at a time, and t->buffers is its alone */
+    struct relay_rx rx;
     char rest[RELAY_BATCH];
     Py_ssize_t received = 0;
     while (received < limit) {
         int want = limit - received < RELAY_BATCH ? (int)(limit - received) : RELAY_BATCH;
+        /* Held until the batch's objects are made: t->buffers is relay_forward's, whichever thread calls it.
+         * (Making objects with the table locked cannot deadlock: the workers never take the GIL, and a Python
+         * thread waiting for the table waits without it.) */
         table_lock(t);
         int n = relay_receive(fd, &rx, t->buffers, want);
         int left = n > 0 ? relay_batch(t, fd, &rx, n, rest) : 0;
-        table_unlock(t);
         if (n < 0) {
+            int err = errno;
+            table_unlock(t);
+            errno = err;
             if (drain_ends_quietly(PyList_GET_SIZE(out))) {
                 break;
             }
@@ -2094,10 +2099,12 @@ relay_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             Py_XDECREF(bytes);
             Py_XDECREF(addr);
             if (!ok) {
+                table_unlock(t);
                 Py_DECREF(out);
                 return NULL;  /* this batch's forwarded frames went out already */
             }
         }
+        table_unlock(t);
         if (n < want) {
             break;
         }
@@ -2132,7 +2139,7 @@ relay_send_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (left == NULL) {
         return NULL;
     }
-    static struct relay_session dests[RELAY_BATCH];  /* GIL held: one caller at a time */
+    struct relay_session dests[RELAY_BATCH];
     struct relay_out q[RELAY_BATCH];
     Py_ssize_t n = PyList_GET_SIZE(items), i = 0;
     while (i < n) {
