@@ -345,8 +345,9 @@ class SqliteStore:
         return matches[0] if len(matches) == 1 else None
 
     def join(self, key: bytes, invite_id: str | None, secret: bytes | None, name: str | None, wall: float,
-             prefix4, prefix6) -> tuple[NodeRow, bool]:
+             prefix4, prefix6, reserved: frozenset = frozenset()) -> tuple[NodeRow, bool]:
         """Register key (or reconnect a registered one). Returns (node, created). Raises JoinRefused.
+        A new node asking for a name in `reserved` (what the access policy names) gets a free variant instead.
 
         registry.decide_join holds the rules; this reads what they need and writes what they decided,
         all in one transaction so two joins cannot take the same address or name."""
@@ -364,12 +365,12 @@ class SqliteStore:
                 self.db.execute("UPDATE nodes SET expires=NULL, last_seen=? WHERE id=?", (wall, d.node_id))
                 self._log(api.READMIT, key, d.node_id)
                 return self.get_node(key), False
-            row = self._admit(key, d, name, invite_id, wall, prefix4, prefix6)
+            row = self._admit(key, d, name, invite_id, wall, prefix4, prefix6, reserved)
             self._log(api.JOIN, key, row.node_id)
             return row, True
 
     def _admit(self, key: bytes, d: registry.Admit, name: str | None, invite_id: str, wall: float,
-               prefix4, prefix6) -> NodeRow:
+               prefix4, prefix6, reserved: frozenset) -> NodeRow:
         """Write a new node (inside join's transaction)."""
         self.db.execute("DELETE FROM removed_keys WHERE pubkey=?", (key,))
         count = self.db.execute("SELECT count(*) FROM nodes").fetchone()[0]
@@ -379,7 +380,7 @@ class SqliteStore:
         if isinstance(addrs, registry.Refuse):
             raise addrs.error()
         v4, v6 = addrs
-        taken = lambda n: self._exists("name", n)  # noqa: E731
+        taken = lambda n: n in reserved or self._exists("name", n)  # noqa: E731
         nm, placeholder = registry.first_name(name, key, taken)
         cur = self.db.execute(
             "INSERT INTO nodes(pubkey, name, ipv4, ipv6, created, last_seen, invite_id, tag) VALUES(?,?,?,?,?,?,?,?)",

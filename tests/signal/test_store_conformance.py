@@ -401,3 +401,13 @@ def test_removing_a_node_removes_its_routes(invited):
     st.remove(home.node_id, 1100.0)
     assert st.list_routes() == []
     st.approve_route(office.node_id, "192.168.1.0/24")  # no longer in the way
+
+
+def test_a_name_the_policy_uses_is_not_given_to_a_new_node_that_asks_for_it(invited):
+    # Review finding: rules name nodes; a node removed while the policy names it must not hand its rights to
+    # whoever joins next asking for its name (only an administrator's rename gives the name).
+    row, _ = invited.join(key(), "inv", SECRET, "nas", 1000.0, P4, P6, reserved=frozenset({"nas"}))
+    assert row.name == "nas-2"
+    again, _ = invited.join(key(), "inv", SECRET, "laptop", 1000.0, P4, P6, reserved=frozenset({"nas"}))
+    assert again.name == "laptop"
+    assert invited.rename(again.node_id, "nas") == "nas"   # the administrator's choice stands
