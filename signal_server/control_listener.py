@@ -348,28 +348,29 @@ class ControlListener:
             s.wake = trio.Event()
             # A pending directory update goes out one message at a time, each built just before it is sent: a
             # policy change that rewrites every entry holds one message per session in memory, not the whole
-            # update, and the first sessions are served while the last are still to be built.
-            while True:
-                out = []
-                while s.queue:  # control messages (punch, sealed, acks, gone) go out at once
-                    out.append(s.chan.encode(s.queue.popleft()))
-                if not s.closing:
-                    got = directory.take_pending_packed(s.key, P.DIR_CHUNK)
-                    if got is not None:
-                        out.append(s.chan.encode(P.Packed(P.dir_update_body(*got))))
-                        del got  # not held while the send waits on the client
-                if not out:
-                    break
-                try:
-                    with trio.fail_after(self.cfg.send_timeout):
-                        await s.stream.send_all(out[0] if len(out) == 1 else b"".join(out))
-                except trio.TooSlowError:
-                    self.counters["control_closed_slow_client"] += 1
-                    scope.cancel()
-                    return
-                self.counters["control_frames_sent"] += len(out)
-                if s.closing:
-                    break
+            # update, and the first sessions are served while the last are still to be built. Each send has
+            # send_timeout (one scope, its deadline moved on per send).
+            with trio.move_on_after(self.cfg.send_timeout) as deadline:
+                while True:
+                    out = []
+                    while s.queue:  # control messages (punch, sealed, acks, gone) go out at once
+                        out.append(s.chan.encode(s.queue.popleft()))
+                    if not s.closing:
+                        got = directory.take_pending_packed(s.key, P.DIR_CHUNK)
+                        if got is not None:
+                            out.append(s.chan.encode(P.Packed(P.dir_update_body(*got))))
+                            del got  # not held while the send waits on the client
+                    if not out:
+                        break
+                    deadline.deadline = trio.current_time() + self.cfg.send_timeout
+                    await s.stream.send_all(out[0] if len(out) == 1 else b"".join(out))
+                    self.counters["control_frames_sent"] += len(out)
+                    if s.closing:
+                        break
+            if deadline.cancelled_caught:
+                self.counters["control_closed_slow_client"] += 1
+                scope.cancel()
+                return
             if s.closing:
                 scope.cancel()
                 return

@@ -333,8 +333,8 @@ class Directory:
                 keys = keys[:skip] + keys[skip + 1:]
             if not keys or keys[-1] not in dirty:  # nothing pending, or not a tail: cheap to tell
                 continue
-            start = len(keys) - len(members & dirty)  # `sub` is not pending (the caller checked)
-            if start < 0 or (start and not dirty.issuperset(keys[start:])):
+            start = _pending_tail(keys, dirty)
+            if start and not dirty.issuperset(keys[start:]):
                 continue
             end = min(len(keys), start + limit - count)
             v = view(mc, pc)
@@ -489,6 +489,18 @@ class Directory:
 
     def expired(self, wall: float) -> list[bytes]:
         return [k for k, n in self.nodes.items() if n.expires is not None and n.expires <= wall]
+
+
+def _pending_tail(keys: tuple, dirty: set) -> int:
+    """Where the pending tail of `keys` starts if the pending ones are a tail (binary search: the caller checks)."""
+    lo, hi = 0, len(keys) - 1  # keys[hi] is pending
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if keys[mid] in dirty:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def _visibility_copy(node: Node) -> Node:

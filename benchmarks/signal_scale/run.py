@@ -301,7 +301,7 @@ async def policy_changes(args, path: str, nodes, server_pid: int) -> dict:
             await policy_change(path, ALLOW_ALL, nodes, server_pid)  # back to the start, not measured
             await trio.sleep(0.5)
         for label, text in POLICY_CHANGES:
-            prof = _profile(args, f"{label}_{mode}", server_pid) if label == "load_20_rules" else []
+            prof = _profile(args, f"{label}_{mode}", server_pid) if mode == "deferred" else []
             r = await policy_change(path, text, nodes, server_pid, deferred=mode == "deferred")
             for p in prof:
                 await trio.to_thread.run_sync(p.wait)
