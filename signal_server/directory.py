@@ -115,6 +115,7 @@ _ACL_FIELDS = frozenset({"name", "tags", "routes", "is_exit", "kind", "ipv4", "i
 _ADDR_FIELDS = frozenset({"ipv4", "ipv6"})
 MAX_ACCEPT_CACHE = 4096  # packed accept fields kept per recipient
 BULK = 64  # pending keys from which a take sends whole peer classes as shared runs (fewer: one entry at a time)
+RUN_MIN = 8  # members a peer class needs to go out as a run (a smaller one costs more in runs than entry-wise)
 MAX_RUN_BYTES = 64 << 20  # shared runs kept (one per recipient class, peer class and accept field length)
 
 
@@ -351,13 +352,14 @@ class Directory:
         return count
 
     def _class_groups(self) -> dict:
-        """Peer class -> (keys, frozenset of them): the nodes (no plain peer) whose entry a run can hold."""
+        """Peer class -> (keys, frozenset of them): the nodes (no plain peer) whose entry a run can hold, for the
+        classes of RUN_MIN members or more."""
         if self._groups_stamp != self._stamp:
             groups: dict = {}
             for k, n in self.nodes.items():
                 if n.kind != PLAIN and _spliceable(n.packed(), 2):
                     groups.setdefault(self._cls(n), []).append(k)
-            self._groups = {c: (tuple(ks), frozenset(ks)) for c, ks in groups.items()}
+            self._groups = {c: (tuple(ks), frozenset(ks)) for c, ks in groups.items() if len(ks) >= RUN_MIN}
             self._groups_stamp = self._stamp
         return self._groups
 
