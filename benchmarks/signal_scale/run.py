@@ -13,6 +13,14 @@ the write until every node's directory (visible peers and each one's "accept" li
 (computed here with signal_server.policy): the 20-rule policy replacing a one-rule one (every accept list
 changes), one rule's ports (the entries of the ten ops nodes change at every other node), the allow-all rule
 removed (most peers hidden) and put back (revealed).
+
+Each change is measured twice. "deferred": the simulated nodes only keep the bytes they receive (with their arrival
+time) until the server has been quiet for a second, then decode them; the figure is the write to the arrival of
+the bytes that made the last node's directory right, i.e. the server's delivery, with the clients' decoding (a
+full rewrite is ~1 M entries, several CPU seconds in this one process, on the server's cores) reported apart as
+"clients' decoding". "live": nodes decode as bytes arrive (the clients' decoding is then in the figure). Both print
+the server's CPU (user, sys) and its peak RSS during the change. --profile DIR runs py-spy on the server and on this
+process during each deferred change.
 """
 
 from __future__ import annotations
