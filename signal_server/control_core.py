@@ -263,6 +263,12 @@ class ControlCore:
         return self.directory.update(key, routes=shown, is_exit=exit_ok)
 
     # --- access control (issue 13)
+    def reserved_names(self) -> frozenset:
+        """Names the policy in force mentions: a joining node asking for one gets another (store.join), so the
+        rights a rule grants by name never pass to whoever joins next under a removed node's name."""
+        acl = self.directory.acl
+        return acl.pf.names if acl is not None else frozenset()
+
 
     def set_policy(self, pf) -> list:
         """A policy (policy.PolicyFile, checked) in force, or None for none: entries follow within a flush."""

@@ -219,7 +219,8 @@ class ControlListener:
         cands = P.candidates_untrusted(msg.get("candidates", []))
         try:
             row, created = await srv._db(
-                srv.store.join, client_key, invite_id, secret, name, time.time(), srv.prefix4, srv.prefix6
+                srv.store.join, client_key, invite_id, secret, name, time.time(), srv.prefix4, srv.prefix6,
+                srv.core.reserved_names(),
             )
         except JoinRefused as exc:
             self.counters[f"join_refused_{exc.code}"] += 1

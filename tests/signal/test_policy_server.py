@@ -247,3 +247,20 @@ async def test_plain_peers_fall_under_the_policy_and_the_ingress_targets_follow(
     write(path, "[[rule]]\nfrom = ['b']\nto = ['phone']\n")  # b may reach it: b sees it, the ingress has no target
     await within_1s(lambda: phone.key in b.entries and phone.key not in a.entries and not h.server.plain.targets)
     assert b.entries[phone.key]["accept"] == []
+
+
+async def test_a_name_the_policy_uses_is_not_handed_to_the_next_node_asking_for_it(nursery, tmp_path):
+    # Review finding: rule rights follow names; after `a` is removed (the policy still names it), anyone with an
+    # invite joining as "a" must not inherit a's rights or visibility. An administrator's rename still gives it.
+    h, path, nodes, rows = await policy_mesh(nursery, tmp_path)
+    write(path, AB_SSH)
+    b = nodes["b"]
+    await within_1s(lambda: nodes["a"].key in b.entries)
+    h.admin.remove(rows["a"].node_id, time.time())
+    await within_1s(lambda: nodes["a"].key not in b.entries)
+    newcomer = await recording_node(nursery, h.invite(reusable=True), "a")
+    await within_1s(lambda: h.server.directory.nodes.get(newcomer.key) is not None
+                    and h.server.directory.nodes[newcomer.key].online)
+    assert h.admin.get_node(newcomer.key).name == "a-2"
+    await trio.sleep(0.3)  # a change feed poll or three: nothing reaches b
+    assert newcomer.key not in b.entries and not heard_of(b, newcomer.key)
