@@ -40,6 +40,9 @@ Actions: SetAddresses(addresses)                   the interface's mesh addresse
          SetRouteMtus(mtus)                        ((prefix, mtu), ...): the routes of the peers reached through
                                                    the relay carry that MTU, every other route none
                                                    (meshwg.mesh.path_mtu); after a path, peer or MTU change
+         SetExitMtus(mtus)                         ((default prefix, mtu), ...): the exit policy table's default
+                                                   routes carry that MTU while the exit node in use is relayed,
+                                                   none otherwise (empty); after a path, exit node or MTU change
 """
 
 from __future__ import annotations
@@ -185,6 +188,11 @@ class SetRouteMtus:
     mtus: tuple             # ((prefix text, mtu), ...) sorted: the whole wanted set, not a change
 
 
+@dataclass(frozen=True)
+class SetExitMtus:
+    mtus: tuple             # (("0.0.0.0/0", mtu), ("::/0", mtu)) or fewer: the whole wanted set, not a change
+
+
 def update_directory(peers: dict[bytes, PeerInfo], ev) -> bool:
     """Fold one control event into `peers` (key -> PeerInfo); True when an entry changed. A punch notice
     carries the freshest entry the server has; other events leave the directory alone."""
@@ -245,6 +253,7 @@ class AgentCore:
         self.open_family: int | None = None         # netcheck saw no filtering on this IP version (NatProbed)
         self.route_mtus: dict[str, int] = {}        # the relayed peers' routes and their MTU (SetRouteMtus)
         self._mtu_inputs: tuple = ()                # (node specs, relayed keys, interface MTU) they follow from
+        self.exit_mtus: dict[str, int] = {}         # the exit policy table's default routes' MTU (SetExitMtus)
         self._handlers = {
             Connected: self._connected, Disconnected: self._disconnected, DirectoryReset: self._reset,
             PeerChanged: self._peer_changed, PeerRemoved: self._peer_removed, PunchNotice: self._punch_notice,
@@ -555,6 +564,7 @@ class AgentCore:
         specs = node.specs   # replaced (never mutated) by apply_netmap: the same object, the same routes
         relayed = path_mtu.relayed_keys(specs, node.endpoint_of, RelayEndpoint)
         inputs = (specs, relayed, getattr(node.core, "mtu", None) or DEFAULT_IFACE_MTU)
+        self._exit_mtus(relayed, inputs[2], out)
         old = self._mtu_inputs
         if old and old[0] is inputs[0] and old[1:] == inputs[1:]:
             return
@@ -563,6 +573,14 @@ class AgentCore:
         if mtus != self.route_mtus:
             self.route_mtus = mtus
             out.append(SetRouteMtus(tuple(sorted(mtus.items()))))
+
+    def _exit_mtus(self, relayed: frozenset, iface_mtu: int, out: list) -> None:
+        """SetExitMtus when the exit node in use, its path or the interface MTU changed: internet traffic through a
+        relayed exit node is relayed too. After the batch's UseExitNode, so the shell has the table by then."""
+        mtus = path_mtu.exit_mtus(self.exit_key, relayed, iface_mtu)
+        if mtus != self.exit_mtus:
+            self.exit_mtus = mtus
+            out.append(SetExitMtus(tuple(sorted(mtus.items()))))
 
     # ---- timed duties --------------------------------------------------------------------------
     def _tick(self, ev: Tick, now: float, out: list) -> None:

@@ -10,6 +10,12 @@ needed" / "packet too big". Direct peers keep the full MTU.
 
     mtus = route_mtus(specs, relayed, iface_mtu)   # {prefix text: mtu} for the relayed peers' routes
     relayed = relayed_keys(node)                   # which peers the node reaches through the relay now
+    exits = exit_mtus(exit_key, relayed, iface_mtu)   # {"0.0.0.0/0": mtu, "::/0": mtu} while the exit node
+                                                      # in use is relayed, else {}
+
+The exit node's default routes live in the policy table (meshwg.io.oscfg.subnet_routes), not among the mesh
+routes: while the exit node in use is relayed, all internet traffic through it is relayed, so they carry the
+reduced MTU too.
 """
 
 from __future__ import annotations
@@ -41,6 +47,18 @@ def route_mtus(specs: Mapping, relayed: Iterable[bytes], iface_mtu: int) -> dict
             if net.prefixlen == 0 or mtu < (IPV6_MIN_MTU if net.version == 6 else MIN_MTU):
                 continue
             out[str(net)] = mtu
+    return out
+
+
+def exit_mtus(exit_key: bytes | None, relayed: Iterable[bytes], iface_mtu: int) -> dict[str, int]:
+    """{default prefix: mtu} for the exit node in use (exit_key; None: none) while it is relayed, else {}. The
+    IPv6 default only at 1280 or more (the kernel refuses less: it keeps the interface's)."""
+    if exit_key is None or exit_key not in relayed:
+        return {}
+    mtu = relayed_mtu(iface_mtu)
+    out = {"0.0.0.0/0": mtu} if mtu >= MIN_MTU else {}
+    if mtu >= IPV6_MIN_MTU:
+        out["::/0"] = mtu
     return out
 
 

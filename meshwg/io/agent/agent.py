@@ -143,6 +143,7 @@ class Agent:
         self.subnet: SubnetRouting | None = None
         self.fwmark = 0              # the exit policy routing's mark, chosen the first time it is needed
         self.exit_name: str | None = None   # the exit node in use (None: none)
+        self.exit_mtus: dict[str, int] = {}   # its default routes' MTU while it is relayed (SetExitMtus)
         self._reprobe = trio.Event()          # our addresses changed: probe the NAT again now
 
     # ---- main --------------------------------------------------------------------------------
@@ -257,6 +258,10 @@ class Agent:
                 await self._use_exit(key, name)
             case A.SetRouteMtus(mtus):
                 self.dev.set_route_mtus(dict(mtus))   # the device's route task applies it
+            case A.SetExitMtus(mtus):
+                self.exit_mtus = dict(mtus)
+                if self.exit_name:                    # else kept for when the exit policy routing goes on
+                    await self._apply_os()
             case _:
                 raise TypeError(f"unknown agent action {act!r}")
         return None
@@ -366,7 +371,7 @@ class Agent:
         choice = self.core.routing
         apply = functools.partial(self.subnet.apply, forwarding=choice.advertising, masquerade=choice.snat,
                                   exit_mark=self.fwmark if self.exit_name else None, routes=choice.advertise,
-                                  advertise_exit=choice.advertise_exit)
+                                  advertise_exit=choice.advertise_exit, exit_mtus=self.exit_mtus)
         await trio.to_thread.run_sync(apply)
 
     async def _use_exit(self, key, name) -> None:

@@ -14,7 +14,9 @@ host as it found it:
   `ip rule add not fwmark M table M`, `ip route add default dev <mesh> table M` and
   `ip rule add table main suppress_prefixlength 0`, for IPv4 and IPv6, with priorities of our own (so removing
   them never removes wg-quick's identical suppress rule); rules and table removed when the exit node is no
-  longer in use. M is the first table number from 51820 nobody uses.
+  longer in use. M is the first table number from 51820 nobody uses. While the exit node in use is reached through
+  the relay, the table's default routes carry `mtu N` (exit_mtus, meshwg.mesh.path_mtu), so internet traffic
+  through it is not fragmented; replaced without it when it goes direct.
 With a state directory, what is about to change (original sysctl values, the table, the mark) is written there
 first (agent_state.save_os_undo), and recover() at the next start undoes what a crashed run left.
 Synchronous (subprocess): the agent runs these in a thread.
@@ -116,6 +118,9 @@ def _forward_filter(t: str, iface: str, allow) -> list[str]:
     return cmds
 
 
+DEFAULTS = (("-4", "0.0.0.0/0"), ("-6", "::/0"))   # the exit policy table's default route of each family
+
+
 def rule_priorities(mark: int) -> tuple[int, int]:
     """(suppress rule, fwmark rule) priorities of our exit policy routing: ours alone (one pair per table number),
     the suppress rule first as in wg-quick, both before the main table's 32766."""
@@ -134,6 +139,8 @@ class SubnetRouting:
         self.masquerade = False
         self.allow: tuple | None = None   # the forward filter in place (None: none)
         self.mark: int | None = None      # the fwmark/table of the exit policy routing in place
+        self.exit_mtus: dict[str, int] = {}   # the MTU of its default routes ("0.0.0.0/0", "::/0"; absent: none)
+        self._defaults: set[str] = set()      # the families whose default route is in the table ("-4", "-6")
         self._table = False
 
     # ---- what a crash leaves -----------------------------------------------------------------
@@ -174,9 +181,13 @@ class SubnetRouting:
         return netconfig.pick_fwmark_table()
 
     def apply(self, *, forwarding: bool, masquerade: bool, exit_mark: int | None, routes=(),
-              advertise_exit: bool = False) -> None:
+              advertise_exit: bool = False, exit_mtus=None) -> None:
         """routes: the prefixes this node advertises (the mesh may reach only those through us, unless
-        advertise_exit: everything)."""
+        advertise_exit: everything). exit_mtus: {"0.0.0.0/0" | "::/0": mtu} for the exit table's default routes
+        (None: as they are; {}: none)."""
+        old_mtus = self.exit_mtus
+        if exit_mtus is not None:
+            self.exit_mtus = dict(exit_mtus)
         if forwarding and not self.forwarding:
             for path in FORWARDING:
                 self.sysctls.set(path, "1")
@@ -195,6 +206,8 @@ class SubnetRouting:
             else:
                 self.sysctls.restore([SRC_VALID_MARK])
                 self._save_undo()
+        elif self.mark and self.exit_mtus != old_mtus:
+            self._retune_defaults(self.mark, old_mtus)
         masquerade = masquerade and forwarding
         allow = tuple(routes) if forwarding and not advertise_exit else None
         self._nft(masquerade, self.mark, allow)
@@ -217,11 +230,27 @@ class SubnetRouting:
         except netconfig.NetconfigError as exc:
             log.warning("%s", exc)
 
+    def _default_route(self, fam: str, prefix: str, mark: int) -> list[str]:
+        """`ip FAM route replace default dev IFACE table M [mtu N]`: replace, so no mtu clears an earlier one."""
+        mtu = self.exit_mtus.get(prefix)
+        return (["ip", fam, "route", "replace", "default", "dev", self.iface, "table", str(mark)]
+                + (["mtu", str(mtu)] if mtu else []))
+
+    def _retune_defaults(self, mark: int, old_mtus: dict) -> None:
+        """The default routes whose MTU changed, in the families that have one (not where IPv6 is off)."""
+        for fam, prefix in DEFAULTS:
+            if fam in self._defaults and self.exit_mtus.get(prefix) != old_mtus.get(prefix):
+                try:
+                    netconfig.run(self._default_route(fam, prefix, mark))
+                except netconfig.NetconfigError as exc:
+                    log.warning("%s", exc)
+
     def _exit_rules_on(self, mark: int) -> None:
         m = str(mark)
         suppress, marked = (str(p) for p in rule_priorities(mark))
-        for fam in ("-4", "-6"):
-            for cmd in (["ip", fam, "route", "replace", "default", "dev", self.iface, "table", m],
+        self._defaults = set()
+        for fam, prefix in DEFAULTS:
+            for cmd in (self._default_route(fam, prefix, mark),
                         ["ip", fam, "rule", "add", "priority", marked, "not", "fwmark", m, "table", m],
                         ["ip", fam, "rule", "add", "priority", suppress, "table", "main", "suppress_prefixlength",
                          "0"]):
@@ -232,6 +261,8 @@ class SubnetRouting:
                         continue   # already there (ours, left over): the next rule is still needed
                     log.warning("%s", exc)   # e.g. IPv6 disabled here: IPv4 still goes through the exit node
                     break
+                if cmd[2] == "route":
+                    self._defaults.add(fam)
 
     def _exit_rules_off(self, mark: int) -> None:
         """Only our rules: matched by our priority and table, never another's identical suppress rule."""
@@ -243,6 +274,7 @@ class SubnetRouting:
             netconfig.run(["ip", fam, "rule", "del", "priority", suppress, "table", "main", "suppress_prefixlength",
                            "0"], check=False)
             netconfig.run(["ip", fam, "route", "flush", "table", m], check=False)
+        self._defaults = set()
 
     def close(self) -> None:
         """Undo everything: rules, table, nftables table, sysctls."""
