@@ -1,7 +1,7 @@
 """The exit policy table's default routes in a real kernel (issue 16): meshwg.io.oscfg.subnet_routes, run in a
-namespace of the test's own (one end of a veth pair stands in for the mesh's interface), puts `mtu 1375` on the IPv4 and IPv6
-default routes of table M while the exit node in use is relayed, and `ip route replace` without it really clears it
-when the exit node goes direct; close() leaves the table empty.
+namespace of the test's own (one end of a veth pair stands in for the mesh's interface), puts `mtu 1375` on the
+IPv4 and IPv6 default routes of table M while the exit node in use is relayed, and `ip route replace` without it
+really clears it when the exit node goes direct; close() leaves the table empty.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
-"""Issue 16 in the real NAT lab: the routes to a relayed peer carry mtu 1375, direct peers keep 1420.
+"""Issue 16 in the real NAT lab: the routes to a relayed peer carry mtu 1375, direct peers keep 1420; so do the
+default routes of an exit node in use (policy table), relayed or direct.
 
 A relayed WireGuard datagram carries the relay's 45 B SEND header: at the interface MTU 1420 a full-size packet
 would leave as 1525-1545 B and be fragmented. c, d behind symmetric NATs cannot punch (relay); a, b behind
 port-restricted cones go direct. On c, `ip route get` d's mesh addresses says mtu 1375 and a 1400-byte ping with DF
 fails locally ("message too long", as does a 1360-byte one, which the interface's MTU would let through), a
 1300-byte one passes through the relay; on a, b's routes keep the
-interface's MTU and a full-size DF ping (1392 + 28 = 1420) passes.
+interface's MTU and a full-size DF ping (1392 + 28 = 1420) passes. c using the relayed d as exit node: its policy
+table's default routes carry mtu 1375 (a 1360-byte DF ping to the internet fails locally); a using the direct b: none.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 
 from conftest import require_real_components
 from mesh_lab import MeshLab, logs_on_failure, paths, tunnel_report, wait_until  # noqa: F401 (autouse fixture)
+from scenarios import node_commands as nc
 from scenarios.nat import NatType
 from scenarios.topology import Lab
 
@@ -90,3 +93,60 @@ def test_a_node_on_the_tcp_relay_reduces_its_routes_too(mesh):
         got, _ = wait_until(lambda ip=ip: route_mtu(e, ip) == RELAYED_MTU, 5, 0.1)
         assert got, f"e: ip route get {ip}: {e.host.run('ip', 'route', 'get', ip)!r}"
     assert df_ping(e, c.mesh_ip(), 1300).returncode == 0
+
+
+def exit_table(node) -> str | None:
+    """The exit policy routing's table number on node (None: no exit node in use)."""
+    m = re.search(r"not from all fwmark \S+ lookup (\d+)", node.host.run("ip", "-4", "rule", "show"))
+    return m.group(1) if m else None
+
+
+def default_mtus(node, table: str) -> list[int | None]:
+    """The mtu of the IPv4 and IPv6 default routes in `table` (None: none, the interface's)."""
+    out = []
+    for fam in ("-4", "-6"):
+        m = re.search(r"\bmtu (\d+)", node.host.run("ip", fam, "route", "show", "table", table, "default"))
+        out.append(int(m.group(1)) if m else None)
+    return out
+
+
+def meshwg_set(node, *args: str) -> None:
+    values = nc.node_values(node.host)
+    node.host.run(nc.PY, "-m", "meshwg", "set", *args, "--state-dir", str(values["state_dir"]),
+                  "--interface", values["interface"])
+
+
+def use_exit_node(mesh: MeshLab, node, exit_node) -> str:
+    """exit_node advertises itself as an exit node, approved; node uses it. The table number."""
+    meshwg_set(exit_node, "--advertise-exit-node", "on")
+    ok, _ = wait_until(lambda: "pending" in mesh.admin("routes", "list"), 10, 0.2)
+    assert ok, mesh.admin("routes", "list")
+    mesh.admin("routes", "approve", exit_node.name, "exit")
+    meshwg_set(node, "--exit-node", exit_node.name)
+    ok, _ = wait_until(lambda: ((node.status() or {}).get("routing") or {}).get("exit_node_in_use") == exit_node.name,
+                       10, 0.1)
+    assert ok, f"{node.name} does not use {exit_node.name} as exit node: {(node.status() or {}).get('routing')}"
+    table = exit_table(node)
+    assert table, node.host.run("ip", "-4", "rule", "show")
+    return table
+
+
+def test_a_relayed_exit_nodes_default_routes_carry_1375_a_direct_ones_none(mesh):
+    """All internet traffic through a relayed exit node is relayed: 1420 + 32 + 45 + 28 would be over 1500."""
+    a, b, c, d = (mesh.nodes[n] for n in "abcd")
+    on_path(mesh, c, d, "relay")
+    table = use_exit_node(mesh, c, d)
+    got, _ = wait_until(lambda: default_mtus(c, table) == [RELAYED_MTU, RELAYED_MTU], 5, 0.1)
+    assert got, f"c: table {table}: {c.host.run('ip', 'route', 'show', 'table', table)!r}"
+    # What goes to the internet through d is sized for the relay: a DF ping over 1375 is refused locally.
+    big = df_ping(c, mesh.signal.addr, 1360)
+    err = big.stderr.decode(errors="replace") + big.stdout.decode(errors="replace")
+    assert big.returncode != 0 and "message too long" in err and f"mtu={RELAYED_MTU}" in err, err
+    meshwg_set(c, "--exit-node", "none")
+    ok, _ = wait_until(lambda: exit_table(c) is None, 5, 0.1)
+    assert ok, c.host.run("ip", "-4", "rule", "show")
+
+    on_path(mesh, a, b, "direct")
+    table = use_exit_node(mesh, a, b)
+    assert default_mtus(a, table) == [None, None], a.host.run("ip", "route", "show", "table", table)
+    meshwg_set(a, "--exit-node", "none")
