@@ -3,7 +3,9 @@ frames fed to RelayCore, with a short leash until the relay grants the connectio
 
 from __future__ import annotations
 
+import os
 import time
+from collections import deque
 
 import trio
 
@@ -11,6 +13,68 @@ from meshwg.signaling import relay_wire as W
 
 WRITE_BATCH = 256  # relay frames joined into one send at most
 RELAY_TCP_UNAUTH_BYTES = 4096  # a relay TCP connection without a session: a HELLO or two (~95 bytes each)
+TCP_DEST_QUEUE = 512  # frames waiting for one connection's writer at most (then dropped, relay_tcp_queue_full)
+
+
+class TcpDest:
+    """One relay TCP connection as a relay destination (hashed by identity; send_nowait as a memory channel's).
+
+    A frame goes straight to the socket (one non-blocking write, no trio task hop: issue 16's RTT) when the
+    writer task waits with nothing queued; otherwise, and for whatever the kernel does not take, it queues for
+    the writer, which sends the queue in order. Never straight to the socket while anything is queued (that
+    would overtake it); a direct write wakes the writer, so the rest of the same burst leaves as one send."""
+
+    def __init__(self, stream, limit: int = TCP_DEST_QUEUE) -> None:
+        self.stream = stream
+        self._fd = stream.socket.fileno()
+        self._queue: deque = deque()   # TCP-framed bytes; the first may be the tail of a partial direct write
+        self._limit = limit
+        self._idle: trio.Event | None = None  # the writer waits on it with an empty queue
+        self.closed = False
+        self.direct = 0        # frames written straight to the socket, whole
+        self.direct_short = 0  # ... of which the kernel took only part, or none (the rest queued)
+
+    def send_nowait(self, frame: bytes) -> None:
+        """Raises trio.WouldBlock when the queue is full, trio.ClosedResourceError after close()."""
+        if self.closed:
+            raise trio.ClosedResourceError
+        idle = self._idle
+        if idle is None:
+            if len(self._queue) >= self._limit:
+                raise trio.WouldBlock
+            self._queue.append(W.tcp_frame(frame))
+            return
+        self._idle = None
+        idle.set()
+        data = W.tcp_frame(frame)
+        try:
+            sent = os.write(self._fd, data)
+        except OSError:  # full (BlockingIOError) or broken: the writer's send waits, or fails and closes
+            sent = 0
+        if sent == len(data):
+            self.direct += 1
+        else:
+            self.direct_short += 1
+            self._queue.append(data[sent:])
+
+    @property
+    def queued(self) -> int:
+        """Frames (or a frame's tail) waiting for the writer."""
+        return len(self._queue)
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def writer(self, send_timeout: float) -> None:
+        """Sends what queues, in order: up to WRITE_BATCH frames in one send (one syscall per burst)."""
+        queue = self._queue
+        while True:
+            while not queue:
+                self._idle = idle = trio.Event()
+                await idle.wait()
+            chunks = [queue.popleft() for _ in range(min(len(queue), WRITE_BATCH))]
+            with trio.fail_after(send_timeout):
+                await self.stream.send_all(b"".join(chunks) if len(chunks) > 1 else chunks[0])
 
 
 class RelayTcp:
@@ -49,27 +113,16 @@ class RelayTcp:
             self.counters[f"relay_tcp_refused_{refusal.reason}"] += 1
             await stream.aclose()
             return
-        # The send channel is this connection's relay destination (hashed by identity, has send_nowait).
-        conn, recv_ch = trio.open_memory_channel(512)
+        conn = TcpDest(stream)  # this connection's relay destination
         try:
             async with trio.open_nursery() as n:
-                async def writer():
-                    async for frame in recv_ch:
-                        # Every frame queued by now in one send (one syscall, one wakeup per burst).
-                        frames = [W.tcp_frame(frame)]
-                        while len(frames) < WRITE_BATCH:
-                            try:
-                                frames.append(W.tcp_frame(recv_ch.receive_nowait()))
-                            except (trio.WouldBlock, trio.EndOfChannel):
-                                break
-                        with trio.fail_after(self.cfg.send_timeout):
-                            await stream.send_all(b"".join(frames) if len(frames) > 1 else frames[0])
-                n.start_soon(writer)
+                n.start_soon(conn.writer, self.cfg.send_timeout)
                 await self._reader(stream, conn)
                 n.cancel_scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
             self.counters["relay_tcp_errors"] += 1
         finally:
+            conn.close()
             srv.relay_limits.release(peer_ip)
             srv.relay.drop_dest(conn)
             with trio.CancelScope(shield=True):

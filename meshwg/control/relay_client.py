@@ -12,6 +12,7 @@ UDP use (the node's one socket carries WireGuard, STUN, disco and relay frames):
 from __future__ import annotations
 
 import math
+import os
 import struct
 import time
 
@@ -113,12 +114,16 @@ class TcpRelayClient:
         self._lock = trio.Lock()
         self._headers: dict[bytes, bytes] = {}  # destination key -> SEND header under _header_token
         self._header_token: bytes | None = None
+        sock = getattr(stream, "socket", None)  # None: a stream with no socket (tests) has no direct writes
+        self._fd = sock.fileno() if sock is not None else None
+        self._tail = b""  # what a direct write left unsent (see send_nowait)
+        self._closed = False
 
     async def send(self, dst: bytes, packet: bytes) -> None:
         await self.send_many([(dst, packet)])
 
-    async def send_many(self, items) -> None:
-        """(dst, packet) pairs as SEND frames, in one write."""
+    def _frames(self, items) -> bytes:
+        """(dst, packet) pairs as SEND frames, each destination's header built once per token."""
         token = self.session.token
         if token is None:
             raise RuntimeError("relay session not ready")
@@ -131,12 +136,42 @@ class TcpRelayClient:
             if header is None:
                 header = headers[dst] = W.encode_send(token, dst, b"")
             parts += (pack(len(header) + len(packet)), header, packet)
+        return b"".join(parts)
+
+    @property
+    def backlog(self) -> bool:
+        """A direct write left bytes the kernel did not take: the next send_many (or rehello) sends them first."""
+        return bool(self._tail)
+
+    def send_nowait(self, items) -> bool:
+        """SEND frames straight to the socket, from sync code (no trio task hop: issue 16's RTT), when no write
+        is under way; False (nothing taken) otherwise: the caller queues them for send_many. What the kernel
+        does not take at once is kept as the backlog, never overtaken: no direct write while it is there."""
+        if self._tail or self._lock.locked() or self._closed or self._fd is None:
+            return False
+        data = self._frames(items)
+        try:
+            sent = os.write(self._fd, data)
+        except OSError:  # full (BlockingIOError) or broken: the next send_many waits, or fails and closes
+            sent = 0
+        self._tail = data[sent:]
+        return True
+
+    async def send_many(self, items) -> None:
+        """(dst, packet) pairs as SEND frames, in one write (after the backlog, if any)."""
+        data = self._frames(items)
         async with self._lock:
-            await self.stream.send_all(b"".join(parts))
+            await self._send_all(data)
+
+    async def _send_all(self, data: bytes) -> None:
+        """Under the lock: the backlog, then data."""
+        if self._tail:
+            data, self._tail = self._tail + data, b""
+        await self.stream.send_all(data)
 
     async def rehello(self) -> None:
         async with self._lock:
-            await self.stream.send_all(W.tcp_frame(self.session.hello(time.monotonic(), time.time())))
+            await self._send_all(W.tcp_frame(self.session.hello(time.monotonic(), time.time())))
 
     async def receive_event(self):
         """Next ("recv", src, packet) / ("notice", code, key) / ("ready", None) event; raises EOFError on close."""
@@ -195,6 +230,7 @@ class TcpRelayClient:
         return trio.current_time() + max(0.0, self.session.get_timer() - time.monotonic())
 
     async def aclose(self) -> None:
+        self._closed = True
         await self.stream.aclose()
 
 

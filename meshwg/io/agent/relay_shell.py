@@ -1,7 +1,8 @@
 """Relay shell: the node's relay client over the shared UDP socket, with a TCP fallback.
 
 Sends are non-blocking (the driver calls them from its flush): over UDP a SEND frame goes out of
-the shared socket at once; over TCP it is queued for a writer task; before any session is ready a
+the shared socket at once; over TCP it is written straight to the socket while nothing waits (else queued
+for a writer task, which keeps the order); before any session is ready a
 few packets wait in a small queue (the first packets of a WireGuard handshake must not be lost).
 Which transport carries them, and when the TCP relay is opened and closed, is meshwg.mesh.relay_policy's
 decision (UDP and TCP raced: TCP opens after 0.3 s without a UDP answer); this shell feeds it events
@@ -185,6 +186,17 @@ class RelayShell:
                     self._headers[dst] = W.encode_send(self._header_token, dst, b"")  # the compiled path's from now on
                 return
         if self.tcp is not None:
+            wake = self._tcp_wake
+            direct = getattr(self.tcp, "send_nowait", None)  # None: a client without direct writes (test fakes)
+            if wake is not None and not self._tcp_out and direct is not None and direct(((dst, packet),)):
+                # Straight to the socket (the writer was idle, nothing queued): no task hop on a relayed
+                # packet's way out. The writer wakes to send the rest of this burst in one write (and any
+                # backlog the kernel left).
+                self._tcp_wake = None
+                wake.set()
+                self._counters["send_tcp"] += 1
+                self._counters["send_tcp_direct"] += 1
+                return
             if len(self._tcp_out) >= TCP_QUEUE:
                 self._counters["drop_tcp_queue_full"] += 1
                 return
@@ -341,10 +353,10 @@ class RelayShell:
         scope.cancel()
 
     async def _tcp_writer(self, client, scope) -> None:
-        """Everything queued since the last write goes out in one write."""
+        """Everything queued since the last write goes out in one write (after a direct write's backlog)."""
         try:
             while True:
-                if not self._tcp_out:
+                while not self._tcp_out and not getattr(client, "backlog", False):
                     self._tcp_wake = wake = trio.Event()
                     await wake.wait()
                 items = list(self._tcp_out)
