@@ -1,4 +1,5 @@
-"""Run: .venv/bin/python benchmarks/relay [--time 8] [--pings 200] [--forward]  (as root; see lab.py, forward.py)."""
+"""Run: .venv/bin/python benchmarks/relay [--time 8] [--pings 200] [--forward]  (as root; see lab.py, forward.py).
+TURN reference, loopback (coturn beside forward.py, same run): .venv/bin/python benchmarks/relay/turn.py"""
 
 import os
 import sys

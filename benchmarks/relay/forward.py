@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -112,6 +113,7 @@ def run(pairs: int, seconds: float, size: int, server_args: list[str], profile: 
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=60)
+        shutil.rmtree(tmp, ignore_errors=True)
     counters = {}
     for part in out.split("counters", 1)[-1].split():
         k, _, v = part.partition("=")
