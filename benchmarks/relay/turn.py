@@ -9,7 +9,7 @@ for TURN the sum of the per-session "peer usage" counts (sent to the peer + rece
 for meshwg the relay's forwarded_packets. Both servers' CPU seconds come from /proc (all threads). Printed: each
 one's packets/s per core of server CPU, then the ratio meshwg/TURN. Loopback only; kills only what it started.
 
-    .venv/bin/python benchmarks/relay/turn.py [--pairs 4] [--time 5] [--size 1400] [--messages 50000]
+    .venv/bin/python benchmarks/relay/turn.py [--pairs 4] [--time 5] [--size 1400] [--messages 50000] [--uclients 1]
 
 Without coturn's tools it says so and exits 0 (scripts/setup installs the Debian package coturn).
 """
@@ -113,7 +113,7 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def run_turn(clients: int, messages: int, size: int) -> dict:
+def run_turn(clients: int, messages: int, size: int, uclients: int = 1) -> dict:
     tmp = tempfile.mkdtemp(prefix="meshwg-relay-turn-")
     procs: list[subprocess.Popen] = []
     try:
@@ -131,13 +131,17 @@ def run_turn(clients: int, messages: int, size: int) -> dict:
         cpu0, t0 = cpu_seconds(server.pid), time.monotonic()
         # -c: one allocation a client (no RTCP twin); -z 0: no pacing (each client sends as fast as uclient can,
         # after a random 1-6 s start of its own); the default channel data (no -s).
-        argv = ["turnutils_uclient", "-u", USER, "-w", PASSWORD, "-p", str(port), "-e", "127.0.0.1",
-                "-r", str(peer_port), "-l", str(size), "-n", str(messages), "-m", str(clients), "-c", "-z", "0",
-                "127.0.0.1"]
-        client = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, cwd=tmp)
-        procs.append(client)
-        out, _ = client.communicate(timeout=300)
+        # uclient is one thread: more than one of them (the clients split among them) loads the server harder.
+        shares = [clients // uclients + (i < clients % uclients) for i in range(uclients)]
+        started = []
+        for n in shares:
+            argv = ["turnutils_uclient", "-u", USER, "-w", PASSWORD, "-p", str(port), "-e", "127.0.0.1",
+                    "-r", str(peer_port), "-l", str(size), "-n", str(messages), "-m", str(n), "-c", "-z", "0",
+                    "127.0.0.1"]
+            started.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, text=True, cwd=tmp))
+            procs.append(started[-1])
+        outs = [c.communicate(timeout=600)[0] for c in started]
         # The last usage lines come as the allocations close (uclient refreshes them to lifetime 0 at its end).
         deadline = time.monotonic() + 15
         relayed, closed = usage_counts(read(log_path))
@@ -149,10 +153,11 @@ def run_turn(clients: int, messages: int, size: int) -> dict:
         for p in reversed(procs):
             stop(p)
         shutil.rmtree(tmp, ignore_errors=True)
-    sent = re.findall(r"tot_send_msgs=(\d+), tot_recv_msgs=(\d+)\s*$", out, re.M)
+    totals = [re.findall(r"tot_send_msgs=(\d+), tot_recv_msgs=(\d+)\s*$", out, re.M)[-1:] for out in outs]
     cpu = cpu1 - cpu0
-    return {"clients": clients, "size": size, "messages": messages,
-            "client_sent": int(sent[-1][0]) if sent else 0, "client_echoed": int(sent[-1][1]) if sent else 0,
+    return {"clients": clients, "uclients": uclients, "size": size, "messages": messages,
+            "client_sent": sum(int(t[0][0]) for t in totals if t),
+            "client_echoed": sum(int(t[0][1]) for t in totals if t),
             "relayed": relayed, "sessions_closed": closed, "server_cpu_s": round(cpu, 2),
             "wall_s": round(t1 - t0, 2),
             "pkt_s_per_core": round(relayed / cpu) if cpu else 0,
@@ -166,6 +171,7 @@ def main() -> int:
     p.add_argument("--time", type=float, default=5.0, help="meshwg flood seconds")
     p.add_argument("--size", type=int, default=1400, help="relayed payload bytes, both servers")
     p.add_argument("--messages", type=int, default=50000, help="messages each TURN client sends (default 50000)")
+    p.add_argument("--uclients", type=int, default=1, help="turnutils_uclient processes the clients split among")
     args = p.parse_args()
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
@@ -174,7 +180,7 @@ def main() -> int:
         return 0
     m = forward.run(args.pairs, args.time, args.size, ["--node-rate", "100000", "--total-rate", "0"], None)
     print("relay forward: " + "  ".join(f"{k}={v}" for k, v in m.items()), flush=True)
-    t = run_turn(2 * args.pairs, args.messages, args.size)
+    t = run_turn(2 * args.pairs, args.messages, args.size, max(1, min(args.uclients, 2 * args.pairs)))
     print("turn forward:  " + "  ".join(f"{k}={v}" for k, v in t.items()), flush=True)
     if not (m["pkt_s_per_core"] and t["pkt_s_per_core"]):
         print("meshwg/TURN: no figure (a side relayed nothing)")
