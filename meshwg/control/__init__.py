@@ -16,7 +16,7 @@ API for `meshwg join` (all keys are raw 32-byte X25519; the WireGuard private ke
         async for ev in client.events:              # trio MemoryReceiveChannel
             Connected(welcome) | Disconnected(reason) | DirectoryReset(peers: {key: PeerInfo}) |
             PeerChanged(peer) | PeerRemoved(key) | PunchNotice(peer, role) | PunchFailed(key, reason) |
-            SealedMessage(sender, plaintext) | Removed(reason)      # after Removed, run() returns
+            SealedMessage(sender, plaintext) | SelfChanged(name, tags) | Removed(reason)   # after Removed, run() returns
         # PeerInfo(key, node_id, name, ipv4, ipv6, candidates=((ip, port, kind), ...), online); the client
         # keeps no directory: the agent core (meshwg.mesh.agent_core) folds these events into the one it owns
         await client.report_candidates([(ip, port, "local"|"stun"|...), ...])   # kept and re-sent on reconnect
