@@ -4,7 +4,6 @@ the core's SetExitMtus to it."""
 
 from __future__ import annotations
 
-import pathlib
 
 import trio
 
@@ -13,33 +12,22 @@ from meshwg.io.oscfg import subnet_routes as SR
 from meshwg.mesh import agent_core as A
 from meshwg.mesh.routing import RoutingChoice
 from meshwg.signaling.invite import Invite
+from test_subnet_routes_os import _fake_host
 
 RELAYED = {"0.0.0.0/0": 1375, "::/0": 1375}
 
 
 def fake_host(monkeypatch, tmp_path, fail=()):
-    """/proc/sys as files of our own, `ip` and `nft` recorded (a command containing a `fail` text fails)."""
-    paths = tuple(str(tmp_path / n) for n in ("ip_forward", "v6_forwarding", "src_valid_mark"))
-    for p in paths:
-        pathlib.Path(p).write_text("0\n")
-    monkeypatch.setattr(SR, "FORWARDING", paths[:2])
-    monkeypatch.setattr(SR, "SRC_VALID_MARK", paths[2])
-    monkeypatch.setattr(SR.shutil, "which", lambda name: "/usr/sbin/" + name)
-    calls: list[str] = []
-
-    def run(cmd, *, check=True, input=None):
-        line = " ".join(cmd)
-        calls.append(line)
-        for text, err in fail:
-            if text in line and check:
-                raise SR.netconfig.NetconfigError(f"{line}: {err}")
-        return ""
-    monkeypatch.setattr(SR.netconfig, "run", run)
-    return calls
+    """The subnet-routes tests' fake host (/proc/sys as files, `ip` and `nft` recorded): (command, input) pairs."""
+    return _fake_host(monkeypatch, tmp_path, fail)[1]
 
 
-def defaults(calls: list[str]) -> list[str]:
-    return [c for c in calls if " route replace default " in c]
+def lines(calls: list) -> list[str]:
+    return [c for c, _ in calls]
+
+
+def defaults(calls: list) -> list[str]:
+    return [c for c in lines(calls) if " route replace default " in c]
 
 
 def test_the_default_routes_carry_the_mtu_while_relayed_and_are_replaced_without_it_when_direct(monkeypatch, tmp_path):
@@ -52,7 +40,7 @@ def test_the_default_routes_carry_the_mtu_while_relayed_and_are_replaced_without
     r.apply(forwarding=False, masquerade=True, exit_mark=51820, exit_mtus={})         # the exit node went direct
     assert defaults(calls) == ["ip -4 route replace default dev mesh0 table 51820",
                                "ip -6 route replace default dev mesh0 table 51820"]
-    assert not [c for c in calls if " rule " in c]                                    # the rules stay as they are
+    assert not [c for c in lines(calls) if " rule " in c]                                    # the rules stay as they are
     calls.clear()
     r.apply(forwarding=False, masquerade=True, exit_mark=51820, exit_mtus={})         # no change: nothing
     r.apply(forwarding=False, masquerade=True, exit_mark=51820)                        # not said: as they are
@@ -66,13 +54,13 @@ def test_mtus_without_an_exit_node_in_use_wait_for_its_table(monkeypatch, tmp_pa
     calls = fake_host(monkeypatch, tmp_path)
     r = SR.SubnetRouting("mesh0")
     r.apply(forwarding=False, masquerade=True, exit_mark=None, exit_mtus=RELAYED)
-    assert not [c for c in calls if c.startswith("ip ")]
+    assert not [c for c in lines(calls) if c.startswith("ip ")]
     r.apply(forwarding=False, masquerade=True, exit_mark=51821)                        # the rules go on: with it
     assert defaults(calls) == ["ip -4 route replace default dev mesh0 table 51821 mtu 1375",
                                "ip -6 route replace default dev mesh0 table 51821 mtu 1375"]
     calls.clear()
     r.apply(forwarding=False, masquerade=True, exit_mark=None, exit_mtus={})          # off: the table flushed
-    assert "ip -4 route flush table 51821" in calls and defaults(calls) == []
+    assert "ip -4 route flush table 51821" in lines(calls) and defaults(calls) == []
 
 
 def test_no_ipv6_default_route_no_ipv6_retune(monkeypatch, tmp_path):
