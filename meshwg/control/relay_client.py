@@ -225,6 +225,19 @@ class TcpRelayClient:
                 self.session.handle_untrusted(frame, time.monotonic())
         return out
 
+    @property
+    def fileno(self) -> int | None:
+        """The socket's fd (None: a stream with no socket), for a reader outside this client (the driver's)."""
+        return self._fd
+
+    def detach_reader(self) -> tuple[list[bytes], bytes]:
+        """Hand reading over to another reader (issue 16: the driver's data loop reads the socket): the frames
+        read but not handled yet, and the start of the next frame. receive_* must not be called after this."""
+        frames, self._queue = self._queue, []
+        tail = bytes(self._dec._buf)
+        self._dec = W.TcpFrameDecoder()
+        return frames, tail
+
     def _timer_deadline(self) -> float:
         """session.get_timer() (time.monotonic()) on trio's clock."""
         return trio.current_time() + max(0.0, self.session.get_timer() - time.monotonic())

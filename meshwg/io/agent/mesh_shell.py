@@ -218,8 +218,10 @@ class MeshDevice:
         # flush_io, not flush: after_rx runs once per TCP-relayed packet (see meshwg.io.dataplane.driver).
         self.relay = RelayShell(private_key, udp_send=self.driver.send_raw, deliver=self._deliver_relayed,
                                 after_rx=self.driver.flush_io, clock=self.clock, endpoint_type=N.RelayEndpoint,
-                                endpoint_for=self._relay_endpoint_for)
-        # Relayed transport data on the driver's compiled send and batch receive (the relay shell's route).
+                                endpoint_for=self._relay_endpoint_for, watch_tcp=self.driver.watch_relay_tcp,
+                                unwatch_tcp=self.driver.unwatch_relay_tcp)
+        # Relayed transport data on the driver's compiled send and batch receive (the relay shell's route; the
+        # TCP relay's socket read by the driver's data loop too).
         self.driver.relay_route = self.relay.route
         self.driver.set_datagram_handlers(self.datagram_handlers())
         self.birthday = BirthdaySockets()

@@ -17,6 +17,10 @@ first RECV through the Python path; forgotten when the peers change). With those
 batches relayed sends and splits relayed transport data out of its batch receive (`send_udp_fast`,
 `recv_udp_fast`); everything else (the first packets, handshakes and disco, frames from another address,
 unknown keys, plain peers, bad frames) still comes here, and is checked and counted as before.
+Over TCP likewise, given `watch_tcp`/`unwatch_tcp` (the driver's watch_relay_tcp/unwatch_relay_tcp): once the
+TCP session is ready the driver's data loop reads its socket, hands the RECVs of transport data from the peers
+in `endpoints` to the WireGuard core in one batch (`recv_tcp_fast`) and every other frame here (`_tcp_frames`);
+a task of ours keeps the session's timer (re-hellos) and ends the session when the driver reports the close.
 """
 
 from __future__ import annotations
@@ -46,11 +50,13 @@ NOTICE_NAMES = {W.N_REHELLO: "rehello", W.N_NOT_REGISTERED: "not_registered", W.
 
 class RelayShell:
     def __init__(self, private_key: bytes, *, udp_send, deliver, after_rx, clock=time.monotonic,
-                 random_bytes=os.urandom, endpoint_type: type | None = None, endpoint_for=None):
+                 random_bytes=os.urandom, endpoint_type: type | None = None, endpoint_for=None,
+                 watch_tcp=None, unwatch_tcp=None):
         """udp_send(data, addr) -> bool sends from the shared socket; deliver(src_key, packet) feeds
         the mesh node (sync); after_rx() is awaited after TCP deliveries (flushes the node).
         endpoint_type (the node's RelayEndpoint) and endpoint_for(key) -> endpoint or None (None: not a
-        peer whose relayed transport data may skip this shell) enable the compiled path (`route`)."""
+        peer whose relayed transport data may skip this shell) enable the compiled path (`route`);
+        watch_tcp(fd, tail, on_frames, on_closed) -> bool and unwatch_tcp(fd) put the TCP relay's receive on it."""
         self.private_key = private_key
         self.udp_send = udp_send
         self.deliver = deliver
@@ -76,6 +82,8 @@ class RelayShell:
         self._header_token: bytes | None = None
         self._endpoints: dict[bytes, object] = {}  # source key -> the peer's endpoint object
         self.endpoint_for = endpoint_for
+        self.watch_tcp, self.unwatch_tcp = watch_tcp, unwatch_tcp
+        self._tcp_kick: trio.Event | None = None  # set when a frame or the close moved the TCP session's timer
         self.route = None
         if endpoint_type is not None and endpoint_for is not None:
             self.route = new_relay_route(endpoint_type, self._headers, self._endpoints, self.tx_by_peer)
@@ -340,7 +348,11 @@ class RelayShell:
                 await client.aclose()
 
     async def _tcp_reader(self, client, scope) -> None:
-        """Every relayed packet of a read delivered, then one flush (not one per packet)."""
+        """Every relayed packet of a read delivered, then one flush (not one per packet); with the driver's
+        reader, only the session's timer (see _tcp_watch)."""
+        if self.route is not None and self.watch_tcp is not None and getattr(client, "fileno", None) is not None:
+            await self._tcp_watch(client, scope)
+            return
         try:
             while True:
                 items = await client.receive_many()
@@ -351,6 +363,63 @@ class RelayShell:
         except (EOFError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("relay: TCP relay closed: %s", exc)
         scope.cancel()
+
+    async def _tcp_watch(self, client, scope) -> None:
+        """The driver reads the socket (its fast path, and _tcp_frames for the rest); here the re-hellos at the
+        session's timer, until the driver reports the close."""
+        closed: list = []
+        kick = self._tcp_kick = trio.Event()
+
+        def on_closed(exc) -> None:
+            closed.append(exc)
+            if self._tcp_kick is not None:
+                self._tcp_kick.set()
+        frames, tail = client.detach_reader()
+        if not self.watch_tcp(client.fileno, tail, self._tcp_frames, on_closed):
+            closed.append(RuntimeError("no reader"))
+        try:
+            if frames:
+                self._tcp_frames(frames, 0, self.clock())
+                await self.after_rx()
+            while not closed:
+                with trio.move_on_at(client._timer_deadline()):
+                    await kick.wait()
+                kick = self._tcp_kick = trio.Event()
+                if not closed and client.session.needs_hello(time.monotonic()):
+                    await client.rehello()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            closed.append(exc)
+        finally:
+            self._tcp_kick = None
+            self.unwatch_tcp(client.fileno)
+        log.info("relay: TCP relay closed: %s", closed[0] if closed else "cancelled")
+        scope.cancel()
+
+    def _tcp_frames(self, frames: list, fast: int, now: float) -> None:
+        """From the driver's read of the TCP relay: `fast` RECVs it handed to the core itself, and the other
+        frames, checked by the TCP session as _tcp_reader's are and counted; RECVs delivered one by one."""
+        if fast:
+            self._counters["recv_tcp"] += fast
+            self._counters["recv_tcp_fast"] += fast
+        tcp, moved = self.tcp, False
+        if tcp is None:
+            self._counters["drop_tcp_closed"] += len(frames)
+            return
+        for frame in frames:
+            ev = tcp.session.handle_untrusted(frame, time.monotonic())  # the TCP session's clock (relay_client's)
+            if ev is None:
+                self._counters["drop_tcp_bad_frame"] += 1
+            elif ev[0] == "recv":
+                self._counters["recv_tcp"] += 1
+                self.deliver(ev[1], ev[2])
+                if self.route is not None and ev[1] not in self._endpoints:
+                    self._learn_endpoint(ev[1])
+            else:
+                moved = True  # a HELLO_OK or a notice: the session's timer may have moved
+                if ev[0] == "notice":
+                    self._counters["recv_notice_" + NOTICE_NAMES.get(ev[1], "unknown")] += 1
+        if moved and self._tcp_kick is not None:
+            self._tcp_kick.set()
 
     async def _tcp_writer(self, client, scope) -> None:
         """Everything queued since the last write goes out in one write (after a direct write's backlog)."""

@@ -472,6 +472,8 @@ drain_ends_quietly(Py_ssize_t have)
  *     The UDP relay's (host, port), or None: off. Headers are used while now < until (the session's end).
  *     False (and off) when addr is not a numeric (host, port) this module resolves.
  * node_relay_counters(route) -> (sent, received, send_errors, gso_refused)   (totals)
+ * node_relay_split_tcp(route, buffer) -> (datagrams, frames, consumed)
+ *     The TCP relay's stream: its RECVs of transport data split out as recv_datagrams does (see below).
  */
 #define NODE_RELAY_CAPSULE "meshwg.node_relay"
 #define NODE_SEND_HEADER 45  /* MAGIC 4 + type 1 + token 8 + key 32 */
@@ -944,6 +946,68 @@ fail:
     Py_XDECREF(last_endpoint);
     Py_DECREF(out);
     return NULL;
+}
+
+/* node_relay_split_tcp(route, buffer) -> (datagrams, frames, consumed)   (issue 16, the TCP relay's receive)
+ * The TCP relay's byte stream is 2-byte-length-prefixed frames. Splits the whole frames at the start of
+ * `buffer` (a read, after what the previous one left): a RECV of transport data from a key in `endpoints`
+ * (the checks recv_datagrams makes: length, type, MAGIC, transport header, known key) comes out as
+ * (inner datagram, endpoint) in `datagrams`, for the driver's batch decrypt-and-write; every other frame
+ * (HELLO_OK, notices, handshakes, disco, unknown keys, junk) comes out whole in `frames`, for the relay
+ * shell's Python path, which checks and counts it as before. `consumed`: the bytes of the whole frames; the
+ * rest is the start of a frame the next read completes (the caller counts: `received` is the UDP relay's). */
+static PyObject *
+node_relay_split_tcp(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct node_relay *r = nargs == 2 ? PyCapsule_GetPointer(args[0], NODE_RELAY_CAPSULE) : NULL;
+    if (r == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "node_relay_split_tcp(route, buffer)");
+        }
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    unsigned char last_key[NODE_KEY_LEN];
+    PyObject *last_endpoint = NULL;
+    PyObject *datagrams = PyList_New(0), *frames = PyList_New(0), *result = NULL;
+    const unsigned char *data = view.buf;
+    Py_ssize_t size = view.len, offset = 0;
+    if (datagrams == NULL || frames == NULL) {
+        goto done;
+    }
+    while (size - offset >= 2) {
+        Py_ssize_t length = ((Py_ssize_t)data[offset] << 8) | data[offset + 1];
+        if (size - offset - 2 < length) {
+            break;  /* the rest of this frame comes with the next read */
+        }
+        const unsigned char *frame = data + offset + 2;
+        PyObject *endpoint = is_relayed_transport(frame, length)
+                             ? relay_endpoint(r, frame + NODE_KEY_OFFSET, last_key, &last_endpoint) : NULL;
+        int ok;
+        if (endpoint != NULL) {
+            PyObject *inner = PyBytes_FromStringAndSize((const char *)frame + NODE_RECV_HEADER,
+                                                        length - NODE_RECV_HEADER);
+            ok = inner != NULL && append_new(datagrams, PyTuple_Pack(2, inner, endpoint)) == 0;
+            Py_XDECREF(inner);
+            Py_DECREF(endpoint);
+        } else {
+            ok = append_new(frames, PyBytes_FromStringAndSize((const char *)frame, length)) == 0;
+        }
+        if (!ok) {
+            goto done;
+        }
+        offset += 2 + length;
+    }
+    result = Py_BuildValue("(OOn)", datagrams, frames, offset);
+done:
+    Py_XDECREF(last_endpoint);
+    Py_XDECREF(datagrams);
+    Py_XDECREF(frames);
+    PyBuffer_Release(&view);
+    return result;
 }
 
 /* The last destination tuple and its sockaddr. The reference keeps the tuple alive, so the same
@@ -2556,6 +2620,8 @@ static PyMethodDef fastio_methods[] = {
      "node_relay_set(route, addr, until) -> bool"},
     {"node_relay_counters", (PyCFunction)(void (*)(void))node_relay_counters, METH_FASTCALL,
      "node_relay_counters(route) -> (sent, received, send_errors, gso_refused)"},
+    {"node_relay_split_tcp", (PyCFunction)(void (*)(void))node_relay_split_tcp, METH_FASTCALL,
+     "node_relay_split_tcp(route, buffer) -> (datagrams, frames, consumed)"},
     {"relay_new", (PyCFunction)(void (*)(void))relay_new, METH_FASTCALL, "relay_new(max_sessions) -> table"},
     {"relay_set", (PyCFunction)(void (*)(void))relay_set, METH_FASTCALL,
      "relay_set(table, token, key, fd, addr, expires, source) -> bool"},

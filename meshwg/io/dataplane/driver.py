@@ -48,6 +48,11 @@ Hooks for the mesh layer (one UDP socket per family carries WireGuard, STUN and 
   endpoints it has a header for leave framed from the compiled send, and the relay's RECV frames of transport
   data come out of the compiled drain as (inner datagram, the peer's endpoint), to the WireGuard handler
   with the direct datagrams of the same batch.
+* `driver.watch_relay_tcp(fd, tail, on_frames, on_closed)`: the TCP relay's socket read by the data loop (with a
+  relay_route), as the UDP sockets are: its RECVs of transport data from known peers split in C
+  (fastio.node_relay_split_tcp) and handed to the WireGuard handler in one batch, no trio task hop; every other
+  frame to `on_frames(frames, fast_count, now)` (the relay shell); EOF or an error to `on_closed(exc)` (the
+  socket is unwatched first). `unwatch_relay_tcp()` before the socket closes.
 * `driver.on_event = fn(event)`: the core's events (HandshakeCompleted, ...) after each flush.
 * `driver.clock`: the one clock of the device; the mesh shell reads it too (handlers get its `now`).
 * `driver.counters`: meshwg.counters' convention (`drop_send_error`, `disable_gso`, ...).
@@ -90,6 +95,7 @@ IDLE_BLOCK_MAX = 1.0
 # (A task that calls wait_all_tasks_blocked() itself may then share our wake-up and wait until
 # the next packet or deadline; tests should prefer real events.)
 IDLE_CUSHION = 0.0
+RELAY_TCP_READ = 65536  # one read of the TCP relay's stream per round (about 45 full-size frames)
 _GSO_UNSUPPORTED = (errno.EIO, errno.EINVAL, errno.EMSGSIZE, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
 
 
@@ -174,6 +180,8 @@ class Driver:
         self.idle_fast_path = True
         self._gso_ok: dict[int, bool] = {}
         self._flush_waited = False
+        self._relay_tcp: tuple | None = None  # (fd, on_frames, on_closed): see watch_relay_tcp
+        self._relay_tcp_tail = b""  # the start of a frame the next read completes
 
     @property
     def stats(self) -> Counter:
@@ -222,6 +230,8 @@ class Driver:
                     ep.register(self.tun.fd, select.EPOLLIN)
             self._udp_by_fd = {}
             self._watch_sockets()
+            if self._relay_tcp is not None:
+                self._register_relay_tcp(self._relay_tcp[0])
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._timer_loop)
@@ -433,6 +443,68 @@ class Driver:
             self.counters["drop_send_raw_error"] += 1
             return False
 
+    # ---- the TCP relay's receive (issue 16) -----------------------------------------------------
+    def watch_relay_tcp(self, fd: int, tail: bytes, on_frames, on_closed) -> bool:
+        """Read the TCP relay's socket `fd` in the data loop (see the module docstring); `tail`: the start of a
+        frame already read from it. False (nothing watched) without the compiled split or a relay_route."""
+        if fastio is None or self.relay_route is None:
+            return False
+        self.unwatch_relay_tcp()
+        self._relay_tcp, self._relay_tcp_tail = (fd, on_frames, on_closed), bytes(tail)
+        self._register_relay_tcp(fd)
+        return True
+
+    def unwatch_relay_tcp(self, fd: int | None = None) -> None:
+        """Stop reading the TCP relay's socket (`fd`'s only, if given: a later session's stays)."""
+        if self._relay_tcp is None or (fd is not None and fd != self._relay_tcp[0]):
+            return
+        fd, self._relay_tcp, self._relay_tcp_tail = self._relay_tcp[0], None, b""
+        for ep in (self._epoll, self._block_epoll):
+            if ep is not None:
+                try:
+                    ep.unregister(fd)
+                except (OSError, ValueError):
+                    pass  # closed already
+
+    def _register_relay_tcp(self, fd: int) -> None:
+        for ep in (self._epoll, self._block_epoll):
+            if ep is not None:
+                ep.register(fd, select.EPOLLIN)
+
+    async def _read_relay_tcp(self, fd: int, on_frames, on_closed) -> int:
+        """One read of the TCP relay's stream: relayed transport data to the WireGuard handler in one batch,
+        the other frames to the relay shell, then one flush. Returns the frames handled (1 for a partial one)."""
+        try:
+            data = os.read(fd, RELAY_TCP_READ)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            self.unwatch_relay_tcp()
+            on_closed(exc)
+            return 0
+        if not data:
+            self.unwatch_relay_tcp()
+            on_closed(EOFError("relay closed the connection"))
+            return 0
+        if self._relay_tcp_tail:
+            data = self._relay_tcp_tail + data
+        datagrams, frames, used = fastio.node_relay_split_tcp(self.relay_route.capsule, data)
+        self._relay_tcp_tail = data[used:]
+        if not datagrams and not frames:
+            return 1
+        now = self.clock()
+        if datagrams:
+            table = self._dispatch_table
+            if table is None:
+                receive = self.core.receive_datagram
+                for datagram, endpoint in datagrams:
+                    receive(datagram, endpoint, now)
+            else:
+                demux.dispatch(datagrams, now, table)
+        on_frames(frames, len(datagrams), now)
+        await self.flush_io()
+        return len(datagrams) + len(frames)
+
     # ---- input loop ------------------------------------------------------------------------
     def _watch_sockets(self) -> None:
         """(Re)register the UDP sockets in the data-path epoll set."""
@@ -537,6 +609,10 @@ class Driver:
                 ready_now.add(fd)
                 if fd == tun_fd:
                     tun_ready = True
+                    continue
+                relay_tcp = self._relay_tcp
+                if relay_tcp is not None and fd == relay_tcp[0]:
+                    got += await self._read_relay_tcp(*relay_tcp)
                     continue
                 entry = self._udp_by_fd.get(fd)
                 if entry is None:
