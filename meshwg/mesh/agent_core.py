@@ -61,6 +61,7 @@ from meshwg.control.events import (Connected, DirectoryReset, Disconnected, Peer
 from meshwg.mesh.netmap import PeerSpec
 from meshwg.mesh.node import LocalEndpointsChanged, MeshNode, RelayEndpoint
 from meshwg.mesh import path_mtu
+from meshwg.mesh.local_candidates import outside_networks
 from meshwg.mesh.peer_entry import (endpoint_ips, entry_policy, host_cidr, peer_routes, peer_spec, public_candidate_ips,
                                     resolve_routes)
 from meshwg.mesh.routing import RoutingChoice, mesh_overlap, public_endpoint_addr
@@ -242,6 +243,7 @@ class AgentCore:
         self._cache_next = -math.inf                # no cache write before then
         self.routing = RoutingChoice()              # what we advertise, which exit node we use
         self.lan: tuple = ()                        # our non-mesh interfaces' networks (LocalAddresses)
+        self._local_ips: tuple = ()                 # the last LocalAddresses' ips, before the mesh filter
         self._accepted: dict[bytes, tuple] = {}     # each peer's routes the entry policy allows
         self._kept: dict[bytes, tuple] = {}         # ... after overlaps between peers (resolve_routes)
         # Public addresses no route may cover (WireGuard's UDP to them would go into the tunnel): each entry's
@@ -321,6 +323,7 @@ class AgentCore:
             return
         self.welcome = w
         self.node.set_mesh_prefixes((w.prefix4, w.prefix6))   # no disco probe goes into the mesh
+        self._set_local_endpoints(now)                         # nor is any of our candidates there
         addrs = tuple(a for a in (host_cidr(w.ipv4), host_cidr(w.ipv6)) if a)
         out.append(SetAddresses(addrs))
         if tuple(w.stun) != self.node.stun_servers:
@@ -518,12 +521,20 @@ class AgentCore:
             self.lan = tuple(ev.prefixes)   # our LAN changed: which peers' routes may be routed here too
             if self._accepted or any(p.routes for p in self.peers.values()):
                 self._hand_to_node(None, now, out)
+        self._local_ips = tuple(ev.ips)
         before = self.node.iface_endpoints
-        self.node.set_local_endpoints([(ip, ev.port) for ip in ev.ips], now)
+        self._set_local_endpoints(now)
         # Before a welcome names STUN servers there is nothing to ask again.
         if self.node.iface_endpoints != before and self.node.stun_servers:
             out.append(Log("info", "local addresses changed: re-STUN"))
             self.node.restun(now)
+
+    def _set_local_endpoints(self, now: float) -> None:
+        # Never an address inside the mesh (another agent's interface on this host): peers would take it for
+        # a direct path to us. Again on a welcome: the first read comes before the mesh prefixes are known.
+        ips = outside_networks(self._local_ips, self.node.mesh_nets)
+        if self.port is not None:
+            self.node.set_local_endpoints([(ip, self.port) for ip in ips], now)
 
     def _restun(self, ev: Restun, now: float, out: list) -> None:
         self.node.restun(now)

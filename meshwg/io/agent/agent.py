@@ -36,7 +36,8 @@ from meshwg.disco import netcheck as NC
 from meshwg.io.agent import agent_state as S
 from meshwg.io.agent import netcheck_probe
 from meshwg.io.ipc import status_server
-from meshwg.io.agent.mesh_shell import MeshDevice, interface_cidrs
+from meshwg.io.agent.local_links import local_addresses
+from meshwg.io.agent.mesh_shell import MeshDevice
 from meshwg.io.oscfg.subnet_routes import SubnetRouting
 from meshwg.mesh import agent_core as A
 from meshwg.wg.acl import summary as acl_summary
@@ -285,13 +286,14 @@ class Agent:
             await self._step(A.Tick())
 
     async def _local_addresses(self) -> A.LocalAddresses:
-        cidrs = await trio.to_thread.run_sync(interface_cidrs, {self.dev.name})
+        # Candidates: no VPN, tunnel or container interface (local_candidates); networks: every interface's.
+        ips, cidrs = await trio.to_thread.run_sync(local_addresses, {self.dev.name})
         nets = []
         for c in cidrs:
             net = RT.network_text(c)
             if net is not None and net not in nets:
                 nets.append(net)
-        return A.LocalAddresses(tuple(c.split("/")[0] for c in cidrs), self.dev.port, tuple(nets))
+        return A.LocalAddresses(tuple(ips), self.dev.port, tuple(nets))
 
     async def _local_watch(self) -> None:
         while True:
