@@ -1,7 +1,9 @@
-"""`meshwg join INVITE`, `meshwg status [-d] [--json]`, `meshwg netcheck [--json]`, `meshwg set ...`.
+"""`meshwg join INVITE`, `meshwg status [-d] [--json]`, `meshwg ip`, `meshwg whois`, `meshwg netcheck [--json]`,
+`meshwg set ...`.
 
 `join` runs the node agent in the foreground until SIGTERM/SIGINT (then removes the interface);
-`status` and `netcheck` ask the running agent over its local socket (meshwg.io.ipc.status_server); `netcheck`
+`status` (its text: meshwg.commands.status_view), `ip`, `whois` and `netcheck` ask the running agent over its
+local socket (meshwg.io.ipc.status_server; without --interface, the one agent that runs); `netcheck`
 adds the RFC 5780 mapping/filtering tests against the signal server's STUN addresses (meshwg.io.agent.netcheck_probe),
 and runs standalone with `--server HOST:PORT` (no agent needed). `set` changes the running agent's subnet routes and
 exit node (issue 12) the same way.
@@ -15,6 +17,7 @@ import logging
 import sys
 import time
 
+from meshwg.commands import status_view as SV
 from meshwg.commands.common import IFACE_RE, human_bytes
 from meshwg.errors import UserError
 
@@ -30,8 +33,14 @@ def _iface(text: str) -> str:
     return text
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--interface", "-i", type=_iface, default=DEFAULT_IFACE, help=f"interface (default {DEFAULT_IFACE})")
+def _common(p: argparse.ArgumentParser, query: bool = False) -> None:
+    """`query`: a command that asks the running agent, which it finds itself when no interface is given."""
+    if query:
+        p.add_argument("--interface", "-i", type=_iface, default=None,
+                       help="the agent's interface (default: the one agent running)")
+    else:
+        p.add_argument("--interface", "-i", type=_iface, default=DEFAULT_IFACE,
+                       help=f"interface (default {DEFAULT_IFACE})")
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help=f"state directory (default {DEFAULT_STATE_DIR})")
 
 
@@ -155,26 +164,33 @@ def _load_invite(args, parse_invite, format_error):
     return invite
 
 
+def _agent_iface(args) -> str:
+    """--interface, else the one agent whose status socket answers (several: the user picks)."""
+    from meshwg.io.ipc import status_server
+
+    if args.interface:
+        return args.interface
+    listed = status_server.listed_agents()
+    running = listed if len(listed) == 1 else status_server.running_agents()   # one: its own errors say it
+    if not running:
+        raise UserError("no meshwg agent is running (start one with `meshwg join`)")
+    if len(running) > 1:
+        raise UserError(f"several meshwg agents are running: {', '.join(running)} (choose one with -i)")
+    args.interface = running[0]
+    return running[0]
+
+
 def _query(args, request: dict) -> dict:
     from meshwg.io.ipc import status_server
 
+    iface = _agent_iface(args)
     try:
-        return status_server.query(args.interface, request)
+        return status_server.query(iface, request)
     except (FileNotFoundError, ConnectionRefusedError):
-        raise UserError(f"no meshwg agent is running on {args.interface} (start one with `meshwg join`)") from None
+        raise UserError(f"no meshwg agent is running on {iface} (start one with `meshwg join`)") from None
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot query the agent on {args.interface}: {err}") from None
+        raise UserError(f"cannot query the agent on {iface}: {err}") from None
 
-
-def _ago(seconds) -> str:
-    if seconds is None:
-        return "never"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s ago"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s ago"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m ago"
 
 
 def _control_text(c: dict) -> str:
@@ -207,7 +223,7 @@ def run_set(args) -> int:
 
 def _set_args(p: argparse.ArgumentParser) -> None:
     _routing_args(p, join=False)
-    _common(p)
+    _common(p, query=True)
 
 
 def _routing_text(r: dict) -> str:
@@ -235,10 +251,21 @@ def _acl_text(p: dict) -> str:
     return f"sends: {sends}; accepts: {accepts}"
 
 
-def format_status(st: dict) -> str:
+def _node_line(st: dict) -> str:
     tags = f"  tags {','.join(st['tags'])}" if st.get("tags") else ""
-    lines = [f"{st['interface']}: {st['name']}  {', '.join(st['addresses']) or '(no address yet)'}  "
-             f"port {st['listen_port']}{tags}",
+    return (f"{st['interface']}: {st['name']}  {', '.join(st['addresses']) or '(no address yet)'}  "
+            f"port {st['listen_port']}{tags}")
+
+
+def format_brief(st: dict) -> str:
+    """`meshwg status`: one line a peer (meshwg.commands.status_view); the control line only when it is down."""
+    down = None if st["control"]["connected"] else _control_text(st["control"])
+    return SV.format_brief(st, _node_line(st), down)
+
+
+def format_status(st: dict) -> str:
+    """`meshwg status -d`: everything, a few lines a peer."""
+    lines = [_node_line(st),
              f"  control: {_control_text(st['control'])}"
              f"  relay: {st['relay']['mode']}"
              + (f" ({st['relay']['latency_ms']} ms)" if st['relay'].get('latency_ms') is not None else ""),
@@ -258,6 +285,9 @@ def format_status(st: dict) -> str:
             path = f"plain (direct) {p['endpoint']}" if p["path"] == "direct" else "plain (relay)"
         elif p["path"] == "direct":
             path = f"direct {p['endpoint']}" + (f", {p['latency_ms']:.2f} ms" if p["latency_ms"] is not None else "")
+        elif SV.is_idle(p):
+            # Not "relay (...)": nothing is sent or probed, and traffic brings the direct path back at once.
+            path = SV.idle_text(p)
         else:
             path = f"relay ({p['relay_reason']})" if p.get("relay_reason") else "relay"
         offline = "" if p.get("online") or p.get("plain") else "  (offline)"
@@ -271,7 +301,7 @@ def format_status(st: dict) -> str:
             lines.append(f"    routes: {', '.join(p['routes'])}"
                          + (f" (not routed here: {', '.join(refused)})" if refused else ""))
         lines.append(f"    path: {path}")
-        lines.append(f"    handshake: {_ago(p['last_handshake_ago'])}  "
+        lines.append(f"    handshake: {SV.age(p['last_handshake_ago'])}  "
                      f"transfer: {human_bytes(p['rx_bytes'])} received, {human_bytes(p['tx_bytes'])} sent")
     if "counters" in st:
         lines.append("  counters:" + ("" if st["counters"] else " none"))
@@ -285,19 +315,62 @@ def run_status(args) -> int:
         raise UserError(f"status: {st['error']}")
     if not args.detail:
         st.pop("counters", None)
-    print(json.dumps(st, indent=1) if args.json else format_status(st))
+    print(json.dumps(st, indent=1) if args.json else format_status(st) if args.detail else format_brief(st))
     return 0
 
 
 def _status_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    _common(p)
+    _common(p, query=True)
 
 
 def _status_only_args(p: argparse.ArgumentParser) -> None:
     _status_args(p)
     p.add_argument("-d", "--detail", action="store_true",
-                   help="also every counter, by component (<component>.<verb>_<object>; drop_* for what was lost)")
+                   help="a few lines a peer (why relayed, routes, access control) and every counter, by component "
+                        "(<component>.<verb>_<object>; drop_* for what was lost)")
+
+
+def _status_for(args, what: str) -> dict:
+    st = _query(args, {"op": "status"})
+    if "error" in st:
+        raise UserError(f"{what}: {st['error']}")
+    return st
+
+
+def run_ip(args) -> int:
+    """`meshwg ip [-4|-6] [NAME]`: this node's mesh addresses, or a peer's, one a line."""
+    try:
+        addrs = SV.addresses_of(_status_for(args, "ip"), args.peer, args.family)
+    except SV.NotFound as err:
+        raise UserError(f"ip: {err}") from None
+    if not addrs:
+        which = f"IPv{args.family} " if args.family else ""
+        raise UserError(f"ip: {args.peer or 'this node'} has no {which}mesh address yet")
+    print("\n".join(addrs))
+    return 0
+
+
+def _ip_args(p: argparse.ArgumentParser) -> None:
+    fam = p.add_mutually_exclusive_group()
+    fam.add_argument("-4", dest="family", action="store_const", const=4, help="only the IPv4 address")
+    fam.add_argument("-6", dest="family", action="store_const", const=6, help="only the IPv6 address")
+    p.add_argument("peer", nargs="?", metavar="NAME", help="a peer's name (default: this node)")
+    _common(p, query=True)
+
+
+def run_whois(args) -> int:
+    """`meshwg whois IP`: the node, peer or plain peer that holds a mesh address or routes it."""
+    try:
+        print(SV.whois(_status_for(args, "whois"), args.ip))
+    except (SV.NotFound, ValueError) as err:
+        raise UserError(f"whois: {err}") from None
+    return 0
+
+
+def _whois_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ip", metavar="IP", help="a mesh address, or an address in a subnet a peer routes")
+    _common(p, query=True)
 
 
 # pystun3's RFC 3489 verdicts -> (mapping, filtering) in RFC 4787 terms.
@@ -435,8 +508,10 @@ def run_netcheck(args) -> int:
 
 COMMANDS = {
     "join": ("Join a mesh with an invite and run the node agent (foreground).", _join_args, run_join),
-    "status": ("Show the mesh peers of the running agent: path, latency, handshake, transfer.", _status_only_args,
-               run_status),
+    "status": ("Show the mesh peers of the running agent, one a line: path, latency, handshake, transfer.",
+               _status_only_args, run_status),
+    "ip": ("Print this node's mesh addresses, or a peer's.", _ip_args, run_ip),
+    "whois": ("Name the node or peer that holds a mesh address or routes it.", _whois_args, run_whois),
     "netcheck": ("Report NAT mapping/filtering, reflexive addresses and relay latency.", _netcheck_args, run_netcheck),
     "set": ("Change the running agent's advertised routes, exit node offer and the exit node it uses.", _set_args,
             run_set),

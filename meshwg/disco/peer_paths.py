@@ -321,7 +321,8 @@ class PeerPaths:
             return "symmetric NAT on both sides"
         if not self.candidates:
             return "no direct candidates known"
-        if not self.active(now) and self.best is None:
+        if not self.active(now):
+            # No traffic, so no probes: a past direct path timed out for want of heartbeats, not answers.
             return "idle (not probing)"
         if self.unanswered_since is not None:
             return "probes unanswered since " + _hhmmss(self.unanswered_since)

@@ -745,6 +745,7 @@ class MeshNode:
                 "reason": "" if direct else pp.relay_reason(now, wall),
                 "active": pp.active(now),
                 "candidates": [c.addr for c in pp.candidates.values()],
+                "last_direct": pp.best.addr if pp.best else None,   # kept after the path timed out
                 "last_handshake": getattr(peer, "last_handshake_wall", None),
                 "rx_bytes": getattr(peer, "rx_bytes", 0),
                 "tx_bytes": getattr(peer, "tx_bytes", 0),
@@ -761,6 +762,6 @@ class MeshNode:
                 "path": "direct" if direct else "relay",
                 "endpoint": (ep.addr if isinstance(ep, SocketEndpoint) else ep) if direct else None,
                 "latency": None, "reason": "plain WireGuard peer",
-                "active": False, "candidates": [], "birthday": None, "plain": True,
+                "active": False, "candidates": [], "last_direct": None, "birthday": None, "plain": True,
                 "last_handshake": getattr(peer, "last_handshake_wall", None),
                 "rx_bytes": getattr(peer, "rx_bytes", 0), "tx_bytes": getattr(peer, "tx_bytes", 0)}

@@ -450,6 +450,7 @@ class Agent:
                 "path": st["path"], "endpoint": _fmt_addr(st["endpoint"]) if st["path"] == "direct" else None,
                 "latency_ms": None if st["latency"] is None else round(st["latency"] * 1000, 3),
                 "relay_reason": st["reason"] or None, "active": st["active"],
+                "last_direct": _fmt_addr(st.get("last_direct")),   # an idle peer shows where it was direct
                 "last_handshake": lh, "last_handshake_ago": None if not lh else round(wall - lh, 1),
                 "rx_bytes": st["rx_bytes"], "tx_bytes": st["tx_bytes"],
                 "relay_tx_packets": dev.relay.tx_by_peer.get(st["public_key"], 0),

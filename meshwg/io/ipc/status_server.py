@@ -3,6 +3,7 @@
 It lives next to the UAPI socket (/var/run/wireguard/<iface>.meshwg), which the NAT lab gives every
 host privately, so nodes in different namespaces of one machine never clash. It is not a `.sock`
 file, so `wg show all` does not mistake it for a WireGuard interface. Mode 0600: root only.
+`run_dir` None means RUN_DIR as it is at call time (tests point clients at a temporary directory).
 """
 
 from __future__ import annotations
@@ -22,12 +23,39 @@ log = logging.getLogger("meshwg.status")
 MAX_REQUEST = 4096
 
 
-def socket_path(iface: str, run_dir: str = RUN_DIR) -> str:
-    return os.path.join(run_dir, f"{iface}.meshwg")
+SUFFIX = ".meshwg"
+
+
+def socket_path(iface: str, run_dir: str | None = None) -> str:
+    return os.path.join(run_dir or RUN_DIR, f"{iface}{SUFFIX}")
+
+
+def listed_agents(run_dir: str | None = None) -> list[str]:
+    """Interfaces with a status socket in the run directory, sorted (a crashed agent's may be stale)."""
+    try:
+        names = os.listdir(run_dir or RUN_DIR)
+    except OSError:
+        return []
+    return sorted(n[:-len(SUFFIX)] for n in names if n.endswith(SUFFIX) and len(n) > len(SUFFIX))
+
+
+def running_agents(run_dir: str | None = None) -> list[str]:
+    """The listed agents that accept a connection: a stale socket (an agent that crashed) refuses it."""
+    out = []
+    for iface in listed_agents(run_dir):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(2.0)
+            try:
+                s.connect(socket_path(iface, run_dir))
+            except OSError:
+                continue
+            # The agent reads our empty request as a status query and fails to answer: harmless.
+        out.append(iface)
+    return out
 
 
 class StatusListener(UnixListener):
-    def __init__(self, iface: str, run_dir: str = RUN_DIR):
+    def __init__(self, iface: str, run_dir: str | None = None):
         super().__init__(socket_path(iface, run_dir), backlog=8)
 
 
@@ -64,7 +92,7 @@ async def _answer(stream: trio.SocketStream, handler) -> None:
         await stream.aclose()
 
 
-def query(iface: str, request: dict, run_dir: str = RUN_DIR, timeout: float = 20.0) -> dict:
+def query(iface: str, request: dict, run_dir: str | None = None, timeout: float = 20.0) -> dict:
     """Client side (blocking): send one request to the agent on `iface` and return its reply."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
