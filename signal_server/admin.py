@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from dataclasses import dataclass
+from datetime import datetime, timezone
 
 from meshwg.config.keys import generate_private_key, key_from_base64, key_to_base64
 from meshwg.signaling.invite import Invite, join_hostport, split_hostport
@@ -224,3 +226,96 @@ def _require_exit(row, policy: routes.Policy) -> None:
     if not peer_routes(row, policy)[1]:
         raise ValueError(f"{row.name!r} is not an approved exit node (it must advertise itself as one, and "
                          f"`meshwg-signal routes approve {row.name} exit`)")
+
+
+# --- `meshwg-signal nodes` (issue 15): who is online. The store's last_seen moves only at a join and when a
+# session ends, so it cannot tell a node connected for a week from one gone for a week. The running server keeps
+# the set of connected nodes in the database's meta under PRESENCE_META (JSON {"at": wall time, "online": [base64
+# keys]}), rewritten when the set changes and every PRESENCE_REFRESH s; the CLI trusts a record younger than
+# PRESENCE_STALE only (a killed server leaves its last one behind).
+PRESENCE_META = "presence"
+PRESENCE_REFRESH = 10.0
+PRESENCE_STALE = 30.0  # three refreshes: a busy database may make the server miss two
+
+
+def presence_json(keys, wall: float) -> str:
+    return json.dumps({"at": wall, "online": sorted(key_to_base64(k) for k in keys)})
+
+
+@dataclass(frozen=True)
+class Presence:
+    at: float | None  # when the server last wrote it (None: never, or unreadable)
+    keys: frozenset  # the nodes connected then
+    fresh: bool  # written within PRESENCE_STALE: a server is running
+
+
+def read_presence(text: str | None, wall: float) -> Presence:
+    """The PRESENCE_META value as of wall-clock `wall`; anything unreadable is "no server known"."""
+    try:
+        doc = json.loads(text or "")
+        at = float(doc["at"])
+        keys = frozenset(key_from_base64(k) for k in doc["online"])
+    except (ValueError, KeyError, TypeError):
+        return Presence(None, frozenset(), False)
+    return Presence(at, keys, 0 <= wall - at <= PRESENCE_STALE)
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def ago(seconds: float) -> str:
+    """'45s ago', '3m ago', '5h ago', '12d ago'."""
+    s = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s // size}{unit} ago"
+    return f"{s}s ago"
+
+
+def node_record(row, presence: Presence, wall: float) -> dict:
+    """One node as `nodes list --json` prints it (the table shows the same fields)."""
+    expired = bool(row.expires and row.expires <= wall)
+    seen = row.last_seen
+    if row.key in presence.keys and presence.at is not None:  # the server saw it connected then
+        seen = presence.at if seen is None else max(seen, presence.at)
+    return {
+        "id": row.node_id, "name": row.name, "ipv4": row.ipv4, "ipv6": row.ipv6,
+        "online": presence.fresh and row.key in presence.keys and not expired,
+        "expired": expired,
+        "last_seen": None if seen is None else _iso(seen),
+        "last_seen_seconds_ago": None if seen is None else max(0, int(wall - seen)),
+        "last_seen_unix": seen,
+        "tags": list(row.tags),
+        "routes": [*row.routes, *(["exit"] if row.is_exit else [])],
+        "key": key_to_base64(row.key),
+    }
+
+
+def node_records(rows, presence: Presence, wall: float) -> list[dict]:
+    return [node_record(r, presence, wall) for r in rows if r.kind == NODE]
+
+
+NODE_COLUMNS = ("ID", "NAME", "IPV4", "IPV6", "ONLINE", "LAST SEEN", "TAGS", "ROUTES")
+
+
+def _online_text(rec: dict) -> str:
+    if rec["online"]:
+        return "yes"
+    if rec["expired"]:
+        return "expired"
+    return "never" if rec["last_seen"] is None else ago(rec["last_seen_seconds_ago"])
+
+
+def nodes_table(records: list[dict], fmt_time) -> str:
+    """The records as aligned columns (each as wide as its widest cell; ID right-aligned); fmt_time(unix or
+    None) -> text for LAST SEEN."""
+    cells = [[str(r["id"]), r["name"], r["ipv4"], r["ipv6"], _online_text(r), fmt_time(r["last_seen_unix"]),
+              ",".join(r["tags"]) or "-", ",".join(r["routes"]) or "-"] for r in records]
+    rows = [list(NODE_COLUMNS), *cells]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(NODE_COLUMNS))]
+    lines = []
+    for row in rows:
+        parts = [row[0].rjust(widths[0])] + [c.ljust(w) for c, w in zip(row[1:-1], widths[1:-1])] + [row[-1]]
+        lines.append("  ".join(parts))
+    return "\n".join(lines) + "\n"

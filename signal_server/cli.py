@@ -176,9 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = inv.add_parser("revoke", parents=[common])
     r.add_argument("invite_id")
 
-    nodes = sub.add_parser("nodes", parents=[common], help="list/rename/expire/remove nodes")
+    nodes_json = argparse.ArgumentParser(add_help=False)
+    nodes_json.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                            help="a JSON list of objects (times in ISO 8601 UTC and seconds ago) instead of the table")
+    nodes = sub.add_parser("nodes", parents=[common, nodes_json],
+                           help="list (the default; ONLINE, last seen, tags, routes)/rename/expire/remove/tag nodes")
     na = nodes.add_subparsers(dest="action")
-    na.add_parser("list", parents=[common])
+    na.add_parser("list", parents=[common, nodes_json], help="the nodes, in aligned columns or --json")
     rn = na.add_parser("rename", parents=[common])
     rn.add_argument("node")
     rn.add_argument("name")
@@ -257,6 +261,7 @@ def server_config(args, control: bool):
 
     cfg = ServerConfig(db=args.db, init=getattr(args, "init", False))
     cfg.control_enabled = control
+    cfg.stop_on_sigterm = True
     if control:
         cfg.control = _listen_list(args.listen, cfg.control)
         cfg.advertise = args.advertise
@@ -336,22 +341,31 @@ def cmd_invite(args) -> int:
     return 2
 
 
+def _nodes_list(st, as_json: bool) -> int:
+    """`nodes [list] [--json]`: ONLINE comes from the running server's presence record (admin.PRESENCE_META)."""
+    from signal_server import admin
+
+    wall = time.time()
+    presence = admin.read_presence(st.meta_get(admin.PRESENCE_META), wall)
+    records = admin.node_records(st.list_nodes(), presence, wall)  # plain peers: `plain list`
+    if as_json:
+        print(json.dumps(records, indent=2))
+        return 0
+    sys.stdout.write(admin.nodes_table(records, _fmt_time))
+    if not presence.fresh:
+        print("meshwg-signal: no running server has published who is online"
+              + (f" since {_fmt_time(presence.at)}" if presence.at else "") + "; ONLINE shows when each was last seen",
+              file=sys.stderr)
+    return 0
+
+
 def cmd_nodes(args) -> int:
-    from meshwg.config.keys import key_to_base64
     from signal_server.invites import parse_duration
 
     st = _store(args)
     action = args.action or "list"
     if action == "list":
-        wall = time.time()
-        print(f"{'ID':>4} {'NAME':20} {'IPV4':15} {'IPV6':24} {'STATE':8} {'LAST SEEN':19} {'KEY':44} TAGS")
-        for n in st.list_nodes():
-            if n.kind != "node":
-                continue  # `plain list`
-            state = "expired" if n.expires and n.expires <= wall else "active"
-            print(f"{n.node_id:>4} {n.name:20} {n.ipv4:15} {n.ipv6:24} {state:8} {_fmt_time(n.last_seen):19} "
-                  f"{key_to_base64(n.key):44} {','.join(n.tags) or '-'}")
-        return 0
+        return _nodes_list(st, getattr(args, "json", False))
     node = st.find_node(args.node)
     if node is None:
         print(f"meshwg-signal: no node {args.node!r} (use an id, a name or a public key)", file=sys.stderr)

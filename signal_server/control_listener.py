@@ -232,6 +232,8 @@ class ControlListener:
         self.counters["joins_new" if created else "joins_returning"] += 1
         if created:
             log.info("node %s joined as %s (%s, %s)", key_to_base64(client_key), row.name, row.ipv4, row.ipv6)
+        else:
+            log.info("node %s (%s) connected from %s", row.name, row.ipv4, peer_ip)
         s = Session(client_key, row.node_id, stream, chan)
         s.initial_candidates = srv.core.reported(cands or [])
         s.row = row
@@ -278,6 +280,7 @@ class ControlListener:
         finally:
             if self.sessions.get(s.key) is s:  # a replaced session must not touch its successor's state
                 del self.sessions[s.key]
+                log.info("node %s (%s) disconnected%s", s.row.name, s.row.ipv4, f": {s.closing}" if s.closing else "")
                 srv.apply(srv.core.session_ended(s.key))
                 with trio.CancelScope(shield=True):
                     try:

@@ -11,6 +11,7 @@ import math
 import os
 import resource
 import signal
+import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import trio
 
 from meshwg.config.keys import key_to_base64
 from meshwg.signaling.invite import join_hostport
-from signal_server import metrics
+from signal_server import admin, local_routes, metrics
 from signal_server import policy as acl_policy
 from signal_server import store_api as api
 from signal_server.conn_limits import SourceLimits, relay_tcp_caps
@@ -86,6 +87,26 @@ class ServerConfig:
     # The access policy file (issue 13; policy.py): None = everything allowed. Loaded at start (a bad one is
     # fatal), reloaded when it changes (checked every db_poll) or on SIGHUP (a bad one keeps the previous).
     policy: str | None = None
+    stop_on_sigterm: bool = False  # `serve`/`relay`: SIGTERM ends the sessions (their last_seen written), logs, exits 0
+
+
+def host_routes() -> list[tuple[str, str]]:
+    """(destination, interface) of the host's routes in every table (Tailscale keeps its own in table 52):
+    `ip -j route`, else /proc/net/route (IPv4 only); [] when neither can be read."""
+    routes = []
+    try:
+        for family in ("-4", "-6"):
+            r = subprocess.run(["ip", family, "-j", "route", "show", "table", "all"], capture_output=True,
+                               text=True, timeout=5, check=True)  # an `ip` without -j fails: /proc instead
+            routes += local_routes.parse_ip_json(r.stdout)
+        return routes
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        with open("/proc/net/route") as f:
+            return local_routes.parse_proc_route(f.read())
+    except OSError:
+        return []
 
 
 @dataclass
@@ -134,6 +155,8 @@ class SignalServer:
         self._server_ips: set[str] = set()  # where nodes reach us (no route may contain one)
         self._public_dirty = True  # the directory changed: nodes' public endpoints may have (_publish_public)
         self._public_meta: str | None = None  # what _publish_public last wrote (None: not read yet)
+        self._presence: tuple[frozenset, float] | None = None  # (keys, monotonic time) _publish_presence last wrote
+        self._stopping = False  # SIGTERM came
         # The feed from here on; the full read below covers what came before (a change seen twice is harmless).
         self._seq = self.store.change_head()
         self.apply(self.core.resync(self.store.list_nodes(), time.time()))
@@ -236,6 +259,25 @@ class SignalServer:
             await self._run(task_status)
         finally:
             self.relay_udp.close()
+            self._publish_no_presence()
+        if self._stopping:
+            log.info("stopped")
+
+    def warn_route_overlaps(self) -> None:
+        """One warning per host route that overlaps a mesh prefix; the server starts all the same."""
+        routes = host_routes()
+        for prefix in (self.prefix4, self.prefix6):
+            for line in local_routes.warnings(routes, prefix):
+                log.warning("%s", line)
+
+    async def _stop_on_sigterm(self, scope: trio.CancelScope, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            task_status.started()
+            async for _ in signals:
+                log.info("SIGTERM: shutting down (%d nodes connected)", len(self.sessions))
+                self._stopping = True
+                scope.cancel()
+                return
 
     def _setup_conn_limits(self) -> None:
         """Connection caps, from the config and the descriptor limit at start; repeated log lines limited."""
@@ -254,7 +296,11 @@ class SignalServer:
     async def _run(self, task_status) -> None:
         cfg, bound = self.cfg, self.bound
         self._setup_conn_limits()
+        if cfg.control_enabled:
+            self.warn_route_overlaps()
         async with trio.open_nursery() as nursery:
+            if cfg.stop_on_sigterm:
+                await nursery.start(self._stop_on_sigterm, nursery.cancel_scope)
             if cfg.control_enabled:
                 for host, port in cfg.control:
                     bound.control += await self.control_listener.listen(nursery, host, port)
@@ -356,6 +402,7 @@ class SignalServer:
                 await self._follow_changes()
                 await self.check_policy()
                 await self._publish_public()
+                await self._publish_presence()
             except Exception:  # a locked/busy DB must not kill the server; retry next tick
                 log.exception("reading the change feed failed; will retry")
                 self.counters["db_errors"] += 1
@@ -431,6 +478,29 @@ class SignalServer:
             await self._db(self.store.meta_set, admin.PUBLIC_META, new)   # a failure: tried again next tick
             self._public_meta = new
         self._public_dirty = False
+
+    async def _publish_presence(self) -> None:
+        """Who is connected, into the database for `meshwg-signal nodes` (admin.PRESENCE_META): when the set
+        changed (at most once a second under churn) and every PRESENCE_REFRESH s, which tells the CLI that a
+        server is still running."""
+        if not self.cfg.control_enabled:
+            return
+        keys, now = frozenset(self.sessions), time.monotonic()
+        if self._presence is not None:
+            age = now - self._presence[1]
+            if age < 1.0 or (keys == self._presence[0] and age < admin.PRESENCE_REFRESH):
+                return
+        await self._db(self.store.meta_set, admin.PRESENCE_META, admin.presence_json(keys, time.time()))
+        self._presence = (keys, now)
+
+    def _publish_no_presence(self) -> None:
+        """At shutdown: nobody is connected here any more (a killed server's record goes stale instead)."""
+        if not self.cfg.control_enabled or self._presence is None:
+            return
+        try:
+            self.store.meta_set(admin.PRESENCE_META, admin.presence_json((), time.time()))
+        except Exception:  # a busy database: the record goes stale within admin.PRESENCE_STALE
+            log.warning("could not record at shutdown that no node is connected", exc_info=True)
 
     async def _follow_changes(self) -> None:
         """Applies what other processes changed (admin CLI, other servers): only the rows the feed names;
