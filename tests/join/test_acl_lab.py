@@ -223,7 +223,7 @@ def test_four_nodes_allowed_pairs_denied_pairs_and_a_forged_source():
         wait_for(lambda: (b.peer("delta") or {}).get("accepts") == "udp/9", timeout=5, what="beta's filter")
         assert (b.peer("delta") or {}).get("sends") == "replies only"
         assert (d.peer("beta") or {}).get("sends") == "udp/9"
-        shown = a.meshwg("status")
+        shown = a.meshwg("status", "-d")
         assert "    sends: tcp/5001 icmp; accepts: replies only" in shown.stdout.splitlines(), shown.stdout
 
         # allowed pairs: ping and a TCP transfer

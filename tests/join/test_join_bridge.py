@@ -57,6 +57,9 @@ def test_two_nodes_direct_outage_cache_and_shutdown():
         assert nc["reflexive"] == [f"{a.ip}:{st['listen_port']}"] and nc["relay_latency_ms"] is not None
         text = subprocess.run(a.ns.argv(sys.executable, "-m", "meshwg", "status", "--interface", a.iface),
                               capture_output=True, env=ENV, cwd=REPO, timeout=20).stdout.decode()
+        assert any(ln.split()[:3] == ["beta", ip_b, "direct"] for ln in text.splitlines()), text   # one line a peer
+        text = subprocess.run(a.ns.argv(sys.executable, "-m", "meshwg", "status", "-d", "--interface", a.iface),
+                              capture_output=True, env=ENV, cwd=REPO, timeout=20).stdout.decode()
         assert "peer beta" in text and f"direct {b.ip}:" in text
         # -d: every counter by component (meshwg.counters' convention); "drops" are the drop_ ones among them.
         res = subprocess.run(a.ns.argv(sys.executable, "-m", "meshwg", "status", "-d", "--json", "-i", a.iface),
