@@ -52,10 +52,11 @@ def path_text(p: dict, relay: dict) -> str:
 
 
 def _ipv4(p: dict) -> str:
-    for a in p.get("addresses") or ():
-        if ":" not in a:
-            return a.split("/", 1)[0]
-    return "-"
+    """The peer's mesh IPv4: its first IPv4 host address (an exit node's AllowedIPs also hold 0.0.0.0/0, a
+    router's its LAN), else its first IPv4 prefix."""
+    v4 = [a for a in p.get("addresses") or () if ":" not in a]
+    hosts = [a for a in v4 if "/" not in a or a.endswith("/32")]
+    return (hosts or v4 or ["-"])[0].split("/", 1)[0]
 
 
 def age(seconds) -> str:

@@ -131,7 +131,9 @@ def test_subnet_route_with_masquerade_and_exit_node_with_policy_routing():
         wait_for(lambda: sources(inet_log), timeout=5, what="the internet host's log")
         assert set(sources(inet_log)) == {HOME_INET}     # home's address, masqueraded
         assert laptop.ping(ip_home) and laptop.status()["control"]["connected"]
-        assert "[exit node, in use]" in laptop.meshwg("status").stdout
+        assert "[exit node, in use]" in laptop.meshwg("status", "-d").stdout
+        row = [ln for ln in laptop.meshwg("status").stdout.splitlines() if ln.split()[:1] == ["home"]]
+        assert row and row[0].split()[1] == ip_home and row[0].endswith("exit node, in use"), row
         # the control connection comes back through the policy rules: a server restart
         net.stop_server()
         wait_for(lambda: not laptop.status()["control"]["connected"], timeout=40, what="laptop sees the outage")

@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from meshwg import cli
+from meshwg.commands import status_view
 from meshwg.commands.mesh import format_brief, format_status
 from meshwg.errors import UserError
 from meshwg.io.ipc import status_server
@@ -240,3 +241,10 @@ def test_whois_names_the_holder_or_the_router(run_dir, capsys):
             assert str(err.value) == text
     finally:
         agent.close()
+
+
+def test_the_ipv4_column_is_the_peers_mesh_address_even_when_its_routes_come_first():
+    # CI: an exit node in use listed 0.0.0.0/0 first and the column said 0.0.0.0
+    exit_node = {"addresses": ["0.0.0.0/0", "192.168.7.0/24", "100.64.0.4/32", "::/0", "fd00::4/128"]}
+    assert status_view._ipv4(exit_node) == "100.64.0.4"
+    assert status_view._ipv4({"addresses": ["fd00::4/128"]}) == "-"

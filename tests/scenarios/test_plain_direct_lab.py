@@ -77,7 +77,7 @@ def add_direct(mesh, name: str, target: str, timeout: float = 30.0) -> str:
 
 def status_text(node) -> str:
     values = nc.node_values(node.host)
-    res = node.host.run_proc(nc.PY, "-m", "meshwg", "status", "--state-dir", str(values["state_dir"]),
+    res = node.host.run_proc(nc.PY, "-m", "meshwg", "status", "-d", "--state-dir", str(values["state_dir"]),
                              "--interface", values["interface"], timeout=20)
     assert res.returncode == 0, res.stderr.decode(errors="replace")
     return res.stdout.decode()
