@@ -115,13 +115,19 @@ def addresses_of(st: dict, name: str | None, family: int | None) -> list[str]:
         peer = next((p for p in st["peers"] if p["name"] == name), None)
         if peer is None:
             raise NotFound(f"no peer named {name!r}")
-        addrs = peer.get("addresses") or []
+        # A peer's addresses are its AllowedIPs: an exit node's 0.0.0.0/0 and ::/0, a router's LAN are not its own.
+        addrs = [a for a in peer.get("addresses") or () if _is_host(a)]
     out = []
     for a in addrs:
         ip = ipaddress.ip_interface(a).ip
         if family is None or ip.version == family:
             out.append(str(ip))
     return out
+
+
+def _is_host(text: str) -> bool:
+    net = ipaddress.ip_interface(text).network
+    return net.prefixlen == net.max_prefixlen
 
 
 def whois(st: dict, text: str) -> str:

@@ -248,3 +248,16 @@ def test_the_ipv4_column_is_the_peers_mesh_address_even_when_its_routes_come_fir
     exit_node = {"addresses": ["0.0.0.0/0", "192.168.7.0/24", "100.64.0.4/32", "::/0", "fd00::4/128"]}
     assert status_view._ipv4(exit_node) == "100.64.0.4"
     assert status_view._ipv4({"addresses": ["fd00::4/128"]}) == "-"
+
+
+def test_ip_of_an_exit_node_or_router_prints_only_its_mesh_addresses(run_dir, capsys):
+    # The agent's peer addresses are its AllowedIPs: routes (even first, as 64cc64e saw) are not the peer's.
+    router = _peer("server", "100.64.0.4",
+                   addresses=["0.0.0.0/0", "192.168.7.0/24", "100.64.0.4/32", "::/0", "fd00::4/128"])
+    agent = FakeAgent(run_dir, "mesh7", _status([router]))
+    try:
+        assert _run(["ip", "server"], capsys) == "100.64.0.4\nfd00::4\n"
+        assert _run(["ip", "-4", "server"], capsys) == "100.64.0.4\n"
+        assert _run(["ip", "-6", "server"], capsys) == "fd00::4\n"
+    finally:
+        agent.close()
