@@ -157,6 +157,21 @@ class TcpRelayClient:
         self._tail = data[sent:]
         return True
 
+    def direct_headers(self) -> dict | None:
+        """For another writer of this socket (the driver's compiled send, issue 16): the SEND headers (destination
+        key -> header under the session's current token) it may frame from, when it may write now: no write under
+        way, no backlog, the headers not stale. None: not now (the caller hands its packets to the queue)."""
+        if self._tail or self._lock.locked() or self._closed or self._fd is None:
+            return None
+        token = self.session.token
+        if token is None or token != self._header_token:
+            return None  # a new token: the next _frames rebuilds the headers
+        return self._headers
+
+    def took_direct(self, rest: bytes) -> None:
+        """That writer's write left `rest` unsent: the backlog, sent before anything else."""
+        self._tail = rest
+
     async def send_many(self, items) -> None:
         """(dst, packet) pairs as SEND frames, in one write (after the backlog, if any)."""
         data = self._frames(items)

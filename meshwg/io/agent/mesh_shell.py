@@ -223,6 +223,7 @@ class MeshDevice:
         # Relayed transport data on the driver's compiled send and batch receive (the relay shell's route; the
         # TCP relay's socket read by the driver's data loop too).
         self.driver.relay_route = self.relay.route
+        self.driver.relay_tcp_writer = self.relay  # its TCP sends on the compiled path too, while it allows
         self.driver.set_datagram_handlers(self.datagram_handlers())
         self.birthday = BirthdaySockets()
         self.on_local_endpoints = on_local_endpoints

@@ -21,6 +21,11 @@ Over TCP likewise, given `watch_tcp`/`unwatch_tcp` (the driver's watch_relay_tcp
 TCP session is ready the driver's data loop reads its socket, hands the RECVs of transport data from the peers
 in `endpoints` to the WireGuard core in one batch (`recv_tcp_fast`) and every other frame here (`_tcp_frames`);
 a task of ours keeps the session's timer (re-hellos) and ends the session when the driver reports the close.
+The TCP send likewise: while the TCP relay is the transport and nothing else writes its socket (the writer waits
+with nothing queued; the client has no write under way, no backlog: `tcp_fast_target`), the driver's compiled
+send frames relayed datagrams to destinations the TCP client has a header for and writes them in one writev a
+batch (`send_tcp_fast`); what the kernel does not take becomes the client's backlog, flushed by the writer
+before anything else (`tcp_fast_sent`). One thread (trio's) runs all of it, so the checks hold for the write.
 """
 
 from __future__ import annotations
@@ -216,6 +221,31 @@ class RelayShell:
             return
         self._pending.append((dst, packet))
         self._counters["queue_not_ready"] += 1
+
+    def tcp_fast_target(self) -> tuple[int, dict] | None:
+        """(fd, headers): the driver's compiled send may write SEND frames framed from `headers` straight to the
+        TCP relay's socket now, as send() would write one directly: UDP is not the transport, the writer waits with
+        nothing queued, and the client has no write under way, no backlog and current headers. None: not now
+        (the packets come through send(), which queues them behind what is under way)."""
+        tcp = self.tcp
+        if tcp is None or self._tcp_wake is None or self._tcp_out:
+            return None
+        direct_headers = getattr(tcp, "direct_headers", None)  # None: a client without direct writes (test fakes)
+        if direct_headers is None or self.policy.transport(self.clock()) == P.UDP:
+            return None
+        headers = direct_headers()
+        return None if headers is None else (tcp.fileno, headers)
+
+    def tcp_fast_sent(self, count: int, rest: bytes) -> None:
+        """The driver's compiled send wrote `count` frames (tx_by_peer counted there); `rest`: the bytes the
+        kernel did not take, the client's backlog, which the writer sends before anything else."""
+        self._counters["send_tcp"] += count
+        self._counters["send_tcp_fast"] += count
+        if rest:
+            self.tcp.took_direct(rest)
+            wake, self._tcp_wake = self._tcp_wake, None
+            if wake is not None:
+                wake.set()
 
     def handle_udp(self, data: bytes, addr, now: float) -> None:
         """A relay frame that arrived on the shared socket."""

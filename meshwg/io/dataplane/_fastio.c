@@ -46,6 +46,7 @@
 #include <netinet/in.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #ifndef SOL_UDP
@@ -474,6 +475,8 @@ drain_ends_quietly(Py_ssize_t have)
  * node_relay_counters(route) -> (sent, received, send_errors, gso_refused)   (totals)
  * node_relay_split_tcp(route, buffer) -> (datagrams, frames, consumed)
  *     The TCP relay's stream: its RECVs of transport data split out as recv_datagrams does (see below).
+ * node_relay_send_tcp(route, datagrams, start, stop, fd, headers) -> (next, rest)
+ *     The TCP relay's stream: SEND frames written from the TCP client's headers (see below).
  */
 #define NODE_RELAY_CAPSULE "meshwg.node_relay"
 #define NODE_SEND_HEADER 45  /* MAGIC 4 + type 1 + token 8 + key 32 */
@@ -660,7 +663,7 @@ relay_endpoint(struct node_relay *r, const unsigned char *key, unsigned char *la
 /* The key (new reference) and SEND header (borrowed) of a datagram for `dest`, when it goes to the relay
  * on this path; 0 otherwise (no exception). */
 static int
-relay_header(struct node_relay *r, PyObject *dest, PyObject **key, PyObject **header)
+relay_header_in(struct node_relay *r, PyObject *headers, PyObject *dest, PyObject **key, PyObject **header)
 {
     /* Exact type only: a subclass could run Python code from its attribute lookup. */
     if ((PyObject *)Py_TYPE(dest) != r->endpoint_type) {
@@ -672,7 +675,7 @@ relay_header(struct node_relay *r, PyObject *dest, PyObject **key, PyObject **he
         Py_XDECREF(k);
         return 0;
     }
-    PyObject *h = PyDict_GetItemWithError(r->headers, k);
+    PyObject *h = PyDict_GetItemWithError(headers, k);
     if (h == NULL || !PyBytes_CheckExact(h) || PyBytes_GET_SIZE(h) != NODE_SEND_HEADER) {
         PyErr_Clear();
         Py_DECREF(k);
@@ -681,6 +684,12 @@ relay_header(struct node_relay *r, PyObject *dest, PyObject **key, PyObject **he
     *key = k;
     *header = h;
     return 1;
+}
+
+static int
+relay_header(struct node_relay *r, PyObject *dest, PyObject **key, PyObject **header)
+{
+    return relay_header_in(r, r->headers, dest, key, header);
 }
 
 static void
@@ -840,6 +849,123 @@ send_relay(struct node_relay *r, PyObject *datagrams, Py_ssize_t i, Py_ssize_t n
         Py_DECREF(items[k].key);
     }
     return i + done;
+}
+
+/* node_relay_send_tcp(route, datagrams, start, stop, fd, headers) -> (next, rest)   (issue 16, the TCP relay's send)
+ * datagrams[start:stop] whose endpoint is an `endpoint_type` with a SEND header in `headers` (the TCP client's,
+ * under its session's current token) leave as 2-byte-length-prefixed SEND frames (length, header, datagram: three
+ * iovecs, no copy) on the TCP relay's socket `fd`, one writev per NODE_RELAY_BATCH frames, up to the first datagram
+ * that does not qualify. The caller owns the socket's write side for this call: no write under way, no backlog.
+ * `next`: the first datagram not taken (every one before it is on the wire or in `rest`); `rest`: the bytes the
+ * kernel did not take (b"" when all went; all of the last writev's when the socket is full or broken), which the
+ * caller must send before anything else (a stream: a frame cut anywhere is completed by its rest). */
+static PyObject *
+node_relay_send_tcp(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct node_relay *r = nargs == 6 ? PyCapsule_GetPointer(args[0], NODE_RELAY_CAPSULE) : NULL;
+    if (r == NULL || !PyList_Check(args[1]) || !PyDict_Check(args[5])) {
+        if (r != NULL || !PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError,
+                            "node_relay_send_tcp(route, datagrams: list, start, stop, fd, headers: dict)");
+        }
+        return NULL;
+    }
+    PyObject *datagrams = args[1], *headers = args[5];
+    Py_ssize_t start = PyLong_AsSsize_t(args[2]), stop = PyLong_AsSsize_t(args[3]);
+    long fd = PyLong_AsLong(args[4]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (fd < 0 || fd > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "node_relay_send_tcp: bad fd");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(datagrams);
+    if (start < 0 || stop > n || start > stop) {
+        PyErr_Format(PyExc_IndexError, "[%zd, %zd) outside [0, %zd]", start, stop, n);
+        return NULL;
+    }
+    struct relay_item items[NODE_RELAY_BATCH];
+    unsigned char lengths[NODE_RELAY_BATCH][2];
+    struct iovec iov[3 * NODE_RELAY_BATCH];
+    Py_ssize_t i = start;
+    PyObject *rest = NULL;
+    while (i < stop && rest == NULL) {
+        int count = 0;
+        size_t total = 0;
+        while (i + count < stop && count < NODE_RELAY_BATCH) {
+            PyObject *item = PyList_GET_ITEM(datagrams, i + count);
+            PyObject *key, *header;
+            if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2
+                || !PyBytes_CheckExact(PyTuple_GET_ITEM(item, 0))
+                || PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 0)) > 0xffff - NODE_SEND_HEADER
+                || !relay_header_in(r, headers, PyTuple_GET_ITEM(item, 1), &key, &header)) {
+                break;
+            }
+            PyObject *data = PyTuple_GET_ITEM(item, 0);
+            size_t length = NODE_SEND_HEADER + (size_t)PyBytes_GET_SIZE(data);
+            items[count].key = key;
+            lengths[count][0] = (unsigned char)(length >> 8);
+            lengths[count][1] = (unsigned char)length;
+            iov[3 * count] = (struct iovec){.iov_base = lengths[count], .iov_len = 2};
+            iov[3 * count + 1] = (struct iovec){.iov_base = PyBytes_AS_STRING(header), .iov_len = NODE_SEND_HEADER};
+            iov[3 * count + 2] = (struct iovec){.iov_base = PyBytes_AS_STRING(data),
+                                                .iov_len = (size_t)PyBytes_GET_SIZE(data)};
+            total += 2 + length;
+            count++;
+        }
+        if (count == 0) {
+            break;
+        }
+        ssize_t wrote;
+        do {
+            wrote = writev((int)fd, iov, 3 * count);
+        } while (wrote < 0 && errno == EINTR);
+        if (wrote < 0) {
+            wrote = 0;  /* full (EAGAIN) or broken: all of it is the rest (the caller's writer meets the error) */
+        }
+        if ((size_t)wrote < total) {
+            rest = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(total - (size_t)wrote));
+            if (rest != NULL) {
+                char *out = PyBytes_AS_STRING(rest);
+                size_t skip = (size_t)wrote;
+                for (int k = 0; k < 3 * count; k++) {
+                    size_t len = iov[k].iov_len;
+                    if (skip >= len) {
+                        skip -= len;
+                        continue;
+                    }
+                    memcpy(out, (char *)iov[k].iov_base + skip, len - skip);
+                    out += len - skip;
+                    skip = 0;
+                }
+            }
+        }
+        /* Counted per run of one destination (bulk goes to one peer): one dict update a run. */
+        for (int k = 0; k < count;) {
+            int run = 1;
+            while (k + run < count && (items[k + run].key == items[k].key
+                                       || PyObject_RichCompareBool(items[k + run].key, items[k].key, Py_EQ) == 1)) {
+                run++;
+            }
+            count_tx(r, items[k].key, run);
+            k += run;
+        }
+        for (int k = 0; k < count; k++) {
+            Py_DECREF(items[k].key);
+        }
+        if (rest == NULL && (size_t)wrote < total) {
+            return NULL;  /* no memory for the rest: the frames are cut (the caller's writer will not repair it) */
+        }
+        i += count;
+    }
+    if (rest == NULL) {
+        rest = PyBytes_FromStringAndSize(NULL, 0);
+        if (rest == NULL) {
+            return NULL;
+        }
+    }
+    return Py_BuildValue("(nN)", i, rest);
 }
 
 static PyObject *
@@ -2622,6 +2748,8 @@ static PyMethodDef fastio_methods[] = {
      "node_relay_counters(route) -> (sent, received, send_errors, gso_refused)"},
     {"node_relay_split_tcp", (PyCFunction)(void (*)(void))node_relay_split_tcp, METH_FASTCALL,
      "node_relay_split_tcp(route, buffer) -> (datagrams, frames, consumed)"},
+    {"node_relay_send_tcp", (PyCFunction)(void (*)(void))node_relay_send_tcp, METH_FASTCALL,
+     "node_relay_send_tcp(route, datagrams, start, stop, fd, headers) -> (next, rest)"},
     {"relay_new", (PyCFunction)(void (*)(void))relay_new, METH_FASTCALL, "relay_new(max_sessions) -> table"},
     {"relay_set", (PyCFunction)(void (*)(void))relay_set, METH_FASTCALL,
      "relay_set(table, token, key, fd, addr, expires, source) -> bool"},

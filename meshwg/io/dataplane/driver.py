@@ -53,6 +53,10 @@ Hooks for the mesh layer (one UDP socket per family carries WireGuard, STUN and 
   (fastio.node_relay_split_tcp) and handed to the WireGuard handler in one batch, no trio task hop; every other
   frame to `on_frames(frames, fast_count, now)` (the relay shell); EOF or an error to `on_closed(exc)` (the
   socket is unwatched first). `unwatch_relay_tcp()` before the socket closes.
+* `driver.relay_tcp_writer`: the relay shell (or None): its `tcp_fast_target()` -> (fd, headers) or None says
+  when relayed datagrams may leave as SEND frames written straight to the TCP relay's socket by the compiled send
+  (fastio.node_relay_send_tcp, one writev a batch; only what it has a header for), `tcp_fast_sent(count, rest)`
+  takes what went and what the kernel left (its backlog); the rest goes to `endpoint_sender` as before.
 * `driver.on_event = fn(event)`: the core's events (HandshakeCompleted, ...) after each flush.
 * `driver.clock`: the one clock of the device; the mesh shell reads it too (handlers get its `now`).
 * `driver.counters`: meshwg.counters' convention (`drop_send_error`, `disable_gso`, ...).
@@ -164,6 +168,7 @@ class Driver:
         self._receive_wireguard: Callable | None = None  # the core's, bound once per run
         self.endpoint_sender: Callable[[bytes, object], None] | None = None
         self.relay_route: RelayRoute | None = None
+        self.relay_tcp_writer = None  # the relay shell: see the module docstring
         self.on_event: Callable[[object], None] | None = None
         self.counters: Counter = Counter()
         self.stopped_reason: str | None = None
@@ -354,12 +359,27 @@ class Driver:
             stop = i + 1
             while stop < n and type(datagrams[stop][1]) is not tuple:
                 stop += 1
-            done = self._send_datagrams_python(datagrams, i, stop)
+            if route is not None and self.relay_tcp_writer is not None and type(datagrams[i][1]) is not tuple:
+                i = self._send_relay_tcp(datagrams, i, stop)
+            done = self._send_datagrams_python(datagrams, i, stop) if i < stop else stop
             if done < stop:
                 return done
             start = stop
             if start >= n:
                 return n
+
+    def _send_relay_tcp(self, datagrams: list, start: int, stop: int) -> int:
+        """The run datagrams[start:stop] of endpoint objects: those the TCP relay client has headers for as SEND
+        frames straight to its socket, when the relay shell says nothing else writes it now. Returns the index of
+        the first datagram not taken (for the Python path)."""
+        writer = self.relay_tcp_writer
+        target = writer.tcp_fast_target()
+        if target is None:
+            return start
+        i, rest = fastio.node_relay_send_tcp(self.relay_route.capsule, datagrams, start, stop, target[0], target[1])
+        if i > start:
+            writer.tcp_fast_sent(i - start, rest)
+        return i
 
     def _gso_refused(self, fd: int) -> None:
         """This socket's path cannot segment (no checksum offload, route MTU below the size, ...):
