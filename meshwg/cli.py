@@ -14,6 +14,7 @@ import os
 import sys
 
 from meshwg import cli_config
+from meshwg import completion
 from meshwg.commands.mesh import INVITE_ENV
 from meshwg.errors import UserError
 from meshwg.hotpath import describe
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
             command_parser = sub.add_parser(name, help=help_text, description=help_text)
             add_arguments(command_parser)
             command_parser.set_defaults(run=run)
+    completion.add_command(sub).set_defaults(run=_print_completion)
     # Global flags before or after the command: `meshwg join --log-level debug` as `meshwg --log-level debug join`.
     cli_config.share_options(parser, ("log_level", "config_file"))
     return parser
@@ -74,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _print_completion(args) -> int:
+    print(completion.script(build_parser(), args.shell), end="")
+    return 0
 
 
 def _warn(line: str) -> None:

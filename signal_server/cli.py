@@ -22,6 +22,7 @@ import time
 import urllib.request
 
 from meshwg import cli_config
+from meshwg import completion
 
 # Absolute: a relative default named a different (new, empty) database in every working directory.
 DEFAULT_DB = os.environ.get("MESHWG_SIGNAL_DB", "/var/lib/meshwg-signal/signal.db")
@@ -164,17 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     server_opts(sub.add_parser("relay", parents=[common], help="run only STUN + relay (shares the server's DB file)"), False)
 
     inv = sub.add_parser("invite", parents=[common], help="create, list or revoke invites").add_subparsers(dest="action", required=True)
-    c = inv.add_parser("create", parents=[common])
-    c.add_argument("--reusable", action="store_true")
+    c = inv.add_parser("create", parents=[common], help="print a new invite for `meshwg join`")
+    c.add_argument("--reusable", action="store_true", help="any number of nodes may join with it (default: one)")
     c.add_argument("--expires", default="24h", help="lifetime, e.g. 30m, 24h, 7d, or 'never' (default 24h)")
     c.add_argument("--tag", default="", help="the joining node's tag(s) for the access policy (commas for more)")
     c.add_argument("--addr", action="append", metavar="HOST:PORT", help="control address(es) to embed (default: the server's)")
     c.add_argument("--auto-approve-routes", action="append", default=[], metavar="CIDR",
                    help="approve at once the routes inside CIDR that nodes joining with it advertise; 'exit' approves "
                         "them as exit nodes (repeatable)")
-    inv.add_parser("list", parents=[common])
-    r = inv.add_parser("revoke", parents=[common])
-    r.add_argument("invite_id")
+    inv.add_parser("list", parents=[common], help="every invite: kind, state, uses, expiry, tag")
+    r = inv.add_parser("revoke", parents=[common], help="refuse an invite from now on (nodes that joined stay)")
+    r.add_argument("invite_id", help="the ID column of `invite list`")
 
     nodes_json = argparse.ArgumentParser(add_help=False)
     nodes_json.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
@@ -183,23 +184,23 @@ def build_parser() -> argparse.ArgumentParser:
                            help="list (the default; ONLINE, last seen, tags, routes)/rename/expire/remove/tag nodes")
     na = nodes.add_subparsers(dest="action")
     na.add_parser("list", parents=[common, nodes_json], help="the nodes, in aligned columns or --json")
-    rn = na.add_parser("rename", parents=[common])
-    rn.add_argument("node")
-    rn.add_argument("name")
-    ex = na.add_parser("expire", parents=[common])
-    ex.add_argument("node")
+    rn = na.add_parser("rename", parents=[common], help="give a node a new name (peers see it at once)")
+    rn.add_argument("node", help="id, name or public key")
+    rn.add_argument("name", help="the new name")
+    ex = na.add_parser("expire", parents=[common], help="cut a node off now or after a while (it needs a new invite)")
+    ex.add_argument("node", help="id, name or public key")
     ex.add_argument("--in", dest="after", default="0s", help="expire after this duration (default: now)")
-    rm = na.add_parser("remove", parents=[common])
-    rm.add_argument("node")
+    rm = na.add_parser("remove", parents=[common], help="forget a node (its key needs a new invite to rejoin)")
+    rm.add_argument("node", help="id, name or public key")
     for action, what in (("tag", "add tags to a node or plain peer"), ("untag", "remove tags from a node or plain peer")):
         tg = na.add_parser(action, parents=[common], help=what)
         tg.add_argument("node", help="id, name or public key")
-        tg.add_argument("tags", nargs="+", metavar="TAG")
+        tg.add_argument("tags", nargs="+", metavar="TAG", help="tag name(s) used by the access policy")
 
     pol = sub.add_parser("policy", parents=[common], help="the access policy file").add_subparsers(dest="action", required=True)
     pck = pol.add_parser("check", parents=[common], help="validate a policy file against the database's nodes and "
                                                          "print who may reach whom (nothing is applied)")
-    pck.add_argument("file")
+    pck.add_argument("file", help="the policy file (TOML)")
 
     rt = sub.add_parser("routes", parents=[common], help="subnet routes and exit nodes the nodes advertise: list, approve, reject"
                         ).add_subparsers(dest="action", required=True)
@@ -213,14 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     plain = sub.add_parser("plain", parents=[common], help="plain WireGuard peers: phones with a stock WireGuard app reaching nodes "
                                          "through the relay").add_subparsers(dest="action", required=True)
     pa = plain.add_parser("add", parents=[common], help="add one and print its wg-quick config")
-    pa.add_argument("name")
+    pa.add_argument("name", help="a name for the device (e.g. alice-phone)")
     pa.add_argument("--to", action="append", required=True, metavar="NODE", help="a node it may reach (repeatable)")
     pa.add_argument("--public-key", metavar="KEY", help="the device's own public key (its private key stays on it)")
     pa.add_argument("--exit-node", metavar="NODE", help="send all its internet traffic through this node")
     pa.add_argument("--tag", action="append", default=[], metavar="TAG", help="a tag for the access policy (repeatable)")
-    plain.add_parser("list", parents=[common])
+    plain.add_parser("list", parents=[common], help="every plain peer: addresses, key holder, exit node, reach, tags")
     pc = plain.add_parser("config", parents=[common], help="print its wg-quick config again")
-    pc.add_argument("name")
+    pc.add_argument("name", help="the plain peer's name")
     for sp in (pa, pc):
         sp.add_argument("--direct", action="store_true",
                         help="Endpoint = each node's own public endpoint (a port forward, or no NAT filtering, that "
@@ -230,18 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--endpoint", metavar="HOST:PORT", help="the server's plain WireGuard address "
                                                                  "(default: the one the server published)")
     pr = plain.add_parser("rotate", parents=[common], help="a new key (print the new config with `plain config`)")
-    pr.add_argument("name")
+    pr.add_argument("name", help="the plain peer's name")
     pr.add_argument("--public-key", metavar="KEY", help="the device's new public key (for one added with --public-key)")
-    prm = plain.add_parser("remove", parents=[common])
-    prm.add_argument("name")
+    prm = plain.add_parser("remove", parents=[common], help="remove a plain peer (its config stops working)")
+    prm.add_argument("name", help="the plain peer's name")
 
     sub.add_parser("status", parents=[common], help="connected nodes, relay throughput and errors")
     sub.add_parser("pubkey", parents=[common], help="print the server's public key")
     b = sub.add_parser("backup", parents=[common], help="copy the database (safe while the server runs) to a new file")
-    b.add_argument("file")
+    b.add_argument("file", help="the new file to write (must not exist)")
     rs = sub.add_parser("restore", parents=[common],
                         help="restore a backup as the database --db (which must not exist; stop the server first)")
-    rs.add_argument("file")
+    rs.add_argument("file", help="a file written by `backup`")
+    completion.add_command(sub, parents=[common])
     return p
 
 
@@ -608,6 +610,9 @@ def cmd_pubkey(args) -> int:
 def _dispatch(args) -> int:
     if args.cmd in ("serve", "relay"):
         return cmd_serve(args, args.cmd == "serve")
+    if args.cmd == "completion":
+        print(completion.script(build_parser(), args.shell), end="")
+        return 0
     commands = {"invite": cmd_invite, "nodes": cmd_nodes, "plain": cmd_plain, "routes": cmd_routes, "policy": cmd_policy,
                 "status": cmd_status,
                 "pubkey": cmd_pubkey, "backup": cmd_backup, "restore": cmd_restore}
