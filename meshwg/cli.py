@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 
-from meshwg import cli_config
+from meshwg import cli_config, logfmt
 from meshwg import completion
 from meshwg.commands.mesh import INVITE_ENV
 from meshwg.errors import UserError
@@ -37,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshwg", description="Mesh VPN on a userspace WireGuard data plane.")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                         help="least severe messages logged (default warning; `join` logs info)")
+    parser.add_argument("--log-format", default="text", choices=list(logfmt.FORMATS),
+                        help="text lines (UTC time, level, logger: message) or one JSON object per line")
     parser.add_argument("--config", dest="config_file", metavar="FILE", default=argparse.SUPPRESS,
                         help=f"TOML config file: keys are long option names, a table per command ([join]); "
                              f"flags override it (default {DEFAULT_CONFIG} if it exists)")
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
             command_parser.set_defaults(run=run)
     completion.add_command(sub).set_defaults(run=_print_completion)
     # Global flags before or after the command: `meshwg join --log-level debug` as `meshwg --log-level debug join`.
-    cli_config.share_options(parser, ("log_level", "config_file"))
+    cli_config.share_options(parser, ("log_level", "log_format", "config_file"))
     return parser
 
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except cli_config.ConfigError as err:
         print(f"meshwg: {err}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logfmt.setup(args.log_level, args.log_format)
     try:
         return int(args.run(args) or 0)
     except UserError as err:

@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.request
 
-from meshwg import cli_config
+from meshwg import cli_config, logfmt
 from meshwg import completion
 
 # Absolute: a relative default named a different (new, empty) database in every working directory.
@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--db", default=argparse.SUPPRESS, help=f"SQLite state file (default {DEFAULT_DB})")
     common.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"],
                         help="least severe messages logged (default info)")
+    common.add_argument("--log-format", default=argparse.SUPPRESS, choices=list(logfmt.FORMATS),
+                        help="text lines (UTC time, level, logger: message) or one JSON object per line (default text)")
     common.add_argument("--config", dest="config_file", metavar="FILE", default=argparse.SUPPRESS,
                         help=f"TOML config file: keys are long option names, a table per command ([serve]), shared "
                              f"ones at the top (db); flags override it (default {DEFAULT_CONFIG} if it exists)")
@@ -247,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
+def _setup_logging(level: str, kind: str = "text") -> None:
+    logfmt.setup(level, kind, stream=sys.stderr)
 
 
 def _store(args):
@@ -580,7 +582,8 @@ def main(argv=None) -> int:
         return 2
     args.db = getattr(args, "db", DEFAULT_DB)
     args.log_level = getattr(args, "log_level", "info")
-    _setup_logging(args.log_level)
+    args.log_format = getattr(args, "log_format", "text")
+    _setup_logging(args.log_level, args.log_format)
     from signal_server.store import StoreError
 
     try:

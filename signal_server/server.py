@@ -119,6 +119,11 @@ class Bound:
     plain: list = field(default_factory=list)  # the plain-WireGuard port ([] when disabled)
 
 
+def _addrs(addrs) -> str:
+    """Bound addresses for a log line: host:port or [v6]:port, space-separated; "none"."""
+    return " ".join(join_hostport(h, p) for h, p in addrs) or "none"
+
+
 class SignalServer:
     def __init__(self, config: ServerConfig) -> None:
         self.cfg = config
@@ -321,7 +326,8 @@ class SignalServer:
             log.info(
                 "serving: control %s, udp (stun+relay) %s, stun alternate %s, relay tcp %s, plain wireguard %s, "
                 "metrics %s; server key %s",
-                bound.control, bound.udp, bound.stun_alt, bound.relay_tcp, bound.plain, bound.metrics,
+                *(_addrs(a) for a in (bound.control, bound.udp, bound.stun_alt, bound.relay_tcp, bound.plain,
+                                      bound.metrics)),
                 key_to_base64(self.server_pk),
             )
             task_status.started(bound)

@@ -5,7 +5,8 @@
 Creates the TUN and the UAPI socket in the foreground (so errors reach the caller's exit status),
 then daemonizes unless `-f`/`--foreground` or WG_PROCESS_FOREGROUND=1. The parent exits 0 only once
 the daemon serves UAPI, so wg-quick's next `wg setconf` finds the socket ready.
-LOG_LEVEL=verbose|error|silent as for wireguard-go; MESHWG_LOG_FILE=path keeps a daemon's log.
+LOG_LEVEL=verbose|error|silent as for wireguard-go; MESHWG_LOG_FILE=path keeps a daemon's log, MESHWG_LOG_FORMAT=json
+writes it as JSON lines.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ LEVELS = {"verbose": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO
 
 def _setup_logging() -> None:
     level = LEVELS.get(os.environ.get("LOG_LEVEL", "error").lower(), logging.ERROR)
-    logging.basicConfig(level=level, filename=os.environ.get("MESHWG_LOG_FILE"),
-                        format=f"%(asctime)s meshwg-tun[{os.getpid()}] %(levelname)s %(message)s")
+    from meshwg import logfmt
+
+    # The format of meshwg and meshwg-signal; MESHWG_LOG_FORMAT=json as their --log-format json.
+    kind = os.environ.get("MESHWG_LOG_FORMAT", "text")
+    logfmt.setup(level, kind if kind in logfmt.FORMATS else "text", filename=os.environ.get("MESHWG_LOG_FILE"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,18 +10,17 @@ Python per query, which keeps polling fine-grained on a loaded 2-core machine.
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import struct
 import subprocess
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+from meshwg import logfmt
 from meshwg.signaling import relay_wire
 from meshwg.io.ipc import status_server
 from meshwg.mesh import demux
@@ -34,11 +33,11 @@ from signal_server.metrics import parse_text
 
 LOG_LINES = 30             # of each log printed after a failed test
 METRICS_PORT = 9300
-_TS = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+_TS = re.compile(rf"^({logfmt.TIMESTAMP_PATTERN}) ")
 
 
 def log_times(path: Path, pattern: str, after: float = 0.0) -> list[float]:
-    """Wall times of the log lines matching `pattern` (Python logging's default asctime), at or after `after`."""
+    """Wall times of the log lines matching `pattern` (meshwg.logfmt's timestamps), at or after `after`."""
     out = []
     try:
         text = path.read_text(errors="replace")
@@ -47,7 +46,7 @@ def log_times(path: Path, pattern: str, after: float = 0.0) -> list[float]:
     for line in text.splitlines():
         m = _TS.match(line)
         if m and re.search(pattern, line):
-            t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            t = logfmt.parse_timestamp(m.group(1))
             if t >= after:
                 out.append(t)
     return out
@@ -318,15 +317,15 @@ class MeshLab:
 # -- shared by the lab test modules ----------------------------------------------------------------
 
 def key_tag(node: MeshNode, peer: MeshNode) -> str:
-    """The 4-byte key prefix `node` uses for `peer` in its log lines."""
-    return base64.b64decode(node.peer(peer.name)["public_key"])[:4].hex()
+    """How `node` names `peer` in its log lines (its name, as a pattern)."""
+    return re.escape(node.peer(peer.name)["name"])
 
 
 def path_log(node: MeshNode, peer: MeshNode, after: float = 0.0) -> list[tuple[float, str]]:
     """(wall time, 'direct' | 'relay') of every path change `node` logged for `peer` after `after`."""
     t = key_tag(node, peer)
-    out = [(x, "direct") for x in node.log_times(rf"peer {t}: path -> \('", after)]
-    out += [(x, "relay") for x in node.log_times(rf"peer {t}: path -> RelayEndpoint", after)]
+    out = [(x, "direct") for x in node.log_times(rf"peer {t}: path -> (?!relay)", after)]
+    out += [(x, "relay") for x in node.log_times(rf"peer {t}: path -> relay", after)]
     return sorted(out)
 
 

@@ -19,7 +19,6 @@ Every gap is measured on the pinger's `ping -D` wall clock and printed (pytest -
 from __future__ import annotations
 
 import time
-from datetime import datetime
 
 import pytest
 from conftest import require_real_components
@@ -38,6 +37,7 @@ from mesh_lab import (  # noqa: F401 (logs_on_failure is an autouse fixture)
     wait_until,
 )
 
+from meshwg import logfmt
 from meshwg.signaling import relay_wire as W
 from meshwg.disco import paths as P
 from scenarios.nat import NatType
@@ -92,7 +92,7 @@ def log_since(node: MeshNode, after: float) -> str:
 
 def log_times_of(line: str) -> float | None:
     m = _TS.match(line)
-    return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() if m else None
+    return logfmt.parse_timestamp(m.group(1)) if m else None
 
 
 def fmt_changes(changes: list[tuple[float, str]], t0: float) -> str:

@@ -30,6 +30,7 @@ import time
 
 import trio
 
+from meshwg import logfmt
 from meshwg.io.oscfg import route_plan, rtnl
 from meshwg.io.ipc import uapi_server
 from meshwg.io.dataplane.device import Device, new_core
@@ -232,6 +233,7 @@ class MeshDevice:
         self._mtus: dict[str, int] = {}  # ... and the MTU of those to relayed peers (set_route_mtus)
         self._ifindex = socket.if_nametoindex(self.tun.name)
         self._conflicts_warned: set[str] = set()
+        self._path_kind: dict[bytes, str] = {}  # peer key -> "relay" | "direct": the kind its last path log named
         self._last_route_error = ""
         self._adding: set[str] = set()  # what the last check failed to add (or some of it)
         self.route_counters: collections.Counter = collections.Counter()
@@ -279,13 +281,29 @@ class MeshDevice:
             self.birthday.close_for(ev.peer_key, ev.keep)
         elif isinstance(ev, N.PeersChanged):
             self.relay.forget_endpoints()
+            self._path_kind = {k: v for k, v in self._path_kind.items() if k in self.node.paths}
         elif isinstance(ev, N.PathChanged):
-            log.info("peer %s: path -> %s (%s)", ev.peer_key[:4].hex(), ev.endpoint, ev.reason)
+            self._log_path(ev)
             if isinstance(ev.endpoint, N.RelayEndpoint):
                 self.relay.refresh()
         elif isinstance(ev, N.LocalEndpointsChanged):
             if self.on_local_endpoints is not None:
                 self.on_local_endpoints(ev)
+
+    def _log_path(self, ev) -> None:
+        """INFO when the path changes kind (relay <-> direct), DEBUG for a new address of the same kind."""
+        kind = logfmt.endpoint_kind(ev.endpoint)
+        level = logfmt.path_change_level(self._path_kind.get(ev.peer_key), kind)
+        self._path_kind[ev.peer_key] = kind
+        if not log.isEnabledFor(level):
+            return
+        spec = self.node.specs.get(ev.peer_key)
+        relay = self.relay
+        mode = relay.mode
+        addr = relay.tcp_addrs[0] if mode == "tcp" and relay.tcp_addrs else relay.relay_addr
+        where = logfmt.format_endpoint(ev.endpoint, ("tcp" if mode == "tcp" else "udp", addr))
+        log.log(level, "peer %s: path -> %s (%s)", logfmt.peer_label(spec and spec.name, ev.peer_key), where,
+                ev.reason)
 
     # ---- OS configuration ---------------------------------------------------------------------
     async def set_fwmark(self, fwmark: int) -> None:

@@ -266,7 +266,8 @@ class RelayShell:
             self.latency = max(0.0, now - s.last_hello)
             self.observed = ev[1]
             if not self.policy.udp_ready_at(now):
-                log.info("relay: UDP session ready via %s:%s (%.1f ms)", *self.relay_addr, self.latency * 1000)
+                log.info("relay: UDP session ready via %s (%.1f ms)", join_hostport(*self.relay_addr[:2]),
+                         self.latency * 1000)
             self.policy.udp_ready(now, s.ready_until)
             self._sync_route()
             self._wake.set()
@@ -351,7 +352,7 @@ class RelayShell:
                 client = await open_tcp_relay(host, port, self.private_key, self.server_key, self._random,
                                               fwmark=self.fwmark)
             except (OSError, trio.TooSlowError, PermissionError, EOFError) as exc:
-                log.info("relay: TCP %s:%s failed: %s", host, port, exc)
+                log.info("relay: TCP %s failed: %s", join_hostport(host, port), exc)
                 continue
             self.tcp_latency = self.clock() - t0
             break
@@ -364,7 +365,7 @@ class RelayShell:
             if not self.policy.tcp_current(attempt):
                 return
             self.tcp = client
-            log.info("relay: using TCP relay %s:%s (UDP relay did not answer)", host, port)
+            log.info("relay: using TCP relay %s (UDP relay did not answer)", join_hostport(host, port))
             async with trio.open_nursery() as n:
                 n.start_soon(self._tcp_writer, client, n.cancel_scope)
                 n.start_soon(self._tcp_reader, client, n.cancel_scope)
