@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--advertise", help="host name/IP to put in invites and welcomes when listening on 0.0.0.0")
             sp.add_argument("--prefix4", help="IPv4 prefix for node addresses (default 100.64.0.0/10, kept once chosen)")
             sp.add_argument("--prefix6", help="IPv6 prefix (default: a random fd00::/48 ULA, kept once chosen)")
-            sp.add_argument("--heartbeat", type=float, default=10.0, help="node heartbeat interval, seconds")
+            sp.add_argument("--heartbeat", type=_positive_float, default=10.0, help="node heartbeat interval, seconds")
             sp.add_argument("--sync", choices=["normal", "full"], default="normal",
                             help="SQLite durability: normal survives a killed server, full also a power loss")
             sp.add_argument("--policy", metavar="FILE",

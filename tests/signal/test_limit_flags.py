@@ -32,7 +32,7 @@ def test_flags_reach_the_configuration():
 
 @pytest.mark.parametrize("argv", [["--accept-rate", "0"], ["--accept-rate", "nan"], ["--accept-rate", "inf"],
                                   ["--max-unauthenticated-per-source", "0"], ["--relay-tcp-max", "-3"],
-                                  ["--relay-tcp-max", "many"]])
+                                  ["--relay-tcp-max", "many"], ["--heartbeat", "nan"], ["--heartbeat", "0"]])
 def test_nonsense_is_refused_naming_the_flag(argv, capsys):
     with pytest.raises(SystemExit) as info:
         _cfg(*argv)
