@@ -7,11 +7,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import pathlib
-import shutil
 import subprocess
 import sys
 
 import pytest
+
+from conftest import require_real_components
 
 from meshwg import cli
 from signal_server import cli as signal_cli
@@ -96,9 +97,9 @@ def test_bash_completion_is_valid_and_completes_nested_subcommands(prog, tmp_pat
     assert expected <= set(res.stdout.split()), res.stdout
 
 
-@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed: its syntax check needs it")
 @pytest.mark.parametrize("prog", sorted(CLIS))
 def test_zsh_completion_is_valid(prog, tmp_path, capsys):
+    require_real_components("zsh")   # scripts/setup installs it: never a silent skip
     assert CLIS[prog].main(["completion", "zsh"]) == 0
     script = tmp_path / f"_{prog}"
     script.write_text(capsys.readouterr().out)
