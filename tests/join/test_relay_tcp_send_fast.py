@@ -14,6 +14,8 @@ import pytest
 import trio
 import trio.testing
 
+from test_relay_tcp_direct import packet, small_pair
+
 from meshwg.control.relay_client import RelaySession, TcpRelayClient
 from meshwg.io.agent.relay_shell import RelayShell
 from meshwg.io.dataplane.driver import Driver
@@ -26,19 +28,6 @@ pytestmark = pytest.mark.skipif(fastio is None, reason="the compiled drain is no
 
 DST = bytes(range(1, 33))
 OTHER = bytes(range(41, 73))
-
-
-def small_pair() -> tuple[trio.SocketStream, socket.socket]:
-    a, b = socket.socketpair()
-    for s in (a, b):
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    b.setblocking(False)
-    return trio.SocketStream(trio.socket.from_stdlib_socket(a)), b
-
-
-def packet(i: int) -> bytes:
-    return b"\x04" + i.to_bytes(4, "big") + bytes([i % 251]) * (300 + (i * 397) % 1400)
 
 
 class FakeUdp:
