@@ -1,17 +1,11 @@
 """A peer that goes idle after a direct path is reported idle with that address, not as unanswered probes
 (issue 15: users read "relay (probes unanswered since ...)" on an idle laptop as NAT traversal failing)."""
 
-from mesh_sim import Sim
+from test_hostile_claims import honest_pair
 
 
 def two():
-    sim = Sim(seed=1)
-    sim.add_nat("na", "203.0.113.1", "port-restricted")
-    sim.add_nat("nb", "203.0.113.2", "port-restricted")
-    sim.add_host("a", lan_ip="192.168.1.2", nat="na", mesh_ip="100.64.0.1")
-    sim.add_host("b", lan_ip="192.168.2.2", nat="nb", mesh_ip="100.64.0.2")
-    sim.join_all()
-    return sim
+    return honest_pair(seed=1)   # a and b, each behind a port-restricted NAT
 
 
 def test_an_idle_peer_is_idle_with_its_last_direct_address():
