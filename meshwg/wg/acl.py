@@ -189,15 +189,7 @@ class PeerFilter:
     def admits(self, version: int, dst: int, proto: int, port: int) -> bool:
         """Whether the accept list alone admits a packet to dst (int) with this protocol and destination port."""
         t = self._table(version, dst)
-        if t is _ALL:
-            return True
-        r = t.get(proto)
-        if r is None:
-            return False
-        if r is True:
-            return True
-        i = _bisect_right(r[0], port)
-        return i > 0 and port <= r[1][i - 1]
+        return t is _ALL or _admits(t, proto, port)
 
     # ------------------------------------------------------------------ inbound
 
