@@ -19,7 +19,6 @@ One clock, the driver's (`clock=`, time.monotonic by default), times every input
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import select
@@ -62,29 +61,6 @@ def ip_batch(lines: list[str], *, warn: bool = True) -> str:
     if proc.returncode != 0 and warn:
         log.warning("ip -batch: %s", proc.stderr.strip())
     return proc.stderr if proc.returncode != 0 else ""
-
-
-def interface_addresses(exclude: set[str]) -> list[str]:
-    """Global unicast addresses of the host's interfaces (loopback and `exclude` left out)."""
-    return [a.split("/")[0] for a in interface_cidrs(exclude)]
-
-
-def interface_cidrs(exclude: set[str]) -> list[str]:
-    """Global unicast addresses of the host's interfaces with their prefix length ("192.168.1.5/24")."""
-    proc = subprocess.run(["ip", "-j", "address", "show"], capture_output=True, text=True)
-    try:
-        links = json.loads(proc.stdout or "[]")
-    except ValueError:
-        return []
-    out = []
-    for link in links:
-        if link.get("ifname") in exclude or "LOOPBACK" in link.get("flags", []) or link.get("operstate") == "DOWN":
-            continue
-        for a in link.get("addr_info", []):
-            if a.get("scope") != "global" or a.get("tentative") or a.get("dadfailed"):
-                continue
-            out.append(f"{a['local']}/{a.get('prefixlen', 128 if ':' in a['local'] else 32)}")
-    return out
 
 
 def _main_table(prefixes) -> set[str]:
