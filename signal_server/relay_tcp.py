@@ -80,14 +80,12 @@ class TcpDest:
 class RelayTcp:
     """The relay TCP listener of `srv` (a SignalServer: relay core, relay_limits, counters, config)."""
 
-    def __init__(self, srv, send) -> None:
+    def __init__(self, srv, send, send_many=None) -> None:
         self.srv = srv
         self.cfg = srv.cfg
         self.counters = srv.counters
         self.send = send  # relay_send(frame, dest): UDP destinations go out of the UDP shell's sockets
-        # Many (frame, dest) pairs at once: the UDP shell's batch when `send` is its relay_send.
-        owner = getattr(send, "__self__", None)
-        self.send_many = getattr(owner, "relay_send_many", None) or self._send_each
+        self.send_many = send_many or self._send_each  # many (frame, dest) pairs at once: the UDP shell's batch
 
     def _send_each(self, out: list) -> None:
         for frame, dest in out:

@@ -153,7 +153,7 @@ class SignalServer:
         self.bound = Bound()
         self.control_listener = ControlListener(self)
         self.relay_udp = RelayUdp(self)
-        self.relay_tcp_listener = RelayTcp(self, self.relay_udp.relay_send)
+        self.relay_tcp_listener = RelayTcp(self, self.relay_udp.relay_send, self.relay_udp.relay_send_many)
         self.started = time.monotonic()
         self._routes_pending: dict[bytes, AdvertiseRoutes] = {}  # the newest advertisement of each node not written
         self._routes_wake = trio.Event()

@@ -8,6 +8,7 @@ import socket
 
 import trio
 import trio.testing
+from sig_helpers import start_server
 
 from meshwg.signaling import relay_wire as W
 from signal_server.relay_tcp import TcpDest
@@ -126,3 +127,9 @@ async def test_a_full_queue_refuses_and_a_closed_destination_raises():
         raise AssertionError("a closed destination took a frame")
     except trio.ClosedResourceError:
         pass
+
+
+async def test_the_server_hands_the_tcp_relay_the_udp_shells_batch_sender(nursery, tmp_path):
+    # Frames one TCP read carries for UDP nodes leave in one sendmmsg (relay_send_many), not one send each.
+    h = await start_server(nursery, tmp_path)
+    assert h.server.relay_tcp_listener.send_many == h.server.relay_udp.relay_send_many
