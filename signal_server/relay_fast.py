@@ -90,13 +90,6 @@ class FastRelay:
                                 entry[2] if entry else None):
             fastio.relay_remove(self.table, s.key)  # stays on the Python path (table full, scoped address)
 
-    def sync(self) -> None:
-        """Sessions and limits as the core has them now. Updates apply as they come; this is for a core whose
-        fast_updates was set back to a list, and for limits changed inside a limiter without telling."""
-        self._sync_limits()
-        for op, arg in self.relay.pop_fast_updates():
-            self._apply(op, arg)
-
     def start(self, sock) -> Worker:
         worker = Worker(self.table, sock)
         self.workers.append(worker)
@@ -117,11 +110,6 @@ class FastRelay:
         """RelayCore's frames for destinations on `sock`, (frame, addr) pairs, sent as the fast path sends (one
         sendmmsg, GSO runs); returns those left for the caller's own send (a scoped IPv6 address)."""
         return fastio.relay_send_batch(self.table, sock.fileno(), items, self.sources if sock in self.sticky else None)
-
-    def forward(self, sock, limit: int) -> list:
-        """Drains `sock` (at most `limit` datagrams) on the caller's thread: forwards what the table may,
-        returns the rest."""
-        return fastio.relay_forward(self.table, sock.fileno(), limit, self.sources if sock in self.sticky else None)
 
     def fold_counters(self) -> None:
         counts = fastio.relay_take_counters(self.table)
