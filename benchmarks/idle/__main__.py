@@ -1,0 +1,95 @@
+"""What an idle mesh costs (issue 15): wake-ups per second and CPU of an agent with 4 peers and of the signal
+server, once the mesh has settled and no traffic flows. Real `meshwg join` agents in network namespaces on one
+bridge; a wake-up is a context switch of any of the process's threads (/proc/PID/task/*/status), which counts
+every return from epoll/poll/futex, timer or packet alike. Goal: <= 2 wake-ups/s for an idle agent.
+
+Run (as root): .venv/bin/python benchmarks/idle [--peers 4] [--settle 40] [--window 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+sys.path[:0] = [REPO, os.path.join(REPO, "tests", "join"), os.path.join(REPO, "benchmarks")]
+
+from joinnet import BridgeNet  # noqa: E402
+from procstat import cpu_seconds  # noqa: E402
+from scenarios.netns import wait_for  # noqa: E402
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of every thread of `pid` so far."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if "ctxt_switches:" in line:
+                        total += int(line.split()[1])
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return total
+
+
+def thread_switches(pid: int) -> dict[str, int]:
+    """Context switches per thread, keyed by "tid comm" (--threads)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                comm = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                out[f"{tid} {comm}"] = sum(int(ln.split()[1]) for ln in f if "ctxt_switches:" in ln)
+        except OSError:
+            pass
+    return out
+
+
+def sample(pids: dict[str, int]) -> dict[str, tuple[int, float]]:
+    return {name: (context_switches(pid), cpu_seconds(pid)) for name, pid in pids.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--peers", type=int, default=4, help="peers of the measured agent")
+    ap.add_argument("--settle", type=float, default=40.0, help="seconds of quiet before measuring")
+    ap.add_argument("--window", type=float, default=30.0, help="seconds measured")
+    ap.add_argument("--threads", action="store_true", help="also print each thread's wake-ups")
+    args = ap.parse_args()
+    net = BridgeNet(n=94)
+    try:
+        invite = net.start_server()
+        nodes = [net.node(f"n{i}") for i in range(args.peers + 1)]
+        for n in nodes:
+            n.start(invite)
+        wait_for(lambda: all(n.mesh_ip() for n in nodes), timeout=60, what="every node joined")
+        first = nodes[0]
+        for peer in nodes[1:]:  # one ping each way, so every pair has handshaken and found its path
+            wait_for(lambda p=peer: first.ping(p.mesh_ip()), timeout=20, what=f"ping {peer.name}")
+        time.sleep(args.settle)
+        pids = {"agent": first.proc.pid, "server": net.server.pid}
+        threads_before = {name: thread_switches(pid) for name, pid in pids.items()}
+        before, t0 = sample(pids), time.monotonic()
+        time.sleep(args.window)
+        after, elapsed = sample(pids), time.monotonic() - t0
+        threads_after = {name: thread_switches(pid) for name, pid in pids.items()}
+        print(f"idle mesh: 1 agent with {args.peers} peers, settled {args.settle:.0f} s, measured {elapsed:.1f} s")
+        for name in pids:
+            wakeups = (after[name][0] - before[name][0]) / elapsed
+            cpu = 100 * (after[name][1] - before[name][1]) / elapsed
+            print(f"  {name:6s}: {wakeups:6.1f} wake-ups/s, {cpu:.2f}% of a core")
+            if args.threads:
+                for thread, count in threads_after[name].items():
+                    rate = (count - threads_before[name].get(thread, 0)) / elapsed
+                    print(f"    thread {thread}: {rate:.1f}/s")
+        return 0
+    finally:
+        net.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
