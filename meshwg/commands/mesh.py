@@ -373,35 +373,13 @@ def _whois_args(p: argparse.ArgumentParser) -> None:
     _common(p, query=True)
 
 
-# pystun3's RFC 3489 verdicts -> (mapping, filtering) in RFC 4787 terms.
-_CLASSIC = {"Open Internet": ("none (public address)", "none"),
-            "Full Cone": ("endpoint-independent", "endpoint-independent"),
-            "Restric NAT": ("endpoint-independent", "address-dependent"),
-            "Restric Port NAT": ("endpoint-independent", "address-and-port-dependent"),
-            "Symmetric NAT": ("address-and-port-dependent", "address-and-port-dependent")}
-
-
-def classic_stun_test(server: str) -> dict:
-    """RFC 3489 CHANGE-REQUEST tests (pystun3) against a server that supports them (e.g. coturn with
-    two addresses): they tell the NAT's filtering, which a single-address server cannot."""
-    import stun as pystun  # pystun3
-
-    from meshwg.signaling.invite import split_hostport
-
-    host, port = split_hostport(server)
-    verdict, ip, ext_port = pystun.get_ip_info(source_ip="0.0.0.0", source_port=0, stun_host=host, stun_port=port)
-    mapping, filtering = _CLASSIC.get(verdict, ("unknown", "unknown"))
-    return {"server": server, "verdict": verdict, "mapping": mapping, "filtering": filtering,
-            "reflexive": f"{ip}:{ext_port}" if ip else None}
-
-
 def _netcheck_args(p: argparse.ArgumentParser) -> None:
     _status_args(p)
     p.add_argument("--server", action="append", metavar="HOST:PORT",
                    help="the meshwg signal server's STUN address(es) to test against (default: the running "
                         "agent's, else the last ones it used, from --state-dir); no agent needed")
-    p.add_argument("--stun", metavar="HOST:PORT", help="also run RFC 3489 tests (pystun3) against this "
-                   "third-party STUN server (one with CHANGE-REQUEST support, e.g. coturn on two addresses)")
+    p.add_argument("--stun", metavar="HOST:PORT", help="also run the RFC 5780 tests against this third-party STUN "
+                   "server (one with two addresses, e.g. coturn); its verdicts fill in what the others left unknown")
     p.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for each STUN test (default 1)")
 
 
@@ -429,79 +407,174 @@ def _server_addrs(args, rep: dict | None) -> list[tuple]:
     return out
 
 
-def _standalone_report(nat: dict | None, classic: dict | None) -> dict:
-    """A netcheck report without an agent: from our probe, else from the third-party classic test."""
-    relay = {"mode": "none", "udp": [], "latency_ms": None}
-    if nat is not None:
-        return {"udp": nat["udp"], "mapping": nat["mapping"], "filtering": nat["filtering"], "hard": nat["hard"],
-                "reflexive": nat["reflexive"], "stun_servers": [nat["server"]] + ([nat["other_address"]]
-                                                                                   if nat["other_address"] else []),
-                "relay": relay, "relay_latency_ms": None, "stun_rtt_ms": nat["stun_rtt_ms"], "nat_probe": nat,
-                "summary": "no agent running: " + nat["summary"]}
-    return {"udp": classic["verdict"] != "Blocked", "mapping": classic["mapping"], "filtering": classic["filtering"],
-            "hard": classic["mapping"] == "address-and-port-dependent",
-            "reflexive": [classic["reflexive"]] if classic["reflexive"] else [], "stun_servers": [classic["server"]],
-            "relay": relay, "relay_latency_ms": None, "summary": "no agent running: classic STUN test only"}
+def _standalone_report(nat: dict) -> dict:
+    """A netcheck report without an agent, from our probe (against the server, else the --stun one)."""
+    return {"agent": False, "udp": nat["udp"], "mapping": nat["mapping"], "filtering": nat["filtering"],
+            "hard": nat["hard"], "reflexive": nat["reflexive"],
+            "stun_servers": [nat["server"]] + ([nat["other_address"]] if nat["other_address"] else []),
+            "relay": {"mode": "none", "udp": [], "latency_ms": None}, "relay_latency_ms": None,
+            "stun_rtt_ms": nat["stun_rtt_ms"], "nat_probe": nat}
 
 
-def run_netcheck(args) -> int:
+def _progress_enabled() -> bool:
+    """Progress lines only for a person watching (as curl and apt do): scripts read stdout and stay quiet."""
+    return sys.stderr.isatty()
+
+
+class _Progress:
+    def __init__(self, enabled: bool, t0: float) -> None:
+        self.enabled, self.t0 = enabled, t0
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            print(f"netcheck: {text} ({time.monotonic() - self.t0:.1f} s)", file=sys.stderr, flush=True)
+
+
+def _netcheck_budget(timeout: float) -> float:
+    """The whole probe phase: the mapping tests start after the first answer, so two test timeouts, plus slack."""
+    return 2 * timeout + 1.5
+
+
+async def _run_probes(args, servers: list, nat_needed: bool, progress: _Progress) -> dict:
+    """Every probe at once (NAT tests, IPv6, port mapping, --stun), all within _netcheck_budget: a probe that
+    has not finished by then reports nothing."""
     import trio
 
-    from meshwg.io.agent import netcheck_probe
+    from meshwg.io.agent import netcheck_probe, portmap_probe
 
-    t0 = time.monotonic()
+    out: dict = {}
+
+    async def step(key: str, what: str, fn) -> None:
+        progress.say(f"{what}...")
+        try:
+            out[key] = await fn()
+        except OSError as err:
+            progress.say(f"{what}: {err}")
+            return
+        progress.say(f"{what}: done")
+
+    async def third_party():
+        host, port = args.stun_addr
+        infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_DGRAM)
+        ip = sorted((i[4][0] for i in infos), key=lambda a: ":" in a)[0]
+        return await netcheck_probe.probe((ip, port), timeout=args.timeout)
+
+    with trio.move_on_after(_netcheck_budget(args.timeout)) as scope:
+        async with trio.open_nursery() as n:
+            if nat_needed and servers:
+                n.start_soon(step, "nat", "NAT mapping and filtering tests",
+                             lambda: netcheck_probe.probe_servers(servers, timeout=args.timeout))
+            n.start_soon(step, "ipv6", "IPv6 reachability",
+                         lambda: netcheck_probe.probe_ipv6(servers, timeout=args.timeout))
+            n.start_soon(step, "port_mapping", "port mapping (UPnP, PCP, NAT-PMP)",
+                         lambda: portmap_probe.probe(timeout=portmap_probe.DEFAULT_TIMEOUT))
+            if args.stun:
+                n.start_soon(step, "stun", f"RFC 5780 tests via {args.stun}", third_party)
+    if scope.cancelled_caught:
+        progress.say("time is up: what has not answered is reported as unknown")
+    return out
+
+
+def _stun_verdicts(rep: dict, third: dict) -> None:
+    """--stun's verdicts fill in what our server's tests left unknown."""
+    from meshwg.disco import netcheck as NC
+
+    rep["stun"] = third
+    if rep.get("filtering", NC.UNKNOWN) == NC.UNKNOWN:
+        rep["filtering"] = third["filtering"]
+    if rep.get("mapping", NC.UNKNOWN) in (NC.UNKNOWN, NC.NO_UDP) and third["mapping"] not in (NC.UNKNOWN, NC.NO_UDP):
+        rep["mapping"], rep["hard"] = third["mapping"], third["hard"]
+
+
+def netcheck_report(args, progress: _Progress) -> dict:
+    """The agent's report (if one runs) with every probe merged in; `summary` is derived last, from the fields."""
+    import trio
+
+    from meshwg.disco import netcheck as NC
+    from meshwg.io.agent import netcheck_probe
+    from meshwg.signaling.invite import split_hostport
+
+    args.stun_addr = None
+    if args.stun:
+        try:
+            args.stun_addr = split_hostport(args.stun)
+        except ValueError as err:
+            raise UserError(f"netcheck: --stun: {err}") from None
     rep = None
     no_agent = None
+    progress.say("asking the agent...")
     try:
         rep = _query(args, {"op": "netcheck"})
     except UserError as err:
         no_agent = err
     if rep is not None and "error" in rep:
         raise UserError(f"netcheck: {rep['error']}")
-    nat = None
-    if rep is None or "nat_probe" not in rep:   # an agent that probes itself already said it all
-        servers = _server_addrs(args, rep)
-        if servers:
-            nat = trio.run(lambda: netcheck_probe.probe_servers(servers, timeout=args.timeout))
-    classic = None
-    if args.stun:
-        try:
-            classic = classic_stun_test(args.stun)
-        except (OSError, ValueError) as err:
-            raise UserError(f"netcheck: STUN test against {args.stun} failed: {err}") from None
+    servers = _server_addrs(args, rep)
+    # An agent that probes itself already said it all (its report carries nat_probe).
+    found = trio.run(_run_probes, args, servers, rep is None or "nat_probe" not in rep, progress)
+    nat, third = found.get("nat"), found.get("stun")
     if rep is None:
-        if nat is None and classic is None:
+        if nat is None and third is None:
             raise no_agent or UserError("netcheck: no STUN server known (give --server HOST:PORT)")
-        rep = _standalone_report(nat, classic)
-    elif nat is not None:
-        netcheck_probe.merge(rep, nat)
-    if classic is not None:
-        rep["classic"] = classic
-        if rep.get("filtering", "unknown") == "unknown":
-            rep["filtering"] = classic["filtering"]
-    if args.json:
-        print(json.dumps(rep, indent=1))
-        return 0
-    print("Report:")
-    print(f"  UDP: {'yes' if rep['udp'] else 'no (relay over TCP only)'}")
+        rep = _standalone_report(nat or third)
+    else:
+        rep["agent"] = True
+        if nat is not None:
+            netcheck_probe.merge(rep, nat)
+    if third is not None:
+        _stun_verdicts(rep, third)
+    rep["ipv6"] = found.get("ipv6")
+    rep["port_mapping"] = found.get("port_mapping")
+    rep["summary"] = NC.summarize(rep)
+    return rep
+
+
+def _ipv6_text(v6: dict | None) -> str:
+    from meshwg.disco import netcheck as NC
+
+    if v6 is None:
+        return "unknown (no answer in time)"
+    text = NC.ipv6_verdict(v6)
+    if v6.get("udp"):
+        text += f", reflexive {v6['reflexive'] or '-'} (STUN via {v6['server']})"
+    return text
+
+
+def netcheck_text(rep: dict) -> str:
+    from meshwg.disco import portmap as PM
+
+    lines = ["Report:", f"  UDP: {'yes' if rep['udp'] else 'no (relay over TCP only)'}"]
     probe = rep.get("nat_probe")
     public = " (no NAT: our address is public)" if probe and probe.get("behind_nat") is False else ""
-    print(f"  mapping: {rep['mapping']}{' (hard NAT: direct paths need help)' if rep['hard'] else ''}{public}")
+    lines.append(f"  mapping: {rep['mapping']}{' (hard NAT: direct paths need help)' if rep['hard'] else ''}{public}")
     how = (f" (RFC 5780 tests via {probe['server']} + {probe['other_address']})"
            if probe and probe.get("other_address") else
            " (the server has no second address: run it with two --udp addresses)" if probe else "")
-    print(f"  filtering: {rep.get('filtering', 'unknown')}{how}")
-    if rep.get("classic"):
-        c = rep["classic"]
-        print(f"  classic STUN via {c['server']}: {c['verdict']}")
-    print(f"  reflexive: {', '.join(rep['reflexive']) or '-'}  (STUN servers: {', '.join(rep['stun_servers']) or '-'})")
+    lines.append(f"  filtering: {rep.get('filtering', 'unknown')}{how}")
+    if rep.get("stun"):
+        s = rep["stun"]
+        lines.append(f"  third-party STUN via {s['server']}: mapping {s['mapping']}, filtering {s['filtering']}")
+    lines.append(f"  reflexive: {', '.join(rep['reflexive']) or '-'}  "
+                 f"(STUN servers: {', '.join(rep['stun_servers']) or '-'})")
+    lines.append(f"  IPv6: {_ipv6_text(rep.get('ipv6'))}")
+    pm = rep.get("port_mapping")
+    lines.append(f"  port mapping: {PM.portmap_line(None if pm is None else pm['protocols'])}"
+                 + (f" (gateway {pm['gateway']})" if pm and pm.get("gateway") else ""))
     r = rep["relay"]
     if r["mode"] == "none" and rep.get("stun_rtt_ms") is not None:
-        print(f"  relay: no agent running; STUN round trip to the server {rep['stun_rtt_ms']} ms")
+        lines.append(f"  relay: no agent running; STUN round trip to the server {rep['stun_rtt_ms']} ms")
     else:
-        print(f"  relay: {r['mode']}, UDP {', '.join(r['udp']) or '-'}: "
-              + (f"{r['latency_ms']} ms" if r["latency_ms"] is not None else "no answer")
-              + (f"; TCP {r['tcp_latency_ms']} ms" if r.get("tcp_latency_ms") is not None else ""))
+        lines.append(f"  relay: {r['mode']}, UDP {', '.join(r['udp']) or '-'}: "
+                     + (f"{r['latency_ms']} ms" if r["latency_ms"] is not None else "no answer")
+                     + (f"; TCP {r['tcp_latency_ms']} ms" if r.get("tcp_latency_ms") is not None else ""))
+    lines.append(f"  summary: {rep['summary']}")
+    return "\n".join(lines)
+
+
+def run_netcheck(args) -> int:
+    t0 = time.monotonic()
+    rep = netcheck_report(args, _Progress(_progress_enabled(), t0))
+    print(json.dumps(rep, indent=1) if args.json else netcheck_text(rep))
     print(f"  ({time.monotonic() - t0:.1f} s)", file=sys.stderr)
     return 0
 

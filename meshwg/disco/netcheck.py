@@ -10,6 +10,7 @@ address-and-port-dependent.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from dataclasses import dataclass, field
 
@@ -46,10 +47,7 @@ class NetcheckReport:
     hard: bool = False                               # mapping varies by destination ("symmetric")
 
     def summary(self) -> str:
-        if not self.udp:
-            return "UDP blocked: relay only"
-        refl = ", ".join(f"{ip}:{port}" for ip, port in self.reflexive) or "-"
-        return f"mapping {self.mapping}, filtering {self.filtering}, reflexive {refl}"
+        return summary_text(self.udp, self.mapping, self.filtering, [_hostport(a) for a in self.reflexive])
 
     @property
     def mapping_kind(self) -> str | None:
@@ -59,6 +57,62 @@ class NetcheckReport:
         if self.mapping in (ADM, APDM):
             return EDM
         return None
+
+
+def _hostport(addr) -> str:
+    ip, port = addr
+    return f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}"
+
+
+def summary_text(udp: bool, mapping: str, filtering: str, reflexive: list[str], *, ipv6: dict | None = None,
+                 port_mapping: list[str] | None = None) -> str:
+    """The one-line verdict of a netcheck report, from the fields its text prints (so they cannot disagree)."""
+    out = (f"mapping {mapping}, filtering {filtering}, reflexive {', '.join(reflexive) or '-'}" if udp
+           else "UDP blocked: relay only")
+    if ipv6 is not None:
+        out += f"; IPv6 {ipv6_verdict(ipv6)}"
+    if port_mapping is not None:
+        out += f"; port mapping {', '.join(port_mapping) or 'none'}"
+    return out
+
+
+def summarize(report: dict) -> str:
+    """summary_text of a finished `meshwg netcheck` report (its JSON fields, after every probe merged in)."""
+    pm = report.get("port_mapping")
+    text = summary_text(bool(report.get("udp")), report.get("mapping", UNKNOWN), report.get("filtering", UNKNOWN),
+                        list(report.get("reflexive") or []), ipv6=report.get("ipv6"),
+                        port_mapping=None if pm is None else list(pm.get("protocols") or []))
+    return text if report.get("agent", True) else "no agent running: " + text
+
+
+def ipv6_verdict(ipv6: dict) -> str:
+    """"yes" (a STUN answer over IPv6), else why not: the words `meshwg netcheck` prints after "IPv6:"."""
+    if ipv6.get("udp"):
+        return "yes"
+    if not ipv6.get("addresses"):
+        return "no (no global IPv6 address)"
+    if ipv6.get("server") is None:
+        return "unknown (no IPv6 server address)"
+    return f"no (no STUN answer from {ipv6['server']})"
+
+
+def global_ipv6_untrusted(if_inet6: str) -> list[str]:
+    """Usable global IPv6 addresses from /proc/net/if_inet6's text: global scope, not a ULA, not
+    tentative or failed duplicate address detection."""
+    out = []
+    for line in if_inet6.splitlines():
+        f = line.split()
+        try:
+            ip = ipaddress.IPv6Address(bytes.fromhex(f[0]))
+            scope, flags = int(f[3], 16), int(f[4], 16)
+        except (ValueError, IndexError):
+            continue
+        if scope == 0 and ip.is_global and not flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
+            out.append(str(ip))
+    return out
+
+
+IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40   # linux/if_addr.h
 
 
 def classify(results: list[StunResult], filtering: FilteringTests | None = None) -> NetcheckReport:

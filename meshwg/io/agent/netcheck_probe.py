@@ -147,3 +147,39 @@ def merge(report: dict, nat: dict) -> dict:
         report["reflexive"] = nat["reflexive"]
     report["udp"] = bool(report.get("udp")) or nat["udp"]
     return report
+
+
+def global_ipv6_addresses() -> list[str]:
+    try:
+        with open("/proc/net/if_inet6") as f:
+            return NC.global_ipv6_untrusted(f.read())
+    except OSError:   # no IPv6 in this kernel
+        return []
+
+
+def ipv6_server(servers) -> tuple | None:
+    for s in servers:
+        try:
+            if ipaddress.ip_address(s[0]).version == 6:
+                return str(ipaddress.ip_address(s[0])), int(s[1])
+        except (ValueError, TypeError, IndexError):
+            continue
+    return None
+
+
+async def probe_ipv6(servers, *, timeout: float = DEFAULT_TIMEOUT, addresses=None) -> dict:
+    """IPv6 reachability: does the host have a global address, does a STUN Binding over IPv6 to the server
+    answer, and what the server sees (the reflexive address). `addresses`: the host's global ones (tests)."""
+    addrs = global_ipv6_addresses() if addresses is None else list(addresses)
+    server = ipv6_server(servers)
+    out = {"addresses": addrs, "server": _fmt(server), "udp": None, "reflexive": None}
+    if server is None:
+        return out
+    try:
+        nat = await probe(server, timeout=timeout)
+    except OSError:   # no IPv6 socket at all
+        out["udp"] = False
+        return out
+    out["udp"] = nat["udp"]
+    out["reflexive"] = nat["reflexive"][0] if nat["reflexive"] else None
+    return out
