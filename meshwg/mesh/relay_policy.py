@@ -9,12 +9,20 @@ back to it and TCP is closed TCP_GRACE seconds later (what the relay already wro
 A TCP connection that fails, or closes while UDP is still silent, is retried with jittered exponential
 backoff.
 
+The relay may listen for TCP on several addresses (e.g. 7301 and 443, which port-based firewalls let out). A
+round of TCP attempts starts with the address that last gave a session (the first listed at first); the next
+address is tried as soon as an attempt fails, or NEXT_ADDR_AFTER seconds after the previous attempt started
+while none has answered (a firewall that drops SYNs costs a quarter of a second, not a connect timeout). The
+first attempt to give a session wins; the others are closed. Only a round in which every address failed backs
+off.
+
 The relay keeps one session per node key, bound by the latest HELLO: a TCP session that comes up after
 UDP answered has taken the binding away from UDP, so the policy asks for a UDP hello to take it back.
 
 The shell feeds events in (configured, udp_hello_sent, udp_ready, tcp_ready/tcp_failed/tcp_lost,
 peer_fell_back), asks transport(now) where a send goes, and calls tick(now, session_hello_at) at
 next_deadline(now, session_hello_at); tick returns the actions (OpenTcp, CloseTcp, HelloUdp) to carry out now.
+OpenTcp names the attempt (its outcome is reported with that number) and the index of the TCP address to try.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ HELLO_GAP = 1.0              # at most one scheduled UDP hello a second (an expi
 TCP_BACKOFF_INITIAL, TCP_BACKOFF_MAX = 0.5, 10.0
 REFRESH_GAP = 1.0            # hellos for peers falling back to the relay: at most one a second
 TCP_STABLE = 10.0            # a TCP session that lived this long resets the backoff when it closes
+NEXT_ADDR_AFTER = 0.25       # no TCP attempt answered this long: try the next relay TCP address as well
 
 UDP, TCP = "udp", "tcp"
 
@@ -38,11 +47,13 @@ UDP, TCP = "udp", "tcp"
 @dataclass(frozen=True)
 class OpenTcp:
     attempt: int             # report the outcome with this number; outcomes of older attempts are ignored
+    index: int = 0           # which of the relay's TCP addresses (the welcome's order)
 
 
 @dataclass(frozen=True)
 class CloseTcp:
     attempt: int
+    superseded: bool = False  # an attempt another one beat (never carried traffic), not the session
 
 
 @dataclass(frozen=True)
@@ -52,12 +63,18 @@ class HelloUdp:
 
 class RelayPolicy:
     def __init__(self) -> None:
-        self.has_tcp = False
+        self.tcp_count = 0              # how many TCP relay addresses there are
         self.udp_until = -math.inf      # the UDP session is usable until then
         self.waiting_since: float | None = None  # first UDP hello not yet answered while UDP is not ready
         self.last_udp_hello = -math.inf
         self.tcp = "closed"             # "closed" | "opening" | "ready"
-        self.attempt = 0
+        self.attempt = 0                # the ready session's attempt (while "ready"), else the latest given out
+        self.attempts = 0               # attempt numbers given out
+        self.opening: dict[int, int] = {}  # attempt -> address index: connects under way in this round
+        self.untried: list[int] = []    # address indices this round has not tried yet
+        self.last_try_at = -math.inf    # when this round's latest attempt started
+        self.good = 0                   # the address that last gave a session: a round starts with it
+        self.superseded: list[int] = []  # attempts to close (another one won the round)
         self.tcp_since = -math.inf      # when the current TCP session became ready
         self.tcp_retry_at = -math.inf   # no TCP attempt before then (backoff)
         self.close_tcp_at = math.inf    # UDP is back: close TCP then
@@ -66,9 +83,12 @@ class RelayPolicy:
         self.backoff = Backoff(TCP_BACKOFF_INITIAL, TCP_BACKOFF_MAX)
 
     # ---- inputs ---------------------------------------------------------------------------------
-    def configured(self, now: float, has_tcp: bool) -> None:
-        """A new UDP session (first configuration, or the relay may have restarted): race again from now."""
-        self.has_tcp = has_tcp
+    def configured(self, now: float, tcp_count: int) -> None:
+        """A new UDP session (first configuration, or the relay may have restarted): race again from now.
+        tcp_count: how many TCP relay addresses there are (a bool works: True is one)."""
+        if int(tcp_count) != self.tcp_count:
+            self.good = 0
+        self.tcp_count = int(tcp_count)
         self.udp_until = -math.inf
         self.waiting_since = None
         self.tcp_retry_at = -math.inf
@@ -92,9 +112,14 @@ class RelayPolicy:
             self.close_tcp_at = now + TCP_GRACE
 
     def tcp_ready(self, now: float, attempt: int) -> None:
-        if attempt != self.attempt or self.tcp != "opening":
-            return
+        index = self.opening.pop(attempt, None)
+        if index is None or self.tcp != "opening":
+            return  # a late or beaten attempt: tcp_current() tells the shell to close it
         self.tcp = "ready"
+        self.attempt, self.good = attempt, index
+        self.superseded += list(self.opening)  # the round is won: close the other attempts
+        self.opening.clear()
+        self.untried = []
         self.tcp_since = now
         if self.udp_ready_at(now):
             # The TCP HELLO rebound us at the relay: take the binding back for UDP, then close TCP.
@@ -102,10 +127,15 @@ class RelayPolicy:
             self.close_tcp_at = now + TCP_GRACE
 
     def tcp_failed(self, now: float, attempt: int, rand01: float) -> None:
-        """No TCP relay address gave a session."""
-        if attempt != self.attempt or self.tcp != "opening":
+        """This attempt gave no session (refused, unreachable, timed out, the relay refused our key)."""
+        if self.opening.pop(attempt, None) is None or self.tcp != "opening":
             return
-        self._tcp_closed(now, rand01)
+        if self.untried and self.waiting_since is not None:
+            self.last_try_at = -math.inf  # the next address now, not after NEXT_ADDR_AFTER
+        elif not self.opening and self.untried:
+            self.tcp, self.untried = "closed", []  # UDP answered meanwhile: the round is moot
+        elif not self.opening:
+            self._tcp_closed(now, rand01)  # every address failed in this round: back off
 
     def tcp_lost(self, now: float, attempt: int, rand01: float) -> None:
         """A ready TCP session closed (not by a CloseTcp of ours)."""
@@ -150,10 +180,10 @@ class RelayPolicy:
                 actions.append(self._close())
             else:
                 self.close_tcp_at = math.inf  # UDP lapsed again during the grace: TCP stays
+        actions += [CloseTcp(a, superseded=True) for a in self.superseded]
+        self.superseded = []
         if self._open_tcp_at() <= now:
-            self.tcp = "opening"
-            self.attempt += 1
-            actions.append(OpenTcp(self.attempt))
+            actions.append(self._open(now))
         if self._udp_hello_at(now, session_hello_at) <= now:
             self.udp_hello_sent(now)  # the shell sends it: counted here, so a tick never asks twice
             actions.append(HelloUdp())
@@ -163,13 +193,32 @@ class RelayPolicy:
         deadlines = [self._open_tcp_at(), self._udp_hello_at(now, session_hello_at)]
         if self.tcp == "ready":
             deadlines.append(self.close_tcp_at)
+        if self.superseded:
+            deadlines.append(now)
         return min(deadlines)
 
     # ---- helpers --------------------------------------------------------------------------------
     def _open_tcp_at(self) -> float:
-        if not self.has_tcp or self.tcp != "closed" or self.waiting_since is None:
+        if not self.tcp_count or self.waiting_since is None:
             return math.inf
-        return max(self.waiting_since + RACE_AFTER, self.tcp_retry_at)
+        if self.tcp == "closed":
+            return max(self.waiting_since + RACE_AFTER, self.tcp_retry_at)
+        if self.tcp == "opening" and self.untried:
+            return self.last_try_at + NEXT_ADDR_AFTER
+        return math.inf
+
+    def _open(self, now: float) -> OpenTcp:
+        """The next attempt of the round (a new round starts with the address that last worked)."""
+        if self.tcp == "closed":
+            self.tcp = "opening"
+            first = self.good if self.good < self.tcp_count else 0
+            self.untried = [(first + i) % self.tcp_count for i in range(self.tcp_count)]
+        self.attempts += 1
+        self.attempt = self.attempts
+        index = self.untried.pop(0)
+        self.opening[self.attempt] = index
+        self.last_try_at = now
+        return OpenTcp(self.attempt, index)
 
     def _udp_hello_at(self, now: float, session_hello_at: float) -> float:
         if self.hello_now:
@@ -186,5 +235,6 @@ class RelayPolicy:
 
     def _tcp_closed(self, now: float, rand01: float) -> None:
         self.tcp = "closed"
+        self.untried = []
         self.close_tcp_at = math.inf
         self.tcp_retry_at = now + self.backoff.delay(TRANSIENT, rand01)

@@ -96,3 +96,41 @@ async def test_udp_blocked_tcp_after_a_third_of_a_second_then_back_to_udp(autoju
         await trio.sleep(60)
         assert len(opened) == 1 and shell.mode == "udp"
         nursery.cancel_scope.cancel()
+
+
+async def test_silent_first_tcp_address_443_carries_the_sends_within_a_second(autojump_clock, monkeypatch):
+    """UDP and TCP 7301 dropped by a firewall, TCP 443 let through: the shell connects to 443 a quarter of a second
+    after 7301 went unanswered (issue 15: sequentially, after 7301's 5 s connect timeout) and gives up 7301."""
+    tries: list[tuple[float, int]] = []
+    cancelled: list[int] = []
+
+    async def open_tcp_relay(host, port, *_args, **_kw):
+        tries.append((trio.current_time(), port))
+        if port == 443:
+            return FakeTcp()
+        try:
+            await trio.sleep(5.0)   # open_tcp_relay's connect timeout
+        except trio.Cancelled:
+            cancelled.append(port)
+            raise
+        raise trio.TooSlowError
+
+    monkeypatch.setattr(relay_shell, "open_tcp_relay", open_tcp_relay)
+    shell = RelayShell(NODE_SK, udp_send=lambda data, dst: True, deliver=lambda *_: None, after_rx=None,
+                       clock=trio.current_time)
+    peer = crypto.dh_pub(crypto.clamp(PEER_SK))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(shell.run)
+        t0 = trio.current_time()
+        shell.configure(SERVER_PK, [SERVER_ADDR], [("203.0.113.10", 7301), ("203.0.113.10", 443)])
+        shell.send(peer, b"handshake initiation")
+        with trio.fail_after(10):
+            while shell.mode != "tcp":
+                await trio.sleep(0.01)
+        assert trio.current_time() - t0 < 1.0                       # the issue's first-ping budget
+        assert [p for _, p in tries] == [7301, 443] and shell.status()["tcp_connected"] == "203.0.113.10:443"
+        await trio.sleep(0.05)
+        assert shell.tcp.sent == [(peer, b"handshake initiation")] and cancelled == [7301]
+        await trio.sleep(30)
+        assert shell.mode == "tcp" and len(tries) == 2               # 443 kept, nothing retried
+        nursery.cancel_scope.cancel()

@@ -18,7 +18,7 @@ class Shell:
     retried every 2 s, a ready session re-helloed every 25 s and at its expiry), a relay that answers UDP
     hellos at once while `udp_works`, and a log of the policy's actions with their times."""
 
-    def __init__(self, has_tcp: bool = True):
+    def __init__(self, has_tcp: bool | int = True):
         self.p = P.RelayPolicy()
         self.now = 0.0
         self.log: list[tuple[float, object]] = []
@@ -280,3 +280,60 @@ def test_peer_fallback_hellos_at_most_once_a_second():
     p.configured(0.0, False)
     asked = [t / 10 for t in range(0, 35) if p.peer_fell_back(t / 10)]
     assert asked == [0.0, 1.0, 2.0, 3.0]
+
+
+# ---- several TCP relay addresses (issue 15: e.g. 7301 and 443, which port-based firewalls let out) --------------
+
+def test_second_tcp_address_tried_a_quarter_second_after_a_silent_first_and_the_winner_kept():
+    """A firewall that drops SYNs to 7301: 443 is tried 0.25 s later, not after a connect timeout."""
+    sh = Shell(has_tcp=2)
+    sh.run_until(0.6)
+    (t1, first), (t2, second) = sh.opens()
+    assert (first.index, second.index) == (0, 1)
+    assert 0.25 <= t1 <= 0.35 and 0.2 <= t2 - t1 <= 0.3   # literals: not a connect timeout (seconds)
+    sh.p.tcp_ready(0.62, second.attempt)
+    assert sh.p.transport(0.62) == P.TCP and sh.p.tcp_current(second.attempt)
+    sh.run_until(0.63)
+    [(_, close)] = sh.closes()
+    assert close == P.CloseTcp(first.attempt, superseded=True)   # the silent attempt is given up
+    sh.p.tcp_failed(5.3, first.attempt, 0.5)                        # its late timeout changes nothing
+    assert sh.p.transport(5.3) == P.TCP and len(sh.opens()) == 2
+
+
+def test_refused_tcp_address_moves_to_the_next_at_once_and_a_round_starts_with_what_worked():
+    sh = Shell(has_tcp=3)
+    sh.run_until(0.31)
+    [(t1, a)] = sh.opens()
+    sh.p.tcp_failed(t1 + 0.01, a.attempt, 0.5)                      # connection refused
+    sh.run_until(t1 + 0.011)
+    (_, b) = sh.opens()[1]
+    assert b.index == 1 and sh.opens()[1][0] == t1 + 0.01           # at once, not 0.25 s later
+    sh.p.tcp_ready(t1 + 0.02, b.attempt)
+    sh.p.tcp_lost(t1 + 20.0, b.attempt, 0.0)                        # the session ends, UDP still silent
+    sh.run_until(t1 + 22.0)
+    assert sh.opens()[2][1].index == 1                              # the address that worked first
+
+
+def test_every_tcp_address_failing_backs_off_then_retries_the_round():
+    sh = Shell(has_tcp=2)
+    sh.run_until(0.31)
+    [(t1, a)] = sh.opens()
+    sh.p.tcp_failed(t1 + 0.01, a.attempt, 0.5)
+    sh.run_until(t1 + 0.02)
+    [_, (_, b)] = sh.opens()
+    sh.p.tcp_failed(t1 + 0.03, b.attempt, 0.5)
+    sh.run_until(t1 + 0.2)
+    assert len(sh.opens()) == 2                                     # both failed: no spinning
+    sh.run_until(t1 + 5.0)
+    (t3, c) = sh.opens()[2]
+    assert t3 - (t1 + 0.03) >= 0.2 and c.index == 0                 # after the backoff, from the first again
+
+
+def test_udp_answer_during_a_round_stops_trying_further_addresses():
+    sh = Shell(has_tcp=3)
+    sh.run_until(0.31)
+    [(t1, a)] = sh.opens()
+    sh.udp_answers()
+    sh.p.tcp_failed(t1 + 0.1, a.attempt, 0.5)
+    sh.run_until(60.0)
+    assert len(sh.opens()) == 1 and sh.p.transport(sh.now) == P.UDP

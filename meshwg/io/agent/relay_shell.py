@@ -5,7 +5,8 @@ the shared socket at once; over TCP it is written straight to the socket while n
 for a writer task, which keeps the order); before any session is ready a
 few packets wait in a small queue (the first packets of a WireGuard handshake must not be lost).
 Which transport carries them, and when the TCP relay is opened and closed, is meshwg.mesh.relay_policy's
-decision (UDP and TCP raced: TCP opens after 0.3 s without a UDP answer); this shell feeds it events
+decision (UDP and TCP raced: TCP opens after 0.3 s without a UDP answer; the relay's TCP addresses, e.g. 7301
+and 443, tried in turn, the next one after 0.25 s or at once when one fails); this shell feeds it events
 and carries out its actions. Its counters follow meshwg.counters' convention (`send_udp`, `recv_tcp`, `drop_...`).
 
 The compiled path (issue 16). The shell stays the owner of the session (hello, token, UDP/TCP policy) and of
@@ -74,6 +75,7 @@ class RelayShell:
         self.session: RelaySession | None = None
         self.policy = P.RelayPolicy()
         self.tcp = None                         # the ready TCP client, while the policy holds one
+        self.tcp_addr = None                    # the TCP relay address it is connected to
         self._tcp_out: deque = deque()           # (dst, packet) for the TCP writer, TCP_QUEUE at most
         self._tcp_wake: trio.Event | None = None  # set when the writer waits for _tcp_out
         self._pending: deque = deque(maxlen=PENDING_MAX)
@@ -130,7 +132,7 @@ class RelayShell:
     def _new_session(self) -> None:
         self.session = RelaySession(self.private_key, self.server_key, self._random)
         now = self.clock()
-        self.policy.configured(now, bool(self.tcp_addrs))
+        self.policy.configured(now, len(self.tcp_addrs))
         self._sync_route()
         self._hello(now)
 
@@ -183,6 +185,7 @@ class RelayShell:
     def status(self) -> dict:
         return {"mode": self.mode, "udp": [join_hostport(h, p) for h, p in self.udp_addrs],
                 "tcp": [join_hostport(h, p) for h, p in self.tcp_addrs],
+                "tcp_connected": None if self.tcp is None else join_hostport(*self.tcp_addr),
                 "latency_ms": None if self.latency is None else round(self.latency * 1000, 2),
                 "tcp_latency_ms": None if self.tcp_latency is None else round(self.tcp_latency * 1000, 2),
                 "observed": None if self.observed is None else join_hostport(*self.observed),
@@ -329,33 +332,39 @@ class RelayShell:
             if isinstance(action, P.HelloUdp):
                 self._hello(now)
             elif isinstance(action, P.OpenTcp):
-                self._nursery.start_soon(self._run_tcp, action.attempt)
+                self._nursery.start_soon(self._run_tcp, action.attempt, action.index)
             elif isinstance(action, P.CloseTcp):
                 scope = self._tcp_scopes.get(action.attempt)
                 if scope is not None:
-                    log.info("relay: UDP relay answers again: closing the TCP relay")
+                    if not action.superseded:
+                        log.info("relay: UDP relay answers again: closing the TCP relay")
                     scope.cancel()
 
-    async def _run_tcp(self, attempt: int) -> None:
+    async def _run_tcp(self, attempt: int, index: int) -> None:
         with trio.CancelScope() as scope:
             self._tcp_scopes[attempt] = scope
             try:
-                await self._tcp_session(attempt)
+                await self._tcp_session(attempt, index)
             finally:
                 del self._tcp_scopes[attempt]
 
-    async def _tcp_session(self, attempt: int) -> None:
-        client = None
-        for host, port in self.tcp_addrs:
-            t0 = self.clock()
-            try:
-                client = await open_tcp_relay(host, port, self.private_key, self.server_key, self._random,
-                                              fwmark=self.fwmark)
-            except (OSError, trio.TooSlowError, PermissionError, EOFError) as exc:
-                log.info("relay: TCP %s failed: %s", join_hostport(host, port), exc)
-                continue
-            self.tcp_latency = self.clock() - t0
-            break
+    async def _tcp_connect(self, index: int):
+        """(a ready TCP relay client, its address) for the policy's address `index`; (None, None) when that failed."""
+        if index >= len(self.tcp_addrs):
+            return None, None  # re-configured with fewer addresses meanwhile
+        host, port = self.tcp_addrs[index]
+        t0 = self.clock()
+        try:
+            client = await open_tcp_relay(host, port, self.private_key, self.server_key, self._random,
+                                          fwmark=self.fwmark)
+        except (OSError, trio.TooSlowError, PermissionError, EOFError) as exc:
+            log.info("relay: TCP %s failed: %s", join_hostport(host, port), exc or type(exc).__name__)
+            return None, None
+        self.tcp_latency = self.clock() - t0
+        return client, (host, port)
+
+    async def _tcp_session(self, attempt: int, index: int) -> None:
+        client, addr = await self._tcp_connect(index)
         self._wake.set()
         if client is None:
             self.policy.tcp_failed(self.clock(), attempt, self._rand01())
@@ -364,8 +373,8 @@ class RelayShell:
             self.policy.tcp_ready(self.clock(), attempt)
             if not self.policy.tcp_current(attempt):
                 return
-            self.tcp = client
-            log.info("relay: using TCP relay %s (UDP relay did not answer)", join_hostport(host, port))
+            self.tcp, self.tcp_addr = client, addr
+            log.info("relay: using TCP relay %s (UDP relay did not answer)", join_hostport(*addr))
             async with trio.open_nursery() as n:
                 n.start_soon(self._tcp_writer, client, n.cancel_scope)
                 n.start_soon(self._tcp_reader, client, n.cancel_scope)
@@ -373,7 +382,7 @@ class RelayShell:
             self.policy.tcp_lost(self.clock(), attempt, self._rand01())  # ignored after our own CloseTcp
         finally:
             if self.tcp is client:
-                self.tcp = None
+                self.tcp = self.tcp_addr = None
             self._wake.set()
             with trio.CancelScope(shield=True):
                 await client.aclose()
