@@ -1,10 +1,11 @@
 """meshwg-signal: serve | relay | invite create/list/revoke | nodes [list/rename/expire/remove/tag/untag]
 | plain add/list/config/rotate/remove | routes list/approve/reject | policy check | status | pubkey | backup | restore.
 
-Admin commands open the SQLite file directly (safe while the server runs: WAL + busy timeout); every change
-they make lands in the store's change feed, which the running server reads within --db-poll (0.1 s) and
-pushes removals/renames to every peer.
-Only `serve --init` creates a database (and with it the server's identity); everything else needs one.
+Admin commands (invite, nodes, plain, routes, policy check, status, pubkey) ask the running server through its
+admin socket (signal_server/admin_socket.py; by default admin.sock next to the database, --admin-socket), which does
+them on its database and pushes the change to peers at once; with no server running they open the database
+themselves (WAL + busy timeout; the change feed tells a server started later). Only `serve --init` creates a
+database (and with it the server's identity); everything else needs one.
 Options also come from a TOML config file (--config, default /etc/meshwg/signal.toml when it exists), under the
 command line's: keys are the long option names, in a table per command ([serve], [relay], [invite.create]) or at the
 top level for every command that has the option (db); meshwg/cli_config.py derives them from these parsers.
@@ -97,10 +98,26 @@ def _fmt_time(t):
     return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
+def _dns_domain(text: str) -> str:
+    """--dns-domain: a DNS name (canonical: lower case, no trailing dot), or 'none' ("": names off)."""
+    from meshwg.mesh.dns_names import normalize_domain
+
+    if text.strip().lower() == "none":
+        return ""
+    domain = normalize_domain(text)
+    if domain is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a DNS name (letters, digits, hyphens; labels of 1-63 "
+                                         f"characters separated by dots) nor 'none'")
+    return domain
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: nested subcommands share these options without resetting what an outer level parsed.
     common.add_argument("--db", default=argparse.SUPPRESS, help=f"SQLite state file (default {DEFAULT_DB})")
+    common.add_argument("--admin-socket", metavar="PATH|none", default=argparse.SUPPRESS,
+                        help="the running server's admin socket: serve listens on it (mode 0600; 'none': no socket), "
+                             "the admin commands ask through it (default admin.sock next to --db)")
     common.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"],
                         help="least severe messages logged (default info)")
     common.add_argument("--log-format", default=argparse.SUPPRESS, choices=list(logfmt.FORMATS),
@@ -126,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--prefix4", help="IPv4 prefix for node addresses (default 100.64.0.0/10, kept once chosen)")
             sp.add_argument("--prefix6", help="IPv6 prefix (default: a random fd00::/48 ULA, kept once chosen)")
             sp.add_argument("--heartbeat", type=_positive_float, default=10.0, help="node heartbeat interval, seconds")
+            sp.add_argument("--dns-domain", type=_dns_domain, default="mesh.internal", metavar="NAME",
+                            help="nodes answer DNS for NODE.NAME on their mesh addresses and plain peers' configs get "
+                                 "a DNS line (default mesh.internal; 'none': no names)")
             sp.add_argument("--sync", choices=["normal", "full"], default="normal",
                             help="SQLite durability: normal survives a killed server, full also a power loss")
             sp.add_argument("--policy", metavar="FILE",
@@ -267,10 +287,15 @@ def server_config(args, control: bool):
     cfg.control_enabled = control
     cfg.stop_on_sigterm = True
     if control:
+        from signal_server.admin_socket import socket_path
+
+        cfg.admin_socket = socket_path(args.db, getattr(args, "admin_socket", None))
+    if control:
         cfg.control = _listen_list(args.listen, cfg.control)
         cfg.advertise = args.advertise
         cfg.prefix4, cfg.prefix6 = args.prefix4, args.prefix6
         cfg.heartbeat = args.heartbeat
+        cfg.dns_domain = args.dns_domain
         cfg.synchronous = args.sync.upper()
         cfg.idle_timeout = max(3.5 * args.heartbeat, 5.0)
     cfg.udp = _listen_list(args.udp, cfg.udp)
@@ -303,62 +328,80 @@ def cmd_serve(args, control: bool) -> int:
     async def main():
         await server.run()
 
+    from signal_server.admin_socket import AdminSocketError
+
     try:
         trio.run(main)
     except KeyboardInterrupt:
         logging.getLogger("signal").info("interrupted; state is on disk")
+    except AdminSocketError as exc:
+        print(f"meshwg-signal: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
+def _op(args, op: str, params: dict | None = None) -> dict:
+    """`op` (admin_ops) carried out by the running server through its admin socket, or, with none running, on the
+    database --db names (opened, never created). Sets args.via_server."""
+    from signal_server import admin_ops, admin_socket
+
+    path = admin_socket.socket_path(args.db, getattr(args, "admin_socket", None))
+    args.via_server = False
+    if path is not None:
+        try:
+            result = admin_socket.request(path, op, params or {})
+            args.via_server = True
+            return result
+        except admin_socket.NoServer:
+            pass
+    return admin_ops.run(op, _store(args), None, params or {})
+
+
 def cmd_invite(args) -> int:
-    from signal_server.admin import create_invite
     from signal_server.invites import parse_duration
     from signal_server.routes import parse_route
 
-    st = _store(args)
     if args.action == "create":
-        wall = time.time()
-        expires = None if args.expires == "never" else wall + parse_duration(args.expires)
-        inv = create_invite(st, wall=wall, reusable=args.reusable, expires=expires, tag=args.tag, addrs=args.addr,
-                            auto_routes=args.auto_approve_routes)
-        print(inv.encode())
-        auto = ",".join(dict.fromkeys(parse_route(r) for r in args.auto_approve_routes))
-        print(f"invite {inv.invite_id}: {'reusable' if args.reusable else 'one-time'}, expires {_fmt_time(expires)}"
+        expires = None if args.expires == "never" else time.time() + parse_duration(args.expires)
+        auto = ",".join(dict.fromkeys(parse_route(r) for r in args.auto_approve_routes))  # ValueError first
+        got = _op(args, "invite_create", {"reusable": args.reusable, "expires": expires, "tag": args.tag,
+                                          "addr": args.addr, "auto_routes": args.auto_approve_routes})
+        print(got["invite"])
+        print(f"invite {got['invite_id']}: {'reusable' if args.reusable else 'one-time'}, expires {_fmt_time(expires)}"
               + (f", tag {args.tag}" if args.tag else "") + (f", auto-approves {auto}" if auto else ""),
               file=sys.stderr)
         return 0
     if args.action == "list":
+        invites = _op(args, "invite_list")["invites"]
         wall = time.time()
         print(f"{'ID':10} {'KIND':9} {'STATE':8} {'USES':>4} {'EXPIRES':19} TAG")
-        for i in st.list_invites():
-            state = ("revoked" if i.revoked else "expired" if i.expires and i.expires <= wall
-                     else "used" if not i.reusable and i.uses else "valid")
-            auto = f" (auto-approves {','.join(i.auto_routes)})" if i.auto_routes else ""
-            print(f"{i.invite_id:10} {'reusable' if i.reusable else 'one-time':9} {state:8} {i.uses:>4} {_fmt_time(i.expires):19} {i.tag}{auto}")
+        for i in invites:
+            state = ("revoked" if i["revoked"] else "expired" if i["expires"] and i["expires"] <= wall
+                     else "used" if not i["reusable"] and i["uses"] else "valid")
+            auto = f" (auto-approves {','.join(i['auto_routes'])})" if i["auto_routes"] else ""
+            print(f"{i['invite_id']:10} {'reusable' if i['reusable'] else 'one-time':9} {state:8} {i['uses']:>4} "
+                  f"{_fmt_time(i['expires']):19} {i['tag']}{auto}")
         return 0
     if args.action == "revoke":
-        if not st.revoke_invite(args.invite_id):
-            print(f"meshwg-signal: no invite {args.invite_id}", file=sys.stderr)
-            return 1
+        _op(args, "invite_revoke", {"invite_id": args.invite_id})
         print(f"revoked {args.invite_id}")
         return 0
     return 2
 
 
-def _nodes_list(st, as_json: bool) -> int:
-    """`nodes [list] [--json]`: ONLINE comes from the running server's presence record (admin.PRESENCE_META)."""
+def _nodes_list(args, as_json: bool) -> int:
+    """`nodes [list] [--json]`: ONLINE from the running server's registry, or with none running from the presence
+    record the last one left (admin.PRESENCE_META)."""
     from signal_server import admin
 
-    wall = time.time()
-    presence = admin.read_presence(st.meta_get(admin.PRESENCE_META), wall)
-    records = admin.node_records(st.list_nodes(), presence, wall)  # plain peers: `plain list`
+    got = _op(args, "nodes_list")
     if as_json:
-        print(json.dumps(records, indent=2))
+        print(json.dumps(got["records"], indent=2))
         return 0
-    sys.stdout.write(admin.nodes_table(records, _fmt_time))
-    if not presence.fresh:
+    sys.stdout.write(admin.nodes_table(got["records"], _fmt_time))
+    if not got["fresh"]:
         print("meshwg-signal: no running server has published who is online"
-              + (f" since {_fmt_time(presence.at)}" if presence.at else "") + "; ONLINE shows when each was last seen",
+              + (f" since {_fmt_time(got['at'])}" if got["at"] else "") + "; ONLINE shows when each was last seen",
               file=sys.stderr)
     return 0
 
@@ -366,112 +409,83 @@ def _nodes_list(st, as_json: bool) -> int:
 def cmd_nodes(args) -> int:
     from signal_server.invites import parse_duration
 
-    st = _store(args)
     action = args.action or "list"
     if action == "list":
-        return _nodes_list(st, getattr(args, "json", False))
-    node = st.find_node(args.node)
-    if node is None:
-        print(f"meshwg-signal: no node {args.node!r} (use an id, a name or a public key)", file=sys.stderr)
-        return 1
+        return _nodes_list(args, getattr(args, "json", False))
     if action == "rename":
-        try:
-            name = st.rename(node.node_id, args.name)
-        except ValueError as exc:
-            print(f"meshwg-signal: {exc}", file=sys.stderr)
-            return 1
-        print(f"node {node.node_id} renamed to {name}")
+        got = _op(args, "node_rename", {"node": args.node, "name": args.name})
+        print(f"node {got['node_id']} renamed to {got['name']}")
     elif action == "expire":
         when = time.time() + parse_duration(args.after)
-        st.expire(node.node_id, when)
-        print(f"node {node.node_id} ({node.name}) expires {_fmt_time(when)}")
+        got = _op(args, "node_expire", {"node": args.node, "when": when})
+        print(f"node {got['node_id']} ({got['name']}) expires {_fmt_time(when)}")
     elif action == "remove":
-        st.remove(node.node_id, time.time())
-        print(f"node {node.node_id} ({node.name}) removed; its key needs a new invite to rejoin")
+        got = _op(args, "node_remove", {"node": args.node})
+        print(f"node {got['node_id']} ({got['name']}) removed; its key needs a new invite to rejoin")
     elif action in ("tag", "untag"):
-        from signal_server.policy import check_tags
-
-        given = check_tags(args.tags)  # ValueError (one line, exit 2) before anything is written
-        tags = (*node.tags, *given) if action == "tag" else tuple(t for t in node.tags if t not in given)
-        row = st.set_tags(node.node_id, tags)
-        print(f"{node.name}: tags {','.join(row.tags) or '(none)'}")
+        got = _op(args, "node_tags", {"node": args.node, "tags": args.tags, "add": action == "tag"})
+        print(f"{got['name']}: tags {','.join(got['tags']) or '(none)'}")
     return 0
 
 
-def cmd_plain(args) -> int:
-    from signal_server import admin
+def _plain_params(args) -> dict:
+    return {"name": args.name, "endpoint": getattr(args, "endpoint", None), "direct": getattr(args, "direct", False),
+            "public_key": getattr(args, "public_key", None)}
 
-    st = _store(args)
-    wall = time.time()
+
+def cmd_plain(args) -> int:
     if args.action == "list":
-        names = {n.node_id: n.name for n in st.list_nodes()}
+        peers = _op(args, "plain_list")["peers"]
         print(f"{'ID':>4} {'NAME':20} {'IPV4':15} {'IPV6':24} {'KEY':8} {'EXIT':10} {'REACHES':20} TAGS")
-        for p in st.list_plain():
-            reaches = ",".join(names.get(i, f"#{i}(gone)") for i in p.targets)
-            holder = "device" if p.private_key is None else "server"  # who holds its private key
-            exit_name = names.get(p.exit_node, "-") if p.exit_node else "-"
-            print(f"{p.node_id:>4} {p.name:20} {p.ipv4:15} {p.ipv6:24} {holder:8} {exit_name:10} {reaches:20} "
-                  f"{','.join(p.tags) or '-'}")
+        for p in peers:
+            print(f"{p['node_id']:>4} {p['name']:20} {p['ipv4']:15} {p['ipv6']:24} {p['holder']:8} {p['exit']:10} "
+                  f"{','.join(p['reaches']):20} {','.join(p['tags']) or '-'}")
         return 0
     if args.action == "add":
-        if not args.direct:
-            admin.plain_endpoint(st, args.endpoint)  # refused before anything is written
-        row = admin.add_plain(st, name=args.name, to=args.to, wall=wall, public_key=args.public_key,
-                              exit_node=args.exit_node, direct=args.direct, tags=args.tag)
-        print(f"plain peer {row.name} ({row.ipv4}, {row.ipv6}) added", file=sys.stderr)
-        return _print_config(st, row, args, wall)
-    row = admin.find_plain(st, args.name)
+        got = _op(args, "plain_add", {**_plain_params(args), "to": args.to, "exit_node": args.exit_node,
+                                      "tags": args.tag})
+        print(f"plain peer {got['name']} ({got['ipv4']}, {got['ipv6']}) added", file=sys.stderr)
+        return _print_config(got["config"], args)
     if args.action == "config":
-        return _print_config(st, row, args, wall)
+        return _print_config(_op(args, "plain_config", _plain_params(args))["config"], args)
     if args.action == "rotate":
-        row = admin.rotate_plain(st, row, args.public_key)
-        print(f"plain peer {row.name} has a new key; `meshwg-signal plain config {row.name}` prints its config",
+        got = _op(args, "plain_rotate", _plain_params(args))
+        print(f"plain peer {got['name']} has a new key; `meshwg-signal plain config {got['name']}` prints its config",
               file=sys.stderr)
         return 0
     if args.action == "remove":
-        st.remove(row.node_id, wall)
-        print(f"plain peer {row.name} removed")
+        print(f"plain peer {_op(args, 'plain_remove', _plain_params(args))['name']} removed")
         return 0
     return 2
 
 
 def cmd_routes(args) -> int:
-    from signal_server import admin
-    from signal_server.routes import state_text
-
-    st = _store(args)
     if args.action == "list":
-        policy = admin.route_policy(st)
-        names = {n.node_id: n.name for n in st.list_nodes()}
+        rows = _op(args, "routes_list")["routes"]
         print(f"{'NODE':20} {'ROUTE':43} STATE")
-        for r in st.list_routes():
-            state = state_text(r.advertised, r.decision)
-            reason = policy.forbidden(r.prefix) if r.decision is not False else None
-            print(f"{names.get(r.node_id, f'#{r.node_id}'):20} {r.prefix:43} {state}"
-                  + (f"; refused: {reason}" if reason else ""))
+        for r in rows:
+            print(f"{r['node']:20} {r['prefix']:43} {r['state']}" + (f"; refused: {r['refused']}" if r["refused"] else ""))
         return 0
     if args.action == "approve":
-        row, route = admin.approve_route(st, args.node, args.route)
-        print(f"approved {route.prefix} for {row.name}" + ("" if route.advertised else
+        got = _op(args, "route_approve", {"node": args.node, "route": args.route})
+        print(f"approved {got['prefix']} for {got['name']}" + ("" if got["advertised"] else
               " (it does not advertise it now: peers get it when it does)"))
         return 0
     if args.action == "reject":
-        row, route = admin.reject_route(st, args.node, args.route)
-        print(f"rejected {route.prefix} for {row.name}")
+        got = _op(args, "route_reject", {"node": args.node, "route": args.route})
+        print(f"rejected {got['prefix']} for {got['name']}")
         return 0
     return 2
 
 
-def _print_config(st, row, args, wall: float) -> int:
-    from signal_server import admin
+def _print_config(text: str, args) -> int:
     from signal_server.plain_config import qr_terminal, write_qr_png
 
-    text = admin.plain_config(st, row, wall=wall, endpoint=args.endpoint, direct=args.direct)
     sys.stdout.write(text)
     if args.qr:
         sys.stdout.write(qr_terminal(text))
     if args.qr_png:
-        write_qr_png(text, args.qr_png)
+        write_qr_png(text, args.qr_png)  # here, as the user running the CLI, not the server
         print(f"wrote the QR code to {args.qr_png}", file=sys.stderr)
     return 0
 
@@ -479,62 +493,60 @@ def _print_config(st, row, args, wall: float) -> int:
 def cmd_policy(args) -> int:
     """`policy check FILE`: the file checked against the database's nodes, plain peers and invites, and who may
     reach whom; a bad file is one line on stderr and exit code 2 (main turns the PolicyError, a ValueError, into it)."""
+    import base64
+
     from signal_server import policy
 
-    st = _store(args)
-    members = [policy.member_of(r) for r in st.list_nodes()]
     try:
         with open(args.file, "rb") as f:
             data = f.read(1 << 20)
     except OSError as exc:
         raise policy.PolicyError(f"{args.file}: cannot read: {exc.strerror or exc}") from None
-    pf = policy.load_bytes(data, args.file, members, policy.invite_tags(st.list_invites()))
-    acl = policy.Acl(pf)
-    plain = sum(1 for m in members if m.plain)
-    print(f"{args.file}: ok, {len(pf.rules)} rules; {len(members) - plain} nodes, {plain} plain peers")
+    got = _op(args, "policy_check", {"file": args.file, "data": base64.b64encode(data).decode()})
+    print(f"{args.file}: ok, {got['rules']} rules; {got['nodes']} nodes, {got['plain']} plain peers")
     print("who may reach whom (row: from, column: to; x: may, .: may not):")
-    sys.stdout.write(policy.matrix_text(acl, members))
-    for r in members:
-        for p in members:
-            if r.key != p.key and len(acl.view(acl.class_of(r), acl.class_of(p)).template) > policy.MAX_ACCEPT:
-                print(f"warning: what {p.name} may send {r.name} needs more than {policy.MAX_ACCEPT} port ranges; "
-                      "the rest are dropped (merge port ranges)", file=sys.stderr)
+    sys.stdout.write(got["matrix"])
+    for line in got["warnings"]:
+        print(line, file=sys.stderr)
     return 0
 
 
 def cmd_status(args) -> int:
     from signal_server.metrics import parse_text
 
-    st = _store(args)
-    addrs = json.loads(st.meta_get("metrics_addrs") or "[]")
-    wall = time.time()
-    rows = st.list_nodes()
-    nodes = [n for n in rows if n.kind == "node"]
-    print(f"registered nodes: {len(nodes)} ({sum(1 for n in nodes if n.expires and n.expires <= wall)} expired), "
-          f"plain peers: {len(rows) - len(nodes)}")
-    for a in addrs:
+    got = _op(args, "status")
+    print(f"registered nodes: {got['registered']} ({got['expired']} expired), plain peers: {got['plain']}")
+    if got["live"] is not None:  # the running server's own figures
+        _print_metrics(got["live"])
+        print(f"admin socket: {int(got['live'].get('meshwg_signal_admin_requests_total', 0))} requests served")
+        return 0
+    for a in got["metrics_addrs"]:
         try:
             with urllib.request.urlopen(f"http://{a}/metrics", timeout=2) as resp:
                 m = parse_text(resp.read().decode())
         except OSError as exc:
             print(f"server metrics at {a}: unreachable ({exc})")
             continue
-        g = lambda k: int(m.get("meshwg_signal_" + k, 0))  # noqa: E731
-        print(f"server: up {m.get('meshwg_signal_uptime_seconds', 0):.0f} s, connected nodes {g('nodes_connected')}, "
-              f"relay sessions {g('relay_sessions')}")
-        print(f"relay: {g('forwarded_packets_total')} packets, {g('forwarded_bytes_total')} bytes forwarded; "
-              f"{g('drop_rate_limited_total')} rate-limited (node limit {g('drop_relay_node_limit_total')}, total limit "
-              f"{g('drop_relay_total_limit_total')}), {g('refused_unregistered_total')} refused unregistered")
-        print(f"plain wireguard: {g('forwarded_from_plain_packets_total')} packets to nodes, "
-              f"{g('forwarded_to_plain_packets_total')} to plain peers, {g('plain_sessions')} sessions, "
-              f"{g('plain_targets')} nodes reachable")
-        errors = {k[len('meshwg_signal_'):]: int(v) for k, v in m.items()
-                  if any(w in k for w in ("error", "refused", "drop", "closed", "bad", "timeout")) and v}
-        print("errors: " + (", ".join(f"{k}={v}" for k, v in sorted(errors.items())) or "none"))
+        _print_metrics(m)
         return 0
-    if not addrs:
+    if not got["metrics_addrs"]:
         print("server metrics: not published (start serve with --metrics HOST:PORT)")
     return 0
+
+
+def _print_metrics(m: dict) -> None:
+    g = lambda k: int(m.get("meshwg_signal_" + k, 0))  # noqa: E731
+    print(f"server: up {m.get('meshwg_signal_uptime_seconds', 0):.0f} s, connected nodes {g('nodes_connected')}, "
+          f"relay sessions {g('relay_sessions')}")
+    print(f"relay: {g('forwarded_packets_total')} packets, {g('forwarded_bytes_total')} bytes forwarded; "
+          f"{g('drop_rate_limited_total')} rate-limited (node limit {g('drop_relay_node_limit_total')}, total limit "
+          f"{g('drop_relay_total_limit_total')}), {g('refused_unregistered_total')} refused unregistered")
+    print(f"plain wireguard: {g('forwarded_from_plain_packets_total')} packets to nodes, "
+          f"{g('forwarded_to_plain_packets_total')} to plain peers, {g('plain_sessions')} sessions, "
+          f"{g('plain_targets')} nodes reachable")
+    errors = {k[len('meshwg_signal_'):]: int(v) for k, v in m.items()
+              if any(w in k for w in ("error", "refused", "drop", "closed", "bad", "timeout")) and v}
+    print("errors: " + (", ".join(f"{k}={v}" for k, v in sorted(errors.items())) or "none"))
 
 
 def cmd_backup(args) -> int:
@@ -584,10 +596,14 @@ def main(argv=None) -> int:
     args.log_level = getattr(args, "log_level", "info")
     args.log_format = getattr(args, "log_format", "text")
     _setup_logging(args.log_level, args.log_format)
+    from signal_server.admin_ops import OpError
     from signal_server.store import StoreError
 
     try:
         return _dispatch(args)
+    except OpError as exc:
+        print(f"meshwg-signal: {exc}", file=sys.stderr)
+        return exc.code
     except StoreError as exc:
         print(_db_problem(args, exc), file=sys.stderr)
         return 1
@@ -604,9 +620,7 @@ def _warn(line: str) -> None:
 
 
 def cmd_pubkey(args) -> int:
-    from meshwg.config.keys import key_to_base64, public_key
-
-    print(key_to_base64(public_key(_store(args).server_private_key())))
+    print(_op(args, "pubkey")["key"])
     return 0
 
 

@@ -13,6 +13,8 @@ control listener's session table, read here only to know who can be reached now.
   AdvertiseRoutes(key, routes, exit_node)  store the node's new advertisement (store.advertise_routes with
                     self.policy.forbidden), then hand the result to routes_recorded
   Log(level, text)  a line for the operator (refused or pending routes, once per change)
+  Leave(key)        the node asked to leave the mesh (`meshwg leave`): remove its row as `nodes remove` does, then
+                    drop(key, "left"), whose GONE tells it the leave is done
 A connected node whose own name or tags change (the feed's row) is sent T_SELF: its welcome told it the old ones
 and `meshwg status` shows them (issue 13).
 Under an access policy (set_policy, issue 13) the directory decides who sees whom; a punch or a sealed message
@@ -58,6 +60,11 @@ class AdvertiseRoutes:
     key: bytes
     routes: tuple
     exit_node: bool
+
+
+@dataclass(frozen=True)
+class Leave:
+    key: bytes
 
 
 @dataclass(frozen=True)
@@ -210,6 +217,12 @@ class ControlCore:
         self._advertised[key] = parsed
         return [AdvertiseRoutes(key, *parsed)]
 
+    def _on_leave(self, key: bytes, m: dict, now: float) -> list:
+        if key not in self.directory.nodes:
+            return []
+        self.counters["control_leaves"] += 1
+        return [Leave(key)]
+
     # A message type a node may send on an open session -> its handler; anything else is counted and dropped.
     _HANDLERS = {
         P.T_HEARTBEAT: _on_heartbeat,
@@ -217,6 +230,7 @@ class ControlCore:
         P.T_PUNCH_REQUEST: _on_punch_request,
         P.T_SEAL_SEND: _on_seal_send,
         P.T_ROUTES: _on_routes,
+        P.T_LEAVE: _on_leave,
     }
 
     # --- subnet routes and exit nodes

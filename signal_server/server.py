@@ -18,13 +18,16 @@ from dataclasses import dataclass, field
 
 import trio
 
+from meshwg import sdnotify
 from meshwg.config.keys import key_to_base64
 from meshwg.signaling.invite import join_hostport
-from signal_server import admin, local_routes, metrics
+from signal_server import admin, admin_socket, local_routes, metrics
 from signal_server import policy as acl_policy
+from signal_server import service_notify
 from signal_server import store_api as api
 from signal_server.conn_limits import SourceLimits, relay_tcp_caps
-from signal_server.control_core import DIR_CHANGED, PLAIN_CHANGED, AdvertiseRoutes, Allow, ControlCore, Drop, Log, Send
+from signal_server.control_core import (DIR_CHANGED, PLAIN_CHANGED, AdvertiseRoutes, Allow, ControlCore, Drop, Leave,
+                                        Log, Send)
 from signal_server.control_listener import ControlListener, Session, advertised
 from signal_server.directory import Directory
 from signal_server.lograte import RepeatLimiter, install_repeat_filter
@@ -60,6 +63,7 @@ class ServerConfig:
     prefix4: str | None = None
     prefix6: str | None = None
     heartbeat: float = 10.0  # the node's heartbeat interval (told in the welcome)
+    dns_domain: str = "mesh.internal"  # nodes answer NAME.<this> (meshwg.mesh.dns_names); "" : names off
     idle_timeout: float = 35.0  # a session with no frame for this long is closed
     handshake_timeout: float = 5.0
     send_timeout: float = 10.0  # a client that cannot take our bytes this long is closed
@@ -88,6 +92,8 @@ class ServerConfig:
     # fatal), reloaded when it changes (checked every db_poll) or on SIGHUP (a bad one keeps the previous).
     policy: str | None = None
     stop_on_sigterm: bool = False  # `serve`/`relay`: SIGTERM ends the sessions (their last_seen written), logs, exits 0
+    # The admin socket (admin_socket.py) the CLI's admin commands use while we run; None: none (`serve` sets it).
+    admin_socket: str | None = None
 
 
 def host_routes() -> list[tuple[str, str]]:
@@ -162,6 +168,9 @@ class SignalServer:
         self._public_meta: str | None = None  # what _publish_public last wrote (None: not read yet)
         self._presence: tuple[frozenset, float] | None = None  # (keys, monotonic time) _publish_presence last wrote
         self._stopping = False  # SIGTERM came
+        self.sd = sdnotify.take()  # systemd's notify socket (meshwg/sdnotify.py): READY, STATUS, STOPPING
+        self._nursery = None  # _run's, while it runs
+        self.admin_listener = None
         # The feed from here on; the full read below covers what came before (a change seen twice is harmless).
         self._seq = self.store.change_head()
         self.apply(self.core.resync(self.store.list_nodes(), time.time()))
@@ -213,6 +222,8 @@ class SignalServer:
                 self._routes_wake.set()
             elif isinstance(e, Log):
                 log.log(e.level, "%s", e.text)
+            elif isinstance(e, Leave) and self._nursery is not None:
+                self._nursery.start_soon(self._leave, e.key)
         if plain_changed:
             self._sync_plain()
 
@@ -260,9 +271,13 @@ class SignalServer:
     # --- run
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        # Bound before anything else: a second server on this database is refused here (OSError, one line).
+        self.admin_listener = admin_socket.AdminListener(self.cfg.admin_socket) if self.cfg.admin_socket else None
         try:
             await self._run(task_status)
         finally:
+            if self.admin_listener is not None:
+                self.admin_listener.close()
             self.relay_udp.close()
             self._publish_no_presence()
         if self._stopping:
@@ -280,6 +295,7 @@ class SignalServer:
             task_status.started()
             async for _ in signals:
                 log.info("SIGTERM: shutting down (%d nodes connected)", len(self.sessions))
+                self.sd.stopping()
                 self._stopping = True
                 scope.cancel()
                 return
@@ -304,6 +320,7 @@ class SignalServer:
         if cfg.control_enabled:
             self.warn_route_overlaps()
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery  # for work an effect starts (a node's leave)
             if cfg.stop_on_sigterm:
                 await nursery.start(self._stop_on_sigterm, nursery.cancel_scope)
             if cfg.control_enabled:
@@ -319,6 +336,9 @@ class SignalServer:
                 nursery.start_soon(metrics.serve_metrics, ls, self.render_metrics)
             self._publish_addresses()
             nursery.start_soon(self._housekeeping)
+            if self.admin_listener is not None:
+                await nursery.start(admin_socket.serve, self.admin_listener, admin_socket.server_handler(self))
+                log.info("admin socket %s", self.admin_listener.path)
             if cfg.policy and cfg.control_enabled:
                 await nursery.start(self._policy_on_sighup)
             nursery.start_soon(self._routes_writer)
@@ -330,6 +350,7 @@ class SignalServer:
                                       bound.metrics)),
                 key_to_base64(self.server_pk),
             )
+            nursery.start_soon(service_notify.run, self, self.sd)   # READY=1: every listener is bound
             task_status.started(bound)
 
     def _bind_plain(self, nursery) -> list:
@@ -351,11 +372,27 @@ class SignalServer:
             self.store.meta_set("metrics_addrs", json.dumps([join_hostport(h, p) for h, p in self.bound.metrics]))
         if self.bound.plain:  # the Endpoint of plain peers' configs (`meshwg-signal plain add/config`)
             self.store.meta_set("plain_addrs", json.dumps(advertised(self.bound.plain, self.cfg.advertise)))
+        if self.cfg.control_enabled:   # the DNS line of plain peers' configs ("": none)
+            self.store.meta_set("dns_domain", self.cfg.dns_domain)
         if self.cfg.control_enabled:
             b = self.bound
             bound = [h for h, _ in (*b.control, *b.udp, *b.stun_alt, *b.relay_tcp, *b.plain) if h not in WILDCARDS]
             if self._add_server_ips([*bound, self.cfg.advertise or ""]):
                 self.store.meta_set("server_addrs", json.dumps(sorted(self._server_ips)))
+
+    async def _leave(self, key: bytes) -> None:
+        """`meshwg leave`: the node's row goes as with `nodes remove`; its session hears GONE "left", peers the removal."""
+        row = self.directory.nodes.get(key)
+        if row is None:
+            return
+        try:
+            await self._db(self.store.remove, row.node_id, time.time())
+        except Exception:  # a busy database: the node hears nothing and reports that the leave failed
+            log.exception("removing node %s at its request failed", row.name)
+            self.counters["db_errors"] += 1
+            return
+        log.info("node %s (%s) left the mesh", row.name, row.ipv4)
+        self.apply(self.core.drop(key, "left"))
 
     # --- subnet routes and exit nodes
 
@@ -508,10 +545,11 @@ class SignalServer:
         except Exception:  # a busy database: the record goes stale within admin.PRESENCE_STALE
             log.warning("could not record at shutdown that no node is connected", exc_info=True)
 
-    async def _follow_changes(self) -> None:
+    async def _follow_changes(self, own: bool = False) -> None:
         """Applies what other processes changed (admin CLI, other servers): only the rows the feed names;
-        the whole node table only after a RESYNC (we fell behind the feed's pruning)."""
-        if not await self._db(self.store.may_have_changes):
+        the whole node table only after a RESYNC (we fell behind the feed's pruning). own: also what our own
+        connection wrote (an admin socket request), which may_have_changes does not see."""
+        if not await self._db(self.store.may_have_changes) and not own:
             return
         changes, seq = await self._db(self.store.changes_since, self._seq)
         self.counters["feed_changes"] += len(changes)

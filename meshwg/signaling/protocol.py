@@ -56,8 +56,14 @@ T_SEAL_SEND = "seal_send"  # {to: key32, blob: bytes}
 # {routes: [cidr...], exit_node: bool}: the node's whole advertisement of subnet routes (replaces the last one);
 # sent after every welcome and on each change. Default routes are never in "routes": exit_node says that.
 T_ROUTES = "routes"
+# {}: `meshwg leave`: remove this node from the mesh. The server answers with T_GONE {reason: "left"} and closes;
+# a server before it ignores the type (the node reports no answer).
+T_LEAVE = "leave"
+GONE_LEFT = "left"
 # server -> node
 T_WELCOME = "welcome"  # {node_id, name, ipv4, ipv6, prefixes, stun, relay_udp, relay_tcp, proto}
+# The welcome's optional "dns_domain": the mesh domain nodes answer NAME.<domain> for (absent: names off); older
+# nodes ignore it.
 T_ERROR = "error"  # {code, message}; the server closes after sending it
 T_DIR_FULL = "dir_full"  # {peers: [packed entry...], last: bool} - first chunk resets the directory
 T_DIR_UPDATE = "dir"  # {upsert: [packed entry...], remove: [key32...]}

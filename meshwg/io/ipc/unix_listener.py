@@ -19,11 +19,14 @@ log = logging.getLogger(__name__)
 
 
 class UnixListener:
-    def __init__(self, path: str, *, backlog: int = 16):
+    def __init__(self, path: str, *, backlog: int = 16, dir_mode: int | None = 0o755):
+        """dir_mode None: the directory keeps its mode (the signal server's admin socket sits beside its 0700
+        database), a new one is made 0700."""
         self.path = path
         run_dir = os.path.dirname(path)
-        os.makedirs(run_dir, mode=0o755, exist_ok=True)
-        os.chmod(run_dir, 0o755)
+        os.makedirs(run_dir, mode=0o700 if dir_mode is None else dir_mode, exist_ok=True)
+        if dir_mode is not None:
+            os.chmod(run_dir, dir_mode)
         self._claim_path()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old_umask = os.umask(0o077)
