@@ -11,7 +11,8 @@ sees the HELLO_OK, so it cannot name another host. Nodes send an empty SEND to W
 HELLO_OK for this; the relay forwards it nowhere.
 
 Fast path (issue 16): with `fast_updates` a list (the UDP shell sets it when it has the compiled forwarder),
-each confirmed UDP session is announced there as ("set", Session) and its end as ("remove", key). The shell
+each confirmed session over UDP, or over a TCP connection the compiled side writes (its `fast_handle`), is
+announced there as ("set", Session) and its end as ("remove", key). The shell
 pushes them into meshwg/io/dataplane/_fastio.c's table, which forwards that session's SENDs to other such
 sessions on its own, within `limits()`; everything else still comes here. This core stays the one that admits,
 expires and limits sessions: the table holds only what it was told, and only until told otherwise.
@@ -284,9 +285,10 @@ class RelayCore:
         s.confirmed = True
         if isinstance(s.dest, tuple):
             self._prove(s.dest, s.key, now)
-            if self.fast_updates is not None:
-                s.fast = True
-                self.fast_updates.append(("set", s))
+        if self.fast_updates is not None and (isinstance(s.dest, tuple) or getattr(s.dest, "fast_handle", None)
+                                              is not None):
+            s.fast = True
+            self.fast_updates.append(("set", s))
         if s.observed is not None:
             self.observed_events.append((s.key, s.observed))
 

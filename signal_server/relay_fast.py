@@ -16,6 +16,11 @@ from meshwg.io.dataplane.fastio import fastio
 MAX_SESSIONS = 65_536  # sessions beyond it stay on the Python path (slower, same answers)
 COUNTER_NAMES = ("forwarded_packets", "forwarded_bytes", "drop_relay_node_limit", "drop_relay_total_limit",
                  "relay_send_errors", "relay_send_would_block")
+# relay_tcp_counters: frames the TCP worker forwarded from TCP connections, RECVs the compiled path wrote (or
+# buffered) to TCP connections, those dropped on a full outbound buffer (as the Python writer's full queue),
+# frames it left for RelayCore, writes that failed.
+TCP_COUNTER_NAMES = ("relay_tcp_fast_in", "relay_tcp_fast_out", "relay_tcp_queue_full", "relay_tcp_to_python",
+                     "relay_tcp_send_errors")
 
 
 def available() -> bool:
@@ -54,6 +59,7 @@ class FastRelay:
         self.sticky = sticky
         self.table = fastio.relay_new(MAX_SESSIONS)
         self.workers: list[Worker] = []
+        self.tcp = None  # the TCP relay's worker (start_tcp), when there is a TCP listener
         self._limits = None
         self._sync_limits()
         relay.fast_updates = _Applied(self._apply)
@@ -83,6 +89,13 @@ class FastRelay:
         s = arg
         if not s.fast:  # ended after it was announced
             return
+        handle = getattr(s.dest, "fast_handle", None)
+        if handle is not None:  # a TCP relay connection the C side writes to (relay_tcp.FastTcpDest)
+            if not fastio.relay_set_tcp(self.table, s.token, s.key, handle, float(s.expires)):
+                fastio.relay_remove(self.table, s.key)
+            return
+        if not isinstance(s.dest, tuple):
+            return  # a connection on the Python path only
         idx, addr = s.dest
         sock = self.socks[idx]
         entry = self.sources.get(addr) if sock in self.sticky else None
@@ -105,6 +118,38 @@ class FastRelay:
         for worker in self.workers:
             worker.stop()
         self.workers.clear()
+        if self.tcp is not None:
+            fastio.relay_tcp_stop(self.tcp)
+
+    # --- the TCP relay's connections (_fastio.c relay_tcp_*; used by relay_tcp.RelayTcp)
+
+    def start_tcp(self, max_conns: int):
+        """The TCP worker (once); its eventfd is readable when frames or connection ends wait (tcp_take)."""
+        if self.tcp is None:
+            self.tcp = fastio.relay_tcp_start(self.table, max_conns)
+        return fastio.relay_tcp_fd(self.tcp)
+
+    def tcp_add(self, fd: int):
+        """A connection's handle (its bytes are written through the table from now on), or None: no slot."""
+        return None if self.tcp is None else fastio.relay_tcp_add(self.table, fd)
+
+    def tcp_send(self, handle: int, frame: bytes) -> bool:
+        return fastio.relay_tcp_send(self.table, handle, frame)
+
+    def tcp_read(self, handle: int, partial: bytes) -> None:
+        fastio.relay_tcp_read(self.table, handle, partial)
+
+    def tcp_state(self, handle: int) -> tuple:
+        """(seconds since its last read, seconds its outbound bytes have made no progress, bytes waiting)."""
+        return fastio.relay_tcp_state(self.table, handle)
+
+    def tcp_remove(self, handle: int) -> None:
+        """Before the socket closes: neither thread touches its descriptor afterwards."""
+        fastio.relay_tcp_remove(self.table, handle)
+
+    def tcp_take(self, limit: int) -> list:
+        """(handle, frame) pairs for RelayCore; frame None: that connection ended."""
+        return fastio.relay_tcp_take(self.tcp, limit)
 
     def send_batch(self, sock, items: list) -> list:
         """RelayCore's frames for destinations on `sock`, (frame, addr) pairs, sent as the fast path sends (one
@@ -118,6 +163,13 @@ class FastRelay:
             drops = fastio.relay_worker_drops(worker.capsule)
             if drops:
                 c["drop_relay_queue_full"] += drops
+        if self.tcp is not None:
+            drops = fastio.relay_tcp_drops(self.tcp)
+            if drops:
+                c["drop_relay_queue_full"] += drops
+            for name, n in zip(TCP_COUNTER_NAMES, fastio.relay_tcp_counters(self.table)):
+                if n:
+                    c[name] += n
         if any(counts):
             for name, n in zip(COUNTER_NAMES, counts):
                 if n:

@@ -1,5 +1,11 @@
 """Trio shell of the relay's TCP fallback listener: connection caps at accept, then length-prefixed relay
-frames fed to RelayCore, with a short leash until the relay grants the connection a session."""
+frames fed to RelayCore, with a short leash until the relay grants the connection a session.
+
+With the compiled forwarder (relay_fast, issue 16: the TCP relay's round trip), every connection's bytes are
+written through the C table (FastTcpDest), and once RelayCore has granted it a session the connection is handed
+to the C TCP worker, which reads it and forwards the SENDs of sessions the table holds itself; the frames it
+does not handle (HELLOs, confirms, plain peers, unknown destinations, junk) and the connection's end come back
+here (_fast_loop) for RelayCore, as before. This task then only watches the connection's idle and stall clocks."""
 
 from __future__ import annotations
 
@@ -14,6 +20,9 @@ from meshwg.signaling import relay_wire as W
 WRITE_BATCH = 256  # relay frames joined into one send at most
 RELAY_TCP_UNAUTH_BYTES = 4096  # a relay TCP connection without a session: a HELLO or two (~95 bytes each)
 TCP_DEST_QUEUE = 512  # frames waiting for one connection's writer at most (then dropped, relay_tcp_queue_full)
+FAST_CONNS = 4096  # connection slots of the C side when the server sets no cap (beyond: the Python path)
+FAST_CONNS_MAX = 65_536
+FAST_TAKE = 512  # frames taken from the C TCP worker per wakeup
 
 
 class TcpDest:
@@ -57,6 +66,8 @@ class TcpDest:
             self.direct_short += 1
             self._queue.append(data[sent:])
 
+    fast_handle = None  # the Python path's connection: not on the compiled one
+
     @property
     def queued(self) -> int:
         """Frames (or a frame's tail) waiting for the writer."""
@@ -77,6 +88,28 @@ class TcpDest:
                 await self.stream.send_all(b"".join(chunks) if len(chunks) > 1 else chunks[0])
 
 
+class FastTcpDest:
+    """A relay TCP connection whose bytes the compiled side writes (relay_fast.FastRelay.tcp_*): frames are
+    written at once or kept in its bounded outbound buffer, in order with the RECVs the C threads write to it."""
+
+    def __init__(self, fast, handle: int) -> None:
+        self.fast = fast
+        self.fast_handle = handle
+        self.ended = trio.Event()  # the C reader saw its end (or an error)
+        self.closed = False
+
+    def send_nowait(self, frame: bytes) -> None:
+        """Raises trio.WouldBlock when its outbound buffer is full (or the socket broke), ClosedResourceError
+        after close()."""
+        if self.closed:
+            raise trio.ClosedResourceError
+        if not self.fast.tcp_send(self.fast_handle, frame):
+            raise trio.WouldBlock
+
+    def close(self) -> None:
+        self.closed = True
+
+
 class RelayTcp:
     """The relay TCP listener of `srv` (a SignalServer: relay core, relay_limits, counters, config)."""
 
@@ -86,6 +119,10 @@ class RelayTcp:
         self.counters = srv.counters
         self.send = send  # relay_send(frame, dest): UDP destinations go out of the UDP shell's sockets
         self.send_many = send_many or self._send_each  # many (frame, dest) pairs at once: the UDP shell's batch
+        udp_shell = getattr(srv, "relay_udp", None)
+        self.fast = getattr(udp_shell, "fast", None)  # the compiled forwarder (relay_fast), or None
+        self.fast_conns: dict[int, FastTcpDest] = {}  # handle -> connection, while the C side knows it
+        self._fast_started = False
 
     def _send_each(self, out: list) -> None:
         for frame, dest in out:
@@ -93,6 +130,10 @@ class RelayTcp:
 
     async def listen(self, nursery, host: str, port: int) -> list:
         ls = await trio.open_tcp_listeners(port, host=host)
+        if self.fast is not None and not self._fast_started:
+            self._fast_started = True
+            fd = self.fast.start_tcp(min(self.srv.relay_limits.total or FAST_CONNS, FAST_CONNS_MAX))
+            nursery.start_soon(self._fast_loop, fd)
         nursery.start_soon(trio.serve_listeners, self.handle, ls)
         return [l.socket.getsockname()[:2] for l in ls]
 
@@ -111,25 +152,71 @@ class RelayTcp:
             self.counters[f"relay_tcp_refused_{refusal.reason}"] += 1
             await stream.aclose()
             return
-        conn = TcpDest(stream)  # this connection's relay destination
+        handle = self.fast.tcp_add(stream.socket.fileno()) if self.fast is not None else None
+        # This connection's relay destination: written through the C table, or by its own writer task.
+        conn = TcpDest(stream) if handle is None else FastTcpDest(self.fast, handle)
+        if handle is not None:
+            self.fast_conns[handle] = conn
         try:
             async with trio.open_nursery() as n:
-                n.start_soon(conn.writer, self.cfg.send_timeout)
-                await self._reader(stream, conn)
+                if handle is None:
+                    n.start_soon(conn.writer, self.cfg.send_timeout)
+                partial = await self._reader(stream, conn)
+                if partial is not None:
+                    self.fast.tcp_read(handle, partial)  # the C worker reads it from here on
+                    await self._watch(conn)
                 n.cancel_scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
             self.counters["relay_tcp_errors"] += 1
         finally:
             conn.close()
             srv.relay_limits.release(peer_ip)
-            srv.relay.drop_dest(conn)
+            srv.relay.drop_dest(conn)  # its sessions leave the C table first
+            if handle is not None:
+                self.fast_conns.pop(handle, None)
+                self.fast.tcp_remove(handle)  # before the socket closes: no C thread uses it afterwards
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
-    async def _reader(self, stream, conn) -> None:
+    async def _watch(self, conn: FastTcpDest) -> None:
+        """A connection the C worker reads: until it ends, idles SESSION_TTL, or cannot take our bytes for
+        send_timeout (the Python writer's limits)."""
+        interval = min(self.cfg.send_timeout, W.SESSION_TTL)
+        while True:
+            with trio.move_on_after(interval):
+                await conn.ended.wait()
+                return
+            idle, stalled, _ = self.fast.tcp_state(conn.fast_handle)
+            if idle >= W.SESSION_TTL:
+                self.counters["relay_tcp_idle_timeout"] += 1
+                return
+            if stalled >= self.cfg.send_timeout:
+                raise trio.TooSlowError
+
+    async def _fast_loop(self, fd: int) -> None:
+        """The frames the C TCP worker leaves for RelayCore, and the ends of the connections it reads."""
+        relay, fast = self.srv.relay, self.fast
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            items = fast.tcp_take(FAST_TAKE)
+            now, wall = time.monotonic(), time.time()
+            outs: list = []
+            for handle, frame in items:
+                conn = self.fast_conns.get(handle)
+                if conn is None:
+                    continue  # removed since
+                if frame is None:
+                    conn.ended.set()
+                    continue
+                outs += relay.handle_untrusted(frame, conn, now, wall)
+            self.send_many(outs)
+            await trio.lowlevel.checkpoint()
+
+    async def _reader(self, stream, conn) -> bytes | None:
         """Feeds one TCP connection's frames to the relay until it closes or idles. Until the relay grants
         it a session (HELLO_OK), a connection gets relay_hello_timeout, HELLO frames only and a few KB:
-        an idle or junk connection would otherwise hold a descriptor for SESSION_TTL."""
+        an idle or junk connection would otherwise hold a descriptor for SESSION_TTL. A FastTcpDest stops
+        once granted: returns the bytes of the unfinished frame it holds, for the C reader."""
         relay = self.srv.relay
         dec = W.TcpFrameDecoder()
         hello_by = trio.current_time() + self.cfg.relay_hello_timeout
@@ -157,3 +244,5 @@ class RelayTcp:
                     authed = authed or (dest is conn and W.frame_type_untrusted(out) == W.T_HELLO_OK)
                     outs.append((out, dest))
             self.send_many(outs)
+            if authed and conn.fast_handle is not None:
+                return dec.pending()

@@ -157,3 +157,7 @@ class TcpFrameDecoder:
             out.append(bytes(self._buf[2 : 2 + n]))
             del self._buf[: 2 + n]
         return out
+
+    def pending(self) -> bytes:
+        """The bytes of the unfinished frame fed so far."""
+        return bytes(self._buf)

@@ -1430,6 +1430,7 @@ struct relay_session {
     struct local_source source;  /* len 0: the kernel chooses */
     double expires;
     int32_t budget;              /* its key's entry in budgets */
+    int32_t conn;                /* a TCP relay connection's slot in conns (its RECVs go there), -1: UDP */
 };
 
 /* A node key's per-node buckets: kept across that key's sessions, freed only when the table is full of keys
@@ -1441,8 +1442,10 @@ struct relay_budget {
     struct relay_bucket pkts, bytes;
 };
 
+struct relay_conn;
+
 struct relay_out {
-    const struct relay_session *dest;  /* where it goes: fd, address, source to send from */
+    const struct relay_session *dest;  /* where it goes: fd, address, source to send from (or its TCP conn) */
     unsigned char *data;
     size_t len;
 };
@@ -1463,10 +1466,61 @@ struct relay_table {
     int gso;
     unsigned long long forwarded_packets, forwarded_bytes, drop_node, drop_total, send_errors, send_would_block;
     unsigned char *buffers;        /* RELAY_BATCH x RELAY_BUFFER, relay_forward's */
+    /* The TCP relay's connections (relay_tcp_*; NULL until relay_tcp_start): slots, the epoll set of the
+     * TCP worker (connections it reads, or whose outbound bytes wait for room), its counters. */
+    struct relay_conn *conns;
+    int32_t max_conns, *conn_free, n_conn_free;
+    int epfd;
+    unsigned long long tcp_in, tcp_out, tcp_out_drops, tcp_python, tcp_send_errors;
     /* Held by whoever reads or changes the table: the Python calls (GIL held, which the workers never take)
      * and each worker thread while it decides and sends a batch. relay_flush's static buffers are under it. */
     pthread_mutex_t lock;
 };
+
+/* A TCP relay connection the table writes RECV frames to (and, once Python hands it over, reads SENDs from). */
+struct relay_conn {
+    int used, fd, reading, ended;  /* reading: the TCP worker reads it; ended: EOF or error reported */
+    int dead;                      /* a write failed: nothing more is written (the reader sees the end) */
+    uint32_t gen, events;          /* gen: in its handle, so a reused slot's stale handle matches nothing */
+    int32_t sessions;              /* table sessions whose RECVs come here */
+    unsigned char *out;            /* bytes the kernel has not taken yet, in order (at most RELAY_TCP_OUT_MAX) */
+    size_t out_len, out_cap;
+    unsigned char *partial;        /* the start of a frame the next read completes */
+    size_t partial_len;
+    double last_read, stalled_since;  /* stalled_since: when out last made no progress (0: out empty) */
+};
+
+static void
+conn_forget_session(struct relay_table *t, int32_t conn)
+{
+    if (conn >= 0 && t->conns != NULL) {
+        t->conns[conn].sessions--;
+    }
+}
+
+static void
+conn_release(struct relay_conn *c)
+{
+    free(c->out);
+    free(c->partial);
+    c->out = c->partial = NULL;
+    c->out_len = c->out_cap = c->partial_len = 0;
+}
+
+static void
+conns_free(struct relay_table *t)
+{
+    if (t->conns != NULL) {
+        for (int32_t i = 0; i < t->max_conns; i++) {
+            conn_release(&t->conns[i]);
+        }
+    }
+    PyMem_RawFree(t->conns);
+    PyMem_RawFree(t->conn_free);
+    if (t->epfd >= 0) {
+        close(t->epfd);
+    }
+}
 
 /* The table's lock from a Python call: waits with the GIL released (a worker holds it for a batch at most). */
 static void
@@ -1597,6 +1651,7 @@ session_remove(struct relay_table *t, int32_t n)
     index_delete(t, t->by_token, index_slot(t, t->by_token, s->token, RELAY_TOKEN_LEN));
     index_delete(t, t->by_key, index_slot(t, t->by_key, s->key, RELAY_KEY_LEN));
     t->budgets[s->budget].session = -1;  /* the budget stays: the key's next session spends it on */
+    conn_forget_session(t, s->conn);
     s->used = 0;
     t->free_list[t->n_free++] = n;
 }
@@ -1674,6 +1729,7 @@ relay_table_free(PyObject *capsule)
     PyMem_Free(t->by_budget);
     PyMem_Free(t->budget_free);
     PyMem_Free(t->buffers);
+    conns_free(t);
     pthread_mutex_destroy(&t->lock);
     PyMem_Free(t);
 }
@@ -1740,6 +1796,7 @@ relay_new(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     t->seed = ((uint64_t)ts.tv_nsec << 32) ^ (uint64_t)ts.tv_sec ^ (uint64_t)(uintptr_t)t;
     t->gso = 1;
+    t->epfd = -1;
     pthread_mutex_init(&t->lock, NULL);
     return capsule;
 }
@@ -1821,6 +1878,7 @@ relay_set(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     s->source = source;
     s->expires = expires;
     s->budget = budget;
+    s->conn = -1;
     t->budgets[budget].session = n;
     t->by_token[index_slot(t, t->by_token, token, RELAY_TOKEN_LEN)] = n;
     t->by_key[index_slot(t, t->by_key, key, RELAY_KEY_LEN)] = n;
@@ -1978,16 +2036,18 @@ same_addr(const struct relay_session *s, const struct sockaddr_storage *sa, sock
 
 /* The session a datagram's SEND is forwarded for, and its destination's; 0 when Python must decide. */
 static int
-fast_pair(struct relay_table *t, int fd, const unsigned char *data, ssize_t n, const struct sockaddr_storage *sa,
-          socklen_t sa_len, double now, int32_t *from, int32_t *to)
+fast_pair(struct relay_table *t, int fd, int32_t conn, const unsigned char *data, ssize_t n,
+          const struct sockaddr_storage *sa, socklen_t sa_len, double now, int32_t *from, int32_t *to)
 {
     static const unsigned char zero_key[RELAY_KEY_LEN];
     if (n < RELAY_SEND_HEADER || memcmp(data, relay_magic, 4) != 0 || data[4] != RELAY_T_SEND) {
         return 0;
     }
     int32_t a = index_find(t, t->by_token, data + 5, RELAY_TOKEN_LEN);
-    if (a < 0 || t->sessions[a].fd != fd || !same_addr(&t->sessions[a], sa, sa_len) || t->sessions[a].expires < now) {
-        return 0;  /* unknown token, another source's, or stale: RelayCore refuses and counts it */
+    if (a < 0 || t->sessions[a].conn != conn || t->sessions[a].expires < now
+        || (conn < 0 && (t->sessions[a].fd != fd || !same_addr(&t->sessions[a], sa, sa_len)))) {
+        return 0;  /* unknown token, another source's (UDP address or TCP connection), or stale: RelayCore
+                    * refuses and counts it */
     }
     const unsigned char *dst = data + 5 + RELAY_TOKEN_LEN;
     if (memcmp(dst, zero_key, RELAY_KEY_LEN) == 0) {
@@ -2028,6 +2088,8 @@ put_cmsgs(char *control, size_t room, uint16_t segment, const struct local_sourc
 
 #define RELAY_CONTROL (CMSG_SPACE(sizeof(uint16_t)) + CMSG_SPACE(PKTINFO_MAX))
 
+static void flush_tcp(struct relay_table *t, struct relay_out *q, int count, char *done);
+
 /* Sends the queued frames: grouped per destination (its order kept), runs of one size as one GSO send. */
 static void
 relay_flush(struct relay_table *t, struct relay_out *q, int count)
@@ -2042,6 +2104,7 @@ relay_flush(struct relay_table *t, struct relay_out *q, int count)
         struct cmsghdr align;
     } control;
     int nmsg = 0, niov = 0;
+    flush_tcp(t, q, count, done);
     for (int i = 0; i < count; i++) {
         if (done[i]) {
             continue;
@@ -2138,26 +2201,39 @@ relay_flush(struct relay_table *t, struct relay_out *q, int count)
 
 /* A SEND of a session the table holds, for a destination it holds: rewritten in place as the RECV and queued
  * in q, or dropped over a limit (counted); 0 when the datagram is for Python. Table locked. */
+static void relay_pass(struct relay_table *t, int32_t from, int32_t to, unsigned char *data, ssize_t len, double now,
+                       struct relay_out *q, int *queued);
+
 static int
 relay_step(struct relay_table *t, int fd, unsigned char *data, ssize_t len, const struct sockaddr_storage *sa,
            socklen_t sa_len, const struct local_source *local, double now, struct relay_out *q, int *queued)
 {
     int32_t from, to;
-    if (!fast_pair(t, fd, data, len, sa, sa_len, now, &from, &to)) {
+    if (!fast_pair(t, fd, -1, data, len, sa, sa_len, now, &from, &to)) {
         return 0;
     }
+    if (local->len) {
+        t->sessions[from].source = *local;  /* answer it from where it writes to (sticky source) */
+    }
+    relay_pass(t, from, to, data, len, now, q, queued);
+    return 1;
+}
+
+/* The SEND `data` of session `from` for session `to`: within the budgets, rewritten in place as the RECV (its
+ * header ends where the SEND's does; the 8 bytes before it stay free for a TCP length prefix) and queued. */
+static void
+relay_pass(struct relay_table *t, int32_t from, int32_t to, unsigned char *data, ssize_t len, double now,
+           struct relay_out *q, int *queued)
+{
     struct relay_session *s = &t->sessions[from];
     double size = (double)(len - RELAY_SEND_HEADER);
     if (!budget_take(t, s->budget, now, size)) {
         t->drop_node++;
-        return 1;
+        return;
     }
     if (!bucket_take(&t->total, now, size)) {
         t->drop_total++;
-        return 1;
-    }
-    if (local->len) {
-        s->source = *local;  /* answer it from where it writes to (sticky source) */
+        return;
     }
     unsigned char *frame = data + (RELAY_SEND_HEADER - RELAY_RECV_HEADER);
     memcpy(frame, relay_magic, 4);
@@ -2169,7 +2245,6 @@ relay_step(struct relay_table *t, int fd, unsigned char *data, ssize_t len, cons
     (*queued)++;
     t->forwarded_packets++;
     t->forwarded_bytes += (unsigned long long)size;
-    return 1;
 }
 
 #define RELAY_RECV_CONTROL (4 * CMSG_SPACE(sizeof(int)) + CMSG_SPACE(sizeof(struct in6_pktinfo)))
@@ -2357,6 +2432,7 @@ relay_send_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                     last = dest;  /* an equal tuple: the same destination */
                 } else {
                     d->fd = fd;
+                    d->conn = -1;
                     d->source.len = 0;
                     if (sources != NULL) {
                         lookup_source(sources, dest, d->addr.ss_family == AF_INET6, &d->source);
@@ -2730,6 +2806,903 @@ relay_worker_stop(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* ---- The TCP relay's connections in C (issue 16: the TCP relay's round trip) ----
+ * A TCP relay connection used to cross a trio task and RelayCore in Python per frame, each way (~150 us a leg on
+ * this machine). Now each connection the server accepts gets a slot here (relay_tcp_add) and every byte written
+ * to it goes through that slot: frames from Python (HELLO_OK, notices, RECVs RelayCore made) and RECVs the
+ * forwarding threads make for sessions bound to it (relay_set_tcp), written at once when nothing waits, else
+ * kept in a bounded outbound buffer (RELAY_TCP_OUT_MAX; whole frames beyond it are dropped and counted) that
+ * the TCP worker thread writes when the socket has room. Once RelayCore has granted the connection a session,
+ * Python stops reading it and hands it over (relay_tcp_read, with the partial frame it holds): the TCP worker
+ * reads it (epoll, no GIL), forwards each SEND the table allows exactly as the UDP workers do (same token check,
+ * bound to this connection, same per-key and total buckets, same rewrite to RECV) to a UDP session (sendmmsg)
+ * or a TCP one (its outbound buffer), and queues every other frame, and the connection's end, for Python
+ * (relay_tcp_take), which answers them with RelayCore as before. Python removes the slot (relay_tcp_remove)
+ * before it closes the socket; a write that fails shuts the socket down so that its reader sees the end.
+ *
+ * relay_tcp_start(table, max_conns) -> worker; relay_tcp_fd(worker) -> eventfd readable when items wait
+ * relay_tcp_add(table, fd) -> handle (int), or None: no free slot (the connection stays on the Python path)
+ * relay_tcp_send(table, handle, frame) -> bool (False: dropped, the outbound buffer is full or the socket broke)
+ * relay_tcp_read(table, handle, partial): the worker reads it from now on; `partial`: bytes of an unfinished frame
+ * relay_tcp_state(table, handle) -> (seconds since its last read, seconds its outbound bytes made no progress,
+ *                                    outbound bytes waiting)
+ * relay_tcp_remove(table, handle): forgotten (and its table sessions); before the socket closes
+ * relay_set_tcp(table, token8, key32, handle, expires) -> bool: a session whose RECVs go to that connection
+ * relay_tcp_take(worker, limit) -> list[(handle, frame bytes, or None for the connection's end)]
+ * relay_tcp_counters(table) -> (frames forwarded from TCP connections, frames written (or buffered) to them,
+ *                               dropped on a full outbound buffer, frames left for Python, failed writes)
+ * relay_tcp_stop(worker): stops and joins the thread; also on the capsule's end
+ */
+#include <sys/epoll.h>
+
+#define RELAY_TCP_CAPSULE "meshwg.relay_tcp_worker"
+#define RELAY_TCP_OUT_MAX (512 << 10)
+#define RELAY_TCP_FRAME_MAX (2 + 65535)
+#define RELAY_TCP_READ (4 * 65536)
+#define RELAY_TCP_EVENTS 64
+#define RELAY_TCP_STOP UINT64_MAX
+
+struct relay_tcp_item {
+    struct relay_tcp_item *next;
+    uint64_t handle;
+    Py_ssize_t len;  /* -1: the connection's end */
+    unsigned char data[];
+};
+
+struct relay_tcp_worker {
+    PyObject *table_obj;
+    struct relay_table *t;
+    int wake_fd, stop_fd, running;
+    pthread_t thread;
+    pthread_mutex_t qlock;
+    struct relay_tcp_item *head, *tail;
+    size_t count, bytes;
+    unsigned long long drops;
+    unsigned char *rbuf;  /* RELAY_TCP_READ + RELAY_TCP_FRAME_MAX: a partial frame, then what one read brings */
+};
+
+static uint64_t
+conn_handle(const struct relay_table *t, int32_t slot)
+{
+    return ((uint64_t)t->conns[slot].gen << 32) | (uint32_t)slot;
+}
+
+/* The connection of `handle`, or NULL when it is not (any more) one. Table locked. */
+static struct relay_conn *
+conn_of(struct relay_table *t, uint64_t handle, int32_t *slot)
+{
+    uint32_t n = (uint32_t)handle;
+    if (t->conns == NULL || n >= (uint32_t)t->max_conns) {
+        return NULL;
+    }
+    struct relay_conn *c = &t->conns[n];
+    if (!c->used || c->gen != (uint32_t)(handle >> 32)) {
+        return NULL;
+    }
+    if (slot != NULL) {
+        *slot = (int32_t)n;
+    }
+    return c;
+}
+
+/* The epoll interest the connection needs now: its reads (handed over, not ended), room for its outbound bytes. */
+static void
+conn_arm(struct relay_table *t, int32_t slot)
+{
+    struct relay_conn *c = &t->conns[slot];
+    uint32_t want = (c->reading && !c->ended ? EPOLLIN : 0) | (c->out_len && !c->dead ? EPOLLOUT : 0);
+    if (want == c->events) {
+        return;
+    }
+    struct epoll_event ev = {.events = want, .data.u64 = conn_handle(t, slot)};
+    int op = want == 0 ? EPOLL_CTL_DEL : c->events == 0 ? EPOLL_CTL_ADD : EPOLL_CTL_MOD;
+    if (epoll_ctl(t->epfd, op, c->fd, &ev) == 0 || op == EPOLL_CTL_DEL) {
+        c->events = want;
+    }
+}
+
+/* Nothing more is written to it: a failed write. Shut down so that whoever reads it sees the end. */
+static void
+conn_break(struct relay_table *t, int32_t slot)
+{
+    struct relay_conn *c = &t->conns[slot];
+    c->dead = 1;
+    c->out_len = 0;
+    shutdown(c->fd, SHUT_RDWR);
+    conn_arm(t, slot);
+}
+
+static int
+conn_append(struct relay_conn *c, const unsigned char *data, size_t len)
+{
+    if (c->out_len + len > c->out_cap) {
+        size_t cap = c->out_cap ? c->out_cap : 16384;
+        while (cap < c->out_len + len) {
+            cap *= 2;
+        }
+        unsigned char *grown = realloc(c->out, cap);
+        if (grown == NULL) {
+            return 0;
+        }
+        c->out = grown;
+        c->out_cap = cap;
+    }
+    memcpy(c->out + c->out_len, data, len);
+    c->out_len += len;
+    return 1;
+}
+
+/* Whole TCP frames (iov[k]: a length prefix and its frame) to the connection, in order: written at once when
+ * nothing waits before them, the rest buffered (a partly written frame's tail always: the stream must stay
+ * whole; a whole frame only within RELAY_TCP_OUT_MAX). Returns the frames dropped. Table locked. */
+static int
+conn_send(struct relay_table *t, int32_t slot, struct iovec *iov, int n)
+{
+    struct relay_conn *c = &t->conns[slot];
+    int k = 0, dropped = 0;
+    size_t was = c->out_len;
+    if (c->dead) {
+        t->tcp_send_errors += (unsigned long long)n;
+        return n;
+    }
+    if (c->out_len == 0) {
+        struct msghdr m = {.msg_iov = iov, .msg_iovlen = (size_t)n};
+        ssize_t w;
+        do {
+            w = sendmsg(c->fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
+        } while (w < 0 && errno == EINTR);
+        if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+            t->tcp_send_errors += (unsigned long long)n;
+            conn_break(t, slot);
+            return n;
+        }
+        size_t sent = w < 0 ? 0 : (size_t)w;
+        while (k < n && sent >= iov[k].iov_len) {
+            sent -= iov[k].iov_len;
+            k++;
+        }
+        if (k < n && sent > 0) {
+            if (!conn_append(c, (unsigned char *)iov[k].iov_base + sent, iov[k].iov_len - sent)) {
+                t->tcp_send_errors++;
+                conn_break(t, slot);  /* the stream cannot stay whole */
+                return n - k;
+            }
+            k++;
+        }
+    }
+    for (; k < n; k++) {
+        if (c->out_len + iov[k].iov_len > RELAY_TCP_OUT_MAX || !conn_append(c, iov[k].iov_base, iov[k].iov_len)) {
+            dropped++;
+        }
+    }
+    if (was == 0 && c->out_len > 0) {
+        c->stalled_since = monotonic_now();
+        conn_arm(t, slot);
+    }
+    return dropped;
+}
+
+/* Writes what waits in its outbound buffer (the socket has room). Table locked. */
+static void
+conn_flush(struct relay_table *t, int32_t slot)
+{
+    struct relay_conn *c = &t->conns[slot];
+    if (c->dead || c->out_len == 0) {
+        conn_arm(t, slot);
+        return;
+    }
+    ssize_t w;
+    do {
+        w = send(c->fd, c->out, c->out_len, MSG_DONTWAIT | MSG_NOSIGNAL);
+    } while (w < 0 && errno == EINTR);
+    if (w < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK) {
+            t->tcp_send_errors++;
+            conn_break(t, slot);
+        }
+        return;
+    }
+    memmove(c->out, c->out + w, c->out_len - (size_t)w);
+    c->out_len -= (size_t)w;
+    c->stalled_since = monotonic_now();
+    if (c->out_len == 0) {
+        if (c->out_cap > 65536) {  /* a burst's buffer is not kept by an idle connection */
+            free(c->out);
+            c->out = NULL;
+            c->out_cap = 0;
+        }
+        conn_arm(t, slot);
+    }
+}
+
+/* The RECVs queued for TCP sessions: one sendmsg per destination connection, frames in order; marked done. */
+static void
+flush_tcp(struct relay_table *t, struct relay_out *q, int count, char *done)
+{
+    struct iovec iov[RELAY_BATCH];
+    for (int i = 0; i < count; i++) {
+        if (done[i] || q[i].dest->conn < 0) {
+            continue;
+        }
+        int32_t slot = q[i].dest->conn, n = 0;
+        for (int j = i; j < count; j++) {
+            if (done[j] || q[j].dest != q[i].dest) {
+                continue;
+            }
+            unsigned char *framed = q[j].data - 2;  /* the RECV starts 8 bytes into its SEND: room for the prefix */
+            framed[0] = (unsigned char)(q[j].len >> 8);
+            framed[1] = (unsigned char)q[j].len;
+            iov[n].iov_base = framed;
+            iov[n].iov_len = q[j].len + 2;
+            n++;
+            done[j] = 1;
+        }
+        int dropped = conn_send(t, slot, iov, n);
+        t->tcp_out += (unsigned long long)(n - dropped);
+        t->tcp_out_drops += (unsigned long long)dropped;
+    }
+}
+
+/* A frame or a connection's end (data NULL) for Python; 0 when the queue is full (dropped, counted). */
+static int
+tcp_queue(struct relay_tcp_worker *w, uint64_t handle, const unsigned char *data, Py_ssize_t len)
+{
+    size_t size = data != NULL ? (size_t)len : 0;
+    pthread_mutex_lock(&w->qlock);
+    int room = data == NULL || (w->count < RELAY_QUEUE_MAX && w->bytes + size <= RELAY_QUEUE_BYTES);
+    pthread_mutex_unlock(&w->qlock);
+    struct relay_tcp_item *p = room ? malloc(sizeof *p + size) : NULL;
+    if (p != NULL) {
+        p->next = NULL;
+        p->handle = handle;
+        p->len = data != NULL ? len : -1;
+        if (size) {
+            memcpy(p->data, data, size);
+        }
+    }
+    pthread_mutex_lock(&w->qlock);
+    if (p == NULL) {
+        w->drops++;
+    } else {
+        if (w->tail != NULL) {
+            w->tail->next = p;
+        } else {
+            w->head = p;
+        }
+        w->tail = p;
+        w->count++;
+        w->bytes += size;
+    }
+    pthread_mutex_unlock(&w->qlock);
+    return p != NULL;
+}
+
+/* The complete frames of buf[0:len) from connection `slot`: SENDs the table allows forwarded, the rest queued
+ * for Python. Returns the bytes used (the rest is the start of a frame). Table locked. */
+static size_t
+tcp_frames(struct relay_tcp_worker *w, int32_t slot, unsigned char *buf, size_t len, double now, int *queued_python)
+{
+    struct relay_table *t = w->t;
+    struct relay_out q[RELAY_BATCH];
+    int queued = 0;
+    size_t off = 0;
+    uint64_t handle = conn_handle(t, slot);
+    while (len - off >= 2) {
+        size_t n = ((size_t)buf[off] << 8) | buf[off + 1];
+        if (len - off < 2 + n) {
+            break;
+        }
+        unsigned char *frame = buf + off + 2;
+        off += 2 + n;
+        int32_t from, to;
+        if (fast_pair(t, -1, slot, frame, (ssize_t)n, NULL, 0, now, &from, &to)) {
+            relay_pass(t, from, to, frame, (ssize_t)n, now, q, &queued);
+            t->tcp_in++;
+            if (queued == RELAY_BATCH) {
+                relay_flush(t, q, queued);
+                queued = 0;
+            }
+            continue;
+        }
+        t->tcp_python++;
+        if (tcp_queue(w, handle, frame, (Py_ssize_t)n)) {
+            *queued_python = 1;
+        }
+    }
+    relay_flush(t, q, queued);
+    return off;
+}
+
+/* One read of a handed-over connection and its complete frames; its end queued for Python. Table locked. */
+static void
+conn_read(struct relay_tcp_worker *w, int32_t slot, int *wake)
+{
+    struct relay_table *t = w->t;
+    struct relay_conn *c = &t->conns[slot];
+    size_t have = c->partial_len;
+    if (have) {
+        memcpy(w->rbuf, c->partial, have);
+    }
+    ssize_t n;
+    do {
+        n = recv(c->fd, w->rbuf + have, RELAY_TCP_READ, MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        return;
+    }
+    if (n <= 0) {
+        c->ended = 1;
+        conn_arm(t, slot);
+        tcp_queue(w, conn_handle(t, slot), NULL, 0);
+        *wake = 1;
+        return;
+    }
+    double now = monotonic_now();
+    c->last_read = now;
+    size_t total = have + (size_t)n;
+    size_t used = tcp_frames(w, slot, w->rbuf, total, now, wake);
+    size_t rest = total - used;  /* < RELAY_TCP_FRAME_MAX */
+    if (rest != c->partial_len) {
+        free(c->partial);
+        c->partial = rest ? malloc(rest) : NULL;
+        if (rest && c->partial == NULL) {
+            c->partial_len = 0;
+            t->tcp_send_errors++;
+            conn_break(t, slot);  /* the stream cannot be followed any more */
+            return;
+        }
+    }
+    if (rest) {
+        memcpy(c->partial, w->rbuf + used, rest);
+    }
+    c->partial_len = rest;
+}
+
+static void *
+tcp_worker_main(void *arg)
+{
+    struct relay_tcp_worker *w = arg;
+    struct relay_table *t = w->t;
+    struct epoll_event evs[RELAY_TCP_EVENTS];
+    for (;;) {
+        int n = epoll_wait(t->epfd, evs, RELAY_TCP_EVENTS, -1);
+        if (n < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            break;
+        }
+        int stop = 0, wake = 0;
+        pthread_mutex_lock(&t->lock);
+        for (int i = 0; i < n; i++) {
+            int32_t slot;
+            if (evs[i].data.u64 == RELAY_TCP_STOP) {
+                stop = 1;
+                continue;
+            }
+            struct relay_conn *c = conn_of(t, evs[i].data.u64, &slot);
+            if (c == NULL) {
+                continue;  /* removed since epoll_wait returned */
+            }
+            if (evs[i].events & EPOLLOUT) {
+                conn_flush(t, slot);
+            }
+            if ((evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) && c->reading && !c->ended) {
+                conn_read(w, slot, &wake);
+            } else if ((evs[i].events & (EPOLLHUP | EPOLLERR)) && !(c->reading && !c->ended)) {
+                c->dead = 1;  /* a connection Python reads: its reader sees the end; nothing more to write */
+                c->out_len = 0;
+                conn_arm(t, slot);
+            }
+        }
+        pthread_mutex_unlock(&t->lock);
+        if (wake) {
+            uint64_t one = 1;
+            ssize_t rc = write(w->wake_fd, &one, sizeof one);
+            (void)rc;
+        }
+        if (stop) {
+            break;
+        }
+    }
+    return NULL;
+}
+
+static void
+tcp_worker_stop(struct relay_tcp_worker *w)
+{
+    if (!w->running) {
+        return;
+    }
+    uint64_t one = 1;
+    ssize_t rc = write(w->stop_fd, &one, sizeof one);
+    (void)rc;
+    pthread_join(w->thread, NULL);  /* the thread never takes the GIL */
+    w->running = 0;
+}
+
+static void
+relay_tcp_worker_free(PyObject *capsule)
+{
+    struct relay_tcp_worker *w = PyCapsule_GetPointer(capsule, RELAY_TCP_CAPSULE);
+    if (w == NULL) {
+        return;
+    }
+    tcp_worker_stop(w);
+    if (w->stop_fd >= 0 && w->t->epfd >= 0) {
+        epoll_ctl(w->t->epfd, EPOLL_CTL_DEL, w->stop_fd, NULL);
+    }
+    for (struct relay_tcp_item *p = w->head, *next; p != NULL; p = next) {
+        next = p->next;
+        free(p);
+    }
+    if (w->wake_fd >= 0) {
+        close(w->wake_fd);
+    }
+    if (w->stop_fd >= 0) {
+        close(w->stop_fd);
+    }
+    pthread_mutex_destroy(&w->qlock);
+    PyMem_RawFree(w->rbuf);
+    Py_XDECREF(w->table_obj);
+    PyMem_RawFree(w);
+}
+
+static struct relay_tcp_worker *
+as_tcp_worker(PyObject *obj)
+{
+    return PyCapsule_GetPointer(obj, RELAY_TCP_CAPSULE);
+}
+
+/* The connection slots and the epoll set, made once per table. Table locked. */
+static int
+conns_init(struct relay_table *t, int32_t max)
+{
+    if (t->conns != NULL) {
+        return 0;
+    }
+    t->conns = PyMem_RawCalloc((size_t)max, sizeof *t->conns);
+    t->conn_free = PyMem_RawMalloc((size_t)max * sizeof(int32_t));
+    t->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (t->conns == NULL || t->conn_free == NULL || t->epfd < 0) {
+        int err = t->epfd < 0 ? errno : ENOMEM;
+        conns_free(t);
+        t->conns = NULL;
+        t->conn_free = NULL;
+        t->epfd = -1;
+        errno = err;
+        return -1;
+    }
+    t->max_conns = max;
+    for (int32_t i = 0; i < max; i++) {
+        t->conn_free[i] = max - 1 - i;
+    }
+    t->n_conn_free = max;
+    return 0;
+}
+
+static PyObject *
+relay_tcp_start(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct relay_table *t = nargs == 2 ? as_table(args[0]) : NULL;
+    long max = t != NULL ? PyLong_AsLong(args[1]) : -1;
+    if (t == NULL || max < 1 || max > (1 << 24)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "relay_tcp_start(table, max_conns: 1 .. 2**24)");
+        }
+        return NULL;
+    }
+    table_lock(t);
+    int rc = t->conns != NULL ? -2 : conns_init(t, (int32_t)max);
+    table_unlock(t);
+    if (rc == -2) {
+        PyErr_SetString(PyExc_ValueError, "relay_tcp_start: this table has its TCP worker");
+        return NULL;
+    }
+    if (rc < 0) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    struct relay_tcp_worker *w = PyMem_RawCalloc(1, sizeof *w);
+    if (w == NULL) {
+        return PyErr_NoMemory();
+    }
+    w->wake_fd = w->stop_fd = -1;
+    pthread_mutex_init(&w->qlock, NULL);
+    w->table_obj = Py_NewRef(args[0]);
+    w->t = t;
+    PyObject *capsule = PyCapsule_New(w, RELAY_TCP_CAPSULE, relay_tcp_worker_free);
+    if (capsule == NULL) {
+        Py_DECREF(w->table_obj);
+        pthread_mutex_destroy(&w->qlock);
+        PyMem_RawFree(w);
+        return NULL;
+    }
+    w->rbuf = PyMem_RawMalloc(RELAY_TCP_READ + RELAY_TCP_FRAME_MAX);
+    if (w->rbuf == NULL) {
+        Py_DECREF(capsule);
+        return PyErr_NoMemory();
+    }
+    w->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    w->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = RELAY_TCP_STOP};
+    if (w->wake_fd < 0 || w->stop_fd < 0 || epoll_ctl(t->epfd, EPOLL_CTL_ADD, w->stop_fd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(capsule);
+        return NULL;
+    }
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int err = pthread_create(&w->thread, NULL, tcp_worker_main, w);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (err != 0) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(capsule);
+        return NULL;
+    }
+    w->running = 1;
+    return capsule;
+}
+
+/* The table and the connection handle of args[0], args[1]; NULL with an exception when not. */
+static struct relay_table *
+table_and_handle(PyObject *const *args, uint64_t *handle)
+{
+    struct relay_table *t = as_table(args[0]);
+    if (t == NULL) {
+        return NULL;
+    }
+    *handle = PyLong_AsUnsignedLongLong(args[1]);
+    if (*handle == (uint64_t)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    return t;
+}
+
+static PyObject *
+relay_tcp_add(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct relay_table *t = nargs == 2 ? as_table(args[0]) : NULL;
+    if (t == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "relay_tcp_add(table, fd)");
+        }
+        return NULL;
+    }
+    int fd = as_fd(args[1]);
+    if (fd < 0) {
+        return NULL;
+    }
+    table_lock(t);
+    if (t->conns == NULL || t->n_conn_free == 0) {
+        table_unlock(t);
+        Py_RETURN_NONE;
+    }
+    int32_t slot = t->conn_free[--t->n_conn_free];
+    struct relay_conn *c = &t->conns[slot];
+    uint32_t gen = c->gen + 1;
+    memset(c, 0, sizeof *c);
+    c->used = 1;
+    c->fd = fd;
+    c->gen = gen;
+    c->last_read = monotonic_now();
+    uint64_t handle = conn_handle(t, slot);
+    table_unlock(t);
+    return PyLong_FromUnsignedLongLong(handle);
+}
+
+static PyObject *
+relay_tcp_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t handle;
+    struct relay_table *t = nargs == 3 ? table_and_handle(args, &handle) : NULL;
+    if (t == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "relay_tcp_send(table, handle, frame)");
+        }
+        return NULL;
+    }
+    if (!PyBytes_Check(args[2]) || PyBytes_GET_SIZE(args[2]) > 65535) {
+        PyErr_SetString(PyExc_ValueError, "frame must be bytes of at most 65535");
+        return NULL;
+    }
+    Py_ssize_t len = PyBytes_GET_SIZE(args[2]);
+    unsigned char prefix[2] = {(unsigned char)(len >> 8), (unsigned char)len};
+    unsigned char *framed = PyMem_Malloc((size_t)len + 2);
+    if (framed == NULL) {
+        return PyErr_NoMemory();
+    }
+    memcpy(framed, prefix, 2);
+    memcpy(framed + 2, PyBytes_AS_STRING(args[2]), (size_t)len);
+    struct iovec iov = {.iov_base = framed, .iov_len = (size_t)len + 2};
+    table_lock(t);
+    int32_t slot;
+    int ok = conn_of(t, handle, &slot) != NULL && conn_send(t, slot, &iov, 1) == 0;
+    table_unlock(t);
+    PyMem_Free(framed);
+    return PyBool_FromLong(ok);
+}
+
+static PyObject *
+relay_tcp_read(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t handle;
+    struct relay_table *t = nargs == 3 ? table_and_handle(args, &handle) : NULL;
+    if (t == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "relay_tcp_read(table, handle, partial)");
+        }
+        return NULL;
+    }
+    if (!PyBytes_Check(args[2]) || PyBytes_GET_SIZE(args[2]) >= RELAY_TCP_FRAME_MAX) {
+        PyErr_SetString(PyExc_ValueError, "partial must be the bytes of one unfinished frame");
+        return NULL;
+    }
+    size_t len = (size_t)PyBytes_GET_SIZE(args[2]);
+    unsigned char *partial = len ? malloc(len) : NULL;
+    if (len && partial == NULL) {
+        return PyErr_NoMemory();
+    }
+    if (len) {
+        memcpy(partial, PyBytes_AS_STRING(args[2]), len);
+    }
+    table_lock(t);
+    int32_t slot;
+    struct relay_conn *c = conn_of(t, handle, &slot);
+    if (c != NULL && !c->reading) {
+        free(c->partial);
+        c->partial = partial;
+        c->partial_len = len;
+        partial = NULL;
+        c->reading = 1;
+        c->last_read = monotonic_now();
+        conn_arm(t, slot);
+    }
+    table_unlock(t);
+    free(partial);
+    if (c == NULL) {
+        PyErr_SetString(PyExc_KeyError, "relay_tcp_read: no such connection");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+relay_tcp_state(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t handle;
+    struct relay_table *t = nargs == 2 ? table_and_handle(args, &handle) : NULL;
+    if (t == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "relay_tcp_state(table, handle)");
+        }
+        return NULL;
+    }
+    table_lock(t);
+    struct relay_conn *c = conn_of(t, handle, NULL);
+    double now = monotonic_now(), idle = 0.0, stalled = 0.0;
+    size_t out = 0;
+    if (c != NULL) {
+        idle = now - c->last_read;
+        stalled = c->out_len ? now - c->stalled_since : 0.0;
+        out = c->out_len;
+    }
+    table_unlock(t);
+    if (c == NULL) {
+        PyErr_SetString(PyExc_KeyError, "relay_tcp_state: no such connection");
+        return NULL;
+    }
+    return Py_BuildValue("(ddn)", idle, stalled, (Py_ssize_t)out);
+}
+
+static PyObject *
+relay_tcp_remove(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t handle;
+    struct relay_table *t = nargs == 2 ? table_and_handle(args, &handle) : NULL;
+    if (t == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "relay_tcp_remove(table, handle)");
+        }
+        return NULL;
+    }
+    table_lock(t);
+    int32_t slot;
+    struct relay_conn *c = conn_of(t, handle, &slot);
+    if (c != NULL) {
+        for (Py_ssize_t n = 0; c->sessions > 0 && n < t->max_sessions; n++) {
+            if (t->sessions[n].used && t->sessions[n].conn == slot) {
+                session_remove(t, (int32_t)n);  /* RelayCore removes them first; never left pointing here */
+            }
+        }
+        if (c->events) {
+            epoll_ctl(t->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+        }
+        conn_release(c);
+        c->used = 0;
+        c->events = 0;
+        t->conn_free[t->n_conn_free++] = slot;
+    }
+    table_unlock(t);
+    return PyBool_FromLong(c != NULL);
+}
+
+static PyObject *
+relay_set_tcp(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t handle;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "relay_set_tcp(table, token, key, handle, expires)");
+        return NULL;
+    }
+    struct relay_table *t = as_table(args[0]);
+    const unsigned char *token = t ? exact_bytes(args[1], RELAY_TOKEN_LEN, "token") : NULL;
+    const unsigned char *key = token ? exact_bytes(args[2], RELAY_KEY_LEN, "key") : NULL;
+    if (key == NULL) {
+        return NULL;
+    }
+    handle = PyLong_AsUnsignedLongLong(args[3]);
+    double expires = PyErr_Occurred() ? -1.0 : PyFloat_AsDouble(args[4]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    table_lock(t);
+    int32_t slot;
+    struct relay_conn *c = conn_of(t, handle, &slot);
+    int32_t old = index_find(t, t->by_key, key, RELAY_KEY_LEN);
+    if (old >= 0) {
+        session_remove(t, old);
+    }
+    old = index_find(t, t->by_token, token, RELAY_TOKEN_LEN);
+    if (old >= 0) {
+        session_remove(t, old);
+    }
+    double now = monotonic_now();
+    int32_t budget = c != NULL && t->n_free > 0 ? budget_for(t, key, now) : -1;
+    if (budget < 0) {
+        table_unlock(t);
+        Py_RETURN_FALSE;
+    }
+    int32_t n = t->free_list[--t->n_free];
+    struct relay_session *s = &t->sessions[n];
+    memset(s, 0, sizeof *s);
+    s->used = 1;
+    memcpy(s->token, token, RELAY_TOKEN_LEN);
+    memcpy(s->key, key, RELAY_KEY_LEN);
+    s->fd = c->fd;
+    s->expires = expires;
+    s->budget = budget;
+    s->conn = slot;
+    c->sessions++;
+    t->budgets[budget].session = n;
+    t->by_token[index_slot(t, t->by_token, token, RELAY_TOKEN_LEN)] = n;
+    t->by_key[index_slot(t, t->by_key, key, RELAY_KEY_LEN)] = n;
+    table_unlock(t);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+relay_tcp_fd(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct relay_tcp_worker *w = nargs == 1 ? as_tcp_worker(args[0]) : NULL;
+    if (w == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "relay_tcp_fd(worker)");
+        }
+        return NULL;
+    }
+    return PyLong_FromLong(w->wake_fd);
+}
+
+static PyObject *
+relay_tcp_take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct relay_tcp_worker *w = nargs == 2 ? as_tcp_worker(args[0]) : NULL;
+    Py_ssize_t limit = w != NULL ? PyLong_AsSsize_t(args[1]) : -1;
+    if (w == NULL || limit < 0) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "relay_tcp_take(worker, limit)");
+        }
+        return NULL;
+    }
+    uint64_t ignored;
+    ssize_t rc = read(w->wake_fd, &ignored, sizeof ignored);  /* re-armed below if anything is left */
+    (void)rc;
+    pthread_mutex_lock(&w->qlock);
+    struct relay_tcp_item *first = w->head, *last = NULL, *p = first;
+    Py_ssize_t taken = 0;
+    while (p != NULL && taken < limit) {
+        w->bytes -= p->len > 0 ? (size_t)p->len : 0;
+        last = p;
+        p = p->next;
+        taken++;
+    }
+    w->head = p;
+    if (p == NULL) {
+        w->tail = NULL;
+    }
+    w->count -= (size_t)taken;
+    if (last != NULL) {
+        last->next = NULL;
+    }
+    int more = w->head != NULL;
+    pthread_mutex_unlock(&w->qlock);
+    if (more) {
+        uint64_t one = 1;
+        rc = write(w->wake_fd, &one, sizeof one);
+    }
+    PyObject *out = PyList_New(0);
+    int ok = out != NULL;
+    for (p = taken ? first : NULL; p != NULL;) {
+        if (ok) {
+            PyObject *frame = p->len >= 0 ? PyBytes_FromStringAndSize((const char *)p->data, p->len) : Py_NewRef(Py_None);
+            PyObject *h = frame != NULL ? PyLong_FromUnsignedLongLong(p->handle) : NULL;
+            ok = h != NULL && append_new(out, PyTuple_Pack(2, h, frame)) == 0;
+            Py_XDECREF(frame);
+            Py_XDECREF(h);
+        }
+        struct relay_tcp_item *next = p->next;
+        free(p);
+        p = next;
+    }
+    if (!ok) {
+        Py_XDECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
+static PyObject *
+relay_tcp_counters(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct relay_table *t = nargs == 1 ? as_table(args[0]) : NULL;
+    if (t == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "relay_tcp_counters(table)");
+        }
+        return NULL;
+    }
+    table_lock(t);
+    unsigned long long c[5] = {t->tcp_in, t->tcp_out, t->tcp_out_drops, t->tcp_python, t->tcp_send_errors};
+    t->tcp_in = t->tcp_out = t->tcp_out_drops = t->tcp_python = t->tcp_send_errors = 0;
+    table_unlock(t);
+    return Py_BuildValue("(KKKKK)", c[0], c[1], c[2], c[3], c[4]);
+}
+
+static PyObject *
+relay_tcp_drops(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct relay_tcp_worker *w = nargs == 1 ? as_tcp_worker(args[0]) : NULL;
+    if (w == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "relay_tcp_drops(worker)");
+        }
+        return NULL;
+    }
+    pthread_mutex_lock(&w->qlock);
+    unsigned long long drops = w->drops;
+    w->drops = 0;
+    pthread_mutex_unlock(&w->qlock);
+    return PyLong_FromUnsignedLongLong(drops);
+}
+
+static PyObject *
+relay_tcp_stop(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct relay_tcp_worker *w = nargs == 1 ? as_tcp_worker(args[0]) : NULL;
+    if (w == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "relay_tcp_stop(worker)");
+        }
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    tcp_worker_stop(w);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef fastio_methods[] = {
     {"read_packets", (PyCFunction)(void (*)(void))read_packets, METH_FASTCALL,
      "read_packets(fd, limit) -> list[bytes]"},
@@ -2777,6 +3750,30 @@ static PyMethodDef fastio_methods[] = {
     {"relay_take_counters", (PyCFunction)(void (*)(void))relay_take_counters, METH_FASTCALL,
      "relay_take_counters(table) -> (forwarded_packets, forwarded_bytes, drop_node_limit, drop_total_limit, "
      "send_errors, send_would_block)"},
+    {"relay_tcp_start", (PyCFunction)(void (*)(void))relay_tcp_start, METH_FASTCALL,
+     "relay_tcp_start(table, max_conns) -> worker (a thread reading and writing the TCP relay's connections)"},
+    {"relay_tcp_fd", (PyCFunction)(void (*)(void))relay_tcp_fd, METH_FASTCALL,
+     "relay_tcp_fd(worker) -> eventfd readable when frames wait for Python"},
+    {"relay_tcp_take", (PyCFunction)(void (*)(void))relay_tcp_take, METH_FASTCALL,
+     "relay_tcp_take(worker, limit) -> list[(handle, frame or None)] for Python"},
+    {"relay_tcp_drops", (PyCFunction)(void (*)(void))relay_tcp_drops, METH_FASTCALL,
+     "relay_tcp_drops(worker) -> frames dropped on a full queue since the last call"},
+    {"relay_tcp_stop", (PyCFunction)(void (*)(void))relay_tcp_stop, METH_FASTCALL,
+     "relay_tcp_stop(worker): stops and joins its thread"},
+    {"relay_tcp_add", (PyCFunction)(void (*)(void))relay_tcp_add, METH_FASTCALL,
+     "relay_tcp_add(table, fd) -> handle or None"},
+    {"relay_tcp_send", (PyCFunction)(void (*)(void))relay_tcp_send, METH_FASTCALL,
+     "relay_tcp_send(table, handle, frame) -> bool"},
+    {"relay_tcp_read", (PyCFunction)(void (*)(void))relay_tcp_read, METH_FASTCALL,
+     "relay_tcp_read(table, handle, partial): the TCP worker reads the connection from now on"},
+    {"relay_tcp_state", (PyCFunction)(void (*)(void))relay_tcp_state, METH_FASTCALL,
+     "relay_tcp_state(table, handle) -> (idle_s, stalled_s, outbound_bytes)"},
+    {"relay_tcp_remove", (PyCFunction)(void (*)(void))relay_tcp_remove, METH_FASTCALL,
+     "relay_tcp_remove(table, handle) -> bool"},
+    {"relay_set_tcp", (PyCFunction)(void (*)(void))relay_set_tcp, METH_FASTCALL,
+     "relay_set_tcp(table, token, key, handle, expires) -> bool"},
+    {"relay_tcp_counters", (PyCFunction)(void (*)(void))relay_tcp_counters, METH_FASTCALL,
+     "relay_tcp_counters(table) -> (from_tcp, to_tcp, out_drops, to_python, send_errors)"},
     {NULL, NULL, 0, NULL},
 };
 
