@@ -557,9 +557,7 @@ def netcheck_text(rep: dict) -> str:
     lines.append(f"  reflexive: {', '.join(rep['reflexive']) or '-'}  "
                  f"(STUN servers: {', '.join(rep['stun_servers']) or '-'})")
     lines.append(f"  IPv6: {_ipv6_text(rep.get('ipv6'))}")
-    pm = rep.get("port_mapping")
-    lines.append(f"  port mapping: {PM.portmap_line(None if pm is None else pm['protocols'])}"
-                 + (f" (gateway {pm['gateway']})" if pm and pm.get("gateway") else ""))
+    lines.append(f"  port mapping: {PM.portmap_text(rep.get('port_mapping'))}")
     r = rep["relay"]
     if r["mode"] == "none" and rep.get("stun_rtt_ms") is not None:
         lines.append(f"  relay: no agent running; STUN round trip to the server {rep['stun_rtt_ms']} ms")

@@ -217,11 +217,23 @@ class PortMapFindings:
                 "ssdp_answers": len(self.ssdp), "drops": dict(self.drops)}
 
 
-def portmap_line(protocols: list[str] | None) -> str:
-    """The text the netcheck report prints after "port mapping:"."""
-    if protocols is None:
-        return "not probed"
-    return ", ".join(protocols) or "none"
+NATPMP_RESULTS = {1: "unsupported version", 2: "not authorized", 3: "network failure", 4: "out of resources",
+                  5: "unsupported opcode"}
+
+
+def portmap_text(report: dict | None) -> str:
+    """What `meshwg netcheck` prints after "port mapping:", from PortMapFindings.as_dict (None: no answer in time).
+    A gateway that answered but refused (e.g. NAT-PMP "network failure": its own outside address is private)
+    is named, since that is why mapping would not work."""
+    if report is None:
+        return "unknown (no answer in time)"
+    text = ", ".join(report["protocols"]) or "none"
+    notes = [f"gateway {report['gateway']}"] if report.get("gateway") else []
+    for name, key in (("NAT-PMP", "natpmp"), ("PCP", "pcp")):
+        ans = report.get(key)
+        if ans and ans["result"]:
+            notes.append(f"{name} refused: {NATPMP_RESULTS.get(ans['result'], 'result')} ({ans['result']})")
+    return text + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def default_gateway_untrusted(proc_net_route: str) -> str | None:
