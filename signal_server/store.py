@@ -19,7 +19,7 @@ import os
 import sqlite3
 import stat
 from meshwg.config.keys import generate_private_key, key_to_base64
-from signal_server import ipam, policy, registry, routes
+from signal_server import ipam, policy, registry, routes, store_rows
 from signal_server import store_api as api
 from signal_server.invites import InviteRow, hash_secret, normalize_name
 from signal_server.store_api import Change, NodeRow, NoIdentity, RouteRow, StoreError  # noqa: F401 (re-exported)
@@ -94,9 +94,7 @@ def wide_modes(path: str) -> list[tuple[str, int]]:
     return found
 
 
-_NODE_COLS = ("id, pubkey, name, ipv4, ipv6, created, last_seen, expires, invite_id, tag, kind, private_key, targets, "
-              "exit_node, tags")
-_INVITE_COLS = "id, secret_hash, reusable, expires, tag, created, revoked, uses, auto_routes"
+_NODE_COLS, _INVITE_COLS = store_rows.NODE_COLS, store_rows.INVITE_COLS
 
 
 class SqliteStore:
@@ -317,13 +315,10 @@ class SqliteStore:
 
     def _node(self, row, live_routes=None) -> NodeRow:
         """A NodeRow; live_routes: its advertised and approved prefixes (read here when not given)."""
-        priv, targets = row[11], row[12]
         if live_routes is None:
             live_routes = [r[0] for r in self.db.execute(
                 "SELECT prefix FROM routes WHERE node_id=? AND advertised=1 AND approved=1", (row[0],))]
-        subnets, is_exit = routes.visible(live_routes, lambda p: None)
-        return NodeRow(row[0], bytes(row[1]), *row[2:11], None if priv is None else bytes(priv),
-                       tuple(json.loads(targets)) if targets else (), row[13], subnets, is_exit, _tags(row[14], row[9]))
+        return store_rows.node_row(row, live_routes)
 
     def get_node(self, key: bytes) -> NodeRow | None:
         row = self.db.execute(f"SELECT {_NODE_COLS} FROM nodes WHERE pubkey=?", (key,)).fetchone()
@@ -640,20 +635,7 @@ def restore_copy(backup: str, dest: str) -> None:
         raise StoreError(f"{backup}: cannot restore: {exc}") from None
 
 
-def _tags(stored, invite_tag) -> tuple:
-    """A row's tags: the stored list, or (never set) its invite's tag."""
-    if stored is None:
-        return policy.stored_tags(invite_tag)
-    try:
-        value = json.loads(stored)
-    except ValueError:
-        return ()
-    return policy.stored_tags(",".join(t for t in value if isinstance(t, str))) if isinstance(value, list) else ()
-
-
-def _invite_row(row) -> InviteRow:
-    return InviteRow(row[0], bytes(row[1]), bool(row[2]), row[3], row[4], row[5], bool(row[6]), row[7],
-                     tuple(json.loads(row[8])) if row[8] else ())
+_tags, _invite_row = store_rows.tags_of, store_rows.invite_row
 
 
 Store = SqliteStore  # the name the CLI, tests and older code import

@@ -1,5 +1,5 @@
 """What the signal server and its admin CLI need of a database: the `Store` protocol, its row types and
-its change feed. Every backend (SQLite in store.py; PostgreSQL to come) implements it and passes
+its change feed. Every backend (SQLite in store.py, PostgreSQL in store_pg.py) implements it and passes
 tests/signal/test_store_conformance.py.
 
 The change feed: every mutation appends a Change (seq, kind, node key and id) in the same transaction as
@@ -141,7 +141,12 @@ class Store(Protocol):
 
 
 def open_store(db: str, **kw) -> Store:
-    """The backend for `db` (today a SQLite file path; a postgresql:// URL will pick that backend)."""
+    """The backend for `db`: a postgresql:// (or postgres://) URL picks PostgreSQL (store_pg), anything else is
+    a SQLite file path (store)."""
+    if db.startswith(("postgresql://", "postgres://")):
+        from signal_server.store_pg import PgStore
+
+        return PgStore(db, **kw)
     from signal_server.store import SqliteStore
 
     return SqliteStore(db, **kw)

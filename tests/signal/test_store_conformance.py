@@ -12,13 +12,15 @@ import pytest
 from signal_server import store_api as api
 from signal_server.invites import JoinRefused
 
+from pg_cluster import pg_cluster, pg_url  # noqa: F401 (fixtures)
+
 SECRET = b"s" * 32
 P4 = ipaddress.ip_network("100.64.0.0/10")
 P6 = ipaddress.ip_network("fd00:1::/48")
 
 
 class SqliteBackend:
-    def __init__(self, tmp_path) -> None:
+    def __init__(self, tmp_path, request) -> None:
         self.path = str(tmp_path / "signal.db")
 
     def open(self, init: bool = False, **kw) -> api.Store:
@@ -30,12 +32,27 @@ class SqliteBackend:
         pass
 
 
-BACKENDS = {"sqlite": SqliteBackend}
+class PostgresBackend:
+    """A fresh database on the session's throwaway cluster (tests/signal/pg_cluster.py)."""
+
+    def __init__(self, tmp_path, request) -> None:
+        self.url = request.getfixturevalue("pg_url")
+
+    def open(self, init: bool = False, **kw) -> api.Store:
+        from signal_server.store_pg import PgStore
+
+        return PgStore(self.url, init=init, **kw)
+
+    def close(self) -> None:
+        pass
+
+
+BACKENDS = {"sqlite": SqliteBackend, "postgresql": PostgresBackend}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def backend(request, tmp_path):
-    b = BACKENDS[request.param](tmp_path)
+    b = BACKENDS[request.param](tmp_path, request)
     yield b
     b.close()
 
