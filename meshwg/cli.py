@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "meshwg.commands.device",    # up, down, show
     "meshwg.commands.mesh",      # join, status, netcheck
     "meshwg.commands.scenario",  # scenario run|list
+    "meshwg.commands.service",   # service install|uninstall (systemd)
 ]
 
 

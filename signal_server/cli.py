@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="restore a backup as the database --db (which must not exist; stop the server first)")
     rs.add_argument("file", help="a file written by `backup`")
     completion.add_command(sub, parents=[common])
+    from meshwg.commands import service   # `service install|uninstall`: the systemd unit
+
+    service.add_signal_command(sub, [common])
     return p
 
 
@@ -627,6 +630,10 @@ def cmd_pubkey(args) -> int:
 def _dispatch(args) -> int:
     if args.cmd in ("serve", "relay"):
         return cmd_serve(args, args.cmd == "serve")
+    if args.cmd == "service":
+        from meshwg.commands import service
+
+        return service.run_signal(args)
     if args.cmd == "completion":
         print(completion.script(build_parser(), args.shell), end="")
         return 0

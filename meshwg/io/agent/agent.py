@@ -28,13 +28,13 @@ import time
 
 import trio
 
-from meshwg import counters
+from meshwg import counters, sdnotify
 from meshwg.control import ControlClient, JoinRefusedError, ServerKeyMismatch, events as CE
 from meshwg.control.entry_check import entry_accept_untrusted, entry_routes_untrusted, tags_untrusted
 from meshwg.signaling.invite import Invite, join_hostport, split_hostport
 from meshwg.disco import netcheck as NC
 from meshwg.io.agent import agent_state as S
-from meshwg.io.agent import netcheck_probe
+from meshwg.io.agent import netcheck_probe, service_notify
 from meshwg.io.ipc import status_server
 from meshwg.io.agent.local_links import local_addresses
 from meshwg.io.agent.mesh_shell import MeshDevice
@@ -149,6 +149,7 @@ class Agent:
 
     # ---- main --------------------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        notifier = sdnotify.take()   # before any child process: none inherits $NOTIFY_SOCKET
         key = S.load_or_create_key(self.state_dir)
         cache = S.load_cache(self.state_dir)
         cached_port = int((cache or {}).get("listen_port", 0) or 0)
@@ -174,6 +175,7 @@ class Agent:
                     for task in (self._events_task, self._ticks, self._local_watch, self._endpoints_watch,
                                  self._signals, self._watch_device, self._nat_probe_task):
                         nursery.start_soon(task)
+                    nursery.start_soon(service_notify.watch, self, notifier)   # systemd: READY/STATUS/STOPPING
                     task_status.started(self)
         finally:
             if status is not None:
