@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "meshwg.commands.config",    # strip
     "meshwg.commands.device",    # up, down, show
     "meshwg.commands.mesh",      # join, status, netcheck
+    "meshwg.commands.ping",      # ping
     "meshwg.commands.scenario",  # scenario run|list
     "meshwg.commands.service",   # service install|uninstall (systemd)
 ]

@@ -298,6 +298,20 @@ class PeerPaths:
         self.probe_attempt = 0
         return True
 
+    def expect_pong(self, txid: bytes, addr: tuple, via: int | None, now: float) -> None:
+        """A ping the node sent for the user (meshwg.disco.user_ping) to candidate `addr`: its pong counts as the
+        answer to any ping of ours (on_pong), no more; the same pending bound."""
+        if len(self._pending) >= MAX_PENDING_PINGS:
+            self._pending.pop(next(iter(self._pending)))
+        self._pending[txid] = (addr, now, via)
+
+    def pong_allowed(self, now: float) -> bool:
+        """One pong more within the per-peer pong rate (a ping through the relay is answered there, not here)."""
+        if self._pong_bucket.take(now):
+            return True
+        self.counters["limit_pong_rate"] += 1
+        return False
+
     def set_nat(self, local_nat: str | None, peer_nat: str | None) -> None:
         self.local_nat, self.peer_nat = local_nat, peer_nat
 

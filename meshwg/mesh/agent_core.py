@@ -19,6 +19,8 @@ Inputs:  the control client's events (meshwg.control.events): Connected, Disconn
          Tick()                                    every TICK_INTERVAL: punch requests, a deferred cache write
          SetRouting(choice)                        what we advertise, which exit node we use, our port forward
                                                    (a RoutingChoice); check it first with routing_refused()
+         UserPing(ref, peer, timeout)              `meshwg ping`: the peer by name, mesh IP or key, pinged on every
+                                                   path (the node's UserPingDone(ref) event answers it)
          NatProbed(mapping, filtering, family)     the RFC 5780 probe's verdicts (IP version `family`): both
                                                    endpoint-independent (a full-cone NAT, or none) make our
                                                    reflexive address a "public" candidate unless the user gave
@@ -43,10 +45,13 @@ Actions: SetAddresses(addresses)                   the interface's mesh addresse
          SetExitMtus(mtus)                         ((default prefix, mtu), ...): the exit policy table's default
                                                    routes carry that MTU while the exit node in use is relayed,
                                                    none otherwise (empty); after a path, exit node or MTU change
+         PingSent(ref, key, name, address, paths)  a UserPing went out on `paths` paths (address: the mesh IP)
+         PingRefused(ref, reason)                  a UserPing that could not go (one line naming why)
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import dataclasses
 import ipaddress
@@ -56,6 +61,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from meshwg.disco import netcheck as NC
+from meshwg.disco import user_ping as UP
 from meshwg.control.events import (Connected, DirectoryReset, Disconnected, PeerChanged, PeerInfo, PeerRemoved,
                                    PunchFailed, PunchNotice, Removed, SealedMessage, SelfChanged, Welcome)
 from meshwg.mesh.netmap import PeerSpec
@@ -114,6 +120,13 @@ class Restun:
 @dataclass(frozen=True)
 class Tick:
     pass
+
+
+@dataclass(frozen=True)
+class UserPing:
+    ref: int                # the shell's, unique among its pings in flight
+    peer: str               # a name, a mesh IP or a public key (base64)
+    timeout: float          # seconds, (0, UP.MAX_TIMEOUT]
 
 
 # ---- actions --------------------------------------------------------------------------------------
@@ -187,6 +200,21 @@ class UseExitNode:
 @dataclass(frozen=True)
 class SetRouteMtus:
     mtus: tuple             # ((prefix text, mtu), ...) sorted: the whole wanted set, not a change
+
+
+@dataclass(frozen=True)
+class PingSent:
+    ref: int
+    key: bytes
+    name: str
+    address: str            # the peer's mesh IPv4 (else IPv6)
+    paths: int              # how many paths were pinged (candidates + the relay)
+
+
+@dataclass(frozen=True)
+class PingRefused:
+    ref: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -264,6 +292,7 @@ class AgentCore:
             LocalEndpointsChanged: _ignore,  # the candidates are looked at after every batch
             CandidatesAccepted: self._candidates_accepted, Restun: self._restun, Tick: self._tick,
             SetRouting: self._set_routing, NatProbed: self._nat_probed, SelfChanged: self._self_changed,
+            UserPing: self._user_ping,
         }
 
     def apply(self, inputs: Iterable, now: float) -> list:
@@ -593,6 +622,51 @@ class AgentCore:
             self.exit_mtus = mtus
             out.append(SetExitMtus(tuple(sorted(mtus.items()))))
 
+    # ---- `meshwg ping` -------------------------------------------------------------------------
+    def find_peer(self, text: str) -> bytes | None:
+        """The key of the peer named `text`, or holding mesh address `text`, or whose public key (base64) it is."""
+        for k, p in self.peers.items():
+            if p.name == text:
+                return k
+        try:
+            ip = ipaddress.ip_address(text)
+        except ValueError:
+            ip = None
+        if ip is not None:
+            return next((k for k, p in self.peers.items() if ip in (_ip_or_none(p.ipv4), _ip_or_none(p.ipv6))), None)
+        try:
+            key = base64.b64decode(text, validate=True)
+        except ValueError:
+            return None
+        return key if key in self.peers else None
+
+    def _user_ping(self, ev: UserPing, now: float, out: list) -> None:
+        reason = self._ping_refused(ev)
+        if reason is not None:
+            out.append(PingRefused(ev.ref, reason))
+            return
+        key = self.find_peer(ev.peer)
+        p = self.peers[key]
+        n = self.node.user_ping(ev.ref, key, now, ev.timeout)
+        out.append(PingSent(ev.ref, key, p.name, p.ipv4 or p.ipv6, n))
+
+    def _ping_refused(self, ev: UserPing) -> str | None:
+        if not (0 < ev.timeout <= UP.MAX_TIMEOUT):   # NaN too
+            return f"timeout must be above 0 and at most {UP.MAX_TIMEOUT:g} s"
+        key = self.find_peer(ev.peer)
+        if key is None:
+            if self.welcome is not None and ev.peer in (self.welcome.name, self.welcome.ipv4, self.welcome.ipv6):
+                return f"{ev.peer} is this node"
+            return f"no peer named or addressed {ev.peer!r}"
+        name = self.peers[key].name
+        if self._plain(key):
+            return f"{name} is a plain WireGuard peer: it answers no disco ping"
+        if key not in self.node.paths:
+            return f"{name} is not a mesh peer of this node yet"
+        if self.node.user_pings.full():
+            return f"too many pings in flight (at most {self.node.user_pings.max_outstanding}): try again"
+        return None
+
     # ---- timed duties --------------------------------------------------------------------------
     def _tick(self, ev: Tick, now: float, out: list) -> None:
         # Plain peers are reached through the relay only: never a punch (the node keeps no paths for them; they
@@ -615,3 +689,10 @@ class AgentCore:
 
 def _ignore(ev, now: float, out: list) -> None:
     pass
+
+
+def _ip_or_none(text: str):
+    try:
+        return ipaddress.ip_address(text) if text else None
+    except ValueError:
+        return None

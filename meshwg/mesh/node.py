@@ -9,6 +9,7 @@ Inputs:  receive_datagram(data, addr, now, via=None)   any datagram, classified 
          send_ip_packet(pkt, now)                       from the TUN
          apply_netmap(desired, now), punch(key, now), set_local_endpoints(addrs, now),
          set_stun_servers(addrs, now), handle_timer(now)
+         user_ping(ref, key, now, timeout)              `meshwg ping` (meshwg.disco.user_ping): a UserPingDone event
 Outputs: datagrams_to_send() -> [(bytes, dest)]  dest: (ip, port) | RelayEndpoint | SocketEndpoint
          tun_packets_to_write(), pop_events(), get_timer(), status(now)
 The driver drives it through meshwg.wg.driven.DrivenCore (on_earlier_deadline is that contract's hook).
@@ -58,6 +59,8 @@ from meshwg.disco.messages import CallMeMaybe, DiscoCodec, Ping, Pong, endpoints
 from meshwg.disco.peer_paths import (TECHNIQUES, PeerPaths, SendCallMeMaybe, SendPing, SendPong, in_networks,
                                      parse_network)
 from meshwg.disco.techniques import CloseSockets, OpenSockets
+from meshwg.disco import user_ping as UP
+from meshwg.disco.user_ping import UserPingDone  # noqa: F401  (an event of the node's, re-exported)
 from meshwg.config.keys import nonzero
 from meshwg.config.uapi_apply import apply_peer_update
 from meshwg.mesh import demux
@@ -182,6 +185,7 @@ class MeshNode:
         # A NAT traversal technique's probes have its own per-IP bound instead (birthday: 2,048 a minute).
         self._technique_limit = {t.name: KeyedLimiter(t.ip_rate, t.ip_burst, PROBE_ADDR_KEYS) for t in TECHNIQUES}
         self.mesh_nets: tuple = ()      # the welcome's prefixes: no probe goes there (set_mesh_prefixes)
+        self.user_pings = UP.UserPings(random_bytes)   # `meshwg ping`'s pings in flight
         self._now = 0.0
         # our own endpoints
         self.iface_endpoints: tuple = ()
@@ -448,6 +452,51 @@ class MeshNode:
             if pp.get_timer(now) <= now or self._endpoint_stale(key, now):
                 self._service(key, now)
         self._stun_timer(now)
+        self._events += self.user_pings.expire(now)
+
+    # --- the user's pings (meshwg.disco.user_ping) ---------------------------------------------
+    def user_ping(self, ref: int, key: bytes, now: float, timeout: float) -> int:
+        """Ping mesh peer `key` on each of its candidate paths and through the relay; the first pong back (or
+        none within `timeout`) becomes a UserPingDone(ref) event. The probe bounds apply to the direct pings as
+        to any; returns how many paths were pinged. Misuse raises (not a mesh peer, user_pings full)."""
+        self._now = now
+        pp = self.paths[key]
+        targets = [t for t in UP.ping_targets(pp.candidates.values())
+                   if t == UP.RELAY or self._user_probe_ok(key, t, now)]
+        wall = self._wall(now)
+        for txid, target in self.user_pings.start(ref, key, targets, now, timeout):
+            data = self.codec.seal(key, Ping(txid, self.public_key), wall)
+            if target == UP.RELAY:
+                self._out.append((data, RelayEndpoint(key)))
+            else:
+                pp.expect_pong(txid, target[0], target[1], now)
+                self._out.append((data, _socket_dest(*target)))
+            self.counters["send_disco_ping_user"] += 1
+        return len(targets)
+
+    def _user_probe_ok(self, key: bytes, target: tuple, now: float) -> bool:
+        refused = self._probe_refused(key, SendPing(target[0], b"", target[1]), now)
+        if refused is None and self._take_budget(1):
+            return True
+        self.counters[refused or "limit_probe_global"] += 1
+        return False
+
+    def _pong_via_relay(self, key: bytes, pp: PeerPaths, txid: bytes, now: float) -> None:
+        """A ping that came through the relay (a user's `meshwg ping`): answered the same way, at the pong rate;
+        never a path (the relay is not an address of the peer's)."""
+        if not pp.pong_allowed(now):
+            return
+        data = self.codec.seal(key, Pong(txid, ("0.0.0.0", 0)), self._wall(now))
+        self._out.append((data, RelayEndpoint(key)))
+        self.counters["send_disco_pong_relay"] += 1
+
+    def _user_pong(self, key: bytes, txid: bytes, target, now: float) -> bool:
+        done = self.user_pings.answer(key, txid, target, now)
+        if done is None:
+            return False
+        self.counters["recv_disco_pong_user"] += 1
+        self._events.append(done)
+        return True
 
     # --- disco ------------------------------------------------------------------------------
     def _receive_disco(self, data: bytes, addr, via, relay_src: bytes | None, now: float) -> None:
@@ -469,7 +518,8 @@ class MeshNode:
             self._resend_handshake(sender, now)
         if isinstance(msg, Ping):
             if relay_src is not None:
-                self.counters["ignore_disco_ping_via_relay"] += 1
+                self.counters["recv_disco_ping_relay"] += 1
+                self._pong_via_relay(sender, pp, msg.txid, now)
                 return
             if self._in_mesh(addr):
                 # Only through a tunnel or from this host: no pong, and never a path (it would loop).
@@ -478,12 +528,14 @@ class MeshNode:
             self.counters["recv_disco_ping"] += 1
             pp.on_ping(msg.txid, addr, via, now)
         elif isinstance(msg, Pong):
+            user = self._user_pong(sender, msg.txid, UP.RELAY if relay_src is not None else (addr, via), now)
             if relay_src is not None:
-                self.counters["ignore_disco_pong_via_relay"] += 1
+                if not user:
+                    self.counters["ignore_disco_pong_via_relay"] += 1
                 return
-            if pp.on_pong(msg.txid, now, via, addr):
+            if pp.on_pong(msg.txid, now, via, addr):   # a user ping's pong too: it is one like any other
                 self.counters["recv_disco_pong"] += 1
-            else:
+            elif not user:
                 self.counters["drop_disco_pong_unmatched"] += 1
         elif isinstance(msg, CallMeMaybe):
             self.counters["recv_disco_cmm"] += 1
@@ -707,7 +759,7 @@ class MeshNode:
         now = self._now
         for key, pp in self.paths.items():
             t = min(t, pp.get_timer(now))
-        t = min(t, self._next_stun, self._stun_round_end, *self._resend_at.values())
+        t = min(t, self._next_stun, self._stun_round_end, self.user_pings.deadline(), *self._resend_at.values())
         return t
 
     def component_counters(self) -> dict[str, collections.Counter]:

@@ -38,6 +38,7 @@ from meshwg.io.agent import netcheck_probe, service_notify
 from meshwg.io.ipc import status_server
 from meshwg.io.agent.local_links import local_addresses
 from meshwg.io.agent.mesh_shell import MeshDevice
+from meshwg.io.agent.ping_shell import UserPingServer
 from meshwg.io.oscfg.subnet_routes import SubnetRouting
 from meshwg.mesh import agent_core as A
 from meshwg.wg.acl import summary as acl_summary
@@ -146,6 +147,7 @@ class Agent:
         self.exit_name: str | None = None   # the exit node in use (None: none)
         self.exit_mtus: dict[str, int] = {}   # its default routes' MTU while it is relayed (SetExitMtus)
         self._reprobe = trio.Event()          # our addresses changed: probe the NAT again now
+        self.pings = UserPingServer()         # `meshwg ping` requests waiting for their pong
 
     # ---- main --------------------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -155,6 +157,7 @@ class Agent:
         cached_port = int((cache or {}).get("listen_port", 0) or 0)
         self.dev = MeshDevice(self.iface, key, listen_port=self.listen_port or cached_port, uapi_dir=self.uapi_dir,
                               on_local_endpoints=self._on_local_endpoints, clock=self.clock)
+        self.dev.on_user_ping = self.pings.done
         self.core = A.AgentCore(self.dev.node, tuple(self.invite.addrs))
         self.subnet = SubnetRouting(self.dev.name, self.state_dir)
         status = None
@@ -265,6 +268,8 @@ class Agent:
                 self.exit_mtus = dict(mtus)
                 if self.exit_name:                    # else kept for when the exit policy routing goes on
                     await self._apply_os()
+            case A.PingSent() | A.PingRefused():
+                self.pings.carry_out(act)
             case _:
                 raise TypeError(f"unknown agent action {act!r}")
         return None
@@ -438,6 +443,8 @@ class Agent:
             return await self.netcheck()
         if op == "set":
             return await self._set_routing(req)
+        if op == "ping":
+            return await self.pings.serve(req, self._step)
         return {"error": f"unknown op {op!r}"}
 
     def status(self) -> dict:

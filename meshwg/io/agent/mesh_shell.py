@@ -204,6 +204,7 @@ class MeshDevice:
         self.driver.set_datagram_handlers(self.datagram_handlers())
         self.birthday = BirthdaySockets()
         self.on_local_endpoints = on_local_endpoints
+        self.on_user_ping = None   # the node's UserPingDone events (`meshwg ping`) go there
         self._routes_send, self._routes_recv = trio.open_memory_channel(ROUTE_QUEUE)
         self._routes: set[str] = set()  # prefixes the node wants routed through this device
         self._mtus: dict[str, int] = {}  # ... and the MTU of those to relayed peers (set_route_mtus)
@@ -265,6 +266,9 @@ class MeshDevice:
         elif isinstance(ev, N.LocalEndpointsChanged):
             if self.on_local_endpoints is not None:
                 self.on_local_endpoints(ev)
+        elif isinstance(ev, N.UserPingDone):
+            if self.on_user_ping is not None:
+                self.on_user_ping(ev)
 
     def _log_path(self, ev) -> None:
         """INFO when the path changes kind (relay <-> direct), DEBUG for a new address of the same kind."""
