@@ -5,6 +5,7 @@
 `status` (its text: meshwg.commands.status_view), `ip`, `whois` and `netcheck` ask the running agent over its
 local socket (meshwg.io.ipc.status_server; without --interface, the one agent that runs); `netcheck`
 adds the RFC 5780 mapping/filtering tests against the signal server's STUN addresses (meshwg.io.agent.netcheck_probe),
+IPv6 reachability and the gateway's port-mapping protocols (meshwg.io.agent.portmap_probe), all at once and time-boxed,
 and runs standalone with `--server HOST:PORT` (no agent needed). `set` changes the running agent's subnet routes and
 exit node (issue 12) the same way.
 """

@@ -57,6 +57,7 @@ def test_answers_of_the_wrong_kind_are_refused():
     assert PM.parse_pcp_untrusted(MINIUPNPD_NATPMP) is None                # version 0 is NAT-PMP
     assert PM.parse_natpmp_untrusted(NATPMP_OK[:11]) is None               # success without the address
     assert PM.parse_natpmp_untrusted(b"\x00\x00" + NATPMP_OK[2:]) is None  # a request, not a response
+    assert PM.parse_pcp_untrusted(b"\0" + MINIUPNPD_PCP_ANNOUNCE[1:]) is None   # 24 bytes, but version 0
     assert PM.parse_pcp_untrusted(MINIUPNPD_PCP_ANNOUNCE[:20]) is None
     assert PM.parse_pcp_untrusted(MINIUPNPD_PCP_ANNOUNCE + b"\0\0") is None   # not a multiple of 4
     assert PM.parse_ssdp_untrusted(MINIUPNPD_SSDP.replace(b"200 OK", b"404 NF")) is None
@@ -80,9 +81,10 @@ def test_findings_name_only_what_would_map_and_count_the_rest():
     f.on_natpmp(MINIUPNPD_NATPMP, "192.168.1.1", "192.168.1.1")
     f.on_pcp(MINIUPNPD_PCP_ANNOUNCE, "192.168.1.1", "192.168.1.1")
     f.on_pcp(MINIUPNPD_PCP_ANNOUNCE, "192.168.1.66", "192.168.1.1")   # not the gateway
+    f.on_natpmp(NATPMP_OK, "192.168.1.66", "192.168.1.1")             # a LAN neighbour, not the gateway
     f.on_natpmp(b"junk", "192.168.1.1", "192.168.1.1")
     assert f.protocols() == ["PCP"]                                    # NAT-PMP answered but refused
-    assert f.drops == {"pcp": 1, "natpmp": 1}
+    assert f.drops == {"pcp": 1, "natpmp": 2}
     assert f.on_ssdp(MINIUPNPD_SSDP, "192.168.1.1") is not None
     assert f.on_ssdp(MINIUPNPD_SSDP, "192.168.1.1") is None             # once per device
     assert f.on_ssdp(MINIUPNPD_SSDP, "192.168.1.7") is None             # LOCATION names another host
