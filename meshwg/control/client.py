@@ -23,6 +23,7 @@ from meshwg.wg.crypto import clamp, dh_pub as public_key
 from meshwg.signaling.sealed import open_untrusted, seal
 
 log = logging.getLogger("meshwg.control")
+NETWORK_CHANGED = "network changed"  # a Disconnected reason: our address went away (network_changed)
 
 
 class ControlError(Exception):
@@ -329,6 +330,7 @@ class ControlClient:
         self.last_error_kind: str | None = None
         self.retry_at: float | None = None  # clock() of the next attempt while waiting
         self.fwmark = 0  # SO_MARK of the control socket (set_fwmark)
+        self._serving: tuple | None = None  # (cancel scope, result) of the connection being served
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         started = False
@@ -361,7 +363,8 @@ class ControlClient:
                 return
             self.reconnects += 1
             await self._send_events.send(Disconnected(reason))
-            await trio.sleep(self.backoff.initial * self._jitter())  # spread a herd of reconnects
+            if reason != NETWORK_CHANGED:  # our own network switch is no herd: reconnect at once
+                await trio.sleep(self.backoff.initial * self._jitter())  # spread a herd of reconnects
 
     async def _wait_retry(self, exc: ControlError, kind: str) -> None:
         delay = self.backoff.delay(kind, self._jitter(), getattr(exc, "retry_after", None))
@@ -409,7 +412,24 @@ class ControlClient:
 
             n.start_soon(reader)
             n.start_soon(heartbeater)
+            self._serving = (n.cancel_scope, result)
+        self._serving = None
         return result[0]
+
+    def local_ip(self) -> str | None:
+        """The connection's own address (None while not connected)."""
+        try:
+            return self.conn.stream.socket.getsockname()[0] if self.conn is not None else None
+        except (OSError, AttributeError):
+            return None
+
+    def network_changed(self) -> None:
+        """The connection's own address went away (a network switch): end the connection now and reconnect at
+        once, instead of hanging until the heartbeats time out (the new candidates wait for it)."""
+        if self._serving is not None and self._serving[1][0] == "closed":   # not already ending (a removal)
+            scope, result = self._serving
+            result[0] = NETWORK_CHANGED
+            scope.cancel()
 
     async def _send(self, fn, *args) -> bool:
         conn = self.conn

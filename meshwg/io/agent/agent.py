@@ -9,7 +9,7 @@ only to format the status.
 
 Tasks: the mesh device (driver drain loops, UAPI, routes, birthday sockets, relay), the control
 client (registration, directory, punch notices; reconnects with backoff by itself), the control
-events, a Tick every TICK_INTERVAL (punch requests, deferred cache writes), a local-address watcher,
+events, a Tick every TICK_INTERVAL (punch requests, deferred cache writes), a local-address watcher (netlink events),
 a watcher of the node's own endpoints (STUN results), the NAT probe (RFC 5780 filtering tests against the
 server's STUN every NAT_PROBE_INTERVAL and when our addresses change: an open NAT makes our reflexive address
 a "public" candidate; not run while the user gave a port forward or an exit node is in use), and the status socket.
@@ -36,7 +36,7 @@ from meshwg.disco import netcheck as NC
 from meshwg.io.agent import agent_state as S
 from meshwg.io.agent import netcheck_probe, service_notify
 from meshwg.io.ipc import status_server
-from meshwg.io.agent.local_links import local_addresses
+from meshwg.io.agent.local_links import address_is_local, local_addresses, watch_changes
 from meshwg.io.agent.mesh_shell import MeshDevice
 from meshwg.io.agent.ping_shell import UserPingServer
 from meshwg.io.oscfg.subnet_routes import SubnetRouting
@@ -47,7 +47,6 @@ from meshwg.mesh import routing as RT
 
 log = logging.getLogger("meshwg.agent")
 
-LOCAL_WATCH_INTERVAL = 10.0     # how often interface addresses are re-read (network change -> re-STUN)
 RECONNECT_BACKOFF_MAX = 8.0     # a returning server sees its nodes back within seconds
 EVENT_BATCH = 256               # control events handed to the core in one batch at most
 NAT_PROBE_INTERVAL = 300.0      # the NAT's filtering is probed again this often (and when our addresses change)
@@ -303,12 +302,21 @@ class Agent:
         return A.LocalAddresses(tuple(ips), self.dev.port, tuple(nets))
 
     async def _local_watch(self) -> None:
-        while True:
-            await trio.sleep(LOCAL_WATCH_INTERVAL)
-            before = self.dev.node.iface_endpoints
-            await self._step(await self._local_addresses())
-            if self.dev.node.iface_endpoints != before:
-                self._reprobe.set()
+        # On the kernel's address/link events (debounced; a slow periodic read as a safety net): a network switch
+        # re-STUNs within a second, not at the next 10 s poll.
+        await watch_changes(self._reread_local)
+
+    async def _reread_local(self) -> None:
+        before = self.dev.node.iface_endpoints
+        await self._step(await self._local_addresses())
+        if self.dev.node.iface_endpoints != before:
+            self._reprobe.set()
+            # The control connection's address went with the old network: reconnect now (the new candidates
+            # are published through it), not when its heartbeats time out.
+            ip = self.client.local_ip() if self.client else None
+            if ip is not None and not await trio.to_thread.run_sync(address_is_local, ip):
+                log.info("control: our address %s went away: reconnecting", ip)
+                self.client.network_changed()
 
     async def _nat_probe_task(self) -> None:
         """The NAT's filtering, for the "public" candidate (the core decides): once the welcome names STUN servers,

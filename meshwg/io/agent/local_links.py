@@ -1,17 +1,27 @@
 """The host's interfaces as `ip -j -d address show` prints them, with the tun/tap devices /sys names; which of
-their addresses are candidates is decided in meshwg.mesh.local_candidates."""
+their addresses are candidates is decided in meshwg.mesh.local_candidates. When to read them again: on the
+kernel's address and link events (meshwg.io.oscfg.netlink_events, debounced), with a slow periodic read as
+a safety net (a frequent one where netlink is unavailable)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import errno
 import os
+import socket
 import subprocess
+from contextlib import nullcontext
 
+import trio
+
+from meshwg.io.oscfg import netlink_events as NE
 from meshwg.mesh import local_candidates as LC
 
 log = logging.getLogger(__name__)
 SYS_NET = "/sys/class/net"
+FALLBACK_INTERVAL = 60.0   # with netlink events: re-read this often anyway (an event the kernel dropped)
+POLL_INTERVAL = 10.0       # without them: re-read this often
 
 
 def read_links() -> list:
@@ -38,3 +48,29 @@ def local_addresses(exclude) -> tuple[list[str], list[str]]:
     """(candidate ips, every interface's CIDRs) of the host, `exclude` (our own interface) left out."""
     links = read_links()
     return LC.candidate_ips(links, exclude, tun_names=tun_names()), LC.interface_cidrs(links, exclude)
+
+
+def address_is_local(ip: str) -> bool:
+    """Is `ip` still one of this host's addresses? (Only a bind refused with EADDRNOTAVAIL says no.)"""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((ip, 0))
+    except OSError as exc:
+        return exc.errno != errno.EADDRNOTAVAIL
+    return True
+
+
+async def watch_changes(on_change, open_events=NE.open_socket) -> None:
+    """await on_change() after each burst of address or link events, and when none came for a while."""
+    sock = open_events()
+    period = POLL_INTERVAL if sock is None else FALLBACK_INTERVAL
+    news = [trio.Event()]
+    with sock if sock is not None else nullcontext():
+        async with trio.open_nursery() as nursery:
+            if sock is not None:
+                nursery.start_soon(NE.watch, sock, lambda: news[0].set())
+            while True:
+                with trio.move_on_after(period):
+                    await news[0].wait()
+                news[0] = trio.Event()
+                await on_change()

@@ -1,0 +1,76 @@
+"""Issue 15: a network switch (the default-route interface replaced, as Wi-Fi -> wired) re-STUNs and publishes
+the new candidate within 1 s, from the kernel's netlink events (before: `ip` every 10 s).
+
+Two nodes and the server on one bridge (tests/join/joinnet.py). "mover" gets a second link in another subnet with
+the default route through it (wired plugged in), then loses its first link (Wi-Fi gone): from the switch's start its
+STUN answer (the server sees the new source address) and the candidate the peer holds (the server's directory)
+must be the new address within 1.0 s. (The control connection's address went with eth0: the agent reconnects at
+once rather than waiting for its heartbeats to time out, or the new candidate would wait ~30 s.) Status is read from the agents' status sockets (no process per poll).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import require_real_components
+from joinnet import BridgeNet
+from meshwg.io.ipc import status_server
+from scenarios.netns import unique_name, veth, wait_for
+
+pytestmark = pytest.mark.netns
+
+
+def status(node) -> dict:
+    try:
+        st = status_server.query(node.iface, {"op": "status"}, timeout=5)
+    except (OSError, ValueError):
+        return {}
+    return {} if "error" in st else st
+
+
+def candidates_of(viewer, name: str) -> list:
+    return next((p["candidates"] for p in status(viewer).get("peers", []) if p["name"] == name), [])
+
+
+def test_default_route_interface_switch_restuns_and_publishes_within_1s():
+    require_real_components("ip", "ping")
+    net = BridgeNet(62)
+    try:
+        invite = net.start_server()
+        net.srv.run("ip", "addr", "add", "10.62.1.1/24", "dev", "br0")   # the "wired" network's gateway
+        mover, watcher = net.node("mover"), net.node("watcher")
+        mover.start(invite)
+        watcher.start(invite)
+        port = wait_for(lambda: status(mover).get("listen_port"), timeout=20, what="mover's agent")
+        old, new = f"{mover.ip}:{port}", f"10.62.1.2:{port}"
+        wait_for(lambda: status(mover)["nat"]["reflexive"] == [old] and old in candidates_of(watcher, "mover"),
+                 timeout=20, what="mover's first STUN answer in watcher's directory")
+
+        # The switch, timed from its start: wired plugged in (a second link, the default route through it), then
+        # Wi-Fi gone (the first link deleted): the server is now reached through eth1, from 10.62.1.2.
+        t0 = time.monotonic()
+        wired = unique_name("pw")
+        veth(net.srv, wired, [], mover.ns, "eth1", ["10.62.1.2/24"])
+        net.srv.run("ip", "link", "set", wired, "master", "br0")
+        mover.ns.run("ip", "route", "add", "default", "via", "10.62.1.1", "dev", "eth1")
+        mover.ns.run("ip", "link", "del", "eth0")
+        print(f"network switch: the ip commands took {time.monotonic() - t0:.3f} s")
+        restun = published = None
+        deadline = t0 + 10.0
+        while time.monotonic() < deadline and (restun is None or published is None):
+            if restun is None and status(mover).get("nat", {}).get("reflexive") == [new]:
+                restun = time.monotonic() - t0
+            if published is None and new in candidates_of(watcher, "mover"):
+                published = time.monotonic() - t0
+            time.sleep(0.02)
+        print(f"network switch: re-STUN answered after {restun} s, new candidate at the peer after {published} s")
+        print(f"watcher's candidates for mover now: {candidates_of(watcher, 'mover')}")
+        assert restun is not None and restun <= 1.0, f"re-STUN {restun} s after the switch (must be <= 1 s)"
+        assert published is not None and published <= 1.0, f"candidate published {published} s after the switch"
+    except BaseException:
+        net.print_logs()
+        raise
+    finally:
+        net.close()
