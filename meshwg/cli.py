@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "meshwg.commands.ping",      # ping
     "meshwg.commands.scenario",  # scenario run|list
     "meshwg.commands.service",   # service install|uninstall (systemd)
+    "meshwg.commands.leave",     # leave
 ]
 
 

@@ -34,8 +34,13 @@ MAX_REPLY = 64 << 20  # the client's bound on what it reads
 SOCKET_NAME = "admin.sock"
 
 
+RUN_PATH = "/run/meshwg-signal/admin.sock"  # for a database that is no file (a postgresql:// URL)
+
+
 def default_path(db: str) -> str:
     """Next to the database: the CLI finds it from the same --db the server was given."""
+    if "://" in db:
+        return RUN_PATH
     return os.path.join(os.path.dirname(os.path.abspath(db)), SOCKET_NAME)
 
 
@@ -97,15 +102,19 @@ async def answer(stream, handler, uid_of=peer_uid) -> None:
     try:
         with trio.move_on_after(CONN_DEADLINE):
             reply = await _reply(stream, handler, uid_of)
-            if reply is not None:
-                await stream.send_all(json.dumps(reply).encode() + b"\n")
+            await stream.send_all(json.dumps(reply).encode() + b"\n")
+            await stream.send_eof()
+            with trio.move_on_after(1.0):  # what the client still sends, read (bounded): a close with unread
+                left = MAX_REQUEST          # bytes would reset the connection, reply and all
+                while left > 0 and (chunk := await stream.receive_some(65536)):
+                    left -= len(chunk)
     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     finally:
         await stream.aclose()
 
 
-async def _reply(stream, handler, uid_of) -> dict | None:
+async def _reply(stream, handler, uid_of) -> dict:
     uid = uid_of(stream.socket)
     if not uid_allowed(uid):
         log.warning("admin socket: refused a request from uid %d (only root and uid %d may ask)", uid, os.geteuid())

@@ -84,6 +84,20 @@ def _peer_untrusted(raw) -> PeerInfo | None:
         return None
 
 
+LEAVE_TIMEOUT = 5.0  # a server that removes a node answers within its database's time; an old one never does
+
+
+def _no_leave_answer(timeout: float) -> ControlError:
+    return ControlError("no_answer", f"the server did not answer the leave request within {timeout:g} s (a server "
+                                     "older than this meshwg ignores it: remove the node with `meshwg-signal nodes "
+                                     "remove`)")
+
+
+def _check_left(e: Removed) -> None:
+    if e.reason != P.GONE_LEFT:
+        raise ControlError(e.reason, f"the server ended this node's membership itself ({e.reason})")
+
+
 class ControlConnection:
     """One authenticated, encrypted control connection. No reconnect logic (see ControlClient)."""
 
@@ -219,6 +233,17 @@ class ControlConnection:
         with trio.CancelScope(shield=True):
             await self.stream.aclose()
 
+    async def leave(self, timeout: float = LEAVE_TIMEOUT) -> None:
+        """`meshwg leave` on a connection nothing else reads: ask the server to remove us and wait for its GONE."""
+        await self.send({"type": P.T_LEAVE})
+        with trio.move_on_after(timeout):
+            while True:
+                for e in await self.receive_events():
+                    if isinstance(e, Removed):
+                        _check_left(e)
+                        return
+        raise _no_leave_answer(timeout)
+
     # --- receiving
 
     async def receive_events(self) -> list:
@@ -331,6 +356,7 @@ class ControlClient:
         self.retry_at: float | None = None  # clock() of the next attempt while waiting
         self.fwmark = 0  # SO_MARK of the control socket (set_fwmark)
         self._serving: tuple | None = None  # (cancel scope, result) of the connection being served
+        self._leaving: trio.Event | None = None  # set when the server's GONE came after leave()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         started = False
@@ -387,6 +413,8 @@ class ControlClient:
                 try:
                     while True:
                         for ev in await conn.receive_events():
+                            if isinstance(ev, Removed) and self._leaving is not None:
+                                self._leaving.set()  # before the agent hears it and stops
                             await self._send_events.send(ev)
                             if isinstance(ev, Removed):
                                 result[0] = None
@@ -450,6 +478,28 @@ class ControlClient:
 
     async def report_routes(self, routes, exit_node: bool) -> bool:
         return await self._send(ControlConnection.report_routes, routes, exit_node)
+
+    @property
+    def left(self) -> bool:
+        """leave() was asked and the server's GONE came (run() returns: the node is no longer a member)."""
+        return self._leaving is not None and self._leaving.is_set()
+
+    async def leave(self, timeout: float = LEAVE_TIMEOUT) -> None:
+        """Ask the server to remove this node (`meshwg leave`) and wait for its GONE, after which run() returns;
+        ControlError (one line) when not connected, refused or unanswered."""
+        conn = self.conn
+        if conn is None:
+            raise ConnectionLost("unreachable", "not connected to the server"
+                                 + (f": {self.last_error}" if self.last_error else ""))
+        self._leaving = trio.Event()
+        try:
+            await conn.send({"type": P.T_LEAVE})
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise ConnectionLost("broken", f"connection broke: {exc}") from None
+        with trio.move_on_after(timeout):
+            await self._leaving.wait()
+            return
+        raise _no_leave_answer(timeout)
 
     def set_fwmark(self, fwmark: int) -> None:
         """Mark the control socket from now on: the live connection's and every later one's."""

@@ -171,7 +171,7 @@ class WriteCache:
 
 @dataclass(frozen=True)
 class Stop:
-    reason: str
+    reason: str | None   # None: a clean stop (the user left the mesh)
 
 
 @dataclass(frozen=True)
@@ -345,7 +345,8 @@ class AgentCore:
         out.append(Log("info", f"this node is now {ev.name}, tags {','.join(ev.tags) or '(none)'}"))
 
     def _removed(self, ev: Removed, now: float, out: list) -> None:
-        out.append(Stop(f"this node was removed from the mesh ({ev.reason})"))
+        # "left": the user's own `meshwg leave` (protocol.GONE_LEFT), a clean stop, not a failure.
+        out.append(Stop(None if ev.reason == "left" else f"this node was removed from the mesh ({ev.reason})"))
 
     def _set_welcome(self, w: Welcome, now: float, out: list, from_server: bool) -> None:
         if w == self.welcome:

@@ -29,7 +29,7 @@ import time
 import trio
 
 from meshwg import counters, sdnotify
-from meshwg.control import ControlClient, JoinRefusedError, ServerKeyMismatch, events as CE
+from meshwg.control import ControlClient, ControlError, JoinRefusedError, ServerKeyMismatch, events as CE
 from meshwg.control.entry_check import entry_accept_untrusted, entry_routes_untrusted, tags_untrusted
 from meshwg.signaling.invite import Invite, join_hostport, split_hostport
 from meshwg.disco import netcheck as NC
@@ -216,8 +216,20 @@ class Agent:
         except (JoinRefusedError, ServerKeyMismatch) as exc:  # only the fatal ones reach here
             self.stop(f"the signaling server refused this node: {exc}")
             return
-        if self.fatal is None:
+        if self.client.left:   # `meshwg leave`: its reply goes out (status_server shields it), then we stop
+            self.stop()
+        elif self.fatal is None:
             self.stop("this node was removed from the mesh by the administrator")
+
+    async def _leave(self) -> dict:
+        """`meshwg leave` with the agent running: the server removes us; the agent stops (the command then removes
+        the state directory's files)."""
+        try:
+            await self.client.leave()
+        except ControlError as exc:
+            return {"error": str(exc)}
+        log.info("left the mesh at the user's request")
+        return {"ok": True}
 
     # ---- the one door to the core ------------------------------------------------------------
     async def _step(self, *inputs) -> None:
@@ -453,6 +465,8 @@ class Agent:
             return await self._set_routing(req)
         if op == "ping":
             return await self.pings.serve(req, self._step)
+        if op == "leave":
+            return await self._leave()
         return {"error": f"unknown op {op!r}"}
 
     def status(self) -> dict:

@@ -85,7 +85,9 @@ async def _answer(stream: trio.SocketStream, handler) -> None:
                 except Exception as exc:  # a bug in one query must not take the agent down
                     log.exception("status query failed")
                     reply = {"error": f"internal error: {exc}"}
-            await stream.send_all(json.dumps(reply).encode() + b"\n")
+            # Shielded: a handler that stops the agent (`meshwg leave`) still gets its reply out.
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await stream.send_all(json.dumps(reply).encode() + b"\n")
     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     finally:
