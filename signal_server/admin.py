@@ -171,7 +171,14 @@ def plain_config(store: Store, row, *, wall: float, endpoint: str | None = None,
         exit_node = nodes[row.exit_node].key
     return render_config(name=row.name, addresses=[f"{row.ipv4}/32", f"{row.ipv6}/128"], targets=targets,
                          server_endpoint=server, private_key=row.private_key,
-                         public_key=row.key if row.private_key is None else None, exit_node=exit_node)
+                         public_key=row.key if row.private_key is None else None, exit_node=exit_node,
+                         dns=_plain_dns(store, nodes.get(row.exit_node) or next(filter(None, map(nodes.get, row.targets)))))
+
+
+def _plain_dns(store: Store, node) -> tuple[str, str] | None:
+    """(the node's mesh IPv4, the mesh domain the server published) for a plain config's DNS line; None without."""
+    domain = store.meta_get("dns_domain")
+    return (node.ipv4, domain) if domain and node is not None else None
 
 
 # --- subnet routes and exit nodes (issue 12; routes.py holds the rules)

@@ -252,6 +252,8 @@ class ControlListener:
         }
         if row.tags:  # its own tags (issue 13), for `meshwg status`; older nodes ignore the field
             welcome["tags"] = list(row.tags)
+        if self.cfg.dns_domain:  # names (issue 15); older nodes ignore the field
+            welcome["dns_domain"] = self.cfg.dns_domain
         return welcome
 
     # --- a registered session

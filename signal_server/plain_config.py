@@ -16,6 +16,8 @@ to the node inside a RECV frame (37 B more), and 1383 + 37 + 32 (WireGuard) + 48
 full-size packet from the device is not fragmented on the server -> node leg (the node's own routes to a relayed
 peer carry 1375 for its 45 B SEND frames: meshwg.mesh.path_mtu). A config whose targets are all --direct keeps
 the app's default.
+With the server's mesh domain, [Interface] says `DNS = <node>, <domain>`: the exit node, else the first target, answers
+the device's queries (meshwg.mesh.dns_names).
 segno is imported on first QR use: it loads urllib.request (sockets), which this pure module must not.
 """
 
@@ -59,8 +61,12 @@ def _networks(values: Iterable[object]) -> list:
 
 def render_config(*, name: str, addresses: Sequence[object], targets: Sequence[TargetNode],
                   server_endpoint: tuple[str, int] | str, private_key: bytes | None = None,
-                  public_key: bytes | None = None, exit_node: bytes | None = None) -> str:
+                  public_key: bytes | None = None, exit_node: bytes | None = None,
+                  dns: tuple[str, str] | None = None) -> str:
     """The wg-quick config text. Exactly one of private_key / public_key; exit_node is a target's public key.
+    dns: (a target node's mesh address, the mesh domain) for `DNS = <address>, <domain>`: the device asks that node
+    for every name while the tunnel is up (wg-quick and the apps take the address as the nameserver and the name as
+    a search domain, so `ssh home` finds home.<domain>); the node answers the mesh's names and forwards the rest.
     Raises ValueError (one line, naming the value) for a bad address, route or endpoint, or an unknown exit node."""
     if (private_key is None) == (public_key is None):
         raise ValueError("give the device's private key or its public key, not both or neither")
@@ -70,7 +76,9 @@ def render_config(*, name: str, addresses: Sequence[object], targets: Sequence[T
     iface = wgquick.InterfaceConfig(private_key=private_key,
                                     addresses=[ipaddress.ip_interface(a) if isinstance(a, str) else a
                                                for a in addresses],
-                                    mtu=RELAYED_MTU if relayed else None)
+                                    mtu=RELAYED_MTU if relayed else None,
+                                    dns=[ipaddress.ip_address(dns[0])] if dns else [],
+                                    dns_search=[dns[1]] if dns else [])
     iface.comments[wgquick.INTERFACE] = [f"# meshwg plain peer {name}"]
     if private_key is None:
         # Above the first line of the section, where PrivateKey goes: the device's key never leaves it.

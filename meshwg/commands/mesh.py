@@ -54,6 +54,9 @@ def _join_args(p: argparse.ArgumentParser) -> None:
                    help="read the invite from FILE ('-': standard input)")
     p.add_argument("--name", help="node name shown to other nodes (default: chosen by the server)")
     p.add_argument("--listen-port", type=int, default=0, help="UDP port (default: the last one used, else random)")
+    p.add_argument("--accept-dns", action="store_true",
+                   help="let this host's resolver ask the mesh for NAME.<mesh domain> (systemd-resolved per-link DNS "
+                        "for that domain only, else a change to /etc/resolv.conf undone at exit)")
     _routing_args(p, join=True)
     _common(p)
 
@@ -113,7 +116,7 @@ def run_join(args) -> int:
     # else keeps it alive.
     routing = _routing_overrides(args, "join")
     agent = Agent(_load_invite(args, parse_invite, InviteFormatError), name=args.name, state_dir=args.state_dir,
-                  iface=args.interface, listen_port=args.listen_port, routing=routing)
+                  iface=args.interface, listen_port=args.listen_port, routing=routing, accept_dns=args.accept_dns)
     try:
         trio.run(agent.run)
     except AgentError as err:

@@ -14,6 +14,7 @@ from meshwg.control.entry_check import (entry_accept_untrusted, entry_routes_unt
                                        tags_untrusted)
 from meshwg.control.events import (PEER_KINDS, Connected, DirectoryReset, Disconnected, PeerChanged, PeerInfo,
                                    PeerRemoved, PunchFailed, PunchNotice, Removed, SealedMessage, Welcome)
+from meshwg.mesh.dns_names import dns_domain_untrusted
 from meshwg.signaling import protocol as P
 from meshwg.signaling.invite import Invite, split_hostport
 from meshwg.control import reconnect as R
@@ -197,6 +198,7 @@ class ControlConnection:
                         str(msg.get("prefix4", "")), str(msg.get("prefix6", "")), _addr_list(msg.get("stun")),
                         _addr_list(msg.get("relay_udp")), _addr_list(msg.get("relay_tcp")),
                         float(msg.get("heartbeat", 10.0)), invite.server_key, tags_untrusted(msg.get("tags")),
+                        dns_domain_untrusted(msg.get("dns_domain")),
                     )
                     return cls(stream, chan, sk, w, pending)
             data = await stream.receive_some(65536)

@@ -23,6 +23,7 @@ class Welcome:
     heartbeat: float
     server_key: bytes
     tags: tuple = ()  # this node's own tags (issue 13), for `meshwg status`
+    dns_domain: str = ""  # the mesh domain (issue 15, meshwg.mesh.dns_names); "": names off
 
 
 @dataclass(frozen=True)

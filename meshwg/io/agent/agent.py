@@ -40,6 +40,9 @@ from meshwg.io.agent.local_links import address_is_local, local_addresses, watch
 from meshwg.io.agent.mesh_shell import MeshDevice
 from meshwg.io.agent.ping_shell import UserPingServer
 from meshwg.io.oscfg.subnet_routes import SubnetRouting
+from meshwg.io.agent.dns_server import DnsServer
+from meshwg.io.oscfg import resolver as RESOLV
+from meshwg.mesh import dns_names
 from meshwg.mesh import agent_core as A
 from meshwg.wg.acl import summary as acl_summary
 from meshwg.mesh import node as N
@@ -52,6 +55,10 @@ EVENT_BATCH = 256               # control events handed to the core in one batch
 NAT_PROBE_INTERVAL = 300.0      # the NAT's filtering is probed again this often (and when our addresses change)
 NAT_PROBE_TIMEOUT = 1.0         # seconds each STUN test of the probe waits
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+
+
+# The inputs after which names or our addresses may have changed (the DNS table is rebuilt then, not every tick).
+_NAME_INPUTS = (A.CacheLoaded, CE.Connected, CE.DirectoryReset, CE.PeerChanged, CE.PeerRemoved, CE.SelfChanged)
 
 
 class AgentError(Exception):
@@ -89,14 +96,15 @@ def _welcome_to_json(w) -> dict:
     return {"node_id": w.node_id, "name": w.name, "ipv4": w.ipv4, "ipv6": w.ipv6, "prefix4": w.prefix4,
             "prefix6": w.prefix6, "stun": [list(a) for a in w.stun], "relay_udp": [list(a) for a in w.relay_udp],
             "relay_tcp": [list(a) for a in w.relay_tcp], "heartbeat": w.heartbeat,
-            "server_key": base64.b64encode(w.server_key).decode(), "tags": list(w.tags)}
+            "server_key": base64.b64encode(w.server_key).decode(), "tags": list(w.tags), "dns_domain": w.dns_domain}
 
 
 def _welcome_from_json(d: dict):
     return CE.Welcome(int(d["node_id"]), str(d["name"]), str(d["ipv4"]), str(d["ipv6"]), str(d.get("prefix4", "")),
                       str(d.get("prefix6", "")), tuple(tuple(a) for a in d.get("stun", [])),
                       tuple(tuple(a) for a in d.get("relay_udp", [])), tuple(tuple(a) for a in d.get("relay_tcp", [])),
-                      float(d.get("heartbeat", 10.0)), base64.b64decode(d["server_key"]), tags_untrusted(d.get("tags")))
+                      float(d.get("heartbeat", 10.0)), base64.b64decode(d["server_key"]), tags_untrusted(d.get("tags")),
+                      dns_names.dns_domain_untrusted(d.get("dns_domain")))
 
 
 def cached_invite(cache: dict | None) -> Invite | None:
@@ -122,7 +130,7 @@ def _fmt_addr(a) -> str | None:
 class Agent:
     def __init__(self, invite: Invite, *, name: str | None, state_dir: str, iface: str, listen_port: int = 0,
                  status_dir: str = status_server.RUN_DIR, uapi_dir: str | None = None, clock=time.monotonic,
-                 routing: dict | None = None):
+                 routing: dict | None = None, accept_dns: bool = False, dns_port: int = 53):
         self.invite = invite
         self.name = name
         self.state_dir = state_dir
@@ -147,6 +155,11 @@ class Agent:
         self.exit_mtus: dict[str, int] = {}   # its default routes' MTU while it is relayed (SetExitMtus)
         self._reprobe = trio.Event()          # our addresses changed: probe the NAT again now
         self.pings = UserPingServer()         # `meshwg ping` requests waiting for their pong
+        # Names (issue 15): the DNS server on our mesh addresses; with accept_dns the host's resolver asks it.
+        self.dns = DnsServer(port=dns_port)
+        self.resolver = RESOLV.SystemResolver(iface, state_dir) if accept_dns else None
+        self._resolver_want: tuple = ("", None)
+        self._resolver_news = trio.Event()
 
     # ---- main --------------------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -162,11 +175,13 @@ class Agent:
         status = None
         try:
             await trio.to_thread.run_sync(self.subnet.recover)   # first: undo what a crashed run left
+            await self._dns_start()
             status = status_server.StatusListener(self.dev.name, self.status_dir)
             with trio.CancelScope() as self._cancel:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.dev.run)
                     await nursery.start(status_server.serve, status, self.handle_query)
+                    await nursery.start(self.dns.run)
                     self.client = self._control_client(key, registered=cache is not None)
                     await self._step(await self._local_addresses())   # the registration's candidates
                     await self._step(A.SetRouting(self._initial_routing()))
@@ -175,7 +190,7 @@ class Agent:
                         peers = _peers_from_json(cache["peers"])
                         await self._step(A.CacheLoaded(_welcome_from_json(cache["welcome"]), peers, cached_port))
                     for task in (self._events_task, self._ticks, self._local_watch, self._endpoints_watch,
-                                 self._signals, self._watch_device, self._nat_probe_task):
+                                 self._signals, self._watch_device, self._nat_probe_task, self._resolver_task):
                         nursery.start_soon(task)
                     nursery.start_soon(service_notify.watch, self, notifier)   # systemd: READY/STATUS/STOPPING
                     task_status.started(self)
@@ -183,6 +198,8 @@ class Agent:
             if status is not None:
                 status.close()
             self.subnet.close()   # rules, nftables table, forwarding as they were
+            if self.resolver is not None:
+                self.resolver.close()   # the host's resolver as it was
             self.dev.close()
         if self.fatal:
             raise AgentError(self.fatal)
@@ -244,6 +261,8 @@ class Agent:
                     if follow is not None:
                         batch.append(follow)
             await self.dev.driver.flush()
+            if any(isinstance(i, _NAME_INPUTS) for i in inputs):
+                self._feed_dns()
 
     async def _carry_out(self, act):
         """One action as I/O; returns the input it gives back to the core, if any."""
@@ -284,6 +303,33 @@ class Agent:
             case _:
                 raise TypeError(f"unknown agent action {act!r}")
         return None
+
+    # ---- names (issue 15) ---------------------------------------------------------------------
+    async def _dns_start(self) -> None:
+        """Undo what a crashed run left in the host's resolver, then read its nameservers (where plain peers'
+        other queries go): the file as the host has it, not as we change it."""
+        if self.resolver is not None:
+            await trio.to_thread.run_sync(self.resolver.recover)
+        text = await trio.to_thread.run_sync(RESOLV._read, RESOLV.RESOLV_CONF)
+        self.dns.upstreams = dns_names.upstreams_from_resolv_conf(text or "")
+        self.dns.resolver.forward = bool(self.dns.upstreams)
+
+    def _feed_dns(self) -> None:
+        """After a step that may have changed names or addresses: the DNS server's table, and what the host's
+        resolver should ask (our mesh IPv4, the domain)."""
+        w, core = self.core.welcome, self.core
+        domain = w.dns_domain if w is not None else ""
+        self.dns.update(dns_names.table_from(domain, w, core.peers.values()), (w.ipv4, w.ipv6) if w else ())
+        want = (domain, w.ipv4 if w and domain else None)
+        if self.resolver is not None and want != self._resolver_want:
+            self._resolver_want = want
+            self._resolver_news.set()
+
+    async def _resolver_task(self) -> None:
+        while self.resolver is not None:
+            await self._resolver_news.wait()
+            self._resolver_news = trio.Event()
+            await trio.to_thread.run_sync(self.resolver.apply, *self._resolver_want)
 
     # ---- events -> inputs --------------------------------------------------------------------
     async def _events_task(self) -> None:
@@ -509,6 +555,7 @@ class Agent:
             "relay": dev.relay.status(),
             "routes": dev.route_status(),
             "routing": self._routing_status(),
+            "dns": self.dns.status(),
             "local_endpoints": [_fmt_addr(a) for a in node.iface_endpoints],
             "drops": counters.drops(merged),
             "counters": merged,                       # `meshwg status -d` shows them
