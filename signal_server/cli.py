@@ -114,7 +114,8 @@ def _dns_domain(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: nested subcommands share these options without resetting what an outer level parsed.
-    common.add_argument("--db", default=argparse.SUPPRESS, help=f"SQLite state file (default {DEFAULT_DB})")
+    common.add_argument("--db", default=argparse.SUPPRESS,
+                        help=f"SQLite state file, or a postgresql:// URL (default {DEFAULT_DB})")
     common.add_argument("--admin-socket", metavar="PATH|none", default=argparse.SUPPRESS,
                         help="the running server's admin socket: serve listens on it (mode 0600; 'none': no socket), "
                              "the admin commands ask through it (default admin.sock next to --db)")
@@ -561,16 +562,23 @@ def cmd_backup(args) -> int:
         return 1
     finally:
         st.close()
-    print(f"backed up {args.db} to {args.file}", file=sys.stderr)
+    print(f"backed up {_db_name(args.db)} to {args.file}", file=sys.stderr)
     return 0
 
 
 def cmd_restore(args) -> int:
-    from signal_server.store import restore_copy
+    # Either kind of backup (a SQLite file, a PostgreSQL dump) into either kind of --db (store_dump).
+    from signal_server.store_dump import restore
 
-    restore_copy(args.file, args.db)
-    print(f"restored {args.file} as {args.db}", file=sys.stderr)
+    restore(args.file, args.db)
+    print(f"restored {args.file} as {_db_name(args.db)}", file=sys.stderr)
     return 0
+
+
+def _db_name(db: str) -> str:
+    from signal_server.store_api import db_label
+
+    return db if not db.startswith(("postgresql://", "postgres://")) else db_label(db)
 
 
 def _db_problem(args, exc) -> str:

@@ -141,7 +141,7 @@ class SignalServer:
         self.server_pk = public_key(self.server_sk)
         # The operator compares this with the key in invites: a wrong --db shows here first.
         log.info("%s server key %s (database %s)", "created a new" if self.store.created_identity else "using",
-                 key_to_base64(self.server_pk), os.path.abspath(config.db))
+                 key_to_base64(self.server_pk), api.db_label(config.db))
         for name, mode in wide_modes(config.db):
             log.warning("%s is mode %04o: it holds the server's private key; chmod 600 it", name, mode)
         self.prefix4, self.prefix6 = self.store.prefixes(os.urandom, config.prefix4, config.prefix6)

@@ -150,3 +150,13 @@ def open_store(db: str, **kw) -> Store:
     from signal_server.store import SqliteStore
 
     return SqliteStore(db, **kw)
+
+
+def db_label(db: str) -> str:
+    """`db` for logs and messages: a SQLite file's absolute path, a URL without its password."""
+    import os
+    import re
+
+    if db.startswith(("postgresql://", "postgres://")):
+        return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", db)
+    return os.path.abspath(db)

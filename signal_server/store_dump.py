@@ -6,7 +6,8 @@ restores only into PostgreSQL, of a version at least the dumping one's, and carr
 the dump here holds exactly the server's rows, is read by the same code for both backends, and so also moves a
 mesh from SQLite to PostgreSQL and back (`restore` reads either kind of file into either kind of --db).
 
-The change feed is not dumped: a restored database starts a new one (servers re-read every row at start)."""
+The change feed is not dumped: a restored database starts a new one (servers re-read every row at start). The
+highest node id ever given is ("sequences"): a removed node's id is never given to another node."""
 
 from __future__ import annotations
 
@@ -52,12 +53,13 @@ def decode(data: bytes, name: str) -> dict:
         if doc.get("format") != FORMAT:
             raise ValueError
         raw = doc["tables"]
-        tables = {t: [[_dec(v) for v in row] for row in raw[t]] for t in ["meta", *(t for t, _, _ in TABLES)]}
+        tables = {t: [[_dec(v) for v in row] for row in raw[t]]
+                  for t in ["meta", "sequences", *(t for t, _, _ in TABLES)]}
     except (ValueError, KeyError, TypeError, AttributeError):
         raise StoreError(f"{name}: not a meshwg-signal backup") from None
     if doc["schema"] != SCHEMA:
         raise StoreError(f"{name}: a dump of schema {doc['schema']}; this meshwg-signal reads schema {SCHEMA}")
-    widths = {t: len(cols.split(",")) for t, cols, _ in TABLES} | {"meta": 2}
+    widths = {t: len(cols.split(",")) for t, cols, _ in TABLES} | {"meta": 2, "sequences": 2}
     if any(len(row) != widths[t] for t, rows in tables.items() for row in rows):
         raise StoreError(f"{name}: not a meshwg-signal backup (rows of the wrong width)")
     if not any(k == "server_private_key" and isinstance(v, bytes) for k, v in tables["meta"]):
@@ -87,6 +89,7 @@ def sqlite_tables(st) -> dict:
     try:
         out = {t: [list(r) for r in st.db.execute(f"SELECT {cols} FROM {t} ORDER BY {order}")] for t, cols, order in TABLES}
         out["meta"] = [[k, v] for k, v in st.db.execute("SELECT k, v FROM meta ORDER BY k") if k not in LOCAL_META]
+        out["sequences"] = [list(r) for r in st.db.execute("SELECT name, seq FROM sqlite_sequence WHERE name='nodes'")]
     finally:
         st.db.execute("COMMIT")
     return out
@@ -100,6 +103,11 @@ def sqlite_load(st, tables: dict) -> None:
             st.db.execute(f"DELETE FROM {t}")
             marks = ",".join("?" * len(cols.split(",")))
             st.db.executemany(f"INSERT INTO {t}({cols}) VALUES({marks})", tables[t])
+        # AUTOINCREMENT's memory of the highest id given, so a removed node's id is never given again
+        given = dict(tables["sequences"]).get("nodes", 0)
+        st.db.execute("UPDATE sqlite_sequence SET seq=max(seq, ?) WHERE name='nodes'", (given,))
+        st.db.execute("INSERT INTO sqlite_sequence(name, seq) SELECT 'nodes', ? WHERE NOT EXISTS "
+                      "(SELECT 1 FROM sqlite_sequence WHERE name='nodes')", (given,))
 
 
 def read_backup(path: str) -> dict:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import threading
 import time
 from contextlib import contextmanager
@@ -83,15 +82,15 @@ KEY_META = "server_private_key"
 FEED_LOCK, MIGRATE_LOCK = 0x6D657368_0001, 0x6D657368_0002
 RETRIES = 30  # serialization failures under contention; each retry waits a little longer (jittered)
 NODE_COLS, INVITE_COLS = store_rows.NODE_COLS, store_rows.INVITE_COLS
+NODE_SEQ_SQL = "SELECT pg_get_serial_sequence('nodes', 'id')"
+HEAD_SQL = "SELECT coalesce(max(seq), 0) FROM changes"  # the primary key's last entry: an index lookup, no table read
 
 
 def is_url(db: str) -> bool:
     return db.startswith(("postgresql://", "postgres://"))
 
 
-def redact(url: str) -> str:
-    """The URL without its password (error messages and logs)."""
-    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+redact = api.db_label  # the URL without its password (error messages and logs)
 
 
 class PgStore:
@@ -113,6 +112,7 @@ class PgStore:
         self._depth = 0  # nesting of _tx/_snapshot on this connection
         self._seen = None  # may_have_changes: the head last reported
         self._feed: list = []  # this transaction's appended seqs, and the head before them
+        self._changes_seq = None  # the change feed's sequence (its name, read once)
         self.conn = None
         try:
             self._connect()
@@ -277,7 +277,9 @@ class PgStore:
         it makes seqs visible in seq order (see the module docstring)."""
         self._q("SELECT pg_advisory_xact_lock(%s)", (FEED_LOCK,))
         if not self._feed:
-            self._feed = [self._head()]
+            # The sequence's value, not max(seq): a read of the changes table would make every two concurrent
+            # writers a serialization conflict; under the lock every seq handed out so far is settled.
+            self._feed = [self._val(f"SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {self._seq_name()}")]
         seq = self._val("INSERT INTO changes(kind, pubkey, node_id) VALUES(%s, %s, %s) RETURNING seq",
                         (kind, key, node_id))
         self._feed.append(seq)
@@ -287,9 +289,13 @@ class PgStore:
             self._q("INSERT INTO meta(k, v) VALUES('changes_pruned', %s) ON CONFLICT(k) DO UPDATE "
                     "SET v=GREATEST(meta.v::bigint, excluded.v::bigint)::text", (str(cut),))
 
+    def _seq_name(self) -> str:
+        if self._changes_seq is None:
+            self._changes_seq = self._val("SELECT pg_get_serial_sequence('changes', 'seq')")
+        return self._changes_seq
+
     def _head(self) -> int:
-        # The primary key's last entry: an index lookup, not a table read.
-        return self._val("SELECT coalesce(max(seq), 0) FROM changes")
+        return self._val(HEAD_SQL)
 
     def change_head(self) -> int:
         """The newest committed change's seq (0 before any)."""
@@ -664,6 +670,9 @@ class PgStore:
                    for t, cols, order in store_dump.TABLES}
             out["meta"] = [[k, bytes(vb) if vb is not None else v]
                            for k, v, vb in self._q("SELECT k, v, vb FROM meta ORDER BY k") if k not in store_dump.LOCAL_META]
+            # The highest node id ever given (removed nodes' too): a restore never hands one out again.
+            out["sequences"] = [["nodes", self._val(f"SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM "
+                                                    f"{self._val(NODE_SEQ_SQL)}")]]
         return out
 
     def load_tables(self, tables: dict) -> None:
@@ -680,8 +689,9 @@ class PgStore:
                 marks = ",".join(["%s"] * len(cols.split(",")))
                 for row in tables[t]:
                     self._q(f"INSERT INTO {t}({cols}) VALUES({marks})", row)
-            self._q("SELECT setval(pg_get_serial_sequence('nodes', 'id'), (SELECT coalesce(max(id), 0) + 1 FROM nodes), "
-                    "false)")
+            given = dict(tables["sequences"]).get("nodes", 0)
+            self._q(f"SELECT setval(({NODE_SEQ_SQL}), GREATEST(%s, (SELECT coalesce(max(id), 0) FROM nodes)) + 1, false)",
+                    (given,))
         self._write(tx)
 
     def integrity_ok(self) -> bool:
