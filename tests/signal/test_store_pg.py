@@ -310,3 +310,14 @@ def test_restore_refuses_what_is_not_a_backup(pg_url, tmp_path, capsys):
         assert "not a meshwg-signal backup" in err and err.count("\n") == 1
     with raw(pg_url) as c:  # nothing was created
         assert c.execute("SELECT count(*) FROM pg_tables WHERE schemaname='public'").fetchone()[0] == 0
+
+
+def test_setup_installs_the_server_the_cluster_fixture_runs():
+    import subprocess
+
+    from pg_cluster import pg_bindir
+    from test_setup_installs_what_tests_call import setup_packages
+
+    # initdb comes from postgresql-NN, which the `postgresql` package setup installs depends on
+    owner = subprocess.run(["dpkg", "-S", pg_bindir() + "/initdb"], capture_output=True, text=True).stdout
+    assert owner.startswith("postgresql-") and "postgresql" in setup_packages()
