@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="STUN-only alternate port on every --udp address, for NAT filtering tests "
                              "(RFC 5780 CHANGE-REQUEST; two --udp addresses make the full 2x2 layout). "
                              "Default: the --udp port + 1; 'none' disables")
-        sp.add_argument("--relay-tcp", action="append", metavar="HOST:PORT", help="TCP relay fallback (default 0.0.0.0:7301; 'none')")
+        sp.add_argument("--relay-tcp", action="append", metavar="HOST:PORT", help="TCP relay fallback, repeatable: nodes try each in turn, e.g. "
+                        "also 0.0.0.0:443 to pass firewalls that let only HTTPS out (default 0.0.0.0:7301; 'none')")
         sp.add_argument("--metrics", action="append", metavar="HOST:PORT", help="Prometheus /metrics listener (e.g. 127.0.0.1:9300)")
         sp.add_argument("--plain-udp", metavar="HOST:PORT",
                         help="UDP port for plain WireGuard peers (phones; `plain add`) (default 0.0.0.0:51820, "

@@ -134,3 +134,17 @@ async def test_silent_first_tcp_address_443_carries_the_sends_within_a_second(au
         await trio.sleep(30)
         assert shell.mode == "tcp" and len(tries) == 2               # 443 kept, nothing retried
         nursery.cancel_scope.cancel()
+
+
+def test_only_the_latest_queued_initiation_to_a_peer_waits_for_the_relay():
+    """Two initiations queued before a relay session is ready, flushed together: the peer's WireGuard answers the
+    first only (the second arrives as a flood) while our core waits for the second's answer, and the handshake
+    waits 5 s for its retry (issue 15's first ping on a UDP-blocked network). The stale one is dropped."""
+    shell = RelayShell(NODE_SK, udp_send=lambda data, dst: True, deliver=lambda *_: None, after_rx=None,
+                       clock=lambda: 0.0)
+    peer, other = crypto.dh_pub(crypto.clamp(PEER_SK)), bytes(32)
+    init1, init2 = b"\x01\x00\x00\x00" + b"a" * 144, b"\x01\x00\x00\x00" + b"b" * 144
+    for dst, packet in ((peer, init1), (other, init1), (peer, b"\x04\x00\x00\x00data"), (peer, init2)):
+        shell.send(dst, packet)
+    assert list(shell._pending) == [(other, init1), (peer, b"\x04\x00\x00\x00data"), (peer, init2)]
+    assert shell.counters["drop_pending_stale_initiation"] == 1

@@ -54,6 +54,11 @@ NOTICE_NAMES = {W.N_REHELLO: "rehello", W.N_NOT_REGISTERED: "not_registered", W.
                 W.N_RATE_LIMITED: "rate_limited", W.N_STALE_HELLO: "stale_hello"}
 
 
+def _is_initiation(packet: bytes) -> bool:
+    """A WireGuard handshake initiation (message type 1, 148 bytes)."""
+    return len(packet) == 148 and packet[:4] == b"\x01\x00\x00\x00"
+
+
 class RelayShell:
     def __init__(self, private_key: bytes, *, udp_send, deliver, after_rx, clock=time.monotonic,
                  random_bytes=os.urandom, endpoint_type: type | None = None, endpoint_for=None,
@@ -222,6 +227,13 @@ class RelayShell:
                 self._tcp_wake.set()
                 self._tcp_wake = None
             return
+        if _is_initiation(packet) and any(d == dst and _is_initiation(p) for d, p in self._pending):
+            # Only our latest initiation to a peer can complete (the core keeps that one's state), and WireGuard
+            # ignores a second initiation that arrives right after the first as a flood: flushed together, the
+            # peer would answer the stale one only and the handshake would wait for the 5 s retry.
+            self._pending = deque(((d, p) for d, p in self._pending if not (d == dst and _is_initiation(p))),
+                                  maxlen=PENDING_MAX)
+            self._counters["drop_pending_stale_initiation"] += 1
         self._pending.append((dst, packet))
         self._counters["queue_not_ready"] += 1
 
