@@ -4,9 +4,10 @@ paths (meshwg/commands/service.py writes them). Pure: text in, text out.
 The units are Type=notify (meshwg/sdnotify.py: READY=1 once the node has its welcome and its interface / once every
 listener of the server is bound) and hardened no further than what the programs do:
 - the agent opens /dev/net/tun, configures addresses, routes and policy rules (`ip`, netlink), nftables (`nft`),
-  SO_MARK on its sockets (CAP_NET_ADMIN), answers DNS on port 53 of its mesh addresses, writes /proc/sys/net forwarding and src_valid_mark for subnet routes and
-  exit nodes (so no ProtectKernelTunables=), its state in /var/lib/meshwg and its UAPI and status sockets in
-  /run/wireguard (where `wg` looks);
+  SO_MARK on its sockets (CAP_NET_ADMIN), answers DNS on port 53 of its mesh addresses, writes /proc/sys/net
+  (forwarding, src_valid_mark: subnet routes and exit nodes, so no ProtectKernelTunables=), /etc/resolv.conf with
+  --accept-dns when systemd-resolved is absent (resolvectl otherwise, over D-Bus), its state in /var/lib/meshwg and
+  its UAPI and status sockets in /run/wireguard (where `wg` looks);
 - the server binds TCP and UDP ports (below 1024 too when signal.toml asks: relay TCP on 443), reads the host's
   routes (`ip -j route`) and writes its database (and admin socket) in /var/lib/meshwg-signal.
 """
@@ -89,7 +90,8 @@ def agent_unit(executable: list[str], config: str, state_dir: str = AGENT_STATE)
         f"RuntimeDirectory={UAPI_RUN_DIR}",
         "RuntimeDirectoryPreserve=yes",  # shared with wg-quick and other WireGuard daemons
         "RuntimeDirectoryMode=0755",
-        "ReadWritePaths=-/run/resolvconf",  # resolvconf records, where a resolver change goes through resolvconf
+        # --accept-dns without systemd-resolved edits /etc/resolv.conf in place (meshwg/io/oscfg/resolver.py).
+        "ReadWritePaths=-/etc/resolv.conf",
         # NET_BIND_SERVICE: the node answers DNS on port 53 of its mesh addresses.
         "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE",
         "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE",
