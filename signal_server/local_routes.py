@@ -1,6 +1,11 @@
 """`serve` warns when the mesh prefix overlaps a route of the host (issue 15): the default 100.64.0.0/10 is also
 Tailscale's, Headscale's and NetBird's, and a node on such a host would route mesh traffic into the other VPN.
-Pure: the routes come in as text (`ip -j route show table all` or /proc/net/route); server.py reads them."""
+Pure: the routes come in as text (`ip -j route show table all` or /proc/net/route); server.py reads them.
+
+A meshwg node of this mesh running on the server's own host routes the mesh prefix into its interface: that route
+is ours, not a clash. Its interface is recognised by the address on it: one this server assigned to a node
+(`own_interfaces`); another VPN's interface, or another mesh's, does not carry our nodes' addresses (exact match,
+not "inside the prefix", which NetBird's wt0 inside 100.64.0.0/10 would pass too)."""
 
 from __future__ import annotations
 
@@ -37,12 +42,47 @@ def parse_proc_route(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def overlaps(routes, prefix) -> list[tuple[str, str]]:
+def parse_ip_addresses(text: str) -> list[tuple[str, str]]:
+    """(address, interface) of each address in `ip -j address show` output; anything unreadable is skipped."""
+    try:
+        links = json.loads(text or "[]")
+    except ValueError:
+        return []
+    out = []
+    for link in links if isinstance(links, list) else []:
+        if not isinstance(link, dict) or not isinstance(link.get("addr_info"), list):
+            continue
+        for a in link["addr_info"]:
+            if isinstance(a, dict) and isinstance(a.get("local"), str):
+                out.append((a["local"], str(link.get("ifname", "?"))))
+    return out
+
+
+def own_interfaces(addresses, node_addresses) -> frozenset:
+    """The interfaces among `addresses` ((address, interface) pairs) that carry one of `node_addresses` (the mesh
+    addresses this server assigned): a node of ours runs there."""
+    mine = set()
+    for ip in node_addresses:
+        try:
+            mine.add(ipaddress.ip_address(ip))
+        except ValueError:
+            continue
+    out = set()
+    for ip, dev in addresses:
+        try:
+            if ipaddress.ip_address(ip) in mine:
+                out.add(dev)
+        except ValueError:
+            continue
+    return frozenset(out)
+
+
+def overlaps(routes, prefix, ours=frozenset()) -> list[tuple[str, str]]:
     """The (route, interface) pairs among `routes` whose destination overlaps `prefix` (an ip_network), once each,
-    default routes left out."""
+    default routes and routes on `ours` (own_interfaces) left out."""
     seen, out = set(), []
     for dst, dev in routes:
-        if dst in _DEFAULTS:
+        if dst in _DEFAULTS or dev in ours:
             continue
         try:
             net = ipaddress.ip_network(dst, strict=False)
@@ -54,7 +94,7 @@ def overlaps(routes, prefix) -> list[tuple[str, str]]:
     return out
 
 
-def warnings(routes, prefix) -> list[str]:
+def warnings(routes, prefix, ours=frozenset()) -> list[str]:
     return [f"the mesh prefix {prefix} overlaps the local route {dst} on {dev} (another VPN such as Tailscale, "
             f"Headscale or NetBird uses 100.64.0.0/10 too): nodes on this host may send mesh traffic there; choose "
-            f"another with --prefix4/--prefix6 before nodes join" for dst, dev in overlaps(routes, prefix)]
+            f"another with --prefix4/--prefix6 before nodes join" for dst, dev in overlaps(routes, prefix, ours)]

@@ -21,7 +21,7 @@ import trio
 from meshwg import sdnotify
 from meshwg.config.keys import key_to_base64
 from meshwg.signaling.invite import join_hostport
-from signal_server import admin, admin_socket, local_routes, metrics
+from signal_server import admin, admin_socket, local_routes, metrics, multi_server
 from signal_server import policy as acl_policy
 from signal_server import service_notify
 from signal_server import store_api as api
@@ -29,7 +29,7 @@ from signal_server.conn_limits import SourceLimits, relay_tcp_caps
 from signal_server.control_core import (DIR_CHANGED, PLAIN_CHANGED, AdvertiseRoutes, Allow, ControlCore, Drop, Leave,
                                         Log, Send)
 from signal_server.control_listener import ControlListener, Session, advertised
-from signal_server.directory import Directory
+from signal_server.live_state import SharedDirectory
 from signal_server.lograte import RepeatLimiter, install_repeat_filter
 from signal_server.plain_ingress import PlainIngress
 from signal_server.ratelimit import KeyedLimiter
@@ -115,6 +115,15 @@ def host_routes() -> list[tuple[str, str]]:
         return []
 
 
+def host_addresses() -> list[tuple[str, str]]:
+    """(address, interface) of the host's addresses (`ip -j address show`); [] when it cannot be read."""
+    try:
+        r = subprocess.run(["ip", "-j", "address", "show"], capture_output=True, text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return local_routes.parse_ip_addresses(r.stdout)
+
+
 @dataclass
 class Bound:
     control: list = field(default_factory=list)
@@ -145,7 +154,8 @@ class SignalServer:
         for name, mode in wide_modes(config.db):
             log.warning("%s is mode %04o: it holds the server's private key; chmod 600 it", name, mode)
         self.prefix4, self.prefix6 = self.store.prefixes(os.urandom, config.prefix4, config.prefix6)
-        self.directory = Directory(mesh_nets=(self.prefix4, self.prefix6))
+        self.directory = SharedDirectory(mesh_nets=(self.prefix4, self.prefix6))
+        self.multi = None  # several servers on this database (multi_server.py), set below
         self.plain = PlainIngress()
         self.relay = RelayCore(self.server_sk, os.urandom, plain=self.plain, **limit_kwargs(
             config.relay_node_rate, config.relay_node_pps, config.relay_total_rate))
@@ -174,6 +184,9 @@ class SignalServer:
         # The feed from here on; the full read below covers what came before (a change seen twice is harmless).
         self._seq = self.store.change_head()
         self.apply(self.core.resync(self.store.list_nodes(), time.time()))
+        if multi_server.enabled(self.store, config):
+            self.multi = multi_server.MultiServer(self)
+            self.multi.load()
         self._policy_sig = None  # (mtime, size, inode) of the policy file when last read
         self._policy_lock = trio.Lock()
         if config.policy:
@@ -206,6 +219,8 @@ class SignalServer:
             if e is DIR_CHANGED:
                 self.control_listener.wake_all()
                 self._public_dirty = True
+                if self.multi is not None:
+                    self.multi.kick()
             elif e is PLAIN_CHANGED:
                 plain_changed = True  # once per batch: a resync brings every row at once
             elif isinstance(e, Send):
@@ -280,14 +295,19 @@ class SignalServer:
                 self.admin_listener.close()
             self.relay_udp.close()
             self._publish_no_presence()
+            if self.multi is not None:
+                self.multi.close()
         if self._stopping:
             log.info("stopped")
 
     def warn_route_overlaps(self) -> None:
-        """One warning per host route that overlaps a mesh prefix; the server starts all the same."""
+        """One warning per host route that overlaps a mesh prefix, but those of a node of ours running on this host;
+        the server starts all the same."""
         routes = host_routes()
+        nodes = [a for n in self.store.list_nodes() for a in (n.ipv4, n.ipv6) if a]
+        ours = local_routes.own_interfaces(host_addresses(), nodes) if nodes else frozenset()
         for prefix in (self.prefix4, self.prefix6):
-            for line in local_routes.warnings(routes, prefix):
+            for line in local_routes.warnings(routes, prefix, ours):
                 log.warning("%s", line)
 
     async def _stop_on_sigterm(self, scope: trio.CancelScope, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -335,6 +355,8 @@ class SignalServer:
                 bound.metrics += [l.socket.getsockname()[:2] for l in ls]
                 nursery.start_soon(metrics.serve_metrics, ls, self.render_metrics)
             self._publish_addresses()
+            if self.multi is not None:
+                await nursery.start(self.multi.run)
             nursery.start_soon(self._housekeeping)
             if self.admin_listener is not None:
                 await nursery.start(admin_socket.serve, self.admin_listener, admin_socket.server_handler(self))
@@ -442,7 +464,8 @@ class SignalServer:
         while True:
             await trio.sleep(self.cfg.db_poll)
             try:
-                await self._follow_changes()
+                if self.multi is None:  # else read when notified (multi_server.MultiServer._follow)
+                    await self._follow_changes()
                 await self.check_policy()
                 await self._publish_public()
                 await self._publish_presence()
@@ -558,12 +581,17 @@ class SignalServer:
             rows = await self._db(self.store.list_nodes)
             self.apply(self.core.resync(rows, time.time()))
             self._sync_relay_allowed()
+            if self.multi is not None:
+                self.multi.apply_rows(await self._db(self.store.live_rows))
         else:
             keys = list(dict.fromkeys(c.key for c in changes if c.kind in api.NODE_KINDS and c.key))
             rows = await self._db(lambda: [self.store.get_node(k) for k in keys])
             wall = time.time()
             for key, row in zip(keys, rows):
                 self.apply(self.core.apply_row(key, row, wall))
+            live = multi_server.live_kinds(changes) if self.multi is not None else []
+            if live:  # other servers' nodes: online, candidates, observed
+                self.multi.apply_rows(await self._db(self.store.live_rows, live))
         self._seq = seq
 
 

@@ -200,6 +200,39 @@ async def test_serve_warns_about_overlapping_routes_and_starts(nursery, tmp_path
     await c.aclose()
 
 
+def test_a_node_of_ours_on_this_host_is_not_a_clash():
+    # The server's own host runs a node of this mesh: its interface carries the address the server assigned.
+    addrs = local_routes.parse_ip_addresses(json.dumps([
+        {"ifname": "meshwg0", "addr_info": [{"local": "100.64.0.5", "prefixlen": 10}, {"local": "fd00:1::5"}]},
+        {"ifname": "wt0", "addr_info": [{"local": "100.92.3.4", "prefixlen": 16}]},
+        {"ifname": "junk", "addr_info": "x"}, "junk"]))
+    assert addrs == [("100.64.0.5", "meshwg0"), ("fd00:1::5", "meshwg0"), ("100.92.3.4", "wt0")]
+    ours = local_routes.own_interfaces(addrs, ["100.64.0.5", "not an ip"])
+    assert ours == {"meshwg0"}
+    routes = [("100.64.0.0/10", "meshwg0"), ("100.64.0.5", "meshwg0"), ("100.92.0.0/16", "wt0")]
+    p4 = ipaddress.ip_network("100.64.0.0/10")
+    assert local_routes.overlaps(routes, p4, ours) == [("100.92.0.0/16", "wt0")]
+    # Only an exact address of ours: an interface with some other address inside the prefix is a clash.
+    assert local_routes.own_interfaces(addrs, ["100.92.3.5"]) == set()
+    assert local_routes.parse_ip_addresses("not json") == []
+
+
+async def test_serve_does_not_warn_about_its_own_nodes_route(nursery, tmp_path, caplog, monkeypatch):
+    h = await start_server(nursery, tmp_path, prefix4="100.64.0.0/10")
+    with trio.fail_after(10):
+        c = await ControlConnection.open(h.invite(), new_key())
+    mine = c.welcome.ipv4
+    await c.aclose()
+    monkeypatch.setattr(server_mod, "host_routes", lambda: [("100.64.0.0/10", "meshwg0"), (mine, "meshwg0"),
+                                                             ("100.92.0.0/16", "wt0")])
+    monkeypatch.setattr(server_mod, "host_addresses", lambda: [(mine, "meshwg0"), ("100.92.3.4", "wt0")])
+    caplog.set_level(logging.WARNING, logger="signal")
+    caplog.clear()
+    h.server.warn_route_overlaps()  # what serve does at start (a restart while the node runs)
+    lines = [r.getMessage() for r in caplog.records if "overlaps the local route" in r.getMessage()]
+    assert len(lines) == 1 and "100.92.0.0/16 on wt0" in lines[0], lines
+
+
 # --- SIGTERM: the real process
 
 def _free_port(kind=socket.SOCK_STREAM) -> int:
