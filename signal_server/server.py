@@ -21,7 +21,7 @@ import trio
 from meshwg import sdnotify
 from meshwg.config.keys import key_to_base64
 from meshwg.signaling.invite import join_hostport
-from signal_server import admin, admin_socket, local_routes, metrics, multi_server
+from signal_server import admin, admin_socket, local_routes, metrics
 from signal_server import policy as acl_policy
 from signal_server import service_notify
 from signal_server import store_api as api
@@ -29,7 +29,7 @@ from signal_server.conn_limits import SourceLimits, relay_tcp_caps
 from signal_server.control_core import (DIR_CHANGED, PLAIN_CHANGED, AdvertiseRoutes, Allow, ControlCore, Drop, Leave,
                                         Log, Send)
 from signal_server.control_listener import ControlListener, Session, advertised
-from signal_server.live_state import SharedDirectory
+from signal_server.directory import Directory
 from signal_server.lograte import RepeatLimiter, install_repeat_filter
 from signal_server.plain_ingress import PlainIngress
 from signal_server.ratelimit import KeyedLimiter
@@ -154,8 +154,7 @@ class SignalServer:
         for name, mode in wide_modes(config.db):
             log.warning("%s is mode %04o: it holds the server's private key; chmod 600 it", name, mode)
         self.prefix4, self.prefix6 = self.store.prefixes(os.urandom, config.prefix4, config.prefix6)
-        self.directory = SharedDirectory(mesh_nets=(self.prefix4, self.prefix6))
-        self.multi = None  # several servers on this database (multi_server.py), set below
+        self.directory = Directory(mesh_nets=(self.prefix4, self.prefix6))
         self.plain = PlainIngress()
         self.relay = RelayCore(self.server_sk, os.urandom, plain=self.plain, **limit_kwargs(
             config.relay_node_rate, config.relay_node_pps, config.relay_total_rate))
@@ -184,9 +183,6 @@ class SignalServer:
         # The feed from here on; the full read below covers what came before (a change seen twice is harmless).
         self._seq = self.store.change_head()
         self.apply(self.core.resync(self.store.list_nodes(), time.time()))
-        if multi_server.enabled(self.store, config):
-            self.multi = multi_server.MultiServer(self)
-            self.multi.load()
         self._policy_sig = None  # (mtime, size, inode) of the policy file when last read
         self._policy_lock = trio.Lock()
         if config.policy:
@@ -219,8 +215,6 @@ class SignalServer:
             if e is DIR_CHANGED:
                 self.control_listener.wake_all()
                 self._public_dirty = True
-                if self.multi is not None:
-                    self.multi.kick()
             elif e is PLAIN_CHANGED:
                 plain_changed = True  # once per batch: a resync brings every row at once
             elif isinstance(e, Send):
@@ -295,8 +289,6 @@ class SignalServer:
                 self.admin_listener.close()
             self.relay_udp.close()
             self._publish_no_presence()
-            if self.multi is not None:
-                self.multi.close()
         if self._stopping:
             log.info("stopped")
 
@@ -355,8 +347,6 @@ class SignalServer:
                 bound.metrics += [l.socket.getsockname()[:2] for l in ls]
                 nursery.start_soon(metrics.serve_metrics, ls, self.render_metrics)
             self._publish_addresses()
-            if self.multi is not None:
-                await nursery.start(self.multi.run)
             nursery.start_soon(self._housekeeping)
             if self.admin_listener is not None:
                 await nursery.start(admin_socket.serve, self.admin_listener, admin_socket.server_handler(self))
@@ -464,8 +454,7 @@ class SignalServer:
         while True:
             await trio.sleep(self.cfg.db_poll)
             try:
-                if self.multi is None:  # else read when notified (multi_server.MultiServer._follow)
-                    await self._follow_changes()
+                await self._follow_changes()
                 await self.check_policy()
                 await self._publish_public()
                 await self._publish_presence()
@@ -581,17 +570,12 @@ class SignalServer:
             rows = await self._db(self.store.list_nodes)
             self.apply(self.core.resync(rows, time.time()))
             self._sync_relay_allowed()
-            if self.multi is not None:
-                self.multi.apply_rows(await self._db(self.store.live_rows))
         else:
             keys = list(dict.fromkeys(c.key for c in changes if c.kind in api.NODE_KINDS and c.key))
             rows = await self._db(lambda: [self.store.get_node(k) for k in keys])
             wall = time.time()
             for key, row in zip(keys, rows):
                 self.apply(self.core.apply_row(key, row, wall))
-            live = multi_server.live_kinds(changes) if self.multi is not None else []
-            if live:  # other servers' nodes: online, candidates, observed
-                self.multi.apply_rows(await self._db(self.store.live_rows, live))
         self._seq = seq
 
 
