@@ -3,7 +3,7 @@ the wire format is the shell's (meshwg.io.agent.dns_server, with dnslib, which i
 
     table = table_from(domain, welcome, peers)  # the node's directory: names, mesh addresses, plain peers
     resolver = Resolver(table)                  # resolver.table = new_table on every directory change
-    src = resolver.admit(source_ip, now)        # None: over the source's rate (counted)
+    src = resolver.admit(source_ip, now)        # None: outside the mesh (and loopback), or over its rate (counted)
     answer = resolver.decide(src, opcode=..., questions=..., labels=..., qtype=..., qclass=...)
         Answer(rcode, records, soa)   what to answer
         FORWARD                       a plain peer's query for a name outside the domain: relayed to an upstream
@@ -184,10 +184,19 @@ class Resolver:
         except ValueError:
             self.counters["dns_drop_source"] += 1
             return None
+        if not self.inside(src):   # before the buckets: an outside flood charges (and fills) nothing
+            self.counters["dns_drop_outside"] += 1
+            return None
         if not self.limiter.allow(src, now):
             self.counters["dns_drop_rate"] += 1
             return None
         return src
+
+    def inside(self, src) -> bool:
+        """Whether `src` (ip_address) may ask at all: a mesh address, or this host (loopback). Bound to the mesh
+        address is not enough: Linux delivers a LAN host's packet routed to it through our LAN address (weak host
+        model), and an answer to a spoofed outside source would make the node a reflector."""
+        return src.is_loopback or any(src in n for n in self.table.prefixes)
 
     def decide(self, src, *, opcode: int, questions: int, labels: tuple, qtype: int, qclass: int):
         """An Answer, or FORWARD, for a parsed query (labels: the question name's, as bytes, any case)."""

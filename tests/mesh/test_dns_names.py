@@ -80,15 +80,16 @@ def test_refused_outside_the_domain(name):
 
 def test_names_off_refuses_everything():
     r = D.Resolver(D.table_from("", WELCOME, PEERS))
-    assert rcode(ask(r, "beta.mesh.internal")) == "REFUSED"
-    assert rcode(ask(r, "2.0.64.100.in-addr.arpa", "PTR")) == "REFUSED"
+    assert rcode(ask(r, "beta.mesh.internal", src="127.0.0.1")) == "REFUSED"
+    assert rcode(ask(r, "2.0.64.100.in-addr.arpa", "PTR", src="127.0.0.1")) == "REFUSED"
+    assert ask(r, "beta.mesh.internal") is None   # no mesh prefix known: no mesh source either (dropped)
 
 
 def test_only_plain_peers_queries_outside_the_domain_are_forwarded():
     r = resolver()
     assert ask(r, "example.com", src="100.64.0.3") == FORWARD          # the phone: its DNS line sends everything
     assert rcode(ask(r, "example.com", src="100.64.0.2")) == "REFUSED"  # a node: no open resolver
-    assert rcode(ask(r, "example.com", src="192.0.2.7")) == "REFUSED"
+    assert ask(r, "example.com", src="192.0.2.7") is None   # outside the mesh: dropped, not even REFUSED
     assert [str(x.rdata) for x in ask(r, "beta.mesh.internal", src="100.64.0.3").rr] == ["100.64.0.2"]
     assert rcode(ask(resolver(forward=False), "example.com", src="100.64.0.3")) == "REFUSED"   # no upstream
 

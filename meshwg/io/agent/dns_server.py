@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import ipaddress
 import logging
 import socket
 
@@ -30,8 +31,10 @@ log = logging.getLogger("meshwg.dns")
 
 PORT = 53
 MAX_QUERY = 4096            # UDP read size; a query is far smaller (a larger datagram is truncated junk)
-TCP_MAX_CONNS = 32          # open TCP connections at once (a client needs one at a time)
-TCP_IDLE = 10.0             # a TCP connection without a complete query this long is closed
+TCP_MAX_CONNS = 32          # open TCP connections at once (a client needs one at a time)...
+TCP_MAX_PER_SOURCE = 4      # ...of them from one address (one source cannot lock the others out)
+TCP_IDLE = 10.0             # a TCP connection without a complete query this long is closed (a trickle of
+                            # partial bytes does not extend it)
 FORWARD_TIMEOUT = 2.0       # per upstream, for a plain peer's forwarded query
 FORWARD_MAX_INFLIGHT = 64   # forwarded queries waiting at once; more are dropped (and counted)
 _FREEBIND = {socket.AF_INET: (socket.IPPROTO_IP, 15), socket.AF_INET6: (socket.IPPROTO_IPV6, 78)}  # IP(V6)_FREEBIND
@@ -98,6 +101,7 @@ class DnsServer:
         self._clock = clock or trio.current_time
         self._rebind = trio.Event()
         self._tcp_conns = 0
+        self._tcp_by_source: collections.Counter = collections.Counter()
         self._inflight = 0
         self._nursery = None
 
@@ -186,16 +190,17 @@ class DnsServer:
 
     # ---- TCP ---------------------------------------------------------------------------------------
     async def _tcp_conn(self, stream) -> None:
-        if self._tcp_conns >= TCP_MAX_CONNS:
-            self.counters["dns_drop_tcp_conns"] += 1
+        src = self._tcp_admit(stream)
+        if src is None:
             await stream.aclose()
             return
         self._tcp_conns += 1
+        self._tcp_by_source[src] += 1
         try:
-            src = stream.socket.getpeername()[0]
             buf = b""
+            deadline = trio.current_time() + TCP_IDLE   # moved on by a complete query only, not by partial bytes
             while True:
-                with trio.move_on_after(TCP_IDLE):
+                with trio.move_on_at(deadline):
                     data = await stream.receive_some(MAX_QUERY)
                     if not data:
                         return
@@ -204,6 +209,7 @@ class DnsServer:
                         n = int.from_bytes(buf[:2], "big")
                         query, buf = buf[2:2 + n], buf[2 + n:]
                         await self._tcp_answer(stream, query, src)
+                        deadline = trio.current_time() + TCP_IDLE
                     if len(buf) > MAX_QUERY:   # no query is this long: junk, or someone holding memory
                         self.counters["dns_drop_malformed"] += 1
                         return
@@ -213,7 +219,26 @@ class DnsServer:
             self.counters["dns_tcp_error"] += 1
         finally:
             self._tcp_conns -= 1
+            self._tcp_by_source[src] -= 1
+            if self._tcp_by_source[src] <= 0:
+                del self._tcp_by_source[src]
             await stream.aclose()
+
+    def _tcp_admit(self, stream) -> str | None:
+        """The peer's address when it may hold a connection now; None (counted): outside the mesh, no room."""
+        try:
+            src = stream.socket.getpeername()[0]
+            inside = self.resolver.inside(ipaddress.ip_address(src))
+        except (OSError, ValueError):
+            self.counters["dns_tcp_error"] += 1
+            return None
+        if not inside:
+            self.resolver.counters["dns_drop_outside"] += 1
+            return None
+        if self._tcp_conns >= TCP_MAX_CONNS or self._tcp_by_source[src] >= TCP_MAX_PER_SOURCE:
+            self.counters["dns_drop_tcp_conns"] += 1
+            return None
+        return src
 
     async def _tcp_answer(self, stream, query: bytes, src: str) -> None:
         verdict = answer_untrusted(self.resolver, query, src, self._clock())
