@@ -2,7 +2,8 @@
 
 Pure apart from reading the one file: the accepted keys come from the argparse parsers themselves (an option's
 long name, or an optional positional's name), in a table per subcommand (`[serve]`, `[join]`, `[invite.create]`)
-or at the top level, where a key serves every subcommand that has the option (`db`, `interface`). Values go
+or at the top level, where a key serves every subcommand that has the option (`db`, `interface`) and takes the
+value (`advertise-exit-node = true` for join's flag, `= "off"` for set's on|off). Values go
 through each action's own `type` and `choices`, so the file is checked as the flags are; every mistake is one
 ConfigError line naming the file, the line and the key. Precedence: command line > deeper table > top level >
 the parser's defaults.
@@ -245,13 +246,24 @@ def _check_table(node: _Node, table: dict, out: dict, lines, filename: str) -> N
             continue
         if key not in known:
             raise ConfigError(filename, line, node.table_name() + _unknown(key, value, node, known))
-        converted = []
+        # A key several commands share serves each that takes its value, converted by that command's own type
+        # (`advertise-exit-node`: a flag for join, on|off for set); refused only when it fits none of them.
+        converted, refused = [], {}
         for n, action in known[key]:
             try:
                 converted.append((n, action, convert(action, value)))
             except _Bad as exc:
-                raise ConfigError(filename, line, f"{node.table_name()}{key}: {exc}") from None
+                refused.setdefault(str(exc), []).append(" ".join(n.path))
+        if not converted:
+            raise ConfigError(filename, line, f"{node.table_name()}{key}: {_refusals(refused)}")
         entries[key] = converted
+
+
+def _refusals(refused: dict) -> str:
+    """Why no command took the value: the one reason, or each command's (where they differ)."""
+    if len(refused) == 1:
+        return next(iter(refused))
+    return "fits none of its commands: " + "; ".join(f"{', '.join(cmds)}: {why}" for why, cmds in refused.items())
 
 
 def _unknown(key: str, value, node: _Node, known: dict) -> str:

@@ -128,6 +128,21 @@ advertise-exit-node = "off"
     assert meshwg_args("--config", path, "join", "mwg1_cli").invite == "mwg1_cli"
 
 
+def test_a_top_level_key_serves_each_command_by_its_own_type(tmp_path, capsys):
+    # advertise-exit-node: a flag for join, on|off for set; at the top level a value goes to those it fits.
+    flag = write(tmp_path, "advertise-exit-node = true\n", name="flag.toml")
+    assert meshwg_args("--config", flag, "join").advertise_exit_node == "on"
+    assert meshwg_args("--config", flag, "set").advertise_exit_node is None  # not an on|off: set's default
+    word = write(tmp_path, 'advertise-exit-node = "off"\n', name="word.toml")
+    assert meshwg_args("--config", word, "set").advertise_exit_node == "off"
+    assert meshwg_args("--config", word, "join").advertise_exit_node is None
+    bad = write(tmp_path, 'name = "x"\nadvertise-exit-node = ["on"]\n', name="bad.toml")
+    assert meshwg_cli.main(["--config", bad, "status"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"meshwg: {bad}:2: advertise-exit-node: fits none of its commands: ") and err.count("\n") == 1
+    assert "join: expected true or false, not a list" in err and "set: expected one value, not a list" in err
+
+
 def test_invite_from_the_environment_hides_the_files(tmp_path, monkeypatch):
     path = write(tmp_path, '[join]\ninvite = "mwg1_fromfile"\nname = "laptop"\n')
     assert meshwg_args("--config", path, "join").invite == "mwg1_fromfile"
