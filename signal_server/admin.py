@@ -27,7 +27,7 @@ def create_invite(store: Store, *, wall: float, reusable: bool = False, expires:
     from signal_server.policy import check_tags
 
     tag = ",".join(check_tags([tag]))  # ValueError naming a bad tag before anything is written
-    addrs = list(addrs or json.loads(store.meta_get("control_addrs") or "[]"))
+    addrs = list(addrs or running_servers(store, wall) or json.loads(store.meta_get("control_addrs") or "[]"))
     if not addrs:
         raise ValueError("the server has not run yet; pass --addr HOST:PORT")
     for a in addrs:
@@ -37,6 +37,27 @@ def create_invite(store: Store, *, wall: float, reusable: bool = False, expires:
     secret = secrets.token_bytes(SECRET_LEN)
     store.create_invite(invite_id, secret, reusable, expires, tag, wall, auto)
     return Invite(tuple(addrs), public_key(store.server_private_key(os.urandom)), invite_id, secret)
+
+
+def running_servers(store: Store, wall: float) -> list[str]:
+    """The control addresses of every server running on this database (several on PostgreSQL: issue 14), in the
+    order they started; [] for a backend one server uses alone."""
+    if not getattr(store, "multi_server", False):
+        return []
+    from signal_server.live_state import STALE
+
+    return list(dict.fromkeys(a for _, control, _ in store.servers(wall, STALE) for a in control))
+
+
+def where_connected(store: Store, wall: float) -> dict | None:
+    """Node key -> the control addresses of the server it is connected to, on a database several servers share
+    (None on another backend)."""
+    if not getattr(store, "multi_server", False):
+        return None
+    from signal_server.live_state import STALE
+
+    servers = {sid: " ".join(control) for sid, control, _ in store.servers(wall, STALE)}
+    return {key: servers[sid] for key, sid, online, _, _ in store.live_rows() if online and sid in servers}
 
 
 # --- plain WireGuard peers (issue 12): phones with a stock WireGuard app, reached through the relay's plain port
@@ -304,6 +325,7 @@ def node_records(rows, presence: Presence, wall: float) -> list[dict]:
 
 
 NODE_COLUMNS = ("ID", "NAME", "IPV4", "IPV6", "ONLINE", "LAST SEEN", "TAGS", "ROUTES")
+SERVER_COLUMN = "SERVER"  # several servers on one database: the one the node is connected to ("-": none)
 
 
 def _online_text(rec: dict) -> str:
@@ -317,10 +339,13 @@ def _online_text(rec: dict) -> str:
 def nodes_table(records: list[dict], fmt_time) -> str:
     """The records as aligned columns (each as wide as its widest cell; ID right-aligned); fmt_time(unix or
     None) -> text for LAST SEEN."""
+    multi = any("server" in r for r in records)
     cells = [[str(r["id"]), r["name"], r["ipv4"], r["ipv6"], _online_text(r), fmt_time(r["last_seen_unix"]),
-              ",".join(r["tags"]) or "-", ",".join(r["routes"]) or "-"] for r in records]
-    rows = [list(NODE_COLUMNS), *cells]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(NODE_COLUMNS))]
+              ",".join(r["tags"]) or "-", *([r.get("server") or "-"] if multi else []), ",".join(r["routes"]) or "-"]
+             for r in records]
+    columns = [*NODE_COLUMNS[:-1], *([SERVER_COLUMN] if multi else []), NODE_COLUMNS[-1]]
+    rows = [columns, *cells]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = []
     for row in rows:
         parts = [row[0].rjust(widths[0])] + [c.ljust(w) for c, w in zip(row[1:-1], widths[1:-1])] + [row[-1]]

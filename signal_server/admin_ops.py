@@ -58,12 +58,18 @@ def invite_revoke(st, live, p: dict) -> dict:
 
 def nodes_list(st, live, p: dict) -> dict:
     wall = time.time()
-    if live is not None:  # the server's own registry: no record to trust or distrust
+    where = admin.where_connected(st, wall)  # several servers on the database: every server's nodes
+    if where is not None:
+        presence = admin.Presence(wall, frozenset(where), bool(admin.running_servers(st, wall)))
+    elif live is not None:  # the server's own registry: no record to trust or distrust
         presence = admin.Presence(wall, live.online, True)
     else:
         presence = admin.read_presence(st.meta_get(admin.PRESENCE_META), wall)
-    return {"records": admin.node_records(st.list_nodes(), presence, wall), "fresh": presence.fresh,
-            "at": presence.at}
+    records = admin.node_records(st.list_nodes(), presence, wall)
+    if where is not None:
+        for rec in records:
+            rec["server"] = where.get(admin.key_from_base64(rec["key"]))
+    return {"records": records, "fresh": presence.fresh, "at": presence.at}
 
 
 def _node(st, ident: str):

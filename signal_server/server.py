@@ -21,7 +21,7 @@ import trio
 from meshwg import sdnotify
 from meshwg.config.keys import key_to_base64
 from meshwg.signaling.invite import join_hostport
-from signal_server import admin, admin_socket, local_routes, metrics
+from signal_server import admin, admin_socket, local_routes, metrics, multi_server
 from signal_server import policy as acl_policy
 from signal_server import service_notify
 from signal_server import store_api as api
@@ -29,7 +29,7 @@ from signal_server.conn_limits import SourceLimits, relay_tcp_caps
 from signal_server.control_core import (DIR_CHANGED, PLAIN_CHANGED, AdvertiseRoutes, Allow, ControlCore, Drop, Leave,
                                         Log, Send)
 from signal_server.control_listener import ControlListener, Session, advertised
-from signal_server.directory import Directory
+from signal_server.live_state import SharedDirectory
 from signal_server.lograte import RepeatLimiter, install_repeat_filter
 from signal_server.plain_ingress import PlainIngress
 from signal_server.ratelimit import KeyedLimiter
@@ -154,7 +154,8 @@ class SignalServer:
         for name, mode in wide_modes(config.db):
             log.warning("%s is mode %04o: it holds the server's private key; chmod 600 it", name, mode)
         self.prefix4, self.prefix6 = self.store.prefixes(os.urandom, config.prefix4, config.prefix6)
-        self.directory = Directory(mesh_nets=(self.prefix4, self.prefix6))
+        self.directory = SharedDirectory(mesh_nets=(self.prefix4, self.prefix6))
+        self.multi = None  # several servers on this database (multi_server.py), set below
         self.plain = PlainIngress()
         self.relay = RelayCore(self.server_sk, os.urandom, plain=self.plain, **limit_kwargs(
             config.relay_node_rate, config.relay_node_pps, config.relay_total_rate))
@@ -189,6 +190,9 @@ class SignalServer:
             self._policy_sig = _file_sig(config.policy)
             pf = self._read_policy(self.store.list_nodes(), self.store.list_invites())  # PolicyError: fatal
             self.apply(self.core.set_policy(pf))
+        if multi_server.enabled(self.store, config):
+            self.multi = multi_server.MultiServer(self)
+            self.multi.load()
             log.info("access policy %s: %d rules", os.path.abspath(config.policy), len(pf.rules))
         self._sync_relay_allowed()
 
@@ -221,6 +225,8 @@ class SignalServer:
                 s = self.sessions.get(e.to)
                 if s is not None:
                     s.enqueue(e.msg, self.counters)
+                if self.multi is not None:
+                    self.multi.kick()
             elif isinstance(e, Allow):
                 self.relay.allowed.add(e.key)
             elif isinstance(e, Drop):
@@ -295,6 +301,8 @@ class SignalServer:
     def warn_route_overlaps(self) -> None:
         """One warning per host route that overlaps a mesh prefix, but those of a node of ours running on this host;
         the server starts all the same."""
+            if self.multi is not None:
+                self.multi.close()
         routes = host_routes()
         nodes = [a for n in self.store.list_nodes() for a in (n.ipv4, n.ipv6) if a]
         ours = local_routes.own_interfaces(host_addresses(), nodes) if nodes else frozenset()
@@ -353,6 +361,8 @@ class SignalServer:
                 log.info("admin socket %s", self.admin_listener.path)
             if cfg.policy and cfg.control_enabled:
                 await nursery.start(self._policy_on_sighup)
+            if self.multi is not None:
+                await nursery.start(self.multi.run)
             nursery.start_soon(self._routes_writer)
             nursery.start_soon(self.control_listener.flusher)
             log.info(
@@ -454,7 +464,8 @@ class SignalServer:
         while True:
             await trio.sleep(self.cfg.db_poll)
             try:
-                await self._follow_changes()
+                if self.multi is None:  # else read when notified (multi_server.MultiServer._follow)
+                    await self._follow_changes()
                 await self.check_policy()
                 await self._publish_public()
                 await self._publish_presence()
@@ -577,12 +588,17 @@ class SignalServer:
             for key, row in zip(keys, rows):
                 self.apply(self.core.apply_row(key, row, wall))
         self._seq = seq
+            if self.multi is not None:
+                self.multi.apply_rows(await self._db(self.store.live_rows))
 
 
 def _file_sig(path: str):
     """What tells a changed file: (mtime, size, inode); None when it cannot be read."""
     try:
         st = os.stat(path)
+            live = multi_server.live_kinds(changes) if self.multi is not None else []
+            if live:  # other servers' nodes: online, candidates, observed
+                self.multi.apply_rows(await self._db(self.store.live_rows, live))
     except OSError:
         return None
     return st.st_mtime_ns, st.st_size, st.st_ino

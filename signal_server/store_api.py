@@ -63,8 +63,11 @@ ROUTES = "routes"  # a node's advertised routes or their approval changed (its r
 TAGS = "tags"  # a node's or plain peer's tags changed
 NODE, PLAIN = "node", "plain"  # NodeRow.kind
 RESYNC = "resync"  # the reader missed pruned changes: re-read every node once
+# A node's live state (online, candidates, observed) changed on the server it is connected to: other servers on
+# the same database re-read its live row (PostgreSQL only: PgStore.set_live; signal_server/multi_server.py).
+LIVE = "live"
 NODE_KINDS = frozenset({JOIN, READMIT, RENAME, EXPIRE, REMOVE, ROUTES, TAGS})  # what peers or the relay see changed
-KINDS = NODE_KINDS | {TOUCH, INVITE, META, RESYNC}
+KINDS = NODE_KINDS | {TOUCH, INVITE, META, RESYNC, LIVE}
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,9 @@ class Store(Protocol):
     def change_head(self) -> int: ...
     def changes_since(self, seq: int) -> tuple[list[Change], int]: ...
     def may_have_changes(self) -> bool: ...
+
+    # --- several servers on one database: only a backend whose `multi_server` is True has these (PgStore):
+    # server_beat, server_gone, servers, set_live, live_rows (store_pg.py; signal_server/multi_server.py uses them)
 
     # --- maintenance
     def backup_to(self, dest: str) -> None: ...

@@ -72,6 +72,15 @@ ALTER TABLE invites ADD COLUMN auto_routes TEXT;
     """
 ALTER TABLE nodes ADD COLUMN tags TEXT;
 """,
+    # 6: several servers on one database (issue 14): each running server (its control addresses, a heartbeat) and
+    # what the nodes connected to one told it (online, candidates, its relay's observation), for the others to
+    # put in their directories. Ephemeral (a restarted server writes them again): UNLOGGED, no WAL per write.
+    """
+CREATE UNLOGGED TABLE servers (id TEXT PRIMARY KEY, control TEXT NOT NULL, started DOUBLE PRECISION NOT NULL,
+  heartbeat DOUBLE PRECISION NOT NULL);
+CREATE UNLOGGED TABLE live (pubkey BYTEA PRIMARY KEY, server TEXT NOT NULL, online INTEGER NOT NULL,
+  cand TEXT NOT NULL, obs TEXT NOT NULL, at DOUBLE PRECISION NOT NULL);
+""",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 CHANGES_KEEP = 10_000
@@ -80,6 +89,9 @@ DEFAULT_PREFIX4 = "100.64.0.0/10"
 KEY_META = "server_private_key"
 # Advisory lock keys (any two constants of this application): the change feed's append order, migrations.
 FEED_LOCK, MIGRATE_LOCK = 0x6D657368_0001, 0x6D657368_0002
+# NOTIFY channel of the change feed: every transaction that appends a change notifies it (delivered at commit),
+# so other servers read the feed at once instead of at their next poll (FeedListener).
+CHANNEL = "meshwg_changes"
 RETRIES = 30  # serialization failures under contention; each retry waits a little longer (jittered)
 NODE_COLS, INVITE_COLS = store_rows.NODE_COLS, store_rows.INVITE_COLS
 NODE_SEQ_SQL = "SELECT pg_get_serial_sequence('nodes', 'id')"
@@ -222,7 +234,6 @@ class PgStore:
             before, seqs = feed[0], feed[1:]
             if self._seen == before and seqs == list(range(before + 1, before + 1 + len(seqs))):
                 self._seen = seqs[-1]
-        # The single place a cross-server notification (LISTEN/NOTIFY, issue 14 item 2) would hook in.
 
     # --- open and migrate
 
@@ -277,6 +288,7 @@ class PgStore:
         it makes seqs visible in seq order (see the module docstring)."""
         self._q("SELECT pg_advisory_xact_lock(%s)", (FEED_LOCK,))
         if not self._feed:
+            self._q("SELECT pg_notify(%s, '')", (CHANNEL,))  # once per transaction; sent only if it commits
             # The sequence's value, not max(seq): a read of the changes table would make every two concurrent
             # writers a serialization conflict; under the lock every seq handed out so far is settled.
             self._feed = [self._val(f"SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {self._seq_name()}")]
@@ -504,6 +516,7 @@ class PgStore:
                 return False
             self._q("DELETE FROM nodes WHERE id=%s", (node_id,))
             self._q("DELETE FROM routes WHERE node_id=%s", (node_id,))
+            self._q("DELETE FROM live WHERE pubkey=%s", (row[0],))
             self._q("INSERT INTO removed_keys(pubkey, removed_at) VALUES(%s, %s) "
                     "ON CONFLICT(pubkey) DO UPDATE SET removed_at=excluded.removed_at", (row[0], wall))
             self._log(api.REMOVE, bytes(row[0]), node_id)
@@ -653,6 +666,66 @@ class PgStore:
             return self._decide_route(node_id, prefix, False)
         return self._write(tx)
 
+    # --- several servers on one database (issue 14 item 2; signal_server/multi_server.py drives these)
+
+    multi_server = True  # serve processes may share this database: the methods below exist
+
+    def server_beat(self, server_id: str, control: list, started: float, wall: float, stale: float) -> list[str]:
+        """Record that server_id runs (its advertised control addresses) as of `wall`; forget servers silent for
+        `stale` s (killed): their nodes' live rows go offline, a LIVE change each. Returns the forgotten ids."""
+        def tx():
+            self._q("INSERT INTO servers(id, control, started, heartbeat) VALUES(%s,%s,%s,%s) ON CONFLICT(id) "
+                    "DO UPDATE SET control=excluded.control, heartbeat=excluded.heartbeat",
+                    (server_id, json.dumps(list(control)), started, wall))
+            gone = [r[0] for r in self._q("SELECT id FROM servers WHERE heartbeat < %s", (wall - stale,))]
+            if gone:
+                self._q("DELETE FROM servers WHERE id = ANY(%s)", (gone,))
+                self._offline(gone, wall)
+            return gone
+        return self._write(tx)
+
+    def server_gone(self, server_id: str, wall: float) -> None:
+        """A server stops: its record goes, its nodes' live rows go offline (unless another server claimed them)."""
+        def tx():
+            self._q("DELETE FROM servers WHERE id=%s", (server_id,))
+            self._offline([server_id], wall)
+        self._write(tx)
+
+    def _offline(self, servers: list, wall: float) -> None:
+        for (key,) in self._q("UPDATE live SET online=0, cand='[]', obs='[]', at=%s WHERE server = ANY(%s) "
+                              "AND online=1 RETURNING pubkey", (wall, servers)):
+            self._log(api.LIVE, bytes(key))
+
+    def servers(self, wall: float, stale: float) -> list[tuple[str, list, float]]:
+        """(id, control addresses, last heartbeat) of every server heard from within `stale` s, oldest first."""
+        with self._lock:
+            rows = self._q("SELECT id, control, heartbeat FROM servers WHERE heartbeat >= %s ORDER BY started, id",
+                           (wall - stale,))
+        return [(r[0], json.loads(r[1]), r[2]) for r in rows]
+
+    def set_live(self, server_id: str, entries: list, wall: float) -> None:
+        """entries: (key, online, candidates, observed) of nodes connected to server_id (online) or that left it
+        (offline: written only while the row is still ours, not after another server claimed the node). One
+        transaction; a LIVE change per row written."""
+        def tx():
+            for key, online, cand, obs in entries:
+                if online:
+                    self._q("INSERT INTO live(pubkey, server, online, cand, obs, at) VALUES(%s,%s,1,%s,%s,%s) "
+                            "ON CONFLICT(pubkey) DO UPDATE SET server=excluded.server, online=1, cand=excluded.cand, "
+                            "obs=excluded.obs, at=excluded.at", (key, server_id, json.dumps(cand), json.dumps(obs), wall))
+                elif not self._conn().execute("UPDATE live SET online=0, cand='[]', obs='[]', at=%s WHERE pubkey=%s "
+                                              "AND server=%s AND online=1", (wall, key, server_id)).rowcount:
+                    continue
+                self._log(api.LIVE, key)
+        self._write(tx)
+
+    def live_rows(self, keys=None) -> list[tuple]:
+        """(key, server id, online, candidates, observed) of `keys` (None: every node's)."""
+        with self._lock:
+            sql = "SELECT pubkey, server, online, cand, obs FROM live"
+            rows = self._q(sql) if keys is None else self._q(sql + " WHERE pubkey = ANY(%s)", (list(keys),))
+        return [(bytes(k), srv, bool(on), _tuples(c), _tuples(o)) for k, srv, on, c, o in rows]
+
     # --- maintenance
 
     def backup_to(self, dest: str) -> None:
@@ -702,6 +775,62 @@ class PgStore:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+
+
+def _tuples(text: str) -> list:
+    """Candidates as the directory keeps them ([(ip, port, kind)]) from their JSON; junk is none."""
+    try:
+        return [(str(c[0]), int(c[1]), str(c[2])) for c in json.loads(text)]
+    except (ValueError, TypeError, IndexError, KeyError):
+        return []
+
+
+class FeedListener:
+    """A dedicated connection LISTENing on CHANNEL. wait() blocks (call it from a worker thread) until a change
+    committed or `timeout` passed. A broken connection is opened again on the next call, which then says True:
+    notifications sent while nobody listened are lost, the caller reads the feed to catch up."""
+
+    def __init__(self, url: str, connect_timeout: float = 5.0) -> None:
+        import psycopg
+
+        self._psycopg, self.url, self.connect_timeout = psycopg, url, connect_timeout
+        self.conn = None
+        self.closing = False
+        self.errors = 0
+
+    def wait(self, timeout: float) -> bool:
+        try:
+            if self.conn is None or self.conn.broken:
+                self._close()
+                self.conn = self._psycopg.connect(self.url, autocommit=True, connect_timeout=int(self.connect_timeout),
+                                                  application_name="meshwg-signal feed")
+                self.conn.execute(f"LISTEN {CHANNEL}")
+                return True
+            got = any(True for _ in self.conn.notifies(timeout=timeout, stop_after=1))
+            if got:  # the rest of a burst: one read of the feed covers them all
+                while any(True for _ in self.conn.notifies(timeout=0, stop_after=1)):
+                    pass
+            return got
+        except self._psycopg.Error:
+            self.errors += 1
+            self._close()
+            time.sleep(min(timeout, 1.0))  # the database is down: the caller's poll goes on meanwhile
+            return False
+        finally:
+            if self.closing:
+                self._close()
+
+    def _close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except self._psycopg.Error:
+                pass
+            self.conn = None
+
+    def close(self) -> None:
+        """Called from another thread while wait() may block: that call closes the connection when it returns."""
+        self.closing = True
 
 
 def _one_line(exc) -> str:

@@ -62,7 +62,7 @@ def v1_database(url: str) -> None:
 def test_a_v1_database_is_migrated_in_one_step_and_keeps_its_rows(pg_url):
     v1_database(pg_url)
     st = PgStore(pg_url)
-    assert st.schema_version() == 5 and not st.created_identity
+    assert st.schema_version() == 6 and not st.created_identity
     assert st.server_private_key() == SERVER_KEY
     nodes = st.list_nodes()
     assert [(n.node_id, n.key, n.name, n.kind, n.tags) for n in nodes] == [
@@ -76,7 +76,7 @@ def test_a_v1_database_is_migrated_in_one_step_and_keeps_its_rows(pg_url):
     assert created and row.node_id == 3  # the id sequence continues after the old rows
     st.close()
     with raw(pg_url) as c:
-        assert c.execute("SELECT v FROM meta WHERE k='schema_version'").fetchone()[0] == "5"
+        assert c.execute("SELECT v FROM meta WHERE k='schema_version'").fetchone()[0] == "6"
 
 
 def test_a_failed_migration_leaves_the_old_schema(pg_url, monkeypatch):

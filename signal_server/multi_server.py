@@ -1,0 +1,146 @@
+"""Several `meshwg-signal serve` processes on one PostgreSQL database (issue 14 item 2): the trio tasks that make a
+change made through one server reach the nodes connected to the others within a second. live_state.py decides.
+
+- The change feed is read when a NOTIFY says a transaction appended to it (store_pg.FeedListener: a dedicated
+  connection in a worker thread), and every FEED_SAFETY_POLL s besides (a lost notification, a reconnect).
+- The live state of the nodes connected here (online, candidates, observed) is written at most every
+  LIVE_INTERVAL s, batched in one transaction, and other servers read the rows the feed names.
+- Each server records itself (id, control addresses) every BEAT s: `invite create` lists every running server,
+  `nodes` shows where a node is connected; a server silent for STALE s (killed) is forgotten by the next beat of
+  any other, and its nodes go offline unless they reconnected elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import trio
+
+from signal_server import live_state
+from signal_server import store_api as api
+from signal_server.control_core import DIR_CHANGED
+
+log = logging.getLogger("signal")
+
+FEED_SAFETY_POLL = 5.0  # the feed read without a notification (NOTIFY brings it within milliseconds)
+LIVE_INTERVAL = 0.1  # live state written at most this often (one transaction for every node changed meanwhile)
+BEAT, STALE = live_state.BEAT, live_state.STALE
+
+
+def enabled(store, cfg) -> bool:
+    return bool(getattr(store, "multi_server", False)) and cfg.control_enabled
+
+
+class MultiServer:
+    def __init__(self, server) -> None:
+        from signal_server.store_pg import FeedListener
+
+        self.srv = server
+        self.store = server.store
+        self.id = os.urandom(6).hex()  # a new one at every start: a restarted server is a new one
+        self.started = time.time()
+        self.listener = FeedListener(self.store.url)
+        self.feed_wake = trio.Event()
+        self.live_wake = trio.Event()
+        server.directory.tracking = True
+
+    def kick(self) -> None:
+        """The directory changed: live state may be there to write."""
+        if self.srv.directory.live_dirty:
+            self.live_wake.set()
+
+    def load(self) -> None:
+        """Every live row, at start (with the node rows): nodes already connected to other servers."""
+        self.apply_rows(self.store.live_rows())
+
+    def apply_rows(self, rows) -> None:
+        effects, d = [], self.srv.directory
+        for row in rows:
+            act = live_state.remote_action(row, self.srv.sessions, self.id)
+            if act == live_state.RECLAIM:
+                d.live_dirty.add(row[0])
+            elif act == live_state.APPLY and d.apply_remote(row[0], row[2], row[3], row[4]):
+                effects = [DIR_CHANGED]
+        self.srv.apply(effects)
+        self.kick()
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await self._beat_once()  # listed before the server says it serves (an invite created then names it)
+        async with trio.open_nursery() as n:
+            n.start_soon(self._listen)
+            n.start_soon(self._follow)
+            n.start_soon(self._write_live)
+            n.start_soon(self._beat)
+            task_status.started()
+
+    async def _listen(self) -> None:
+        while True:
+            if await trio.to_thread.run_sync(self.listener.wait, 1.0, abandon_on_cancel=True):
+                self.feed_wake.set()
+
+    async def _follow(self) -> None:
+        while True:
+            with trio.move_on_after(FEED_SAFETY_POLL):
+                await self.feed_wake.wait()
+            self.feed_wake = trio.Event()
+            try:
+                await self.srv._follow_changes()
+            except Exception:  # a busy or restarting database: the next notification or poll tries again
+                self.srv.log_repeat.log(log, logging.ERROR, "feed", time.monotonic(),
+                                        "reading the change feed failed; will retry", exc_info=True)
+                self.srv.counters["db_errors"] += 1
+
+    async def _write_live(self) -> None:
+        d = self.srv.directory
+        while True:
+            await self.live_wake.wait()
+            self.live_wake = trio.Event()
+            dirty, d.live_dirty = d.live_dirty, set()
+            entries = live_state.take_entries(d, self.srv.sessions, dirty)
+            if entries:
+                try:
+                    await self.srv._db(self.store.set_live, self.id, entries, time.time())
+                    self.srv.counters["live_rows_written"] += len(entries)
+                except Exception:  # written with the next batch
+                    self.srv.log_repeat.log(log, logging.ERROR, "live", time.monotonic(),
+                                            "writing live state failed; will retry", exc_info=True)
+                    self.srv.counters["db_errors"] += 1
+                    d.live_dirty |= dirty
+                    self.live_wake.set()
+            await trio.sleep(LIVE_INTERVAL)
+
+    async def _beat(self) -> None:
+        while True:
+            await trio.sleep(BEAT)
+            try:
+                await self._beat_once()
+            except Exception:
+                self.srv.log_repeat.log(log, logging.ERROR, "beat", time.monotonic(),
+                                        "recording this server in the database failed; will retry", exc_info=True)
+                self.srv.counters["db_errors"] += 1
+
+    async def _beat_once(self) -> None:
+        gone = await self.srv._db(self.store.server_beat, self.id, self.control(), self.started, time.time(), STALE)
+        for sid in gone:
+            log.info("server %s stopped its heartbeat %d s ago: its nodes are offline unless they reconnected "
+                     "elsewhere", sid, STALE)
+
+    def control(self) -> list:
+        from signal_server.control_listener import advertised
+
+        return advertised(self.srv.bound.control, self.srv.cfg.advertise)
+
+    def close(self) -> None:
+        """At shutdown (synchronous, as the server's last writes are): forgotten at once, not after STALE."""
+        self.listener.close()
+        try:
+            self.store.server_gone(self.id, time.time())
+        except Exception:  # the others forget us after STALE
+            log.warning("could not remove this server's record from the database", exc_info=True)
+
+
+def live_kinds(changes) -> list[bytes]:
+    """The keys whose live rows the feed says changed (in order, once each)."""
+    return list(dict.fromkeys(c.key for c in changes if c.kind == api.LIVE and c.key))
