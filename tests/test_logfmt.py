@@ -179,3 +179,14 @@ def test_setup_leaves_a_configured_root_alone():
     before = list(root.handlers)
     assert logfmt.setup("info", "json", stream=io.StringIO()) is None
     assert root.handlers == before
+
+
+def test_meshwg_up_gives_the_daemon_its_log_flags_over_the_environment():
+    from meshwg.commands.device import daemon_env
+
+    env = daemon_env({"WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "verbose"}, "error", "json")
+    assert env["LOG_LEVEL"] == "error" and env["MESHWG_LOG_FORMAT"] == "json" and "WG_PROCESS_FOREGROUND" not in env
+    # the CLI's defaults leave what the caller's environment says
+    env = daemon_env({"LOG_LEVEL": "verbose", "MESHWG_LOG_FORMAT": "json"}, "warning", "text")
+    assert env["LOG_LEVEL"] == "verbose" and env["MESHWG_LOG_FORMAT"] == "json"
+    assert daemon_env({}, "warning", "text") == {"LOG_LEVEL": "warning", "MESHWG_LOG_FORMAT": "text"}

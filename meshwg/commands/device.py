@@ -10,6 +10,7 @@ hooks with %i, SaveConfig on down. `up` records its config in /var/run/meshwg/IF
 
 from __future__ import annotations
 
+import argparse
 import base64
 import ipaddress
 import json
@@ -136,7 +137,7 @@ def cmd_up(args) -> int:
     try:
         for hook in itf.pre_up:
             netconfig.run_hook(hook, iface)
-        _start_daemon(iface)
+        _start_daemon(iface, getattr(args, "log_level", None), getattr(args, "log_format", None))
         uapi_client.set_text(iface, wgquick.to_uapi_set(config, resolve=_resolve_host))
         for address in itf.addresses:
             netconfig.add_address(iface, str(address))
@@ -169,13 +170,25 @@ def cmd_up(args) -> int:
     return 0
 
 
-def _start_daemon(iface: str) -> None:
-    env = dict(os.environ)
-    env.pop("WG_PROCESS_FOREGROUND", None)
+def _start_daemon(iface: str, log_level: str | None = None, log_format: str | None = None) -> None:
+    """meshwg-tun for `iface`, logging at our --log-level in our --log-format (to MESHWG_LOG_FILE if set)."""
+    env = daemon_env(os.environ, log_level, log_format)
     proc = subprocess.run([sys.executable, "-m", "meshwg.commands.tun_launcher", iface], check=False, env=env,
                           capture_output=True, text=True, timeout=30)
     if proc.returncode != 0:
         raise UserError(proc.stderr.strip() or f"meshwg-tun {iface} failed")
+
+
+def daemon_env(environ, log_level: str | None, log_format: str | None) -> dict:
+    """meshwg-tun's environment: ours, daemonizing, with our log level and format in its variables (LOG_LEVEL,
+    MESHWG_LOG_FORMAT), which it reads as wireguard-go does. The CLI's defaults (warning, text) leave a variable
+    the caller set alone: `MESHWG_LOG_FORMAT=json meshwg up` keeps working."""
+    env = dict(environ)
+    env.pop("WG_PROCESS_FOREGROUND", None)
+    for var, value, default in (("LOG_LEVEL", log_level, "warning"), ("MESHWG_LOG_FORMAT", log_format, "text")):
+        if value and (value != default or var not in env):
+            env[var] = value
+    return env
 
 
 # ---------------------------------------------------------------------------------------- down
@@ -424,8 +437,17 @@ def _add_config(parser) -> None:
     parser.add_argument("config", help="CONFIG file (…/IFACE.conf) or interface name")
 
 
+def _iface(text: str) -> str:
+    """An interface name, checked as the other commands' --interface (a config file's top-level `interface` then
+    fits all of them or none)."""
+    if not IFACE_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"bad interface name {text!r} (1-15 of a-z A-Z 0-9 _=+.-)")
+    return text
+
+
 def _add_show(parser) -> None:
-    parser.add_argument("interface", nargs="?", help="interface (default: all meshwg/wireguard-go devices)")
+    parser.add_argument("interface", nargs="?", type=_iface,
+                        help="interface (default: all meshwg/wireguard-go devices)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 

@@ -5,7 +5,8 @@
 Creates the TUN and the UAPI socket in the foreground (so errors reach the caller's exit status),
 then daemonizes unless `-f`/`--foreground` or WG_PROCESS_FOREGROUND=1. The parent exits 0 only once
 the daemon serves UAPI, so wg-quick's next `wg setconf` finds the socket ready.
-LOG_LEVEL=verbose|error|silent as for wireguard-go; MESHWG_LOG_FILE=path keeps a daemon's log, MESHWG_LOG_FORMAT=json
+LOG_LEVEL=verbose|error|silent as for wireguard-go (and meshwg's debug|info|warning|error, which `meshwg up` passes
+with its --log-level, and its --log-format as MESHWG_LOG_FORMAT); MESHWG_LOG_FILE=path keeps a daemon's log, MESHWG_LOG_FORMAT=json
 writes it as JSON lines.
 """
 
@@ -17,8 +18,9 @@ import os
 import signal
 import sys
 
-LEVELS = {"verbose": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "error": logging.ERROR,
-          "silent": logging.CRITICAL + 1}
+# wireguard-go's words, and meshwg's --log-level ones (`meshwg up` passes its own).
+LEVELS = {"verbose": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+          "error": logging.ERROR, "silent": logging.CRITICAL + 1}
 
 
 def _setup_logging() -> None:

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 
 import pytest
 from conftest import require_real_components  # tests/conftest.py
@@ -190,3 +191,35 @@ def test_failed_post_up_rolls_back_without_down_hooks():
         assert not os.path.exists(os.path.join(STATE_DIR, f"{box.iface}.json"))
     finally:
         box.close()
+
+
+def test_up_passes_its_log_format_and_level_to_the_daemon():
+    """`meshwg --log-format json --log-level info up` reaches meshwg-tun (before, only MESHWG_LOG_FORMAT did)."""
+    box = Box(65)
+    log_file = f"/tmp/{box.iface}.log"
+    try:
+        box.env = {**box.env, "MESHWG_LOG_FILE": log_file}
+        box.env.pop("MESHWG_LOG_FORMAT", None)
+        box.env.pop("LOG_LEVEL", None)
+        _, peer_pk = genkey()
+        box.write_conf(f"[Interface]\nPrivateKey = {box.sk}\nAddress = 10.65.0.1/24\n\n"
+                       f"[Peer]\nPublicKey = {peer_pk}\nAllowedIPs = 10.65.0.2/32\nEndpoint = 10.200.0.2:51820\n")
+        up = box.meshwg("--log-format", "json", "--log-level", "info", "up", box.conf)
+        assert up.returncode == 0, up.stderr
+        down = box.meshwg("down", box.iface)
+        assert down.returncode == 0, down.stderr
+        deadline = time.monotonic() + 10  # the daemon logs its info lines as it stops, after `down` returns
+        lines = []
+        while time.monotonic() < deadline:
+            with open(log_file) if os.path.exists(log_file) else open(os.devnull) as f:
+                lines = f.read().splitlines()
+            if any(box.iface in ln and "drops" in ln for ln in lines):
+                break
+            time.sleep(0.05)
+        assert lines, "the daemon wrote nothing at info"
+        records = [json.loads(ln) for ln in lines]  # every line a JSON object
+        assert any(r["level"] == "INFO" and box.iface in r["msg"] for r in records), records
+    finally:
+        box.close()
+        if os.path.exists(log_file):
+            os.unlink(log_file)
