@@ -153,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
                             help="access policy (TOML; `meshwg-signal policy check FILE` validates it): who may reach "
                                  "whom on which ports; reloaded when it changes or on SIGHUP (default: everything "
                                  "allowed)")
+        if control:
+            sp.add_argument("--relay", dest="relays", action="append", metavar="REGION=HOST:PORT[,HOST:PORT...]",
+                            help="a relay in another region (`meshwg-signal relay --region REGION`): its UDP address, "
+                                 "then its TCP ones; repeatable. Nodes use the nearest as their home relay")
+            sp.add_argument("--region", default="main", metavar="NAME",
+                            help="the region of this server's own relay, with --relay (default main)")
+        else:
+            sp.add_argument("--region", metavar="NAME",
+                            help="run as the relay of this region with no database: nodes are admitted by the "
+                                 "control plane's credentials (needs --secret-file)")
+            sp.add_argument("--secret-file", metavar="FILE",
+                            help="the region's relay secret (`meshwg-signal relay-secret REGION` on the control server)")
         sp.add_argument("--udp", action="append", metavar="HOST:PORT", help="STUN + UDP relay (default 0.0.0.0:3478; 'none')")
         sp.add_argument("--stun-alt-port", type=_alt_port, default="auto", metavar="N",
                         help="STUN-only alternate port on every --udp address, for NAT filtering tests "
@@ -186,7 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Mbit/s the relay carries in all (default 0: no limit but the CPU)")
 
     server_opts(sub.add_parser("serve", parents=[common], help="run the control server, STUN and relay"), True)
-    server_opts(sub.add_parser("relay", parents=[common], help="run only STUN + relay (shares the server's DB file)"), False)
+    server_opts(sub.add_parser("relay", parents=[common], help="run only STUN + relay (shares the server's DB file, or "
+                                                              "with --region a relay of its own region, no database)"),
+                False)
+    rs = sub.add_parser("relay-secret", parents=[common],
+                        help="print the secret a regional relay runs with (`relay --region REGION --secret-file`)")
+    rs.add_argument("region", help="the relay's region name (a-z, 0-9, -)")
 
     inv = sub.add_parser("invite", parents=[common], help="create, list or revoke invites").add_subparsers(dest="action", required=True)
     c = inv.add_parser("create", parents=[common], help="print a new invite for `meshwg join`")
@@ -311,6 +328,9 @@ def server_config(args, control: bool):
         cfg.plain_udp = None if args.plain_udp == "none" else _listen_list([args.plain_udp], [])[0]
         cfg.plain_udp_strict = True
     if control:
+        cfg.region = args.region
+        cfg.relays = _relay_list(args.relays or [])
+    if control:
         cfg.policy = args.policy
         cfg.max_unauthenticated = args.max_unauthenticated
         cfg.max_unauthenticated_per_source = args.max_unauthenticated_per_source
@@ -321,11 +341,78 @@ def server_config(args, control: bool):
     return cfg
 
 
+def _relay_list(specs) -> list:
+    """`serve --relay` values -> [(region, [udp (host, port)], [tcp (host, port)...])]; ValueError (one line)."""
+    from signal_server import relay_auth
+
+    out, seen = [], set()
+    for spec in specs:
+        region, addrs = relay_auth.parse_relay_spec(spec)
+        if region in seen:
+            raise ValueError(f"--relay: region {region} given twice")
+        seen.add(region)
+        hostports = _listen_list(addrs, [])
+        out.append((region, hostports[:1], hostports[1:]))
+    return out
+
+
+def regional_relay_config(args):
+    """The RelayConfig of `relay --region NAME --secret-file FILE` (ValueError: one line)."""
+    from signal_server import relay_auth
+    from signal_server.relay_server import RelayConfig, load_secret
+
+    if not relay_auth.valid_region(args.region):
+        raise ValueError(f"--region {args.region!r}: a-z, 0-9 and -, at most 32")
+    if not args.secret_file:
+        raise ValueError(f"relay --region needs --secret-file (`meshwg-signal relay-secret {args.region}` on the "
+                         "control server prints it)")
+    sk, cred_pub = load_secret(args.secret_file, args.region)
+    cfg = RelayConfig(args.region, sk, cred_pub, stop_on_sigterm=True)
+    base = server_config(args, False)
+    for name in ("udp", "stun_alt_port", "relay_tcp", "metrics", "accept_rate", "accept_burst", "relay_tcp_max",
+                 "relay_tcp_max_per_source", "relay_node_rate", "relay_node_pps", "relay_total_rate"):
+        setattr(cfg, name, getattr(base, name))
+    return cfg
+
+
+def cmd_relay_secret(args) -> int:
+    from signal_server import relay_auth
+
+    if not relay_auth.valid_region(args.region):
+        raise ValueError(f"region {args.region!r}: a-z, 0-9 and -, at most 32")
+    store = _store(args)
+    try:
+        sk = store.server_private_key()
+    finally:
+        close = getattr(store, "close", None)
+        if close is not None:
+            close()
+    print(relay_auth.secret_text(args.region, relay_auth.relay_private(sk, args.region),
+                                 relay_auth.credential_public(sk)))
+    return 0
+
+
+def cmd_regional_relay(args) -> int:
+    import trio
+
+    from signal_server.relay_server import RegionalRelay
+
+    relay = RegionalRelay(regional_relay_config(args))
+    _raise_fd_limit()
+    try:
+        trio.run(relay.run)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def cmd_serve(args, control: bool) -> int:
     import trio
 
     from signal_server.server import SignalServer
 
+    if not control and getattr(args, "region", None):
+        return cmd_regional_relay(args)
     cfg = server_config(args, control)
     _raise_fd_limit()
     server = SignalServer(cfg)
@@ -648,5 +735,5 @@ def _dispatch(args) -> int:
         return 0
     commands = {"invite": cmd_invite, "nodes": cmd_nodes, "plain": cmd_plain, "routes": cmd_routes, "policy": cmd_policy,
                 "status": cmd_status,
-                "pubkey": cmd_pubkey, "backup": cmd_backup, "restore": cmd_restore}
+                "pubkey": cmd_pubkey, "backup": cmd_backup, "restore": cmd_restore, "relay-secret": cmd_relay_secret}
     return commands[args.cmd](args) if args.cmd in commands else 2

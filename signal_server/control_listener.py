@@ -250,6 +250,7 @@ class ControlListener:
             "stun": udp, "relay_udp": udp, "relay_tcp": advertised(srv.bound.relay_tcp, host),
             "heartbeat": self.cfg.heartbeat, "server_key": srv.server_pk,
         }
+        welcome.update(srv.regions.welcome_fields(s.key, srv.server_pk, udp, welcome["relay_tcp"], time.time()))
         if row.tags:  # its own tags (issue 13), for `meshwg status`; older nodes ignore the field
             welcome["tags"] = list(row.tags)
         if self.cfg.dns_domain:  # names (issue 15); older nodes ignore the field

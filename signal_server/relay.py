@@ -17,6 +17,11 @@ pushes them into meshwg/io/dataplane/_fastio.c's table, which forwards that sess
 sessions on its own, within `limits()`; everything else still comes here. This core stays the one that admits,
 expires and limits sessions: the table holds only what it was told, and only until told otherwise.
 
+Regional relays (issue 14.3): with `verifier` (a callable (key, credential, wall) -> None or a counter name; the
+`meshwg-signal relay --region` process has no database) a node is admitted by the signed, expiring credential its
+HELLO_CRED carries (signal_server/relay_auth.py), not by `allowed`. Without one, a HELLO_CRED is a HELLO: the
+server's own relay checks its node list. PING frames get a PONG (latency and liveness probes), per source limited.
+
 Plain WireGuard peers (issue 12; `plain`, a plain_ingress.PlainIngress): a datagram from the plain port goes to
 the node the ingress names, as a RECV from W.PLAIN_SOURCE (handle_plain_untrusted); a SEND to a plain peer's key
 (`plain_keys`, which never get sessions) goes out of the plain port to the address the ingress names (ToPlain).
@@ -51,6 +56,9 @@ JUNK_GLOBAL_RATE, JUNK_GLOBAL_BURST = 5000.0, 5000.0
 PROVEN_TTL = 600.0
 PROVEN_MAX = 65_536
 NOTICE_RATE, NOTICE_BURST = 5.0, 20.0
+# PONGs a source may get: a node probes each relay at most a few times a second; spoofed sources make the relay
+# answer someone else, no bigger than the PING (no amplification), within this budget.
+PING_RATE, PING_BURST = 10.0, 20.0
 JUNK_SOURCES = 65_536
 
 
@@ -106,10 +114,12 @@ class Session:
 class RelayCore:
     def __init__(self, server_private: bytes, random_bytes, *, pkt_rate: float = 4000.0, pkt_burst: float = 8000.0,
                  byte_rate: float = 16e6, hello_rate: float = 5.0, session_ttl: float = W.SESSION_TTL,
-                 plain=None, total_rate: float = 0.0) -> None:
+                 plain=None, total_rate: float = 0.0, verifier=None) -> None:
         """pkt_rate, byte_rate: per node key (bursts pkt_burst and 2 s of byte_rate); total_rate: bytes a second
         of all relayed traffic (burst 1 s of it), 0 for none."""
         self._sk = PrivateKey(server_private)
+        self.verifier = verifier  # credentials instead of `allowed` (a regional relay: see the module docstring)
+        self.ping_limit = KeyedLimiter(PING_RATE, PING_BURST, JUNK_SOURCES)
         self.plain = plain  # a PlainIngress, or None (no plain port)
         self.plain_keys: frozenset[bytes] = frozenset()
         self._random = random_bytes
@@ -232,22 +242,62 @@ class RelayCore:
         t = W.frame_type_untrusted(data)
         if t == W.T_SEND:
             return self._on_send(data, dest, now)
-        if t == W.T_HELLO:
+        if t == W.T_HELLO or t == W.T_HELLO_CRED:
             return self._on_hello(data, dest, now, wall, observed)
+        if t == W.T_PING:
+            return self._on_ping(data, dest, now)
         self.counters["drop_bad_frame"] += 1
         return []
 
-    def _on_hello(self, data, dest, now, wall, observed):
+    def _on_ping(self, data, dest, now):
+        nonce = W.parse_ping_untrusted(data)
+        if nonce is None:
+            self.counters["drop_bad_ping"] += 1
+            return []
+        if not self.ping_limit.allow(_source(dest), now):
+            self.counters["drop_ping_rate"] += 1
+            return []
+        self.counters["pong"] += 1
+        return [(W.encode_ping(nonce, pong=True), dest)]
+
+    def _parse_hello(self, data):
+        """(key, credential or None, boxed) of a HELLO or HELLO_CRED, else None."""
+        if data[4] == W.T_HELLO_CRED:
+            return W.parse_hello_cred_untrusted(data)
         parsed = W.parse_hello_untrusted(data)
+        return None if parsed is None else (parsed[0], None, parsed[1])
+
+    def _refusal(self, key: bytes, cred, src, now: float, wall: float) -> str | None:
+        """None when `key` may have a session: registered here, or (a regional relay) its credential checks;
+        else "notice" (refused: say so) or "drop" (over the junk budgets: silence). The signature is checked
+        only within the junk budgets (it costs what a box does)."""
+        if self.verifier is None:
+            if key in self.allowed:
+                return None
+            self.counters["refused_unregistered"] += 1  # cheap refusal before any crypto: one set lookup
+            return "notice"
+        if cred is None:
+            self.counters["refused_no_credential"] += 1
+            return "notice"
+        if not self._may_open(key, src, now):
+            return "drop"
+        reason = self.verifier(key, cred, wall)
+        if reason is not None:
+            self.counters["refused_" + reason] += 1
+            self._charge_junk(key, src, now)
+            return "notice"
+        return None
+
+    def _on_hello(self, data, dest, now, wall, observed):
+        parsed = self._parse_hello(data)
         if parsed is None:
             self.counters["drop_bad_hello"] += 1
             return []
-        key, boxed = parsed
+        key, cred, boxed = parsed
         src = _source(dest)
-        if key not in self.allowed:
-            # Cheap refusal before any crypto: unregistered keys cost one set lookup.
-            self.counters["refused_unregistered"] += 1
-            return self._notice(W.N_NOT_REGISTERED, key, dest, src, now)
+        refusal = self._refusal(key, cred, src, now, wall)
+        if refusal is not None:
+            return self._notice(W.N_NOT_REGISTERED, key, dest, src, now) if refusal == "notice" else []
         if not self._may_open(key, src, now):
             return []
         opened = W.open_hello_untrusted(self._box(key), boxed)

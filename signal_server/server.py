@@ -36,6 +36,7 @@ from signal_server.ratelimit import KeyedLimiter
 from signal_server.relay import RelayCore, limit_kwargs
 from signal_server.relay_tcp import RelayTcp
 from signal_server.relay_udp import RelayUdp
+from signal_server.regions import Regions
 from signal_server.store import wide_modes
 from signal_server.stun_responder import WILDCARDS
 
@@ -94,6 +95,10 @@ class ServerConfig:
     stop_on_sigterm: bool = False  # `serve`/`relay`: SIGTERM ends the sessions (their last_seen written), logs, exits 0
     # The admin socket (admin_socket.py) the CLI's admin commands use while we run; None: none (`serve` sets it).
     admin_socket: str | None = None
+    # Relays in regions (issue 14.3, regions.py): this server's relay's region and the regional relays
+    # [(region, [udp (host, port)], [tcp (host, port)...])]; none: one relay, the welcome as before.
+    region: str = "main"
+    relays: list = field(default_factory=list)
 
 
 def host_routes() -> list[tuple[str, str]]:
@@ -148,6 +153,7 @@ class SignalServer:
         from meshwg.wg.crypto import dh_pub as public_key
 
         self.server_pk = public_key(self.server_sk)
+        self.regions = Regions(self.server_sk, config.region, config.relays)
         # The operator compares this with the key in invites: a wrong --db shows here first.
         log.info("%s server key %s (database %s)", "created a new" if self.store.created_identity else "using",
                  key_to_base64(self.server_pk), api.db_label(config.db))
@@ -364,6 +370,7 @@ class SignalServer:
             if self.multi is not None:
                 await nursery.start(self.multi.run)
             nursery.start_soon(self._routes_writer)
+            nursery.start_soon(self.regions.refresh_loop, self.sessions, self.counters)
             nursery.start_soon(self.control_listener.flusher)
             log.info(
                 "serving: control %s, udp (stun+relay) %s, stun alternate %s, relay tcp %s, plain wireguard %s, "

@@ -10,6 +10,8 @@ import time
 
 import trio
 
+from meshwg.control.entry_check import relay_cred_untrusted, relays_untrusted
+from meshwg.control.events import RelayCredential
 from meshwg.control.entry_check import (entry_accept_untrusted, entry_routes_untrusted, self_update_untrusted,
                                        tags_untrusted)
 from meshwg.control.events import (PEER_KINDS, Connected, DirectoryReset, Disconnected, PeerChanged, PeerInfo,
@@ -202,6 +204,7 @@ class ControlConnection:
                     )
                     return cls(stream, chan, sk, w, pending)
             data = await stream.receive_some(65536)
+                        relays_untrusted(msg.get("relays"), _addr_list), relay_cred_untrusted(msg.get("relay_cred")),
             if not data:
                 raise ConnectionLost("closed", "server closed the connection during registration")
             pending.extend(chan.feed_untrusted(data))
@@ -317,6 +320,12 @@ class ControlConnection:
         if t == P.T_GONE:
             return [Removed(str(m.get("reason", "removed")))]
         if t == P.T_ERROR:
+        if t == P.T_RELAY_CRED:
+            cred = relay_cred_untrusted(m.get("cred"))
+            if not cred:
+                self.drops += 1
+                return []
+            return [RelayCredential(cred)]
             return [Removed(str(m.get("code", "error")))]
         return []  # heartbeat acks and unknown (newer) types
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from meshwg.control.events import SelfChanged
+from meshwg.control.events import RelayInfo, SelfChanged
 
 MAX_ENTRY_ROUTES = 64   # as many as a node may advertise (the routes contract)
 MAX_ACCEPT_RULES = 64  # the server's cut (signal_server/policy.py MAX_ACCEPT); past it, rules are refused
@@ -84,3 +84,36 @@ def self_update_untrusted(msg: dict) -> SelfChanged | None:
     if not isinstance(name, str) or not _NAME.fullmatch(name) or not isinstance(tags, list):
         return None
     return SelfChanged(name, tags_untrusted(tags))
+
+
+MAX_RELAYS = 32          # regions in a welcome
+RELAY_CRED_LEN = 72      # signal_server/relay_auth.CRED_LEN
+_REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+
+def relays_untrusted(value, addr_list) -> tuple:
+    """The welcome's "relays" as RelayInfo (issue 14.3); a malformed relay is dropped alone, a region named twice
+    keeps its first. addr_list: the client's parser of ["host:port", ...] lists."""
+    if not isinstance(value, list):
+        return ()
+    out, seen = [], set()
+    for r in value[:MAX_RELAYS]:
+        if not isinstance(r, dict):
+            continue
+        region, key = r.get("region"), r.get("key")
+        if not isinstance(region, str) or not _REGION.match(region) or region in seen:
+            continue
+        if not isinstance(key, bytes) or len(key) != 32:
+            continue
+        udp, tcp = addr_list(r.get("udp") if isinstance(r.get("udp"), list) else ()), \
+            addr_list(r.get("tcp") if isinstance(r.get("tcp"), list) else ())
+        if not udp and not tcp:
+            continue
+        seen.add(region)
+        out.append(RelayInfo(region, key, udp[:4], tcp[:4]))
+    return tuple(out)
+
+
+def relay_cred_untrusted(value) -> bytes:
+    """A relay credential as the server sent it (the relays check it), b"" when it is not one."""
+    return value if isinstance(value, bytes) and len(value) == RELAY_CRED_LEN else b""

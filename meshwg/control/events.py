@@ -10,6 +10,22 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class RelayInfo:
+    """A relay of the mesh (issue 14.3, relays in regions): its region, the key its HELLOs are boxed to, and its
+    UDP (STUN + relay) and TCP addresses ((host, port), ...)."""
+    region: str
+    key: bytes
+    udp: tuple
+    tcp: tuple
+
+
+@dataclass(frozen=True)
+class RelayCredential:
+    """A fresh relay credential from the server (protocol.T_RELAY_CRED): the next HELLOs carry it."""
+    cred: bytes
+
+
+@dataclass(frozen=True)
 class Welcome:
     node_id: int
     name: str
@@ -24,6 +40,8 @@ class Welcome:
     server_key: bytes
     tags: tuple = ()  # this node's own tags (issue 13), for `meshwg status`
     dns_domain: str = ""  # the mesh domain (issue 15, meshwg.mesh.dns_names); "": names off
+    relays: tuple = ()  # RelayInfo of every relay in every region (issue 14.3); (): the one relay above
+    relay_cred: bytes = b""  # our relay credential (regional relays admit us by it); b"": none
 
 
 @dataclass(frozen=True)

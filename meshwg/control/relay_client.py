@@ -4,7 +4,7 @@ UDP use (the node's one socket carries WireGuard, STUN, disco and relay frames):
     rs = RelaySession(private_key, server_public_key, os.urandom)
     sock.sendto(rs.hello(now, wall), relay_addr)            # and again whenever rs.needs_hello(now)
     for datagrams starting with relay_wire.MAGIC:  ev = rs.handle_untrusted(data, now)
-        ("ready", observed_addr) | ("recv", src_key, packet) | ("notice", code, key) | None
+        ("ready", observed_addr) | ("recv", src_key, packet) | ("notice", code, key) | ("pong", nonce8) | None
     frame = rs.encode_send(dst_key, wg_packet)                # None until ready
     on "ready": sock.sendto(rs.confirm(), relay_addr)         # lets the relay publish our observed address
 """
@@ -26,10 +26,13 @@ NOTICE_HELLO_INTERVAL = 1.0  # notices are unauthenticated: answer them with a H
 
 
 class RelaySession:
-    def __init__(self, private_key: bytes, server_public: bytes, random_bytes) -> None:
+    def __init__(self, private_key: bytes, server_public: bytes, random_bytes, cred: bytes | None = None) -> None:
         self.private_key = clamp(private_key)
         self.server_public = server_public
         self._random = random_bytes
+        # The control plane's relay credential (issue 14.3): sent in every HELLO (a HELLO_CRED) while we hold one;
+        # a regional relay admits us by it. The shell replaces it when the server sends a fresh one.
+        self.cred = cred
         self.token: bytes | None = None
         self.observed = None
         self.ready_until = 0.0
@@ -40,7 +43,8 @@ class RelaySession:
     def hello(self, now: float, wall: float) -> bytes:
         self.last_hello = now
         self.rehello_asked = False
-        return W.encode_hello(self.private_key, self.server_public, wall, self._random(8), self._random(24))
+        hello = W.encode_hello(self.private_key, self.server_public, wall, self._random(8), self._random(24))
+        return W.encode_hello_cred(hello, self.cred) if self.cred else hello
 
     def needs_hello(self, now: float) -> bool:
         # Re-hello before the session expires; retry unanswered hellos every 2 s; answer notices at most 1/s.
@@ -82,6 +86,10 @@ class RelaySession:
                 self.ready_until = now + ttl
                 self.rehello_asked = False
                 return ("ready", self.observed)
+        elif t == W.T_PONG:
+            nonce = W.parse_ping_untrusted(data, W.T_PONG)
+            if nonce is not None:
+                return ("pong", nonce)
         elif t == W.T_NOTICE:
             parsed = W.parse_notice_untrusted(data)
             if parsed:
@@ -263,12 +271,12 @@ class TcpRelayClient:
 
 
 async def open_tcp_relay(host: str, port: int, private_key: bytes, server_public: bytes, random_bytes,
-                         timeout: float = 5.0, fwmark: int = 0) -> TcpRelayClient:
+                         timeout: float = 5.0, fwmark: int = 0, cred: bytes | None = None) -> TcpRelayClient:
     """Connect, prove key possession, wait for HELLO_OK. Raises PermissionError if the relay refuses the key.
     fwmark: SO_MARK of the socket (kept out of an exit node's tunnel)."""
     with trio.fail_after(timeout):
         stream = await open_tcp_stream(host, port, fwmark)
-        client = TcpRelayClient(stream, RelaySession(private_key, server_public, random_bytes))
+        client = TcpRelayClient(stream, RelaySession(private_key, server_public, random_bytes, cred))
         try:
             await client.rehello()
             while True:

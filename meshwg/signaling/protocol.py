@@ -42,7 +42,10 @@ DIR_CHUNK = 256  # peers per directory message, keeps frames small and lets the 
 # seen by netcheck); `meshwg-signal plain add --direct` puts it in a phone's config. A node reports it next to
 # the same address's other kinds, so a server that drops it loses nothing else.
 KIND_PUBLIC = "public"
-REPORTED_KINDS = frozenset({"local", "stun", "stun-eim", "stun-edm", KIND_PUBLIC})
+# "relay": not a path but the UDP address of the node's home relay (issue 14.3, relays in regions): peers send it
+# relayed traffic through that relay. Never probed.
+KIND_RELAY = "relay"
+REPORTED_KINDS = frozenset({"local", "stun", "stun-eim", "stun-edm", KIND_PUBLIC, KIND_RELAY})
 # The server's alone: where it saw the node's relay traffic come from, the only address peers' birthday
 # probes aim at (a node reporting it could make every other node spray UDP at anyone).
 KIND_OBSERVED = "observed"
@@ -74,6 +77,11 @@ T_GONE = "gone"  # {reason}: this node was removed/expired; the server closes
 # {name, tags: [tag...]}: this node's own name or tags changed while it is connected (what its welcome said is
 # stale); nodes before it ignore the type and learn them at their next welcome.
 T_SELF = "self"
+# Relays in regions (issue 14.3): the welcome's optional "relays": [{region: str, key: key32, udp: [[host, port]],
+# tcp: [[host, port]...]}...] (every relay, the server's own first; absent: the one relay of relay_udp/relay_tcp) and
+# "relay_cred": the node's signed, expiring relay credential (signal_server/relay_auth.py), which
+# {type: T_RELAY_CRED, cred: bytes} replaces before it expires. Older nodes ignore both.
+T_RELAY_CRED = "relay_cred"
 
 
 class FrameDecoder:

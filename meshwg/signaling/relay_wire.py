@@ -8,6 +8,10 @@ can be neither. Layout (after MAGIC + 1 type byte):
   SEND      token8 | dst_pub32 | opaque packet
   RECV      src_pub32 | opaque packet
   NOTICE    code u8 | key32      (unauthenticated hint: re-hello, peer absent, refused, rate limited)
+  HELLO_CRED  client_pub32 | credential72 | box as HELLO's   (a HELLO carrying the control plane's signed
+            credential: a regional relay with no database admits by it, signal_server/relay_auth.py; a relay
+            with the database checks its node list as for HELLO)
+  PING      nonce8             PONG  nonce8 (the same): a node's latency and liveness probe, no session needed
 On TCP every frame is preceded by a 2-byte big-endian length; the token is still present (ignored).
 The relay never sees WireGuard keys' private halves and cannot decrypt or forge the WireGuard payload.
 """
@@ -22,6 +26,9 @@ from nacl.public import Box, PrivateKey, PublicKey
 
 MAGIC = b"\xffMWR"
 T_HELLO, T_HELLO_OK, T_SEND, T_RECV, T_NOTICE = 1, 2, 3, 4, 5
+T_HELLO_CRED, T_PING, T_PONG = 6, 7, 8
+CRED_LEN = 72  # relay_auth.CRED_LEN: expires u64 | Ed25519 signature
+PING_LEN = 4 + 1 + 8
 N_REHELLO, N_NOT_REGISTERED, N_PEER_ABSENT, N_RATE_LIMITED, N_STALE_HELLO = 1, 2, 3, 4, 5
 TOKEN_LEN = 8
 MAX_PACKET = 65535 - 64
@@ -52,6 +59,29 @@ def parse_hello_untrusted(data: bytes):
     if len(data) != HELLO_LEN or data[:4] != MAGIC or data[4] != T_HELLO:
         return None
     return data[5:37], data[37:]
+
+
+def encode_hello_cred(hello: bytes, cred: bytes) -> bytes:
+    """A HELLO frame (encode_hello's) as a HELLO_CRED carrying `cred`."""
+    return MAGIC + bytes([T_HELLO_CRED]) + hello[5:37] + cred + hello[37:]
+
+
+def parse_hello_cred_untrusted(data: bytes):
+    """(client_pub, credential, boxed) of a HELLO_CRED frame, else None."""
+    if len(data) != HELLO_LEN + CRED_LEN or data[:4] != MAGIC or data[4] != T_HELLO_CRED:
+        return None
+    return data[5:37], data[37 : 37 + CRED_LEN], data[37 + CRED_LEN :]
+
+
+def encode_ping(nonce8: bytes, pong: bool = False) -> bytes:
+    return MAGIC + bytes([T_PONG if pong else T_PING]) + nonce8
+
+
+def parse_ping_untrusted(data: bytes, kind: int = T_PING):
+    """The nonce of a PING (or, kind=T_PONG, a PONG) frame, else None."""
+    if len(data) != PING_LEN or data[:4] != MAGIC or data[4] != kind:
+        return None
+    return data[5:]
 
 
 def open_hello_untrusted(box: Box, boxed: bytes):

@@ -79,7 +79,7 @@ def hostile_frame(draw, kind: str):
     skew = draw(st.one_of(st.floats(121, 1e6), st.floats(-1e6, -121))) * 1000
     now = draw(st.floats(0.5, 60))
     cut = draw(st.integers(6, W.HELLO_LEN - 1))   # 6 bytes: the shortest frame read as a relay frame
-    other = draw(st.integers(0, 255).filter(lambda t: t not in (W.T_HELLO, W.T_SEND)))
+    other = draw(st.integers(0, 255).filter(lambda t: t not in (W.T_HELLO, W.T_SEND, W.T_HELLO_CRED, W.T_PING)))
     junk = draw(st.binary(max_size=60).filter(lambda b: b[:4] != W.MAGIC))
     token = draw(st.binary(min_size=8, max_size=8))
     wall_ms = int((WALL0 + now) * 1000)
