@@ -2841,6 +2841,9 @@ relay_worker_stop(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 #define RELAY_TCP_READ (4 * 65536)
 #define RELAY_TCP_EVENTS 64
 #define RELAY_TCP_STOP UINT64_MAX
+/* Frames one connection may have waiting for Python at once (what Python takes per wakeup): the shared queue
+ * (RELAY_QUEUE_MAX) stays open to the other connections while one floods frames RelayCore must look at. */
+#define RELAY_TCP_PY_PER_CONN 512
 
 struct relay_tcp_item {
     struct relay_tcp_item *next;
@@ -2859,6 +2862,8 @@ struct relay_tcp_worker {
     size_t count, bytes;
     unsigned long long drops;
     unsigned char *rbuf;  /* RELAY_TCP_READ + RELAY_TCP_FRAME_MAX: a partial frame, then what one read brings */
+    uint32_t *pending;    /* per connection slot: its items in the queue (under qlock) */
+    int32_t max_conns;
 };
 
 static uint64_t
@@ -3048,8 +3053,10 @@ static int
 tcp_queue(struct relay_tcp_worker *w, uint64_t handle, const unsigned char *data, Py_ssize_t len)
 {
     size_t size = data != NULL ? (size_t)len : 0;
+    uint32_t slot = (uint32_t)handle;  /* < max_conns: handles are conn_handle's */
     pthread_mutex_lock(&w->qlock);
-    int room = data == NULL || (w->count < RELAY_QUEUE_MAX && w->bytes + size <= RELAY_QUEUE_BYTES);
+    int room = data == NULL || (w->count < RELAY_QUEUE_MAX && w->bytes + size <= RELAY_QUEUE_BYTES
+                                && w->pending[slot] < RELAY_TCP_PY_PER_CONN);
     pthread_mutex_unlock(&w->qlock);
     struct relay_tcp_item *p = room ? malloc(sizeof *p + size) : NULL;
     if (p != NULL) {
@@ -3072,6 +3079,7 @@ tcp_queue(struct relay_tcp_worker *w, uint64_t handle, const unsigned char *data
         w->tail = p;
         w->count++;
         w->bytes += size;
+        w->pending[slot]++;
     }
     pthread_mutex_unlock(&w->qlock);
     return p != NULL;
@@ -3244,6 +3252,7 @@ relay_tcp_worker_free(PyObject *capsule)
     }
     pthread_mutex_destroy(&w->qlock);
     PyMem_RawFree(w->rbuf);
+    PyMem_RawFree(w->pending);
     Py_XDECREF(w->table_obj);
     PyMem_RawFree(w);
 }
@@ -3318,7 +3327,9 @@ relay_tcp_start(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     w->rbuf = PyMem_RawMalloc(RELAY_TCP_READ + RELAY_TCP_FRAME_MAX);
-    if (w->rbuf == NULL) {
+    w->pending = PyMem_RawCalloc((size_t)max, sizeof *w->pending);
+    w->max_conns = (int32_t)max;
+    if (w->rbuf == NULL || w->pending == NULL) {
         Py_DECREF(capsule);
         return PyErr_NoMemory();
     }
@@ -3614,6 +3625,7 @@ relay_tcp_take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t taken = 0;
     while (p != NULL && taken < limit) {
         w->bytes -= p->len > 0 ? (size_t)p->len : 0;
+        w->pending[(uint32_t)p->handle]--;
         last = p;
         p = p->next;
         taken++;
