@@ -116,6 +116,7 @@ class ControlConnection:
         self.last_rx = time.monotonic()
         self.drops = 0
         self._send_lock = trio.Lock()
+        self.addr = ""  # the invite's address this connection reached
 
     @classmethod
     async def open(cls, invite: Invite, private_key: bytes, *, name: str | None = None, candidates=(),
@@ -134,7 +135,9 @@ class ControlConnection:
                 continue
             try:
                 with trio.fail_after(timeout):
-                    return await cls._handshake(stream, invite, private_key, name, candidates, random_bytes)
+                    conn = await cls._handshake(stream, invite, private_key, name, candidates, random_bytes)
+                conn.addr = addr
+                return conn
             except trio.TooSlowError:
                 await stream.aclose()
                 errors.append(f"{addr}: handshake timed out")
@@ -368,12 +371,14 @@ class ControlClient:
         self.fwmark = 0  # SO_MARK of the control socket (set_fwmark)
         self._serving: tuple | None = None  # (cancel scope, result) of the connection being served
         self._leaving: trio.Event | None = None  # set when the server's GONE came after leave()
+        self._lost: str | None = None  # the address whose connection ended last: tried last (reconnect.order_addrs)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         started = False
         while True:
             try:
-                conn = await ControlConnection.open(self.invite, self.private_key, name=self.name,
+                invite = dataclasses.replace(self.invite, addrs=R.order_addrs(self.invite.addrs, self._lost))
+                conn = await ControlConnection.open(invite, self.private_key, name=self.name,
                                                     candidates=self.candidates, random_bytes=self._random,
                                                     fwmark=self.fwmark)
             except ControlError as exc:
@@ -395,6 +400,7 @@ class ControlClient:
                 task_status.started(conn.welcome)
             reason = await self._serve(conn)
             self.conn = None
+            self._lost = getattr(conn, "addr", None)
             await conn.aclose()
             if reason is None:  # removed/expired: stop for good
                 return

@@ -56,3 +56,13 @@ class Backoff:
         if hint is not None:
             base = max(base, min(hint, self.hint_max))
         return base * (0.8 + 0.4 * rand01)
+
+
+def order_addrs(addrs, lost: str | None) -> tuple:
+    """The control addresses to try, in order: those of the invite as given, but the one whose connection just
+    ended last. Its server may be gone (killed, its host down: a connect timeout each time) while another
+    server on the same database takes the node at once (issue 14: several servers)."""
+    addrs = tuple(addrs)
+    if lost not in addrs:
+        return addrs
+    return tuple(a for a in addrs if a != lost) + (lost,)

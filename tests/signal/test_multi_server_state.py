@@ -1,0 +1,82 @@
+"""The shared live state of several servers on one PostgreSQL (issue 14 item 2), below the servers: who owns a
+node's live row, what a server writes and applies (live_state.py, pure), and the store's rules (store_pg.py)."""
+
+from __future__ import annotations
+
+from signal_server import live_state
+from signal_server import store_api as api
+from signal_server.control_core import ControlCore
+from signal_server.directory import Node
+from signal_server.store_pg import PgStore
+
+from pg_cluster import pg_cluster, pg_url  # noqa: F401 (fixtures)
+
+X, Y = b"x" * 32, b"y" * 32
+CAND = [("10.1.2.3", 41641, "local")]
+
+
+def directory_with(*keys):
+    d = live_state.SharedDirectory()
+    d.tracking = True
+    for i, k in enumerate(keys, 1):
+        d.put(Node(i, k, f"n{i}", f"100.64.0.{i}", f"fd00::{i}"))
+    return d
+
+
+def test_local_changes_are_remembered_and_remote_ones_are_not():
+    d = directory_with(X, Y)
+    core = ControlCore(d, {X})
+    core.session_ready(X, CAND)
+    assert d.live_dirty == {X}
+    d.live_dirty.clear()
+    assert d.apply_remote(Y, True, CAND, [])  # another server's node: in the directory, not written back
+    assert d.nodes[Y].online and d.live_dirty == set()
+    core.session_ended(X)
+    assert d.live_dirty == {X}
+
+
+def test_entries_written_are_online_for_sessions_here_and_offline_for_ended_ones():
+    d = directory_with(X, Y)
+    d.update(X, online=True, candidates=CAND)
+    d.apply_remote(Y, True, CAND, [])  # online on another server; its relay traffic came here (observed)
+    d.set_observed(Y, ("198.51.100.7", 4000))
+    entries = live_state.take_entries(d, {X}, {X, Y, b"gone" * 8})
+    # Y is not claimed: "offline" is written only while the row is ours (the store's rule below)
+    assert sorted(entries) == [(X, True, [list(CAND[0])], []), (Y, False, [], [])]
+
+
+def test_a_row_of_a_node_connected_here_naming_another_server_is_reclaimed():
+    assert live_state.remote_action((X, "srv-b", True, [], []), {X}, "srv-a") == live_state.RECLAIM
+    assert live_state.remote_action((X, "srv-a", True, [], []), {X}, "srv-a") == live_state.SKIP
+    assert live_state.remote_action((X, "srv-b", True, [], []), set(), "srv-a") == live_state.APPLY
+
+
+def test_offline_is_written_only_while_the_row_is_still_the_servers_own(pg_url):
+    st = PgStore(pg_url, init=True)
+    head = st.change_head()
+    st.set_live("a", [(X, True, [list(CAND[0])], [])], 100.0)
+    st.set_live("b", [(X, True, [["10.9.9.9", 1, "local"]], [])], 101.0)  # the node moved to B
+    st.set_live("a", [(X, False, [], [])], 102.0)  # A's old session ends after that
+    assert st.live_rows([X]) == [(X, "b", True, [("10.9.9.9", 1, "local")], [])]
+    changes, _ = st.changes_since(head)
+    assert [c.kind for c in changes] == [api.LIVE, api.LIVE]  # the no-op wrote no change
+    st.set_live("b", [(X, False, [], [])], 103.0)
+    assert st.live_rows([X]) == [(X, "b", False, [], [])]
+    st.close()
+
+
+def test_a_silent_server_is_forgotten_and_its_nodes_go_offline(pg_url):
+    st = PgStore(pg_url, init=True)
+    assert st.server_beat("a", ["10.0.0.1:7300"], 90.0, 100.0, 10.0) == []
+    assert st.server_beat("b", ["10.0.0.2:7300"], 95.0, 100.0, 10.0) == []
+    st.set_live("a", [(X, True, [list(CAND[0])], [])], 100.0)
+    st.set_live("b", [(Y, True, [], [])], 100.0)
+    assert [s[1] for s in st.servers(105.0, 10.0)] == [["10.0.0.1:7300"], ["10.0.0.2:7300"]]
+    head = st.change_head()
+    assert st.server_beat("b", ["10.0.0.2:7300"], 95.0, 111.0, 10.0) == ["a"]  # a's last beat: 11 s ago
+    assert [s[0] for s in st.servers(111.0, 10.0)] == ["b"]
+    assert {r[0]: r[2] for r in st.live_rows()} == {X: False, Y: True}
+    assert [(c.kind, c.key) for c in st.changes_since(head)[0]] == [(api.LIVE, X)]
+    st.server_gone("b", 112.0)
+    assert st.servers(112.0, 10.0) == [] and {r[0]: r[2] for r in st.live_rows()} == {X: False, Y: False}
+    st.close()
