@@ -608,3 +608,4 @@ def _sends(info) -> str | None:
 
 def _online(peer) -> bool | None:
     return None if peer is None else peer.online
+                "server": c.conn.addr if c and c.conn else None,  # the one connected to (several: issue 14)
