@@ -23,6 +23,7 @@ PCP_OP_ANNOUNCE = 0
 RESPONSE_BIT = 0x80
 MAX_DATAGRAM = 1100                # PCP messages are at most 1100 bytes (RFC 6887 7); SSDP answers are small
 MAX_DESCRIPTION = 65536            # a gateway's description is a few KiB; more is junk
+MAX_SSDP_RESPONDERS = 8            # descriptions fetched at most: a LAN has a gateway or two, not a flood of them
 
 IGD_ST = "urn:schemas-upnp-org:device:InternetGatewayDevice:1"
 _WAN_SERVICE = re.compile(rb"urn:schemas-upnp-org:service:WAN(?:IP|PPP)Connection:\d")
@@ -117,14 +118,25 @@ def parse_ssdp_untrusted(data: bytes) -> SsdpAnswer | None:
     return SsdpAnswer(location, headers.get("st", ""), headers.get("server", "")[:200])
 
 
+# Where a LAN's UPnP device may be: RFC 1918, link-local, loopback (not the shared 100.64/10 of CGNAT and the mesh).
+_LAN = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16",
+                                                "127.0.0.0/8"))
+
+
+def _on_lan(ip) -> bool:
+    """An SSDP answer from anything else came from outside the LAN (the socket listens on every address)."""
+    return any(ip in n for n in _LAN)
+
+
 def description_target(location: str, responder_ip: str) -> tuple[str, int, str] | None:
-    """(host, port, path) to GET the description from, only when LOCATION names the device that answered
-    over plain HTTP: a LAN packet must not make us connect elsewhere."""
+    """(host, port, path) to GET the description from, only when LOCATION names the device that answered, on the
+    LAN, over plain HTTP: a packet must not make us connect elsewhere."""
     try:
         u = urlsplit(location)
         port = u.port or 80
         host = u.hostname or ""
-        same = ipaddress.ip_address(host) == ipaddress.ip_address(responder_ip)
+        ip = ipaddress.ip_address(host)
+        same = ip == ipaddress.ip_address(responder_ip) and _on_lan(ip)
     except ValueError:
         return None
     if u.scheme != "http" or not same or not 0 < port < 65536:
@@ -186,6 +198,9 @@ class PortMapFindings:
             self._drop("ssdp")
             return None
         if src_ip in self.ssdp:
+            return None
+        if len(self.ssdp) >= MAX_SSDP_RESPONDERS:
+            self._drop("ssdp_too_many")
             return None
         self.ssdp[src_ip] = ans
         return ans
