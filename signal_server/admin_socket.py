@@ -181,6 +181,7 @@ def request(path: str, op: str, params: dict, timeout: float = CONN_DEADLINE) ->
                                     "and the server's user") from None
         except OSError as exc:
             raise admin_ops.OpError(f"cannot reach the running server at {path}: {exc.strerror or exc}") from None
+        _check_server(s, path)
         try:
             s.sendall(json.dumps({"op": op, "params": params}).encode() + b"\n")
             data = _read_all(s)
@@ -195,6 +196,29 @@ def request(path: str, op: str, params: dict, timeout: float = CONN_DEADLINE) ->
         raise admin_ops.OpError(str(reply["error"]), int(reply.get("code", 1)))
     except (ValueError, KeyError, TypeError):
         raise admin_ops.OpError(f"the running server at {path} gave no readable answer") from None
+
+
+def server_uid_allowed(uid: int, path: str) -> bool:
+    """Whether the process listening at `path` (uid: SO_PEERCRED) may be our server: root, us, or the owner of the
+    socket's directory (the database's, or /run/meshwg-signal, made by the server's user). In a directory others
+    may write to (a sticky /tmp), another user could have put a socket there first."""
+    if uid == 0 or uid == os.geteuid():
+        return True
+    try:
+        return os.stat(os.path.dirname(os.path.abspath(path))).st_uid == uid
+    except OSError:
+        return False
+
+
+def _check_server(s, path: str) -> None:
+    """OpError unless the listener is a process our request and its answer (invites, private keys) may go to."""
+    try:
+        uid = peer_uid(s)
+    except OSError as exc:
+        raise admin_ops.OpError(f"cannot tell who listens at {path}: {exc.strerror or exc}") from None
+    if not server_uid_allowed(uid, path):
+        raise admin_ops.OpError(f"{path} is a socket of uid {uid}, not the server's (root, uid {os.geteuid()} or "
+                                "the owner of its directory): not used")
 
 
 def _read_all(s) -> bytes:
