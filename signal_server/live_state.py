@@ -33,16 +33,27 @@ class SharedDirectory(Directory):
         super().__init__(*args, **kw)
         self.tracking = False  # True with a store several servers share
         self.live_dirty: set[bytes] = set()
+        # Nodes whose live state is another server's row: a session here must claim them even when it reports
+        # the same (a node moving from a killed server brings its candidates unchanged).
+        self.remote: set[bytes] = set()
 
     def update(self, key: bytes, **changes) -> bool:
         changed = super().update(key, **changes)
-        if changed and self.tracking and not LIVE_FIELDS.isdisjoint(changes):
+        if self.tracking and not LIVE_FIELDS.isdisjoint(changes) and (changed or key in self.remote):
+            self.remote.discard(key)
             self.live_dirty.add(key)
         return changed
 
+    def remove(self, key: bytes):
+        self.remote.discard(key)
+        return super().remove(key)
+
     def apply_remote(self, key: bytes, online: bool, candidates: list, observed: list) -> bool:
         """Another server's row for a node not connected here; True when its entry changed."""
-        return super().update(key, online=online, candidates=list(candidates), observed=list(observed))
+        changed = super().update(key, online=online, candidates=list(candidates), observed=list(observed))
+        if key in self.nodes:
+            self.remote.add(key)
+        return changed
 
 
 def take_entries(directory: Directory, local: Container, dirty) -> list[tuple]:

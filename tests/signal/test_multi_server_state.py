@@ -35,6 +35,16 @@ def test_local_changes_are_remembered_and_remote_ones_are_not():
     assert d.live_dirty == {X}
 
 
+def test_a_node_arriving_from_another_server_with_the_same_candidates_is_claimed():
+    """Its old server was killed: the row still says online there, with the candidates it reports here too."""
+    d = directory_with(X)
+    core = ControlCore(d, {X})
+    d.apply_remote(X, True, CAND, [])
+    assert d.live_dirty == set()
+    core.session_ready(X, CAND)  # nothing changes in the entry...
+    assert d.live_dirty == {X}  # ...but the row must name this server now
+
+
 def test_entries_written_are_online_for_sessions_here_and_offline_for_ended_ones():
     d = directory_with(X, Y)
     d.update(X, online=True, candidates=CAND)
