@@ -12,21 +12,25 @@ change made through one server reach the nodes connected to the others within a 
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import time
 
+import msgpack
 import trio
 
 from signal_server import live_state
 from signal_server import store_api as api
-from signal_server.control_core import DIR_CHANGED
+from signal_server.control_core import DIR_CHANGED, Send
 
 log = logging.getLogger("signal")
 
 FEED_SAFETY_POLL = 5.0  # the feed read without a notification (NOTIFY brings it within milliseconds)
 LIVE_INTERVAL = 0.1  # live state written at most this often (one transaction for every node changed meanwhile)
 BEAT, STALE = live_state.BEAT, live_state.STALE
+FORWARD_TYPES = frozenset({"punch"})  # control messages for a node on another server that are sent there
+FORWARD_QUEUE = 256  # forwarded messages waiting for the database; more are dropped and counted
 
 
 def enabled(store, cfg) -> bool:
@@ -41,9 +45,11 @@ class MultiServer:
         self.store = server.store
         self.id = os.urandom(6).hex()  # a new one at every start: a restarted server is a new one
         self.started = time.time()
-        self.listener = FeedListener(self.store.url)
+        self.listener = FeedListener(self.store.url, self.id)
         self.feed_wake = trio.Event()
         self.live_wake = trio.Event()
+        self.where: dict[bytes, str] = {}  # node key -> the other server it is connected to (its live row)
+        self._fwd_send, self._fwd_recv = trio.open_memory_channel(FORWARD_QUEUE)
         server.directory.tracking = True
 
     def kick(self) -> None:
@@ -58,6 +64,10 @@ class MultiServer:
     def apply_rows(self, rows) -> None:
         effects, d = [], self.srv.directory
         for row in rows:
+            if row[2] and row[1] != self.id:
+                self.where[row[0]] = row[1]
+            else:
+                self.where.pop(row[0], None)
             act = live_state.remote_action(row, self.srv.sessions, self.id)
             if act == live_state.RECLAIM:
                 d.live_dirty.add(row[0])
@@ -73,12 +83,60 @@ class MultiServer:
             n.start_soon(self._follow)
             n.start_soon(self._write_live)
             n.start_soon(self._beat)
+            n.start_soon(self._forwarder)
             task_status.started()
 
     async def _listen(self) -> None:
         while True:
-            if await trio.to_thread.run_sync(self.listener.wait, 1.0, abandon_on_cancel=True):
+            changed, payloads = await trio.to_thread.run_sync(self.listener.wait, 1.0, abandon_on_cancel=True)
+            if changed:
                 self.feed_wake.set()
+            for p in payloads:
+                self._deliver(p)
+
+    # --- control messages for nodes on another server (a punch: both sides must hear it at once)
+
+    def forward(self, to: bytes, msg: dict) -> None:
+        """A message for a node not connected here: to its server, when it is on one and the type may go."""
+        sid = self.where.get(to)
+        if sid is None or msg.get("type") not in FORWARD_TYPES:
+            return
+        payload = base64.b64encode(msgpack.packb([to, msg], use_bin_type=True)).decode()
+        try:
+            if len(payload) > store_pg_max_payload():
+                raise trio.WouldBlock
+            self._fwd_send.send_nowait((sid, payload))
+        except trio.WouldBlock:
+            self.srv.counters["forward_dropped"] += 1
+
+    async def _forwarder(self) -> None:
+        async for sid, payload in self._fwd_recv:
+            batch = {sid: [payload]}
+            while True:  # what queued meanwhile goes in the same round
+                try:
+                    s, p = self._fwd_recv.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                batch.setdefault(s, []).append(p)
+            for s, ps in batch.items():
+                try:
+                    await self.srv._db(self.store.notify_server, s, ps)
+                    self.srv.counters["forwarded"] += len(ps)
+                except Exception:
+                    self.srv.counters["forward_dropped"] += len(ps)
+
+    def _deliver(self, payload: str) -> None:
+        """A message another server forwarded to a node connected here; junk is dropped and counted."""
+        try:
+            to, msg = msgpack.unpackb(base64.b64decode(payload, validate=True), raw=False)
+            ok = isinstance(to, bytes) and isinstance(msg, dict) and msg.get("type") in FORWARD_TYPES
+        except (ValueError, TypeError, msgpack.UnpackException):
+            ok = False
+        if not ok:
+            self.srv.counters["forward_bad"] += 1
+            return
+        self.srv.counters["forward_received"] += 1
+        self.srv.apply([Send(to, msg)])
 
     async def _follow(self) -> None:
         while True:
@@ -139,6 +197,12 @@ class MultiServer:
             self.store.server_gone(self.id, time.time())
         except Exception:  # the others forget us after STALE
             log.warning("could not remove this server's record from the database", exc_info=True)
+
+
+def store_pg_max_payload() -> int:
+    from signal_server.store_pg import MAX_PAYLOAD
+
+    return MAX_PAYLOAD
 
 
 def live_kinds(changes) -> list[bytes]:

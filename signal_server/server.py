@@ -85,7 +85,9 @@ class ServerConfig:
     relay_total_rate: float = 0.0  # Mbit/s relayed in all; 0: no limit
     log_repeat_interval: float = 30.0  # the same log line (accept errors, ...) at most this often
     routes_interval: float = 0.05  # node advertisements are written at most this often (a burst merges)
-    db_poll: float = 0.1  # how often the change feed is checked for other processes' writes (admin CLI, relay)
+    # How often the change feed is checked for other processes' writes (an admin CLI with no server socket, another
+    # server): within 1 s of the write; 2 checks a second, not 10 (issue 15: admin changes through the socket apply at once).
+    db_poll: float = 0.5
     control_enabled: bool = True  # False: `meshwg-signal relay` (relay + STUN only)
     synchronous: str = "NORMAL"  # SQLite: NORMAL survives kill -9; FULL also survives power loss
     init: bool = False  # create the database and a new server identity if `db` has none (`serve --init`)
@@ -231,8 +233,8 @@ class SignalServer:
                 s = self.sessions.get(e.to)
                 if s is not None:
                     s.enqueue(e.msg, self.counters)
-                if self.multi is not None:
-                    self.multi.kick()
+                elif self.multi is not None:  # a node on another server (a punch's other side)
+                    self.multi.forward(e.to, e.msg)
             elif isinstance(e, Allow):
                 self.relay.allowed.add(e.key)
             elif isinstance(e, Drop):

@@ -92,6 +92,8 @@ FEED_LOCK, MIGRATE_LOCK = 0x6D657368_0001, 0x6D657368_0002
 # NOTIFY channel of the change feed: every transaction that appends a change notifies it (delivered at commit),
 # so other servers read the feed at once instead of at their next poll (FeedListener).
 CHANNEL = "meshwg_changes"
+SERVER_CHANNEL = "meshwg_srv_"  # + a server's id: messages for nodes connected to it (a punch across servers)
+MAX_PAYLOAD = 7900  # NOTIFY's payload limit is 8000 bytes
 RETRIES = 30  # serialization failures under contention; each retry waits a little longer (jittered)
 NODE_COLS, INVITE_COLS = store_rows.NODE_COLS, store_rows.INVITE_COLS
 NODE_SEQ_SQL = "SELECT pg_get_serial_sequence('nodes', 'id')"
@@ -719,6 +721,12 @@ class PgStore:
                 self._log(api.LIVE, key)
         self._write(tx)
 
+    def notify_server(self, server_id: str, payloads: list[str]) -> None:
+        """Messages for another server's FeedListener (outside any transaction: nothing to commit with them)."""
+        with self._lock:
+            for p in payloads:
+                self._q("SELECT pg_notify(%s, %s)", (SERVER_CHANNEL + server_id, p))
+
     def live_rows(self, keys=None) -> list[tuple]:
         """(key, server id, online, candidates, observed) of `keys` (None: every node's)."""
         with self._lock:
@@ -786,36 +794,46 @@ def _tuples(text: str) -> list:
 
 
 class FeedListener:
-    """A dedicated connection LISTENing on CHANNEL. wait() blocks (call it from a worker thread) until a change
-    committed or `timeout` passed. A broken connection is opened again on the next call, which then says True:
-    notifications sent while nobody listened are lost, the caller reads the feed to catch up."""
+    """A dedicated connection LISTENing on CHANNEL (and on this server's own channel, `server_id`). wait() blocks
+    (call it from a worker thread) until a change committed, a message came or `timeout` passed, and returns
+    (the feed changed, [messages' payloads]). A broken connection is opened again on the next call, which then
+    says the feed changed: notifications sent while nobody listened are lost, the caller reads the feed to catch up."""
 
-    def __init__(self, url: str, connect_timeout: float = 5.0) -> None:
+    def __init__(self, url: str, server_id: str | None = None, connect_timeout: float = 5.0) -> None:
         import psycopg
 
         self._psycopg, self.url, self.connect_timeout = psycopg, url, connect_timeout
+        self.own = None if server_id is None else SERVER_CHANNEL + server_id
         self.conn = None
         self.closing = False
         self.errors = 0
 
-    def wait(self, timeout: float) -> bool:
+    def wait(self, timeout: float) -> tuple[bool, list[str]]:
         try:
             if self.conn is None or self.conn.broken:
                 self._close()
                 self.conn = self._psycopg.connect(self.url, autocommit=True, connect_timeout=int(self.connect_timeout),
                                                   application_name="meshwg-signal feed")
-                self.conn.execute(f"LISTEN {CHANNEL}")
-                return True
-            got = any(True for _ in self.conn.notifies(timeout=timeout, stop_after=1))
-            if got:  # the rest of a burst: one read of the feed covers them all
-                while any(True for _ in self.conn.notifies(timeout=0, stop_after=1)):
-                    pass
-            return got
+                for channel in (CHANNEL, self.own):
+                    if channel:
+                        self.conn.execute(f'LISTEN "{channel}"')
+                return True, []
+            changed, payloads = False, []
+            # The first waits; the rest of a burst is taken at once (one read of the feed covers every change).
+            got = list(self.conn.notifies(timeout=timeout, stop_after=1))
+            if got:
+                got += list(self.conn.notifies(timeout=0.001))
+            for m in got:
+                if m.channel == CHANNEL:
+                    changed = True
+                else:
+                    payloads.append(m.payload)
+            return changed, payloads
         except self._psycopg.Error:
             self.errors += 1
             self._close()
             time.sleep(min(timeout, 1.0))  # the database is down: the caller's poll goes on meanwhile
-            return False
+            return False, []
         finally:
             if self.closing:
                 self._close()

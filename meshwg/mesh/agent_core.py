@@ -16,7 +16,9 @@ Inputs:  the control client's events (meshwg.control.events): Connected, Disconn
          LocalEndpointsChanged (the node's event)  our reflexive addresses or NAT kind changed
          CandidatesAccepted(candidates)            a ReportCandidates went out on the connection
          Restun()                                  STUN again now (netcheck)
-         Tick()                                    every TICK_INTERVAL: punch requests, a deferred cache write
+         Tick()                                    at next_deadline(now) (punch requests, a deferred cache write),
+                                                   and when the node's paths or MTU changed (what runs after every
+                                                   batch reads them); no sooner than TICK_INTERVAL after the last
          SetRouting(choice)                        what we advertise, which exit node we use, our port forward
                                                    (a RoutingChoice); check it first with routing_refused()
          UserPing(ref, peer, timeout)              `meshwg ping`: the peer by name, mesh IP or key, pinged on every
@@ -62,6 +64,7 @@ from typing import Iterable
 
 from meshwg.disco import netcheck as NC
 from meshwg.disco import user_ping as UP
+from meshwg.disco.paths import SESSION_ACTIVE_TIMEOUT
 from meshwg.control.events import (Connected, DirectoryReset, Disconnected, PeerChanged, PeerInfo, PeerRemoved,
                                    PunchFailed, PunchNotice, Removed, SealedMessage, SelfChanged, Welcome)
 from meshwg.mesh.netmap import PeerSpec
@@ -599,8 +602,8 @@ class AgentCore:
     # ---- the relayed peers' route MTU ----------------------------------------------------------
     def _path_mtus(self, out: list) -> None:
         """SetRouteMtus when the relayed peers, their routes or the interface MTU changed. After every batch (a
-        Tick every 0.1 s among them): the node switches paths between batches, and this reads its paths in
-        O(peers), no more than the tick's punch check does; the routes are rebuilt only on a change."""
+        Tick when the node's paths change among them): the node switches paths between batches, and this reads its
+        paths in O(peers), no more than the tick's punch check does; the routes are rebuilt only on a change."""
         node = self.node
         specs = node.specs   # replaced (never mutated) by apply_netmap: the same object, the same routes
         relayed = path_mtu.relayed_keys(specs, node.endpoint_of, RelayEndpoint)
@@ -669,12 +672,23 @@ class AgentCore:
         return None
 
     # ---- timed duties --------------------------------------------------------------------------
-    def _tick(self, ev: Tick, now: float, out: list) -> None:
+    def next_deadline(self, now: float) -> float:
+        """When a Tick is next due (math.inf: none until an input; `now` or earlier: at once). The punch policy's
+        deadline and a deferred cache write's; the rest runs after every batch anyway (issue 15: an idle node
+        sleeps instead of ticking every TICK_INTERVAL)."""
+        t = self.punch.next_deadline(now, self.connected, self._path_states(now), self.online)
+        if self.welcome is not None and (self._cache_dirty or self.port not in (None, self._cache_port)):
+            t = min(t, self._cache_next)
+        return t
+
+    def _path_states(self, now: float) -> dict:
         # Plain peers are reached through the relay only: never a punch (the node keeps no paths for them; they
         # are left out here too, whatever it holds).
-        paths = {k: PathState(pp.active(now), pp.direct(now)) for k, pp in self.node.paths.items()
-                 if not self._plain(k)}
-        for key in self.punch.tick(now, self.connected, paths, self.online):
+        return {k: PathState(pp.active(now), pp.direct(now), pp.last_activity + SESSION_ACTIVE_TIMEOUT)
+                for k, pp in self.node.paths.items() if not self._plain(k)}
+
+    def _tick(self, ev: Tick, now: float, out: list) -> None:
+        for key in self.punch.tick(now, self.connected, self._path_states(now), self.online):
             out.append(RequestPunch(key))
 
     def _cache(self, now: float, out: list) -> None:

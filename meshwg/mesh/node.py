@@ -112,6 +112,12 @@ class PathChanged:
 
 
 @dataclass(frozen=True)
+class PeerActive:
+    """Traffic to an idle peer: its probing resumed (the agent's punch policy looks at it now, issue 15)."""
+    peer_key: bytes
+
+
+@dataclass(frozen=True)
 class RoutesChanged:
     add: tuple
     remove: tuple
@@ -683,6 +689,7 @@ class MeshNode:
         if touched:
             for key in touched:
                 self._service(key, now)
+                self._events.append(PeerActive(key))
 
     # --- STUN -------------------------------------------------------------------------------
     def _stun_timer(self, now: float) -> None:

@@ -11,8 +11,13 @@ PunchPolicy decides which peers to ask the server to coordinate a punch for:
 CandidateReport decides what to report as our candidates (local_candidates, public_candidates) and whether a report is due
 (the list changed since the last one the server took, none is on its way, and the control channel is up).
 
-The agent core (meshwg.mesh.agent_core) feeds events in, calls tick(now, connected, paths, online) every
-PUNCH_WATCH_INTERVAL and asks for one punch request per key it returns.
+The agent core (meshwg.mesh.agent_core) feeds events in, calls tick(now, connected, paths, online) when
+next_deadline(...) says (no sooner than PUNCH_WATCH_INTERVAL after the previous tick) and asks for one punch
+request per key it returns. Nothing to do, no deadline: an idle node with direct or idle peers is not woken
+(issue 15). What needs a tick: a pending request (now; one the budget refused, when a token is back), a peer
+whose activity changed since the last tick (now: the shell wakes the tick when the node sees a peer turn active),
+an active peer's idle moment (its end of activity is recorded, so its next activity counts as new), and an
+active relayed peer's PUNCH_RELAYED_INTERVAL.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class PathState(NamedTuple):
     """A peer's path as the node sees it at `now`."""
     active: bool    # traffic flowed recently
     direct: bool    # a trusted direct path carries it (else the relay)
+    idle_at: float = math.inf   # when it turns idle unless traffic flows again (while active)
 
 
 class PunchPolicy:
@@ -44,6 +50,7 @@ class PunchPolicy:
         self._was_active: dict[bytes, bool] = {}
         self._pending: set[bytes] = set()
         self._budget = TokenBucket(rate, rate)
+        self._retry_at = -math.inf                 # the budget refused a request: no token before then
 
     def peer_changed(self, key: bytes, online: bool, candidates, before: tuple[bool, tuple] | None) -> None:
         """A directory entry was set; `before`: its (online, candidates) until now, None for a new peer.
@@ -85,10 +92,27 @@ class PunchPolicy:
                 continue
             if not self._budget.take(now):
                 self._pending.add(key)
+                self._retry_at = now + (1.0 / self._budget.rate if self._budget.rate > 0 else PUNCH_RELAYED_INTERVAL)
                 continue
             self._last[key] = now
             out.append(key)
         return out
+
+    def next_deadline(self, now: float, connected: bool, paths: Mapping[bytes, PathState],
+                      online: Callable[[bytes], bool]) -> float:
+        """When tick() next has something to do (math.inf: nothing until an input changes; `now` or earlier: at
+        once). While disconnected tick() does nothing: the Connected input brings the deadline back."""
+        if not connected:
+            return math.inf
+        t = max(now, self._retry_at) if self._pending else math.inf
+        for key, st in paths.items():
+            if st.active != self._was_active.get(key, False):
+                return now
+            if st.active:
+                t = min(t, st.idle_at)
+                if not st.direct and online(key):   # never before a refusing budget has a token again
+                    t = min(t, max(self._last.get(key, -math.inf) + PUNCH_RELAYED_INTERVAL, self._retry_at))
+        return t
 
 
 def local_candidates(reflexive, iface_endpoints, local_nat: str | None, public=()) -> list[tuple[str, int, str]]:

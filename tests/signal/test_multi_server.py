@@ -225,3 +225,33 @@ async def test_after_its_server_hangs_a_node_tries_the_other_server_first(pair, 
         await stream.aclose()
     await wait_until(lambda: x.public_key in b.server.sessions, timeout=2.0)
     print(f"on the other server {trio.current_time() - t0:.3f} s after the first one hung")
+
+
+async def test_a_punch_between_nodes_on_two_servers_reaches_both_at_once(pair, nursery):
+    """A punch tells both sides at the same moment: the other side's server gets its half through NOTIFY."""
+    from meshwg.control.events import PunchNotice
+
+    a, b, st = pair
+    x, fx = await node(nursery, invite(st, a.addr), "xray", X_CAND)
+    y, fy = await node(nursery, invite(st, b.addr), "yankee", Y_CAND)
+    await wait_until(lambda: sees(fx, y, lambda p: p.online), timeout=1.0)
+    got = {}
+
+    async def notice(f, who):
+        async for e in f.events:
+            if isinstance(e, PunchNotice):
+                got[who] = (trio.current_time(), e.role, e.peer.key, cands(e.peer))
+                return
+    nursery.start_soon(notice, fx, "x")
+    nursery.start_soon(notice, fy, "y")
+    t0 = trio.current_time()
+    await x.request_punch(y.public_key)
+    await wait_until(lambda: len(got) == 2, timeout=1.0)
+    assert got["x"][1:] == ("initiator", y.public_key, {Y_CAND[:2]})
+    assert got["y"][1:] == ("responder", x.public_key, {X_CAND[:2]})
+    print(f"punch across servers: x told in {got['x'][0] - t0:.3f} s, y in {got['y'][0] - t0:.3f} s")
+    assert a.server.counters["forwarded"] == 1 and b.server.counters["forward_received"] == 1
+    # Junk on a server's channel is dropped and counted, never raised.
+    b.server.multi._deliver("not base64!")
+    b.server.multi._deliver("kAo=")
+    assert b.server.counters["forward_bad"] == 2

@@ -9,7 +9,8 @@ only to format the status.
 
 Tasks: the mesh device (driver drain loops, UAPI, routes, birthday sockets, relay), the control
 client (registration, directory, punch notices; reconnects with backoff by itself), the control
-events, a Tick every TICK_INTERVAL (punch requests, deferred cache writes), a local-address watcher (netlink events),
+events, a Tick at the core's next deadline (punch requests, deferred cache writes; none while idle), a local-address
+watcher (netlink events),
 a watcher of the node's own endpoints (STUN results), the NAT probe (RFC 5780 filtering tests against the
 server's STUN every NAT_PROBE_INTERVAL and when our addresses change: an open NAT makes our reflexive address
 a "public" candidate; not run while the user gave a port forward or an exit node is in use), and the status socket.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import base64
 import functools
 import logging
+import math
 import signal
 import time
 
@@ -145,6 +147,8 @@ class Agent:
         self.fatal: str | None = None
         self._endpoints = trio.Event()   # the node's own endpoints changed: _endpoints_news is the latest
         self._endpoints_news: N.LocalEndpointsChanged | None = None
+        self._tick_news = trio.Event()   # the core's deadline may have moved: the tick task reads it again
+        self._tick_due = False           # ... or a Tick is due now (the device's news)
         self._step_lock = trio.Lock()
         self._cancel: trio.CancelScope | None = None
         # The routing choice: the saved one, with what the command line gave (routing: RoutingChoice fields).
@@ -170,6 +174,7 @@ class Agent:
         self.dev = MeshDevice(self.iface, key, listen_port=self.listen_port or cached_port, uapi_dir=self.uapi_dir,
                               on_local_endpoints=self._on_local_endpoints, clock=self.clock)
         self.dev.on_user_ping = self.pings.done
+        self.dev.on_news = self._on_device_news
         self.core = A.AgentCore(self.dev.node, tuple(self.invite.addrs))
         self.subnet = SubnetRouting(self.dev.name, self.state_dir)
         status = None
@@ -263,6 +268,7 @@ class Agent:
             await self.dev.driver.flush()
             if any(isinstance(i, _NAME_INPUTS) for i in inputs):
                 self._feed_dns()
+        self._tick_news.set()   # the core's next deadline may have moved
 
     async def _carry_out(self, act):
         """One action as I/O; returns the input it gives back to the core, if any."""
@@ -345,9 +351,29 @@ class Agent:
             await self._step(*batch)
 
     async def _ticks(self) -> None:
+        """A Tick at the core's next deadline (none: no wake-up at all while idle, issue 15), re-read after every
+        step (an input may move it) and at once on the device's news (a path changed, an idle peer got traffic,
+        the MTU changed: what the core reads after a batch); never sooner than TICK_INTERVAL after the last."""
+        last = -math.inf
         while True:
-            await trio.sleep(A.TICK_INTERVAL)
+            now = self.clock()
+            due = now if self._tick_due else self.core.next_deadline(now)
+            due = max(due, last + A.TICK_INTERVAL)
+            if due > now:
+                self._tick_news = trio.Event()
+                # The deadline is on self.clock; trio sleeps on its own clock.
+                with trio.move_on_at(trio.current_time() + (due - now)):
+                    await self._tick_news.wait()
+                if self.clock() < due:
+                    continue   # woken early: read the deadline again
+            self._tick_due = False
+            last = self.clock()
             await self._step(A.Tick())
+
+    def _on_device_news(self) -> None:
+        """The device's news (sync, from the driver's flush): a Tick now."""
+        self._tick_due = True
+        self._tick_news.set()
 
     async def _local_addresses(self) -> A.LocalAddresses:
         # Candidates: no VPN, tunnel or container interface (local_candidates); networks: every interface's.

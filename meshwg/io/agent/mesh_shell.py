@@ -205,6 +205,10 @@ class MeshDevice:
         self.birthday = BirthdaySockets()
         self.on_local_endpoints = on_local_endpoints
         self.on_user_ping = None   # the node's UserPingDone events (`meshwg ping`) go there
+        # Called (sync) when a path changed, an idle peer got traffic or the interface MTU changed: what the agent
+        # core reads after a batch and its punch policy's deadline (the agent ticks then instead of polling).
+        self.on_news = None
+        self.device.on_mtu_changed = self._news
         self._routes_send, self._routes_recv = trio.open_memory_channel(ROUTE_QUEUE)
         self._routes: set[str] = set()  # prefixes the node wants routed through this device
         self._mtus: dict[str, int] = {}  # ... and the MTU of those to relayed peers (set_route_mtus)
@@ -263,12 +267,19 @@ class MeshDevice:
             self._log_path(ev)
             if isinstance(ev.endpoint, N.RelayEndpoint):
                 self.relay.refresh()
+            self._news()
+        elif isinstance(ev, N.PeerActive):
+            self._news()
         elif isinstance(ev, N.LocalEndpointsChanged):
             if self.on_local_endpoints is not None:
                 self.on_local_endpoints(ev)
         elif isinstance(ev, N.UserPingDone):
             if self.on_user_ping is not None:
                 self.on_user_ping(ev)
+
+    def _news(self) -> None:
+        if self.on_news is not None:
+            self.on_news()
 
     def _log_path(self, ev) -> None:
         """INFO when the path changes kind (relay <-> direct), DEBUG for a new address of the same kind."""

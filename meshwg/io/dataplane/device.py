@@ -8,6 +8,7 @@ through `device.driver` (see meshwg.io.dataplane.driver).
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import json
 import logging
@@ -20,13 +21,15 @@ from meshwg import counters
 from meshwg.config import uapi
 from meshwg.config.uapi_apply import CoreWriter
 from meshwg.io.ipc import uapi_server
+from meshwg.io.oscfg import netlink_events as NE
 from meshwg.io.dataplane.driver import Driver
 from meshwg.io.dataplane.tun import Tun
 from meshwg.io.dataplane.udp import UdpBind
 from meshwg.wg.device import WireGuardCore
 
 log = logging.getLogger(__name__)
-MTU_POLL_INTERVAL = 2.0  # seconds; the MTU only shapes padding, so a change may take effect late
+MTU_POLL_INTERVAL = 2.0  # seconds, without link events; the MTU only shapes padding, so a change may take effect late
+MTU_FALLBACK_INTERVAL = 60.0  # with link events (an MTU change is an RTM_NEWLINK): read anyway this often (a lost event)
 # A benchmark knob (benchmarks/throughput --policy): a JSON accept list [[proto, lo, hi, cidr], ...] that every
 # peer of a plain device gets after each UAPI set (issue 13's filter, meshwg.wg.acl). The stock `wg` that configures
 # meshwg-tun has no field for one; unset (the default), no peer has a filter.
@@ -42,6 +45,11 @@ def new_core(tun: Tun, private_key: bytes | None = None) -> WireGuardCore:
         mtu = 1420
     return WireGuardCore(private_key=private_key, random_bytes=os.urandom, wall_offset=time.time() - time.monotonic(),
                          mtu=mtu, index_tag=int.from_bytes(os.urandom(2), "little"))
+
+
+def _open_link_events():
+    """Link events only (an MTU change is an RTM_NEWLINK): address changes do not wake the follower."""
+    return NE.open_socket(NE.RTMGRP_LINK)
 
 
 class Device:
@@ -63,6 +71,7 @@ class Device:
         self.stopped = trio.Event()
         self.stop_reason: str | None = None
         self._cancel = trio.CancelScope()
+        self.on_mtu_changed = None  # called (sync) after the core took a new MTU (the mesh agent re-reads it)
 
     @property
     def name(self) -> str:
@@ -82,18 +91,36 @@ class Device:
             finally:
                 self.stop(self.driver.stopped_reason or "stopped")
 
-    async def _follow_mtu(self) -> None:
+    async def _follow_mtu(self, open_events=None) -> None:
         """The core pads to the interface's MTU, which wg-quick and `meshwg up` set after the device
-        started (and `ip link set mtu` may change any time): follow it, as wireguard-go does."""
-        while True:
-            try:
-                mtu = self.tun.get_mtu()
-            except OSError:
-                return  # the interface is gone; the driver notices and stops
-            if mtu != self.core.mtu:
-                log.info("%s: MTU %d", self.name, mtu)
-                self.core.mtu = mtu
-            await trio.sleep(MTU_POLL_INTERVAL)
+        started (and `ip link set mtu` may change any time): follow it, as wireguard-go does. Read again on the
+        kernel's link events (debounced), with a slow periodic read as a safety net; every MTU_POLL_INTERVAL
+        where netlink is unavailable. open_events: a link-event socket opener (tests); default netlink's."""
+        sock = (open_events or _open_link_events)()
+        period = MTU_POLL_INTERVAL if sock is None else MTU_FALLBACK_INTERVAL
+        news = [trio.Event()]
+        with sock if sock is not None else contextlib.nullcontext():
+            async with trio.open_nursery() as nursery:
+                if sock is not None:
+                    nursery.start_soon(NE.watch, sock, lambda: news[0].set())
+                while self._read_mtu():
+                    with trio.move_on_after(period):
+                        await news[0].wait()
+                    news[0] = trio.Event()
+                nursery.cancel_scope.cancel()
+
+    def _read_mtu(self) -> bool:
+        """The interface's MTU into the core; False once the interface is gone (the driver notices and stops)."""
+        try:
+            mtu = self.tun.get_mtu()
+        except OSError:
+            return False
+        if mtu != self.core.mtu:
+            log.info("%s: MTU %d", self.name, mtu)
+            self.core.mtu = mtu
+            if self.on_mtu_changed is not None:
+                self.on_mtu_changed()
+        return True
 
     async def _watch_driver(self) -> None:
         # The driver stops on its own only when the TUN goes away (`ip link del`).

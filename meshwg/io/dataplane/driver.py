@@ -15,8 +15,10 @@ drain; see meshwg.io.dataplane.udp, sticky source addresses). The core's timer i
 deadline: a task sleeps until
 `core.get_timer()` and is re-armed by `flush()` whenever the deadline moves earlier.
 `core.get_timer()` is O(peers), so the hot loop does not call it: every deadline the core's data path
-can create lies at least 1 s ahead (keepalive 10 s, rekey 5 s, persistent keepalive >= 1 s), so the
-timer task simply never sleeps longer than TIMER_MAX_SLEEP and re-reads the deadline on waking.
+can create lies at least 1 s ahead (keepalive 10 s, rekey 5 s, persistent keepalive >= 1 s), so while
+packets flow the timer task never sleeps longer than TIMER_MAX_SLEEP and re-reads the deadline on waking.
+When no packet was handled since it last read the deadline, it sleeps until the deadline itself (an idle
+device is not woken every second, issue 15), and the next packet batch's flush_io() re-arms it in O(1).
 A core that can create a nearer deadline from a packet (the mesh node: a handshake re-send deferred
 to its 0.25 s rate floor) calls its `on_earlier_deadline` hook, which the driver sets when it starts
 to re-arm the timer, in O(1). Per-packet callers outside the loop (the relay's TCP reader) use `flush_io()`.
@@ -93,8 +95,9 @@ DEFAULT_BATCH = 64
 # A round that moved at most this many packets is a latency round (a ping, a keystroke), not bulk.
 LATENCY_ROUND_MAX = 2
 TIMER_MAX_SLEEP = 1.0
-# Longest real-time block in the idle fast path (trio's deadlines cut it shorter).
-IDLE_BLOCK_MAX = 1.0
+# Longest real-time block in the idle fast path (trio's deadlines cut it shorter; anything of trio's, a thread's
+# result or a signal, wakes it through trio's epoll fd): a safety net only, long so an idle process sleeps.
+IDLE_BLOCK_MAX = 30.0
 # trio rounds any positive idle cushion up to a 1 ms epoll timeout, which would delay packets.
 # (A task that calls wait_all_tasks_blocked() itself may then share our wake-up and wait until
 # the next packet or deadline; tests should prefer real events.)
@@ -175,6 +178,8 @@ class Driver:
         self.stopped = trio.Event()  # set by stop(): the owner waits on it instead of polling
         self._timer_scope = trio.CancelScope()
         self._timer_deadline = math.inf
+        self._timer_long = False  # the timer task sleeps past TIMER_MAX_SLEEP: the next packet re-arms it
+        self._packets_since_arm = False  # flush_io() ran since the timer task last read the deadline
         self._nursery: trio.Nursery | None = None
         # The data path waits on one epoll set holding the TUN and the UDP sockets.
         self._epoll: select.epoll | None = None
@@ -278,7 +283,7 @@ class Driver:
     async def flush(self) -> None:
         """For control code: send/write everything the core produced; re-arm the timer if its
         deadline moved earlier."""
-        await self.flush_io()
+        await self._flush_out()
         if self.core.get_timer() < self._timer_deadline:
             self._timer_scope.cancel()
 
@@ -288,7 +293,15 @@ class Driver:
 
     async def flush_io(self) -> None:
         """flush() without the timer re-arm (O(peers)): for per-packet callers, whose deadlines
-        the timer task picks up on its own (see the module docstring)."""
+        the timer task picks up on its own (see the module docstring): within TIMER_MAX_SLEEP, a timer
+        sleeping longer (nothing flowed) re-armed here in O(1)."""
+        self._packets_since_arm = True
+        if self._timer_long:
+            self._timer_long = False
+            self._timer_scope.cancel()
+        await self._flush_out()
+
+    async def _flush_out(self) -> None:
         core = self.core
         datagrams = core.datagrams_to_send()
         if datagrams:
@@ -694,16 +707,22 @@ class Driver:
             deadline = core.get_timer()
             now = clock()
             fired = False
+            # Packets since the last read may have made deadlines nobody announced (module docstring): re-read
+            # within TIMER_MAX_SLEEP. None: sleep to the deadline; flush_io() re-arms on the next packet.
+            capped = self._packets_since_arm and deadline > now + TIMER_MAX_SLEEP
+            self._packets_since_arm = False
             with trio.CancelScope() as scope:
                 self._timer_scope = scope
                 self._timer_deadline = deadline
-                if deadline > now + TIMER_MAX_SLEEP:
+                self._timer_long = not capped and deadline > now + TIMER_MAX_SLEEP
+                if capped:
                     await trio.sleep(TIMER_MAX_SLEEP)
                 else:
                     await trio.sleep(max(0.0, deadline - now))
                     fired = True
             # Outside the scope: a re-arm must not interrupt a flush half-way.
             self._timer_deadline = -math.inf
+            self._timer_long = False
             if fired:
                 core.handle_timer(clock())
-                await self.flush_io()
+                await self._flush_out()
