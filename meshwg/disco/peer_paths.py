@@ -75,6 +75,9 @@ class Candidate:
     last_ping: float = -math.inf
     last_pong: float | None = None
     latency: float | None = None  # the least of the recent samples: queueing on a busy host only adds
+    # Its source stopped listing it while it was our trusted path: kept only until another address answers or it stops
+    # answering itself (the peer moved networks: its old address must not stay among the candidates beside the new).
+    withdrawn: bool = False
     samples: collections.deque = field(default_factory=lambda: collections.deque(maxlen=P.LATENCY_SAMPLES))
 
     def sample(self, rtt: float) -> float:
@@ -165,9 +168,12 @@ class PeerPaths:
         old = {a for a, c in self.candidates.items() if c.source == source}
         changed = False
         for a in old - set(new):
-            if self.best is None or self.best.addr != a:
+            if self.best is None or self.best.addr != a or now >= self.trust_until:
                 del self.candidates[a]
                 changed = True
+            elif not self.candidates[a].withdrawn:
+                self.candidates[a].withdrawn = True
+                changed = True  # probe now: the peer likely moved (_probe_round)
         for a in new:
             if a not in self.candidates:
                 self.candidates[a] = Candidate(a, source)
@@ -176,6 +182,7 @@ class PeerPaths:
                   or self.candidates[a].source == "ping"):
                 # The peer advertises it now (a call-me-maybe ranks below "ping"): it earns the LAN bonus.
                 self.candidates[a].source = source
+            self.candidates[a].withdrawn = False  # listed (again)
         self._trim()
         if changed:
             self.probe_attempt = 0
@@ -183,6 +190,16 @@ class PeerPaths:
                 self.next_probe_at = min(self.next_probe_at, now)
             return True
         return False
+
+    def _best_withdrawn(self) -> bool:
+        c = self.candidates.get(self.best.addr) if self.best is not None else None
+        return c is not None and c.withdrawn
+
+    def _drop_withdrawn(self) -> None:
+        """A withdrawn address goes once it is not our path any more."""
+        for a in [a for a, c in self.candidates.items() if c.withdrawn and a != self.best.addr]:
+            del self.candidates[a]
+            self.counters["drop_withdrawn_candidate"] += 1
 
     def _trim(self) -> None:
         if len(self.candidates) <= MAX_CANDIDATES:
@@ -286,8 +303,10 @@ class PeerPaths:
         if self.best is not None and self.best.addr == addr:
             self.best = scored
             self.trust_until = now + P.TRUST_DURATION
-        elif self.best is None or now >= self.trust_until or P.better_path(scored, self.best):
+        elif (self.best is None or now >= self.trust_until or self._best_withdrawn()
+              or P.better_path(scored, self.best)):
             self.best, self.best_via = scored, cand.via
+            self._drop_withdrawn()
             self.trust_until = now + P.TRUST_DURATION
             self.counters["switch_path"] += 1
             self.next_heartbeat_at = now + P.HEARTBEAT_INTERVAL
@@ -349,6 +368,9 @@ class PeerPaths:
         """Run due timers; return actions. `budget(n)` -> bool takes n probes from the node's
         global rate limit."""
         active = self.active(now)
+        if self.best is not None and now >= self.trust_until and self._best_withdrawn():
+            del self.candidates[self.best.addr]  # withdrawn, and no longer answering: nothing keeps it
+            self.counters["drop_withdrawn_candidate"] += 1
         if self.best is not None and now >= self.trust_until and self.unanswered_since is None:
             self.unanswered_since = wall - (now - (self.trust_until - P.TRUST_DURATION))
         if self._answer_cmm:
@@ -382,7 +404,8 @@ class PeerPaths:
         return out
 
     def _probe_round(self, now: float, wall: float, budget) -> None:
-        if self.direct(now):
+        # A path the peer no longer lists does not hold the round back to contenders: ping every candidate.
+        if self.direct(now) and not self._best_withdrawn():
             self.next_probe_at = now + P.UPGRADE_INTERVAL
             if self.best.latency <= P.GOOD_ENOUGH_LATENCY:
                 # As Tailscale: no latency gain is worth a full round here. Unlike it, still re-ping the

@@ -134,3 +134,57 @@ def test_unverified_ping_sources_are_bounded():
         pp.on_ping(bytes([i]) * 12, (f"203.0.113.{i + 1}", 9), None, 0.0)
     pings = [a for a in pp.poll(0.0, 0.0, None) if isinstance(a, SendPing)]
     assert len(pings) == 4 and not pp.candidates
+
+
+def _answer(pp, addr, now):
+    """Poll, and answer the ping sent to `addr` (the peer is reachable there)."""
+    pings = [a for a in pp.poll(now, now, None) if isinstance(a, SendPing) and a.addr == addr]
+    assert pings, f"no ping to {addr}"
+    assert pp.on_pong(pings[0].txid, now + 0.001, pings[0].via, addr)
+
+
+def test_the_peers_old_address_leaves_once_its_new_one_answers():
+    """A peer that moved networks: its directory entry lists the new address only. The old one was our path, so it
+    stays until another address answers, and then leaves (before: listed beside the new one until the next
+    directory change)."""
+    old, new = ("10.62.0.2", 5000), ("10.62.1.2", 5000)
+    pp = PeerPaths(b"k" * 32, _rb())
+    pp.note_activity(0.0)
+    pp.set_candidates("directory", [old], 0.0)
+    _answer(pp, old, 0.0)
+    assert pp.endpoint(0.1)[0] == old
+    pp.set_candidates("directory", [new], 1.0)  # the switch: the old address no longer listed
+    assert set(pp.candidates) == {old, new} and pp.endpoint(1.0)[0] == old  # still our path meanwhile
+    _answer(pp, new, 1.0)  # within the old path's trust: the withdrawn path gives way all the same
+    assert set(pp.candidates) == {new} and pp.endpoint(1.1)[0] == new
+    # listed again before another address answers: not withdrawn any more, our trusted path stays and so does it
+    pp = PeerPaths(b"k" * 32, _rb())
+    pp.note_activity(0.0)
+    pp.set_candidates("directory", [old], 0.0)
+    _answer(pp, old, 0.0)
+    pp.set_candidates("directory", [new], 1.0)
+    pp.set_candidates("directory", [old, new], 1.0)
+    assert not pp.candidates[old].withdrawn and set(pp.candidates) == {old, new} and pp.endpoint(1.1)[0] == old
+
+
+def test_a_withdrawn_path_that_stops_answering_leaves_too():
+    """The peer's new address does not answer us (no route to it): its old one still leaves the candidates once it
+    is withdrawn and not answering, at once when it was already untrusted."""
+    old, new = ("10.62.0.2", 5000), ("10.62.1.2", 5000)
+    pp = PeerPaths(b"k" * 32, _rb())
+    pp.note_activity(0.0)
+    pp.set_candidates("directory", [old], 0.0)
+    _answer(pp, old, 0.0)
+    pp.set_candidates("directory", [new], 1.0)
+    assert old in pp.candidates
+    pp.poll(4.0, 4.0, None)
+    assert old in pp.candidates  # trusted until 4.5 s after its pong
+    pp.poll(5.0, 5.0, None)
+    assert set(pp.candidates) == {new}
+    # already untrusted when withdrawn: gone with the directory change itself
+    pp = PeerPaths(b"k" * 32, _rb())
+    pp.note_activity(0.0)
+    pp.set_candidates("directory", [old], 0.0)
+    _answer(pp, old, 0.0)
+    pp.set_candidates("directory", [new], 10.0)
+    assert set(pp.candidates) == {new}
