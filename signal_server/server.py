@@ -192,15 +192,15 @@ class SignalServer:
         # The feed from here on; the full read below covers what came before (a change seen twice is harmless).
         self._seq = self.store.change_head()
         self.apply(self.core.resync(self.store.list_nodes(), time.time()))
+        if multi_server.enabled(self.store, config):
+            self.multi = multi_server.MultiServer(self)
+            self.multi.load()
         self._policy_sig = None  # (mtime, size, inode) of the policy file when last read
         self._policy_lock = trio.Lock()
         if config.policy:
             self._policy_sig = _file_sig(config.policy)
             pf = self._read_policy(self.store.list_nodes(), self.store.list_invites())  # PolicyError: fatal
             self.apply(self.core.set_policy(pf))
-        if multi_server.enabled(self.store, config):
-            self.multi = multi_server.MultiServer(self)
-            self.multi.load()
             log.info("access policy %s: %d rules", os.path.abspath(config.policy), len(pf.rules))
         self._sync_relay_allowed()
 
@@ -227,6 +227,8 @@ class SignalServer:
             if e is DIR_CHANGED:
                 self.control_listener.wake_all()
                 self._public_dirty = True
+                if self.multi is not None:
+                    self.multi.kick()
             elif e is PLAIN_CHANGED:
                 plain_changed = True  # once per batch: a resync brings every row at once
             elif isinstance(e, Send):
@@ -303,14 +305,14 @@ class SignalServer:
                 self.admin_listener.close()
             self.relay_udp.close()
             self._publish_no_presence()
+            if self.multi is not None:
+                self.multi.close()
         if self._stopping:
             log.info("stopped")
 
     def warn_route_overlaps(self) -> None:
         """One warning per host route that overlaps a mesh prefix, but those of a node of ours running on this host;
         the server starts all the same."""
-            if self.multi is not None:
-                self.multi.close()
         routes = host_routes()
         nodes = [a for n in self.store.list_nodes() for a in (n.ipv4, n.ipv6) if a]
         ours = local_routes.own_interfaces(host_addresses(), nodes) if nodes else frozenset()
@@ -363,14 +365,14 @@ class SignalServer:
                 bound.metrics += [l.socket.getsockname()[:2] for l in ls]
                 nursery.start_soon(metrics.serve_metrics, ls, self.render_metrics)
             self._publish_addresses()
+            if self.multi is not None:
+                await nursery.start(self.multi.run)
             nursery.start_soon(self._housekeeping)
             if self.admin_listener is not None:
                 await nursery.start(admin_socket.serve, self.admin_listener, admin_socket.server_handler(self))
                 log.info("admin socket %s", self.admin_listener.path)
             if cfg.policy and cfg.control_enabled:
                 await nursery.start(self._policy_on_sighup)
-            if self.multi is not None:
-                await nursery.start(self.multi.run)
             nursery.start_soon(self._routes_writer)
             nursery.start_soon(self.regions.refresh_loop, self.sessions, self.counters)
             nursery.start_soon(self.control_listener.flusher)
@@ -590,24 +592,24 @@ class SignalServer:
             rows = await self._db(self.store.list_nodes)
             self.apply(self.core.resync(rows, time.time()))
             self._sync_relay_allowed()
+            if self.multi is not None:
+                self.multi.apply_rows(await self._db(self.store.live_rows))
         else:
             keys = list(dict.fromkeys(c.key for c in changes if c.kind in api.NODE_KINDS and c.key))
             rows = await self._db(lambda: [self.store.get_node(k) for k in keys])
             wall = time.time()
             for key, row in zip(keys, rows):
                 self.apply(self.core.apply_row(key, row, wall))
+            live = multi_server.live_kinds(changes) if self.multi is not None else []
+            if live:  # other servers' nodes: online, candidates, observed
+                self.multi.apply_rows(await self._db(self.store.live_rows, live))
         self._seq = seq
-            if self.multi is not None:
-                self.multi.apply_rows(await self._db(self.store.live_rows))
 
 
 def _file_sig(path: str):
     """What tells a changed file: (mtime, size, inode); None when it cannot be read."""
     try:
         st = os.stat(path)
-            live = multi_server.live_kinds(changes) if self.multi is not None else []
-            if live:  # other servers' nodes: online, candidates, observed
-                self.multi.apply_rows(await self._db(self.store.live_rows, live))
     except OSError:
         return None
     return st.st_mtime_ns, st.st_size, st.st_ino

@@ -204,10 +204,10 @@ class ControlConnection:
                         _addr_list(msg.get("relay_udp")), _addr_list(msg.get("relay_tcp")),
                         float(msg.get("heartbeat", 10.0)), invite.server_key, tags_untrusted(msg.get("tags")),
                         dns_domain_untrusted(msg.get("dns_domain")),
+                        relays_untrusted(msg.get("relays"), _addr_list), relay_cred_untrusted(msg.get("relay_cred")),
                     )
                     return cls(stream, chan, sk, w, pending)
             data = await stream.receive_some(65536)
-                        relays_untrusted(msg.get("relays"), _addr_list), relay_cred_untrusted(msg.get("relay_cred")),
             if not data:
                 raise ConnectionLost("closed", "server closed the connection during registration")
             pending.extend(chan.feed_untrusted(data))
@@ -320,15 +320,15 @@ class ControlConnection:
                 self.drops += 1
                 return []
             return [ev]
-        if t == P.T_GONE:
-            return [Removed(str(m.get("reason", "removed")))]
-        if t == P.T_ERROR:
         if t == P.T_RELAY_CRED:
             cred = relay_cred_untrusted(m.get("cred"))
             if not cred:
                 self.drops += 1
                 return []
             return [RelayCredential(cred)]
+        if t == P.T_GONE:
+            return [Removed(str(m.get("reason", "removed")))]
+        if t == P.T_ERROR:
             return [Removed(str(m.get("code", "error")))]
         return []  # heartbeat acks and unknown (newer) types
 

@@ -592,6 +592,7 @@ class Agent:
         c = self.client
         retry_at = c.retry_at if c else None   # on our clock: the client was given it
         return {"connected": self.core.connected, "servers": list(self.invite.addrs),
+                "server": c.conn.addr if c and c.conn else None,  # the one connected to (several: issue 14)
                 "reconnects": c.reconnects if c else 0, "failures": c.failures if c else 0,
                 "last_error": c.last_error if c else None, "error_kind": c.last_error_kind if c else None,
                 "retry_in": None if retry_at is None else round(max(0.0, retry_at - now), 1)}
@@ -634,4 +635,3 @@ def _sends(info) -> str | None:
 
 def _online(peer) -> bool | None:
     return None if peer is None else peer.online
-                "server": c.conn.addr if c and c.conn else None,  # the one connected to (several: issue 14)
