@@ -1,4 +1,4 @@
-"""systemd units and starter config files for `meshwg join` and `meshwg-signal serve`, rendered from the install's
+"""systemd units and starter config files for `meshwg join`, `meshwg-signal serve` and `meshwg-signal relay`, rendered from the install's
 paths (meshwg/commands/service.py writes them). Pure: text in, text out.
 
 The units are Type=notify (meshwg/sdnotify.py: READY=1 once the node has its welcome and its interface / once every
@@ -18,6 +18,7 @@ import posixpath
 
 AGENT_UNIT = "meshwg.service"
 SERVER_UNIT = "meshwg-signal.service"
+RELAY_UNIT = "meshwg-signal-relay.service"   # `meshwg-signal relay`: STUN + relay only, on another host or beside
 AGENT_STATE = "/var/lib/meshwg"
 SERVER_STATE = "/var/lib/meshwg-signal"
 UAPI_RUN_DIR = "wireguard"   # /run/wireguard (meshwg.io.ipc.uapi_server.RUN_DIR is /var/run/wireguard)

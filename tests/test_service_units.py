@@ -190,3 +190,31 @@ def test_systemd_analyze_catches_a_bad_unit(tmp_path, bad):
     unit = tmp_path / "meshwg.service"
     unit.write_text(U.agent_unit([sys.executable], "/etc/meshwg/meshwg.toml").replace(*bad))
     assert _verify(unit).stderr.strip() != ""
+
+
+def test_signal_install_relay_writes_its_own_unit(tmp_path):
+    """`meshwg-signal service install --relay`: meshwg-signal-relay.service runs `meshwg-signal relay` from the same
+    config file, beside meshwg-signal.service; uninstall --relay removes only it."""
+    db, cfg, units = tmp_path / "sig" / "signal.db", tmp_path / "signal.toml", tmp_path / "u"
+    base = ("signal_server", "--db", str(db), "service")
+    assert _cli(*base, "install", "--init", "--unit-dir", str(units), "--service-config", str(cfg)).returncode == 0
+    res = _cli(*base, "install", "--relay", "--unit-dir", str(units), "--service-config", str(cfg))
+    assert res.returncode == 0, res.stderr
+    unit = _keys((units / "meshwg-signal-relay.service").read_text())
+    exe = unit["ExecStart"][0].split()
+    assert exe[-3:] == ["--config", str(cfg), "relay"] and unit["Type"] == ["notify"]
+    assert unit["ReadWritePaths"] == [str(db.parent)] and "meshwg-signal relay" in unit["Description"][0]
+    assert (units / "meshwg-signal.service").exists()  # the server's unit is left alone
+    assert _keys((units / "meshwg-signal.service").read_text())["ExecStart"][0].endswith(" serve")
+    res = _cli("signal_server", "service", "uninstall", "--relay", "--unit-dir", str(units))
+    assert res.returncode == 0, res.stderr
+    assert not (units / "meshwg-signal-relay.service").exists() and (units / "meshwg-signal.service").exists()
+
+
+def test_systemd_analyze_verifies_the_relay_unit(tmp_path):
+    require_real_components("systemd-analyze")
+    u = tmp_path / "u"
+    assert _cli("signal_server", "--db", str(tmp_path / "s.db"), "service", "install", "--relay", "--unit-dir",
+                str(u), "--service-config", str(tmp_path / "s.toml")).returncode == 0
+    res = _verify(u / "meshwg-signal-relay.service")
+    assert res.returncode == 0 and res.stderr.strip() == "", res.stderr

@@ -1,5 +1,5 @@
-"""`meshwg service install|uninstall` and `meshwg-signal service install|uninstall`: the systemd units
-(meshwg/service_units.py renders them) for `meshwg join` and `meshwg-signal serve`.
+"""`meshwg service install|uninstall` and `meshwg-signal service install|uninstall [--relay]`: the systemd units
+(meshwg/service_units.py renders them) for `meshwg join`, `meshwg-signal serve` and (--relay) `meshwg-signal relay`.
 
 install writes the unit (0644) and, when absent, a starter config file (meshwg.toml 0600: it may hold the invite);
 `--invite-file` copies the invite next to it (0600) for the first join. systemctl runs only where systemd runs (PID 1)
@@ -163,14 +163,16 @@ def run_server_install(args, installer: Installer | None = None) -> int:
     db = args.db if url else os.path.abspath(args.db)
     if not os.path.exists(config):
         _write(config, U.server_config(config, db), 0o644, inst.say)
+    relay = getattr(args, "relay", False)
+    regional = relay and _config_key(config, "relay", "region") is not None  # a regional relay has no database
     if args.init:
         _init_db(db, inst.say)
-    elif not url and not os.path.exists(db):
+    elif not url and not regional and not os.path.exists(db):
         inst.say(f"no database at {db} yet: create it with `meshwg-signal --db {db} service install --init` "
                  f"before starting the service")
     text = U.server_unit(executable("meshwg-signal", "signal_server"), config,
-                         U.SERVER_STATE + "/signal.db" if url else db)
-    inst.install(U.SERVER_UNIT, text, enable=args.enable or args.now, now=args.now)
+                         U.SERVER_STATE + "/signal.db" if url else db, command="relay" if relay else "serve")
+    inst.install(U.RELAY_UNIT if relay else U.SERVER_UNIT, text, enable=args.enable or args.now, now=args.now)
     return 0
 
 
@@ -230,9 +232,13 @@ def add_signal_command(sub, parents) -> None:
     _install_common(i, SERVER_CONFIG)
     i.add_argument("--init", action="store_true",
                    help="create the database and the server's identity now if --db has none (as `serve --init`)")
+    i.add_argument("--relay", action="store_true",
+                   help=f"write {U.RELAY_UNIT} instead, which runs `meshwg-signal relay` (STUN + relay only; its "
+                        f"options under [relay] in the config file)")
     u = acts.add_parser("uninstall", parents=parents,
                         help="stop, disable and remove meshwg-signal.service (config and database stay)")
     u.add_argument("--unit-dir", metavar="DIR", default=None, help=f"where the unit is (default {UNIT_DIR})")
+    u.add_argument("--relay", action="store_true", help=f"remove {U.RELAY_UNIT} instead")
 
 
 def run_signal(args) -> int:
@@ -240,7 +246,7 @@ def run_signal(args) -> int:
     try:
         if args.action == "install":
             return run_server_install(args)
-        return run_uninstall(U.SERVER_UNIT)(args)
+        return run_uninstall(U.RELAY_UNIT if args.relay else U.SERVER_UNIT)(args)
     except UserError as err:
         print(f"meshwg-signal: {err}", file=sys.stderr)
         return 1
