@@ -274,8 +274,7 @@ class ControlListener:
             with s.scope:
                 with trio.fail_after(self.cfg.send_timeout):
                     await s.stream.send_all(s.chan.encode(self._welcome(s)))
-                snapshot = srv.directory.subscribe(s.key)
-                await self._send_dir_full(s, snapshot)
+                await self._send_dir_full(s, srv.directory.subscribe_bodies(s.key))
                 srv.apply(srv.core.session_ready(s.key, s.initial_candidates))
                 async with trio.open_nursery() as n:
                     n.start_soon(self._guard, self._reader, s, s.scope)
@@ -291,12 +290,11 @@ class ControlListener:
                     except Exception:
                         self.counters["db_errors"] += 1
 
-    async def _send_dir_full(self, s: Session, entries: list[bytes]) -> None:
-        chunks = [entries[i : i + P.DIR_CHUNK] for i in range(0, len(entries), P.DIR_CHUNK)] or [[]]
-        for i, chunk in enumerate(chunks):
-            msg = {"type": P.T_DIR_FULL, "peers": chunk, "first": i == 0, "last": i == len(chunks) - 1}
+    async def _send_dir_full(self, s: Session, bodies: list[bytes]) -> None:
+        """The snapshot's T_DIR_FULL messages, packed already (shared by joiners: only encrypted here)."""
+        for body in bodies:
             with trio.fail_after(self.cfg.send_timeout):
-                await s.stream.send_all(s.chan.encode(msg))
+                await s.stream.send_all(s.chan.encode(P.Packed(body)))
 
     async def _guard(self, fn, s: Session, scope: trio.CancelScope) -> None:
         """One session's I/O failure ends that session only."""
@@ -343,6 +341,7 @@ class ControlListener:
         while True:
             await self._dir_changed.wait()
             self._dir_changed = trio.Event()
+            directory.seal()  # this window's changes: one segment, packed once for every session
             for sess in list(self.sessions.values()):
                 if directory.has_pending(sess.key):
                     sess.wake.set()
@@ -363,10 +362,10 @@ class ControlListener:
                     while s.queue:  # control messages (punch, sealed, acks, gone) go out at once
                         out.append(s.chan.encode(s.queue.popleft()))
                     if not s.closing:
-                        got = directory.take_pending_packed(s.key, P.DIR_CHUNK)
-                        if got is not None:
-                            out.append(s.chan.encode(P.Packed(P.dir_update_body(*got))))
-                            del got  # not held while the send waits on the client
+                        body = directory.take_pending_body(s.key, P.DIR_CHUNK)
+                        if body is not None:  # the same bytes for every session without a policy
+                            out.append(s.chan.encode(P.Packed(body)))
+                            del body  # not held while the send waits on the client
                     if not out:
                         break
                     deadline.deadline = trio.current_time() + self.cfg.send_timeout

@@ -33,7 +33,8 @@ from itertools import islice
 
 import msgpack
 
-from meshwg.signaling.protocol import KIND_OBSERVED, REPORTED_KINDS, bin_header, pack_entry
+from meshwg.signaling.protocol import (DIR_CHUNK, KIND_OBSERVED, REPORTED_KINDS, T_DIR_FULL, bin_header,
+                                       dir_update_body, pack, pack_entry)
 from meshwg.disco.peer_paths import valid_candidate
 from signal_server import policy as acl_policy
 
@@ -117,6 +118,20 @@ MAX_ACCEPT_CACHE = 4096  # packed accept fields kept per recipient
 BULK = 64  # pending keys from which a take sends whole peer classes as shared runs (fewer: one entry at a time)
 RUN_MIN = 8  # members a peer class needs to go out as a run (a smaller one costs more in runs than entry-wise)
 MAX_RUN_BYTES = 64 << 20  # shared runs kept (one per recipient class, peer class and accept field length)
+SEG_MAX = 64  # sealed change segments kept: a subscriber further behind gets the rest in its own pending set
+SNAP_STALE = 512  # keys changed between two joiners from which the shared snapshot is built again, not patched
+
+
+class _Segment:
+    """The keys changed for every subscriber between two seals (the flusher's windows), in order, taken by each
+    subscriber in DIR_CHUNK pieces whose update bodies are built once and shared (no policy, no plain peer)."""
+
+    __slots__ = ("keys", "members", "bodies")
+
+    def __init__(self, keys: tuple) -> None:
+        self.keys = keys
+        self.members = frozenset(keys)
+        self.bodies: dict = {}  # piece index -> packed dir_update body
 
 
 class Directory:
@@ -136,6 +151,17 @@ class Directory:
         self._runs: dict = {}  # (recipient class, peer class, accept field length) -> packed entries less accept
         self._runs_bytes = 0
         self._runs_stamp = -1
+        # Fan-out without a policy (issue 14): a change every subscriber may see is recorded once, in the open
+        # segment, not in N pending sets; seal() closes it into a segment each subscriber walks with its cursor,
+        # and each piece of a segment is packed once for all of them (the sessions only encrypt it). A joiner
+        # gets a shared snapshot (built again after SNAP_STALE changes) and walks the segments since it.
+        self._open: dict = {}  # keys changed for every subscriber since the last seal (an ordered set)
+        self._segs: dict[int, _Segment] = {}
+        self._seg_first = self._seg_next = 0  # ids of the oldest kept and the next sealed segment
+        self._seg_keys = 0  # keys held in self._segs
+        self._cursor: dict[bytes, list] = {}  # subscriber -> [segment id, piece index] it takes next
+        self._snap: _Snapshot | None = None  # the shared snapshot (None: built again when asked)
+        self._snap_dirty: set = set()  # keys changed since it was last brought up to date
 
     # --- candidates
 
@@ -173,6 +199,7 @@ class Directory:
             self.plain.pop(key, None)
             self._mark(key, node)
             self._dirty.pop(key, None)
+            self._cursor.pop(key, None)
         return node
 
     def update(self, key: bytes, **changes) -> bool:
@@ -245,6 +272,7 @@ class Directory:
         old_acl, new_acl = self.acl, (acl_policy.Acl(pf) if pf is not None else None)
         old_cls = {k: self._cls(n) for k, n in self.nodes.items()} if old_acl is not None else {}
         self.acl, self._gen, self._stamp = new_acl, self._gen + 1, self._stamp + 1
+        self._snap = None
         new_cls = {k: self._cls(n) for k, n in self.nodes.items()} if new_acl is not None else {}
         groups: dict = {}  # peers whose class moved alike (a plain peer alone: its targets matter too)
         for k, n in self.nodes.items():
@@ -301,6 +329,11 @@ class Directory:
         before taking the next holds one piece in memory, and a key that changes meanwhile is pending again.
         Under a policy, a peer class whose (remaining) members are all pending goes out as a run shared by every
         recipient of one class: their entries less the recipient's accept field, which is woven in by a join."""
+        if sub in self._dirty:
+            self._drain_segments(sub)
+        return self._take_own(sub, limit)
+
+    def _take_own(self, sub: bytes, limit: int) -> tuple[list[bytes], int, list[bytes]] | None:
         dirty = self._dirty.get(sub)
         if not dirty:
             return None
@@ -432,6 +465,14 @@ class Directory:
         gets the entry, or its removal, and no one else hears of it."""
         states = [n for n in states if n is not None]
         self._stamp += 1
+        if self.acl is None and all(n.kind != PLAIN for n in states):
+            self._open[key] = None  # every subscriber may see it: once, not once per subscriber
+            if self._snap is not None:
+                self._snap_dirty.add(key)
+                if len(self._snap_dirty) > SNAP_STALE:  # cheaper built again than patched
+                    self._snap, self._snap_dirty = None, set()
+            return
+        self._snap = None  # a shared snapshot would miss what only some subscribers were told
         for sub, dirty in self._dirty.items():
             if sub != key and any(self.visible(sub, n) for n in states):
                 dirty.add(key)
@@ -440,20 +481,145 @@ class Directory:
 
     def subscribe(self, sub: bytes) -> list[bytes]:
         """Start tracking changes for sub; returns the full snapshot (packed entries, sub excluded)."""
+        self.seal()  # what changed before is in the snapshot
+        self._start(sub)
+        return self._snapshot_entries(sub)
+
+    def _start(self, sub: bytes) -> None:
         self._dirty[sub] = set()
+        self._cursor[sub] = [self._seg_next, 0]
+
+    def _snapshot_entries(self, sub: bytes) -> list[bytes]:
         if self.acl is not None and sub in self.nodes:
             return self._entries_under_policy(sub, [k for k in self.nodes if k != sub])[0]
         return [self.entry_for(sub, n) for k, n in self.nodes.items() if k != sub and self.visible(sub, n)]
 
+    def subscribe_bodies(self, sub: bytes) -> list[bytes]:
+        """subscribe() as the packed T_DIR_FULL message bodies to send in order. Without a policy or plain peers
+        they are the shared snapshot's (the joiner's own entry left out): kept current by packing again only the
+        pieces whose keys changed since the last joiner, not every entry for every joiner."""
+        self._start(sub)
+        if self.acl is not None or self.plain:
+            entries = self._snapshot_entries(sub)
+            chunks = [entries[i: i + DIR_CHUNK] for i in range(0, len(entries), DIR_CHUNK)] or [[]]
+            return [_full_body(c, i == 0, i == len(chunks) - 1) for i, c in enumerate(chunks)]
+        snap = self._shared_snapshot()
+        i = snap.where.get(sub)
+        if i is None:
+            return list(snap.bodies)
+        mine = _full_body([self.nodes[k].packed() for k in snap.pieces[i] if k != sub], i == 0,
+                          i == len(snap.bodies) - 1)
+        return snap.bodies[:i] + [mine] + snap.bodies[i + 1:]
+
+    def _shared_snapshot(self) -> "_Snapshot":
+        snap = self._snap
+        if snap is None:
+            snap = self._snap = _Snapshot(self.nodes)  # no plain peer among them (the caller checked)
+        else:
+            snap.refresh(self.nodes, self._snap_dirty)
+        self._snap_dirty = set()
+        return snap
+
     def unsubscribe(self, sub: bytes) -> None:
         self._dirty.pop(sub, None)
+        self._cursor.pop(sub, None)
 
     def has_pending(self, sub: bytes) -> bool:
-        return bool(self._dirty.get(sub))
+        if self._dirty.get(sub):
+            return True
+        cur = self._cursor.get(sub)
+        return cur is not None and (cur[0] < self._seg_next or any(k != sub for k in self._open))
+
+    # --- the shared segments
+
+    def seal(self) -> None:
+        """Close the changes since the last seal into a segment (the flusher does, once per window)."""
+        if not self._open:
+            return
+        keys, self._open = tuple(self._open), {}
+        self._segs[self._seg_next] = _Segment(keys)
+        self._seg_next += 1
+        self._seg_keys += len(keys)
+        low = min([c[0] for c in self._cursor.values()], default=self._seg_next)
+        while self._seg_first < low:
+            self._drop_segment()
+        while len(self._segs) > SEG_MAX or self._seg_keys > max(4096, 4 * len(self.nodes)):
+            self._drop_segment()  # a subscriber that far behind gets the rest in its own pending set
+
+    def _drop_segment(self) -> None:
+        sid = self._seg_first
+        seg = self._segs.pop(sid)
+        self._seg_first += 1
+        self._seg_keys -= len(seg.keys)
+        for sub, cur in self._cursor.items():
+            if cur[0] == sid:
+                dirty = self._dirty[sub]
+                dirty.update(seg.keys[cur[1] * DIR_CHUNK:])
+                dirty.discard(sub)
+                cur[0], cur[1] = sid + 1, 0
+
+    def _drain_segments(self, sub: bytes) -> None:
+        """The sealed and open changes `sub` has not taken go into its own pending set."""
+        self.seal()
+        cur, dirty = self._cursor.get(sub), self._dirty[sub]
+        if cur is None:
+            return
+        for sid in range(cur[0], self._seg_next):
+            dirty.update(self._segs[sid].keys[cur[1] * DIR_CHUNK if sid == cur[0] else 0:])
+        cur[0], cur[1] = self._seg_next, 0
+        dirty.discard(sub)
+
+    def take_pending_body(self, sub: bytes, limit: int = DIR_CHUNK) -> bytes | None:
+        """The next T_DIR_UPDATE body for `sub` (None: nothing pending): the next piece of the sealed segments
+        (the bytes every subscriber gets, packed once), then its own pending set (at most `limit` keys)."""
+        if sub not in self._dirty:
+            return None
+        body = self._take_segment(sub)
+        if body is not None:
+            return body
+        got = self._take_own(sub, limit)
+        return None if got is None else dir_update_body(*got)
+
+    def _take_segment(self, sub: bytes) -> bytes | None:
+        cur = self._cursor[sub]
+        while cur[0] < self._seg_next:
+            seg, i = self._segs[cur[0]], cur[1]
+            keys = seg.keys[i * DIR_CHUNK: (i + 1) * DIR_CHUNK]
+            if not keys:
+                cur[0], cur[1] = cur[0] + 1, 0
+                continue
+            cur[1] += 1
+            if sub in seg.members and sub in keys:  # never its own entry: its own bytes
+                body = self._body_for(sub, [k for k in keys if k != sub])
+            elif self.acl is not None:
+                body = self._body_for(sub, keys)
+            else:
+                body = seg.bodies.get(i)
+                if body is None:
+                    body = _shared_body(self.nodes, keys)
+                    if body is None:  # a plain peer now among them: its targets alone may see it
+                        body = self._body_for(sub, keys)
+                    else:
+                        seg.bodies[i] = body
+            if body is not None:
+                return body
+        return None
+
+    def _body_for(self, sub: bytes, keys) -> bytes | None:
+        ups, rems = self._entries(sub, keys)
+        if not ups and not rems:
+            return None
+        parts = []
+        for e in ups:
+            parts += (bin_header(len(e)), e)
+        return dir_update_body(parts, len(ups), rems)
 
     def take_pending(self, sub: bytes) -> tuple[list[bytes], list[bytes]]:
         """(packed upserts, removed keys) accumulated since the last take."""
         dirty = self._dirty.get(sub)
+        if dirty is None:
+            return [], []
+        self._drain_segments(sub)
         if not dirty:
             return [], []
         self._dirty[sub] = set()
@@ -491,6 +657,63 @@ class Directory:
 
     def expired(self, wall: float) -> list[bytes]:
         return [k for k, n in self.nodes.items() if n.expires is not None and n.expires <= wall]
+
+
+class _Snapshot:
+    """Every node's entry as T_DIR_FULL bodies of DIR_CHUNK keys (no policy, no plain peer), shared by joiners."""
+
+    def __init__(self, nodes: dict) -> None:
+        keys = list(nodes)
+        self.pieces = [keys[i: i + DIR_CHUNK] for i in range(0, len(keys), DIR_CHUNK)] or [[]]
+        self.where = {k: i for i, ks in enumerate(self.pieces) for k in ks}
+        self.bodies = [b""] * len(self.pieces)
+        self._pack(nodes, range(len(self.pieces)))
+
+    def refresh(self, nodes: dict, changed) -> None:
+        """Pack again the pieces of the keys changed (gone ones leave their piece, new ones join the last)."""
+        stale = set()
+        for k in changed:
+            i = self.where.get(k)
+            if i is not None:
+                stale.add(i)
+                if k not in nodes:
+                    self.pieces[i].remove(k)
+                    del self.where[k]
+            elif k in nodes:
+                if len(self.pieces[-1]) >= DIR_CHUNK:
+                    stale.add(len(self.pieces) - 1)  # no longer the last
+                    self.pieces.append([])
+                    self.bodies.append(b"")
+                i = self.where[k] = len(self.pieces) - 1
+                self.pieces[i].append(k)
+                stale.add(i)
+        self._pack(nodes, stale)
+
+    def _pack(self, nodes: dict, which) -> None:
+        last = len(self.pieces) - 1
+        for i in which:
+            self.bodies[i] = _full_body([nodes[k].packed() for k in self.pieces[i]], i == 0, i == last)
+
+
+def _full_body(entries: list, first: bool, last: bool) -> bytes:
+    return pack({"type": T_DIR_FULL, "peers": entries, "first": first, "last": last})
+
+
+def _shared_body(nodes: dict, keys) -> bytes | None:
+    """The update body of `keys` as every subscriber gets it (no policy): entries, removals of those gone; None
+    when one is a plain peer."""
+    parts, rems, count = [], [], 0
+    for k in keys:
+        n = nodes.get(k)
+        if n is None:
+            rems.append(k)
+        elif n.kind == PLAIN:
+            return None
+        else:
+            e = n.packed()
+            parts += (bin_header(len(e)), e)
+            count += 1
+    return dir_update_body(parts, count, rems)
 
 
 def _pending_tail(keys: tuple, dirty: set) -> int:
