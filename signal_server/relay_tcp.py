@@ -236,7 +236,7 @@ class RelayTcp:
             now, wall = time.monotonic(), time.time()
             outs: list = []  # what this read's frames become: sent together (one sendmmsg for the UDP ones)
             for frame in dec.feed(data):
-                if not authed and W.frame_type_untrusted(frame) != W.T_HELLO:
+                if not authed and W.frame_type_untrusted(frame) not in (W.T_HELLO, W.T_HELLO_CRED):
                     self.counters["relay_tcp_no_hello"] += 1
                     self.send_many(outs)
                     return

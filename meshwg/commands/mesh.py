@@ -569,6 +569,10 @@ def netcheck_text(rep: dict) -> str:
         lines.append(f"  relay: {r['mode']}, UDP {', '.join(r['udp']) or '-'}: "
                      + (f"{r['latency_ms']} ms" if r["latency_ms"] is not None else "no answer")
                      + (f"; TCP {r['tcp_latency_ms']} ms" if r.get("tcp_latency_ms") is not None else ""))
+    for g in r.get("regions") or ():   # relays in regions (issue 14.3): each one's latency, home marked
+        lat = "down" if g.get("down") else f"{g['latency_ms']} ms" if g.get("latency_ms") is not None else "no answer"
+        lines.append(f"  relay region {g['region']}{' (home)' if g.get('home') else ''}: "
+                     f"UDP {', '.join(g.get('udp') or ()) or '-'}: {lat}")
     lines.append(f"  summary: {rep['summary']}")
     return "\n".join(lines)
 

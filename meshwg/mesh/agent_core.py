@@ -67,6 +67,9 @@ from meshwg.disco import user_ping as UP
 from meshwg.disco.paths import SESSION_ACTIVE_TIMEOUT
 from meshwg.control.events import (Connected, DirectoryReset, Disconnected, PeerChanged, PeerInfo, PeerRemoved,
                                    PunchFailed, PunchNotice, Removed, SealedMessage, SelfChanged, Welcome)
+from meshwg.control.events import RelayCredential
+from meshwg.signaling.protocol import KIND_RELAY
+from meshwg.mesh.punch_policy import MAX_CANDIDATES
 from meshwg.mesh.netmap import PeerSpec
 from meshwg.mesh.node import LocalEndpointsChanged, MeshNode, RelayEndpoint
 from meshwg.mesh import path_mtu
@@ -143,6 +146,21 @@ class ConfigureRelay:
     server_key: bytes
     udp: tuple
     tcp: tuple
+    relays: tuple = ()       # every relay with its region (issue 14.3; the welcome's RelayInfo), () for one relay
+    cred: bytes = b""        # our relay credential
+
+
+@dataclass(frozen=True)
+class SetRelayCredential:
+    """A fresh relay credential (the server renews it): the relay shell's next HELLOs carry it."""
+    cred: bytes
+
+
+@dataclass(frozen=True)
+class RelayHome:
+    """Input: our home relay is now the one at `addr` (host, port) (the relay shell's choice, issue 14.3): it is
+    our "relay" candidate, where peers send us relayed traffic."""
+    addr: tuple
 
 
 @dataclass(frozen=True)
@@ -297,6 +315,8 @@ class AgentCore:
             SetRouting: self._set_routing, NatProbed: self._nat_probed, SelfChanged: self._self_changed,
             UserPing: self._user_ping,
         }
+        self._handlers.update({RelayCredential: self._relay_cred, RelayHome: self._relay_home})
+        self.relay_home: tuple | None = None        # our home relay's (host, port) (RelayHome), in our candidates
 
     def apply(self, inputs: Iterable, now: float) -> list:
         """Take a batch of inputs at `now`; the actions for the shell, in order."""
@@ -361,7 +381,7 @@ class AgentCore:
         out.append(SetAddresses(addrs))
         if tuple(w.stun) != self.node.stun_servers:
             self.node.set_stun_servers(w.stun, now)
-        out.append(ConfigureRelay(w.server_key, w.relay_udp, w.relay_tcp))
+        out.append(ConfigureRelay(w.server_key, w.relay_udp, w.relay_tcp, w.relays, w.relay_cred))
         if from_server:
             out.append(Log("info", f"joined as {w.name}: {', '.join(addrs)}"))
             self._cache_dirty = True
@@ -589,9 +609,18 @@ class AgentCore:
         return public_candidates(public_endpoint_addr(self.routing.public_endpoint), self.open_family,
                                  self.node.reflexive)
 
+    def _relay_cred(self, ev: RelayCredential, now: float, out: list) -> None:
+        out.append(SetRelayCredential(ev.cred))
+
+    def _relay_home(self, ev: RelayHome, now: float, out: list) -> None:
+        self.relay_home = tuple(ev.addr)
+
     def _candidates(self, out: list) -> None:
         node = self.node
         cands = local_candidates(node.reflexive, node.iface_endpoints, node.local_nat, self.public_endpoints())
+        if self.relay_home is not None and self.welcome is not None and self.welcome.relays:
+            # First: a long list is cut at its end (the server's and peers' 16), and peers must not lose this one.
+            cands = ([(str(self.relay_home[0]), int(self.relay_home[1]), KIND_RELAY)] + cands)[:MAX_CANDIDATES]
         if cands != self._registered:   # a reconnect registers with the newest
             self._registered = cands
             out.append(RegisterCandidates(tuple(cands)))

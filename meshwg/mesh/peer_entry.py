@@ -32,7 +32,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from meshwg.signaling.invite import split_hostport
-from meshwg.signaling.protocol import KIND_OBSERVED, REPORTED_KINDS
+from meshwg.signaling.protocol import KIND_OBSERVED, KIND_RELAY, REPORTED_KINDS
 from meshwg.disco.netcheck import EDM, EIM
 from meshwg.disco.peer_paths import in_networks, parse_network, valid_candidate
 from meshwg.mesh.netmap import PeerSpec
@@ -272,6 +272,8 @@ def _candidates(p, policy: EntryPolicy, drops: collections.Counter) -> tuple:
             drops["drop_peer_candidate_addr"] += 1
             continue
         ip, port, kind = (tuple(c) + ("local",))[:3]
+        if kind == KIND_RELAY:
+            continue  # the peer's home relay (issue 14.3): where the relay shell sends, never a path to probe
         reason = policy.candidate_refused((ip, port), kind)
         if reason:
             drops[reason] += 1

@@ -238,3 +238,91 @@ class RelayPolicy:
         self.untried = []
         self.close_tcp_at = math.inf
         self.tcp_retry_at = now + self.backoff.delay(TRANSIENT, rand01)
+
+
+# ---- relays in regions (issue 14.3): which relay is home ----------------------------------------------------------
+# Every relay of the welcome is probed (a PING frame, answered by a PONG: its round trip is the relay's latency). The
+# home relay is probed every HOME_PROBE_ACTIVE while relayed traffic flows (HOME_PROBE_IDLE otherwise: an idle node
+# wakes for nothing); the others every OTHER_PROBE. Home is the relay with the lowest latency; the node moves when
+# another is nearer by SWITCH_RATIO and SWITCH_MARGIN (no flapping between two alike: each latency is the least of
+# the relay's last RTT_SAMPLES answers), or at once when the home relay
+# left a probe unanswered DEAD_AFTER while another relay answers (a node whose own UDP is cut moves nowhere).
+HOME_PROBE_ACTIVE = 0.5
+HOME_PROBE_IDLE = 25.0
+OTHER_PROBE = 10.0
+ACTIVE_FOR = 60.0            # relayed traffic keeps the home relay's probe fast this long
+DEAD_AFTER = 1.6             # a probe unanswered this long: that relay is down (three fast probes)
+SWITCH_RATIO, SWITCH_MARGIN = 0.7, 0.005
+RTT_SAMPLES = 8              # a relay's latency: the least of its last answers (one slow answer moves nothing)
+
+
+class HomePolicy:
+    def __init__(self, regions) -> None:
+        """regions: the relays' region names in the welcome's order (the first is home until one is measured)."""
+        self.regions: tuple = tuple(regions)
+        self.home: str | None = self.regions[0] if self.regions else None
+        self.rtt: dict[str, float] = {}
+        self._samples: dict[str, list] = {}
+        self.last_probe: dict[str, float] = {}
+        self.unanswered_since: dict[str, float] = {}  # region -> when its oldest unanswered probe went out
+        self.active_until = -math.inf
+
+    def set_regions(self, regions) -> None:
+        """A new welcome's relays: measurements of the regions that stay are kept."""
+        self.regions = tuple(regions)
+        for d in (self.rtt, self._samples, self.last_probe, self.unanswered_since):
+            for r in [r for r in d if r not in self.regions]:
+                del d[r]
+        if self.home not in self.regions:
+            self.home = self.regions[0] if self.regions else None
+
+    # ---- inputs
+    def traffic(self, now: float) -> None:
+        self.active_until = now + ACTIVE_FOR
+
+    def probed(self, region: str, now: float) -> None:
+        self.last_probe[region] = now
+        self.unanswered_since.setdefault(region, now)
+
+    def answered(self, region: str, rtt: float) -> None:
+        if region in self.regions:
+            samples = self._samples.setdefault(region, [])
+            samples.append(rtt)
+            del samples[:-RTT_SAMPLES]
+            self.rtt[region] = min(samples)
+            self.unanswered_since.pop(region, None)
+
+    # ---- outputs
+    def down(self, region: str, now: float) -> bool:
+        since = self.unanswered_since.get(region)
+        return since is not None and now - since >= DEAD_AFTER
+
+    def _interval(self, region: str, now: float) -> float:
+        if region == self.home:
+            return HOME_PROBE_ACTIVE if now < self.active_until else HOME_PROBE_IDLE
+        return OTHER_PROBE
+
+    def probes_due(self, now: float) -> list[str]:
+        """The regions to probe now (each then reported with probed())."""
+        return [r for r in self.regions if now >= self.last_probe.get(r, -math.inf) + self._interval(r, now)]
+
+    def next_deadline(self, now: float) -> float:
+        times = [self.last_probe.get(r, -math.inf) + self._interval(r, now) for r in self.regions]
+        times += [s + DEAD_AFTER for r, s in self.unanswered_since.items() if r == self.home]
+        return min(times, default=math.inf)
+
+    def choose(self, now: float) -> str | None:
+        """The new home region when the node should move now, else None (updates `home`)."""
+        alive = {r: t for r, t in self.rtt.items() if not self.down(r, now)}
+        if not alive:
+            return None  # nothing answers: our own network is down, or UDP is blocked: stay
+        best = min(alive, key=lambda r: (alive[r], self.regions.index(r)))
+        home = self.home
+        if best == home:
+            return None
+        if home in alive and alive[best] > alive[home] * SWITCH_RATIO - SWITCH_MARGIN:
+            return None
+        if home not in alive and not self.down(home, now) and home not in self.rtt:
+            return None  # home not measured yet: its first answer is on the way
+        self.home = best
+        return best

@@ -34,6 +34,7 @@ from meshwg import counters, sdnotify
 from meshwg.control import ControlClient, ControlError, JoinRefusedError, ServerKeyMismatch, events as CE
 from meshwg.control.entry_check import entry_accept_untrusted, entry_routes_untrusted, tags_untrusted
 from meshwg.signaling.invite import Invite, join_hostport, split_hostport
+from meshwg.signaling.protocol import KIND_RELAY
 from meshwg.disco import netcheck as NC
 from meshwg.io.agent import agent_state as S
 from meshwg.io.agent import netcheck_probe, service_notify
@@ -175,6 +176,9 @@ class Agent:
                               on_local_endpoints=self._on_local_endpoints, clock=self.clock)
         self.dev.on_user_ping = self.pings.done
         self.dev.on_news = self._on_device_news
+        self.dev.relay.home_of, self.dev.relay.on_home = self._peer_relay_home, self._on_relay_home
+        self._relay_home_news: tuple | None = None
+        self._relay_home_event = trio.Event()
         self.core = A.AgentCore(self.dev.node, tuple(self.invite.addrs))
         self.subnet = SubnetRouting(self.dev.name, self.state_dir)
         status = None
@@ -198,6 +202,7 @@ class Agent:
                                  self._signals, self._watch_device, self._nat_probe_task, self._resolver_task):
                         nursery.start_soon(task)
                     nursery.start_soon(service_notify.watch, self, notifier)   # systemd: READY/STATUS/STOPPING
+                    nursery.start_soon(self._relay_home_watch)
                     task_status.started(self)
         finally:
             if status is not None:
@@ -266,6 +271,9 @@ class Agent:
                     if follow is not None:
                         batch.append(follow)
             await self.dev.driver.flush()
+            homes_changed = getattr(self.dev.relay, "homes_changed", None)   # (a test's relay may have none)
+            if homes_changed is not None and any(isinstance(i, (CE.PeerChanged, CE.DirectoryReset)) for i in inputs):
+                homes_changed()   # a peer's home relay may have moved (issue 14.3)
             if any(isinstance(i, _NAME_INPUTS) for i in inputs):
                 self._feed_dns()
         self._tick_news.set()   # the core's next deadline may have moved
@@ -275,8 +283,13 @@ class Agent:
         match act:
             case A.SetAddresses(addresses):
                 await self.dev.set_addresses(list(addresses))
-            case A.ConfigureRelay(server_key, udp, tcp):
-                self.dev.relay.configure(server_key, udp, tcp)
+            case A.ConfigureRelay(server_key, udp, tcp, relays, cred):
+                if relays:   # relays in regions (issue 14.3): the shell picks the home relay
+                    self.dev.relay.configure_regions(relays, cred)
+                else:
+                    self.dev.relay.configure(server_key, udp, tcp)
+            case A.SetRelayCredential(cred):
+                self.dev.relay.set_credential(cred)
             case A.RelayServerRestarted():
                 self.dev.relay.server_restarted()
             case A.RequestPunch(key):
@@ -441,6 +454,26 @@ class Agent:
             await self._endpoints.wait()
             self._endpoints = trio.Event()
             await self._step(self._endpoints_news)
+    def _peer_relay_home(self, key: bytes):
+        """A peer's home relay (its "relay" candidate, issue 14.3), or None; the relay shell checks it is one of the
+        welcome's relays before it sends there."""
+        peer = self.core.peers.get(key)
+        for c in (peer.candidates if peer is not None else ()):
+            if len(c) == 3 and c[2] == KIND_RELAY:
+                return (c[0], c[1])
+        return None
+
+    def _on_relay_home(self, addr: tuple) -> None:
+        """From the relay shell (sync): our home relay moved; the watcher tells the core (our candidates)."""
+        self._relay_home_news = addr
+        self._relay_home_event.set()
+
+    async def _relay_home_watch(self) -> None:
+        while True:
+            await self._relay_home_event.wait()
+            self._relay_home_event = trio.Event()
+            await self._step(A.RelayHome(self._relay_home_news))
+
 
     async def _write_cache(self, act: A.WriteCache) -> None:
         # The port too: peers' cached candidates stay right across a restart; and where the server is

@@ -27,6 +27,15 @@ with nothing queued; the client has no write under way, no backlog: `tcp_fast_ta
 send frames relayed datagrams to destinations the TCP client has a header for and writes them in one writev a
 batch (`send_tcp_fast`); what the kernel does not take becomes the client's backlog, flushed by the writer
 before anything else (`tcp_fast_sent`). One thread (trio's) runs all of it, so the checks hold for the write.
+
+Relays in regions (issue 14.3; `configure_regions`, from a welcome that lists relays): this shell is the session
+with the node's home relay, the nearest by its PING round trip (meshwg.mesh.relay_policy.HomePolicy decides; the
+home relay keeps the compiled path); every relay is probed, and a home relay that stops answering while another
+answers is replaced by the next nearest: this shell is configured anew for it (a new session) and `on_home(addr)`
+tells the agent, which publishes it as our "relay" candidate. A packet for a peer whose home relay (`home_of(key)`:
+its "relay" candidate, one of the welcome's relays) is another goes through a session of ours at that relay (a
+secondary RelayShell, without the compiled path), where the peer is; frames from that relay go to it. Every HELLO
+carries the control plane's credential (`set_credential`), which regional relays admit us by.
 """
 
 from __future__ import annotations
@@ -102,8 +111,19 @@ class RelayShell:
         self._configured = trio.Event()
         self._wake = trio.Event()               # an input changed the policy's deadlines
         self._nursery: trio.Nursery | None = None
+        self._run_scope: trio.CancelScope | None = None
         self._tcp_scopes: dict[int, trio.CancelScope] = {}  # per TCP attempt
         self.fwmark = 0                         # SO_MARK of the TCP relay socket (an exit node's policy routing)
+        # Relays in regions (see the module docstring); all empty without them.
+        self.cred: bytes | None = None            # the control plane's relay credential, in every HELLO
+        self.relays: dict = {}                   # region -> RelayInfo (the welcome's)
+        self.home = P.HomePolicy(())
+        self.home_region: str | None = None
+        self.others: dict[str, RelayShell] = {}  # region -> our session at another relay (peers' homes)
+        self._pings: dict[bytes, tuple[str, float]] = {}  # nonce -> (region, sent at)
+        self._traffic_mark = 0
+        self.home_of = None                      # key -> the peer's home relay (host, port), or None
+        self.on_home = None                      # (host, port) of a new home relay -> None
 
     def set_fwmark(self, fwmark: int) -> None:
         """Mark the TCP relay socket (the live one's and later ones'): it never loops into an exit node."""
@@ -134,8 +154,127 @@ class RelayShell:
             return
         self._new_session()
 
+    # ---- relays in regions -------------------------------------------------------------------
+    def set_credential(self, cred: bytes | None) -> None:
+        """The control plane's relay credential: our next HELLOs (every relay's) carry it."""
+        self.cred = cred or None
+        for shell in (self, *self.others.values()):
+            shell.cred = self.cred
+            if shell.session is not None:
+                shell.session.cred = self.cred
+
+    def configure_regions(self, relays, cred: bytes | None) -> None:
+        """The welcome's relays (RelayInfo, ours first) and credential; the home relay is the policy's."""
+        self.set_credential(cred)
+        self.relays = {r.region: r for r in relays}
+        self.home.set_regions([r.region for r in relays])
+        for region in [r for r in self.others if r not in self.relays]:
+            self.others.pop(region).close()
+        self._use_home(self.home.home)
+        self._wake.set()
+
+    def _use_home(self, region: str | None) -> None:
+        info = self.relays.get(region)
+        if info is None:
+            return
+        self.home_region = region
+        other = self.others.pop(region, None)
+        if other is not None:
+            other.close()
+        if (info.key, tuple(info.udp), tuple(info.tcp)) != (self.server_key, self.udp_addrs, self.tcp_addrs):
+            for scope in list(self._tcp_scopes.values()):
+                scope.cancel()  # a TCP session with the old home relay
+            self.configure(info.key, info.udp, info.tcp)
+        if self.on_home is not None and info.udp:
+            self.on_home(tuple(info.udp[0]))
+
+    def close(self) -> None:
+        """A secondary session no longer needed: its task ends."""
+        if self._run_scope is not None:
+            self._run_scope.cancel()
+
+    def homes_changed(self) -> None:
+        """Peers' home relays may have moved: the compiled path's headers are learnt again through send(), which
+        routes each peer to its home."""
+        if self.relays:
+            self._headers.clear()
+
+    def _region_for(self, dst: bytes) -> str | None:
+        """The region of `dst`'s home relay when it is not ours (and is one of the welcome's), else None."""
+        if not self.relays or self.home_of is None:
+            return None
+        addr = self.home_of(dst)
+        if addr is None:
+            return None
+        for region, info in self.relays.items():
+            if tuple(addr) in info.udp:
+                return None if region == self.home_region else region
+        return None
+
+    def _other(self, region: str) -> "RelayShell":
+        shell = self.others.get(region)
+        if shell is None:
+            info = self.relays[region]
+            shell = RelayShell(self.private_key, udp_send=self.udp_send, deliver=self.deliver, after_rx=self.after_rx,
+                               clock=self.clock, random_bytes=self._random)
+            shell.fwmark, shell.cred = self.fwmark, self.cred
+            shell.configure(info.key, info.udp, info.tcp)
+            self.others[region] = shell
+            if self._nursery is not None:
+                self._nursery.start_soon(shell.run)
+        return shell
+
+    def _probe(self, now: float) -> None:
+        """PING the relays the policy wants measured; note relayed traffic (ours or the compiled path's)."""
+        c = self.counters
+        mark = sum(c.get(k, 0) for k in ("send_udp", "send_udp_fast", "recv_udp", "recv_udp_fast", "send_tcp",
+                                           "recv_tcp"))
+        if mark != self._traffic_mark:
+            self._traffic_mark = mark
+            self.home.traffic(now)
+        for region in self.home.probes_due(now):
+            info = self.relays[region]
+            self.home.probed(region, now)
+            if not info.udp:
+                continue
+            nonce = self._random(8)
+            if len(self._pings) > 64:
+                self._pings.clear()  # answers that never came
+            self._pings[nonce] = (region, now)
+            if self.udp_send(W.encode_ping(nonce), tuple(info.udp[0])):
+                self._counters["send_ping"] += 1
+        self._choose(now)
+
+    def _on_pong(self, data: bytes, addr, now: float) -> None:
+        nonce = W.parse_ping_untrusted(data, W.T_PONG)
+        sent = None if nonce is None else self._pings.pop(nonce, None)
+        info = None if sent is None else self.relays.get(sent[0])
+        if info is None or tuple(addr[:2]) not in info.udp:
+            self._counters["drop_pong"] += 1  # not an answer to a probe of ours, from where it went
+            return
+        self._counters["recv_pong"] += 1
+        self.home.answered(sent[0], max(0.0, now - sent[1]))
+        self._choose(now)
+
+    def _choose(self, now: float) -> None:
+        old = self.home_region
+        region = self.home.choose(now)
+        if region is not None and region != old:
+            log.info("relay: home relay now %s (%s)%s", region,
+                     f"{self.home.rtt[region] * 1000:.1f} ms",
+                     f"; {old} does not answer" if old and self.home.down(old, now) else "")
+            self._use_home(region)
+
+    def region_status(self) -> list[dict]:
+        """Every relay with its region and measured latency, for status and netcheck."""
+        now = self.clock()
+        return [{"region": r, "home": r == self.home_region,
+                 "udp": [join_hostport(h, p) for h, p in info.udp],
+                 "latency_ms": round(self.home.rtt[r] * 1000, 2) if r in self.home.rtt else None,
+                 "down": self.home.down(r, now)} for r, info in self.relays.items()]
+
     def _new_session(self) -> None:
-        self.session = RelaySession(self.private_key, self.server_key, self._random)
+        self.session = RelaySession(self.private_key, self.server_key, self._random, self.cred)
         now = self.clock()
         self.policy.configured(now, len(self.tcp_addrs))
         self._sync_route()
@@ -194,10 +333,17 @@ class RelayShell:
                 "latency_ms": None if self.latency is None else round(self.latency * 1000, 2),
                 "tcp_latency_ms": None if self.tcp_latency is None else round(self.tcp_latency * 1000, 2),
                 "observed": None if self.observed is None else join_hostport(*self.observed),
-                "counters": dict(self.counters)}
+                "counters": dict(self.counters),
+                **({"region": self.home_region, "regions": self.region_status()} if self.relays else {})}
 
     # ---- data path (sync, non-blocking) ------------------------------------------------------
     def send(self, dst: bytes, packet: bytes) -> None:
+        if self.relays:
+            region = self._region_for(dst)
+            if region is not None:
+                self.tx_by_peer[dst] += 1
+                self._other(region).send(dst, packet)  # counted there too: ours is per peer, theirs per relay
+                return
         self.tx_by_peer[dst] += 1
         if self.policy.transport(self.clock()) == P.UDP:
             frame = self.session.encode_send(dst, packet)
@@ -265,6 +411,15 @@ class RelayShell:
     def handle_udp(self, data: bytes, addr, now: float) -> None:
         """A relay frame that arrived on the shared socket."""
         s = self.session
+        if self.relays:
+            if len(data) > 4 and data[4] == W.T_PONG:
+                self._on_pong(data, addr, now)
+                return
+            if addr != self.relay_addr:
+                for other in self.others.values():
+                    if addr == other.relay_addr:
+                        other.handle_udp(data, addr, now)
+                        return
         if s is None or addr != self.relay_addr:
             self._counters["drop_not_from_relay"] += 1
             return
@@ -327,12 +482,19 @@ class RelayShell:
         await self._configured.wait()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self._run_scope = nursery.cancel_scope
+            for other in self.others.values():
+                nursery.start_soon(other.run)
             try:
                 while True:
                     self._wake = trio.Event()
                     now = self.clock()
                     self._apply(now)
+                    if self.relays:
+                        self._probe(now)
                     deadline = self.policy.next_deadline(now, self.session.get_timer())
+                    if self.relays:
+                        deadline = min(deadline, self.home.next_deadline(now))
                     # The deadline is on self.clock; trio sleeps on its own clock.
                     with trio.move_on_at(trio.current_time() + max(0.0, deadline - self.clock())):
                         await self._wake.wait()
@@ -368,7 +530,7 @@ class RelayShell:
         t0 = self.clock()
         try:
             client = await open_tcp_relay(host, port, self.private_key, self.server_key, self._random,
-                                          fwmark=self.fwmark)
+                                          fwmark=self.fwmark, cred=self.cred)
         except (OSError, trio.TooSlowError, PermissionError, EOFError) as exc:
             log.info("relay: TCP %s failed: %s", join_hostport(host, port), exc or type(exc).__name__)
             return None, None
