@@ -3,7 +3,10 @@ server, once the mesh has settled and no traffic flows. Real `meshwg join` agent
 bridge; a wake-up is a context switch of any of the process's threads (/proc/PID/task/*/status), which counts
 every return from epoll/poll/futex, timer or packet alike. Goal: <= 2 wake-ups/s for an idle agent.
 
-Run (as root): .venv/bin/python benchmarks/idle [--peers 4] [--settle 40] [--window 30]
+Settled: past the 45 s after the last traffic at which every peer turns idle (meshwg.disco.paths
+SESSION_ACTIVE_TIMEOUT; until then active paths' disco heartbeats run every 2 s, as they must).
+
+Run (as root): .venv/bin/python benchmarks/idle [--peers 4] [--settle 60] [--window 30] [--threads]
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ def sample(pids: dict[str, int]) -> dict[str, tuple[int, float]]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--peers", type=int, default=4, help="peers of the measured agent")
-    ap.add_argument("--settle", type=float, default=40.0, help="seconds of quiet before measuring")
+    ap.add_argument("--settle", type=float, default=60.0,
+                    help="seconds of quiet before measuring (peers turn idle 45 s after their last traffic)")
     ap.add_argument("--window", type=float, default=30.0, help="seconds measured")
     ap.add_argument("--threads", action="store_true", help="also print each thread's wake-ups")
     args = ap.parse_args()
