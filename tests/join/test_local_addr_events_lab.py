@@ -82,3 +82,44 @@ def test_default_route_interface_switch_restuns_and_publishes_within_1s():
         raise
     finally:
         net.close()
+
+
+def test_default_route_metric_swap_restuns_within_1s():
+    """Two links up, the default routes' metrics swapped: no address comes or goes, but the way out (and so the
+    reflexive address the server sees) moves. The default-route event alone must re-STUN within 1 s (before, only
+    an address or link event did: the next periodic STUN said it)."""
+    require_real_components("ip", "ping")
+    net = BridgeNet(64)
+    try:
+        invite = net.start_server()
+        net.srv.run("ip", "addr", "add", "10.64.1.1/24", "dev", "br0")   # the second link's gateway
+        mover = net.node("mover")
+        # The server (10.64.0.1) reached through a default route, not eth0's own subnet: the metric decides the link.
+        mover.ns.run("ip", "route", "del", "10.64.0.0/24", "dev", "eth0")
+        mover.ns.run("ip", "route", "add", "default", "via", "10.64.0.1", "dev", "eth0", "onlink", "metric", "100")
+        wired = unique_name("pw")
+        veth(net.srv, wired, [], mover.ns, "eth1", ["10.64.1.2/24"])
+        net.srv.run("ip", "link", "set", wired, "master", "br0")
+        mover.ns.run("ip", "route", "add", "default", "via", "10.64.1.1", "dev", "eth1", "metric", "200")
+        mover.start(invite)
+        port = wait_for(lambda: status(mover).get("listen_port"), timeout=20, what="mover's agent")
+        old, new = f"{mover.ip}:{port}", f"10.64.1.2:{port}"
+        wait_for(lambda: status(mover).get("nat", {}).get("reflexive") == [old], timeout=20,
+                 what="mover's first STUN answer, through eth0")
+        time.sleep(0.5)  # the start's own events are over: what follows comes from the swap
+        t0 = time.monotonic()
+        mover.ns.run("ip", "route", "del", "default", "via", "10.64.0.1", "dev", "eth0", "metric", "100")
+        mover.ns.run("ip", "route", "add", "default", "via", "10.64.0.1", "dev", "eth0", "onlink", "metric", "300")
+        restun = None
+        deadline = t0 + 5.0
+        while time.monotonic() < deadline and restun is None:
+            if status(mover).get("nat", {}).get("reflexive") == [new]:
+                restun = time.monotonic() - t0
+            time.sleep(0.02)
+        print(f"metric swap: re-STUN answered through eth1 after {restun} s")
+        assert restun is not None and restun <= 1.0, f"re-STUN {restun} s after the metric swap (must be <= 1 s)"
+    except BaseException:
+        net.print_logs()
+        raise
+    finally:
+        net.close()

@@ -104,3 +104,49 @@ async def test_without_netlink_the_addresses_are_polled_every_ten_seconds(autoju
     with trio.move_on_after(35.0):
         await local_links.watch_changes(reread, lambda: None)
     assert len(reads) == 3
+
+
+def rtmsg(family: int, dst: bytes, dst_len: int, table: int = 254) -> bytes:
+    """An RTM_NEWROUTE payload as the kernel writes it: struct rtmsg, then RTA_DST (1) and RTA_TABLE (15)."""
+    body = struct.pack("=BBBBBBBBI", family, dst_len, 0, 0, min(table, 255), 3, 0, 1, 0)
+    attrs = b""
+    for kind, value in ((1, dst), (15, struct.pack("=I", table))):
+        attrs += struct.pack("=HH", 4 + len(value), kind) + value + b"\0" * (-len(value) % 4)
+    return body + attrs
+
+
+def test_only_the_main_tables_default_routes_count_among_route_events():
+    v4_default = nlmsg(RTM_NEWROUTE, rtmsg(socket.AF_INET, bytes(4), 0))
+    v6_default = nlmsg(25, rtmsg(socket.AF_INET6, bytes(16), 0))               # RTM_DELROUTE
+    assert NE.classify(v4_default) == (True, True) and NE.classify(v6_default) == (True, True)
+    # An exit node's default route in its own table, the agent's routes to peers: no network switch.
+    assert NE.classify(nlmsg(RTM_NEWROUTE, rtmsg(socket.AF_INET, bytes(4), 0, table=51820))) == (False, False)
+    assert NE.classify(nlmsg(RTM_NEWROUTE, rtmsg(socket.AF_INET, bytes([100, 64, 0, 7]), 32))) == (False, False)
+    assert NE.classify(nlmsg(NE.RTM_NEWADDR) + v4_default) == (True, True)
+    assert NE.classify(nlmsg(NE.RTM_NEWADDR)) == (True, False)
+    assert NE.classify(nlmsg(RTM_NEWROUTE, rtmsg(socket.AF_INET, bytes(4), 0)[:10])) == (False, False)  # cut short
+
+
+async def test_a_default_route_event_rereads_then_says_so(autojump_clock):
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ours.setblocking(False)
+    calls: list[tuple[str, float]] = []
+
+    async def reread():
+        calls.append(("reread", trio.current_time()))
+
+    async def routed():
+        calls.append(("routed", trio.current_time()))
+
+    with kernel:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(local_links.watch_changes, reread, lambda: ours, routed)
+            await trio.sleep(5.0)
+            kernel.send(nlmsg(RTM_NEWROUTE, rtmsg(socket.AF_INET, bytes(4), 0)))   # a metric swap: del + add
+            kernel.send(nlmsg(25, rtmsg(socket.AF_INET, bytes(4), 0)))
+            await trio.sleep(1.0)
+            assert [c[0] for c in calls] == ["reread", "routed"] and 5.2 <= calls[0][1] <= 5.5   # once, debounced
+            kernel.send(nlmsg(NE.RTM_NEWADDR))                                        # no route: a re-read only
+            await trio.sleep(1.0)
+            assert [c[0] for c in calls] == ["reread", "routed", "reread"]
+            nursery.cancel_scope.cancel()

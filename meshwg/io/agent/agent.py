@@ -401,7 +401,17 @@ class Agent:
     async def _local_watch(self) -> None:
         # On the kernel's address/link events (debounced; a slow periodic read as a safety net): a network switch
         # re-STUNs within a second, not at the next 10 s poll.
-        await watch_changes(self._reread_local)
+        await watch_changes(self._reread_local, on_default_route=self._default_route_changed)
+
+    async def _default_route_changed(self) -> None:
+        """A main-table default route came, went or changed, maybe with no address change (two links up, their
+        metrics swapped): our way out, so our reflexive address, may have moved. STUN again, probe peers again, and
+        from the kernel's choice of source address: a sticky one (meshwg.io.dataplane.udp) would keep the STUN
+        servers and peers on the old link. Cleared in place (the compiled path holds the same dict); a peer still
+        writing to an old address puts its entry back with its next datagram."""
+        self.dev.driver.udp.sources.clear()
+        await self._step(A.Restun())
+        self._reprobe.set()
 
     async def _reread_local(self) -> None:
         before = self.dev.node.iface_endpoints

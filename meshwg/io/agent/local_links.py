@@ -1,7 +1,7 @@
 """The host's interfaces as `ip -j -d address show` prints them, with the tun/tap devices /sys names; which of
 their addresses are candidates is decided in meshwg.mesh.local_candidates. When to read them again: on the
-kernel's address and link events (meshwg.io.oscfg.netlink_events, debounced), with a slow periodic read as
-a safety net (a frequent one where netlink is unavailable)."""
+kernel's address, link and default-route events (meshwg.io.oscfg.netlink_events, debounced), with a slow
+periodic read as a safety net (a frequent one where netlink is unavailable)."""
 
 from __future__ import annotations
 
@@ -60,17 +60,26 @@ def address_is_local(ip: str) -> bool:
     return True
 
 
-async def watch_changes(on_change, open_events=NE.open_socket) -> None:
-    """await on_change() after each burst of address or link events, and when none came for a while."""
+async def watch_changes(on_change, open_events=NE.open_socket, on_default_route=None) -> None:
+    """await on_change() after each burst of address, link or default-route events, and when none came for a while;
+    then await on_default_route() when the burst changed a default route (a switch that may change no address)."""
     sock = open_events()
     period = POLL_INTERVAL if sock is None else FALLBACK_INTERVAL
     news = [trio.Event()]
+    routed = [False]
+
+    def route_news() -> None:
+        routed[0] = True
+
     with sock if sock is not None else nullcontext():
         async with trio.open_nursery() as nursery:
             if sock is not None:
-                nursery.start_soon(NE.watch, sock, lambda: news[0].set())
+                nursery.start_soon(NE.watch, sock, lambda: news[0].set(), None, route_news)
             while True:
                 with trio.move_on_after(period):
                     await news[0].wait()
                 news[0] = trio.Event()
+                was_routed, routed[0] = routed[0], False
                 await on_change()
+                if was_routed and on_default_route is not None:
+                    await on_default_route()
