@@ -454,16 +454,6 @@ class Agent:
         family = 6 if rep["server"].startswith("[") else 4
         return A.NatProbed(rep["mapping"], rep["filtering"], family)
 
-    def _on_local_endpoints(self, ev: N.LocalEndpointsChanged) -> None:
-        """From the driver's flush (sync, maybe inside a step): the endpoints watcher takes it from here."""
-        self._endpoints_news = ev
-        self._endpoints.set()
-
-    async def _endpoints_watch(self) -> None:
-        while True:
-            await self._endpoints.wait()
-            self._endpoints = trio.Event()
-            await self._step(self._endpoints_news)
     def _peer_relay_home(self, key: bytes):
         """A peer's home relay (its "relay" candidate, issue 14.3), or None; the relay shell checks it is one of the
         welcome's relays before it sends there."""
@@ -484,6 +474,16 @@ class Agent:
             self._relay_home_event = trio.Event()
             await self._step(A.RelayHome(self._relay_home_news))
 
+    def _on_local_endpoints(self, ev: N.LocalEndpointsChanged) -> None:
+        """From the driver's flush (sync, maybe inside a step): the endpoints watcher takes it from here."""
+        self._endpoints_news = ev
+        self._endpoints.set()
+
+    async def _endpoints_watch(self) -> None:
+        while True:
+            await self._endpoints.wait()
+            self._endpoints = trio.Event()
+            await self._step(self._endpoints_news)
 
     async def _write_cache(self, act: A.WriteCache) -> None:
         # The port too: peers' cached candidates stay right across a restart; and where the server is

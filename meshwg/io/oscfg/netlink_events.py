@@ -18,15 +18,17 @@ log = logging.getLogger(__name__)
 
 RTM_NEWADDR, RTM_DELADDR = 20, 21
 # Legacy group bits for bind(): RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR.
+RTMGRP_LINK = 0x1
 # RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE: of their events only the main table's default routes count (default_route).
 RTMGRP_ROUTES = 0x40 | 0x400
-GROUPS = 0x1 | 0x10 | 0x100 | RTMGRP_ROUTES
+GROUPS = RTMGRP_LINK | 0x10 | 0x100 | RTMGRP_ROUTES
 KINDS = frozenset((RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR))
 DEFAULTS = frozenset(("0.0.0.0/0", "::/0"))
 
 
-def open_socket() -> socket.socket | None:
-    """A non-blocking socket subscribed to address and link events; None (logged) where netlink is unavailable."""
+def open_socket(groups: int = GROUPS) -> socket.socket | None:
+    """A non-blocking socket subscribed to address and link events (`groups`: RTMGRP_* bits); None (logged) where
+    netlink is unavailable."""
     try:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
                              socket.NETLINK_ROUTE)
@@ -35,7 +37,7 @@ def open_socket() -> socket.socket | None:
         return None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        sock.bind((0, GROUPS))
+        sock.bind((0, groups))
     except OSError as exc:
         sock.close()
         log.info("no netlink address events (%s)", exc)
