@@ -92,6 +92,7 @@ def _device() -> MeshDevice:
     dev.relay = SimpleNamespace(mode="udp", relay_addr=("203.0.113.1", 3478), tcp_addrs=(("203.0.113.1", 443),),
                                 refresh=lambda: None, forget_endpoints=lambda: None)
     dev._path_kind = {}
+    dev.on_news = None
     return dev
 
 
