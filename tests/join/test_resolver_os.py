@@ -84,3 +84,20 @@ def test_resolved_not_used_from_another_network_namespace(monkeypatch):
     ran = []
     monkeypatch.setattr(R, "_same_netns", lambda: False)
     assert R.resolved_usable(lambda argv, **kw: ran.append(argv)) is False and not ran
+
+
+async def test_an_agent_without_accept_dns_still_undoes_a_crashed_runs_change(tmp_path):
+    """A run with --accept-dns was killed; the next start has no --accept-dns: the host's file is restored anyway
+    (the undo file names the file it changed, here a temporary one)."""
+    from meshwg.io.agent.agent import Agent
+    from meshwg.signaling.invite import Invite
+
+    conf, res = make(tmp_path)
+    res.apply("mesh.internal", "100.64.0.1")
+    del res                                              # killed: no close()
+    assert conf.read_text() != ORIGINAL
+    agent = Agent(Invite(("192.0.2.1:7300",), bytes(range(32)), "", b""), name=None, state_dir=str(tmp_path / "state"),
+                  iface="mw0", accept_dns=False)
+    await agent._dns_start()
+    assert conf.read_text() == ORIGINAL
+    assert not (tmp_path / "state" / R.UNDO_FILE).exists()

@@ -327,8 +327,9 @@ class Agent:
     async def _dns_start(self) -> None:
         """Undo what a crashed run left in the host's resolver, then read its nameservers (where plain peers'
         other queries go): the file as the host has it, not as we change it."""
-        if self.resolver is not None:
-            await trio.to_thread.run_sync(self.resolver.recover)
+        # Whether or not --accept-dns is given now: a crashed run that had it left the host's file changed.
+        leftover = self.resolver or RESOLV.SystemResolver(self.iface, self.state_dir)
+        await trio.to_thread.run_sync(leftover.recover)
         text = await trio.to_thread.run_sync(RESOLV._read, RESOLV.RESOLV_CONF)
         self.dns.upstreams = dns_names.upstreams_from_resolv_conf(text or "")
         self.dns.resolver.forward = bool(self.dns.upstreams)
