@@ -425,6 +425,9 @@ class SignalServer:
             self.counters["db_errors"] += 1
             return
         log.info("node %s (%s) left the mesh", row.name, row.ipv4)
+        current = self.directory.nodes.get(key)
+        if current is not None and current.node_id != row.node_id:
+            return  # the key registered again while the removal was written: that new node stays
         self.apply(self.core.drop(key, "left"))
 
     # --- subnet routes and exit nodes

@@ -248,3 +248,28 @@ async def test_leave_to_an_older_server_is_a_clear_error(nursery, tmp_path, monk
             await a.leave(timeout=1)
     assert [n.name for n in h.admin.list_nodes()] == ["alpha"]
     await a.aclose()
+
+
+async def test_a_leave_does_not_drop_the_keys_new_registration(nursery, tmp_path):
+    """The key registers again (a new node id) while its leave's removal is being written: the new node stays."""
+    import dataclasses
+
+    from meshwg.config.keys import public_key as derive_public
+
+    h = await start_server(nursery, tmp_path)
+    priv = new_key()
+    a = await ControlConnection.open(h.invite(), priv, name="alpha")
+    key = derive_public(priv)
+    server, write = h.server, h.server._db
+
+    async def rejoined_meanwhile(fn, *args):
+        result = await write(fn, *args)
+        if fn == server.store.remove:
+            server.directory.nodes[key] = dataclasses.replace(server.directory.nodes[key], node_id=10_000)
+        return result
+
+    server._db = rejoined_meanwhile
+    await server._leave(key)
+    assert server.directory.nodes[key].node_id == 10_000
+    assert server.counters["nodes_left"] == 0
+    await a.aclose()
