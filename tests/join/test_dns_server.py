@@ -64,9 +64,23 @@ def test_large_answers_truncated_for_udp():
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-        u.bind(("127.0.0.1", 0))
-        return u.getsockname()[1]
+    """A port free for UDP and TCP on 127.0.0.1 and 127.0.0.2, as the server binds both there (a UDP-only pick
+    was sometimes a TCP port in use: the server then never bound, seen under load)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+            t.bind(("127.0.0.1", 0))
+            port = t.getsockname()[1]
+            try:
+                for host in ("127.0.0.1", "127.0.0.2"):
+                    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                        if (host, kind) == ("127.0.0.1", socket.SOCK_STREAM):
+                            continue
+                        with socket.socket(socket.AF_INET, kind) as other:
+                            other.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no port free for both UDP and TCP")
 
 
 async def udp_ask(name, port, src="127.0.0.1", dst="127.0.0.1", qtype="A"):
