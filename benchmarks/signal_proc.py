@@ -28,13 +28,15 @@ class SignalProcess:
     """
 
     def __init__(self, args: list[str], *, host: str = "127.0.0.1", nofile: int | None = None,
-                 log_level: str = "info") -> None:
+                 log_level: str = "info", db: str | None = None, init: bool = True) -> None:
         self.dir = tempfile.mkdtemp(prefix="meshwg-bench-")
-        self.db = os.path.join(self.dir, "signal.db")
+        # `db`: a PostgreSQL URL (several servers on one database: each its own admin socket); default a SQLite file
+        self.db = db or os.path.join(self.dir, "signal.db")
+        self.sock = ["--admin-socket", os.path.join(self.dir, "admin.sock")] if db else []
         self.log_path = os.path.join(self.dir, "signal.log")
         self.control = (host, free_port(host=host))
-        self.argv = [sys.executable, "-m", "signal_server", "serve", "--init", "--db", self.db,
-                     "--listen", f"{host}:{self.control[1]}", "--log-level", log_level, *args]
+        self.argv = [sys.executable, "-m", "signal_server", "serve", *(["--init"] if init else []), "--db", self.db,
+                     *self.sock, "--listen", f"{host}:{self.control[1]}", "--log-level", log_level, *args]
         self.nofile = nofile
         self.proc: subprocess.Popen | None = None
         self.invite_text = ""
@@ -68,7 +70,8 @@ class SignalProcess:
                 time.sleep(0.05)
 
     def admin(self, *args: str) -> str:
-        return subprocess.run([sys.executable, "-m", "signal_server", *args, "--db", self.db], capture_output=True,
+        return subprocess.run([sys.executable, "-m", "signal_server", *args, "--db", self.db, *self.sock],
+                              capture_output=True,
                               text=True, check=True, env=ENV, cwd=REPO).stdout
 
     def log_text(self) -> str:

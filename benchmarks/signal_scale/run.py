@@ -471,13 +471,28 @@ def main(argv=None) -> int:
     ap.add_argument("--policy", action="store_true", help="run with an access policy and measure policy changes")
     ap.add_argument("--profile", metavar="DIR", help="py-spy the server and the clients during the full rewrite")
     ap.add_argument("--profile-seconds", type=int, default=6)
+    ap.add_argument("--procs", type=int, default=None,
+                    help="processes running the simulated nodes (default 2; with --policy 1: this process)")
+    ap.add_argument("--pg", action="store_true",
+                    help="two servers on one throwaway PostgreSQL cluster, half the client processes on each")
     args = ap.parse_args(argv)
     LIGHT[0] = not args.policy
+    if args.procs is None:
+        args.procs = 1 if args.policy else 2
+    if args.policy and (args.procs > 1 or args.pg):
+        ap.error("--policy runs its nodes in this process, on SQLite (--procs 1, no --pg)")
 
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * args.nodes + 256)), hard))
+    if args.procs > 1 or args.pg:
+        import multi
+
+        args.procs = max(args.procs, 2 if args.pg else 1)
+        result = (multi.main_pg if args.pg else multi.main_sqlite)(args, min(hard, 4 * args.nodes + 256))
+        print(json.dumps(result, indent=2))
+        return 0
     import tempfile
 
     policy_dir = tempfile.mkdtemp(prefix="meshwg-bench-policy-") if args.policy else None
