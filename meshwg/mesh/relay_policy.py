@@ -308,7 +308,9 @@ class HomePolicy:
 
     def next_deadline(self, now: float) -> float:
         times = [self.last_probe.get(r, -math.inf) + self._interval(r, now) for r in self.regions]
-        times += [s + DEAD_AFTER for r, s in self.unanswered_since.items() if r == self.home]
+        # The home going down is worth a wake-up (choose() may move); once down, it is not: nothing clears that
+        # time while no relay answers (our own UDP cut), and a deadline left in the past made the caller spin.
+        times += [s + DEAD_AFTER for r, s in self.unanswered_since.items() if r == self.home and s + DEAD_AFTER > now]
         return min(times, default=math.inf)
 
     def choose(self, now: float) -> str | None:

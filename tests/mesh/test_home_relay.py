@@ -75,3 +75,16 @@ def test_one_slow_answer_does_not_move_home():
     assert p.choose(0.1) is None
     p.answered("main", 0.050)   # a slow moment on a loaded host
     assert p.choose(0.2) is None and p.home == "main"
+
+
+def test_a_home_relay_down_with_no_other_answering_leaves_no_deadline_in_the_past():
+    # Review (issue 14.3): the home's "down at" deadline stayed in the past once it had passed while nothing else
+    # answered (own UDP cut: the node stays), so the relay shell's loop, which sleeps until next_deadline, spun.
+    p = HomePolicy(["main", "eu"])
+    for r in p.probes_due(0.0):
+        p.probed(r, 0.0)
+    for now in (1.6, 2.0, 5.0, 9.9):
+        assert p.choose(now) is None          # nothing answers: stay
+        assert p.next_deadline(now) > now     # a wake-up later, not a busy loop now
+        for r in p.probes_due(now):
+            p.probed(r, now)
