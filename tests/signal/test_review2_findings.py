@@ -1,0 +1,81 @@
+"""Review of issue 14 items 1-3 (review2): proofs of concept for problems in files the reviewer does not own, left
+xfail(strict=True) with the reason until their owners fix them (each passes once fixed: strict turns that into a
+failure, so the mark must then go)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+
+import pytest
+
+from meshwg.signaling import relay_wire as W
+from signal_server import live_state, store_dump
+from signal_server.relay import RelayCore
+from signal_server.store_api import StoreError
+
+WALL = 1_800_000_000.0
+
+
+@pytest.mark.xfail(strict=True, reason="relay.py: the PONG budget is per (socket, ip, port), so spoofed PINGs from "
+                   "one victim IP's many ports make every relay reflect at it without limit (STUN limits per IP)")
+def test_spoofed_pings_from_one_ip_get_a_bounded_number_of_pongs():
+    core = RelayCore(bytes(range(32)), os.urandom)
+    ping = W.encode_ping(b"12345678")
+    pongs = sum(len(core.handle_untrusted(ping, (0, ("198.51.100.7", port)), 0.0, WALL)) for port in range(1, 1001))
+    assert pongs <= 50   # a node probes a relay a few times a second; STUN allows 50 at once per IP
+
+
+@pytest.mark.parametrize("url", ["postgresql://u:s3cretpw@[::1/db", "postgresql://u:s3cret%zzpw@127.0.0.1:1/db",
+                                 "postgresql://u@127.0.0.1:1/db?password=s3cretpw&sslmode=zz"])
+@pytest.mark.xfail(strict=True, reason="store_pg.PgStore / store_api.db_label: libpq's parse errors quote the URI "
+                   "or its bad token (the password with it), and db_label leaves a ?password= parameter as is: the "
+                   "one-line start error prints the password")
+def test_a_bad_database_url_error_never_shows_the_password(url):
+    pytest.importorskip("psycopg")
+    from signal_server.store_pg import PgStore
+
+    with pytest.raises(StoreError) as err:
+        PgStore(url, connect_timeout=1)
+    assert "s3cret" not in str(err.value)
+
+
+def _dump(tmp_path, **tables) -> str:
+    key = {"b64": base64.b64encode(os.urandom(32)).decode()}
+    body = {"meta": [["server_private_key", key]], "sequences": [], "invites": [], "nodes": [], "removed_keys": [],
+            "routes": []}
+    body.update({k: v(key) if callable(v) else v for k, v in tables.items()})
+    path = tmp_path / "dump.json"
+    path.write_text(json.dumps({"format": store_dump.FORMAT, "schema": store_dump.SCHEMA, "tables": body}))
+    return str(path)
+
+
+@pytest.mark.parametrize("tables", [
+    {"meta": lambda k: [["server_private_key", k], ["server_private_key", k]]},   # IntegrityError
+    {"sequences": [[["nodes"], 1]]},                                               # TypeError
+    {"meta": [["server_private_key", {"b64": "AAAA"}]]},                           # a 3-byte identity
+    {"meta": [["server_private_key", {"b64": "!!"}]]},                             # an empty identity
+], ids=["duplicate-meta", "unhashable-sequence", "short-key", "bad-base64-key"])
+@pytest.mark.xfail(strict=True, reason="store_dump.decode/restore: a dump's types are not checked (a traceback, and "
+                   "the SQLite file is left holding a NEW identity SqliteStore(init=True) made; or a key that is not "
+                   "32 bytes restored, and serve then dies with nacl's TypeError)")
+def test_restoring_a_bad_dump_is_a_one_line_error_and_leaves_no_database(tmp_path, tables):
+    db = str(tmp_path / "signal.db")
+    with pytest.raises(StoreError):
+        store_dump.restore(_dump(tmp_path, **tables), db)
+    assert not os.path.exists(db)
+
+
+@pytest.mark.xfail(strict=True, reason="live_state.remote_action: a node holding sessions on two servers at once (its "
+                   "own key; or a half-dead connection to the first until its timeout) makes each server RECLAIM on "
+                   "the other's row: set_live writes, a LIVE change, a NOTIFY, every LIVE_INTERVAL on both, forever, "
+                   "and the other servers' directories flip between the two sessions' candidates. One server alone "
+                   "replaces the older session (control_listener 'replaced'); across servers one side must yield")
+def test_two_servers_holding_one_nodes_session_do_not_reclaim_from_each_other_forever():
+    key = b"k" * 32
+    row_by_b = (key, "B", True, [("192.0.2.1", 1, "stun")], [])
+    row_by_a = (key, "A", True, [("192.0.2.2", 2, "stun")], [])
+    a_reclaims = live_state.remote_action(row_by_b, {key}, "A") == live_state.RECLAIM
+    b_reclaims = live_state.remote_action(row_by_a, {key}, "B") == live_state.RECLAIM
+    assert not (a_reclaims and b_reclaims)
