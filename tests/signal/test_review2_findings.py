@@ -79,3 +79,21 @@ def test_two_servers_holding_one_nodes_session_do_not_reclaim_from_each_other_fo
     a_reclaims = live_state.remote_action(row_by_b, {key}, "A") == live_state.RECLAIM
     b_reclaims = live_state.remote_action(row_by_a, {key}, "B") == live_state.RECLAIM
     assert not (a_reclaims and b_reclaims)
+
+
+@pytest.mark.xfail(strict=True, reason="meshwg/mesh/peer_entry.entry_policy: the server endpoints it guards are the "
+                   "welcome's stun/relay_udp/relay_tcp only, not its regional relays (Welcome.relays): a peer's subnet "
+                   "route (admin-approved) covering a regional relay's address is routed into the tunnel, and so is "
+                   "our relay traffic to that relay (a loop while that peer is relayed); a candidate naming it is probed")
+def test_a_peer_route_or_candidate_naming_a_regional_relay_is_refused():
+    import ipaddress
+
+    from meshwg.control.events import RelayInfo, Welcome
+    from meshwg.mesh.peer_entry import entry_policy
+
+    eu = RelayInfo("eu", b"e" * 32, (("198.51.100.20", 3478),), (("198.51.100.20", 443),))
+    welcome = Welcome(7, "me", "100.64.0.7", "fd00::7", "100.64.0.0/10", "fd00::/48", (("192.0.2.1", 3478),),
+                      (("192.0.2.1", 3478),), (("192.0.2.1", 7301),), 15.0, b"s" * 32, relays=(eu,))
+    policy = entry_policy(welcome)
+    assert policy.route_refused(ipaddress.ip_network("198.51.100.0/24")) == "drop_peer_route_server"
+    assert policy.candidate_refused(("198.51.100.20", 3478), "stun") == "drop_peer_candidate_server"
