@@ -18,6 +18,7 @@ from meshwg.signaling.noise import HandshakeError, Responder
 from signal_server.conn_limits import Refusal
 from signal_server.invites import JoinRefused
 from signal_server.ratelimit import TokenBucket
+from signal_server.store_api import StoreError
 from signal_server.stun_responder import WILDCARDS
 
 log = logging.getLogger("signal")
@@ -229,6 +230,13 @@ class ControlListener:
             with trio.move_on_after(self.cfg.send_timeout):
                 await stream.send_all(chan.encode({"type": P.T_ERROR, "code": exc.code, "message": exc.message}))
             return None
+        except StoreError as exc:  # the database is down or locked: no refusal of the node, which retries
+            srv.db_failed("registering a node", exc)
+            self.counters["join_db_unavailable"] += 1
+            with trio.move_on_after(self.cfg.send_timeout):
+                await stream.send_all(chan.encode({"type": P.T_ERROR, "code": P.E_DB_UNAVAILABLE, "retry_after": 2,
+                                                   "message": "the server cannot reach its database; retry"}))
+            return None
         self.counters["joins_new" if created else "joins_returning"] += 1
         if created:
             log.info("node %s joined as %s (%s, %s)", key_to_base64(client_key), row.name, row.ipv4, row.ipv6)
@@ -255,6 +263,9 @@ class ControlListener:
             welcome["tags"] = list(row.tags)
         if self.cfg.dns_domain:  # names (issue 15); older nodes ignore the field
             welcome["dns_domain"] = self.cfg.dns_domain
+        servers = srv.welcome_servers(s.local_host)  # several servers on one database; older nodes ignore it
+        if servers:
+            welcome["servers"] = servers
         return welcome
 
     # --- a registered session

@@ -7,13 +7,19 @@ change made through one server reach the nodes connected to the others within a 
   LIVE_INTERVAL s, batched in one transaction, and other servers read the rows the feed names.
 - Each server records itself (id, control addresses) every BEAT s: `invite create` lists every running server,
   `nodes` shows where a node is connected; a server silent for STALE s (killed) is forgotten by the next beat of
-  any other, and its nodes go offline unless they reconnected elsewhere.
+  any other, and its nodes go offline unless they reconnected elsewhere. The running servers' addresses go into
+  every welcome (nodes keep them: a node whose invite named a server that died finds the others).
+- The database going away (restarted, unreachable) ends no session: every task here retries; when it is back, the
+  feed is read from the last seq seen and this server writes every connected node's live row again (a crash
+  empties the UNLOGGED tables; the others may have marked our nodes offline meanwhile). A server that could not
+  beat for STALE s itself forgets no other at its first beat after that: they could not beat either.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+import math
 import os
 import time
 
@@ -31,6 +37,8 @@ LIVE_INTERVAL = 0.1  # live state written at most this often (one transaction fo
 BEAT, STALE = live_state.BEAT, live_state.STALE
 FORWARD_TYPES = frozenset({"punch"})  # control messages for a node on another server that are sent there
 FORWARD_QUEUE = 256  # forwarded messages waiting for the database; more are dropped and counted
+MAX_WELCOME_SERVERS = 16  # control addresses listed in a welcome
+DB_RETRY = 0.5  # s between retries of the live state while the database fails
 
 
 def enabled(store, cfg) -> bool:
@@ -49,6 +57,8 @@ class MultiServer:
         self.feed_wake = trio.Event()
         self.live_wake = trio.Event()
         self.where: dict[bytes, str] = {}  # node key -> the other server it is connected to (its live row)
+        self.others: list[str] = []  # the other running servers' control addresses (for welcomes)
+        self.last_beat = time.monotonic()  # of the last beat that reached the database
         self._fwd_send, self._fwd_recv = trio.open_memory_channel(FORWARD_QUEUE)
         server.directory.tracking = True
 
@@ -87,10 +97,14 @@ class MultiServer:
             task_status.started()
 
     async def _listen(self) -> None:
+        errors = self.listener.errors
         while True:
             changed, payloads = await trio.to_thread.run_sync(self.listener.wait, 1.0, abandon_on_cancel=True)
             if changed:
                 self.feed_wake.set()
+                if self.listener.errors != errors:  # listening again after the database came back
+                    errors = self.listener.errors
+                    self.rewrite_live()
             for p in payloads:
                 self._deliver(p)
 
@@ -138,17 +152,23 @@ class MultiServer:
         self.srv.counters["forward_received"] += 1
         self.srv.apply([Send(to, msg)])
 
+    def rewrite_live(self) -> None:
+        """After an outage: every connected node's live row written again."""
+        self.srv.directory.live_dirty |= set(self.srv.sessions)
+        self.live_wake.set()
+
     async def _follow(self) -> None:
+        poll = FEED_SAFETY_POLL
         while True:
-            with trio.move_on_after(FEED_SAFETY_POLL):
+            with trio.move_on_after(poll):
                 await self.feed_wake.wait()
             self.feed_wake = trio.Event()
             try:
-                await self.srv._follow_changes()
-            except Exception:  # a busy or restarting database: the next notification or poll tries again
-                self.srv.log_repeat.log(log, logging.ERROR, "feed", time.monotonic(),
-                                        "reading the change feed failed; will retry", exc_info=True)
-                self.srv.counters["db_errors"] += 1
+                await self.srv._follow_changes()  # from the last seq seen: what the outage held back too
+                poll = FEED_SAFETY_POLL
+            except Exception as exc:  # a busy or restarting database: read again soon (no NOTIFY may come)
+                self.srv.db_failed("reading the change feed", exc)
+                poll = DB_RETRY
 
     async def _write_live(self) -> None:
         d = self.srv.directory
@@ -157,30 +177,46 @@ class MultiServer:
             self.live_wake = trio.Event()
             dirty, d.live_dirty = d.live_dirty, set()
             entries = live_state.take_entries(d, self.srv.sessions, dirty)
+            pause = LIVE_INTERVAL
             if entries:
                 try:
                     await self.srv._db(self.store.set_live, self.id, entries, time.time())
                     self.srv.counters["live_rows_written"] += len(entries)
-                except Exception:  # written with the next batch
-                    self.srv.log_repeat.log(log, logging.ERROR, "live", time.monotonic(),
-                                            "writing live state failed; will retry", exc_info=True)
-                    self.srv.counters["db_errors"] += 1
+                except Exception as exc:  # never lost: written with the next batch, when the database is back
+                    self.srv.db_failed("writing live state", exc)
                     d.live_dirty |= dirty
                     self.live_wake.set()
-            await trio.sleep(LIVE_INTERVAL)
+                    pause = DB_RETRY
+            await trio.sleep(pause)
 
     async def _beat(self) -> None:
+        failed = False
         while True:
-            await trio.sleep(BEAT)
+            await trio.sleep(DB_RETRY if failed else BEAT)
             try:
                 await self._beat_once()
-            except Exception:
-                self.srv.log_repeat.log(log, logging.ERROR, "beat", time.monotonic(),
-                                        "recording this server in the database failed; will retry", exc_info=True)
-                self.srv.counters["db_errors"] += 1
+            except Exception as exc:
+                self.srv.db_failed("recording this server", exc)
+                failed = True
+                continue
+            if failed:  # the database is back: our live rows may be gone or marked offline by another server
+                failed = False
+                log.info("the database answers again: writing %d nodes' live state", len(self.srv.sessions))
+                self.rewrite_live()
+                self.feed_wake.set()
 
     async def _beat_once(self) -> None:
-        gone = await self.srv._db(self.store.server_beat, self.id, self.control(), self.started, time.time(), STALE)
+        now = time.monotonic()
+        # Cut off from the database ourselves for STALE s: the others' records are as old as ours, not dead.
+        stale = STALE if now - self.last_beat < STALE else math.inf
+        me, control = self.id, self.control()
+
+        def beat():
+            gone = self.store.server_beat(me, control, self.started, time.time(), stale)
+            return gone, self.store.servers(time.time(), STALE)
+        gone, servers = await self.srv._db(beat)
+        self.last_beat = now
+        self.others = welcome_addrs(servers, me)
         for sid in gone:
             log.info("server %s stopped its heartbeat %d s ago: its nodes are offline unless they reconnected "
                      "elsewhere", sid, STALE)
@@ -197,6 +233,22 @@ class MultiServer:
             self.store.server_gone(self.id, time.time())
         except Exception:  # the others forget us after STALE
             log.warning("could not remove this server's record from the database", exc_info=True)
+
+
+def welcome_addrs(servers, me: str) -> list[str]:
+    """The other servers' control addresses a node can use (a wildcard bind without --advertise names none)."""
+    from meshwg.signaling.invite import split_hostport
+    from signal_server.stun_responder import WILDCARDS
+
+    out = []
+    for sid, control, _ in servers:
+        for a in control if sid != me else ():
+            try:
+                if split_hostport(a)[0] not in WILDCARDS:
+                    out.append(a)
+            except (ValueError, TypeError):
+                pass
+    return list(dict.fromkeys(out))
 
 
 def store_pg_max_payload() -> int:

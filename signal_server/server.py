@@ -11,6 +11,7 @@ import math
 import os
 import resource
 import signal
+import sqlite3
 import subprocess
 import time
 from collections import Counter
@@ -43,6 +44,7 @@ from signal_server.stun_responder import WILDCARDS
 __all__ = ["Bound", "ServerConfig", "Session", "SignalServer"]
 
 log = logging.getLogger("signal")
+DB_RETRY = 0.5  # s between retries of a write that failed (the database is down or locked)
 
 
 @dataclass
@@ -207,8 +209,33 @@ class SignalServer:
     # --- helpers
 
     async def _db(self, fn, *args):
+        """fn(*args) in a worker thread, one at a time. A database that misbehaves (PostgreSQL gone, SQLite locked
+        past its busy timeout) raises StoreError, which every caller handles without ending a node's session."""
         async with self._db_lock:
-            return await trio.to_thread.run_sync(fn, *args)
+            try:
+                return await trio.to_thread.run_sync(fn, *args)
+            except sqlite3.OperationalError as exc:  # "database is locked", a full disk, a vanished file
+                raise api.StoreError(f"{api.db_label(self.cfg.db)}: {exc}") from exc
+
+    def db_failed(self, what: str, exc: BaseException) -> None:
+        """A database call failed: counted, and logged once per log_repeat_interval for each `what` (a traceback
+        only for what is no database error: a bug)."""
+        self.counters["db_errors"] += 1
+        if isinstance(exc, api.StoreError):
+            self.log_repeat.log(log, logging.WARNING, "db_" + what, time.monotonic(),
+                                "database: %s failed (%s); sessions stay up, will retry", what, exc)
+        else:
+            self.log_repeat.log(log, logging.ERROR, "db_" + what, time.monotonic(), "%s failed; will retry", what,
+                                exc_info=exc)
+
+    def welcome_servers(self, host: str) -> list[str]:
+        """The control addresses of every running server on this database, for a node's welcome (it keeps them and
+        reconnects to another when its own dies): this one's first (a wildcard bind as the node reached it), then
+        the others' records; [] with one server (SQLite)."""
+        if self.multi is None:
+            return []
+        own = advertised(self.bound.control, self.cfg.advertise or host)
+        return list(dict.fromkeys(own + self.multi.others))[:multi_server.MAX_WELCOME_SERVERS]
 
     def _failed(self, ip: str, now: float) -> None:
         self.failures.allow(ip, now)  # spends a token; the answer is moot, exhausted() does the refusing
@@ -446,7 +473,10 @@ class SignalServer:
     async def note_local_address(self, host: str) -> None:
         """A control session reached us at `host`: one more address no route may contain."""
         if self._add_server_ips([host]):
-            await self._db(self.store.meta_set, "server_addrs", json.dumps(sorted(self._server_ips)))
+            try:
+                await self._db(self.store.meta_set, "server_addrs", json.dumps(sorted(self._server_ips)))
+            except api.StoreError as exc:  # the session goes on; the next new address writes the whole set
+                self.db_failed("recording the server's addresses", exc)
 
     async def _routes_writer(self) -> None:
         """Writes the nodes' advertisements (the store decides what its invite approves) and applies the rows:
@@ -456,20 +486,20 @@ class SignalServer:
             await self._routes_wake.wait()
             self._routes_wake = trio.Event()
             pending, self._routes_pending = self._routes_pending, {}
+            failed = False
             for key, adv in pending.items():
                 try:
                     row, plan = await self._db(self.store.advertise_routes, key, adv.routes, adv.exit_node,
                                                self.core.policy.forbidden)
-                except Exception:  # a busy database: tried again next round, unless a newer one came meanwhile
-                    self.log_repeat.log(log, logging.ERROR, "routes_db", time.monotonic(),
-                                        "storing the routes of %s failed; will retry", key_to_base64(key),
-                                        exc_info=True)
-                    self.counters["db_errors"] += 1
+                except Exception as exc:  # a busy database: tried again next round, unless a newer one came
+                    self.db_failed("storing routes", exc)
                     self._routes_pending.setdefault(key, adv)
                     self._routes_wake.set()
+                    failed = True
                     continue
                 self.apply(self.core.routes_recorded(key, row, plan, time.time()))
-            await trio.sleep(self.cfg.routes_interval)
+            # A database that is down is tried again less often (the advertisements wait here, newest kept).
+            await trio.sleep(DB_RETRY if failed else self.cfg.routes_interval)
 
     # --- the change feed and expiry
 
@@ -483,9 +513,8 @@ class SignalServer:
                 await self.check_policy()
                 await self._publish_public()
                 await self._publish_presence()
-            except Exception:  # a locked/busy DB must not kill the server; retry next tick
-                log.exception("reading the change feed failed; will retry")
-                self.counters["db_errors"] += 1
+            except Exception as exc:  # a locked/busy DB must not kill the server; retry next tick
+                self.db_failed("reading the change feed", exc)
             now = time.monotonic()
             if now - last_expiry >= 1.0:
                 last_expiry = now

@@ -16,12 +16,17 @@ a writer could take seq 7, a second writer seq 8 and commit first, and a reader 
 before 7 is visible. Appending a change therefore first takes a transaction-scoped advisory lock (FEED_LOCK),
 held to the commit: seqs become visible in seq order, so a reader never skips one.
 
+A database that goes away (restarted, unreachable) makes every call raise StoreError (one line), never a psycopg
+error: the server handles that one exception (sessions stay up, writes are retried), and the next call connects
+again.
+
 The schema is versioned (meta `schema_version`); MIGRATIONS upgrade an older database at open, in one
 transaction, under an advisory lock (two servers starting at once migrate once).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -94,6 +99,7 @@ FEED_LOCK, MIGRATE_LOCK = 0x6D657368_0001, 0x6D657368_0002
 CHANNEL = "meshwg_changes"
 SERVER_CHANNEL = "meshwg_srv_"  # + a server's id: messages for nodes connected to it (a punch across servers)
 MAX_PAYLOAD = 7900  # NOTIFY's payload limit is 8000 bytes
+RELISTEN = 0.2  # s between the feed listener's connects while the database is down
 RETRIES = 30  # serialization failures under contention; each retry waits a little longer (jittered)
 NODE_COLS, INVITE_COLS = store_rows.NODE_COLS, store_rows.INVITE_COLS
 NODE_SEQ_SQL = "SELECT pg_get_serial_sequence('nodes', 'id')"
@@ -785,6 +791,36 @@ class PgStore:
             self.conn = None
 
 
+def _store_errors(cls):
+    """Every public method of cls raises StoreError instead of a psycopg error (see the module docstring)."""
+    for name, fn in list(vars(cls).items()):
+        if callable(fn) and not name.startswith("_"):
+            setattr(cls, name, _guarded(fn))
+    return cls
+
+
+_calls = threading.local()  # this thread's nesting of public calls (one calls another inside its transaction)
+
+
+def _guarded(fn):
+    @functools.wraps(fn)
+    def call(self, *args, **kw):
+        depth = getattr(_calls, "depth", 0)
+        _calls.depth = depth + 1
+        try:
+            return fn(self, *args, **kw)
+        except self._psycopg.Error as exc:
+            if depth:  # inside another call's transaction: _write must still see a serialization failure
+                raise
+            raise StoreError(f"{self.path}: {_one_line(exc)}") from exc
+        finally:
+            _calls.depth = depth
+    return call
+
+
+_store_errors(PgStore)
+
+
 def _tuples(text: str) -> list:
     """Candidates as the directory keeps them ([(ip, port, kind)]) from their JSON; junk is none."""
     try:
@@ -832,7 +868,9 @@ class FeedListener:
         except self._psycopg.Error:
             self.errors += 1
             self._close()
-            time.sleep(min(timeout, 1.0))  # the database is down: the caller's poll goes on meanwhile
+            # The database is down: the caller's poll goes on meanwhile; connecting again soon after it is back
+            # matters more than the few refused connects a second this costs.
+            time.sleep(min(timeout, RELISTEN))
             return False, []
         finally:
             if self.closing:

@@ -58,6 +58,11 @@ class ConnectionLost(ControlError):
         self.retry_after = retry_after
 
 
+def _retry_untrusted(msg: dict) -> float | None:
+    r = msg.get("retry_after")
+    return float(min(max(r, 0.1), P.BUSY_MAX_RETRY)) if isinstance(r, (int, float)) and r == r else None
+
+
 def _addr_list(values) -> tuple:
     out = []
     for v in values or ():
@@ -117,13 +122,14 @@ class ControlConnection:
         self.drops = 0
         self._send_lock = trio.Lock()
         self.addr = ""  # the invite's address this connection reached
+        self.servers: tuple = ()  # the welcome's running servers (host:port), () from a server with none
 
     @classmethod
     async def open(cls, invite: Invite, private_key: bytes, *, name: str | None = None, candidates=(),
                    timeout: float = 5.0, random_bytes=os.urandom, fwmark: int = 0) -> "ControlConnection":
         """Connect to the first reachable address of the invite, handshake, register; returns after the welcome.
         fwmark: SO_MARK of the socket (an exit node's policy routing keeps marked traffic out of the tunnel)."""
-        errors, mismatch, hints = [], None, []
+        errors, mismatch, hints, codes = [], None, [], set()
         for addr in invite.addrs:
             host, port = split_hostport(addr)
             try:
@@ -149,10 +155,12 @@ class ControlConnection:
                     mismatch = mismatch or exc  # another address may still be the right server
                 if isinstance(exc, ConnectionLost) and exc.retry_after is not None:
                     hints.append(exc.retry_after)
+                    codes.add(exc.code)
                 errors.append(f"{addr}: {exc}")
         if mismatch is not None:
             raise ServerKeyMismatch(mismatch.message + " [" + "; ".join(errors) + "]")
-        code = "busy" if hints and len(hints) == len(errors) else "unreachable"
+        # Every server asked us to come back later: busy, or their one reason (their database is down).
+        code = (codes.pop() if len(codes) == 1 else "busy") if hints and len(hints) == len(errors) else "unreachable"
         raise ConnectionLost(code, "no control server reachable: " + "; ".join(errors), min(hints, default=None))
 
     @classmethod
@@ -196,6 +204,8 @@ class ControlConnection:
             while pending:
                 msg = pending.pop(0)
                 if msg["type"] == P.T_ERROR:
+                    if msg.get("code") in P.RETRYABLE_ERRORS:  # the server's trouble, not a refusal of this node
+                        raise ConnectionLost(str(msg["code"]), str(msg.get("message")), _retry_untrusted(msg))
                     raise JoinRefusedError(str(msg.get("code")), str(msg.get("message")))
                 if msg["type"] == P.T_WELCOME:
                     w = Welcome(
@@ -206,7 +216,9 @@ class ControlConnection:
                         dns_domain_untrusted(msg.get("dns_domain")),
                         relays_untrusted(msg.get("relays"), _addr_list), relay_cred_untrusted(msg.get("relay_cred")),
                     )
-                    return cls(stream, chan, sk, w, pending)
+                    conn = cls(stream, chan, sk, w, pending)
+                    conn.servers = P.servers_untrusted(msg.get("servers"))
+                    return conn
             data = await stream.receive_some(65536)
             if not data:
                 raise ConnectionLost("closed", "server closed the connection during registration")
@@ -372,12 +384,13 @@ class ControlClient:
         self._serving: tuple | None = None  # (cancel scope, result) of the connection being served
         self._leaving: trio.Event | None = None  # set when the server's GONE came after leave()
         self._lost: str | None = None  # the address whose connection ended last: tried last (reconnect.order_addrs)
+        self.servers: tuple = ()  # the running servers the last welcome listed (several servers on one database)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         started = False
         while True:
             try:
-                invite = dataclasses.replace(self.invite, addrs=R.order_addrs(self.invite.addrs, self._lost))
+                invite = dataclasses.replace(self.invite, addrs=R.order_addrs(self.control_addrs(), self._lost))
                 conn = await ControlConnection.open(invite, self.private_key, name=self.name,
                                                     candidates=self.candidates, random_bytes=self._random,
                                                     fwmark=self.fwmark)
@@ -394,6 +407,8 @@ class ControlClient:
             if self.invite.secret:
                 self.invite = dataclasses.replace(self.invite, invite_id="", secret=b"")
             self.conn, self.welcome = conn, conn.welcome
+            if conn.servers:  # a server that lists none (one server, an older one) leaves what we learned
+                self.servers = conn.servers
             await self._send_events.send(Connected(conn.welcome))
             if not started:
                 started = True
@@ -460,6 +475,10 @@ class ControlClient:
             self._serving = (n.cancel_scope, result)
         self._serving = None
         return result[0]
+
+    def control_addrs(self) -> tuple:
+        """Where to connect: the invite's addresses, then the other running servers the last welcome named."""
+        return R.merge_addrs(self.invite.addrs, self.servers)
 
     def local_ip(self) -> str | None:
         """The connection's own address (None while not connected)."""

@@ -66,3 +66,9 @@ def order_addrs(addrs, lost: str | None) -> tuple:
     if lost not in addrs:
         return addrs
     return tuple(a for a in addrs if a != lost) + (lost,)
+
+
+def merge_addrs(invite_addrs, learned, limit: int = 32) -> tuple:
+    """The invite's control addresses, then those a welcome listed that it lacks (other servers on the same
+    database), at most `limit`: a node whose invite named one server that died still finds the others."""
+    return tuple(dict.fromkeys((*invite_addrs, *learned)))[:limit]

@@ -67,7 +67,30 @@ GONE_LEFT = "left"
 T_WELCOME = "welcome"  # {node_id, name, ipv4, ipv6, prefixes, stun, relay_udp, relay_tcp, proto}
 # The welcome's optional "dns_domain": the mesh domain nodes answer NAME.<domain> for (absent: names off); older
 # nodes ignore it.
+# The welcome's optional "servers": ["host:port"...], the control addresses of every running server on the node's
+# database (several servers, issue 14): the node keeps them with its invite's and its cache, and reconnects to
+# another when its own dies. Older nodes ignore it.
+MAX_SERVERS = 16
 T_ERROR = "error"  # {code, message}; the server closes after sending it
+# A T_ERROR code that is no refusal of the node: the server cannot reach its database now; "retry_after" (s) says
+# when to try again (this server or another). Nodes before it take it for a refusal.
+E_DB_UNAVAILABLE = "db_unavailable"
+RETRYABLE_ERRORS = frozenset({E_DB_UNAVAILABLE})
+
+
+def servers_untrusted(value) -> tuple:
+    """The welcome's "servers" as checked host:port texts (at most MAX_SERVERS); anything else is dropped."""
+    from meshwg.signaling.invite import split_hostport
+
+    out = []
+    for a in value if isinstance(value, list) else ():
+        if isinstance(a, str) and len(a) <= 300:
+            try:
+                split_hostport(a)
+            except (ValueError, TypeError):
+                continue
+            out.append(a)
+    return tuple(dict.fromkeys(out))[:MAX_SERVERS]
 T_DIR_FULL = "dir_full"  # {peers: [packed entry...], last: bool} - first chunk resets the directory
 T_DIR_UPDATE = "dir"  # {upsert: [packed entry...], remove: [key32...]}
 T_PUNCH = "punch"  # {peer: packed entry}: the peer will punch towards us now

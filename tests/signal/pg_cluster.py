@@ -62,10 +62,18 @@ class Cluster:
     def start(self) -> "Cluster":
         self._run("initdb", "-D", self.data, "-U", USER, "-A", "trust", "-E", "UTF8", "--no-sync")
         # Unix socket in our directory only; fsync off: a test cluster need not survive power loss.
-        opts = f"-k {self.dir} -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c max_connections=60"
         self.started = True  # from here on stop() must run pg_ctl stop, even if start fails half-way
-        self._run("pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "-o", opts, "start", timeout=90.0)
+        self.resume()
         return self
+
+    def resume(self) -> None:
+        """Start the initialised cluster (again, after halt())."""
+        opts = f"-k {self.dir} -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c max_connections=60"
+        self._run("pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "-o", opts, "start", timeout=90.0)
+
+    def halt(self, mode: str = "fast") -> None:
+        """Stop the server under its clients (an outage); resume() starts it again on the same data."""
+        self._run("pg_ctl", "-D", self.data, "-w", "-t", "30", "stop", "-m", mode)
 
     def url(self, db: str = "postgres") -> str:
         return f"postgresql://{USER}@/{db}?host={self.dir}"

@@ -190,6 +190,20 @@ async def test_a_node_whose_server_stops_reconnects_to_the_other(pair, nursery):
     print(f"node moved from the stopped server to the other in {moved:.3f} s")
 
 
+async def test_a_node_whose_invite_names_one_server_learns_the_others_from_its_welcome(pair, nursery):
+    """The welcome lists every running server: a node whose invite named only A reconnects to B when A stops."""
+    a, b, st = pair
+    with trio.fail_after(5):  # A reads the server records at its beats (every 2 s)
+        await wait_until(lambda: b.addr in a.server.multi.others, timeout=5.0)
+    x, fx = await node(nursery, invite(st, a.addr), "xray", X_CAND)
+    assert x.public_key in a.server.sessions
+    assert set(x.servers) == {a.addr, b.addr} and x.control_addrs() == (a.addr, b.addr)
+    a.scope.cancel()
+    with trio.fail_after(5):
+        await wait_until(lambda: x.public_key in b.server.sessions, timeout=5.0)
+    assert x.servers[0] == b.addr and x.control_addrs() == (a.addr, b.addr)  # the invite's own stays first
+
+
 async def test_after_its_server_hangs_a_node_tries_the_other_server_first(pair, nursery):
     """A server whose host hangs (accepts, never answers: a handshake timeout of 5 s per try) is tried last: the
     node is on the other within 2 s, not after the timeout. A proxy in front of A plays the hanging host."""

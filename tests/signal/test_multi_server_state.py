@@ -90,3 +90,26 @@ def test_a_silent_server_is_forgotten_and_its_nodes_go_offline(pg_url):
     st.server_gone("b", 112.0)
     assert st.servers(112.0, 10.0) == [] and {r[0]: r[2] for r in st.live_rows()} == {X: False, Y: False}
     st.close()
+
+
+def test_the_cache_keeps_the_learned_servers_for_the_same_mesh_only():
+    import base64
+
+    from meshwg.control.reconnect import merge_addrs
+    from meshwg.io.agent.agent_state import cached_servers
+
+    key = bytes(range(32))
+    cache = {"control": {"addrs": ["10.0.0.1:7300", "10.0.0.2:7300"], "server_key": base64.b64encode(key).decode()}}
+    assert cached_servers(cache, key) == ("10.0.0.1:7300", "10.0.0.2:7300")
+    assert cached_servers(cache, bytes(32)) == ()  # another mesh's cache
+    assert cached_servers({"control": {"addrs": ["junk"], "server_key": cache["control"]["server_key"]}}, key) == ()
+    assert cached_servers(None, key) == ()
+    # The invite's address first, then what the welcome (or the cache) adds.
+    assert merge_addrs(("10.0.0.1:7300",), ("10.0.0.2:7300", "10.0.0.1:7300")) == ("10.0.0.1:7300", "10.0.0.2:7300")
+
+
+def test_a_welcome_names_other_servers_reachable_only():
+    from signal_server.multi_server import welcome_addrs
+
+    servers = [("me", ["10.0.0.1:7300"], 1.0), ("b", ["0.0.0.0:7300", "10.0.0.2:7300"], 1.0), ("c", ["[::]:7300"], 1.0)]
+    assert welcome_addrs(servers, "me") == ["10.0.0.2:7300"]

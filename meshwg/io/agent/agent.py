@@ -192,6 +192,7 @@ class Agent:
                     await nursery.start(status_server.serve, status, self.handle_query)
                     await nursery.start(self.dns.run)
                     self.client = self._control_client(key, registered=cache is not None)
+                    self.client.servers = S.cached_servers(cache, self.invite.server_key)  # other servers known
                     await self._step(await self._local_addresses())   # the registration's candidates
                     await self._step(A.SetRouting(self._initial_routing()))
                     nursery.start_soon(self._control_task)
@@ -492,7 +493,8 @@ class Agent:
         save = functools.partial(
             S.save_cache, self.state_dir, _welcome_to_json(act.welcome), [_peer_to_json(p) for p in act.peers],
             listen_port=act.listen_port,
-            control={"addrs": list(self.invite.addrs), "server_key": base64.b64encode(self.invite.server_key).decode()})
+            control={"addrs": list(self.client.control_addrs() if self.client else self.invite.addrs),
+                     "server_key": base64.b64encode(self.invite.server_key).decode()})
         try:
             await trio.to_thread.run_sync(save)
         except OSError as exc:

@@ -1,7 +1,8 @@
 """The agent's state directory: the node key (0600) and the cached netmap, written atomically.
 
 The cache lets a node restarted while the signaling server is down bring up its known peers:
-it holds the last welcome (addresses, STUN/relay servers) and the last directory.
+it holds the last welcome (addresses, STUN/relay servers), the last directory and where the control servers are
+(the invite's addresses and every running server the last welcome listed).
 
 Whoever can write into the directory can swap the key or the cache, so a directory owned by someone
 else or writable by group/others is refused, and the key file is never reached through a symlink.
@@ -84,6 +85,26 @@ def load_cache(state_dir: str) -> dict | None:
     if not isinstance(data.get("welcome"), dict) or not isinstance(data.get("peers"), list):
         return None
     return data
+
+
+def cached_servers(cache: dict | None, server_key: bytes) -> tuple:
+    """The control addresses the cache keeps (the invite's and every running server a welcome listed, issue 14) when
+    they are the same mesh's (its server key): a node restarted with an invite naming one server that has died
+    since still finds the others. () when there are none."""
+    import base64
+
+    from meshwg.signaling.invite import split_hostport
+
+    try:
+        ctl = cache["control"]
+        if base64.b64decode(ctl["server_key"], validate=True) != server_key:
+            return ()
+        addrs = [str(a) for a in ctl["addrs"]][:32]
+        for a in addrs:
+            split_hostport(a)
+    except (KeyError, TypeError, ValueError):
+        return ()
+    return tuple(addrs)
 
 
 def save_routing(state_dir: str, choice: dict) -> None:
