@@ -1401,7 +1401,9 @@ send_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdint.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <time.h>
 
@@ -1740,6 +1742,19 @@ as_table(PyObject *obj)
     return PyCapsule_GetPointer(obj, RELAY_CAPSULE);  /* NULL with an exception set when not one */
 }
 
+/* The pointer of capsule `name` in args[0] when there are lo..hi arguments; NULL with an exception (`usage` as a
+ * TypeError when the count is off) otherwise. The Python calls on a table or a worker start with it. */
+static void *
+capsule_arg(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t lo, Py_ssize_t hi, const char *name,
+            const char *usage)
+{
+    void *p = nargs >= lo && nargs <= hi ? PyCapsule_GetPointer(args[0], name) : NULL;
+    if (p == NULL && !PyErr_Occurred()) {
+        PyErr_SetString(PyExc_TypeError, usage);
+    }
+    return p;
+}
+
 static PyObject *
 relay_new(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1812,17 +1827,72 @@ exact_bytes(PyObject *obj, Py_ssize_t len, const char *what)
     return (const unsigned char *)PyBytes_AS_STRING(obj);
 }
 
-static PyObject *
-relay_set(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* The (table, fd) arguments of relay_worker_start and relay_tcp_add; NULL with an exception when not that. */
+static struct relay_table *
+table_and_fd(PyObject *const *args, Py_ssize_t nargs, const char *usage, int *fd)
 {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "relay_set(table, token, key, fd, addr, expires, source)");
+    struct relay_table *t = capsule_arg(args, nargs, 2, 2, RELAY_CAPSULE, usage);
+    *fd = t != NULL ? as_fd(args[1]) : -1;
+    return *fd >= 0 ? t : NULL;
+}
+
+/* The (table, token, key) that relay_set's and relay_set_tcp's `want` arguments start with; NULL with an
+ * exception when they are not that. */
+static struct relay_table *
+session_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *usage, const unsigned char **token,
+             const unsigned char **key)
+{
+    if (nargs != want) {
+        PyErr_SetString(PyExc_TypeError, usage);
         return NULL;
     }
     struct relay_table *t = as_table(args[0]);
-    const unsigned char *token = t ? exact_bytes(args[1], RELAY_TOKEN_LEN, "token") : NULL;
-    const unsigned char *key = token ? exact_bytes(args[2], RELAY_KEY_LEN, "key") : NULL;
-    int fd = key ? as_fd(args[3]) : -1;
+    *token = t ? exact_bytes(args[1], RELAY_TOKEN_LEN, "token") : NULL;
+    *key = *token ? exact_bytes(args[2], RELAY_KEY_LEN, "key") : NULL;
+    return *key != NULL ? t : NULL;
+}
+
+/* A new session of token and key, any other session of either removed first; NULL when the table has no room
+ * for it (or `allowed` is 0: only the old ones go). The caller fills in where its RECVs go. Table locked. */
+static struct relay_session *
+session_add(struct relay_table *t, const unsigned char *token, const unsigned char *key, int allowed,
+            double expires)
+{
+    int32_t old = index_find(t, t->by_key, key, RELAY_KEY_LEN);
+    if (old >= 0) {
+        session_remove(t, old);
+    }
+    old = index_find(t, t->by_token, token, RELAY_TOKEN_LEN);
+    if (old >= 0) {
+        session_remove(t, old);
+    }
+    double now = monotonic_now();
+    int32_t budget = allowed && t->n_free > 0 ? budget_for(t, key, now) : -1;
+    if (budget < 0) {
+        return NULL;
+    }
+    int32_t n = t->free_list[--t->n_free];
+    struct relay_session *s = &t->sessions[n];
+    memset(s, 0, sizeof *s);
+    s->used = 1;
+    memcpy(s->token, token, RELAY_TOKEN_LEN);
+    memcpy(s->key, key, RELAY_KEY_LEN);
+    s->expires = expires;
+    s->budget = budget;
+    s->conn = -1;
+    t->budgets[budget].session = n;
+    t->by_token[index_slot(t, t->by_token, token, RELAY_TOKEN_LEN)] = n;
+    t->by_key[index_slot(t, t->by_key, key, RELAY_KEY_LEN)] = n;
+    return s;
+}
+
+static PyObject *
+relay_set(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    const unsigned char *token, *key;
+    struct relay_table *t = session_args(args, nargs, 7, "relay_set(table, token, key, fd, addr, expires, source)",
+                                         &token, &key);
+    int fd = t ? as_fd(args[3]) : -1;
     double expires = fd >= 0 ? PyFloat_AsDouble(args[5]) : -1.0;
     if (fd < 0 || (expires == -1.0 && PyErr_Occurred())) {
         return NULL;
@@ -1852,38 +1922,15 @@ relay_set(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_FALSE;
     }
     table_lock(t);
-    int32_t old = index_find(t, t->by_key, key, RELAY_KEY_LEN);
-    if (old >= 0) {
-        session_remove(t, old);
+    struct relay_session *s = session_add(t, token, key, 1, expires);
+    if (s != NULL) {
+        s->fd = fd;
+        memcpy(&s->addr, &sa, sa_len);
+        s->addr_len = sa_len;
+        s->source = source;
     }
-    old = index_find(t, t->by_token, token, RELAY_TOKEN_LEN);
-    if (old >= 0) {
-        session_remove(t, old);
-    }
-    double now = monotonic_now();
-    int32_t budget = t->n_free > 0 ? budget_for(t, key, now) : -1;
-    if (budget < 0) {
-        table_unlock(t);
-        Py_RETURN_FALSE;
-    }
-    int32_t n = t->free_list[--t->n_free];
-    struct relay_session *s = &t->sessions[n];
-    memset(s, 0, sizeof *s);
-    s->used = 1;
-    memcpy(s->token, token, RELAY_TOKEN_LEN);
-    memcpy(s->key, key, RELAY_KEY_LEN);
-    s->fd = fd;
-    memcpy(&s->addr, &sa, sa_len);
-    s->addr_len = sa_len;
-    s->source = source;
-    s->expires = expires;
-    s->budget = budget;
-    s->conn = -1;
-    t->budgets[budget].session = n;
-    t->by_token[index_slot(t, t->by_token, token, RELAY_TOKEN_LEN)] = n;
-    t->by_key[index_slot(t, t->by_key, key, RELAY_KEY_LEN)] = n;
     table_unlock(t);
-    Py_RETURN_TRUE;
+    return PyBool_FromLong(s != NULL);
 }
 
 static PyObject *
@@ -1996,23 +2043,45 @@ relay_charge_total(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyBool_FromLong(ok);
 }
 
+#define TABLE_COUNTER(name) offsetof(struct relay_table, name)
+#define MAX_COUNTERS 8
+
+/* The table's counters at `fields` (offsets of its unsigned long long members) as a tuple, zeroed: what
+ * relay_take_counters and relay_tcp_counters answer. */
+static PyObject *
+take_counters(PyObject *const *args, Py_ssize_t nargs, const char *usage, const size_t *fields, int n)
+{
+    struct relay_table *t = capsule_arg(args, nargs, 1, 1, RELAY_CAPSULE, usage);
+    if (t == NULL) {
+        return NULL;
+    }
+    unsigned long long v[MAX_COUNTERS];
+    table_lock(t);
+    for (int i = 0; i < n; i++) {
+        unsigned long long *c = (unsigned long long *)((char *)t + fields[i]);
+        v[i] = *c;
+        *c = 0;
+    }
+    table_unlock(t);
+    PyObject *out = PyTuple_New(n);
+    for (int i = 0; out != NULL && i < n; i++) {
+        PyObject *x = PyLong_FromUnsignedLongLong(v[i]);
+        if (x == NULL) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyTuple_SET_ITEM(out, i, x);
+    }
+    return out;
+}
+
 static PyObject *
 relay_take_counters(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    struct relay_table *t = nargs == 1 ? as_table(args[0]) : NULL;
-    if (t == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "relay_take_counters(table)");
-        }
-        return NULL;
-    }
-    table_lock(t);
-    unsigned long long c[6] = {t->forwarded_packets, t->forwarded_bytes, t->drop_node, t->drop_total, t->send_errors,
-                               t->send_would_block};
-    t->forwarded_packets = t->forwarded_bytes = t->drop_node = t->drop_total = 0;
-    t->send_errors = t->send_would_block = 0;
-    table_unlock(t);
-    return Py_BuildValue("(KKKKKK)", c[0], c[1], c[2], c[3], c[4], c[5]);
+    static const size_t fields[] = {TABLE_COUNTER(forwarded_packets), TABLE_COUNTER(forwarded_bytes),
+                                    TABLE_COUNTER(drop_node), TABLE_COUNTER(drop_total), TABLE_COUNTER(send_errors),
+                                    TABLE_COUNTER(send_would_block)};
+    return take_counters(args, nargs, "relay_take_counters(table)", fields, 6);
 }
 
 static int
@@ -2474,30 +2543,263 @@ relay_send_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 #define RELAY_QUEUE_BYTES (16 << 20)
 #define RELAY_WORKER_ROUNDS 8  /* batches per wake before poll() again (the stop fd is looked at there) */
 
+/* The head of an item a forwarding thread leaves for Python (relay_pending, relay_tcp_item). */
+struct queue_link {
+    struct queue_link *next;
+    size_t size;     /* its bytes, counted against RELAY_QUEUE_BYTES */
+    uint32_t owner;  /* the TCP connection slot it comes from (the per-connection cap); 0 for UDP */
+};
+
+/* What both forwarding threads (the UDP workers, the TCP worker) have: the table they forward with (kept alive
+ * by the reference), the thread, the eventfds that wake trio and stop the thread, and the bounded queue of
+ * items for Python (the thread its only producer, Python its only consumer). First in each worker's struct. */
+struct relay_thread {
+    PyObject *table_obj;
+    struct relay_table *t;
+    int wake_fd, stop_fd, running;
+    pthread_t thread;
+    pthread_mutex_t qlock;  /* the queue and its counts */
+    struct queue_link *head, *tail;
+    size_t count, bytes;
+    unsigned long long drops;
+    uint32_t *pending, pending_max;  /* items waiting per owner, at most pending_max (NULL: no such cap) */
+};
+
+/* Whether an item of `size` bytes from `owner` fits in the queue. The thread is the queue's only producer:
+ * room seen here is still there when it appends the item. */
+static int
+thread_room(struct relay_thread *w, size_t size, uint32_t owner)
+{
+    pthread_mutex_lock(&w->qlock);
+    int room = w->count < RELAY_QUEUE_MAX && w->bytes + size <= RELAY_QUEUE_BYTES
+               && (w->pending == NULL || w->pending[owner] < w->pending_max);
+    pthread_mutex_unlock(&w->qlock);
+    return room;
+}
+
+/* Appends an item for Python; p NULL (no room, no memory): a drop, counted. 1 when appended. */
+static int
+thread_push(struct relay_thread *w, struct queue_link *p)
+{
+    pthread_mutex_lock(&w->qlock);
+    if (p == NULL) {
+        w->drops++;
+    } else {
+        p->next = NULL;
+        if (w->tail != NULL) {
+            w->tail->next = p;
+        } else {
+            w->head = p;
+        }
+        w->tail = p;
+        w->count++;
+        w->bytes += p->size;
+        if (w->pending != NULL) {
+            w->pending[p->owner]++;
+        }
+    }
+    pthread_mutex_unlock(&w->qlock);
+    return p != NULL;
+}
+
+static void
+thread_wake(struct relay_thread *w)
+{
+    uint64_t one = 1;
+    ssize_t rc = write(w->wake_fd, &one, sizeof one);  /* EAGAIN: the counter is full, trio wakes anyway */
+    (void)rc;
+}
+
+/* The Python object of a queued item (a new reference), or NULL with an exception. */
+typedef PyObject *(*item_to_python)(const struct queue_link *p, void *ctx);
+
+/* Up to `limit` queued items, made into a list by `convert` (outside the queue's lock) and freed. */
+static PyObject *
+thread_take(struct relay_thread *w, Py_ssize_t limit, item_to_python convert, void *ctx)
+{
+    uint64_t ignored;
+    ssize_t rc = read(w->wake_fd, &ignored, sizeof ignored);  /* re-armed below if anything is left */
+    (void)rc;
+    pthread_mutex_lock(&w->qlock);
+    struct queue_link *first = w->head, *last = NULL, *p = first;
+    Py_ssize_t taken = 0;
+    while (p != NULL && taken < limit) {
+        w->bytes -= p->size;
+        if (w->pending != NULL) {
+            w->pending[p->owner]--;
+        }
+        last = p;
+        p = p->next;
+        taken++;
+    }
+    w->head = p;
+    if (p == NULL) {
+        w->tail = NULL;
+    }
+    w->count -= (size_t)taken;
+    if (last != NULL) {
+        last->next = NULL;
+    }
+    int more = w->head != NULL;
+    pthread_mutex_unlock(&w->qlock);
+    if (more) {
+        thread_wake(w);
+    }
+    PyObject *out = PyList_New(0);
+    int ok = out != NULL;
+    for (p = taken ? first : NULL; p != NULL;) {
+        ok = ok && append_new(out, convert(p, ctx)) == 0;
+        struct queue_link *next = p->next;
+        PyMem_RawFree(p);
+        p = next;
+    }
+    if (!ok) {
+        Py_XDECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
+static void
+thread_stop(struct relay_thread *w)
+{
+    if (!w->running) {
+        return;
+    }
+    uint64_t one = 1;
+    ssize_t rc = write(w->stop_fd, &one, sizeof one);
+    (void)rc;
+    pthread_join(w->thread, NULL);  /* the thread never takes the GIL: joining with it held cannot deadlock */
+    w->running = 0;
+}
+
+/* A worker of `size` bytes (a struct that starts with its relay_thread) for the table `table_obj`, zeroed but
+ * for the relay_thread, in a capsule whose destructor is `destroy`; NULL with an exception. */
+static struct relay_thread *
+thread_new(size_t size, PyObject *table_obj, struct relay_table *t, const char *name, PyCapsule_Destructor destroy,
+           PyObject **capsule)
+{
+    struct relay_thread *w = PyMem_RawCalloc(1, size);
+    if (w == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    w->wake_fd = w->stop_fd = -1;
+    pthread_mutex_init(&w->qlock, NULL);
+    w->table_obj = Py_NewRef(table_obj);
+    w->t = t;
+    *capsule = PyCapsule_New(w, name, destroy);
+    if (*capsule == NULL) {
+        Py_DECREF(w->table_obj);
+        pthread_mutex_destroy(&w->qlock);
+        PyMem_RawFree(w);
+        return NULL;
+    }
+    w->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    w->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (w->wake_fd < 0 || w->stop_fd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_CLEAR(*capsule);
+        return NULL;
+    }
+    return w;
+}
+
+/* Starts the thread of the worker in `capsule`: the capsule, or NULL with an exception (the capsule released). */
+static PyObject *
+thread_run(struct relay_thread *w, void *(*main)(void *), PyObject *capsule)
+{
+    /* Signals stay with the main thread (Python handles them there; trio wakes on them). */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int err = pthread_create(&w->thread, NULL, main, w);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (err != 0) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(capsule);
+        return NULL;
+    }
+    w->running = 1;
+    return capsule;
+}
+
+/* Stops the thread and frees what the relay_thread holds: the queue, the eventfds (the stop one first taken out of
+ * the epoll set `epfd` it was added to, if any), the table's reference. */
+static void
+thread_end(struct relay_thread *w, int epfd)
+{
+    thread_stop(w);
+    if (w->stop_fd >= 0 && epfd >= 0) {
+        epoll_ctl(epfd, EPOLL_CTL_DEL, w->stop_fd, NULL);
+    }
+    for (struct queue_link *p = w->head, *next; p != NULL; p = next) {
+        next = p->next;
+        PyMem_RawFree(p);
+    }
+    if (w->wake_fd >= 0) {
+        close(w->wake_fd);
+    }
+    if (w->stop_fd >= 0) {
+        close(w->stop_fd);
+    }
+    pthread_mutex_destroy(&w->qlock);
+    PyMem_RawFree(w->pending);
+    Py_XDECREF(w->table_obj);
+}
+
+/* The Python calls both workers answer alike: the eventfd, the drops since the last call, stop. */
+static PyObject *
+thread_fd_call(PyObject *const *args, Py_ssize_t nargs, const char *name, const char *usage)
+{
+    struct relay_thread *w = capsule_arg(args, nargs, 1, 1, name, usage);
+    return w != NULL ? PyLong_FromLong(w->wake_fd) : NULL;
+}
+
+static PyObject *
+thread_drops_call(PyObject *const *args, Py_ssize_t nargs, const char *name, const char *usage)
+{
+    struct relay_thread *w = capsule_arg(args, nargs, 1, 1, name, usage);
+    if (w == NULL) {
+        return NULL;
+    }
+    pthread_mutex_lock(&w->qlock);
+    unsigned long long drops = w->drops;
+    w->drops = 0;
+    pthread_mutex_unlock(&w->qlock);
+    return PyLong_FromUnsignedLongLong(drops);
+}
+
+static PyObject *
+thread_stop_call(PyObject *const *args, Py_ssize_t nargs, const char *name, const char *usage)
+{
+    struct relay_thread *w = capsule_arg(args, nargs, 1, 1, name, usage);
+    if (w == NULL) {
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    thread_stop(w);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 struct relay_pending {
-    struct relay_pending *next;
+    struct queue_link link;  /* link.size: the datagram's length */
     struct sockaddr_storage name;
     socklen_t namelen;
     struct local_source local;
-    size_t len;
     unsigned char data[];
 };
 
 struct relay_worker {
-    PyObject *table_obj;
-    struct relay_table *t;
-    int fd, wake_fd, stop_fd, running;
-    pthread_t thread;
-    pthread_mutex_t qlock;  /* the queue and its counts */
-    struct relay_pending *head, *tail;
-    size_t count, bytes;
-    unsigned long long drops;
+    struct relay_thread th;
+    int fd;
     unsigned char *buffers;
     struct relay_rx rx;
 };
 
-/* Copies the batch's datagrams for Python into the queue (or drops them: full); 1 when any was queued.
- * The worker is the queue's only producer: room seen here is still there when the datagram is appended. */
+/* Copies the batch's datagrams for Python into the queue (or drops them: full); 1 when any was queued. */
 static int
 worker_queue(struct relay_worker *w, int n, const char *rest)
 {
@@ -2508,33 +2810,18 @@ worker_queue(struct relay_worker *w, int n, const char *rest)
             continue;
         }
         size_t len = rx->msgs[k].msg_len;
-        pthread_mutex_lock(&w->qlock);
-        int room = w->count < RELAY_QUEUE_MAX && w->bytes + len <= RELAY_QUEUE_BYTES;
-        pthread_mutex_unlock(&w->qlock);
-        struct relay_pending *p = room ? PyMem_RawMalloc(sizeof *p + len) : NULL;
+        struct relay_pending *p = thread_room(&w->th, len, 0) ? PyMem_RawMalloc(sizeof *p + len) : NULL;
         if (p != NULL) {
-            p->next = NULL;
+            p->link.size = len;
+            p->link.owner = 0;
             memcpy(&p->name, &rx->names[k], sizeof p->name);
             p->namelen = rx->msgs[k].msg_hdr.msg_namelen;
             p->local = rx->local[k];
-            p->len = len;
             memcpy(p->data, rx->iov[k].iov_base, len);
         }
-        pthread_mutex_lock(&w->qlock);
-        if (p == NULL) {
-            w->drops++;
-        } else {
-            if (w->tail != NULL) {
-                w->tail->next = p;
-            } else {
-                w->head = p;
-            }
-            w->tail = p;
-            w->count++;
-            w->bytes += len;
+        if (thread_push(&w->th, p != NULL ? &p->link : NULL)) {
             added = 1;
         }
-        pthread_mutex_unlock(&w->qlock);
     }
     return added;
 }
@@ -2542,6 +2829,7 @@ worker_queue(struct relay_worker *w, int n, const char *rest)
 static void
 worker_drain(struct relay_worker *w)
 {
+    struct relay_table *t = w->th.t;
     char rest[RELAY_BATCH];
     int wake = 0;
     for (int round = 0; round < RELAY_WORKER_ROUNDS; round++) {
@@ -2553,9 +2841,9 @@ worker_drain(struct relay_worker *w)
             }
             continue;  /* an ICMP error reported on the socket (a node gone): read on */
         }
-        pthread_mutex_lock(&w->t->lock);
-        int left = n > 0 ? relay_batch(w->t, w->fd, &w->rx, n, rest) : 0;
-        pthread_mutex_unlock(&w->t->lock);
+        pthread_mutex_lock(&t->lock);
+        int left = n > 0 ? relay_batch(t, w->fd, &w->rx, n, rest) : 0;
+        pthread_mutex_unlock(&t->lock);
         if (left > 0 && worker_queue(w, n, rest)) {
             wake = 1;
         }
@@ -2564,9 +2852,7 @@ worker_drain(struct relay_worker *w)
         }
     }
     if (wake) {
-        uint64_t one = 1;
-        ssize_t rc = write(w->wake_fd, &one, sizeof one);  /* EAGAIN: the counter is full, trio wakes anyway */
-        (void)rc;
+        thread_wake(&w->th);
     }
 }
 
@@ -2574,7 +2860,7 @@ static void *
 worker_main(void *arg)
 {
     struct relay_worker *w = arg;
-    struct pollfd fds[2] = {{.fd = w->fd, .events = POLLIN}, {.fd = w->stop_fd, .events = POLLIN}};
+    struct pollfd fds[2] = {{.fd = w->fd, .events = POLLIN}, {.fd = w->th.stop_fd, .events = POLLIN}};
     for (;;) {
         int rc = poll(fds, 2, -1);
         if (rc < 0) {
@@ -2594,127 +2880,68 @@ worker_main(void *arg)
 }
 
 static void
-worker_stop(struct relay_worker *w)
-{
-    if (!w->running) {
-        return;
-    }
-    uint64_t one = 1;
-    ssize_t rc = write(w->stop_fd, &one, sizeof one);
-    (void)rc;
-    pthread_join(w->thread, NULL);  /* the thread never takes the GIL: joining with it held cannot deadlock */
-    w->running = 0;
-}
-
-static void
 relay_worker_free(PyObject *capsule)
 {
     struct relay_worker *w = PyCapsule_GetPointer(capsule, RELAY_WORKER_CAPSULE);
     if (w == NULL) {
         return;
     }
-    worker_stop(w);
-    for (struct relay_pending *p = w->head, *next; p != NULL; p = next) {
-        next = p->next;
-        PyMem_RawFree(p);
-    }
-    if (w->wake_fd >= 0) {
-        close(w->wake_fd);
-    }
-    if (w->stop_fd >= 0) {
-        close(w->stop_fd);
-    }
-    pthread_mutex_destroy(&w->qlock);
+    thread_end(&w->th, -1);
     PyMem_RawFree(w->buffers);
-    Py_XDECREF(w->table_obj);
     PyMem_RawFree(w);
-}
-
-static struct relay_worker *
-as_worker(PyObject *obj)
-{
-    return PyCapsule_GetPointer(obj, RELAY_WORKER_CAPSULE);
 }
 
 static PyObject *
 relay_worker_start(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    struct relay_table *t = nargs == 2 ? as_table(args[0]) : NULL;
+    int fd;
+    struct relay_table *t = table_and_fd(args, nargs, "relay_worker_start(table, fd)", &fd);
     if (t == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "relay_worker_start(table, fd)");
-        }
         return NULL;
     }
-    int fd = as_fd(args[1]);
-    if (fd < 0) {
-        return NULL;
-    }
-    struct relay_worker *w = PyMem_RawCalloc(1, sizeof *w);
+    PyObject *capsule;
+    struct relay_worker *w = (struct relay_worker *)thread_new(sizeof *w, args[0], t, RELAY_WORKER_CAPSULE,
+                                                               relay_worker_free, &capsule);
     if (w == NULL) {
-        return PyErr_NoMemory();
-    }
-    w->wake_fd = w->stop_fd = -1;
-    pthread_mutex_init(&w->qlock, NULL);
-    w->table_obj = Py_NewRef(args[0]);
-    w->t = t;
-    w->fd = fd;
-    PyObject *capsule = PyCapsule_New(w, RELAY_WORKER_CAPSULE, relay_worker_free);
-    if (capsule == NULL) {
-        Py_DECREF(w->table_obj);
-        pthread_mutex_destroy(&w->qlock);
-        PyMem_RawFree(w);
         return NULL;
     }
+    w->fd = fd;
     w->buffers = PyMem_RawMalloc((size_t)RELAY_BATCH * RELAY_BUFFER);
     if (w->buffers == NULL) {
         Py_DECREF(capsule);
         return PyErr_NoMemory();
     }
-    w->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    w->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (w->wake_fd < 0 || w->stop_fd < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        Py_DECREF(capsule);
-        return NULL;
-    }
-    /* Signals stay with the main thread (Python handles them there; trio wakes on them). */
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &old);
-    int err = pthread_create(&w->thread, NULL, worker_main, w);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (err != 0) {
-        errno = err;
-        PyErr_SetFromErrno(PyExc_OSError);
-        Py_DECREF(capsule);
-        return NULL;
-    }
-    w->running = 1;
-    return capsule;
+    return thread_run(&w->th, worker_main, capsule);
 }
 
 static PyObject *
 relay_worker_fd(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    struct relay_worker *w = nargs == 1 ? as_worker(args[0]) : NULL;
-    if (w == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "relay_worker_fd(worker)");
-        }
-        return NULL;
+    return thread_fd_call(args, nargs, RELAY_WORKER_CAPSULE, "relay_worker_fd(worker)");
+}
+
+/* A datagram for Python as relay_forward returns it: (bytes, (host, port)); its local address remembered. */
+static PyObject *
+pending_to_python(const struct queue_link *link, void *sources)
+{
+    const struct relay_pending *p = (const struct relay_pending *)link;
+    PyObject *bytes = PyBytes_FromStringAndSize((const char *)p->data, (Py_ssize_t)p->link.size);
+    PyObject *addr = bytes != NULL ? source_tuple(&p->name, p->namelen) : NULL;
+    PyObject *item = NULL;
+    if (addr != NULL && (p->local.len == 0 || sources == NULL || remember_source(sources, addr, &p->local) == 0)) {
+        item = PyTuple_Pack(2, bytes, addr);
     }
-    return PyLong_FromLong(w->wake_fd);
+    Py_XDECREF(bytes);
+    Py_XDECREF(addr);
+    return item;
 }
 
 static PyObject *
 relay_worker_take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    struct relay_worker *w = (nargs == 2 || nargs == 3) ? as_worker(args[0]) : NULL;
+    struct relay_worker *w = capsule_arg(args, nargs, 2, 3, RELAY_WORKER_CAPSULE,
+                                         "relay_worker_take(worker, limit[, sources])");
     if (w == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "relay_worker_take(worker, limit[, sources])");
-        }
         return NULL;
     }
     Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
@@ -2722,88 +2949,19 @@ relay_worker_take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if ((limit == -1 && PyErr_Occurred()) || optional_dict(args, nargs, 2, &sources) < 0) {
         return NULL;
     }
-    uint64_t ignored;
-    ssize_t rc = read(w->wake_fd, &ignored, sizeof ignored);  /* re-armed below if anything is left */
-    (void)rc;
-    /* Detach up to `limit` datagrams; Python objects are made outside the lock. */
-    pthread_mutex_lock(&w->qlock);
-    struct relay_pending *first = w->head, *last = NULL, *p = first;
-    Py_ssize_t taken = 0;
-    while (p != NULL && taken < limit) {
-        w->bytes -= p->len;
-        last = p;
-        p = p->next;
-        taken++;
-    }
-    w->head = p;
-    if (p == NULL) {
-        w->tail = NULL;
-    }
-    w->count -= (size_t)taken;
-    if (last != NULL) {
-        last->next = NULL;
-    }
-    int more = w->head != NULL;
-    pthread_mutex_unlock(&w->qlock);
-    if (more) {
-        uint64_t one = 1;
-        rc = write(w->wake_fd, &one, sizeof one);
-    }
-    PyObject *out = PyList_New(0);
-    int ok = out != NULL;
-    for (p = taken ? first : NULL; p != NULL;) {
-        if (ok) {
-            PyObject *bytes = PyBytes_FromStringAndSize((const char *)p->data, (Py_ssize_t)p->len);
-            PyObject *addr = bytes != NULL ? source_tuple(&p->name, p->namelen) : NULL;
-            ok = addr != NULL && (p->local.len == 0 || sources == NULL || remember_source(sources, addr, &p->local) == 0);
-            if (ok && append_new(out, PyTuple_Pack(2, bytes, addr)) < 0) {
-                ok = 0;
-            }
-            Py_XDECREF(bytes);
-            Py_XDECREF(addr);
-        }
-        struct relay_pending *next = p->next;
-        PyMem_RawFree(p);
-        p = next;
-    }
-    if (!ok) {
-        Py_XDECREF(out);
-        return NULL;
-    }
-    return out;
+    return thread_take(&w->th, limit, pending_to_python, sources);
 }
 
 static PyObject *
 relay_worker_drops(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    struct relay_worker *w = nargs == 1 ? as_worker(args[0]) : NULL;
-    if (w == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "relay_worker_drops(worker)");
-        }
-        return NULL;
-    }
-    pthread_mutex_lock(&w->qlock);
-    unsigned long long drops = w->drops;
-    w->drops = 0;
-    pthread_mutex_unlock(&w->qlock);
-    return PyLong_FromUnsignedLongLong(drops);
+    return thread_drops_call(args, nargs, RELAY_WORKER_CAPSULE, "relay_worker_drops(worker)");
 }
 
 static PyObject *
 relay_worker_stop(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    struct relay_worker *w = nargs == 1 ? as_worker(args[0]) : NULL;
-    if (w == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "relay_worker_stop(worker)");
-        }
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    worker_stop(w);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    return thread_stop_call(args, nargs, RELAY_WORKER_CAPSULE, "relay_worker_stop(worker)");
 }
 
 /* ---- The TCP relay's connections in C (issue 16: the TCP relay's round trip) ----
@@ -2833,8 +2991,6 @@ relay_worker_stop(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  *                               dropped on a full outbound buffer, frames left for Python, failed writes)
  * relay_tcp_stop(worker): stops and joins the thread; also on the capsule's end
  */
-#include <sys/epoll.h>
-
 #define RELAY_TCP_CAPSULE "meshwg.relay_tcp_worker"
 #define RELAY_TCP_OUT_MAX (512 << 10)
 #define RELAY_TCP_FRAME_MAX (2 + 65535)
@@ -2846,24 +3002,15 @@ relay_worker_stop(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 #define RELAY_TCP_PY_PER_CONN 512
 
 struct relay_tcp_item {
-    struct relay_tcp_item *next;
+    struct queue_link link;  /* link.owner: the connection's slot */
     uint64_t handle;
     Py_ssize_t len;  /* -1: the connection's end */
     unsigned char data[];
 };
 
 struct relay_tcp_worker {
-    PyObject *table_obj;
-    struct relay_table *t;
-    int wake_fd, stop_fd, running;
-    pthread_t thread;
-    pthread_mutex_t qlock;
-    struct relay_tcp_item *head, *tail;
-    size_t count, bytes;
-    unsigned long long drops;
+    struct relay_thread th;  /* th.pending: per connection slot, its items in the queue */
     unsigned char *rbuf;  /* RELAY_TCP_READ + RELAY_TCP_FRAME_MAX: a partial frame, then what one read brings */
-    uint32_t *pending;    /* per connection slot: its items in the queue (under qlock) */
-    int32_t max_conns;
 };
 
 static uint64_t
@@ -3054,35 +3201,18 @@ tcp_queue(struct relay_tcp_worker *w, uint64_t handle, const unsigned char *data
 {
     size_t size = data != NULL ? (size_t)len : 0;
     uint32_t slot = (uint32_t)handle;  /* < max_conns: handles are conn_handle's */
-    pthread_mutex_lock(&w->qlock);
-    int room = data == NULL || (w->count < RELAY_QUEUE_MAX && w->bytes + size <= RELAY_QUEUE_BYTES
-                                && w->pending[slot] < RELAY_TCP_PY_PER_CONN);
-    pthread_mutex_unlock(&w->qlock);
-    struct relay_tcp_item *p = room ? malloc(sizeof *p + size) : NULL;
+    int room = data == NULL || thread_room(&w->th, size, slot);
+    struct relay_tcp_item *p = room ? PyMem_RawMalloc(sizeof *p + size) : NULL;
     if (p != NULL) {
-        p->next = NULL;
+        p->link.size = size;
+        p->link.owner = slot;
         p->handle = handle;
         p->len = data != NULL ? len : -1;
         if (size) {
             memcpy(p->data, data, size);
         }
     }
-    pthread_mutex_lock(&w->qlock);
-    if (p == NULL) {
-        w->drops++;
-    } else {
-        if (w->tail != NULL) {
-            w->tail->next = p;
-        } else {
-            w->head = p;
-        }
-        w->tail = p;
-        w->count++;
-        w->bytes += size;
-        w->pending[slot]++;
-    }
-    pthread_mutex_unlock(&w->qlock);
-    return p != NULL;
+    return thread_push(&w->th, p != NULL ? &p->link : NULL);
 }
 
 /* The complete frames of buf[0:len) from connection `slot`: SENDs the table allows forwarded, the rest queued
@@ -3090,7 +3220,7 @@ tcp_queue(struct relay_tcp_worker *w, uint64_t handle, const unsigned char *data
 static size_t
 tcp_frames(struct relay_tcp_worker *w, int32_t slot, unsigned char *buf, size_t len, double now, int *queued_python)
 {
-    struct relay_table *t = w->t;
+    struct relay_table *t = w->th.t;
     struct relay_out q[RELAY_BATCH];
     int queued = 0;
     size_t off = 0;
@@ -3125,7 +3255,7 @@ tcp_frames(struct relay_tcp_worker *w, int32_t slot, unsigned char *buf, size_t 
 static void
 conn_read(struct relay_tcp_worker *w, int32_t slot, int *wake)
 {
-    struct relay_table *t = w->t;
+    struct relay_table *t = w->th.t;
     struct relay_conn *c = &t->conns[slot];
     size_t have = c->partial_len;
     if (have) {
@@ -3170,7 +3300,7 @@ static void *
 tcp_worker_main(void *arg)
 {
     struct relay_tcp_worker *w = arg;
-    struct relay_table *t = w->t;
+    struct relay_table *t = w->th.t;
     struct epoll_event evs[RELAY_TCP_EVENTS];
     for (;;) {
         int n = epoll_wait(t->epfd, evs, RELAY_TCP_EVENTS, -1);
@@ -3205,9 +3335,7 @@ tcp_worker_main(void *arg)
         }
         pthread_mutex_unlock(&t->lock);
         if (wake) {
-            uint64_t one = 1;
-            ssize_t rc = write(w->wake_fd, &one, sizeof one);
-            (void)rc;
+            thread_wake(&w->th);
         }
         if (stop) {
             break;
@@ -3217,50 +3345,15 @@ tcp_worker_main(void *arg)
 }
 
 static void
-tcp_worker_stop(struct relay_tcp_worker *w)
-{
-    if (!w->running) {
-        return;
-    }
-    uint64_t one = 1;
-    ssize_t rc = write(w->stop_fd, &one, sizeof one);
-    (void)rc;
-    pthread_join(w->thread, NULL);  /* the thread never takes the GIL */
-    w->running = 0;
-}
-
-static void
 relay_tcp_worker_free(PyObject *capsule)
 {
     struct relay_tcp_worker *w = PyCapsule_GetPointer(capsule, RELAY_TCP_CAPSULE);
     if (w == NULL) {
         return;
     }
-    tcp_worker_stop(w);
-    if (w->stop_fd >= 0 && w->t->epfd >= 0) {
-        epoll_ctl(w->t->epfd, EPOLL_CTL_DEL, w->stop_fd, NULL);
-    }
-    for (struct relay_tcp_item *p = w->head, *next; p != NULL; p = next) {
-        next = p->next;
-        free(p);
-    }
-    if (w->wake_fd >= 0) {
-        close(w->wake_fd);
-    }
-    if (w->stop_fd >= 0) {
-        close(w->stop_fd);
-    }
-    pthread_mutex_destroy(&w->qlock);
+    thread_end(&w->th, w->th.t->epfd);
     PyMem_RawFree(w->rbuf);
-    PyMem_RawFree(w->pending);
-    Py_XDECREF(w->table_obj);
     PyMem_RawFree(w);
-}
-
-static struct relay_tcp_worker *
-as_tcp_worker(PyObject *obj)
-{
-    return PyCapsule_GetPointer(obj, RELAY_TCP_CAPSULE);
 }
 
 /* The connection slots and the epoll set, made once per table. Table locked. */
@@ -3311,56 +3404,33 @@ relay_tcp_start(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (rc < 0) {
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    struct relay_tcp_worker *w = PyMem_RawCalloc(1, sizeof *w);
+    PyObject *capsule;
+    struct relay_tcp_worker *w = (struct relay_tcp_worker *)thread_new(sizeof *w, args[0], t, RELAY_TCP_CAPSULE,
+                                                                       relay_tcp_worker_free, &capsule);
     if (w == NULL) {
-        return PyErr_NoMemory();
-    }
-    w->wake_fd = w->stop_fd = -1;
-    pthread_mutex_init(&w->qlock, NULL);
-    w->table_obj = Py_NewRef(args[0]);
-    w->t = t;
-    PyObject *capsule = PyCapsule_New(w, RELAY_TCP_CAPSULE, relay_tcp_worker_free);
-    if (capsule == NULL) {
-        Py_DECREF(w->table_obj);
-        pthread_mutex_destroy(&w->qlock);
-        PyMem_RawFree(w);
         return NULL;
     }
     w->rbuf = PyMem_RawMalloc(RELAY_TCP_READ + RELAY_TCP_FRAME_MAX);
-    w->pending = PyMem_RawCalloc((size_t)max, sizeof *w->pending);
-    w->max_conns = (int32_t)max;
-    if (w->rbuf == NULL || w->pending == NULL) {
+    w->th.pending = PyMem_RawCalloc((size_t)max, sizeof *w->th.pending);
+    w->th.pending_max = RELAY_TCP_PY_PER_CONN;
+    if (w->rbuf == NULL || w->th.pending == NULL) {
         Py_DECREF(capsule);
         return PyErr_NoMemory();
     }
-    w->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    w->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = RELAY_TCP_STOP};
-    if (w->wake_fd < 0 || w->stop_fd < 0 || epoll_ctl(t->epfd, EPOLL_CTL_ADD, w->stop_fd, &ev) < 0) {
+    if (epoll_ctl(t->epfd, EPOLL_CTL_ADD, w->th.stop_fd, &ev) < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         Py_DECREF(capsule);
         return NULL;
     }
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &old);
-    int err = pthread_create(&w->thread, NULL, tcp_worker_main, w);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (err != 0) {
-        errno = err;
-        PyErr_SetFromErrno(PyExc_OSError);
-        Py_DECREF(capsule);
-        return NULL;
-    }
-    w->running = 1;
-    return capsule;
+    return thread_run(&w->th, tcp_worker_main, capsule);
 }
 
-/* The table and the connection handle of args[0], args[1]; NULL with an exception when not. */
+/* The table and the connection handle of args[0], args[1] (of `want` arguments); NULL with an exception when not. */
 static struct relay_table *
-table_and_handle(PyObject *const *args, uint64_t *handle)
+table_and_handle(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *usage, uint64_t *handle)
 {
-    struct relay_table *t = as_table(args[0]);
+    struct relay_table *t = capsule_arg(args, nargs, want, want, RELAY_CAPSULE, usage);
     if (t == NULL) {
         return NULL;
     }
@@ -3374,15 +3444,9 @@ table_and_handle(PyObject *const *args, uint64_t *handle)
 static PyObject *
 relay_tcp_add(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    struct relay_table *t = nargs == 2 ? as_table(args[0]) : NULL;
+    int fd;
+    struct relay_table *t = table_and_fd(args, nargs, "relay_tcp_add(table, fd)", &fd);
     if (t == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "relay_tcp_add(table, fd)");
-        }
-        return NULL;
-    }
-    int fd = as_fd(args[1]);
-    if (fd < 0) {
         return NULL;
     }
     table_lock(t);
@@ -3407,11 +3471,8 @@ static PyObject *
 relay_tcp_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     uint64_t handle;
-    struct relay_table *t = nargs == 3 ? table_and_handle(args, &handle) : NULL;
+    struct relay_table *t = table_and_handle(args, nargs, 3, "relay_tcp_send(table, handle, frame)", &handle);
     if (t == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "relay_tcp_send(table, handle, frame)");
-        }
         return NULL;
     }
     if (!PyBytes_Check(args[2]) || PyBytes_GET_SIZE(args[2]) > 65535) {
@@ -3439,11 +3500,8 @@ static PyObject *
 relay_tcp_read(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     uint64_t handle;
-    struct relay_table *t = nargs == 3 ? table_and_handle(args, &handle) : NULL;
+    struct relay_table *t = table_and_handle(args, nargs, 3, "relay_tcp_read(table, handle, partial)", &handle);
     if (t == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "relay_tcp_read(table, handle, partial)");
-        }
         return NULL;
     }
     if (!PyBytes_Check(args[2]) || PyBytes_GET_SIZE(args[2]) >= RELAY_TCP_FRAME_MAX) {
@@ -3483,11 +3541,8 @@ static PyObject *
 relay_tcp_state(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     uint64_t handle;
-    struct relay_table *t = nargs == 2 ? table_and_handle(args, &handle) : NULL;
+    struct relay_table *t = table_and_handle(args, nargs, 2, "relay_tcp_state(table, handle)", &handle);
     if (t == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "relay_tcp_state(table, handle)");
-        }
         return NULL;
     }
     table_lock(t);
@@ -3511,11 +3566,8 @@ static PyObject *
 relay_tcp_remove(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     uint64_t handle;
-    struct relay_table *t = nargs == 2 ? table_and_handle(args, &handle) : NULL;
+    struct relay_table *t = table_and_handle(args, nargs, 2, "relay_tcp_remove(table, handle)", &handle);
     if (t == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "relay_tcp_remove(table, handle)");
-        }
         return NULL;
     }
     table_lock(t);
@@ -3542,74 +3594,53 @@ relay_tcp_remove(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 relay_set_tcp(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    uint64_t handle;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "relay_set_tcp(table, token, key, handle, expires)");
+    const unsigned char *token, *key;
+    struct relay_table *t = session_args(args, nargs, 5, "relay_set_tcp(table, token, key, handle, expires)", &token,
+                                         &key);
+    if (t == NULL) {
         return NULL;
     }
-    struct relay_table *t = as_table(args[0]);
-    const unsigned char *token = t ? exact_bytes(args[1], RELAY_TOKEN_LEN, "token") : NULL;
-    const unsigned char *key = token ? exact_bytes(args[2], RELAY_KEY_LEN, "key") : NULL;
-    if (key == NULL) {
-        return NULL;
-    }
-    handle = PyLong_AsUnsignedLongLong(args[3]);
+    uint64_t handle = PyLong_AsUnsignedLongLong(args[3]);
     double expires = PyErr_Occurred() ? -1.0 : PyFloat_AsDouble(args[4]);
     if (PyErr_Occurred()) {
         return NULL;
     }
     table_lock(t);
-    int32_t slot;
+    int32_t slot = -1;
     struct relay_conn *c = conn_of(t, handle, &slot);
-    int32_t old = index_find(t, t->by_key, key, RELAY_KEY_LEN);
-    if (old >= 0) {
-        session_remove(t, old);
+    struct relay_session *s = session_add(t, token, key, c != NULL, expires);
+    if (s != NULL) {
+        s->fd = c->fd;
+        s->conn = slot;
+        c->sessions++;
     }
-    old = index_find(t, t->by_token, token, RELAY_TOKEN_LEN);
-    if (old >= 0) {
-        session_remove(t, old);
-    }
-    double now = monotonic_now();
-    int32_t budget = c != NULL && t->n_free > 0 ? budget_for(t, key, now) : -1;
-    if (budget < 0) {
-        table_unlock(t);
-        Py_RETURN_FALSE;
-    }
-    int32_t n = t->free_list[--t->n_free];
-    struct relay_session *s = &t->sessions[n];
-    memset(s, 0, sizeof *s);
-    s->used = 1;
-    memcpy(s->token, token, RELAY_TOKEN_LEN);
-    memcpy(s->key, key, RELAY_KEY_LEN);
-    s->fd = c->fd;
-    s->expires = expires;
-    s->budget = budget;
-    s->conn = slot;
-    c->sessions++;
-    t->budgets[budget].session = n;
-    t->by_token[index_slot(t, t->by_token, token, RELAY_TOKEN_LEN)] = n;
-    t->by_key[index_slot(t, t->by_key, key, RELAY_KEY_LEN)] = n;
     table_unlock(t);
-    Py_RETURN_TRUE;
+    return PyBool_FromLong(s != NULL);
 }
 
 static PyObject *
 relay_tcp_fd(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    struct relay_tcp_worker *w = nargs == 1 ? as_tcp_worker(args[0]) : NULL;
-    if (w == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "relay_tcp_fd(worker)");
-        }
-        return NULL;
-    }
-    return PyLong_FromLong(w->wake_fd);
+    return thread_fd_call(args, nargs, RELAY_TCP_CAPSULE, "relay_tcp_fd(worker)");
+}
+
+/* A frame for Python, or its connection's end: (handle, bytes or None). */
+static PyObject *
+tcp_item_to_python(const struct queue_link *link, void *ctx)
+{
+    const struct relay_tcp_item *p = (const struct relay_tcp_item *)link;
+    PyObject *frame = p->len >= 0 ? PyBytes_FromStringAndSize((const char *)p->data, p->len) : Py_NewRef(Py_None);
+    PyObject *h = frame != NULL ? PyLong_FromUnsignedLongLong(p->handle) : NULL;
+    PyObject *item = h != NULL ? PyTuple_Pack(2, h, frame) : NULL;
+    Py_XDECREF(frame);
+    Py_XDECREF(h);
+    return item;
 }
 
 static PyObject *
 relay_tcp_take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    struct relay_tcp_worker *w = nargs == 2 ? as_tcp_worker(args[0]) : NULL;
+    struct relay_tcp_worker *w = capsule_arg(args, nargs, 2, 2, RELAY_TCP_CAPSULE, "relay_tcp_take(worker, limit)");
     Py_ssize_t limit = w != NULL ? PyLong_AsSsize_t(args[1]) : -1;
     if (w == NULL || limit < 0) {
         if (!PyErr_Occurred()) {
@@ -3617,102 +3648,27 @@ relay_tcp_take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         return NULL;
     }
-    uint64_t ignored;
-    ssize_t rc = read(w->wake_fd, &ignored, sizeof ignored);  /* re-armed below if anything is left */
-    (void)rc;
-    pthread_mutex_lock(&w->qlock);
-    struct relay_tcp_item *first = w->head, *last = NULL, *p = first;
-    Py_ssize_t taken = 0;
-    while (p != NULL && taken < limit) {
-        w->bytes -= p->len > 0 ? (size_t)p->len : 0;
-        w->pending[(uint32_t)p->handle]--;
-        last = p;
-        p = p->next;
-        taken++;
-    }
-    w->head = p;
-    if (p == NULL) {
-        w->tail = NULL;
-    }
-    w->count -= (size_t)taken;
-    if (last != NULL) {
-        last->next = NULL;
-    }
-    int more = w->head != NULL;
-    pthread_mutex_unlock(&w->qlock);
-    if (more) {
-        uint64_t one = 1;
-        rc = write(w->wake_fd, &one, sizeof one);
-    }
-    PyObject *out = PyList_New(0);
-    int ok = out != NULL;
-    for (p = taken ? first : NULL; p != NULL;) {
-        if (ok) {
-            PyObject *frame = p->len >= 0 ? PyBytes_FromStringAndSize((const char *)p->data, p->len) : Py_NewRef(Py_None);
-            PyObject *h = frame != NULL ? PyLong_FromUnsignedLongLong(p->handle) : NULL;
-            ok = h != NULL && append_new(out, PyTuple_Pack(2, h, frame)) == 0;
-            Py_XDECREF(frame);
-            Py_XDECREF(h);
-        }
-        struct relay_tcp_item *next = p->next;
-        free(p);
-        p = next;
-    }
-    if (!ok) {
-        Py_XDECREF(out);
-        return NULL;
-    }
-    return out;
+    return thread_take(&w->th, limit, tcp_item_to_python, NULL);
 }
 
 static PyObject *
 relay_tcp_counters(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    struct relay_table *t = nargs == 1 ? as_table(args[0]) : NULL;
-    if (t == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "relay_tcp_counters(table)");
-        }
-        return NULL;
-    }
-    table_lock(t);
-    unsigned long long c[5] = {t->tcp_in, t->tcp_out, t->tcp_out_drops, t->tcp_python, t->tcp_send_errors};
-    t->tcp_in = t->tcp_out = t->tcp_out_drops = t->tcp_python = t->tcp_send_errors = 0;
-    table_unlock(t);
-    return Py_BuildValue("(KKKKK)", c[0], c[1], c[2], c[3], c[4]);
+    static const size_t fields[] = {TABLE_COUNTER(tcp_in), TABLE_COUNTER(tcp_out), TABLE_COUNTER(tcp_out_drops),
+                                    TABLE_COUNTER(tcp_python), TABLE_COUNTER(tcp_send_errors)};
+    return take_counters(args, nargs, "relay_tcp_counters(table)", fields, 5);
 }
 
 static PyObject *
 relay_tcp_drops(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    struct relay_tcp_worker *w = nargs == 1 ? as_tcp_worker(args[0]) : NULL;
-    if (w == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "relay_tcp_drops(worker)");
-        }
-        return NULL;
-    }
-    pthread_mutex_lock(&w->qlock);
-    unsigned long long drops = w->drops;
-    w->drops = 0;
-    pthread_mutex_unlock(&w->qlock);
-    return PyLong_FromUnsignedLongLong(drops);
+    return thread_drops_call(args, nargs, RELAY_TCP_CAPSULE, "relay_tcp_drops(worker)");
 }
 
 static PyObject *
 relay_tcp_stop(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    struct relay_tcp_worker *w = nargs == 1 ? as_tcp_worker(args[0]) : NULL;
-    if (w == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "relay_tcp_stop(worker)");
-        }
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    tcp_worker_stop(w);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    return thread_stop_call(args, nargs, RELAY_TCP_CAPSULE, "relay_tcp_stop(worker)");
 }
 
 static PyMethodDef fastio_methods[] = {
