@@ -34,21 +34,57 @@ MAX_REPLY = 64 << 20  # the client's bound on what it reads
 SOCKET_NAME = "admin.sock"
 
 
-RUN_PATH = "/run/meshwg-signal/admin.sock"  # for a database that is no file (a postgresql:// URL)
+RUN_DIR = "/run/meshwg-signal"  # the sockets of servers whose database is no file (a postgresql:// URL)
+RUN_PATH = os.path.join(RUN_DIR, "admin.sock")  # before several servers could share one: looked for too
 
 
-def default_path(db: str) -> str:
-    """Next to the database: the CLI finds it from the same --db the server was given."""
+def _db_tag(db: str) -> str:
+    """A short name of the database (its URL without the password): servers of two databases on one host differ."""
+    import hashlib
+
+    from signal_server.store_api import db_label
+
+    return hashlib.sha256(db_label(db).encode()).hexdigest()[:8]
+
+
+def default_path(db: str, port: int | None = None) -> str:
+    """Next to the database: the CLI finds it from the same --db the server was given. A database that is no file
+    may have several servers on this host (issue 14): each its own socket in RUN_DIR, named by the database and its
+    control port; the CLI (port None) takes any running one of that database (they share it), see find_running."""
     if "://" in db:
-        return RUN_PATH
+        return os.path.join(RUN_DIR, f"admin-{_db_tag(db)}-{port}.sock") if port is not None else find_running(db)
     return os.path.join(os.path.dirname(os.path.abspath(db)), SOCKET_NAME)
 
 
-def socket_path(db: str, given: str | None) -> str | None:
-    """--admin-socket: a path, "none" (no socket), or not given (default_path)."""
+def find_running(db: str, run_dir: str | None = None) -> str:
+    """The socket of a running server of `db` in run_dir (one: it; several: the first that answers, any will do on
+    a shared database); with none, the path the CLI reports as absent (NoServer: it opens the database itself)."""
+    import glob
+
+    run_dir = run_dir or RUN_DIR
+    found = sorted(glob.glob(os.path.join(glob.escape(run_dir), f"admin-{_db_tag(db)}-*.sock")))
+    found.append(os.path.join(run_dir, os.path.basename(RUN_PATH)))
+    for path in found:
+        if _answers(path):
+            return path
+    return os.path.join(run_dir, f"admin-{_db_tag(db)}-PORT.sock")
+
+
+def _answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+def socket_path(db: str, given: str | None, port: int | None = None) -> str | None:
+    """--admin-socket: a path, "none" (no socket), or not given (default_path; `port`: the server's control port)."""
     if given == "none":
         return None
-    return given or default_path(db)
+    return given or default_path(db, port)
 
 
 def peer_uid(sock) -> int:

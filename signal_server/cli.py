@@ -311,9 +311,9 @@ def server_config(args, control: bool):
     if control:
         from signal_server.admin_socket import socket_path
 
-        cfg.admin_socket = socket_path(args.db, getattr(args, "admin_socket", None))
     if control:
         cfg.control = _listen_list(args.listen, cfg.control)
+        cfg.admin_socket = socket_path(args.db, getattr(args, "admin_socket", None), cfg.control[0][1])
         cfg.advertise = args.advertise
         cfg.prefix4, cfg.prefix6 = args.prefix4, args.prefix6
         cfg.heartbeat = args.heartbeat

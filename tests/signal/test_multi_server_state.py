@@ -3,6 +3,8 @@ node's live row, what a server writes and applies (live_state.py, pure), and the
 
 from __future__ import annotations
 
+import os
+
 from signal_server import live_state
 from signal_server import store_api as api
 from signal_server.control_core import ControlCore
@@ -113,3 +115,25 @@ def test_a_welcome_names_other_servers_reachable_only():
 
     servers = [("me", ["10.0.0.1:7300"], 1.0), ("b", ["0.0.0.0:7300", "10.0.0.2:7300"], 1.0), ("c", ["[::]:7300"], 1.0)]
     assert welcome_addrs(servers, "me") == ["10.0.0.2:7300"]
+
+
+def test_servers_of_one_database_on_one_host_get_their_own_admin_sockets_and_the_cli_finds_one(tmp_path, monkeypatch):
+    import socket
+
+    from signal_server import admin_socket as AS
+
+    monkeypatch.setattr(AS, "RUN_DIR", str(tmp_path))
+    url, other = "postgresql://u:secret@db/mesh", "postgresql://u@db/other"
+    a, b = AS.socket_path(url, None, 7300), AS.socket_path(url, None, 7310)
+    assert a != b and AS.socket_path(other, None, 7300) not in (a, b)
+    assert AS.socket_path(url.replace("secret", "other"), None, 7300) == a  # the password is no part of the name
+    assert not os.path.exists(AS.socket_path(url, None))  # none running: the CLI opens the database itself
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(a)  # a killed server's socket: nobody listens
+    live = AS.AdminListener(b)
+    try:
+        assert AS.socket_path(url, None) == b
+        assert not os.path.exists(AS.socket_path(other, None))  # another database's server is not ours
+    finally:
+        live.close()
+        stale.close()
