@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 
 import trio
+from dns_helpers import free_port, serve, table, tcp_ask
 from dnslib import DNSRecord
 
 from meshwg.io.agent import dns_server as S
 from meshwg.mesh import dns_names as D
-
-
-def table() -> D.NameTable:
-    t = D.NameTable(domain="mesh.internal", prefixes=(ipaddress.ip_network("100.64.0.0/10"),))
-    t.add("beta", "100.64.0.2", "fd7a::2")
-    return t
 
 
 def test_lan_source_routed_to_the_mesh_address_is_not_answered():
@@ -41,41 +35,13 @@ def test_outside_flood_does_not_fill_the_rate_table():
     assert r.admit("100.64.0.9", 0.0) is not None
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-        u.bind(("127.0.0.1", 0))
-        return u.getsockname()[1]
-
-
-async def _tcp_query(port, src):
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    await sock.bind((src, 0))
-    await sock.connect(("127.0.0.1", port))
-    stream = trio.SocketStream(sock)
-    async with stream:
-        q = DNSRecord.question("beta.mesh.internal").pack()
-        await stream.send_all(len(q).to_bytes(2, "big") + q)
-        buf = b""
-        with trio.fail_after(5):
-            while len(buf) < 2 or len(buf) < 2 + int.from_bytes(buf[:2], "big"):
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    return None
-                buf += chunk
-    return DNSRecord.parse(buf[2:])
-
-
 async def test_one_source_cannot_hold_every_tcp_connection():
     """One source opening many idle TCP connections must not lock every other client out of TCP DNS."""
     port = free_port()
     dns = S.DnsServer(port=port)
     hogs = []
     async with trio.open_nursery() as nursery:
-        await nursery.start(dns.run)
-        dns.update(table(), ("127.0.0.1",))
-        with trio.fail_after(5):
-            while not dns.bound:
-                await trio.sleep(0.01)
+        await serve(nursery, dns, table())
         for _ in range(40):
             s = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             await s.bind(("127.0.0.5", 0))
@@ -84,7 +50,7 @@ async def test_one_source_cannot_hold_every_tcp_connection():
         with trio.fail_after(5):
             while dns._tcp_conns + dns.counters["dns_drop_tcp_conns"] < 40:
                 await trio.sleep(0.01)
-        reply = await _tcp_query(port, "127.0.0.6")
+        reply = await tcp_ask("beta.mesh.internal", port, src="127.0.0.6")
         assert reply is not None and [str(x.rdata) for x in reply.rr] == ["100.64.0.2"]
         for s in hogs:
             s.close()
@@ -98,11 +64,7 @@ async def test_tcp_trickle_does_not_hold_a_connection(monkeypatch):
     port = free_port()
     dns = S.DnsServer(port=port)
     async with trio.open_nursery() as nursery:
-        await nursery.start(dns.run)
-        dns.update(table(), ("127.0.0.1",))
-        with trio.fail_after(5):
-            while not dns.bound:
-                await trio.sleep(0.01)
+        await serve(nursery, dns, table())
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         closed_at = None
         start = trio.current_time()
