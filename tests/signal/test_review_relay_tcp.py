@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import trio
 from sig_helpers import start_server
-from test_relay_tcp_fast import close_all, count, nodes
+from test_relay_tcp_fast import close_all, count, nodes, warm_up
 
 from meshwg.io.dataplane.fastio import fastio
 from meshwg.signaling import relay_wire as W
@@ -17,9 +17,7 @@ pytestmark = pytest.mark.skipif(fastio is None, reason="needs _fastio")
 async def test_one_connections_junk_flood_does_not_starve_another_connections_hello(nursery, tmp_path):
     h = await start_server(nursery, tmp_path)
     (a, b, c), conns = await nodes(h, "ttu")
-    await a.send(c.pub, b"warm-up")
-    await b.send(c.pub, b"warm-up")
-    assert await c.received() == [b"warm-up", b"warm-up"]
+    await warm_up([a, b], c)
     junk = b"\x00\x00" * 32768   # 32768 empty frames: each one left for RelayCore (drop_bad_frame)
     stop = trio.Event()
 
