@@ -115,6 +115,7 @@ class RegionalRelay:
                 "uptime_seconds": round(time.monotonic() - self.started, 1)}
 
     def render_metrics(self) -> str:
+        self.relay_udp.fold_counters()
         return metrics.render(self.counters + self.relay.counters, self.gauges())
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:

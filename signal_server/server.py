@@ -317,6 +317,7 @@ class SignalServer:
         }
 
     def render_metrics(self) -> str:
+        self.relay_udp.fold_counters()
         plain = Counter({f"plain_{k}": v for k, v in self.plain.counters.items()})  # the ingress's, apart
         return metrics.render(self.counters + self.relay.counters + plain, self.gauges())
 
