@@ -36,6 +36,7 @@ from nacl.public import Box, PrivateKey, PublicKey
 
 from meshwg.signaling import relay_wire as W
 from meshwg.nonce_cache import NonceCache
+from signal_server.conn_limits import source_key
 from signal_server.ratelimit import KeyedLimiter, TokenBucket
 
 HELLO_SKEW = 120.0  # seconds of wall-clock disagreement tolerated in a HELLO
@@ -57,8 +58,11 @@ PROVEN_TTL = 600.0
 PROVEN_MAX = 65_536
 NOTICE_RATE, NOTICE_BURST = 5.0, 20.0
 # PONGs a source may get: a node probes each relay at most a few times a second; spoofed sources make the relay
-# answer someone else, no bigger than the PING (no amplification), within this budget.
-PING_RATE, PING_BURST = 10.0, 20.0
+# answer someone else, no bigger than the PING (no amplification), within this budget. A UDP source is its IP (an
+# IPv6 /64), not its port, as for STUN: spoofed PINGs from a victim's many ports share one budget (~20 active nodes
+# behind one NAT address fit in it). The global budget bounds what many spoofed IPs get (~10 Mbit/s of PONGs).
+PING_RATE, PING_BURST = 40.0, 50.0
+PING_GLOBAL_RATE, PING_GLOBAL_BURST = 20_000.0, 20_000.0
 JUNK_SOURCES = 65_536
 
 
@@ -120,6 +124,7 @@ class RelayCore:
         self._sk = PrivateKey(server_private)
         self.verifier = verifier  # credentials instead of `allowed` (a regional relay: see the module docstring)
         self.ping_limit = KeyedLimiter(PING_RATE, PING_BURST, JUNK_SOURCES)
+        self.ping_global = TokenBucket(PING_GLOBAL_RATE, PING_GLOBAL_BURST)
         self.plain = plain  # a PlainIngress, or None (no plain port)
         self.plain_keys: frozenset[bytes] = frozenset()
         self._random = random_bytes
@@ -254,8 +259,11 @@ class RelayCore:
         if nonce is None:
             self.counters["drop_bad_ping"] += 1
             return []
-        if not self.ping_limit.allow(_source(dest), now):
+        if not self.ping_limit.allow(_ping_source(dest), now):
             self.counters["drop_ping_rate"] += 1
+            return []
+        if not self.ping_global.take(now):
+            self.counters["drop_ping_global"] += 1
             return []
         self.counters["pong"] += 1
         return [(W.encode_ping(nonce, pong=True), dest)]
@@ -466,6 +474,15 @@ class RelayCore:
     def pop_observed(self) -> list[tuple[bytes, tuple]]:
         out, self.observed_events = self.observed_events, []
         return out
+
+
+def _ping_source(dest):
+    """The PONG budget's key: a UDP source's IP (IPv6: its /64) whatever its socket and port, a TCP connection
+    by identity (a TCP source cannot be spoofed)."""
+    addr = dest[1] if isinstance(dest, tuple) and len(dest) == 2 else None
+    if isinstance(addr, tuple) and addr and isinstance(addr[0], str):
+        return source_key(addr[0])
+    return _source(dest)
 
 
 def _source(dest):

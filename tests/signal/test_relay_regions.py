@@ -127,15 +127,28 @@ def test_the_servers_own_relay_takes_a_credential_hello_by_its_node_list():
     assert _ok(c.handle_untrusted(_hello(pk, cred, WALL), ("s", 1), 1.0, WALL))
 
 
-def test_a_ping_gets_its_nonce_back_20_at_once_then_10_a_second_per_source():
+def test_a_ping_gets_its_nonce_back_50_at_once_then_40_a_second_per_source_ip():
     c = RelayCore(SERVER_SK, os.urandom)
     ping = W.encode_ping(b"12345678")
-    pongs = [c.handle_untrusted(ping, ("a", 1), 0.0, WALL) for _ in range(25)]
-    assert pongs[0] == [(W.encode_ping(b"12345678", pong=True), ("a", 1))]
-    assert sum(1 for p in pongs if p) == 20
-    assert c.handle_untrusted(ping, ("b", 1), 0.0, WALL)  # another source has its own budget
-    assert sum(1 for _ in range(20) if c.handle_untrusted(ping, ("a", 1), 1.0, WALL)) == 10
+    a = [(0, ("192.0.2.1", port)) for port in range(1, 61)]   # one IP's many ports (and sockets) share a budget
+    pongs = [c.handle_untrusted(ping, src, 0.0, WALL) for src in a]
+    assert pongs[0] == [(W.encode_ping(b"12345678", pong=True), a[0])]
+    assert sum(1 for p in pongs if p) == 50
+    assert not c.handle_untrusted(ping, (1, ("192.0.2.1", 9)), 0.0, WALL)
+    assert c.handle_untrusted(ping, (0, ("192.0.2.2", 1)), 0.0, WALL)  # another IP has its own budget
+    v6 = [c.handle_untrusted(ping, (0, (f"2001:db8:1:2::{i:x}", 1, 0, 0)), 0.0, WALL) for i in range(1, 61)]
+    assert sum(1 for p in v6 if p) == 50   # an IPv6 /64 is one source
+    assert c.handle_untrusted(ping, (0, ("2001:db8:1:3::1", 1, 0, 0)), 0.0, WALL)
+    assert sum(1 for i in range(60) if c.handle_untrusted(ping, a[i], 1.0, WALL)) == 40
     assert c.handle_untrusted(ping + b"x", ("c", 1), 0.0, WALL) == [] and c.counters["drop_bad_ping"] == 1
+
+
+def test_pongs_to_many_spoofed_ips_have_a_global_bound():
+    c = RelayCore(SERVER_SK, os.urandom)
+    ping = W.encode_ping(b"12345678")
+    ips = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(30_000)]
+    assert sum(1 for ip in ips if c.handle_untrusted(ping, (0, (ip, 1)), 0.0, WALL)) == 20_000
+    assert c.counters["drop_ping_global"] == 10_000
 
 
 # --- a real regional relay process, no database

@@ -18,8 +18,6 @@ from signal_server.store_api import StoreError
 WALL = 1_800_000_000.0
 
 
-@pytest.mark.xfail(strict=True, reason="relay.py: the PONG budget is per (socket, ip, port), so spoofed PINGs from "
-                   "one victim IP's many ports make every relay reflect at it without limit (STUN limits per IP)")
 def test_spoofed_pings_from_one_ip_get_a_bounded_number_of_pongs():
     core = RelayCore(bytes(range(32)), os.urandom)
     ping = W.encode_ping(b"12345678")
