@@ -112,7 +112,7 @@ def host_cidr(addr) -> str | None:
 
 @functools.lru_cache(maxsize=8)
 def entry_policy(welcome, control_addrs: tuple = (), lan: tuple = ()) -> EntryPolicy:
-    """The policy for a welcome (prefixes, our addresses, STUN and relay servers), the invite's control
+    """The policy for a welcome (prefixes, our addresses, STUN and relay servers, regional relays), the invite's control
     addresses ("host:port") and our LAN prefixes (CIDR texts of our non-mesh interfaces' networks).
     No welcome yet: nothing is routed (there is no mesh prefix to trust)."""
     if welcome is None:
@@ -120,7 +120,9 @@ def entry_policy(welcome, control_addrs: tuple = (), lan: tuple = ()) -> EntryPo
     lan_nets = tuple(n for n in map(parse_network, lan) if n is not None)
     nets = tuple(n for n in map(parse_network, (welcome.prefix4, welcome.prefix6)) if n is not None)
     endpoints = set()
-    for host, port in (*welcome.stun, *welcome.relay_udp, *welcome.relay_tcp):
+    # Every regional relay too (issue 14.3): our relay traffic to any of them must not be routed into the mesh.
+    regional = [a for r in getattr(welcome, "relays", ()) for a in (*r.udp, *r.tcp)]
+    for host, port in (*welcome.stun, *welcome.relay_udp, *welcome.relay_tcp, *regional):
         if _ip(host) is not None:
             endpoints.add((_ip(host), port))
     server_ips = {ip for ip, _ in endpoints}

@@ -79,10 +79,6 @@ def test_two_servers_holding_one_nodes_session_do_not_reclaim_from_each_other_fo
     assert not (a_reclaims and b_reclaims)
 
 
-@pytest.mark.xfail(strict=True, reason="meshwg/mesh/peer_entry.entry_policy: the server endpoints it guards are the "
-                   "welcome's stun/relay_udp/relay_tcp only, not its regional relays (Welcome.relays): a peer's subnet "
-                   "route (admin-approved) covering a regional relay's address is routed into the tunnel, and so is "
-                   "our relay traffic to that relay (a loop while that peer is relayed); a candidate naming it is probed")
 def test_a_peer_route_or_candidate_naming_a_regional_relay_is_refused():
     import ipaddress
 
