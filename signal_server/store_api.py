@@ -159,10 +159,66 @@ def open_store(db: str, **kw) -> Store:
 
 
 def db_label(db: str) -> str:
-    """`db` for logs and messages: a SQLite file's absolute path, a URL without its password."""
+    """`db` for logs and messages: a SQLite file's absolute path, a URL without its password (user info or
+    ?password=)."""
     import os
     import re
 
-    if db.startswith(("postgresql://", "postgres://")):
-        return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", db)
-    return os.path.abspath(db)
+    if not db.startswith(("postgresql://", "postgres://")):
+        return os.path.abspath(db)
+    scheme, rest = db.split("://", 1)
+    userinfo = max(_userinfos(rest), key=len, default="")
+    if ":" in userinfo:
+        rest = userinfo.split(":", 1)[0] + ":***" + rest[len(userinfo):]
+    return scheme + "://" + re.sub(r"([?&]password=)[^&]*", r"\1***", rest)
+
+
+def _userinfos(rest: str) -> list[str]:
+    """The user info ("user:password") of a URL after its scheme, as libpq reads it (up to the first '@' met
+    before any '/') and as its writer may have meant it (up to the last '@' before any '?': a '/' left
+    unencoded in the password)."""
+    out = []
+    stop = min((i for i in (rest.find("@"), rest.find("/")) if i >= 0), default=-1)
+    if stop >= 0 and rest[stop] == "@":
+        out.append(rest[:stop])
+    last = rest.split("?", 1)[0].rfind("@")
+    if last >= 0:
+        out.append(rest[:last])
+    return out
+
+
+def db_secrets(db: str) -> set[str]:
+    """The passwords a database URL may hold (each as written and percent-decoded)."""
+    import re
+    from urllib.parse import unquote
+
+    if not db.startswith(("postgresql://", "postgres://")):
+        return set()
+    rest = db.split("://", 1)[1]
+    found = [u.split(":", 1)[1] for u in _userinfos(rest) if ":" in u]
+    found += re.findall(r"[?&]password=([^&]*)", rest)
+    return {s for raw in found for s in (raw, unquote(raw)) if s}
+
+
+def redact_db_error(db: str, text: str) -> str:
+    """`text` (a database error about `db`) with nothing of its password: libpq quotes the URL, or the token it
+    could not parse, which may be the password or a piece of it. A quoted token sharing two characters in a row
+    with the password goes whole (over-redacting a host name costs little: the label shows it)."""
+    import re
+
+    secrets = db_secrets(db)
+    if not secrets:
+        return text
+    text = text.replace(db, db_label(db))
+
+    def shares(token: str) -> bool:
+        return any(token in s or s in token or any(s[i:i + 2] in token for i in range(len(s) - 1))
+                   for s in secrets)
+
+    text = re.sub(r'"([^"]*)"|\'([^\']*)\'',
+                  lambda m: m.group(0) if not shares(m.group(1) if m.group(1) is not None else m.group(2))
+                  else m.group(0)[0] + "***" + m.group(0)[0], text)
+    for s in sorted(secrets, key=len, reverse=True):
+        if len(s) > 1:
+            text = text.replace(s, "***")
+    return text

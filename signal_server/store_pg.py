@@ -139,7 +139,7 @@ class PgStore:
             self._open(init, random_bytes)
         except psycopg.Error as exc:
             self.close()
-            raise StoreError(f"{self.path}: cannot use the database: {_one_line(exc)}") from None
+            raise StoreError(f"{self.path}: cannot use the database: {_one_line(exc, url)}") from None
         except StoreError:
             self.close()
             raise
@@ -210,7 +210,7 @@ class PgStore:
                 except retry as exc:
                     if attempt == RETRIES - 1:
                         raise StoreError(f"{self.path}: gave up after {RETRIES} conflicting tries: "
-                                         f"{_one_line(exc)}") from None
+                                         f"{_one_line(exc, self.url)}") from None
                     time.sleep(random.uniform(0, 0.002 * (attempt + 1)))
                     continue
                 self._committed()
@@ -812,7 +812,7 @@ def _guarded(fn):
         except self._psycopg.Error as exc:
             if depth:  # inside another call's transaction: _write must still see a serialization failure
                 raise
-            raise StoreError(f"{self.path}: {_one_line(exc)}") from exc
+            raise StoreError(f"{self.path}: {_one_line(exc, self.url)}") from None
         finally:
             _calls.depth = depth
     return call
@@ -889,5 +889,6 @@ class FeedListener:
         self.closing = True
 
 
-def _one_line(exc) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+def _one_line(exc, url: str) -> str:
+    """The error on one line, without the database password (libpq's parse errors quote the URL or its token)."""
+    return api.redact_db_error(url, " ".join(str(exc).split())) or type(exc).__name__

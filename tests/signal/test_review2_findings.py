@@ -27,9 +27,6 @@ def test_spoofed_pings_from_one_ip_get_a_bounded_number_of_pongs():
 
 @pytest.mark.parametrize("url", ["postgresql://u:s3cretpw@[::1/db", "postgresql://u:s3cret%zzpw@127.0.0.1:1/db",
                                  "postgresql://u@127.0.0.1:1/db?password=s3cretpw&sslmode=zz"])
-@pytest.mark.xfail(strict=True, reason="store_pg.PgStore / store_api.db_label: libpq's parse errors quote the URI "
-                   "or its bad token (the password with it), and db_label leaves a ?password= parameter as is: the "
-                   "one-line start error prints the password")
 def test_a_bad_database_url_error_never_shows_the_password(url):
     pytest.importorskip("psycopg")
     from signal_server.store_pg import PgStore
