@@ -43,10 +43,13 @@ def _hwm_mb(pid: int) -> float:
 # --- a worker process
 
 def worker(conn, w: int, k: int, args, invite_text: str) -> None:
+    import gc
+
     import trio
 
     import run
     run.LIGHT[0] = True
+    gc.set_threshold(20000, 20, 50)  # the load generator's own collections are not what is measured
     try:
         trio.run(_worker, conn, w, k, args, invite_text)
     finally:
