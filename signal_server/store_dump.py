@@ -12,9 +12,11 @@ highest node id ever given is ("sequences"): a removed node's id is never given 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
+import sqlite3
 import tempfile
 
 from signal_server import store_rows
@@ -31,6 +33,20 @@ TABLES = (
 )
 LOCAL_META = frozenset({"schema_version", "changes_pruned"})  # describe one database, not the mesh
 SQLITE_MAGIC = b"SQLite format 3\0"
+# What each column of a dump may hold (a backup file is untrusted: checked before anything is created). "key": a
+# 32-byte blob; "?": NULL allowed; "any": meta's values (text, blob, number or NULL).
+CELLS = {
+    "meta": ("text", "any"),
+    "sequences": ("text", "int"),
+    "invites": ("text", "blob", "int", "real?", "text", "real", "int", "int", "text?"),
+    "nodes": ("int", "key", "text", "text", "text", "real", "real?", "real?", "text?", "text", "text", "key?",
+              "text?", "int?", "text?"),
+    "removed_keys": ("key", "real"),
+    "routes": ("int", "text", "int", "int?"),
+}
+# Columns (by index) whose values a table holds once, each a tuple of column indexes (its unique keys).
+UNIQUE = {"meta": ((0,),), "sequences": ((0,),), "invites": ((0,),), "nodes": ((0,), (1,), (2,), (3,), (4,)),
+          "removed_keys": ((0,),), "routes": ((0, 1),)}
 
 
 def _enc(v):
@@ -38,7 +54,64 @@ def _enc(v):
 
 
 def _dec(v):
-    return base64.b64decode(v["b64"]) if isinstance(v, dict) else v
+    """A cell of a dump: {"b64": text} is a blob (strict base64), anything else must be a JSON scalar."""
+    if isinstance(v, dict):
+        if set(v) != {"b64"} or not isinstance(v["b64"], str):
+            raise ValueError
+        return base64.b64decode(v["b64"], validate=True)
+    if isinstance(v, list) or (isinstance(v, float) and not _finite(v)):
+        raise ValueError
+    return v
+
+
+def _finite(v) -> bool:
+    return isinstance(v, float) and v == v and abs(v) != float("inf")
+
+
+def _cell_ok(kind: str, v) -> bool:
+    if v is None:
+        return kind.endswith("?") or kind == "any"
+    kind = kind.rstrip("?")
+    if kind == "any":
+        return isinstance(v, (str, bytes)) or _cell_ok("real", v)
+    if kind == "int":
+        return isinstance(v, int) and not isinstance(v, bool) and -2**63 <= v < 2**63
+    if kind == "real":
+        return _cell_ok("int", v) or _finite(v)
+    if kind == "key":
+        return isinstance(v, bytes) and len(v) == 32
+    return isinstance(v, {"text": str, "blob": bytes}[kind])
+
+
+def check_tables(tables: dict, name: str) -> None:
+    """StoreError (one line) unless every row has its table's width and cell types, no unique value twice, and
+    one 32-byte server identity: what a restore would otherwise fail on half-way, or restore and serve die of."""
+    for t, kinds in CELLS.items():
+        rows = tables[t]
+        for i, row in enumerate(rows):
+            if not isinstance(row, list) or len(row) != len(kinds):
+                raise StoreError(f"{name}: not a meshwg-signal backup ({t} row {i + 1}: wrong width)")
+            bad = next((c for c, (k, v) in enumerate(zip(kinds, row)) if not _cell_ok(k, v)), None)
+            if bad is not None:
+                raise StoreError(f"{name}: not a meshwg-signal backup ({t} row {i + 1}: bad value in column {bad + 1})")
+        for cols in UNIQUE[t]:
+            seen = set()
+            for row in rows:
+                v = tuple(row[c] for c in cols)
+                if v in seen:
+                    raise StoreError(f"{name}: not a meshwg-signal backup ({t}: a duplicate row)")
+                seen.add(v)
+    keys = [v for k, v in tables["meta"] if k == "server_private_key"]
+    if not keys or not isinstance(keys[0], bytes):
+        raise StoreError(f"{name}: not a meshwg-signal backup (no server identity)")
+    if len(keys[0]) != 32:
+        raise StoreError(f"{name}: not a meshwg-signal backup (the server identity is not a 32-byte key)")
+
+
+def _list(v) -> list:
+    if not isinstance(v, list):
+        raise TypeError
+    return v
 
 
 def encode(tables: dict) -> bytes:
@@ -53,17 +126,12 @@ def decode(data: bytes, name: str) -> dict:
         if doc.get("format") != FORMAT:
             raise ValueError
         raw = doc["tables"]
-        tables = {t: [[_dec(v) for v in row] for row in raw[t]]
-                  for t in ["meta", "sequences", *(t for t, _, _ in TABLES)]}
-    except (ValueError, KeyError, TypeError, AttributeError):
+        tables = {t: [[_dec(v) for v in _list(row)] for row in _list(raw[t])] for t in CELLS}
+    except (ValueError, KeyError, TypeError, AttributeError):  # binascii.Error is a ValueError
         raise StoreError(f"{name}: not a meshwg-signal backup") from None
     if doc["schema"] != SCHEMA:
         raise StoreError(f"{name}: a dump of schema {doc['schema']}; this meshwg-signal reads schema {SCHEMA}")
-    widths = {t: len(cols.split(",")) for t, cols, _ in TABLES} | {"meta": 2, "sequences": 2}
-    if any(len(row) != widths[t] for t, rows in tables.items() for row in rows):
-        raise StoreError(f"{name}: not a meshwg-signal backup (rows of the wrong width)")
-    if not any(k == "server_private_key" and isinstance(v, bytes) for k, v in tables["meta"]):
-        raise StoreError(f"{name}: not a meshwg-signal backup (no server identity)")
+    check_tables(tables, name)
     return tables
 
 
@@ -129,31 +197,42 @@ def read_backup(path: str) -> dict:
         store.restore_copy(path, copy)  # checks integrity and identity
         st = store.SqliteStore(copy)
         try:
-            return sqlite_tables(st)
+            tables = sqlite_tables(st)
         finally:
             st.close()
+        check_tables(tables, path)  # a SQLite file's cells can be of any type too
+        return tables
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def restore(path: str, db: str) -> None:
     """Restore the backup file `path` (either kind) as the database `db` (a SQLite path that must not exist,
-    or a PostgreSQL database that holds no server identity yet). Raises StoreError."""
+    or a PostgreSQL database that holds no server identity yet). Raises StoreError; a restore that fails leaves
+    no new SQLite file, and no identity in the PostgreSQL database."""
     from signal_server import store, store_pg
 
     if not store_pg.is_url(db):
         if _is_sqlite(path):
+            if os.path.isfile(path):
+                read_backup(path)  # its rows checked as a dump's are
             store.restore_copy(path, db)  # byte-for-byte as before
             return
         tables = read_backup(path)
         for name in (db, *(db + s for s in store.SIDE_FILES)):
             if os.path.lexists(name):
                 raise StoreError(f"{name} exists; move the old database and its -wal/-shm files away first")
-        st = store.SqliteStore(db, init=True)
         try:
-            sqlite_load(st, tables)
-        finally:
-            st.close()
+            st = store.SqliteStore(db, init=True)
+            try:
+                sqlite_load(st, tables)
+            finally:
+                st.close()
+        except (StoreError, sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
+            for name in (db, *(db + s for s in store.SIDE_FILES)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name)
+            raise StoreError(f"{path}: cannot restore: {' '.join(str(exc).split())}") from None
         return
     tables = read_backup(path)
     try:
@@ -162,11 +241,8 @@ def restore(path: str, db: str) -> None:
         pass
     else:
         raise StoreError(f"{store_pg.redact(db)} already holds a server identity; restore into an empty database")
-    st = store_pg.PgStore(db, init=True)
-    try:
-        st.load_tables(tables)
-    finally:
-        st.close()
+    # The schema, the identity and the rows in one transaction: a load that fails leaves nothing behind.
+    store_pg.PgStore(db, restore=tables).close()
 
 
 def _is_sqlite(path: str) -> bool:

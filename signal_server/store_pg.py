@@ -120,7 +120,10 @@ class PgStore:
     synchronous_commit."""
 
     def __init__(self, url: str, *, synchronous: str = "NORMAL", init: bool = False, random_bytes=os.urandom,
-                 changes_keep: int = CHANGES_KEEP, connect_timeout: float = 10.0) -> None:
+                 changes_keep: int = CHANGES_KEEP, connect_timeout: float = 10.0,
+                 restore: dict | None = None) -> None:
+        """restore: dumped tables (store_dump) to load into a database that holds no identity, in the transaction
+        that creates the schema (a failure leaves the database as it was: nothing half-restored)."""
         import psycopg  # only here: SQLite users need not install it
 
         self._psycopg = psycopg
@@ -136,7 +139,7 @@ class PgStore:
         self.conn = None
         try:
             self._connect()
-            self._open(init, random_bytes)
+            self._open(init or restore is not None, random_bytes, restore)
         except psycopg.Error as exc:
             self.close()
             raise StoreError(f"{self.path}: cannot use the database: {_one_line(exc, url)}") from None
@@ -245,15 +248,19 @@ class PgStore:
 
     # --- open and migrate
 
-    def _open(self, init: bool, random_bytes) -> None:
+    def _open(self, init: bool, random_bytes, restore: dict | None = None) -> None:
         has_key = self._has_identity()
         if not has_key and not init:
             raise NoIdentity(f"{self.path}: empty database (no server identity)")
 
         def migrate_and_init():
             key_now = self._has_identity()  # another server may have initialised it while we waited
+            if restore is not None and key_now:
+                raise StoreError(f"{self.path} already holds a server identity; restore into an empty database")
             self._migrate(key_now)
-            if not key_now:
+            if restore is not None:
+                self._load(restore)
+            elif not key_now:
                 self._q("INSERT INTO meta(k, vb) VALUES(%s, %s)", (KEY_META, generate_private_key(random_bytes)))
                 self.created_identity = True
 
@@ -765,21 +772,22 @@ class PgStore:
     def load_tables(self, tables: dict) -> None:
         """Replace this database's rows by dumped ones in one transaction (store_dump.restore checked that it
         held no identity before); the node id sequence continues after the restored ids."""
+        self._write(self._load, tables)
+
+    def _load(self, tables: dict) -> None:
         from signal_server import store_dump
 
-        def tx():
-            self._q("DELETE FROM meta WHERE k != 'schema_version'")
-            for k, v in tables["meta"]:
-                self._meta_put(k, v)
-            for t, cols, _ in store_dump.TABLES:
-                self._q(f"DELETE FROM {t}")
-                marks = ",".join(["%s"] * len(cols.split(",")))
-                for row in tables[t]:
-                    self._q(f"INSERT INTO {t}({cols}) VALUES({marks})", row)
-            given = dict(tables["sequences"]).get("nodes", 0)
-            self._q(f"SELECT setval(({NODE_SEQ_SQL}), GREATEST(%s, (SELECT coalesce(max(id), 0) FROM nodes)) + 1, false)",
-                    (given,))
-        self._write(tx)
+        self._q("DELETE FROM meta WHERE k != 'schema_version'")
+        for k, v in tables["meta"]:
+            self._meta_put(k, v)
+        for t, cols, _ in store_dump.TABLES:
+            self._q(f"DELETE FROM {t}")
+            marks = ",".join(["%s"] * len(cols.split(",")))
+            for row in tables[t]:
+                self._q(f"INSERT INTO {t}({cols}) VALUES({marks})", row)
+        given = dict(tables["sequences"]).get("nodes", 0)
+        self._q(f"SELECT setval(({NODE_SEQ_SQL}), GREATEST(%s, (SELECT coalesce(max(id), 0) FROM nodes)) + 1, false)",
+                (given,))
 
     def integrity_ok(self) -> bool:
         with self._lock:

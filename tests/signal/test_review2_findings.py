@@ -52,9 +52,6 @@ def _dump(tmp_path, **tables) -> str:
     {"meta": [["server_private_key", {"b64": "AAAA"}]]},                           # a 3-byte identity
     {"meta": [["server_private_key", {"b64": "!!"}]]},                             # an empty identity
 ], ids=["duplicate-meta", "unhashable-sequence", "short-key", "bad-base64-key"])
-@pytest.mark.xfail(strict=True, reason="store_dump.decode/restore: a dump's types are not checked (a traceback, and "
-                   "the SQLite file is left holding a NEW identity SqliteStore(init=True) made; or a key that is not "
-                   "32 bytes restored, and serve then dies with nacl's TypeError)")
 def test_restoring_a_bad_dump_is_a_one_line_error_and_leaves_no_database(tmp_path, tables):
     db = str(tmp_path / "signal.db")
     with pytest.raises(StoreError):
