@@ -10,7 +10,11 @@ changing its candidates costs at most one row write per interval.
 
 Who owns a row: the server the node is connected to. A session that ends writes "offline" only while the row is
 still its own (the node may already be on another server); a server that holds a session for a node whose row names
-another server (a stale session there wrote last) writes its own row again (reclaim).
+another server writes its own row again (reclaim) when that row is older than its session (a stale session there
+wrote last), and closes its session (yield) when the row is newer: the node connected there since, as a second
+connection to one server replaces the first. Rows carry their write time (`at`); without it, or at a tie, the
+server with the greater id yields. So one side yields and the writes stop (two servers reclaiming from each other
+wrote a row each, every interval, forever).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from signal_server.directory import PLAIN, Directory
 LIVE_FIELDS = frozenset({"online", "candidates", "observed"})
 BEAT = 2.0  # a server records itself in the database this often
 STALE = 10.0  # a server without a record this recent is gone (killed): not offered in invites, its nodes offline
-APPLY, RECLAIM, SKIP = "apply", "reclaim", "skip"
+APPLY, RECLAIM, SKIP, YIELD = "apply", "reclaim", "skip", "yield"
 
 
 class SharedDirectory(Directory):
@@ -71,10 +75,31 @@ def take_entries(directory: Directory, local: Container, dirty) -> list[tuple]:
     return out
 
 
-def remote_action(row: tuple, local: Container, me: str) -> str:
+class LiveRow(tuple):
+    """A live row (key, server, online, candidates, observed) that also knows when it was written (`at`, wall
+    clock; not part of the tuple: it compares and unpacks as the 5-tuple)."""
+    at: float | None = None
+
+    @classmethod
+    def make(cls, fields, at: float | None) -> LiveRow:
+        row = cls(fields)
+        row.at = at
+        return row
+
+
+def remote_action(row: tuple, local: Container, me: str, since=None) -> str:
     """What to do with a live row (key, server, online, candidates, observed) the feed named: APPLY it to the
-    directory, RECLAIM it (the node's session is here, the row says elsewhere) or SKIP it (ours already)."""
-    key, server = row[0], row[1]
-    if key in local:
-        return SKIP if server == me else RECLAIM
-    return APPLY
+    directory, SKIP it (ours already), or, the node's session being here while the row says elsewhere, RECLAIM the
+    row (it is older than our session, or offline) or YIELD (close our session: the node connected there since).
+    since(key): when our session of the node began (wall clock), None if unknown."""
+    key, server, online = row[0], row[1], row[2]
+    if key not in local:
+        return APPLY
+    if server == me:
+        return SKIP
+    if not online:
+        return RECLAIM  # the other session ended: the node is ours
+    at, started = getattr(row, "at", None), None if since is None else since(key)
+    if at is not None and started is not None and at != started:
+        return RECLAIM if at < started else YIELD
+    return RECLAIM if server > me else YIELD

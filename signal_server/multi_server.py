@@ -60,6 +60,7 @@ class MultiServer:
         self.others: list[str] = []  # the other running servers' control addresses (for welcomes)
         self.last_beat = time.monotonic()  # of the last beat that reached the database
         self._fwd_send, self._fwd_recv = trio.open_memory_channel(FORWARD_QUEUE)
+        self._since: dict[bytes, tuple] = {}  # node key -> (its session here, when this server first saw it)
         server.directory.tracking = True
 
     def kick(self) -> None:
@@ -78,13 +79,37 @@ class MultiServer:
                 self.where[row[0]] = row[1]
             else:
                 self.where.pop(row[0], None)
-            act = live_state.remote_action(row, self.srv.sessions, self.id)
+            act = live_state.remote_action(row, self.srv.sessions, self.id, self._session_since)
             if act == live_state.RECLAIM:
                 d.live_dirty.add(row[0])
+            elif act == live_state.YIELD:
+                self._yield(row[0], row[1])
             elif act == live_state.APPLY and d.apply_remote(row[0], row[2], row[3], row[4]):
                 effects = [DIR_CHANGED]
         self.srv.apply(effects)
         self.kick()
+
+    def _session_since(self, key: bytes) -> float | None:
+        """When the node's session here began, as near as this server knows (wall clock; None: no session)."""
+        s = self.srv.sessions.get(key)
+        if s is None:
+            self._since.pop(key, None)
+            return None
+        seen = self._since.get(key)
+        if seen is None or seen[0] is not s:
+            seen = self._since[key] = (s, time.time())
+        return seen[1]
+
+    def _yield(self, key: bytes, server: str) -> None:
+        """The node connected to `server` after its session here began: that session is closed, as a second
+        connection to one server replaces the first (its row is read again once the session has gone)."""
+        s = self.srv.sessions.get(key)
+        if s is None or s.closing:
+            return
+        self.srv.counters["live_yielded"] += 1
+        log.info("node %s connected to server %s since: closing its session here", s.row.name, server)
+        s.closing = "replaced (the node connected to another server)"
+        s.scope.cancel()
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await self._beat_once()  # listed before the server says it serves (an invite created then names it)
@@ -177,11 +202,20 @@ class MultiServer:
             self.live_wake = trio.Event()
             dirty, d.live_dirty = d.live_dirty, set()
             entries = live_state.take_entries(d, self.srv.sessions, dirty)
+            for key, online, _, _ in entries:
+                if online:
+                    self._session_since(key)  # noted before its row is written: a later row is newer
+                else:
+                    self._since.pop(key, None)
             pause = LIVE_INTERVAL
             if entries:
                 try:
                     await self.srv._db(self.store.set_live, self.id, entries, time.time())
                     self.srv.counters["live_rows_written"] += len(entries)
+                    # Sessions that yielded to another server: its row, which our offline did not overwrite.
+                    moved = [e[0] for e in entries if not e[1] and e[0] in self.where]
+                    if moved:
+                        self.apply_rows(await self.srv._db(self.store.live_rows, moved))
                 except Exception as exc:  # never lost: written with the next batch, when the database is back
                     self.srv.db_failed("writing live state", exc)
                     d.live_dirty |= dirty

@@ -38,6 +38,7 @@ from meshwg.config.keys import generate_private_key, key_to_base64
 from signal_server import ipam, policy, registry, routes, store_rows
 from signal_server import store_api as api
 from signal_server.invites import InviteRow, hash_secret, normalize_name
+from signal_server.live_state import LiveRow
 from signal_server.store_api import Change, NodeRow, NoIdentity, RouteRow, StoreError
 
 # Schema version N is MIGRATIONS[N - 1]; the steps mirror store.py's so both backends name the same columns.
@@ -741,11 +742,12 @@ class PgStore:
                 self._q("SELECT pg_notify(%s, %s)", (SERVER_CHANNEL + server_id, p))
 
     def live_rows(self, keys=None) -> list[tuple]:
-        """(key, server id, online, candidates, observed) of `keys` (None: every node's)."""
+        """(key, server id, online, candidates, observed) of `keys` (None: every node's), each a live_state.LiveRow
+        (its write time in `at`)."""
         with self._lock:
-            sql = "SELECT pubkey, server, online, cand, obs FROM live"
+            sql = "SELECT pubkey, server, online, cand, obs, at FROM live"
             rows = self._q(sql) if keys is None else self._q(sql + " WHERE pubkey = ANY(%s)", (list(keys),))
-        return [(bytes(k), srv, bool(on), _tuples(c), _tuples(o)) for k, srv, on, c, o in rows]
+        return [LiveRow.make((bytes(k), srv, bool(on), _tuples(c), _tuples(o)), at) for k, srv, on, c, o, at in rows]
 
     # --- maintenance
 

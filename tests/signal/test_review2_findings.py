@@ -59,11 +59,6 @@ def test_restoring_a_bad_dump_is_a_one_line_error_and_leaves_no_database(tmp_pat
     assert not os.path.exists(db)
 
 
-@pytest.mark.xfail(strict=True, reason="live_state.remote_action: a node holding sessions on two servers at once (its "
-                   "own key; or a half-dead connection to the first until its timeout) makes each server RECLAIM on "
-                   "the other's row: set_live writes, a LIVE change, a NOTIFY, every LIVE_INTERVAL on both, forever, "
-                   "and the other servers' directories flip between the two sessions' candidates. One server alone "
-                   "replaces the older session (control_listener 'replaced'); across servers one side must yield")
 def test_two_servers_holding_one_nodes_session_do_not_reclaim_from_each_other_forever():
     key = b"k" * 32
     row_by_b = (key, "B", True, [("192.0.2.1", 1, "stun")], [])
@@ -71,6 +66,18 @@ def test_two_servers_holding_one_nodes_session_do_not_reclaim_from_each_other_fo
     a_reclaims = live_state.remote_action(row_by_b, {key}, "A") == live_state.RECLAIM
     b_reclaims = live_state.remote_action(row_by_a, {key}, "B") == live_state.RECLAIM
     assert not (a_reclaims and b_reclaims)
+
+
+def test_the_server_whose_session_is_older_yields_and_an_older_row_is_reclaimed():
+    key = b"k" * 32
+    row_by_b = live_state.LiveRow.make((key, "B", True, [], []), 1000.0)   # B's session wrote at 1000
+    assert live_state.remote_action(row_by_b, {key}, "A", lambda k: 990.0) == live_state.YIELD    # ours is older
+    assert live_state.remote_action(row_by_b, {key}, "A", lambda k: 1010.0) == live_state.RECLAIM  # ours is newer
+    row_by_a = live_state.LiveRow.make((key, "A", True, [], []), 1011.0)   # A reclaimed: B's session is older
+    assert live_state.remote_action(row_by_a, {key}, "B", lambda k: 1000.0) == live_state.YIELD
+    offline = live_state.LiveRow.make((key, "B", False, [], []), 1020.0)  # B's session ended: the node is ours
+    assert live_state.remote_action(offline, {key}, "A", lambda k: 990.0) == live_state.RECLAIM
+    assert row_by_b == (key, "B", True, [], [])                            # compares as the 5-tuple
 
 
 def test_a_peer_route_or_candidate_naming_a_regional_relay_is_refused():
