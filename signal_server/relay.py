@@ -36,6 +36,7 @@ from nacl.public import Box, PrivateKey, PublicKey
 
 from meshwg.signaling import relay_wire as W
 from meshwg.nonce_cache import NonceCache
+from signal_server import relay_auth
 from signal_server.conn_limits import source_key
 from signal_server.ratelimit import KeyedLimiter, TokenBucket
 
@@ -329,13 +330,23 @@ class RelayCore:
             self.by_token.pop(old.token, None)
             self._unfast(old)
         token = self._random(W.TOKEN_LEN)
+        ttl = self._session_ttl(cred, wall)
         # `observed` waits for a SEND under this token from `dest` (see the module's docstring).
-        s = Session(key, token, dest, now + self.session_ttl, observed)
+        s = Session(key, token, dest, now + ttl, observed)
         self.by_key[key] = s
         self.by_token[token] = s
         self.counters["hello_ok"] += 1
-        reply = W.encode_hello_ok(self._box(key), token, int(self.session_ttl), observed, self._random(24))
+        reply = W.encode_hello_ok(self._box(key), token, int(ttl), observed, self._random(24))
         return [(reply, dest)]
+
+    def _session_ttl(self, cred, wall: float) -> float:
+        """A session admitted by a credential ends when the credential does (as the relay admits it: SKEW past
+        its expiry): a removed node's last credential, not the sessions it renews, bounds its stay."""
+        if self.verifier is None or cred is None:
+            return self.session_ttl
+        expires = relay_auth.credential_expires(cred)
+        return self.session_ttl if expires is None else max(0.0, min(self.session_ttl,
+                                                                       expires + relay_auth.SKEW - wall))
 
     def _confirm(self, s: Session, now: float) -> None:
         """The token came back from where its HELLO_OK went: the node receives there (it did not spoof

@@ -222,3 +222,16 @@ def test_relay_region_without_a_secret_or_with_another_regions_is_a_one_line_err
     (tmp_path / "us.secret").write_text(A.secret_text("us", b"k" * 32, b"v" * 32))
     code, err = run("--secret-file", str(tmp_path / "us.secret"))
     assert code == 2 and "region 'us'" in err and "\n" not in err
+
+
+def test_a_credentials_session_ends_when_the_credential_does():
+    """A removed node's last credential (10 min, 60 s of skew) bounds its relay session: a HELLO just before the
+    expiry gets a session that ends with it, not 90 s after (12.5 min in all, where the README said 10)."""
+    c, pk = _core(WALL)
+    cred = A.issue(A.signing_key(SERVER_SK), NODE, WALL, ttl=600)
+    hello_at = WALL + 630                       # 30 s before the credential's expiry plus skew
+    assert _ok(c.handle_untrusted(_hello(pk, cred, hello_at), ("s", 1), 630.0, hello_at))
+    assert c.by_key[NODE].expires == 630.0 + 30
+    fresh = A.issue(A.signing_key(SERVER_SK), NODE, hello_at, ttl=600)
+    assert _ok(c.handle_untrusted(_hello(pk, fresh, hello_at + 1), ("s", 1), 631.0, hello_at + 1))
+    assert c.by_key[NODE].expires == 631.0 + 90   # a fresh credential: the usual session
