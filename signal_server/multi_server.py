@@ -18,6 +18,7 @@ change made through one server reach the nodes connected to the others within a 
 from __future__ import annotations
 
 import base64
+import collections
 import logging
 import math
 import os
@@ -37,6 +38,9 @@ LIVE_INTERVAL = 0.1  # live state written at most this often (one transaction fo
 BEAT, STALE = live_state.BEAT, live_state.STALE
 FORWARD_TYPES = frozenset({"punch"})  # control messages for a node on another server that are sent there
 FORWARD_QUEUE = 256  # forwarded messages waiting for the database; more are dropped and counted
+# ...of which one requester (the node whose punch request made them) may hold this many: a node with many peers on
+# other servers (each pair may punch a few times a second) must not fill the queue that every node's punches share.
+FORWARD_SHARE = 16
 MAX_WELCOME_SERVERS = 16  # control addresses listed in a welcome
 DB_RETRY = 0.5  # s between retries of the live state while the database fails
 
@@ -60,6 +64,7 @@ class MultiServer:
         self.others: list[str] = []  # the other running servers' control addresses (for welcomes)
         self.last_beat = time.monotonic()  # of the last beat that reached the database
         self._fwd_send, self._fwd_recv = trio.open_memory_channel(FORWARD_QUEUE)
+        self._fwd_held: collections.Counter = collections.Counter()  # requester -> its messages in the queue
         self._since: dict[bytes, tuple] = {}  # node key -> (its session here, when this server first saw it)
         server.directory.tracking = True
 
@@ -140,22 +145,36 @@ class MultiServer:
         sid = self.where.get(to)
         if sid is None or msg.get("type") not in FORWARD_TYPES:
             return
+        who = _requester(msg, to)
+        if self._fwd_held[who] >= FORWARD_SHARE:
+            self.srv.counters["forward_dropped"] += 1
+            self.srv.counters["forward_dropped_share"] += 1
+            return
         payload = base64.b64encode(msgpack.packb([to, msg], use_bin_type=True)).decode()
         try:
             if len(payload) > store_pg_max_payload():
                 raise trio.WouldBlock
-            self._fwd_send.send_nowait((sid, payload))
+            self._fwd_send.send_nowait((sid, payload, who))
         except trio.WouldBlock:
             self.srv.counters["forward_dropped"] += 1
+            return
+        self._fwd_held[who] += 1
+
+    def _taken(self, who: bytes) -> None:
+        self._fwd_held[who] -= 1
+        if self._fwd_held[who] <= 0:
+            del self._fwd_held[who]
 
     async def _forwarder(self) -> None:
-        async for sid, payload in self._fwd_recv:
+        async for sid, payload, who in self._fwd_recv:
+            self._taken(who)
             batch = {sid: [payload]}
             while True:  # what queued meanwhile goes in the same round
                 try:
-                    s, p = self._fwd_recv.receive_nowait()
+                    s, p, w = self._fwd_recv.receive_nowait()
                 except trio.WouldBlock:
                     break
+                self._taken(w)
                 batch.setdefault(s, []).append(p)
             for s, ps in batch.items():
                 try:
@@ -267,6 +286,15 @@ class MultiServer:
             self.store.server_gone(self.id, time.time())
         except Exception:  # the others forget us after STALE
             log.warning("could not remove this server's record from the database", exc_info=True)
+
+
+def _requester(msg: dict, to: bytes) -> bytes:
+    """The node a forwarded punch is about (the peer entry it carries: the requester), else its recipient."""
+    try:
+        key = msgpack.unpackb(msg["peer"], raw=False).get("key")
+    except (KeyError, TypeError, ValueError, AttributeError, msgpack.UnpackException):
+        return to
+    return key if isinstance(key, bytes) else to
 
 
 def welcome_addrs(servers, me: str) -> list[str]:
