@@ -82,7 +82,6 @@ BAD = {
     "cell-dict-extra-key": _set("nodes", 0, 1, lambda b: {**b["tables"]["nodes"][0][1], "x": 1}),
     "base64-not-strict": _set("nodes", 0, 1, lambda b: {"b64": b["tables"]["nodes"][0][1]["b64"][:-1] + "*"}),
     "base64-not-text": _set("nodes", 0, 1, {"b64": 5}),
-    "row-not-a-list": _set("routes", 0, slice(None), None),
     "duplicate-node": _dup("nodes", 0),
     "duplicate-pubkey": _dup_col("nodes", 1),
     "duplicate-name": _dup_col("nodes", 2),
