@@ -15,6 +15,7 @@ from meshwg.config.keys import key_to_base64
 from meshwg.signaling import protocol as P
 from meshwg.signaling.invite import join_hostport
 from meshwg.signaling.noise import HandshakeError, Responder
+from signal_server import gc_policy
 from signal_server.conn_limits import Refusal
 from signal_server.invites import JoinRefused
 from signal_server.ratelimit import TokenBucket
@@ -82,6 +83,7 @@ class ControlListener:
         self.counters = srv.counters
         self.sessions: dict[bytes, Session] = srv.sessions
         self._dir_changed = trio.Event()
+        self.gc = gc_policy.policy()
 
     async def listen(self, nursery, host: str, port: int) -> list:
         ls = await trio.open_tcp_listeners(port, host=host)
@@ -300,6 +302,7 @@ class ControlListener:
                 del self.sessions[s.key]
                 log.info("node %s (%s) disconnected%s", s.row.name, s.row.ipv4, f": {s.closing}" if s.closing else "")
                 srv.apply(srv.core.session_ended(s.key))
+                self.gc.session_ended()
                 with trio.CancelScope(shield=True):
                     try:
                         await srv._db(srv.store.touch, s.key, time.time())
@@ -358,6 +361,7 @@ class ControlListener:
             await self._dir_changed.wait()
             self._dir_changed = trio.Event()
             directory.seal()  # this window's changes: one segment, packed once for every session
+            self.gc.tick(len(self.sessions))
             for i, sess in enumerate(list(self.sessions.values())):
                 if directory.has_pending(sess.key) and not self._send_now(sess, directory):
                     sess.wake.set()
