@@ -7,6 +7,10 @@ generator's own CPU does not dominate the measurement). Reports:
   endpoint change propagation (one node reports new candidates; time until all others see them),
   server RSS and CPU time.
 
+Without --policy the nodes run in --procs processes (default 2, multi.py), so the measurement is the server's and not
+one client process starving it on two cores; the clients' CPU is printed beside the server's. --pg: two servers on
+one throwaway PostgreSQL cluster, half the client processes on each.
+
 --policy (issue 13): the server runs with an access policy file; nodes join with tagged invites (ops, web/db and
 one of ten teams). After convergence the benchmark rewrites the file and measures, for each change, the time from
 the write until every node's directory (visible peers and each one's "accept" list) equals what the policy says
@@ -536,7 +540,7 @@ def main(argv=None) -> int:
 
         args.procs = max(args.procs, 2 if args.pg else 1)
         result = (multi.main_pg if args.pg else multi.main_sqlite)(args, min(hard, 4 * args.nodes + 256))
-        print(json.dumps(result, indent=2))
+        print("{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in result.items()) + "\n}")
         return 0
     import tempfile
 
