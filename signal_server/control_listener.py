@@ -26,6 +26,7 @@ log = logging.getLogger("signal")
 
 QUEUE_MAX = 256  # control messages waiting for a node that does not read them: the oldest go first
 FLUSH_SLICE = 512  # sessions the flusher serves between two checkpoints
+DIRECT_MAX = 8  # directory messages the flusher writes to one session per window (the rest: its writer)
 
 
 class Session:
@@ -373,12 +374,15 @@ class ControlListener:
         """Write an idle session's pending update to its socket here, without waking its writer task: at 10,000
         sessions a wake per session per window (an event, a task switch, a cancel scope, trio's send_all) cost
         the server more than encrypting and sending. True when all of it went out; False leaves the rest to the
-        writer (what the socket did not take in `backlog`, sent before anything encoded after it)."""
+        writer (what the socket did not take in `backlog`, sent before anything encoded after it, and what is
+        pending beyond DIRECT_MAX messages)."""
         sock = getattr(s.stream, "socket", None)  # a real SocketStream (tests hand in stand-ins: the writer's)
         if sock is None or not s.idle or s.queue or s.closing or s.backlog:
             return False
         fd = sock.fileno()
-        while True:
+        # A few messages here; more (a policy rewrite, a far-behind session) are built by the writer between its
+        # sends, not by this loop for hundreds of sessions without a checkpoint.
+        for _ in range(DIRECT_MAX):
             body = directory.take_pending_body(s.key, P.DIR_CHUNK)
             if body is None:
                 return True
@@ -394,6 +398,7 @@ class ControlListener:
                 return False
             self.counters["control_frames_sent"] += 1
             self.counters["control_updates_direct"] += 1
+        return not directory.has_pending(s.key, sealed=True)  # the open segment's: the next window's
 
     async def _writer(self, s: Session, scope: trio.CancelScope) -> None:
         directory = self.srv.directory

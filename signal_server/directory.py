@@ -524,11 +524,13 @@ class Directory:
         self._dirty.pop(sub, None)
         self._cursor.pop(sub, None)
 
-    def has_pending(self, sub: bytes) -> bool:
+    def has_pending(self, sub: bytes, sealed: bool = False) -> bool:
+        """Whether `sub` has changes to take; `sealed`: only those take_pending_body gives now (not the open
+        segment's, which the next seal hands out)."""
         if self._dirty.get(sub):
             return True
         cur = self._cursor.get(sub)
-        return cur is not None and (cur[0] < self._seg_next or any(k != sub for k in self._open))
+        return cur is not None and (cur[0] < self._seg_next or (not sealed and any(k != sub for k in self._open)))
 
     # --- the shared segments
 
