@@ -78,6 +78,7 @@ class Candidate:
     # Its source stopped listing it while it was our trusted path: kept only until another address answers or it stops
     # answering itself (the peer moved networks: its old address must not stay among the candidates beside the new).
     withdrawn: bool = False
+    last_ping_back: float = -math.inf   # our last ping answering one of the peer's from here (VERIFY_INTERVAL)
     samples: collections.deque = field(default_factory=lambda: collections.deque(maxlen=P.LATENCY_SAMPLES))
 
     def sample(self, rtt: float) -> float:
@@ -253,9 +254,12 @@ class PeerPaths:
             return
         if via is not None:
             cand.via = via
-        # Ping back unconfirmed sources so our NAT opens and we measure the path ourselves.
-        if cand.last_pong is None and now - cand.last_ping >= VERIFY_INTERVAL:
-            self._ping(cand, now, None)
+        # Ping back unconfirmed sources so our NAT opens and we measure the path ourselves. Even when we pinged it a
+        # moment ago: in a simultaneous punch that ping reached the peer's NAT before the peer's own ping opened it
+        # and was dropped, so waiting for the next round cost the second side seconds (once ticks stopped polling).
+        if cand.last_pong is None and now - cand.last_ping_back >= VERIFY_INTERVAL:
+            if self._ping(cand, now, None):
+                cand.last_ping_back = now
 
     def _verify_source(self, src: tuple, via: int | None, now: float) -> None:
         """Ping back a source we do not know: it becomes a candidate when it answers from there (on_pong),

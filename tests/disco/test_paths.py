@@ -188,3 +188,27 @@ def test_a_withdrawn_path_that_stops_answering_leaves_too():
     _answer(pp, old, 0.0)
     pp.set_candidates("directory", [new], 10.0)
     assert set(pp.candidates) == {new}
+
+
+def test_a_ping_from_a_candidate_we_just_pinged_is_pinged_back_at_once():
+    """A coordinated punch: both sides ping at once; ours reaches the peer's NAT before the peer's own ping has
+    opened it and is dropped. The peer's ping arriving here proves its NAT now lets us in: we ping back at once,
+    not at the next probe round (5 s; it took 2 s in the lab once the agent stopped ticking every 0.1 s). Still at
+    most one ping back a second per candidate."""
+    peer = ("198.51.100.10", 51160)
+    pp = PeerPaths(b"k" * 32, _rb())
+    pp.set_candidates("directory", [peer], 0.0)
+    pp.on_punch(0.0)
+    [first] = [a for a in pp.poll(0.0, 0.0, None) if isinstance(a, SendPing)]   # lost at the peer's NAT
+    assert first.addr == peer
+    pp.on_ping(b"p" * 12, peer, None, 0.004)
+    back = [a for a in pp.poll(0.004, 0.004, None) if isinstance(a, SendPing)]
+    assert [a.addr for a in back] == [peer]
+    assert pp.on_pong(back[0].txid, 0.010, None, peer) and pp.endpoint(0.010) == (peer, None)
+    pp2 = PeerPaths(b"k" * 32, _rb())
+    pp2.set_candidates("directory", [peer], 0.0)
+    pp2.on_punch(0.0)
+    pp2.poll(0.0, 0.0, None)
+    for i in range(5):   # the peer's pings within the second, none of ours answered: one ping back
+        pp2.on_ping(bytes([i]) * 12, peer, None, 0.004 + 0.1 * i)
+    assert len([a for a in pp2.poll(0.5, 0.5, None) if isinstance(a, SendPing)]) == 1

@@ -102,6 +102,9 @@ def test_port_restricted_pair_goes_direct_pings_within_2s_and_relay_carries_no_d
     ttd = t_direct - joined
     say(f"pr <-> pr: time to first ping {ttfp:.3f} s, time to direct {ttd:.3f} s after both joined")
     assert ttfp <= 2.0, f"first ping {ttfp:.3f} s after both joins (must be <= 2 s)"
+    # Both sides direct within a second: the second side pings back the first's punch ping at once (2.0 s when
+    # it waited for its own next round).
+    assert ttd <= 1.0, f"both direct {ttd:.3f} s after both joins (must be <= 1 s)"
     assert a.peer("b")["endpoint"].startswith(b.router.wan_ip + ":"), a.peer("b")
 
     # After the switch: pings keep flowing (a 20 ms flood-ish burst on top of the pinger) and no data
