@@ -24,20 +24,6 @@ from procstat import cpu_seconds  # noqa: E402
 from scenarios.netns import wait_for  # noqa: E402
 
 
-def context_switches(pid: int) -> int:
-    """Voluntary + involuntary context switches of every thread of `pid` so far."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/status") as f:
-                for line in f:
-                    if "ctxt_switches:" in line:
-                        total += int(line.split()[1])
-        except OSError:  # a thread that ended meanwhile
-            pass
-    return total
-
-
 def thread_switches(pid: int) -> dict[str, int]:
     """Context switches per thread, keyed by "tid comm" (--threads)."""
     out = {}
@@ -52,8 +38,10 @@ def thread_switches(pid: int) -> dict[str, int]:
     return out
 
 
-def sample(pids: dict[str, int]) -> dict[str, tuple[int, float]]:
-    return {name: (context_switches(pid), cpu_seconds(pid)) for name, pid in pids.items()}
+def switches_between(before: dict[str, int], after: dict[str, int]) -> int:
+    """Context switches in the window: each thread's own difference (a thread that ended in the window took its
+    count with it, which made a whole-process difference negative; one that began counts from 0)."""
+    return sum(count - before.get(thread, 0) for thread, count in after.items())
 
 
 def main() -> int:
@@ -77,14 +65,14 @@ def main() -> int:
         time.sleep(args.settle)
         pids = {"agent": first.proc.pid, "server": net.server.pid}
         threads_before = {name: thread_switches(pid) for name, pid in pids.items()}
-        before, t0 = sample(pids), time.monotonic()
+        cpu_before, t0 = {name: cpu_seconds(pid) for name, pid in pids.items()}, time.monotonic()
         time.sleep(args.window)
-        after, elapsed = sample(pids), time.monotonic() - t0
+        cpu_after, elapsed = {name: cpu_seconds(pid) for name, pid in pids.items()}, time.monotonic() - t0
         threads_after = {name: thread_switches(pid) for name, pid in pids.items()}
         print(f"idle mesh: 1 agent with {args.peers} peers, settled {args.settle:.0f} s, measured {elapsed:.1f} s")
         for name in pids:
-            wakeups = (after[name][0] - before[name][0]) / elapsed
-            cpu = 100 * (after[name][1] - before[name][1]) / elapsed
+            wakeups = switches_between(threads_before[name], threads_after[name]) / elapsed
+            cpu = 100 * (cpu_after[name] - cpu_before[name]) / elapsed
             print(f"  {name:6s}: {wakeups:6.1f} wake-ups/s, {cpu:.2f}% of a core")
             if args.threads:
                 for thread, count in threads_after[name].items():
