@@ -150,13 +150,8 @@ class SqliteStore:
     def _migrate(self, has_key: bool) -> None:
         """Bring the schema to SCHEMA_VERSION (inside open's transaction: all steps or none)."""
         version = self.schema_version() if has_key else 0
-        if version > SCHEMA_VERSION:
-            raise StoreError(f"{self.path}: database schema {version} is newer than this meshwg-signal "
-                             f"({SCHEMA_VERSION}); upgrade meshwg-signal")
-        for step in MIGRATIONS[version:]:
-            for stmt in step.strip().split(";"):
-                if stmt.strip():
-                    self.db.execute(stmt)
+        for stmt in store_rows.migration_statements(self.path, version, MIGRATIONS):
+            self.db.execute(stmt)
         if version < SCHEMA_VERSION:
             self.db.execute("INSERT INTO meta(k, v) VALUES('schema_version', ?) "
                             "ON CONFLICT(k) DO UPDATE SET v=excluded.v", (SCHEMA_VERSION,))

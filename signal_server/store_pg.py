@@ -282,13 +282,8 @@ class PgStore:
     def _migrate(self, has_key: bool) -> None:
         """Bring the schema to SCHEMA_VERSION (inside open's transaction: all steps or none)."""
         version = self.schema_version() if has_key else 0
-        if version > SCHEMA_VERSION:
-            raise StoreError(f"{self.path}: database schema {version} is newer than this meshwg-signal "
-                             f"({SCHEMA_VERSION}); upgrade meshwg-signal")
-        for step in MIGRATIONS[version:]:
-            for stmt in step.strip().split(";"):
-                if stmt.strip():
-                    self._q(stmt)
+        for stmt in store_rows.migration_statements(self.path, version, MIGRATIONS):
+            self._q(stmt)
         if version < SCHEMA_VERSION:
             self._q("INSERT INTO meta(k, v) VALUES('schema_version', %s) ON CONFLICT(k) DO UPDATE SET v=excluded.v",
                     (str(SCHEMA_VERSION),))

@@ -8,7 +8,7 @@ import json
 
 from signal_server import policy, routes
 from signal_server.invites import InviteRow
-from signal_server.store_api import NodeRow
+from signal_server.store_api import NodeRow, StoreError
 
 NODE_COLS = ("id, pubkey, name, ipv4, ipv6, created, last_seen, expires, invite_id, tag, kind, private_key, targets, "
              "exit_node, tags")
@@ -37,3 +37,12 @@ def tags_of(stored, invite_tag) -> tuple:
 def invite_row(row) -> InviteRow:
     return InviteRow(row[0], bytes(row[1]), bool(row[2]), row[3], row[4], row[5], bool(row[6]), row[7],
                      tuple(json.loads(row[8])) if row[8] else ())
+
+
+def migration_statements(path: str, version: int, migrations) -> list[str]:
+    """The SQL statements that bring a database at schema `version` to the newest (len(migrations)), in order;
+    StoreError naming `path` for a database newer than this program."""
+    if version > len(migrations):
+        raise StoreError(f"{path}: database schema {version} is newer than this meshwg-signal "
+                         f"({len(migrations)}); upgrade meshwg-signal")
+    return [stmt for step in migrations[version:] for stmt in step.strip().split(";") if stmt.strip()]
