@@ -100,6 +100,15 @@ def test_identity_is_created_once_and_kept(backend):
     again.close()
 
 
+def test_a_database_from_a_newer_meshwg_signal_is_refused_in_one_line(backend):
+    st = backend.open(init=True)
+    st.meta_set("schema_version", "99")
+    st.close()
+    with pytest.raises(api.StoreError, match=r"schema 99 is newer than this meshwg-signal \([56]\); upgrade") as err:
+        backend.open()
+    assert "\n" not in str(err.value)
+
+
 def test_prefixes_are_chosen_once(store):
     p4, p6 = store.prefixes(os.urandom)
     assert str(p4) == "100.64.0.0/10" and p6.prefixlen == 48
