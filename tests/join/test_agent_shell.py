@@ -56,6 +56,9 @@ class Relay:
     def server_restarted(self) -> None:
         self.calls.append("restarted")
 
+    def homes_changed(self) -> None:
+        self.calls.append("homes")
+
 
 class Dev:
     name, port = "mesh0", 5000
@@ -214,7 +217,8 @@ async def test_queued_events_are_one_batch_and_one_flush(autojump_clock):
             n.cancel_scope.cancel()
     assert agent.dev.driver.flushes == 1
     assert set(agent.dev.node.core.peers) == {key(1), key(2), key(3)}
-    assert agent.dev.addresses == ["100.64.0.7/32", "fd00::7/128"] and agent.dev.relay.calls == ["configure"]
+    # one batch: the relay configured once and told once that peers' home relays may have moved
+    assert agent.dev.addresses == ["100.64.0.7/32", "fd00::7/128"] and agent.dev.relay.calls == ["configure", "homes"]
 
 
 async def test_a_relayed_peers_route_mtu_reaches_the_device(autojump_clock):

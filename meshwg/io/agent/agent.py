@@ -272,9 +272,8 @@ class Agent:
                     if follow is not None:
                         batch.append(follow)
             await self.dev.driver.flush()
-            homes_changed = getattr(self.dev.relay, "homes_changed", None)   # (a test's relay may have none)
-            if homes_changed is not None and any(isinstance(i, (CE.PeerChanged, CE.DirectoryReset)) for i in inputs):
-                homes_changed()   # a peer's home relay may have moved (issue 14.3)
+            if any(isinstance(i, (CE.PeerChanged, CE.DirectoryReset)) for i in inputs):
+                self.dev.relay.homes_changed()   # a peer's home relay may have moved (issue 14.3)
             if any(isinstance(i, _NAME_INPUTS) for i in inputs):
                 self._feed_dns()
         self._tick_news.set()   # the core's next deadline may have moved
