@@ -42,7 +42,7 @@ def create_invite(store: Store, *, wall: float, reusable: bool = False, expires:
 def running_servers(store: Store, wall: float) -> list[str]:
     """The control addresses of every server running on this database (several on PostgreSQL: issue 14), in the
     order they started; [] for a backend one server uses alone."""
-    if not getattr(store, "multi_server", False):
+    if not store.multi_server:
         return []
     from signal_server.live_state import STALE
 
@@ -52,7 +52,7 @@ def running_servers(store: Store, wall: float) -> list[str]:
 def where_connected(store: Store, wall: float) -> dict | None:
     """Node key -> the control addresses of the server it is connected to, on a database several servers share
     (None on another backend)."""
-    if not getattr(store, "multi_server", False):
+    if not store.multi_server:
         return None
     from signal_server.live_state import STALE
 

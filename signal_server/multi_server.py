@@ -46,7 +46,7 @@ DB_RETRY = 0.5  # s between retries of the live state while the database fails
 
 
 def enabled(store, cfg) -> bool:
-    return bool(getattr(store, "multi_server", False)) and cfg.control_enabled
+    return store.multi_server and cfg.control_enabled
 
 
 class MultiServer:

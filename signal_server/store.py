@@ -104,6 +104,8 @@ class SqliteStore:
     then), StoreError when the file is not a usable SQLite database or its schema is newer than this code.
     changes_keep: change records kept for lagging readers (tests make it small)."""
 
+    multi_server = False  # one serve process per file
+
     def __init__(self, path: str, *, synchronous: str = "NORMAL", init: bool = False, random_bytes=os.urandom,
                  changes_keep: int = CHANGES_KEEP) -> None:
         self.path = path

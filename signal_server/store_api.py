@@ -93,6 +93,7 @@ class Store(Protocol):
     """A server database. Mutations commit before they return; each appends its Change in its transaction."""
 
     created_identity: bool  # this open created the server identity (serve --init on an empty database)
+    multi_server: bool      # several serve processes may share it (PostgreSQL): server records, live rows, NOTIFY
 
     # --- identity and meta
     def server_private_key(self, random_bytes=None) -> bytes: ...

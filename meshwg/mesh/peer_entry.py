@@ -121,7 +121,7 @@ def entry_policy(welcome, control_addrs: tuple = (), lan: tuple = ()) -> EntryPo
     nets = tuple(n for n in map(parse_network, (welcome.prefix4, welcome.prefix6)) if n is not None)
     endpoints = set()
     # Every regional relay too (issue 14.3): our relay traffic to any of them must not be routed into the mesh.
-    regional = [a for r in getattr(welcome, "relays", ()) for a in (*r.udp, *r.tcp)]
+    regional = [a for r in welcome.relays for a in (*r.udp, *r.tcp)]
     for host, port in (*welcome.stun, *welcome.relay_udp, *welcome.relay_tcp, *regional):
         if _ip(host) is not None:
             endpoints.add((_ip(host), port))
